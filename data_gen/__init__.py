@@ -1,0 +1,1 @@
+"""Data in and out: prompt sources, per-index noise, the sharded pairs dataset, image-text data."""

@@ -1,0 +1,201 @@
+"""The pairs dataset: sharded Parquet rows (index, seed, prompt, noise, target) plus a manifest.
+
+Layout of a pairs directory (opens with ``datasets.load_dataset(dir, split="train")``)::
+
+    manifest.json                       what made the rows (teacher, scheduler, steps, CFG, seed, ...)
+    README.md                           dataset card whose ``configs`` point datasets at data/
+    data/train-00000-of-00042.parquet   shard k holds indices [k*shard_size, (k+1)*shard_size)
+
+A shard is written to a hidden temporary name and renamed when complete, so a killed run leaves
+only whole shards behind and a rerun regenerates exactly the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+DATA_DIR = "data"
+FORMAT = "diffusion2gan-pairs/1"
+STORAGE_DTYPES = ("float16", "float32")
+
+_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*.parquet
+---
+# Teacher pairs
+
+(noise, prompt) -> teacher ODE solution pairs written by `distill/generate_pairs.py`.
+See `manifest.json` for the teacher, sampler and seed that made them.
+"""
+
+
+def num_shards(*, num_pairs: int, shard_size: int) -> int:
+    return (num_pairs + shard_size - 1) // shard_size
+
+
+def shard_indices(shard: int, *, num_pairs: int, shard_size: int) -> range:
+    return range(shard * shard_size, min((shard + 1) * shard_size, num_pairs))
+
+
+def shard_path(output_dir: str | os.PathLike, shard: int, total: int) -> Path:
+    return Path(output_dir) / DATA_DIR / f"train-{shard:05d}-of-{total:05d}.parquet"
+
+
+def pair_features(latent_shape: tuple[int, int, int], dtype: str):
+    """``datasets.Features`` of a pairs row; ``noise``/``target`` are [C,H,W] arrays."""
+    from datasets import Array3D, Features, Value
+
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {dtype!r} is not supported; choose one of {', '.join(STORAGE_DTYPES)}")
+    return Features(
+        {
+            "index": Value("int64"),
+            "seed": Value("int64"),
+            "prompt": Value("string"),
+            "noise": Array3D(shape=tuple(latent_shape), dtype=dtype),
+            "target": Array3D(shape=tuple(latent_shape), dtype=dtype),
+        }
+    )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def ensure_writable(output_dir: str | os.PathLike) -> None:
+    """Create ``output_dir/data`` or fail with one line if it cannot be written."""
+    out = Path(output_dir)
+    try:
+        (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out / DATA_DIR, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(
+            f"output_dir {out} is not writable ({exc.strerror or exc}): choose a directory you can write to"
+        ) from None
+
+
+def check_manifest(output_dir: str | os.PathLike, *, manifest: dict[str, Any]) -> bool:
+    """Refuse a directory made with another config; True when it holds the same config (a resumed run)."""
+    out = Path(output_dir)
+    path = out / MANIFEST
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); move it away or choose a new output_dir") from None
+    diffs = [
+        f"{k}: {old.get('config', {}).get(k)!r} -> {v!r}"
+        for k, v in manifest["config"].items()
+        if old.get("config", {}).get(k) != v
+    ]
+    if old.get("format") != FORMAT or diffs:
+        raise ValueError(
+            f"{out} already holds pairs made with a different config ({'; '.join(diffs) or 'format ' + str(old.get('format'))}); "
+            "re-run with the original config to finish it, or choose a new output_dir"
+        )
+    return True
+
+
+def write_manifest(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    out = Path(output_dir)
+    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    if not (out / "README.md").exists():
+        _atomic_write_text(out / "README.md", _CARD)
+
+
+def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{output_dir} is not a pairs directory (no {MANIFEST}): run distill/generate_pairs.py first")
+    return json.loads(path.read_text())
+
+
+def completed_shards(output_dir: str | os.PathLike, *, num_pairs: int, shard_size: int) -> set[int]:
+    """Shards already on disk; each is checked to be a readable Parquet file with the right row count."""
+    import pyarrow.parquet as pq
+
+    total = num_shards(num_pairs=num_pairs, shard_size=shard_size)
+    done = set()
+    for k in range(total):
+        path = shard_path(output_dir, k, total)
+        if not path.exists():
+            continue
+        expected = len(shard_indices(k, num_pairs=num_pairs, shard_size=shard_size))
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError subclasses
+            raise ValueError(
+                f"shard {path} is corrupt ({exc}): delete it and re-run the same command to regenerate it"
+            ) from None
+        if rows != expected:
+            raise ValueError(
+                f"shard {path} has {rows} rows, expected {expected}: delete it and re-run the same command to regenerate it"
+            )
+        done.add(k)
+    return done
+
+
+def write_shard(
+    path: str | os.PathLike,
+    *,
+    indices: list[int],
+    seeds: list[int],
+    prompts: list[str],
+    noise: np.ndarray,  # [N,C,H,W]
+    target: np.ndarray,  # [N,C,H,W]
+    dtype: str,
+) -> None:
+    """Write one complete shard: a hidden temporary file renamed into place."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    features = pair_features(tuple(noise.shape[1:]), dtype)
+    ds = datasets.Dataset.from_dict(
+        {
+            "index": list(map(int, indices)),
+            "seed": list(map(int, seeds)),
+            "prompt": list(prompts),
+            "noise": noise.astype(dtype),
+            "target": target.astype(dtype),
+        },
+        features=features,
+    )
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    # The Arrow table carries the datasets feature metadata, so load_dataset restores Array3D columns.
+    pq.write_table(ds.data.table, tmp)
+    os.replace(tmp, path)
+
+
+def load_pairs(output_dir: str | os.PathLike):
+    """Open a finished pairs directory as a ``datasets.Dataset`` (split ``train``).
+
+    Fails with one line if the directory is not a pairs dataset, is incomplete, or has a corrupt shard.
+    """
+    import datasets
+
+    manifest = read_manifest(output_dir)
+    cfg = manifest["config"]
+    total = num_shards(num_pairs=cfg["num_pairs"], shard_size=cfg["shard_size"])
+    done = completed_shards(output_dir, num_pairs=cfg["num_pairs"], shard_size=cfg["shard_size"])
+    if len(done) != total:
+        raise ValueError(
+            f"pairs in {output_dir} are incomplete ({len(done)} of {total} shards): re-run generate_pairs with the same config to finish"
+        )
+    files = [str(shard_path(output_dir, k, total)) for k in range(total)]
+    return datasets.load_dataset("parquet", data_files={"train": files}, split="train", features=pair_features(
+        tuple(manifest["latent_shape"]), cfg["dtype"]))

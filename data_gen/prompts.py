@@ -1,0 +1,89 @@
+"""Prompt sources: text / JSONL / JSON / CSV / Parquet files, or a ``datasets`` dataset by name.
+
+The prompt of row ``index`` is ``prompts[index % len(prompts)]``, so ``num_pairs`` may exceed the
+number of prompts (each prompt is then used with several noises).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_FILE_TYPES = {".txt": None, ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
+
+
+def _as_text(value) -> str:
+    # COCO-style datasets keep several captions per image: use the first.
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    if isinstance(value, dict):  # e.g. {"raw": "..."} caption structs
+        value = value.get("raw") or value.get("text") or next(iter(value.values()), "")
+    return "" if value is None else str(value)
+
+
+def load_prompts(source: str, *, column: str = "prompt", split: str = "train") -> list[str]:
+    """Read prompts from ``source``; blank prompts are skipped.
+
+    source: a ``.txt`` file (one prompt per line), a ``.jsonl/.json/.csv/.tsv/.parquet`` file with a
+    ``column``, or a ``datasets`` name / folder (``split`` and ``column`` select the captions).
+    """
+    if not source:
+        raise ValueError("no prompt source given: set `prompts` to a .txt/.jsonl/.csv/.parquet file or a datasets name")
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in _FILE_TYPES or (path.exists() and path.is_file()):
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {source} not found: pass an existing file to `prompts`")
+        if suffix == ".txt" or suffix not in _FILE_TYPES:
+            raw = path.read_text(encoding="utf-8").splitlines()
+        else:
+            import datasets
+
+            kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+            ds = datasets.load_dataset(_FILE_TYPES[suffix], data_files=str(path), split="train", **kwargs)
+            raw = _column(ds, column, source)
+    else:
+        import datasets
+
+        try:
+            if path.is_dir() and (path / "dataset_info.json").exists():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[split]
+            else:
+                ds = datasets.load_dataset(source, split=split)
+        except Exception as exc:  # datasets raises many types; the user needs one line
+            raise FileNotFoundError(
+                f"prompt source {source!r} is neither a file nor a loadable datasets dataset ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a prompt file or a dataset available offline"
+            ) from None
+        raw = _column(ds, column, source)
+    prompts = [p.strip() for p in map(_as_text, raw)]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"prompt source {source} contains no prompts: add one prompt per line (or rows with a `{column}` column)")
+    return prompts
+
+
+def _column(ds, column: str, source: str):
+    if column not in ds.column_names:
+        raise ValueError(
+            f"prompt source {source} has no column {column!r} (columns: {', '.join(ds.column_names)}); set `prompt_column`"
+        )
+    return ds[column]
+
+
+def prompt_for_index(prompts: list[str], index: int) -> str:
+    return prompts[index % len(prompts)]
+
+
+def prompts_fingerprint(prompts: list[str]) -> str:
+    """A short hash of the prompt list, recorded in manifests so a changed prompt file is noticed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8") + b"\n")
+    return h.hexdigest()[:16]
+
+
+__all__ = ["load_prompts", "prompt_for_index", "prompts_fingerprint"]

@@ -1,0 +1,1 @@
+"""Entry scripts and training machinery: the only package that sees argparse/YAML and the Accelerator."""

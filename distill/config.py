@@ -1,0 +1,101 @@
+"""Entry-script configuration: dataclass defaults <- optional YAML file <- ``--key value`` flags.
+
+Only the scripts in ``distill/`` call this; library code takes explicit keyword arguments.
+OmegaConf's structured configs do the merging, type coercion and unknown-key rejection; this
+module only turns their exceptions into one-line messages and builds the ``--key`` flags so that
+``--help`` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names the problem and the fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"error: {message} (see --help for the valid keys)\n")
+
+
+def parse_config(schema: type[T], argv: list[str] | None = None, description: str = "") -> T:
+    """Build ``schema`` (a dataclass) from defaults, ``--config FILE.yaml`` and ``--key value`` flags.
+
+    Unknown keys, in the file or on the command line, are an error naming the key.
+    """
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with any of the keys below")
+    defaults = schema()
+    for name, field in fields.items():
+        help_text = field.metadata.get("help", "")
+        parser.add_argument(
+            f"--{name}",
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar="VALUE",
+            help=f"{help_text} (default: {getattr(defaults, name)!r})",
+        )
+    args = parser.parse_args(argv)
+    base = OmegaConf.structured(schema)
+    layers = [base]
+    if args.config is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
+        loaded = OmegaConf.load(path)
+        unknown = sorted(set(loaded.keys()) - set(fields))  # type: ignore[arg-type]
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))} in {path}; valid keys: {', '.join(fields)}"
+            )
+        layers.append(loaded)
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    if overrides:
+        dotlist = [f"{k}={v}" for k, v in overrides.items()]
+        layers.append(OmegaConf.from_dotlist(dotlist))
+    try:
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"bad value for config key {key!r}: {msg}") from None
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (the run directory's record of what ran)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+
+def config_dict(config: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run an entry point; user errors (bad config, missing files, bad inputs) end in one line.
+
+    Set ``D2G_DEBUG=1`` to see the traceback instead.
+    """
+    try:
+        main()
+    except (ValueError, OSError, KeyboardInterrupt) as exc:
+        if os.environ.get("D2G_DEBUG") or isinstance(exc, KeyboardInterrupt):
+            traceback.print_exc()
+            sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(2)

@@ -1,0 +1,173 @@
+"""Stage one: solve the teacher's ODE from stored noise and write (noise, prompt, target) pairs.
+
+    accelerate launch distill/generate_pairs.py --config configs/pairs/sd15.yaml [--key value ...]
+
+Rows are split across processes by shard; each row depends only on the config and its index, so the
+result is the same for any number of processes or batch size, and re-running the same command after
+a kill finishes only the missing shards. Diffusion2GAN §3.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # `accelerate launch distill/generate_pairs.py` runs this as a plain file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm.auto import tqdm
+
+from data_gen import pairs as pairs_io
+from data_gen.noise import noise_for_indices
+from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
+from distill.config import ConfigError, parse_config, run_cli, save_config
+from teachers import SCHEDULERS, load_teacher, solve_ode
+from teachers.loading import dtype_from_name
+
+
+@dataclass
+class PairsConfig:
+    teacher: str = field(default="", metadata={"help": "hub id or local diffusers pipeline folder (SD1.x / SD2.x / SDXL)"})
+    revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of the teacher"})
+    variant: Optional[str] = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
+    teacher_dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16"})
+    prompts: str = field(default="", metadata={"help": ".txt (one per line), .jsonl/.csv/.parquet file, or a datasets name"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the prompt in table / datasets sources"})
+    prompt_split: str = field(default="train", metadata={"help": "split of a datasets prompt source"})
+    num_pairs: int = field(default=1000, metadata={"help": "rows to generate; prompts are cycled when fewer"})
+    output_dir: str = field(default="runs/pairs", metadata={"help": "pairs directory (manifest.json + data/*.parquet)"})
+    num_inference_steps: int = field(default=50, metadata={"help": "ODE solver steps"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale (1 = off)"})
+    negative_prompt: Optional[str] = field(default=None, metadata={"help": "negative prompt used for CFG"})
+    resolution: int = field(default=512, metadata={"help": "image side in pixels; must be divisible by the VAE factor"})
+    batch_size: int = field(default=8, metadata={"help": "rows per teacher call, per process"})
+    shard_size: int = field(default=1000, metadata={"help": "rows per Parquet shard (the unit of resumption)"})
+    seed: int = field(default=0, metadata={"help": "base seed; row i's noise comes from hash(seed, i)"})
+    scheduler: str = field(default="ddim", metadata={"help": f"ODE solver: {', '.join(SCHEDULERS)}"})
+    dtype: str = field(default="float16", metadata={"help": f"storage dtype of noise/target: {', '.join(pairs_io.STORAGE_DTYPES)}"})
+
+
+def validate(cfg: PairsConfig) -> None:
+    for key in ("num_pairs", "num_inference_steps", "resolution", "batch_size", "shard_size"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if cfg.dtype not in pairs_io.STORAGE_DTYPES:
+        raise ConfigError(f"unknown storage dtype {cfg.dtype!r}; choose one of {', '.join(pairs_io.STORAGE_DTYPES)}")
+    if cfg.teacher_dtype != "auto":
+        dtype_from_name(cfg.teacher_dtype)
+
+
+def versions() -> dict[str, str]:
+    names = ("diffusion2gan-toolkit", "torch", "diffusers", "transformers", "accelerate", "datasets")
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: list[int], out: Path,
+                    latent_shape: tuple[int, int, int], progress=None) -> None:
+    """Generate and write the given shards (the whole per-process workload; also timed by the benchmark)."""
+    storage = getattr(torch, cfg.dtype)
+    total = pairs_io.num_shards(num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
+    for k in shards:
+        indices = list(pairs_io.shard_indices(k, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size))
+        noises, targets, seeds = [], [], []
+        for b in range(0, len(indices), cfg.batch_size):
+            batch = indices[b : b + cfg.batch_size]
+            # Noise is rounded to the storage dtype first: the stored tensor is the one the teacher saw.
+            noise, batch_seeds = noise_for_indices(seed=cfg.seed, indices=batch, shape=latent_shape, dtype=storage)
+            target = solve_ode(
+                teacher.pipe, prompts=[prompt_for_index(prompts, i) for i in batch], noise=noise.float(),
+                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                negative_prompt=cfg.negative_prompt,
+            )
+            if not torch.isfinite(target).all():
+                raise ValueError(f"teacher produced non-finite latents for rows {batch[0]}..{batch[-1]}: try teacher_dtype float32")
+            noises.append(noise)
+            targets.append(target.to("cpu", storage))
+            seeds += batch_seeds
+            if progress is not None:
+                progress.update(len(batch))
+        pairs_io.write_shard(
+            pairs_io.shard_path(out, k, total), indices=indices, seeds=seeds,
+            prompts=[prompt_for_index(prompts, i) for i in indices],
+            noise=torch.cat(noises).numpy(), target=torch.cat(targets).numpy(), dtype=cfg.dtype,
+        )
+
+
+def main() -> None:
+    cfg = parse_config(PairsConfig, description=__doc__)
+    validate(cfg)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    out = Path(cfg.output_dir)
+    prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, split=cfg.prompt_split)
+    pairs_io.ensure_writable(out)
+    teacher_dtype = cfg.teacher_dtype
+    if teacher_dtype == "auto":
+        teacher_dtype = "float16" if accelerator.device.type == "cuda" else "float32"
+    teacher = load_teacher(
+        cfg.teacher, revision=cfg.revision, variant=cfg.variant, torch_dtype=dtype_from_name(teacher_dtype),
+        scheduler=cfg.scheduler, device=accelerator.device,
+    )
+    latent_shape = teacher.latent_shape(cfg.resolution)
+
+    identity = dataclasses.asdict(cfg)
+    for key in ("output_dir", "batch_size"):  # do not change any row
+        identity.pop(key)
+    identity.update(teacher_dtype=teacher_dtype, prompts_sha256=prompts_fingerprint(prompts), num_prompts=len(prompts))
+    manifest = {
+        "format": pairs_io.FORMAT,
+        "config": identity,
+        "teacher": {"name_or_path": cfg.teacher, "revision": cfg.revision, "family": teacher.family,
+                    "pipeline_class": type(teacher.pipe).__name__, "prediction_type": teacher.prediction_type},
+        "scheduler_config": dict(teacher.pipe.scheduler.config),
+        "latent_shape": list(latent_shape),
+        "count": cfg.num_pairs,
+        "complete": False,
+        "versions": versions(),
+    }
+    resumed = pairs_io.check_manifest(out, manifest=manifest)  # every process checks before anyone writes
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and not resumed:
+        pairs_io.write_manifest(out, manifest)
+        save_config(cfg, out / "generate_pairs.yaml")
+    total = pairs_io.num_shards(num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
+    done = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
+    accelerator.wait_for_everyone()  # everyone sees the same `done` before anyone writes a shard
+    todo = [k for k in range(total) if k not in done][accelerator.process_index :: accelerator.num_processes]
+
+    my_rows = sum(len(pairs_io.shard_indices(k, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)) for k in todo)
+    if accelerator.is_main_process and done:
+        print(f"resuming: {len(done)} of {total} shards already in {out}")
+    bar = tqdm(total=my_rows, unit="pair", desc=f"pairs (rank 0 of {accelerator.num_processes})",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    start = time.perf_counter()
+    generate_shards(teacher, cfg=cfg, prompts=prompts, shards=todo, out=out, latent_shape=latent_shape, progress=bar)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        finished = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
+        manifest["complete"] = len(finished) == total
+        pairs_io.write_manifest(out, manifest)
+        rate = my_rows / max(time.perf_counter() - start, 1e-9)
+        print(f"{cfg.num_pairs} pairs in {out.resolve()} ({rate:.2f} pairs/s on rank 0); "
+              f"open with datasets.load_dataset({str(out)!r}, split='train')")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,40 @@
+"""Solve the teacher's probability-flow ODE from given noise (Diffusion2GAN §3.1: the pairs).
+
+The solve *is* the diffusers pipeline call with ``latents=noise`` and ``output_type="latent"``, so a
+stored target equals what a user gets from ``pipe(prompt, latents=noise, ...)`` by construction:
+prompt encoding, CFG, scheduler steps and SDXL's added conditioning all stay diffusers' own.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline
+
+
+@torch.no_grad()
+def solve_ode(
+    pipe: DiffusionPipeline,
+    *,
+    prompts: list[str],
+    noise: torch.Tensor,  # [N,C,H,W] unit Gaussian
+    num_inference_steps: int,
+    guidance_scale: float,
+    negative_prompt: str | None = None,
+) -> torch.Tensor:
+    """Teacher ODE solution ``[N,C,H,W]`` (VAE-scaled latents) for ``noise`` and ``prompts``."""
+    if len(prompts) != noise.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {noise.shape[0]} noise tensors")
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    height, width = noise.shape[-2] * vae_factor, noise.shape[-1] * vae_factor
+    out = pipe(
+        prompt=list(prompts),
+        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+        latents=noise.to(pipe.device, pipe.unet.dtype),
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        output_type="latent",
+        return_dict=True,
+    )
+    return out.images

@@ -1,0 +1,147 @@
+"""Random-weight teachers built from configs, saved as diffusers pipeline folders.
+
+Real Stable Diffusion weights cannot be fetched on the machines this project is built on, so tests and
+benchmarks build a teacher of the right *architecture* with random weights and load it through the
+same ``load_teacher(path)`` call a user makes with a hub id. ``size="tiny"`` is for tests (seconds on
+a CPU); ``size="full"`` uses the published SD1.5 / SD2.1 / SDXL shapes for speed and memory
+measurements on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .tokenizer import build_clip_tokenizer
+
+FAMILIES = ("sd15", "sd2-v", "sdxl")
+
+
+def _scheduler(prediction_type: str) -> DDIMScheduler:
+    # The SD1.5/2.1/XL release scheduler settings.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def _text_encoder(hidden: int, layers: int, heads: int, projection_dim: int | None = None, act="quick_gelu"):
+    cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection_dim or hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
+
+
+def _vae(size: str, scaling_factor: float) -> AutoencoderKL:
+    if size == "tiny":
+        # Two levels -> a VAE factor of 2, so a 32 px image is a 4x16x16 latent.
+        return AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+            sample_size=32, scaling_factor=scaling_factor,
+        )
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+        scaling_factor=scaling_factor,
+    )
+
+
+def build_random_teacher(
+    save_dir: str | os.PathLike,
+    *,
+    family: str = "sd15",
+    size: str = "tiny",
+    seed: int = 0,
+) -> Path:
+    """Build a random-weight SD-family pipeline and ``save_pretrained`` it to ``save_dir``.
+
+    family: ``sd15`` (epsilon, one CLIP encoder), ``sd2-v`` (v-prediction, SD2.x layout),
+    ``sdxl`` (two encoders, pooled embeddings, added time ids). Returns ``save_dir``.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown teacher family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if size not in ("tiny", "full"):
+        raise ValueError(f"unknown size {size!r}; choose 'tiny' or 'full'")
+    torch.manual_seed(seed)
+    save_dir = Path(save_dir)
+    tiny = size == "tiny"
+    if family == "sdxl":
+        te1 = _text_encoder(*((32, 2, 4) if tiny else (768, 12, 12)))
+        te2 = _text_encoder(*((32, 2, 4) if tiny else (1280, 32, 20)), projection_dim=32 if tiny else 1280, act="gelu")
+        time_dim = 8 if tiny else 256
+        pooled = te2.config.projection_dim
+        unet_kwargs = dict(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 1), norm_num_groups=8,
+        ) if tiny else dict(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+        )
+        unet = UNet2DConditionModel(
+            sample_size=16 if tiny else 128, in_channels=4, out_channels=4,
+            cross_attention_dim=te1.config.hidden_size + te2.config.hidden_size,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + pooled, **unet_kwargs,
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(size, 0.13025), text_encoder=te1, text_encoder_2=te2,
+            tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(pad_token="!"),
+            unet=unet, scheduler=_scheduler("epsilon"), force_zeros_for_empty_prompt=True,
+        )
+    else:
+        v = family == "sd2-v"
+        te = _text_encoder(*((32, 2, 4) if tiny else ((1024, 23, 16) if v else (768, 12, 12))), act="gelu" if v else "quick_gelu")
+        unet_kwargs = dict(
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4, norm_num_groups=8,
+        ) if tiny else dict(
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            attention_head_dim=(5, 10, 20, 20) if v else 8,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=16 if tiny else (96 if v else 64), in_channels=4, out_channels=4,
+            cross_attention_dim=te.config.hidden_size, use_linear_projection=v, **unet_kwargs,
+        )
+        pipe = StableDiffusionPipeline(
+            vae=_vae(size, 0.18215), text_encoder=te, tokenizer=build_clip_tokenizer(pad_token="!" if v else "<|endoftext|>"),
+            unet=unet, scheduler=_scheduler("v_prediction" if v else "epsilon"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.save_pretrained(save_dir)
+    return save_dir

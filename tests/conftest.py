@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random-weight teachers saved to disk and loaded like hub ids."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_factory(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in cache:
+            from teachers.testing import build_random_teacher
+
+            cache[family] = build_random_teacher(tmp_path_factory.mktemp(f"teacher-{family}"), family=family)
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sd15_teacher(tiny_teacher_factory) -> Path:
+    return tiny_teacher_factory("sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl_teacher(tiny_teacher_factory) -> Path:
+    return tiny_teacher_factory("sdxl")
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red apple on a table\n\na photo of a cat\n  \na blue car in the rain\na bowl of soup\n")
+    return path
+
+
+def run_script(script: str, args: list[str], capsys=None) -> tuple[int, str]:
+    """Run ``distill/<script>`` in this process as ``python distill/<script> args`` would; (exit code, stderr)."""
+    argv = sys.argv
+    sys.argv = [str(ROOT / "distill" / script), *map(str, args)]
+    code = 0
+    try:
+        runpy.run_path(str(ROOT / "distill" / script), run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def accelerate_launch(script: str, args: list[str], *, num_processes: int = 1, timeout: int = 600, **kwargs):
+    """``accelerate launch`` on CPU; two processes use gloo via --multi_gpu with ACCELERATE_USE_CPU."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]
+    else:
+        launch += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [*launch, str(ROOT / "distill" / script), *map(str, args)]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
