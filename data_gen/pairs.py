@@ -3,11 +3,12 @@
 Layout of a pairs directory (opens with ``datasets.load_dataset(dir, split="train")``)::
 
     manifest.json                       what made the rows (teacher, scheduler, steps, CFG, seed, ...)
-    README.md                           dataset card whose ``configs`` point datasets at data/
     data/train-00000-of-00042.parquet   shard k holds indices [k*shard_size, (k+1)*shard_size)
 
 A shard is written to a hidden temporary name and renamed when complete, so a killed run leaves
-only whole shards behind and a rerun regenerates exactly the missing ones.
+only whole shards behind and a rerun regenerates exactly the missing ones. There is deliberately no
+dataset card with a ``configs`` section: ``datasets`` then caches a local folder by its card alone and
+would serve stale rows after a resumed run; without one it keys the cache on the shard files.
 """
 
 from __future__ import annotations
@@ -25,18 +26,6 @@ DATA_DIR = "data"
 FORMAT = "diffusion2gan-pairs/1"
 STORAGE_DTYPES = ("float16", "float32")
 
-_CARD = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*.parquet
----
-# Teacher pairs
-
-(noise, prompt) -> teacher ODE solution pairs written by `distill/generate_pairs.py`.
-See `manifest.json` for the teacher, sampler and seed that made them.
-"""
 
 
 def num_shards(*, num_pairs: int, shard_size: int) -> int:
@@ -87,8 +76,11 @@ def ensure_writable(output_dir: str | os.PathLike) -> None:
         ) from None
 
 
-def check_manifest(output_dir: str | os.PathLike, *, manifest: dict[str, Any]) -> bool:
-    """Refuse a directory made with another config; True when it holds the same config (a resumed run)."""
+def check_manifest(output_dir: str | os.PathLike, *, config: dict[str, Any]) -> bool:
+    """Refuse a directory made with another ``config`` (the manifest's row-defining keys).
+
+    True when the directory holds pairs of the same config (a resumed run).
+    """
     out = Path(output_dir)
     path = out / MANIFEST
     if not path.exists():
@@ -99,7 +91,7 @@ def check_manifest(output_dir: str | os.PathLike, *, manifest: dict[str, Any]) -
         raise ValueError(f"{path} is unreadable ({exc}); move it away or choose a new output_dir") from None
     diffs = [
         f"{k}: {old.get('config', {}).get(k)!r} -> {v!r}"
-        for k, v in manifest["config"].items()
+        for k, v in config.items()
         if old.get("config", {}).get(k) != v
     ]
     if old.get("format") != FORMAT or diffs:
@@ -113,8 +105,6 @@ def check_manifest(output_dir: str | os.PathLike, *, manifest: dict[str, Any]) -
 def write_manifest(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
     out = Path(output_dir)
     _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    if not (out / "README.md").exists():
-        _atomic_write_text(out / "README.md", _CARD)
 
 
 def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:

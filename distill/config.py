@@ -37,7 +37,8 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
     Unknown keys, in the file or on the command line, are an error naming the key.
     """
     fields = {f.name: f for f in dataclasses.fields(schema)}
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # allow_abbrev=False: a typo such as --guidance must not silently set --guidance_scale.
+    parser = _Parser(description=description, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file with any of the keys below")
     defaults = schema()
     for name, field in fields.items():

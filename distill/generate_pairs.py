@@ -119,16 +119,18 @@ def main() -> None:
     teacher_dtype = cfg.teacher_dtype
     if teacher_dtype == "auto":
         teacher_dtype = "float16" if accelerator.device.type == "cuda" else "float32"
+    identity = dataclasses.asdict(cfg)
+    for key in ("output_dir", "batch_size"):  # neither changes any row
+        identity.pop(key)
+    identity.update(teacher_dtype=teacher_dtype, prompts_sha256=prompts_fingerprint(prompts), num_prompts=len(prompts))
+    # Every process checks before anyone writes, and before the slow teacher load.
+    resumed = pairs_io.check_manifest(out, config=identity)
     teacher = load_teacher(
         cfg.teacher, revision=cfg.revision, variant=cfg.variant, torch_dtype=dtype_from_name(teacher_dtype),
         scheduler=cfg.scheduler, device=accelerator.device,
     )
     latent_shape = teacher.latent_shape(cfg.resolution)
 
-    identity = dataclasses.asdict(cfg)
-    for key in ("output_dir", "batch_size"):  # do not change any row
-        identity.pop(key)
-    identity.update(teacher_dtype=teacher_dtype, prompts_sha256=prompts_fingerprint(prompts), num_prompts=len(prompts))
     manifest = {
         "format": pairs_io.FORMAT,
         "config": identity,
@@ -140,7 +142,6 @@ def main() -> None:
         "complete": False,
         "versions": versions(),
     }
-    resumed = pairs_io.check_manifest(out, manifest=manifest)  # every process checks before anyone writes
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not resumed:
         pairs_io.write_manifest(out, manifest)

@@ -1,0 +1,144 @@
+"""Stage one through its CLI: parity, process-count independence, resume, refusal, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from conftest import ROOT, accelerate_launch, run_script
+from data_gen.noise import noise_for_seed
+from data_gen.pairs import load_pairs
+
+COMMON = ["--resolution", "32", "--num_inference_steps", "3", "--guidance_scale", "4.0"]
+
+
+def _one_error_line(err: str) -> str:
+    """The error is one line at the end of stderr, with no traceback (progress bars may precede it)."""
+    assert "Traceback" not in err, err
+    last = err.rstrip("\n").split("\n")[-1].split("\r")[-1]
+    assert last.startswith("error: "), err
+    return last
+
+
+def _rows(path) -> dict[int, dict]:
+    ds = datasets.load_dataset(str(path), split="train").with_format("numpy")
+    return {int(r["index"]): r for r in ds}
+
+
+@pytest.mark.parametrize("family, pipe_cls", [("sd15", StableDiffusionPipeline), ("sdxl", StableDiffusionXLPipeline)])
+def test_pairs_match_the_diffusers_pipeline(tiny_teacher_factory, prompt_file, tmp_path, capsys, family, pipe_cls):
+    teacher = tiny_teacher_factory(family)
+    out = tmp_path / "pairs"
+    code, err = run_script("generate_pairs.py", ["--teacher", teacher, "--prompts", prompt_file, "--num_pairs", 6,
+                                                 "--batch_size", 4, "--shard_size", 4, "--output_dir", out, *COMMON], capsys)
+    assert code == 0, err
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.num_rows == 6 and set(ds.column_names) == {"index", "seed", "prompt", "noise", "target"}
+    assert ds.features["noise"].dtype == "float16" and ds.features["target"].shape == (4, 16, 16)
+    rows = _rows(out)
+    assert sorted(rows) == list(range(6))
+    prompts = ["a red apple on a table", "a photo of a cat", "a blue car in the rain", "a bowl of soup"]
+    pipe = pipe_cls.from_pretrained(teacher)
+    for i in (0, 5):
+        row = rows[i]
+        assert row["prompt"] == prompts[i % 4]  # blank lines skipped, prompts cycled
+        # The stored noise is what the per-row generator draws, rounded to the storage dtype.
+        noise = noise_for_seed(int(row["seed"]), (4, 16, 16), torch.float16)
+        np.testing.assert_array_equal(row["noise"], noise.numpy())
+        ref = pipe(prompt=row["prompt"], latents=noise.float()[None], num_inference_steps=3, guidance_scale=4.0,
+                   output_type="latent").images[0]
+        np.testing.assert_allclose(row["target"].astype(np.float32), ref.half().float().numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_two_processes_write_the_same_rows(sd15_teacher, prompt_file, tmp_path):
+    args = ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 10, "--batch_size", 2,
+            "--shard_size", 2, *COMMON]
+    one = accelerate_launch("generate_pairs.py", [*args, "--output_dir", tmp_path / "one"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = accelerate_launch("generate_pairs.py", [*args, "--output_dir", tmp_path / "two"], num_processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(10))
+    for i in a:
+        assert a[i]["prompt"] == b[i]["prompt"] and a[i]["seed"] == b[i]["seed"]
+        np.testing.assert_array_equal(a[i]["noise"], b[i]["noise"])
+        np.testing.assert_array_equal(a[i]["target"], b[i]["target"])
+    assert "pairs/s" in one.stdout + one.stderr and str((tmp_path / "one").resolve()) in one.stdout
+
+
+def test_kill_and_resume_finishes_exactly_the_missing_rows(sd15_teacher, prompt_file, tmp_path):
+    out = tmp_path / "pairs"
+    args = [sys.executable, str(ROOT / "distill" / "generate_pairs.py"), "--teacher", str(sd15_teacher),
+            "--prompts", str(prompt_file), "--num_pairs", "12", "--batch_size", "1", "--shard_size", "2",
+            "--resolution", "32", "--num_inference_steps", "2", "--output_dir", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "data").glob("train-*.parquet")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = sorted(p.name for p in (out / "data").glob("train-*.parquet"))
+    assert 1 <= len(written) < 6, "the kill must land mid-run for this test to mean anything"
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("train-*.parquet")}
+    with pytest.raises(ValueError, match="incomplete"):
+        load_pairs(out)
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout
+    # Shards written before the kill are kept as they were, not rewritten.
+    assert {p: (out / "data" / p).stat().st_mtime_ns for p in before} == before
+    ds = load_pairs(out)
+    assert sorted(ds["index"]) == list(range(12))
+
+
+def test_other_config_in_same_dir_is_refused(sd15_teacher, prompt_file, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    base = ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 2, "--output_dir", out, *COMMON]
+    assert run_script("generate_pairs.py", base, capsys)[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, err = run_script("generate_pairs.py", [*base, "--guidance_scale", "2.0"], capsys)
+    assert code == 2
+    assert _one_error_line(err).count("different config") == 1 and "guidance_scale" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # Batch size does not change any row, so it may differ on a rerun.
+    assert run_script("generate_pairs.py", [*base, "--batch_size", "1"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"--teacher": "/no/such/teacher"}, "not found"),
+    ({"--resolution": "33"}, "not divisible by the VAE factor 2"),
+    ({"--scheduler": "heun"}, "unknown scheduler 'heun'; choose one of ddim, dpmpp, euler"),
+    ({"--prompts": "EMPTY"}, "contains no prompts"),
+    ({"--prompts": "/no/such/prompts.txt"}, "prompt file /no/such/prompts.txt not found"),
+    ({"--output_dir": "FILE/sub"}, "is not writable"),
+    ({"--guidance": "3"}, "unrecognized arguments: --guidance"),
+    ({"--num_pairs": "many"}, "num_pairs"),
+])
+def test_bad_input_is_one_clear_line(sd15_teacher, prompt_file, tmp_path, capsys, override, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    args = {"--teacher": str(sd15_teacher), "--prompts": str(prompt_file), "--num_pairs": "2",
+            "--output_dir": str(tmp_path / "out"), "--resolution": "32", "--num_inference_steps": "2"}
+    args.update({k: v.replace("EMPTY", str(empty)).replace("FILE", str(a_file)) for k, v in override.items()})
+    code, err = run_script("generate_pairs.py", [x for kv in args.items() for x in kv], capsys)
+    assert code == 2
+    assert message in _one_error_line(err)
+
+
+def test_unknown_key_in_yaml_config(sd15_teacher, tmp_path, capsys):
+    cfg = tmp_path / "pairs.yaml"
+    cfg.write_text(f"teacher: {sd15_teacher}\nnum_steps: 10\n")
+    code, err = run_script("generate_pairs.py", ["--config", cfg], capsys)
+    assert code == 2 and "unknown config key(s) 'num_steps'" in _one_error_line(err)
