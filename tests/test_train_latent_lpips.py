@@ -1,0 +1,109 @@
+"""The latent LPIPS training recipe (Diffusion2GAN App.: classifier on latents, then 2AFC calibration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "distill" / "train_latent_lpips.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A labelled digits image set (datasets save_to_disk), a tiny random VAE, and a BAPPS-layout dir."""
+    import datasets
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("latent_lpips")
+    digits = load_digits()
+    imgs = [
+        Image.fromarray((x / 16 * 255).astype(np.uint8)).resize((16, 16), Image.NEAREST).convert("RGB")
+        for x in digits.images[:320]
+    ]
+    features = datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(num_classes=10)})
+    datasets.Dataset.from_dict({"img": imgs, "digit": digits.target[:320].tolist()}, features=features).save_to_disk(
+        str(root / "digits")
+    )
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        scaling_factor=0.5,
+    ).save_pretrained(root / "model" / "vae")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("val", 8)):
+        for sub in ("ref", "p0", "p1", "judge"):
+            (root / "bapps" / split / sub).mkdir(parents=True)
+        for i in range(n):
+            ref = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+            near = np.clip(ref + rng.normal(0, 20, ref.shape), 0, 255).astype(np.uint8)
+            far = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+            p1_near = i % 2 == 0
+            Image.fromarray(ref).save(root / "bapps" / split / "ref" / f"{i:06d}.png")
+            Image.fromarray(far if p1_near else near).save(root / "bapps" / split / "p0" / f"{i:06d}.png")
+            Image.fromarray(near if p1_near else far).save(root / "bapps" / split / "p1" / f"{i:06d}.png")
+            np.save(root / "bapps" / split / "judge" / f"{i:06d}.npy", np.array([1.0 if p1_near else 0.0]))
+    return root
+
+
+def run_script(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+
+
+def test_recipe_runs_both_stages_and_classifier_loss_falls(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    res = run_script(
+        "--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"),
+        "--out_dir", str(out),
+        "--dataset", str(tiny_data / "digits"),
+        "--vae", str(tiny_data / "model"),
+        "--bapps_dir", str(tiny_data / "bapps" / "train"),
+        "--bapps_val_dir", str(tiny_data / "bapps" / "val"),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cls = [r["loss"] for r in rows if r["stage"] == "classifier"]
+    assert len(cls) >= 4 and all(np.isfinite(cls))
+    first, last = np.mean(cls[:2]), np.mean(cls[-2:])
+    assert last < first - 0.2, f"classifier loss did not fall: {cls}"
+    cal = [r for r in rows if r["stage"] == "calibrate"]
+    assert any("val_2afc" in r and 0.0 <= r["val_2afc"] <= 1.0 for r in cal)
+    cal_loss = [r["loss"] for r in cal if "loss" in r]
+    assert len(cal_loss) >= 4 and all(np.isfinite(cal_loss))
+    assert np.mean(cal_loss[-2:]) < np.mean(cal_loss[:2]), f"2AFC ranking loss did not fall: {cal_loss}"
+    # Outputs: resolved config, safetensors weights that the loss loads, non-negative heads.
+    assert (out / "config.yaml").is_file() and "stage: both" in (out / "config.yaml").read_text()
+    assert (out / "latent_lpips" / "diffusion_pytorch_model.safetensors").is_file()
+    from distill.losses import ELatentLPIPS
+
+    loss = ELatentLPIPS.from_pretrained(out / "latent_lpips", augment="bg")
+    assert loss.net.config.scaling_factor == 0.5  # the VAE's convention is recorded with the weights
+    assert all((h.weight >= 0).all() for h in loss.net.heads)
+    x = torch.randn(2, 4, 8, 8)
+    d = loss(x, torch.randn(2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.all(d > 0) and torch.all(loss(x, x) < 1e-6)
+
+
+def test_recipe_rejects_bad_config_in_one_line(tiny_data, tmp_path):
+    res = run_script("--out_dir", str(tmp_path / "r"), "--stage", "calibrate", "--vae", str(tiny_data / "model"))
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error:") and "init_from" in res.stderr and len(res.stderr.strip().splitlines()) == 1
