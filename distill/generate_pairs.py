@@ -157,8 +157,10 @@ def main() -> None:
     bar = tqdm(total=my_rows, unit="pair", desc=f"pairs (rank 0 of {accelerator.num_processes})",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     start = time.perf_counter()
-    generate_shards(teacher, cfg=cfg, prompts=prompts, shards=todo, out=out, latent_shape=latent_shape, progress=bar)
-    bar.close()
+    try:
+        generate_shards(teacher, cfg=cfg, prompts=prompts, shards=todo, out=out, latent_shape=latent_shape, progress=bar)
+    finally:
+        bar.close()  # ends the progress line, so an error message starts on its own line
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finished = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)

@@ -1,0 +1,157 @@
+"""The Diffusion2GAN discriminator: the teacher's UNet re-used as a conditional multi-scale D (§3.3).
+
+- conditioning: text through the UNet's own cross-attention (and SDXL's added embeddings); the
+  pair's noise ``z`` through a zero-initialised conv added after ``conv_in`` ("z-conditioning");
+- multi-scale input: the latent resized to every down block's resolution, added through
+  zero-initialised convs, so at initialisation the backbone computes exactly the teacher's features;
+- multi-scale output: small real/fake heads at every decoder scale, on the features before the
+  up block, on its skip connection, and after it, plus one on the UNet's final output.
+
+The UNet's sub-modules are called directly; ``UNet2DConditionModel.forward`` is neither copied nor
+patched. The backbone is a deep copy: the teacher itself stays frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+
+def _zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class _Head(nn.Module):
+    """Patch real/fake logits from one feature map: conv3x3 -> SiLU -> conv1x1 -> [N,1,h,w]."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        hidden = max(channels // 2, 8)
+        self.net = nn.Sequential(
+            nn.GroupNorm(min(groups, channels) if channels % min(groups, channels) == 0 else 1, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(hidden, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class UNetDiscriminator(nn.Module):
+    """``forward(latents, noise, prompt_embeds, added_cond_kwargs=None) -> list of [N,1,h,w] logits``.
+
+    unet: the teacher UNet (copied). timestep: the fixed timestep embedding given to the backbone.
+    heads: which decoder features get a head: any of ``before``, ``skip``, ``after`` (+ ``final``).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        *,
+        timestep: int = 0,
+        heads: tuple[str, ...] = ("before", "skip", "after", "final"),
+        copy_backbone: bool = True,
+    ):
+        super().__init__()
+        unknown = set(heads) - {"before", "skip", "after", "final"}
+        if unknown:
+            raise ValueError(f"unknown discriminator heads {sorted(unknown)}; choose from before, skip, after, final")
+        self.unet = copy.deepcopy(unet) if copy_backbone else unet
+        self.unet.requires_grad_(True)
+        self.timestep = int(timestep)
+        self.head_kinds = tuple(heads)
+        cfg = self.unet.config
+        c_lat = cfg.in_channels
+        chans = list(cfg.block_out_channels)
+        groups = cfg.norm_num_groups or 32
+        self.noise_conv = _zero_conv(c_lat, chans[0])
+        # Block 0 sees the latent through conv_in already; block i >= 1 gets the latent resized to its
+        # input, whose channels are block i-1's output channels. input_convs[i - 1] serves block i.
+        self.input_convs = nn.ModuleList(_zero_conv(c_lat, chans[i - 1]) for i in range(1, len(chans)))
+        self.heads = nn.ModuleDict()
+        rev = list(reversed(chans))
+        for i, up in enumerate(self.unet.up_blocks):
+            c_in = rev[max(i - 1, 0)] if i > 0 else chans[-1]
+            if "before" in heads:
+                self.heads[f"up{i}_before"] = _Head(c_in, groups)
+            if "skip" in heads:
+                self.heads[f"up{i}_skip"] = _Head(self._skip_channels(i), groups)
+            if "after" in heads:
+                self.heads[f"up{i}_after"] = _Head(rev[i], groups)
+        if "final" in heads:
+            self.heads["final"] = _Head(cfg.out_channels, 1)
+
+    def _skip_channels(self, up_index: int) -> int:
+        # The first skip an up block consumes (popped from the end) is the deepest of its level.
+        chans = list(self.unet.config.block_out_channels)
+        n_down = len(chans)
+        level = n_down - 1 - up_index
+        return chans[level]
+
+    def _embeddings(self, latents: torch.Tensor, prompt_embeds, added_cond_kwargs):
+        unet = self.unet
+        t = torch.full((latents.shape[0],), self.timestep, device=latents.device, dtype=torch.long)
+        emb = unet.time_embedding(unet.get_time_embed(sample=latents, timestep=t))
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs or {})
+        if aug is not None:
+            emb = emb + aug
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        return emb
+
+    def forward(
+        self,
+        latents: torch.Tensor,  # [N,C,H,W] real (teacher target) or fake (student output)
+        noise: torch.Tensor,  # [N,C,H,W] the pair's noise (the condition)
+        prompt_embeds: torch.Tensor,  # [N,L,D]
+        added_cond_kwargs: dict | None = None,
+        return_features: bool = False,
+    ):
+        unet = self.unet
+        emb = self._embeddings(latents, prompt_embeds, added_cond_kwargs)
+        ctx = prompt_embeds
+        h = unet.conv_in(latents) + self.noise_conv(noise)
+        skips = [h]
+        for i, block in enumerate(unet.down_blocks):
+            if i > 0:  # resized copy of the latent into every down block
+                h = h + self.input_convs[i - 1](F.interpolate(latents, size=h.shape[-2:], mode="bilinear", antialias=True, align_corners=False))
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=ctx)
+            else:
+                h, res = block(hidden_states=h, temb=emb)
+            skips.extend(res)
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                h = unet.mid_block(h, emb, encoder_hidden_states=ctx)
+            else:
+                h = unet.mid_block(h, emb)
+        logits = []
+        for i, block in enumerate(unet.up_blocks):
+            res = tuple(skips[-len(block.resnets):])
+            skips = skips[: -len(block.resnets)]
+            if f"up{i}_before" in self.heads:
+                logits.append(self.heads[f"up{i}_before"](h))
+            if f"up{i}_skip" in self.heads:
+                logits.append(self.heads[f"up{i}_skip"](res[-1]))
+            upsample_size = skips[-1].shape[2:] if skips else None
+            if getattr(block, "has_cross_attention", False):
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=ctx, upsample_size=upsample_size)
+            else:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+            if f"up{i}_after" in self.heads:
+                logits.append(self.heads[f"up{i}_after"](h))
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        out = unet.conv_out(h)
+        if "final" in self.heads:
+            logits.append(self.heads["final"](out))
+        return (logits, out) if return_features else logits

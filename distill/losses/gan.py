@@ -1,0 +1,45 @@
+"""GAN objectives of Diffusion2GAN §3.3: non-saturating loss over multi-scale heads, lazy
+single-sample R1, and mix-and-match (real pairs with a wrong condition count as fake)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def _mean_over_heads(logits: list[torch.Tensor], fn) -> torch.Tensor:
+    """Average a per-element loss over every head's patch logits: one number per head, then the mean."""
+    return torch.stack([fn(x.float()).mean() for x in logits]).mean()
+
+
+def generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Non-saturating G loss: softplus(-D(G(z)))."""
+    return _mean_over_heads(fake_logits, lambda x: F.softplus(-x))
+
+
+def discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """softplus(-D(real)) + softplus(D(fake)), each averaged over heads."""
+    return _mean_over_heads(real_logits, lambda x: F.softplus(-x)) + _mean_over_heads(fake_logits, F.softplus)
+
+
+def mismatched_condition(n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A permutation with no fixed point (a random cyclic shift): every sample gets another's condition."""
+    if n < 2:
+        raise ValueError("mix-and-match needs a batch of at least 2")
+    shift = int(torch.randint(1, n, (1,), generator=generator))
+    return (torch.arange(n) + shift) % n
+
+
+def r1_penalty(discriminator, real_latents: torch.Tensor, **cond) -> torch.Tensor:
+    """Single-sample R1 (the paper regularises one sample of the batch): ||grad_x sum D(x)||^2.
+
+    ``real_latents`` [1,C,H,W]; ``cond`` are the discriminator's other inputs for that sample.
+    """
+    x = real_latents.detach().float().requires_grad_(True)
+    # Fused attention kernels (flash / memory-efficient) have no double backward; the math one does.
+    with sdpa_kernel(SDPBackend.MATH):
+        logits = discriminator(x.to(real_latents.dtype), **cond)
+    score = sum(l.float().mean(dim=(1, 2, 3)).sum() for l in logits) / len(logits)
+    (grad,) = torch.autograd.grad(score, x, create_graph=True)
+    return grad.pow(2).sum(dim=(1, 2, 3)).mean()

@@ -1,0 +1,268 @@
+"""Stage two: distil the teacher's ODE into a one-step generator (Diffusion2GAN §3).
+
+    accelerate launch distill/train_student.py --config configs/student/sd15_unet.yaml --pairs runs/pairs-sd15
+
+Loss phases per step: G (E-LatentLPIPS regression to the teacher latent + non-saturating GAN), D
+(real / fake / mix-and-match), lazy single-sample R1. Progress is counted in steps and images (nimg);
+checkpoints are accelerate ``save_state`` directories and ``--resume_from_checkpoint latest`` (the
+default) continues a killed run from its last checkpoint with the same random streams.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # `accelerate launch distill/train_student.py` runs this as a plain file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm.auto import tqdm
+
+from data_gen.pairs import load_pairs, read_manifest
+from distill.config import ConfigError, parse_config, run_cli, save_config
+from distill.training import checkpoint as ckpt
+from distill.training.ema import EMA
+from distill.training.phases import REGRESSIONS, Batch, discriminator_terms, generator_terms
+from distill.training.seeds import batch_indices, step_generator
+from distill.training.setup import build_lpips, build_student, export_pipeline, validate_and_sample
+
+STUDENTS = ("unet",)
+
+
+@dataclass
+class StudentConfig:
+    teacher: str = field(default="", metadata={"help": "teacher hub id / folder; empty = the one in the pairs manifest"})
+    revision: Optional[str] = field(default=None, metadata={"help": "teacher revision"})
+    variant: Optional[str] = field(default=None, metadata={"help": "teacher weights variant"})
+    pairs: str = field(default="", metadata={"help": "pairs directory written by generate_pairs.py"})
+    student: str = field(default="unet", metadata={"help": f"generator: {', '.join(STUDENTS)}"})
+    student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
+    output_dir: str = field(default="runs/student", metadata={"help": "run directory"})
+    max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
+    learning_rate_g: float = field(default=1e-5, metadata={"help": "Adam lr of the generator"})
+    learning_rate_d: float = field(default=1e-5, metadata={"help": "Adam lr of the discriminator"})
+    adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (GAN practice: 0)"})
+    adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    regression: str = field(default="elatentlpips", metadata={"help": f"regression loss: {', '.join(REGRESSIONS)}"})
+    lpips_weight: float = field(default=1.0, metadata={"help": "weight of the regression term"})
+    lpips_network: str = field(default="official", metadata={"help": "latent LPIPS weights: a local path, 'official', or 'random' (tests only)"})
+    lpips_augment: str = field(default="bg,cutout", metadata={"help": "E-LatentLPIPS augmentation policy ('' = none)"})
+    lpips_l1_weight: float = field(default=0.0, metadata={"help": "extra L1 term inside the regression loss"})
+    gan_weight: float = field(default=0.1, metadata={"help": "weight of the GAN term (0 = regression only)"})
+    d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator UNet"})
+    d_heads: str = field(default="before,skip,after,final", metadata={"help": "discriminator heads"})
+    d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
+    mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
+    r1_gamma: float = field(default=1e-5, metadata={"help": "R1 weight (0 = off)"})
+    r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
+    ema_half_life_kimg: float = field(default=0.5, metadata={"help": "EMA half-life in thousands of images (0 = off)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
+    holdout: int = field(default=16, metadata={"help": "pairs (the last indices) held out for validation"})
+    checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N steps"})
+    checkpoints_total_limit: Optional[int] = field(default=3, metadata={"help": "keep at most N checkpoints"})
+    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, or a checkpoint dir"})
+    validation_steps: int = field(default=500, metadata={"help": "held-out metric + sample grid every N steps"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), or 'none'"})
+
+
+class TrainState:
+    """Counters saved with every checkpoint (registered with accelerate)."""
+
+    def __init__(self):
+        self.step, self.nimg = 0, 0
+
+    def state_dict(self):
+        return {"step": self.step, "nimg": self.nimg}
+
+    def load_state_dict(self, state):
+        self.step, self.nimg = int(state["step"]), int(state["nimg"])
+
+
+def check(cfg: StudentConfig) -> None:
+    if not cfg.pairs:
+        raise ConfigError("no pairs given: set `pairs` to a directory written by distill/generate_pairs.py")
+    if cfg.student not in STUDENTS:
+        raise ConfigError(f"unknown student {cfg.student!r}; available: {', '.join(STUDENTS)}")
+    if cfg.regression not in REGRESSIONS:
+        raise ConfigError(f"unknown regression {cfg.regression!r}; choose one of {', '.join(REGRESSIONS)}")
+    for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval", "checkpointing_steps", "validation_steps"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+
+
+def main() -> None:
+    cfg = parse_config(StudentConfig, description=__doc__)
+    check(cfg)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    manifest = read_manifest(cfg.pairs)
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out)
+    )
+    set_seed(cfg.seed)  # same initial weights (heads, zero convs) on every rank
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pairs = load_pairs(cfg.pairs).with_format("torch")
+    n_train = len(pairs) - cfg.holdout
+    if n_train < cfg.batch_size:
+        raise ConfigError(f"{len(pairs)} pairs leave {n_train} for training after holdout={cfg.holdout}: need at least batch_size={cfg.batch_size}")
+
+    parts = build_student(cfg, manifest=manifest, device=accelerator.device)  # teacher, student, D, text encoder
+    teacher, student, disc = parts.teacher, parts.student, parts.discriminator
+    lpips_loss = build_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
+    ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    opt_g = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate_g, betas=betas)
+    d_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
+    opt_d = torch.optim.Adam(d_params, lr=cfg.learning_rate_d, betas=betas) if disc is not None else None
+    if disc is not None:
+        student, disc, opt_g, opt_d = accelerator.prepare(student, disc, opt_g, opt_d)
+    else:
+        student, opt_g = accelerator.prepare(student, opt_g)
+    state = TrainState()
+    accelerator.register_for_checkpointing(ema, state)
+
+    resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"resumed from {resume} at step {state.step} ({state.nimg} images)")
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("train_student", config={k: v for k, v in vars(cfg).items() if v is not None})
+
+    unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
+    holdout = pairs[n_train:]
+    stats_path = out / "stats.jsonl"
+    if state.step == 0:
+        validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=0, stats_path=stats_path)
+
+    bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    micro = cfg.batch_size
+    try:
+        while state.step < cfg.max_train_steps:
+            step = state.step
+            logs: dict[str, float] = {}
+            do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
+            batches = []
+            for m in range(cfg.gradient_accumulation_steps):
+                idx = batch_indices(seed=cfg.seed, step=step * cfg.gradient_accumulation_steps + m, rank=rank, world=world,
+                                    batch_size=micro, num_rows=n_train)
+                rows = pairs[idx]
+                cond = parts.encode(rows["prompt"])
+                batches.append(Batch(rows["noise"].to(accelerator.device, torch.float32), rows["target"].to(accelerator.device, torch.float32), cond))
+
+            # Phase G: D frozen (its forward is the unwrapped module, so no DDP reduction is expected).
+            for p in d_params:
+                p.requires_grad_(False)
+            fakes = []
+            for m, batch in enumerate(batches):
+                gen = step_generator(seed=cfg.seed, rank=rank, step=step * cfg.gradient_accumulation_steps + m, purpose="g")
+                with accelerator.no_sync(student) if m + 1 < len(batches) else _null(), accelerator.autocast():
+                    fake, terms = generator_terms(
+                        student=student, discriminator=unwrap_d, lpips_loss=lpips_loss, batch=batch, regression=cfg.regression,
+                        lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight, generator=gen)
+                    loss = sum(terms.values()) / len(batches)
+                    _finite(accelerator, loss, terms, step, out)
+                    accelerator.backward(loss)
+                fakes.append(fake.detach())
+                _accumulate(logs, terms, len(batches))
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+
+            # Phase D (+ lazy R1 on one real sample).
+            if disc is not None and cfg.gan_weight > 0:
+                for p in d_params:
+                    p.requires_grad_(True)
+                for m, (batch, fake) in enumerate(zip(batches, fakes)):
+                    gen = step_generator(seed=cfg.seed, rank=rank, step=step * cfg.gradient_accumulation_steps + m, purpose="d")
+                    with accelerator.no_sync(disc) if m + 1 < len(batches) else _null(), accelerator.autocast():
+                        terms = discriminator_terms(
+                            discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batch, fake=fake,
+                            mix_fraction=cfg.mix_fraction, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
+                            do_r1=do_r1 and m == 0, generator=gen)
+                        loss = sum(terms.values()) / len(batches)
+                        _finite(accelerator, loss, terms, step, out)
+                        accelerator.backward(loss)
+                    _accumulate(logs, terms, len(batches))
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(d_params, cfg.max_grad_norm)
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+
+            ema.update(accelerator.unwrap_model(student), micro * world * cfg.gradient_accumulation_steps)
+            state.step += 1
+            state.nimg += micro * world * cfg.gradient_accumulation_steps
+            logs = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in sorted(logs.items())}
+            accelerator.log({**logs, "nimg": state.nimg}, step=state.step)
+            if accelerator.is_main_process:
+                with open(stats_path, "a") as fh:
+                    fh.write(json.dumps({"step": state.step, "nimg": state.nimg, **logs}) + "\n")
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
+            bar.update(1)
+
+            if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
+                tmp = ckpt.temporary_dir(out, state.step, clear=accelerator.is_main_process)
+                accelerator.wait_for_everyone()
+                accelerator.save_state(str(tmp))
+                _check_replicas(accelerator, student, state.step)
+                if accelerator.is_main_process:
+                    export_pipeline(parts, ema.model, tmp / "pipeline")
+                    ckpt.finalize(out, tmp, state.step, total_limit=cfg.checkpoints_total_limit)
+                accelerator.wait_for_everyone()
+            if state.step % cfg.validation_steps == 0 or state.step == cfg.max_train_steps:
+                validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=state.step, stats_path=stats_path)
+    finally:
+        bar.close()  # ends the progress line, so an error message starts on its own line
+    if accelerator.is_main_process:
+        export_pipeline(parts, ema.model, out / "pipeline")
+        accelerator.print(f"done: {state.step} steps, {state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
+    accelerator.end_training()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_replicas(accelerator, model, step: int) -> None:
+    """DDP keeps replicas equal by construction; verify it at every checkpoint (cheap, catches bugs)."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = accelerator.gather(total)
+    if (sums - sums[0]).abs().max().item() > 1e-6 * max(1.0, sums[0].abs().item()):
+        raise RuntimeError(f"process replicas diverged at step {step}: parameter sums {sums.tolist()}")
+
+
+def _accumulate(logs: dict, terms: dict, n: int) -> None:
+    for k, v in terms.items():
+        logs[k] = logs.get(k, 0.0) + float(v.detach()) / n
+
+
+def _finite(accelerator, loss: torch.Tensor, terms: dict, step: int, out: Path) -> None:
+    """Stop every rank together on a NaN/inf loss, naming the step and term; checkpoints stay as they are."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
+    if accelerator.reduce(bad, "max").item() > 0:
+        names = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()] or ["(on another process)"]
+        last = ckpt.checkpoint_dirs(out)
+        raise ValueError(
+            f"non-finite loss at step {step} in term {', '.join(names)}: stopped; last good checkpoint: "
+            f"{last[-1] if last else 'none yet'} (lower the learning rates or the term's weight, then resume)"
+        )
+
+
+if __name__ == "__main__":
+    run_cli(main)

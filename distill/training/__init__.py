@@ -1,0 +1,1 @@
+"""Training machinery shared by the stage-two scripts (EMA, per-step seeds, data order)."""

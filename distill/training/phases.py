@@ -1,0 +1,96 @@
+"""The loss phases of one stage-two step (Diffusion2GAN §3): G, then D with lazy R1.
+
+G:    lpips_weight * E-LatentLPIPS(G(z, c), x) + gan_weight * softplus(-D(G(z, c) | z, c))
+D:    softplus(-D(x | z, c)) + softplus(D(G(z, c) | z, c)) + softplus(D(x | z', c'))  [mix-and-match]
+Dreg: every r1_interval steps, r1_interval * r1_gamma / 2 * ||grad_x D(x | z, c)||^2 on one sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from distill.losses.gan import discriminator_loss, generator_loss, mismatched_condition, r1_penalty
+from students.text import TextConditioning
+
+REGRESSIONS = ("elatentlpips", "mse", "none")
+
+
+@dataclass
+class Batch:
+    noise: torch.Tensor  # [N,C,H,W]
+    target: torch.Tensor  # [N,C,H,W] teacher latents
+    cond: TextConditioning
+
+
+def _d_inputs(batch_noise, cond: TextConditioning) -> dict:
+    return {"noise": batch_noise, "prompt_embeds": cond.prompt_embeds, "added_cond_kwargs": cond.added_cond_kwargs()}
+
+
+def generator_terms(
+    *,
+    student,
+    discriminator,
+    lpips_loss,
+    batch: Batch,
+    regression: str,
+    lpips_weight: float,
+    gan_weight: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Student output ``[N,C,H,W]`` and the weighted G loss terms (their sum is the G loss).
+
+    ``discriminator`` is used frozen here (the caller turns its gradients off) and may be None.
+    """
+    fake = student(batch.noise, batch.cond.prompt_embeds, added_cond_kwargs=batch.cond.added_cond_kwargs())
+    terms: dict[str, torch.Tensor] = {}
+    if regression == "elatentlpips" and lpips_weight:
+        terms["g_lpips"] = lpips_weight * lpips_loss(fake, batch.target, generator=generator).mean()
+    elif regression == "mse" and lpips_weight:
+        terms["g_mse"] = lpips_weight * F.mse_loss(fake.float(), batch.target.float())
+    if gan_weight and discriminator is not None:
+        terms["g_gan"] = gan_weight * generator_loss(discriminator(fake, **_d_inputs(batch.noise, batch.cond)))
+    return fake, terms
+
+
+def discriminator_terms(
+    *,
+    discriminator,
+    discriminator_unwrapped,
+    batch: Batch,
+    fake: torch.Tensor,
+    mix_fraction: float,
+    r1_gamma: float,
+    r1_interval: int,
+    do_r1: bool,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Weighted D loss terms. Real and fake go through one forward (one DDP reduction per step);
+    R1 uses the unwrapped module because DDP does not support double backward."""
+    n = batch.target.shape[0]
+    fake = fake.detach()
+    k = int(round(mix_fraction * n)) if n >= 2 else 0
+    latents = [batch.target, fake]
+    noise = [batch.noise, batch.noise]
+    conds = [batch.cond, batch.cond]
+    if k:
+        perm = mismatched_condition(n, generator=generator)[:k]
+        latents.append(batch.target[:k])
+        noise.append(batch.noise[perm])
+        conds.append(batch.cond.index(perm))
+    cond = TextConditioning(
+        torch.cat([c.prompt_embeds for c in conds]),
+        None if batch.cond.pooled_prompt_embeds is None else torch.cat([c.pooled_prompt_embeds for c in conds]),
+        None if batch.cond.time_ids is None else torch.cat([c.time_ids for c in conds]),
+    )
+    logits = discriminator(torch.cat(latents), **_d_inputs(torch.cat(noise), cond))
+    real = [l[:n] for l in logits]
+    fake_all = [l[n:] for l in logits]  # generated samples and mismatched real pairs both count as fake
+    terms = {"d_gan": discriminator_loss(real, fake_all)}
+    if do_r1 and r1_gamma > 0:
+        one = batch.cond.index(slice(0, 1))
+        penalty = r1_penalty(discriminator_unwrapped, batch.target[:1], **_d_inputs(batch.noise[:1], one))
+        terms["d_r1"] = (r1_gamma / 2) * r1_interval * penalty
+    return terms

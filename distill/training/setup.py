@@ -1,0 +1,126 @@
+"""Building the stage-two parts from a config, exporting the pipeline, validation + sample grids.
+
+Called only by ``distill/train_student.py`` (it receives the resolved config and the Accelerator's
+device / process facts, never the Accelerator inside library code other than here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.utils import make_image_grid
+
+from distill.discriminators import UNetDiscriminator
+from students import OneStepGANPipeline, TextConditioning, UNetStudent, encode_text
+from teachers import Teacher, load_teacher
+
+
+@dataclass
+class Parts:
+    teacher: Teacher
+    student: torch.nn.Module
+    discriminator: torch.nn.Module | None
+    resolution: int
+
+    def encode(self, prompts: list[str]) -> TextConditioning:
+        p = self.teacher.pipe
+        return encode_text(
+            list(prompts), tokenizer=p.tokenizer, text_encoder=p.text_encoder,
+            tokenizer_2=getattr(p, "tokenizer_2", None), text_encoder_2=getattr(p, "text_encoder_2", None),
+            resolution=(self.resolution, self.resolution),
+        )
+
+
+def build_student(cfg, *, manifest: dict, device) -> Parts:
+    """Teacher (frozen, fp32 master weights), student initialised from it, and the UNet discriminator."""
+    name = cfg.teacher or manifest["teacher"]["name_or_path"]
+    revision = cfg.revision or manifest["teacher"].get("revision")
+    teacher = load_teacher(name, revision=revision, variant=cfg.variant, scheduler=manifest["config"]["scheduler"], device=device)
+    for module in (teacher.pipe.unet, teacher.pipe.vae, teacher.pipe.text_encoder, getattr(teacher.pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    if tuple(manifest["latent_shape"])[0] != teacher.latent_channels:
+        raise ValueError(f"pairs have {manifest['latent_shape'][0]} latent channels but teacher {name} has {teacher.latent_channels}")
+    student = UNetStudent.from_teacher(teacher.pipe.unet, teacher.pipe.scheduler, timestep=cfg.student_timestep).to(device)
+    if cfg.gradient_checkpointing:
+        student.unet.enable_gradient_checkpointing()
+    disc = None
+    if cfg.gan_weight > 0:
+        heads = tuple(h.strip() for h in cfg.d_heads.split(",") if h.strip())
+        disc = UNetDiscriminator(teacher.pipe.unet, timestep=cfg.d_timestep, heads=heads).to(device)
+        if cfg.d_lora_rank > 0:
+            from peft import LoraConfig
+
+            disc.unet.requires_grad_(False)
+            disc.unet.add_adapter(LoraConfig(r=cfg.d_lora_rank, lora_alpha=cfg.d_lora_rank, init_lora_weights="gaussian",
+                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    resolution = manifest["config"]["resolution"]
+    return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution)
+
+
+def _lpips_name(teacher: Teacher) -> str:
+    if teacher.family == "sdxl":
+        return "sdxl"
+    return "sd21" if teacher.pipe.unet.config.cross_attention_dim == 1024 else "sd15"
+
+
+def build_lpips(cfg, *, teacher: Teacher, accelerator):
+    """The E-LatentLPIPS loss: a local path, the published network matching the teacher, or random (tests)."""
+    from distill.losses import ELatentLPIPS, LatentLPIPSNet
+
+    augment = cfg.lpips_augment or None
+    if cfg.lpips_network == "random":
+        # Smoke tests only: a narrow random trunk with the published layout (no weights needed).
+        torch.manual_seed(cfg.seed)
+        net = LatentLPIPSNet(latent_channels=teacher.latent_channels, stage_channels=(16, 32, 64, 64, 64))
+        loss = ELatentLPIPS(net, augment=augment, l1_weight=cfg.lpips_l1_weight)
+    else:
+        name = _lpips_name(teacher) if cfg.lpips_network == "official" else cfg.lpips_network
+        loss = ELatentLPIPS.from_pretrained(
+            name, augment=augment, l1_weight=cfg.lpips_l1_weight, download=cfg.lpips_network == "official",
+            is_main_process=lambda: accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+        )
+    return loss.to(accelerator.device)
+
+
+def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path) -> None:
+    """Save ``student`` with the teacher's VAE and text encoder(s) as a ``OneStepGANPipeline``."""
+    p = parts.teacher.pipe
+    pipe = OneStepGANPipeline(
+        student=student, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
+        text_encoder_2=getattr(p, "text_encoder_2", None), tokenizer_2=getattr(p, "tokenizer_2", None),
+    )
+    pipe.save_pretrained(str(path))
+
+
+@torch.no_grad()
+def validate_and_sample(cfg, parts: Parts, student, holdout: dict, lpips_loss, accelerator, *, step: int, stats_path: Path) -> None:
+    """Held-out fidelity (deterministic E-LatentLPIPS and MSE to the teacher) and a sample grid PNG."""
+    if not accelerator.is_main_process or len(holdout["index"]) == 0:
+        return
+    device = accelerator.device
+    noise = holdout["noise"].to(device, torch.float32)
+    target = holdout["target"].to(device, torch.float32)
+    cond = parts.encode(holdout["prompt"])
+    was_training = student.training
+    student.eval()
+    fake = student(noise, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs()).float()
+    student.train(was_training)
+    record = {"step": step, "val_mse": torch.mean((fake - target) ** 2).item()}
+    if lpips_loss is not None:
+        gen = torch.Generator("cpu").manual_seed(cfg.seed)  # same augmentation draws at every validation
+        record["val_lpips"] = lpips_loss(fake, target, generator=gen).mean().item()
+    with open(stats_path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    accelerator.log(record, step=step)
+    pipe = OneStepGANPipeline(student=student, vae=parts.teacher.pipe.vae, text_encoder=parts.teacher.pipe.text_encoder,
+                              tokenizer=parts.teacher.pipe.tokenizer)
+    n = min(8, fake.shape[0])
+    both = torch.cat([pipe.decode_latents(target[:n]), pipe.decode_latents(fake[:n])])  # top: teacher, bottom: student
+    images = pipe.image_processor.postprocess(both.float(), output_type="pil")
+    grid = make_image_grid(images, rows=2, cols=n)
+    (Path(cfg.output_dir) / "samples").mkdir(parents=True, exist_ok=True)
+    grid.save(Path(cfg.output_dir) / "samples" / f"step-{step:06d}.png")

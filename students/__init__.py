@@ -1,0 +1,11 @@
+"""One-step generators and their diffusers-style pipeline.
+
+Generator interface (every student): ``forward(noise [N,C,H,W], prompt_embeds [N,L,D],
+added_cond_kwargs=None) -> latents [N,C,H,W]`` plus ``latent_channels`` and ``sample_size``.
+"""
+
+from .pipeline import OneStepGANPipeline
+from .text import TextConditioning, encode_text
+from .unet_student import UNetStudent
+
+__all__ = ["OneStepGANPipeline", "TextConditioning", "UNetStudent", "encode_text"]

@@ -1,0 +1,147 @@
+"""Stage two: discriminator, GAN terms, the training CLI (fidelity, resume, 2 processes, NaN), pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, run_script
+from distill.discriminators import UNetDiscriminator
+from distill.losses.gan import discriminator_loss, generator_loss, mismatched_condition, r1_penalty
+from students import OneStepGANPipeline, encode_text
+from teachers import load_teacher
+
+
+def _cond(teacher, prompts):
+    p = teacher.pipe
+    return encode_text(prompts, tokenizer=p.tokenizer, text_encoder=p.text_encoder, tokenizer_2=getattr(p, "tokenizer_2", None),
+                       text_encoder_2=getattr(p, "text_encoder_2", None), resolution=(32, 32))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_discriminator_scales_and_zero_init(tiny_teacher_factory, family):
+    teacher = load_teacher(str(tiny_teacher_factory(family)))
+    disc = UNetDiscriminator(teacher.pipe.unet, timestep=300)
+    x, z = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    cond = _cond(teacher, ["a cat", "a dog"])
+    logits, out = disc(x, z, cond.prompt_embeds, cond.added_cond_kwargs(), return_features=True)
+    # Two up blocks x (before, skip, after) + final: 8x8 before/at the first skip, 16x16 after it.
+    assert [tuple(l.shape) for l in logits] == [(2, 1, 8, 8), (2, 1, 8, 8)] + [(2, 1, 16, 16)] * 5
+    # Zero-initialised noise / multi-scale convs leave the backbone computing the teacher UNet exactly.
+    ref = teacher.pipe.unet(x, torch.tensor([300, 300]), encoder_hidden_states=cond.prompt_embeds,
+                            added_cond_kwargs=cond.added_cond_kwargs()).sample
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    # ...but they are trainable and the noise condition reaches the output once they move.
+    with torch.no_grad():
+        disc.noise_conv.weight.normal_()
+    assert not torch.allclose(disc(x, z, cond.prompt_embeds, cond.added_cond_kwargs(), return_features=True)[1], ref)
+    # The teacher is untouched (a copy).
+    assert disc.unet is not teacher.pipe.unet
+
+
+def test_gan_terms(sd15_teacher):
+    teacher = load_teacher(str(sd15_teacher))
+    disc = UNetDiscriminator(teacher.pipe.unet)
+    cond = _cond(teacher, ["a cat"])
+    x, z = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    r1 = r1_penalty(disc, x, noise=z, prompt_embeds=cond.prompt_embeds)
+    assert r1.item() > 0
+    r1.backward()  # differentiable w.r.t. the discriminator's weights (double backward)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.heads.parameters())
+    good, bad = [torch.full((2, 1, 4, 4), 5.0)], [torch.full((2, 1, 4, 4), -5.0)]
+    assert discriminator_loss(good, bad) < 0.02 < discriminator_loss(bad, good)
+    assert generator_loss(good) < generator_loss(bad)
+    perm = mismatched_condition(5, generator=torch.Generator().manual_seed(0))
+    assert sorted(perm.tolist()) == list(range(5)) and all(perm[i] != i for i in range(5))
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(sd15_teacher, prompt_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    code, err = run_script("generate_pairs.py", ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 24,
+                                                 "--resolution", 32, "--num_inference_steps", 3, "--batch_size", 8,
+                                                 "--output_dir", out])
+    assert code == 0, err
+    return out
+
+
+TRAIN = ["--lpips_network", "random", "--batch_size", 4, "--holdout", 8, "--r1_interval", 2, "--ema_half_life_kimg", 0,
+         "--report_to", "none", "--learning_rate_g", "1e-4", "--learning_rate_d", "1e-4"]
+
+
+def _stats(run):
+    return [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_heldout_lpips_and_exports_pipeline(pairs_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 8,
+                                                "--checkpointing_steps", 4, "--validation_steps", 8, *TRAIN], capsys)
+    assert code == 0, err
+    val = [r for r in _stats(run) if "val_lpips" in r]
+    assert [r["step"] for r in val] == [0, 8]
+    assert val[-1]["val_lpips"] < val[0]["val_lpips"]
+    train = [r for r in _stats(run) if "g_lpips" in r]
+    assert len(train) == 8 and all(k in train[0] for k in ("g_gan", "d_gan", "d_r1", "nimg"))
+    assert (run / "samples" / "step-000008.png").is_file() and (run / "config.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    # The exported pipeline reloads and reproduces the saved EMA student's outputs.
+    pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
+    again = OneStepGANPipeline.from_pretrained(run / "checkpoints" / "checkpoint-8" / "pipeline")
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    a = pipe(["a cat", "a dog"], latents=z, output_type="latent").images
+    torch.testing.assert_close(a, again(["a cat", "a dog"], latents=z, output_type="latent").images)
+    assert a.shape == (2, 4, 16, 16) and a.dtype == torch.float32
+    assert pipe(["a cat"], output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 32, 32)
+    assert pipe(["a cat"], num_images_per_prompt=2, output_type="np").images.shape == (2, 32, 32, 3)
+    assert pipe("a cat", output_type="pil").images[0].size == (32, 32)
+
+
+def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
+    common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
+    # Interrupted after step 2, then the same command (with the final step count) resumes from the checkpoint.
+    assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
+    code, err = run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 4], capsys)
+    assert code == 0, err
+    a = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert [r["step"] for r in _stats(resumed) if "g_lpips" in r] == [1, 2, 3, 4]
+
+
+def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path):
+    run = tmp_path / "ddp"
+    res = accelerate_launch("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
+                                                 "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN], num_processes=2)
+    assert res.returncode == 0, res.stderr[-4000:]
+    stats = [r for r in _stats(run) if "g_lpips" in r]
+    assert [r["nimg"] for r in stats] == [8, 16]  # 2 processes x batch 4 per step
+    assert (run / "pipeline" / "model_index.json").is_file()
+
+
+def test_nan_loss_stops_with_one_line(pairs_dir, tmp_path, capsys):
+    run = tmp_path / "nan"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 6,
+                                                "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
+                                                "--learning_rate_g", "1e30", "--max_grad_norm", 0, "--gan_weight", 0], capsys)
+    assert code == 2
+    last = err.rstrip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("error: non-finite loss at step") and "g_lpips" in last, err[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pairs", "/no/such/pairs"], "is not a pairs directory"),
+    (["--pairs", "PAIRS", "--student", "gigagan"], "unknown student 'gigagan'"),
+    (["--pairs", "PAIRS", "--regression", "l2"], "unknown regression 'l2'"),
+])
+def test_bad_input(pairs_dir, tmp_path, capsys, args, message):
+    args = [str(pairs_dir) if a == "PAIRS" else a for a in args]
+    code, err = run_script("train_student.py", [*args, "--output_dir", tmp_path / "x"], capsys)
+    assert code == 2 and message in err.rstrip().splitlines()[-1]
