@@ -1,0 +1,87 @@
+"""Latency of the one-step pipeline vs. the teacher pipeline, and vs. the unavoidable floor.
+
+Same resolution, VAE decode included everywhere; the teacher runs N steps with CFG. The floor is one
+generator forward + one VAE decode timed alone (text encoding excluded), i.e. the work the one-step
+pipeline cannot avoid; ``overhead`` is what the pipeline adds on top. Runs alternate and medians are
+compared. Last line: ``speedup=<teacher/student> overhead=<student/floor>``.
+
+    python benchmarks/onestep_speed.py                         # tiny random SD1.5-style models (CPU)
+    python benchmarks/onestep_speed.py --size full --resolution 512 --steps 25   # SD1.5 shapes (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from students import OneStepGANPipeline, UNetStudent
+from teachers import load_teacher
+from teachers.testing import build_random_teacher
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="sd15")
+    p.add_argument("--size", default="tiny", help="tiny or full (published SD shapes, random weights)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_random_teacher(Path(tmp) / "teacher", family=args.family, size=args.size)
+        teacher = load_teacher(str(path), torch_dtype=dtype, device=device)
+        tp = teacher.pipe
+        student = UNetStudent.from_teacher(tp.unet, tp.scheduler).to(device, dtype)
+        pipe = OneStepGANPipeline(student=student, vae=tp.vae, text_encoder=tp.text_encoder, tokenizer=tp.tokenizer,
+                                  text_encoder_2=getattr(tp, "text_encoder_2", None), tokenizer_2=getattr(tp, "tokenizer_2", None))
+        pipe.set_progress_bar_config(disable=True)
+        shape = (args.batch_size, *teacher.latent_shape(args.resolution))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        prompts = [f"a photo of object number {i}" for i in range(args.batch_size)]
+        cond = pipe.encode_prompt(prompts, (args.resolution, args.resolution)).to(device=device, dtype=dtype)
+
+        def timed(fn) -> float:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t
+
+        runs = {
+            "teacher": lambda: tp(prompt=prompts, latents=noise, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                                  height=args.resolution, width=args.resolution, output_type="pt"),
+            "student": lambda: pipe(prompts, latents=noise, output_type="pt"),
+            "floor": lambda: pipe.decode_latents(student(noise, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs())),
+        }
+        for fn in runs.values():  # warm-up
+            timed(fn)
+        times = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for k, fn in runs.items():
+                times[k].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"device={device} models=random-{args.family}-{args.size} resolution={args.resolution} batch={args.batch_size} "
+          f"teacher_steps={args.steps} cfg={args.guidance_scale}")
+    for k, v in med.items():
+        print(f"{k:8s} {v * 1000:9.1f} ms/batch  {v / args.batch_size * 1000:8.2f} ms/image")
+    print(f"speedup={med['teacher'] / med['student']:.2f} overhead={med['student'] / med['floor']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

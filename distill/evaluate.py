@@ -1,0 +1,487 @@
+"""Evaluate a one-step student or a diffusion teacher: FID, CLIP score, fidelity to the teacher, latency.
+
+    accelerate launch distill/evaluate.py --config configs/eval/sd15_coco2014_30k.yaml [--key value ...]
+
+Sample ``i`` is the pipeline's image for prompt ``i`` (prompts cycled) and noise drawn from (seed, i);
+samples are made in fixed batches of consecutive indices, the batches split across processes, and each
+PNG is cached in ``output_dir/samples``: the images, hence every number, are the same for any number of
+processes, and re-running the same command after a kill only makes the missing batches. Metrics are
+computed by the main process from the cached PNGs (8-bit, what a user would save). Writes
+``metrics.json``, ``samples_grid.png`` and one ``name: value`` line per metric to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch distill/evaluate.py` runs this as a plain file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data_gen.noise import noise_for_indices
+from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
+from distill.config import ConfigError, config_dict, parse_config, run_cli, save_config
+
+METRIC_GROUPS = ("fid", "clip_score", "fidelity", "latency")
+TEST_ONLY = "random-tiny"
+SAMPLES_FORMAT = "diffusion2gan-eval-samples/1"
+
+
+@dataclass
+class EvalConfig:
+    pipeline: str = field(default="", metadata={"help": "OneStepGANPipeline folder, or a teacher (hub id / diffusers SD or SDXL folder)"})
+    num_inference_steps: int = field(default=50, metadata={"help": "teacher only: ODE solver steps"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "teacher only: classifier-free guidance scale"})
+    scheduler: str = field(default="ddim", metadata={"help": "teacher only: ddim, dpmpp or euler"})
+    negative_prompt: str = field(default="", metadata={"help": "teacher only: negative prompt for CFG"})
+    dtype: str = field(default="auto", metadata={"help": "auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16"})
+    prompts: str = field(default="", metadata={"help": ".txt/.jsonl/.csv/.parquet file, a datasets name (e.g. COCO captions), or a pairs folder (with prompt_split train)"})
+    prompt_column: str = field(default="prompt", metadata={"help": "column holding the caption in table / datasets sources"})
+    prompt_split: str = field(default="validation", metadata={"help": "split of a datasets prompt source"})
+    num_samples: int = field(default=30000, metadata={"help": "images to generate for FID / CLIP score (prompts cycled)"})
+    resolution: int = field(default=0, metadata={"help": "image side in pixels (0: the pipeline's default)"})
+    seed: int = field(default=0, metadata={"help": "sample i's noise comes from hash(seed, i)"})
+    batch_size: int = field(default=8, metadata={"help": "images per generation call (the unit of caching and resumption)"})
+    output_dir: str = field(default="runs/eval", metadata={"help": "metrics.json, samples_grid.png and samples/ go here"})
+    metrics: str = field(default="fid,clip_score,fidelity,latency", metadata={"help": f"comma-separated subset of {', '.join(METRIC_GROUPS)}"})
+    reference: str = field(default="", metadata={"help": "FID reference: a folder of images, or an .npz with mu/sigma"})
+    reference_limit: int = field(default=0, metadata={"help": "use the first N reference images (sorted by path; 0: all)"})
+    reference_center_crop: bool = field(default=True, metadata={"help": "center-crop reference images to a square before resizing"})
+    fid_extractor: str = field(default="inception", metadata={"help": f"inception (weights in metrics_cache), a path to inception-2015-12-05.pt, or {TEST_ONLY} (tests only)"})
+    clip_model: str = field(default="ViT-g-14", metadata={"help": f"open_clip model name, or {TEST_ONLY} (tests only)"})
+    clip_pretrained: str = field(default="laion2b_s34b_b88k", metadata={"help": "open_clip pretrained tag or a local weights file"})
+    pairs: str = field(default="", metadata={"help": "pairs folder (generate_pairs.py) for the fidelity metrics"})
+    fidelity_start: int = field(default=-1000, metadata={"help": "first held-out pair, by position in index order (negative: from the end)"})
+    fidelity_count: int = field(default=0, metadata={"help": "held-out pairs from fidelity_start (0: to the end)"})
+    elatentlpips: str = field(default="auto", metadata={"help": f"auto (published sd15/sdxl by the VAE), a published name, a folder or .pth, or {TEST_ONLY}"})
+    elatentlpips_download: bool = field(default=False, metadata={"help": "download a published E-LatentLPIPS checkpoint (CC-BY-NC) into the HF cache"})
+    pixel_lpips: str = field(default="vgg", metadata={"help": f"lpips trunk: vgg or alex (torchvision weights), or {TEST_ONLY}"})
+    latency_batch_size: int = field(default=1, metadata={"help": "images per timed call"})
+    latency_warmup: int = field(default=3, metadata={"help": "untimed calls before timing"})
+    latency_iterations: int = field(default=20, metadata={"help": "timed calls"})
+    metric_workers: int = field(default=4, metadata={"help": "processes decoding and resizing images for FID (0: in the main process)"})
+    metric_batch_size: int = field(default=64, metadata={"help": "images per feature-extractor call"})
+    metrics_cache: str = field(default="", metadata={"help": "Inception weights and reference statistics ($D2G_METRICS_HOME or ~/.cache/diffusion2gan/metrics)"})
+    grid_size: int = field(default=16, metadata={"help": "first N samples in samples_grid.png (0: none)"})
+
+
+def parse_metrics(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METRIC_GROUPS]
+    if bad or not names:
+        raise ConfigError(f"unknown metric(s) {', '.join(map(repr, bad)) or '(none given)'} in `metrics`; choose from {', '.join(METRIC_GROUPS)}")
+    return names
+
+
+def fidelity_positions(cfg: EvalConfig, num_rows: int) -> list[int]:
+    """Row positions (in index order) of the held-out pairs: Python-style start, then fidelity_count rows."""
+    start = cfg.fidelity_start + num_rows if cfg.fidelity_start < 0 else cfg.fidelity_start
+    start = max(start, 0)
+    stop = num_rows if cfg.fidelity_count == 0 else min(start + cfg.fidelity_count, num_rows)
+    return list(range(start, stop))
+
+
+def validate(cfg: EvalConfig) -> list[str]:
+    if not cfg.pipeline:
+        raise ConfigError("no pipeline given: set `pipeline` to a OneStepGANPipeline folder or a teacher")
+    for key in ("num_samples", "batch_size", "latency_batch_size", "latency_iterations", "metric_batch_size", "num_inference_steps"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if min(cfg.resolution, cfg.latency_warmup, cfg.grid_size, cfg.reference_limit, cfg.metric_workers) < 0:
+        raise ConfigError("resolution, latency_warmup, grid_size, reference_limit and metric_workers must not be negative")
+    metrics = parse_metrics(cfg.metrics)
+    if "fid" in metrics and not cfg.reference:
+        raise ConfigError("FID needs `reference`: a folder of reference images (e.g. COCO val) or an .npz statistics file")
+    if "fidelity" in metrics:
+        if not cfg.pairs:
+            raise ConfigError("fidelity needs `pairs`: a pairs folder made by generate_pairs.py (use held-out rows)")
+        if cfg.fidelity_count < 0:
+            raise ConfigError(f"fidelity_count must not be negative, got {cfg.fidelity_count}")
+    if ("fid" in metrics or "clip_score" in metrics) and not cfg.prompts:
+        raise ConfigError("FID and CLIP score need `prompts`")
+    return metrics
+
+
+class Generator:
+    """(prompts, noise) -> latents -> images, for a one-step student or a teacher run with its ODE solver."""
+
+    def __init__(self, cfg: EvalConfig, *, device: torch.device, dtype: torch.dtype):
+        path = Path(cfg.pipeline)
+        index = path / "model_index.json"
+        self.is_student = index.is_file() and json.loads(index.read_text()).get("_class_name") == "OneStepGANPipeline"
+        if self.is_student:
+            from students import OneStepGANPipeline
+
+            self.pipe = OneStepGANPipeline.from_pretrained(str(path), dtype=dtype).to(device)
+            self.latent_channels = self.pipe.student.latent_channels
+            self.default_resolution = self.pipe.default_resolution()
+        else:
+            from teachers import load_teacher
+
+            teacher = load_teacher(cfg.pipeline, torch_dtype=dtype, scheduler=cfg.scheduler, device=device)
+            self.pipe = teacher.pipe
+            self.latent_channels = teacher.latent_channels
+            self.default_resolution = int(self.pipe.unet.config.sample_size) * teacher.vae_scale_factor
+        self.pipe.set_progress_bar_config(disable=True)
+        self.vae_scale_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.cfg = cfg
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        res = resolution or self.default_resolution
+        if res % self.vae_scale_factor:
+            raise ConfigError(f"resolution {res} is not divisible by the VAE factor {self.vae_scale_factor}")
+        return (self.latent_channels, res // self.vae_scale_factor, res // self.vae_scale_factor)
+
+    @torch.no_grad()
+    def latents(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        """``noise`` [N,C,h,w] unit Gaussian -> VAE-scaled latents [N,C,h,w] (float32, CPU)."""
+        if self.is_student:
+            out = self.pipe(prompts, latents=noise, output_type="latent").images
+        else:
+            from teachers import solve_ode
+
+            out = solve_ode(self.pipe, prompts=prompts, noise=noise, num_inference_steps=self.cfg.num_inference_steps,
+                            guidance_scale=self.cfg.guidance_scale, negative_prompt=self.cfg.negative_prompt or None)
+        return out.float().cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (float32, CPU)."""
+        vae = self.pipe.vae
+        raw = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return vae.decode(raw.to(vae.device, vae.dtype)).sample.float().cpu()
+
+    def images(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.latents(prompts, noise))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample cache
+
+
+def sample_path(samples_dir: Path, index: int) -> Path:
+    return samples_dir / f"{index:07d}.png"
+
+
+def folder_fingerprint(path: Path) -> str | None:
+    """Hash of a pipeline folder's file names, sizes and modification times: a re-saved student is a new identity."""
+    import hashlib
+
+    if not path.is_dir():
+        return None  # a hub id: its name (and the hub's immutable revisions) identify it
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def check_samples_manifest(samples_dir: Path, identity: dict) -> None:
+    path = samples_dir / "manifest.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    diffs = [f"{k}: {old.get('identity', {}).get(k)!r} -> {v!r}" for k, v in identity.items() if old.get("identity", {}).get(k) != v]
+    if old.get("format") != SAMPLES_FORMAT or diffs:
+        raise ValueError(
+            f"{samples_dir} holds samples made with a different config ({'; '.join(diffs) or 'format'}); "
+            "choose a new output_dir or delete the samples folder"
+        )
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Write atomically (hidden temporary name, then rename): a killed run leaves no half-written PNG."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    Image.fromarray(image).save(tmp)
+    os.replace(tmp, path)
+
+
+def generate_samples(generator: Generator, *, chunks: list[range], prompts: list[str], seed: int,
+                     latent_shape: tuple[int, int, int], samples_dir: Path, progress=None) -> None:
+    from distill.metrics.fid import images_to_uint8
+
+    for chunk in chunks:
+        idx = list(chunk)
+        noise, _ = noise_for_indices(seed=seed, indices=idx, shape=latent_shape)  # [N,C,h,w]
+        images = images_to_uint8(generator.images([prompt_for_index(prompts, i) for i in idx], noise))
+        for i, img in zip(idx, images):
+            save_png(img, sample_path(samples_dir, i))
+        if progress is not None:
+            progress.update(len(idx))
+
+
+def read_samples(samples_dir: Path, count: int):
+    from distill.metrics.fid import load_image
+
+    for i in range(count):
+        yield load_image(sample_path(samples_dir, i))
+
+
+def save_grid(samples_dir: Path, count: int, path: Path) -> None:
+    from PIL import Image
+
+    images = list(read_samples(samples_dir, count))
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w = images[0].shape[:2]
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
+    Image.fromarray(grid).save(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics (main process)
+
+
+def warn_test_only(key: str) -> None:
+    sys.stderr.write(f"warning: {key}={TEST_ONLY} uses random weights: for tests only, the numbers mean nothing\n")
+
+
+def elatentlpips_name(cfg: EvalConfig, generator: Generator) -> str:
+    if cfg.elatentlpips != "auto":
+        return cfg.elatentlpips
+    # The published SD1.5 and SD2.1 nets share the VAE convention; SDXL's VAE has its own scaling factor.
+    return "sdxl" if abs(generator.pipe.vae.config.scaling_factor - 0.13025) < 1e-6 else "sd15"
+
+
+def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cache_dir: Path) -> None:
+    """Fail before hours of generation when metric weights are missing (file checks only, no model build)."""
+    if "fid" in metrics and cfg.fid_extractor != TEST_ONLY:
+        from distill.metrics.fid import inception_path
+
+        inception_path(cache_dir if cfg.fid_extractor == "inception" else cfg.fid_extractor)
+    if "clip_score" in metrics and cfg.clip_model != TEST_ONLY:
+        from distill.metrics.clip_score import resolve_clip_weights
+
+        resolve_clip_weights(cfg.clip_model, cfg.clip_pretrained, None)
+    name = elatentlpips_name(cfg, generator)
+    if "fidelity" in metrics and name != TEST_ONLY:
+        from distill.losses.elatentlpips import PUBLISHED, fetch_published
+
+        if name in PUBLISHED:
+            fetch_published(name, download=cfg.elatentlpips_download)
+        elif not Path(name).exists():
+            raise FileNotFoundError(f"elatentlpips {name!r} is neither a published name ({', '.join(PUBLISHED)}) nor an existing path")
+    if "fidelity" in metrics and cfg.pixel_lpips in ("vgg", "alex"):
+        import torchvision
+
+        weights = {"vgg": torchvision.models.VGG16_Weights, "alex": torchvision.models.AlexNet_Weights}[cfg.pixel_lpips].IMAGENET1K_V1
+        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        if not file.is_file() and os.environ.get("HF_HUB_OFFLINE") == "1":  # offline: torchvision would fail later
+            raise FileNotFoundError(f"pixel LPIPS ({cfg.pixel_lpips}) needs torchvision's ImageNet weights: download {weights.url} to {file}")
+
+
+def compute_fid(cfg: EvalConfig, *, samples_dir: Path, device, cache_dir: Path) -> tuple[float, dict]:
+    from distill.metrics import fid
+
+    name = cfg.fid_extractor if cfg.fid_extractor != "inception" else str(cache_dir)
+    extractor = fid.load_fid_extractor(name, device=device)
+    bar = tqdm(desc="FID reference features", unit="img", dynamic_ncols=True, leave=False)
+    ref, info = fid.reference_statistics(
+        cfg.reference, extractor=extractor, cache_dir=cache_dir, limit=cfg.reference_limit,
+        center_crop=cfg.reference_center_crop, batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers,
+        device=device, progress=bar.update,
+    )
+    bar.close()
+    bar = tqdm(total=cfg.num_samples, desc="FID sample features", unit="img", dynamic_ncols=True, leave=False)
+    files = [sample_path(samples_dir, i) for i in range(cfg.num_samples)]
+    value = fid.fid_from_files(files, ref, extractor=extractor, batch_size=cfg.metric_batch_size,
+                               num_workers=cfg.metric_workers, device=device, progress=bar.update)
+    bar.close()
+    return value, {**info, "extractor_id": extractor.extractor_id, "num_samples": cfg.num_samples}
+
+
+def compute_clip_score(cfg: EvalConfig, *, samples_dir: Path, prompts: list[str], device) -> tuple[float, dict]:
+    from distill.metrics.clip_score import clip_scores, load_clip_model
+
+    clip = load_clip_model(cfg.clip_model, cfg.clip_pretrained, device=device)
+    scores, batch, idx = [], [], []
+    for i, img in enumerate(tqdm(read_samples(samples_dir, cfg.num_samples), total=cfg.num_samples, desc="CLIP score",
+                                 unit="img", dynamic_ncols=True, leave=False)):
+        batch.append(img)
+        idx.append(i)
+        if len(batch) == cfg.metric_batch_size or i == cfg.num_samples - 1:
+            scores.append(clip_scores(batch, [prompt_for_index(prompts, j) for j in idx], model=clip.model,
+                                      preprocess=clip.preprocess, tokenizer=clip.tokenizer,
+                                      batch_size=cfg.metric_batch_size, device=device))
+            batch, idx = [], []
+    return float(torch.cat(scores).double().mean()), {"model_id": clip.model_id, "num_samples": cfg.num_samples}
+
+
+def fidelity_nets(cfg: EvalConfig, *, generator: Generator, device):
+    from distill.losses import ELatentLPIPS, LatentLPIPSNet, build_lpips
+
+    if cfg.elatentlpips == TEST_ONLY:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = LatentLPIPSNet(latent_channels=generator.latent_channels, stage_channels=(8, 8, 8, 8, 8))
+        latent = ELatentLPIPS(net, augment=None, l1_weight=0.0)
+    else:
+        latent = ELatentLPIPS.from_pretrained(elatentlpips_name(cfg, generator), augment=None, l1_weight=0.0,
+                                              download=cfg.elatentlpips_download)
+    if cfg.pixel_lpips == TEST_ONLY:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            pixel = build_lpips(pretrained_trunk=False)
+    elif cfg.pixel_lpips in ("vgg", "alex"):
+        pixel = build_lpips(net=cfg.pixel_lpips, pretrained_trunk=True)
+    else:
+        raise ConfigError(f"unknown pixel_lpips {cfg.pixel_lpips!r}; choose vgg, alex or {TEST_ONLY}")
+    return latent.to(device), pixel.to(device)
+
+
+def compute_fidelity(cfg: EvalConfig, *, generator: Generator, device) -> tuple[dict, dict]:
+    from data_gen.pairs import load_pairs, read_manifest
+    from distill.metrics.fidelity import fidelity_metrics
+
+    manifest = read_manifest(cfg.pairs)
+    ds = load_pairs(cfg.pairs).sort("index")
+    rows = fidelity_positions(cfg, ds.num_rows)
+    if not rows:
+        raise ValueError(f"fidelity_start {cfg.fidelity_start} / fidelity_count {cfg.fidelity_count} select none of the {ds.num_rows} pairs in {cfg.pairs}")
+    latent_lpips, pixel_lpips = fidelity_nets(cfg, generator=generator, device=device)
+    values: dict[str, list[torch.Tensor]] = {}
+    for b in tqdm(range(0, len(rows), cfg.batch_size), desc="fidelity", unit="batch", dynamic_ncols=True, leave=False):
+        batch = ds.select(rows[b : b + cfg.batch_size]).with_format("numpy")
+        noise = torch.from_numpy(np.stack(batch["noise"])).float()  # [N,C,h,w]
+        target = torch.from_numpy(np.stack(batch["target"])).float()  # [N,C,h,w]
+        pred = generator.latents(list(batch["prompt"]), noise)
+        out = fidelity_metrics(pred.to(device), target.to(device), decode=lambda z: generator.decode(z).to(device),
+                               latent_lpips=latent_lpips, pixel_lpips=pixel_lpips)
+        for k, v in out.items():
+            values.setdefault(k, []).append(v)
+    means = {k: float(torch.cat(v).double().mean()) for k, v in values.items()}
+    first, last = int(ds[rows[0]]["index"]), int(ds[rows[-1]]["index"])
+    info = {"pairs": cfg.pairs, "rows": len(rows), "indices": [first, last], "teacher": manifest.get("teacher", {}),
+            "pairs_config": {k: manifest.get("config", {}).get(k) for k in ("num_inference_steps", "guidance_scale", "scheduler")}}
+    return means, info
+
+
+def compute_latency(cfg: EvalConfig, *, generator: Generator, prompts: list[str], latent_shape, device) -> dict:
+    from distill.metrics.latency import measure_latency
+
+    idx = list(range(cfg.latency_batch_size))
+    noise, _ = noise_for_indices(seed=cfg.seed, indices=idx, shape=latent_shape)
+    batch_prompts = [prompt_for_index(prompts, i) for i in idx] if prompts else ["a photo"] * len(idx)
+    result = measure_latency(lambda: generator.images(batch_prompts, noise), batch_size=cfg.latency_batch_size,
+                             warmup=cfg.latency_warmup, iterations=cfg.latency_iterations, device=device)
+    return result.as_dict()
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in ("diffusion2gan-toolkit", "torch", "diffusers", "clean-fid", "open_clip_torch", "lpips"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def main() -> None:
+    cfg = parse_config(EvalConfig, description=__doc__)
+    metrics = validate(cfg)
+    from accelerate import Accelerator
+
+    from distill.metrics.fid import default_cache_dir
+    from teachers.loading import dtype_from_name
+
+    accelerator = Accelerator()
+    device = accelerator.device
+    out = Path(cfg.output_dir)
+    samples_dir = out / "samples"
+    cache_dir = Path(cfg.metrics_cache) if cfg.metrics_cache else default_cache_dir()
+    needs_samples = "fid" in metrics or "clip_score" in metrics
+    prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, split=cfg.prompt_split) if cfg.prompts else []
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
+    identity = {
+        "pipeline": str(Path(cfg.pipeline).resolve()) if Path(cfg.pipeline).exists() else cfg.pipeline,
+        "pipeline_files": folder_fingerprint(Path(cfg.pipeline)),
+        "prompts_sha256": prompts_fingerprint(prompts) if prompts else None, "num_prompts": len(prompts),
+        "seed": cfg.seed, "resolution": cfg.resolution, "batch_size": cfg.batch_size, "dtype": dtype_name,
+        "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+        "scheduler": cfg.scheduler, "negative_prompt": cfg.negative_prompt,
+    }
+    if needs_samples:
+        try:
+            samples_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PermissionError(f"output_dir {out} is not writable ({exc.strerror or exc}): choose a directory you can write to") from None
+        check_samples_manifest(samples_dir, identity)  # every process, before the slow model load
+    generator = Generator(cfg, device=device, dtype=dtype_from_name(dtype_name))
+    latent_shape = generator.latent_shape(cfg.resolution)
+    preflight(cfg, metrics, generator=generator, cache_dir=cache_dir)  # every process: none may wait on a failed one
+
+    if needs_samples:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (samples_dir / "manifest.json").write_text(json.dumps({"format": SAMPLES_FORMAT, "identity": identity}, indent=2) + "\n")
+        chunks = [range(s, min(s + cfg.batch_size, cfg.num_samples)) for s in range(0, cfg.num_samples, cfg.batch_size)]
+        todo = [c for c in chunks if not all(sample_path(samples_dir, i).is_file() for i in c)]
+        cached = cfg.num_samples - sum(len(c) for c in todo)
+        accelerator.wait_for_everyone()  # every process sees the same `todo` before anyone writes
+        mine = todo[accelerator.process_index :: accelerator.num_processes]
+        if accelerator.is_main_process and cached:
+            print(f"resuming: {cached} of {cfg.num_samples} samples already in {samples_dir}")
+        bar = tqdm(total=sum(len(c) for c in mine), unit="img", desc=f"samples (rank 0 of {accelerator.num_processes})",
+                   disable=not accelerator.is_main_process, dynamic_ncols=True)
+        generate_samples(generator, chunks=mine, prompts=prompts, seed=cfg.seed, latent_shape=latent_shape,
+                         samples_dir=samples_dir, progress=bar)
+        bar.close()
+        accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # the metrics read the cached samples on the main process only
+        accelerator.end_training()
+        return
+
+    values: dict[str, float] = {}
+    details: dict[str, dict] = {}
+    test_only = [k for k in ("fid_extractor", "clip_model", "elatentlpips", "pixel_lpips") if getattr(cfg, k) == TEST_ONLY]
+    for key in test_only:
+        warn_test_only(key)
+    start = time.perf_counter()
+    if "fid" in metrics:
+        values["fid"], details["fid"] = compute_fid(cfg, samples_dir=samples_dir, device=device, cache_dir=cache_dir)
+    if "clip_score" in metrics:
+        values["clip_score"], details["clip_score"] = compute_clip_score(cfg, samples_dir=samples_dir, prompts=prompts, device=device)
+    if "fidelity" in metrics:
+        means, details["fidelity"] = compute_fidelity(cfg, generator=generator, device=device)
+        values.update(means)
+    if "latency" in metrics:
+        details["latency"] = compute_latency(cfg, generator=generator, prompts=prompts, latent_shape=latent_shape, device=device)
+        values.update({k: details["latency"][k] for k in ("seconds_per_image", "images_per_second", "peak_memory_mb")})
+    grid = out / "samples_grid.png"
+    if needs_samples and cfg.grid_size:
+        save_grid(samples_dir, min(cfg.grid_size, cfg.num_samples), grid)
+    result = {
+        "metrics": values, "details": details, "test_only_models": test_only,
+        "pipeline": {"path": cfg.pipeline, "kind": "one-step student" if generator.is_student else "teacher"},
+        "num_samples": cfg.num_samples, "num_processes": accelerator.num_processes, "device": str(device),
+        "metric_seconds": time.perf_counter() - start, "config": config_dict(cfg), "versions": versions(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".metrics.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, out / "metrics.json")
+    save_config(cfg, out / "evaluate.yaml")
+    for name, value in values.items():
+        print(f"{name}: {value:.6g}")
+    print(f"wrote {(out / 'metrics.json').resolve()}" + (f" and {grid.name}" if grid.exists() else ""))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main)

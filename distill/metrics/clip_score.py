@@ -1,0 +1,123 @@
+"""CLIP score: mean cosine similarity between image and prompt embeddings (open_clip).
+
+The SDXL comparison table (Diffusion2GAN Table 3, SDXL-Turbo) reports the raw cosine (e.g. 0.346)
+with ViT-g-14 LAION-2B, not torchmetrics' ``100 * max(cos, 0)``. The model is injectable: anything with
+``encode_image(pixels) -> [N,D]`` and ``encode_text(tokens) -> [N,D]``, plus the ``preprocess``
+(PIL image -> ``[3,h,w]``) and ``tokenizer`` (list of str -> tokens) that go with it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL = "ViT-g-14"
+DEFAULT_PRETRAINED = "laion2b_s34b_b88k"
+
+
+@dataclass
+class ClipModel:
+    """An open_clip-style model with its image preprocessing and tokenizer; ``model_id`` names the weights."""
+
+    model: Any
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    model_id: str
+
+
+def resolve_clip_weights(model_name: str, pretrained: str, cache_dir: str | None) -> str:
+    """A local weights file for (model, tag): cached or downloaded as open_clip does; offline and absent, a one-line fix."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
+    if Path(pretrained).is_file():
+        return pretrained
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+        raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {model_name} (tags: {tags}); or pass a weights file path")
+    source = cfg.get("hf_hub") or cfg.get("url", "")
+    repo = cfg.get("hf_hub", "").rstrip("/")
+    try:
+        return download_pretrained(cfg, cache_dir=cache_dir)
+    except Exception as exc:  # offline: huggingface_hub / urllib raise many types
+        where = f"`hf download {repo}` (Hugging Face cache; then run with HF_HUB_OFFLINE=1)" if repo else f"a download of {source}"
+        raise FileNotFoundError(
+            f"CLIP score needs the open_clip weights {model_name} / {pretrained}, which are not available locally "
+            f"({type(exc).__name__}): get them with {where}, or put the weights file anywhere and set "
+            f"clip_pretrained=/path/to/open_clip_pytorch_model.bin"
+        ) from None
+
+
+def load_clip(
+    model_name: str = DEFAULT_MODEL,
+    pretrained: str = DEFAULT_PRETRAINED,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> ClipModel:
+    """An open_clip model by name and pretrained tag (or local weights file); fails if the weights are absent."""
+    import open_clip
+
+    # Resolve the file first: building ViT-g-14 (1.4B parameters) only to fail on the download is minutes lost.
+    weights = resolve_clip_weights(model_name, pretrained, str(cache_dir) if cache_dir else None)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device)
+    model_id = f"open_clip/{model_name}/{pretrained if not Path(pretrained).is_file() else Path(pretrained).name}"
+    return ClipModel(model=model.eval(), preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model_name), model_id=model_id)
+
+
+def build_random_tiny_clip(seed: int = 0, *, device: str | torch.device = "cpu") -> ClipModel:
+    """FOR TESTS ONLY: an open_clip ViT with random weights (32 px, 1 layer); its scores mean nothing."""
+    import open_clip
+    from open_clip.model import CLIP
+    from open_clip.transform import image_transform
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(
+            embed_dim=16,
+            vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+        )
+    preprocess = image_transform(32, is_train=False)
+    return ClipModel(model=model.to(device).eval(), preprocess=preprocess,
+                     tokenizer=open_clip.get_tokenizer("ViT-B-32"), model_id=f"random-tiny/seed{seed}")
+
+
+def load_clip_model(name: str, pretrained: str, *, cache_dir=None, device="cpu") -> ClipModel:
+    """Config front end: ``random-tiny`` (tests only) or an open_clip model name with its pretrained tag / file."""
+    if name == "random-tiny":
+        return build_random_tiny_clip(device=device)
+    return load_clip(name, pretrained, cache_dir=cache_dir, device=device)
+
+
+@torch.no_grad()
+def clip_scores(
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    *,
+    model: Any,
+    preprocess: Callable[[Any], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Per-image cosine similarity ``[N]`` between ``images`` (PIL or ``[H,W,3]`` uint8) and their ``prompts``."""
+    from PIL import Image
+
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    scores = []
+    for i in range(0, len(images), batch_size):
+        batch = [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in images[i : i + batch_size]]
+        pixels = torch.stack([preprocess(im) for im in batch]).to(device)  # [B,3,h,w]
+        tokens = tokenizer(list(prompts[i : i + batch_size])).to(device)
+        img = model.encode_image(pixels).float()
+        txt = model.encode_text(tokens).float()
+        scores.append(torch.nn.functional.cosine_similarity(img, txt, dim=-1).cpu())
+    return torch.cat(scores)
