@@ -64,10 +64,11 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
                 f"unknown config key(s) {', '.join(map(repr, unknown))} in {path}; valid keys: {', '.join(fields)}"
             )
         layers.append(loaded)
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    overrides = {k: _flag_value(v, fields[k]) for k, v in vars(args).items() if k != "config"}
     if overrides:
-        dotlist = [f"{k}={v}" for k, v in overrides.items()]
-        layers.append(OmegaConf.from_dotlist(dotlist))
+        # Raw strings, not YAML: '--pairs ""' stays an empty string and '--x -3:' stays text; OmegaConf
+        # converts them to the field's int / float / bool type (or names the key when it cannot).
+        layers.append(OmegaConf.create(overrides))
     try:
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -75,6 +76,13 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"bad value for config key {key!r}: {msg}") from None
+
+
+def _flag_value(raw: str, field: dataclasses.Field):
+    optional = "Optional" in str(field.type) or "None" in str(field.type)
+    if optional and raw.strip().lower() in ("null", "none", "~"):
+        return None
+    return raw
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:

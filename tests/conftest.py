@@ -49,6 +49,9 @@ def prompt_file(tmp_path_factory) -> Path:
 
 def run_script(script: str, args: list[str], capsys=None) -> tuple[int, str]:
     """Run ``distill/<script>`` in this process as ``python distill/<script> args`` would; (exit code, stderr)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run is a fresh "process"
     argv = sys.argv
     sys.argv = [str(ROOT / "distill" / script), *map(str, args)]
     code = 0

@@ -145,3 +145,33 @@ def test_bad_input(pairs_dir, tmp_path, capsys, args, message):
     args = [str(pairs_dir) if a == "PAIRS" else a for a in args]
     code, err = run_script("train_student.py", [*args, "--output_dir", tmp_path / "x"], capsys)
     assert code == 2 and message in err.rstrip().splitlines()[-1]
+
+
+def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys):
+    """Gradient accumulation, bf16 autocast, gradient checkpointing, LoRA on the D backbone, MSE regression."""
+    run = tmp_path / "opts"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
+                                                "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
+                                                "--gradient_accumulation_steps", 2, "--mixed_precision", "bf16",
+                                                "--gradient_checkpointing", "true", "--d_lora_rank", 4,
+                                                "--regression", "mse"], capsys)
+    assert code == 0, err
+    stats = [r for r in _stats(run) if "g_mse" in r]
+    assert [r["nimg"] for r in stats] == [8, 16] and all("d_gan" in r for r in stats)
+
+
+def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
+    from students import UNetStudent
+
+    tp = load_teacher(str(sd15_teacher)).pipe
+    pipe = OneStepGANPipeline(student=UNetStudent.from_teacher(tp.unet, tp.scheduler), vae=tp.vae,
+                              text_encoder=tp.text_encoder, tokenizer=tp.tokenizer)
+    pipe.save_pretrained(tmp_path / "p")
+    half = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.bfloat16).to("cpu")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = half("a cat", latents=z, output_type="latent").images
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 16, 16)
+    ref = pipe("a cat", latents=z, output_type="latent").images
+    assert (out.float() - ref).abs().mean() < 0.1 * ref.abs().mean()
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a cat", output_type="jpeg")
