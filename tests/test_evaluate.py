@@ -108,7 +108,9 @@ def test_two_processes_give_the_same_numbers(setup, single):
     two = json.loads((root / "two" / "metrics.json").read_text())
     assert two["num_processes"] == 2
     for name in QUALITY:
-        assert two["metrics"][name] == single[2]["metrics"][name], name
+        # Same images (checked bit for bit below); the metric networks may sum in another order
+        # under a different thread count, so equality is to float32 precision.
+        assert two["metrics"][name] == pytest.approx(single[2]["metrics"][name], rel=1e-6, abs=1e-8), name
     for i in range(6):
         a = np.asarray(Image.open(single[0] / "samples" / f"{i:07d}.png"))
         b = np.asarray(Image.open(root / "two" / "samples" / f"{i:07d}.png"))
