@@ -175,3 +175,19 @@ def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
     assert (out.float() - ref).abs().mean() < 0.1 * ref.abs().mean()
     with pytest.raises(ValueError, match="output_type"):
         pipe("a cat", output_type="jpeg")
+
+
+def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys):
+    """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline."""
+    pairs = tmp_path / "pairs"
+    code, err = run_script("generate_pairs.py", ["--teacher", sdxl_teacher, "--prompts", prompt_file, "--num_pairs", 6,
+                                                 "--resolution", 32, "--num_inference_steps", 2, "--output_dir", pairs], capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    code, err = run_script("train_student.py", ["--pairs", pairs, "--output_dir", run, "--max_train_steps", 1,
+                                                "--checkpointing_steps", 1, "--validation_steps", 1, "--lpips_network", "random",
+                                                "--batch_size", 2, "--holdout", 2, "--r1_interval", 1, "--report_to", "none"], capsys)
+    assert code == 0, err
+    pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
+    assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
+    assert pipe(["a cat", "a dog"], output_type="latent").images.shape == (2, 4, 16, 16)
