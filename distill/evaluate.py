@@ -13,7 +13,6 @@ computed by the main process from the cached PNGs (8-bit, what a user would save
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -24,17 +23,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch distill/evaluate.py` runs this as a plain file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
 from distill.config import ConfigError, config_dict, parse_config, run_cli, save_config
+from distill.metrics.generation import Generator
+from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cache, folder_fingerprint, save_grid
+from distill.metrics.sample_scores import compute_clip_score, compute_fid
+from distill.metrics.teacher_fidelity import TEST_ONLY, compute_fidelity, elatentlpips_name
 
 METRIC_GROUPS = ("fid", "clip_score", "fidelity", "latency")
-TEST_ONLY = "random-tiny"
-SAMPLES_FORMAT = "diffusion2gan-eval-samples/1"
 
 
 @dataclass
@@ -83,14 +82,6 @@ def parse_metrics(text: str) -> list[str]:
     return names
 
 
-def fidelity_positions(cfg: EvalConfig, num_rows: int) -> list[int]:
-    """Row positions (in index order) of the held-out pairs: Python-style start, then fidelity_count rows."""
-    start = cfg.fidelity_start + num_rows if cfg.fidelity_start < 0 else cfg.fidelity_start
-    start = max(start, 0)
-    stop = num_rows if cfg.fidelity_count == 0 else min(start + cfg.fidelity_count, num_rows)
-    return list(range(start, stop))
-
-
 def validate(cfg: EvalConfig) -> list[str]:
     if not cfg.pipeline:
         raise ConfigError("no pipeline given: set `pipeline` to a OneStepGANPipeline folder or a teacher")
@@ -112,150 +103,12 @@ def validate(cfg: EvalConfig) -> list[str]:
     return metrics
 
 
-class Generator:
-    """(prompts, noise) -> latents -> images, for a one-step student or a teacher run with its ODE solver."""
-
-    def __init__(self, cfg: EvalConfig, *, device: torch.device, dtype: torch.dtype):
-        path = Path(cfg.pipeline)
-        index = path / "model_index.json"
-        self.is_student = index.is_file() and json.loads(index.read_text()).get("_class_name") == "OneStepGANPipeline"
-        if self.is_student:
-            from students import OneStepGANPipeline
-
-            self.pipe = OneStepGANPipeline.from_pretrained(str(path), dtype=dtype).to(device)
-            self.latent_channels = self.pipe.student.latent_channels
-            self.default_resolution = self.pipe.default_resolution()
-        else:
-            from teachers import load_teacher
-
-            teacher = load_teacher(cfg.pipeline, torch_dtype=dtype, scheduler=cfg.scheduler, device=device)
-            self.pipe = teacher.pipe
-            self.latent_channels = teacher.latent_channels
-            self.default_resolution = int(self.pipe.unet.config.sample_size) * teacher.vae_scale_factor
-        self.pipe.set_progress_bar_config(disable=True)
-        self.vae_scale_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-        self.cfg = cfg
-
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        res = resolution or self.default_resolution
-        if res % self.vae_scale_factor:
-            raise ConfigError(f"resolution {res} is not divisible by the VAE factor {self.vae_scale_factor}")
-        return (self.latent_channels, res // self.vae_scale_factor, res // self.vae_scale_factor)
-
-    @torch.no_grad()
-    def latents(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
-        """``noise`` [N,C,h,w] unit Gaussian -> VAE-scaled latents [N,C,h,w] (float32, CPU)."""
-        if self.is_student:
-            out = self.pipe(prompts, latents=noise, output_type="latent").images
-        else:
-            from teachers import solve_ode
-
-            out = solve_ode(self.pipe, prompts=prompts, noise=noise, num_inference_steps=self.cfg.num_inference_steps,
-                            guidance_scale=self.cfg.guidance_scale, negative_prompt=self.cfg.negative_prompt or None)
-        return out.float().cpu()
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (float32, CPU)."""
-        vae = self.pipe.vae
-        raw = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        return vae.decode(raw.to(vae.device, vae.dtype)).sample.float().cpu()
-
-    def images(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.latents(prompts, noise))
-
-
-# ------------------------------------------------------------------------------------------------
-# Sample cache
-
-
-def sample_path(samples_dir: Path, index: int) -> Path:
-    return samples_dir / f"{index:07d}.png"
-
-
-def folder_fingerprint(path: Path) -> str | None:
-    """Hash of a pipeline folder's file names, sizes and modification times: a re-saved student is a new identity."""
-    import hashlib
-
-    if not path.is_dir():
-        return None  # a hub id: its name (and the hub's immutable revisions) identify it
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def check_samples_manifest(samples_dir: Path, identity: dict) -> None:
-    path = samples_dir / "manifest.json"
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    diffs = [f"{k}: {old.get('identity', {}).get(k)!r} -> {v!r}" for k, v in identity.items() if old.get("identity", {}).get(k) != v]
-    if old.get("format") != SAMPLES_FORMAT or diffs:
-        raise ValueError(
-            f"{samples_dir} holds samples made with a different config ({'; '.join(diffs) or 'format'}); "
-            "choose a new output_dir or delete the samples folder"
-        )
-
-
-def save_png(image: np.ndarray, path: Path) -> None:
-    """Write atomically (hidden temporary name, then rename): a killed run leaves no half-written PNG."""
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
-
-
-def generate_samples(generator: Generator, *, chunks: list[range], prompts: list[str], seed: int,
-                     latent_shape: tuple[int, int, int], samples_dir: Path, progress=None) -> None:
-    from distill.metrics.fid import images_to_uint8
-
-    for chunk in chunks:
-        idx = list(chunk)
-        noise, _ = noise_for_indices(seed=seed, indices=idx, shape=latent_shape)  # [N,C,h,w]
-        images = images_to_uint8(generator.images([prompt_for_index(prompts, i) for i in idx], noise))
-        for i, img in zip(idx, images):
-            save_png(img, sample_path(samples_dir, i))
-        if progress is not None:
-            progress.update(len(idx))
-
-
-def read_samples(samples_dir: Path, count: int):
-    from distill.metrics.fid import load_image
-
-    for i in range(count):
-        yield load_image(sample_path(samples_dir, i))
-
-
-def save_grid(samples_dir: Path, count: int, path: Path) -> None:
-    from PIL import Image
-
-    images = list(read_samples(samples_dir, count))
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    h, w = images[0].shape[:2]
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for k, im in enumerate(images):
-        r, c = divmod(k, cols)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-    Image.fromarray(grid).save(path)
-
-
 # ------------------------------------------------------------------------------------------------
 # Metrics (main process)
 
 
 def warn_test_only(key: str) -> None:
     sys.stderr.write(f"warning: {key}={TEST_ONLY} uses random weights: for tests only, the numbers mean nothing\n")
-
-
-def elatentlpips_name(cfg: EvalConfig, generator: Generator) -> str:
-    if cfg.elatentlpips != "auto":
-        return cfg.elatentlpips
-    # The published SD1.5 and SD2.1 nets share the VAE convention; SDXL's VAE has its own scaling factor.
-    return "sdxl" if abs(generator.pipe.vae.config.scaling_factor - 0.13025) < 1e-6 else "sd15"
 
 
 def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cache_dir: Path) -> None:
@@ -268,7 +121,7 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cach
         from distill.metrics.clip_score import resolve_clip_weights
 
         resolve_clip_weights(cfg.clip_model, cfg.clip_pretrained, None)
-    name = elatentlpips_name(cfg, generator)
+    name = elatentlpips_name(cfg.elatentlpips, vae_scaling_factor=generator.pipe.vae.config.scaling_factor)
     if "fidelity" in metrics and name != TEST_ONLY:
         from distill.losses.elatentlpips import PUBLISHED, fetch_published
 
@@ -283,92 +136,6 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cach
         file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         if not file.is_file() and os.environ.get("HF_HUB_OFFLINE") == "1":  # offline: torchvision would fail later
             raise FileNotFoundError(f"pixel LPIPS ({cfg.pixel_lpips}) needs torchvision's ImageNet weights: download {weights.url} to {file}")
-
-
-def compute_fid(cfg: EvalConfig, *, samples_dir: Path, device, cache_dir: Path) -> tuple[float, dict]:
-    from distill.metrics import fid
-
-    name = cfg.fid_extractor if cfg.fid_extractor != "inception" else str(cache_dir)
-    extractor = fid.load_fid_extractor(name, device=device)
-    bar = tqdm(desc="FID reference features", unit="img", dynamic_ncols=True, leave=False)
-    ref, info = fid.reference_statistics(
-        cfg.reference, extractor=extractor, cache_dir=cache_dir, limit=cfg.reference_limit,
-        center_crop=cfg.reference_center_crop, batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers,
-        device=device, progress=bar.update,
-    )
-    bar.close()
-    bar = tqdm(total=cfg.num_samples, desc="FID sample features", unit="img", dynamic_ncols=True, leave=False)
-    files = [sample_path(samples_dir, i) for i in range(cfg.num_samples)]
-    value = fid.fid_from_files(files, ref, extractor=extractor, batch_size=cfg.metric_batch_size,
-                               num_workers=cfg.metric_workers, device=device, progress=bar.update)
-    bar.close()
-    return value, {**info, "extractor_id": extractor.extractor_id, "num_samples": cfg.num_samples}
-
-
-def compute_clip_score(cfg: EvalConfig, *, samples_dir: Path, prompts: list[str], device) -> tuple[float, dict]:
-    from distill.metrics.clip_score import clip_scores, load_clip_model
-
-    clip = load_clip_model(cfg.clip_model, cfg.clip_pretrained, device=device)
-    scores, batch, idx = [], [], []
-    for i, img in enumerate(tqdm(read_samples(samples_dir, cfg.num_samples), total=cfg.num_samples, desc="CLIP score",
-                                 unit="img", dynamic_ncols=True, leave=False)):
-        batch.append(img)
-        idx.append(i)
-        if len(batch) == cfg.metric_batch_size or i == cfg.num_samples - 1:
-            scores.append(clip_scores(batch, [prompt_for_index(prompts, j) for j in idx], model=clip.model,
-                                      preprocess=clip.preprocess, tokenizer=clip.tokenizer,
-                                      batch_size=cfg.metric_batch_size, device=device))
-            batch, idx = [], []
-    return float(torch.cat(scores).double().mean()), {"model_id": clip.model_id, "num_samples": cfg.num_samples}
-
-
-def fidelity_nets(cfg: EvalConfig, *, generator: Generator, device):
-    from distill.losses import ELatentLPIPS, LatentLPIPSNet, build_lpips
-
-    if cfg.elatentlpips == TEST_ONLY:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = LatentLPIPSNet(latent_channels=generator.latent_channels, stage_channels=(8, 8, 8, 8, 8))
-        latent = ELatentLPIPS(net, augment=None, l1_weight=0.0)
-    else:
-        latent = ELatentLPIPS.from_pretrained(elatentlpips_name(cfg, generator), augment=None, l1_weight=0.0,
-                                              download=cfg.elatentlpips_download)
-    if cfg.pixel_lpips == TEST_ONLY:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            pixel = build_lpips(pretrained_trunk=False)
-    elif cfg.pixel_lpips in ("vgg", "alex"):
-        pixel = build_lpips(net=cfg.pixel_lpips, pretrained_trunk=True)
-    else:
-        raise ConfigError(f"unknown pixel_lpips {cfg.pixel_lpips!r}; choose vgg, alex or {TEST_ONLY}")
-    return latent.to(device), pixel.to(device)
-
-
-def compute_fidelity(cfg: EvalConfig, *, generator: Generator, device) -> tuple[dict, dict]:
-    from data_gen.pairs import load_pairs, read_manifest
-    from distill.metrics.fidelity import fidelity_metrics
-
-    manifest = read_manifest(cfg.pairs)
-    ds = load_pairs(cfg.pairs).sort("index")
-    rows = fidelity_positions(cfg, ds.num_rows)
-    if not rows:
-        raise ValueError(f"fidelity_start {cfg.fidelity_start} / fidelity_count {cfg.fidelity_count} select none of the {ds.num_rows} pairs in {cfg.pairs}")
-    latent_lpips, pixel_lpips = fidelity_nets(cfg, generator=generator, device=device)
-    values: dict[str, list[torch.Tensor]] = {}
-    for b in tqdm(range(0, len(rows), cfg.batch_size), desc="fidelity", unit="batch", dynamic_ncols=True, leave=False):
-        batch = ds.select(rows[b : b + cfg.batch_size]).with_format("numpy")
-        noise = torch.from_numpy(np.stack(batch["noise"])).float()  # [N,C,h,w]
-        target = torch.from_numpy(np.stack(batch["target"])).float()  # [N,C,h,w]
-        pred = generator.latents(list(batch["prompt"]), noise)
-        out = fidelity_metrics(pred.to(device), target.to(device), decode=lambda z: generator.decode(z).to(device),
-                               latent_lpips=latent_lpips, pixel_lpips=pixel_lpips)
-        for k, v in out.items():
-            values.setdefault(k, []).append(v)
-    means = {k: float(torch.cat(v).double().mean()) for k, v in values.items()}
-    first, last = int(ds[rows[0]]["index"]), int(ds[rows[-1]]["index"])
-    info = {"pairs": cfg.pairs, "rows": len(rows), "indices": [first, last], "teacher": manifest.get("teacher", {}),
-            "pairs_config": {k: manifest.get("config", {}).get(k) for k in ("num_inference_steps", "guidance_scale", "scheduler")}}
-    return means, info
 
 
 def compute_latency(cfg: EvalConfig, *, generator: Generator, prompts: list[str], latent_shape, device) -> dict:
@@ -422,27 +189,17 @@ def main() -> None:
         except OSError as exc:
             raise PermissionError(f"output_dir {out} is not writable ({exc.strerror or exc}): choose a directory you can write to") from None
         check_samples_manifest(samples_dir, identity)  # every process, before the slow model load
-    generator = Generator(cfg, device=device, dtype=dtype_from_name(dtype_name))
+    generator = Generator(cfg.pipeline, device=device, dtype=dtype_from_name(dtype_name), scheduler=cfg.scheduler,
+                          num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                          negative_prompt=cfg.negative_prompt)
     latent_shape = generator.latent_shape(cfg.resolution)
     preflight(cfg, metrics, generator=generator, cache_dir=cache_dir)  # every process: none may wait on a failed one
 
     if needs_samples:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (samples_dir / "manifest.json").write_text(json.dumps({"format": SAMPLES_FORMAT, "identity": identity}, indent=2) + "\n")
-        chunks = [range(s, min(s + cfg.batch_size, cfg.num_samples)) for s in range(0, cfg.num_samples, cfg.batch_size)]
-        todo = [c for c in chunks if not all(sample_path(samples_dir, i).is_file() for i in c)]
-        cached = cfg.num_samples - sum(len(c) for c in todo)
-        accelerator.wait_for_everyone()  # every process sees the same `todo` before anyone writes
-        mine = todo[accelerator.process_index :: accelerator.num_processes]
-        if accelerator.is_main_process and cached:
-            print(f"resuming: {cached} of {cfg.num_samples} samples already in {samples_dir}")
-        bar = tqdm(total=sum(len(c) for c in mine), unit="img", desc=f"samples (rank 0 of {accelerator.num_processes})",
-                   disable=not accelerator.is_main_process, dynamic_ncols=True)
-        generate_samples(generator, chunks=mine, prompts=prompts, seed=cfg.seed, latent_shape=latent_shape,
-                         samples_dir=samples_dir, progress=bar)
-        bar.close()
-        accelerator.wait_for_everyone()
+        fill_sample_cache(generator, samples_dir=samples_dir, identity=identity, num_samples=cfg.num_samples,
+                          batch_size=cfg.batch_size, prompts=prompts, seed=cfg.seed, latent_shape=latent_shape,
+                          is_main_process=accelerator.is_main_process, process_index=accelerator.process_index,
+                          num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
     if not accelerator.is_main_process:  # the metrics read the cached samples on the main process only
         accelerator.end_training()
         return
@@ -454,11 +211,22 @@ def main() -> None:
         warn_test_only(key)
     start = time.perf_counter()
     if "fid" in metrics:
-        values["fid"], details["fid"] = compute_fid(cfg, samples_dir=samples_dir, device=device, cache_dir=cache_dir)
+        values["fid"], details["fid"] = compute_fid(
+            samples_dir=samples_dir, num_samples=cfg.num_samples, extractor_name=cfg.fid_extractor, reference=cfg.reference,
+            reference_limit=cfg.reference_limit, reference_center_crop=cfg.reference_center_crop,
+            batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers, device=device, cache_dir=cache_dir,
+        )
     if "clip_score" in metrics:
-        values["clip_score"], details["clip_score"] = compute_clip_score(cfg, samples_dir=samples_dir, prompts=prompts, device=device)
+        values["clip_score"], details["clip_score"] = compute_clip_score(
+            samples_dir=samples_dir, num_samples=cfg.num_samples, prompts=prompts, clip_model=cfg.clip_model,
+            clip_pretrained=cfg.clip_pretrained, batch_size=cfg.metric_batch_size, device=device,
+        )
     if "fidelity" in metrics:
-        means, details["fidelity"] = compute_fidelity(cfg, generator=generator, device=device)
+        means, details["fidelity"] = compute_fidelity(
+            generator, pairs=cfg.pairs, fidelity_start=cfg.fidelity_start, fidelity_count=cfg.fidelity_count,
+            batch_size=cfg.batch_size, elatentlpips=cfg.elatentlpips, elatentlpips_download=cfg.elatentlpips_download,
+            pixel_lpips=cfg.pixel_lpips, device=device,
+        )
         values.update(means)
     if "latency" in metrics:
         details["latency"] = compute_latency(cfg, generator=generator, prompts=prompts, latent_shape=latent_shape, device=device)

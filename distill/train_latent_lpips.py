@@ -12,20 +12,21 @@ ranking loss. ``stage=both`` runs one after the other. Weights are saved with ``
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
+from data_gen.bapps import BAPPS2AFC
 from distill.config import ConfigError, parse_config, run_cli, save_config
+from distill.losses.latent_lpips_training import (
+    Dist2Logit, MetricsLog, TrunkClassifier, classifier_loader, cycle, encode, load_image_dataset, load_vae, lr_lambda,
+    score_2afc, vae_factors,
+)
 
 if TYPE_CHECKING:
     from distill.losses.elatentlpips import LatentLPIPSNet
@@ -77,149 +78,14 @@ class TrainLatentLPIPSConfig:
     save_every: int = field(default=5000, metadata={"help": "save weights every N steps (0 = only at the end)"})
 
 
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def load_vae(cfg: TrainLatentLPIPSConfig):
-    from diffusers import AutoencoderKL
-
-    if not cfg.vae:
-        raise ValueError("set `vae` to a diffusers model path or Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)")
-    vae = AutoencoderKL.from_pretrained(cfg.vae, subfolder=None if cfg.vae_subfolder in (None, "", ".") else cfg.vae_subfolder)
-    return vae.eval().requires_grad_(False)
-
-
-def vae_factors(vae) -> tuple[float, float]:
-    scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
-    return scale, shift
-
-
-@torch.no_grad()
-def encode(vae, pixels: torch.Tensor, sampling: str) -> torch.Tensor:
-    """Pixels in [-1, 1] -> diffusers-scaled latents, the convention the metric is used with."""
-    scale, shift = vae_factors(vae)
-    dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-    z = dist.sample() if sampling == "sample" else dist.mode()
-    return ((z - shift) * scale).float()
-
-
-def load_image_dataset(cfg: TrainLatentLPIPSConfig):
-    import datasets
-
-    if not cfg.dataset:
-        raise ValueError("set `dataset` (a save_to_disk dir, parquet file/dir, or a datasets Hub name)")
-    path = Path(cfg.dataset)
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[cfg.dataset_split]
-    elif path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
-        files = str(path) if path.is_file() else str(path / "*.parquet")
-        ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    else:
-        ds = datasets.load_dataset(cfg.dataset, split=cfg.dataset_split)
-    for col in (cfg.image_column, cfg.label_column):
-        if col not in ds.column_names:
-            raise ValueError(f"column {col!r} not in dataset {cfg.dataset}; columns: {ds.column_names}")
-    if cfg.max_train_samples:
-        ds = ds.select(range(min(cfg.max_train_samples, len(ds))))
-    feature = ds.features[cfg.label_column]
-    num_classes = getattr(feature, "num_classes", None) or int(max(ds[cfg.label_column])) + 1
-    return ds, num_classes
-
-
-class TrunkClassifier(nn.Module):
-    """Stage-1 model: latent trunk -> global average pool -> linear (the head is discarded afterwards)."""
-
-    def __init__(self, net: LatentLPIPSNet, num_classes: int):
-        super().__init__()
-        self.net = net
-        self.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(net.config.stage_channels[-1], num_classes))
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.net.features(latents)[-1].mean(dim=(2, 3)))
-
-
-class Dist2Logit(nn.Module):
-    """LPIPS's 2AFC ranking head: (d0, d1) -> P(human prefers p1)."""
-
-    def __init__(self, hidden: int = 32):
-        super().__init__()
-        self.model = nn.Sequential(
-            nn.Linear(5, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1)
-        )
-
-    def forward(self, d0: torch.Tensor, d1: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
-        x = torch.stack([d0, d1, d0 - d1, d0 / (d1 + eps), d1 / (d0 + eps)], dim=1)
-        return self.model(x).squeeze(1)  # logits; BCE-with-logits is the stable form of LPIPS's sigmoid+BCE
-
-
-class BAPPS2AFC(torch.utils.data.Dataset):
-    """BAPPS 2AFC layout: ``ref/X.png, p0/X.png, p1/X.png, judge/X.npy`` (judge = fraction preferring p1)."""
-
-    def __init__(self, roots: str, resolution: int):
-        self.items = []
-        for root in [Path(r) for r in roots.split(",") if r]:
-            for sub in ("ref", "p0", "p1", "judge"):
-                if not (root / sub).is_dir():
-                    raise FileNotFoundError(f"{root} is not a BAPPS 2AFC dir: missing {sub}/")
-            for ref in sorted((root / "ref").iterdir()):
-                stem = ref.stem
-                p0, p1, judge = (next((root / s).glob(stem + ".*"), None) for s in ("p0", "p1", "judge"))
-                if p0 and p1 and judge:
-                    self.items.append((ref, p0, p1, judge))
-        if not self.items:
-            raise ValueError(f"no complete (ref, p0, p1, judge) quadruples under {roots}")
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _img(self, path: Path) -> torch.Tensor:
-        img = Image.open(path).convert("RGB").resize((self.resolution, self.resolution), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-
-    def __getitem__(self, i: int):
-        ref, p0, p1, judge = self.items[i]
-        j = float(np.asarray(np.load(judge), dtype=np.float32).reshape(-1)[0])
-        return self._img(ref), self._img(p0), self._img(p1), torch.tensor(j)
-
-
-def cycle(loader):
-    while True:
-        yield from loader
-
-
-def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
-
-
-class MetricsLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, **row) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-
-
 # ------------------------------------------------------------------------------------------- stages
 
 
 def train_classifier(cfg, acc, vae, log: MetricsLog, out: Path) -> LatentLPIPSNet:
-    from torchvision import transforms as T
-
     from distill.losses.elatentlpips import LatentLPIPSNet, load_latent_lpips
 
-    ds, num_classes = load_image_dataset(cfg)
+    ds, num_classes = load_image_dataset(cfg.dataset, split=cfg.dataset_split, image_column=cfg.image_column,
+                                         label_column=cfg.label_column, max_samples=cfg.max_train_samples)
     scale, shift = vae_factors(vae)
     if cfg.init_from:
         net = load_latent_lpips(cfg.init_from, is_main_process=lambda: acc.is_main_process, barrier=acc.wait_for_everyone)
@@ -234,30 +100,8 @@ def train_classifier(cfg, acc, vae, log: MetricsLog, out: Path) -> LatentLPIPSNe
         )
     if net.config.latent_channels != vae.config.latent_channels:
         raise ValueError(f"network takes {net.config.latent_channels} channels but the VAE has {vae.config.latent_channels}")
-    pixel_tf = T.Compose(
-        [
-            T.RandomResizedCrop(cfg.resolution, scale=(cfg.crop_scale_min, 1.0), antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize([0.5] * 3, [0.5] * 3),  # VAE input range [-1, 1]
-        ]
-    )
-    img_col, lab_col = cfg.image_column, cfg.label_column
-
-    def transform(batch):
-        return {
-            "pixels": [pixel_tf(im.convert("RGB")) for im in batch[img_col]],
-            "label": [int(v) for v in batch[lab_col]],
-        }
-
-    loader = torch.utils.data.DataLoader(
-        ds.with_transform(transform),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(ds) >= cfg.batch_size,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
+    loader = classifier_loader(ds, image_column=cfg.image_column, label_column=cfg.label_column, resolution=cfg.resolution,
+                               crop_scale_min=cfg.crop_scale_min, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     net.heads.requires_grad_(False)  # unused by the classifier; frozen so DDP does not wait for their grads
     model = TrunkClassifier(net, num_classes)
     if cfg.optimizer == "sgd":
@@ -295,19 +139,6 @@ def train_classifier(cfg, acc, vae, log: MetricsLog, out: Path) -> LatentLPIPSNe
 
         save_file(acc.unwrap_model(model).fc.state_dict(), str(out / "classifier_head.safetensors"))
     return net
-
-
-def score_2afc(net, vae, loader, sampling: str, device) -> float:
-    """LPIPS's 2AFC score: agreement with the human fraction (1.0 = always agrees with everyone)."""
-    scores = []
-    net.eval()
-    with torch.no_grad():
-        for ref, p0, p1, judge in loader:
-            ref, p0, p1 = (encode(vae, t.to(device), sampling) for t in (ref, p0, p1))
-            d0, d1 = net(ref, p0), net(ref, p1)
-            j = judge.to(device)
-            scores.append((d0 < d1).float() * (1 - j) + (d1 < d0).float() * j + (d0 == d1).float() * 0.5)
-    return torch.cat(scores).mean().item()
 
 
 def calibrate_heads(cfg, acc, vae, net: LatentLPIPSNet, log: MetricsLog, out: Path) -> LatentLPIPSNet:
@@ -396,7 +227,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     log = MetricsLog(out / "metrics.jsonl", acc.is_main_process)
-    vae = load_vae(cfg)
+    vae = load_vae(cfg.vae, subfolder=cfg.vae_subfolder)
     if cfg.stage in ("classifier", "both"):
         net = train_classifier(cfg, acc, vae, log, out)
     else:

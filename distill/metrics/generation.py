@@ -1,0 +1,70 @@
+"""(prompts, noise) -> latents -> images for a one-step student folder or a diffusion teacher (ODE solver)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from distill.config import ConfigError
+
+
+class Generator:
+    """(prompts, noise) -> latents -> images, for a one-step student or a teacher run with its ODE solver.
+
+    ``pipeline`` is a OneStepGANPipeline folder (detected by its model_index.json) or anything
+    :func:`teachers.load_teacher` takes; the solver settings only apply to a teacher.
+    """
+
+    def __init__(self, pipeline: str, *, device: torch.device, dtype: torch.dtype, scheduler: str,
+                 num_inference_steps: int, guidance_scale: float, negative_prompt: str):
+        path = Path(pipeline)
+        index = path / "model_index.json"
+        self.is_student = index.is_file() and json.loads(index.read_text()).get("_class_name") == "OneStepGANPipeline"
+        if self.is_student:
+            from students import OneStepGANPipeline
+
+            self.pipe = OneStepGANPipeline.from_pretrained(str(path), dtype=dtype).to(device)
+            self.latent_channels = self.pipe.student.latent_channels
+            self.default_resolution = self.pipe.default_resolution()
+        else:
+            from teachers import load_teacher
+
+            teacher = load_teacher(pipeline, torch_dtype=dtype, scheduler=scheduler, device=device)
+            self.pipe = teacher.pipe
+            self.latent_channels = teacher.latent_channels
+            self.default_resolution = int(self.pipe.unet.config.sample_size) * teacher.vae_scale_factor
+        self.pipe.set_progress_bar_config(disable=True)
+        self.vae_scale_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.negative_prompt = negative_prompt
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        res = resolution or self.default_resolution
+        if res % self.vae_scale_factor:
+            raise ConfigError(f"resolution {res} is not divisible by the VAE factor {self.vae_scale_factor}")
+        return (self.latent_channels, res // self.vae_scale_factor, res // self.vae_scale_factor)
+
+    @torch.no_grad()
+    def latents(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        """``noise`` [N,C,h,w] unit Gaussian -> VAE-scaled latents [N,C,h,w] (float32, CPU)."""
+        if self.is_student:
+            out = self.pipe(prompts, latents=noise, output_type="latent").images
+        else:
+            from teachers import solve_ode
+
+            out = solve_ode(self.pipe, prompts=prompts, noise=noise, num_inference_steps=self.num_inference_steps,
+                            guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt or None)
+        return out.float().cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (float32, CPU)."""
+        vae = self.pipe.vae
+        raw = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return vae.decode(raw.to(vae.device, vae.dtype)).sample.float().cpu()
+
+    def images(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.latents(prompts, noise))

@@ -1,0 +1,88 @@
+"""Fidelity of a generator to held-out teacher pairs: E-LatentLPIPS, pixel LPIPS and PSNR means over a pairs slice."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill.config import ConfigError
+
+if TYPE_CHECKING:
+    from distill.metrics.generation import Generator
+
+TEST_ONLY = "random-tiny"
+
+
+def fidelity_positions(*, start: int, count: int, num_rows: int) -> list[int]:
+    """Row positions (in index order) of the held-out pairs: Python-style start, then ``count`` rows (0: to the end)."""
+    start = start + num_rows if start < 0 else start
+    start = max(start, 0)
+    stop = num_rows if count == 0 else min(start + count, num_rows)
+    return list(range(start, stop))
+
+
+def elatentlpips_name(name: str, *, vae_scaling_factor: float) -> str:
+    """``auto`` -> the published net matching the VAE; anything else is returned unchanged."""
+    if name != "auto":
+        return name
+    # The published SD1.5 and SD2.1 nets share the VAE convention; SDXL's VAE has its own scaling factor.
+    return "sdxl" if abs(vae_scaling_factor - 0.13025) < 1e-6 else "sd15"
+
+
+def fidelity_nets(*, elatentlpips: str, elatentlpips_download: bool, pixel_lpips: str, latent_channels: int,
+                  vae_scaling_factor: float, device):
+    """(E-LatentLPIPS, pixel LPIPS) on ``device``; ``random-tiny`` builds seeded random nets (tests only)."""
+    from distill.losses import ELatentLPIPS, LatentLPIPSNet, build_lpips
+
+    if elatentlpips == TEST_ONLY:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = LatentLPIPSNet(latent_channels=latent_channels, stage_channels=(8, 8, 8, 8, 8))
+        latent = ELatentLPIPS(net, augment=None, l1_weight=0.0)
+    else:
+        latent = ELatentLPIPS.from_pretrained(elatentlpips_name(elatentlpips, vae_scaling_factor=vae_scaling_factor),
+                                              augment=None, l1_weight=0.0, download=elatentlpips_download)
+    if pixel_lpips == TEST_ONLY:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            pixel = build_lpips(pretrained_trunk=False)
+    elif pixel_lpips in ("vgg", "alex"):
+        pixel = build_lpips(net=pixel_lpips, pretrained_trunk=True)
+    else:
+        raise ConfigError(f"unknown pixel_lpips {pixel_lpips!r}; choose vgg, alex or {TEST_ONLY}")
+    return latent.to(device), pixel.to(device)
+
+
+def compute_fidelity(generator: Generator, *, pairs: str, fidelity_start: int, fidelity_count: int, batch_size: int,
+                     elatentlpips: str, elatentlpips_download: bool, pixel_lpips: str, device) -> tuple[dict, dict]:
+    """Means of :func:`distill.metrics.fidelity.fidelity_metrics` over the selected pairs, and what was measured."""
+    from data_gen.pairs import load_pairs, read_manifest
+    from distill.metrics.fidelity import fidelity_metrics
+
+    manifest = read_manifest(pairs)
+    ds = load_pairs(pairs).sort("index")
+    rows = fidelity_positions(start=fidelity_start, count=fidelity_count, num_rows=ds.num_rows)
+    if not rows:
+        raise ValueError(f"fidelity_start {fidelity_start} / fidelity_count {fidelity_count} select none of the {ds.num_rows} pairs in {pairs}")
+    latent_lpips, pixel_lpips_net = fidelity_nets(
+        elatentlpips=elatentlpips, elatentlpips_download=elatentlpips_download, pixel_lpips=pixel_lpips,
+        latent_channels=generator.latent_channels, vae_scaling_factor=generator.pipe.vae.config.scaling_factor, device=device,
+    )
+    values: dict[str, list[torch.Tensor]] = {}
+    for b in tqdm(range(0, len(rows), batch_size), desc="fidelity", unit="batch", dynamic_ncols=True, leave=False):
+        batch = ds.select(rows[b : b + batch_size]).with_format("numpy")
+        noise = torch.from_numpy(np.stack(batch["noise"])).float()  # [N,C,h,w]
+        target = torch.from_numpy(np.stack(batch["target"])).float()  # [N,C,h,w]
+        pred = generator.latents(list(batch["prompt"]), noise)
+        out = fidelity_metrics(pred.to(device), target.to(device), decode=lambda z: generator.decode(z).to(device),
+                               latent_lpips=latent_lpips, pixel_lpips=pixel_lpips_net)
+        for k, v in out.items():
+            values.setdefault(k, []).append(v)
+    means = {k: float(torch.cat(v).double().mean()) for k, v in values.items()}
+    first, last = int(ds[rows[0]]["index"]), int(ds[rows[-1]]["index"])
+    info = {"pairs": pairs, "rows": len(rows), "indices": [first, last], "teacher": manifest.get("teacher", {}),
+            "pairs_config": {k: manifest.get("config", {}).get(k) for k in ("num_inference_steps", "guidance_scale", "scheduler")}}
+    return means, info
