@@ -106,6 +106,10 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
     # Interrupted after step 2, then the same command (with the final step count) resumes from the checkpoint.
     assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
+    # A kill during a save leaves only a temporary directory behind: it is neither resumed from nor kept.
+    stale = resumed / "checkpoints" / ".tmp-checkpoint-4"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
     code, err = run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 4], capsys)
     assert code == 0, err
     a = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
@@ -114,6 +118,7 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert [r["step"] for r in _stats(resumed) if "g_lpips" in r] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path):
