@@ -87,3 +87,30 @@ def prompts_fingerprint(prompts: list[str]) -> str:
 
 
 __all__ = ["load_prompts", "prompt_for_index", "prompts_fingerprint"]
+
+
+def load_labelled_prompts(source: str, *, column: str = "prompt", label_column: str = "label") -> tuple[list[str], list[int]]:
+    """Prompts and their integer class labels from a ``.jsonl/.json/.csv/.tsv/.parquet`` table.
+
+    Rows with a blank prompt are skipped exactly as :func:`load_prompts` skips them, so position ``i``
+    of both lists describes the prompt used for sample ``i`` (modulo the number of prompts).
+    """
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix not in _FILE_TYPES or suffix == ".txt":
+        raise ValueError(f"labelled prompts need a table file (.jsonl/.csv/.parquet) with `{column}` and `{label_column}` columns, got {source!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {source} not found: pass an existing file to `prompts`")
+    import datasets
+
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    ds = datasets.load_dataset(_FILE_TYPES[suffix], data_files=str(path), split="train", **kwargs)
+    prompts, labels = [], []
+    for text, label in zip(_column(ds, column, source), _column(ds, label_column, source)):
+        text = _as_text(text).strip()
+        if text:
+            prompts.append(text)
+            labels.append(int(label))
+    if not prompts:
+        raise ValueError(f"prompt source {source} contains no prompts")
+    return prompts, labels

@@ -26,14 +26,14 @@ if __package__ in (None, ""):  # `accelerate launch distill/evaluate.py` runs th
 import torch
 
 from data_gen.noise import noise_for_indices
-from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
+from data_gen.prompts import load_labelled_prompts, load_prompts, prompt_for_index, prompts_fingerprint
 from distill.config import ConfigError, config_dict, parse_config, run_cli, save_config
 from distill.metrics.generation import Generator
 from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cache, folder_fingerprint, save_grid
 from distill.metrics.sample_scores import compute_clip_score, compute_fid
 from distill.metrics.teacher_fidelity import TEST_ONLY, compute_fidelity, elatentlpips_name
 
-METRIC_GROUPS = ("fid", "clip_score", "fidelity", "latency")
+METRIC_GROUPS = ("fid", "clip_score", "fidelity", "latency", "prompt_accuracy")
 
 
 @dataclass
@@ -71,6 +71,8 @@ class EvalConfig:
     metric_workers: int = field(default=4, metadata={"help": "processes decoding and resizing images for FID (0: in the main process)"})
     metric_batch_size: int = field(default=64, metadata={"help": "images per feature-extractor call"})
     metrics_cache: str = field(default="", metadata={"help": "Inception weights and reference statistics ($D2G_METRICS_HOME or ~/.cache/diffusion2gan/metrics)"})
+    classifier: str = field(default="", metadata={"help": "prompt_accuracy: a classifier folder (e.g. teachers/assets/digits-classifier)"})
+    label_column: str = field(default="label", metadata={"help": "prompt_accuracy: column of the prompt table with each prompt's class"})
     grid_size: int = field(default=16, metadata={"help": "first N samples in samples_grid.png (0: none)"})
 
 
@@ -98,8 +100,10 @@ def validate(cfg: EvalConfig) -> list[str]:
             raise ConfigError("fidelity needs `pairs`: a pairs folder made by generate_pairs.py (use held-out rows)")
         if cfg.fidelity_count < 0:
             raise ConfigError(f"fidelity_count must not be negative, got {cfg.fidelity_count}")
-    if ("fid" in metrics or "clip_score" in metrics) and not cfg.prompts:
-        raise ConfigError("FID and CLIP score need `prompts`")
+    if ("fid" in metrics or "clip_score" in metrics or "prompt_accuracy" in metrics) and not cfg.prompts:
+        raise ConfigError("FID, CLIP score and prompt accuracy need `prompts`")
+    if "prompt_accuracy" in metrics and not Path(cfg.classifier, "config.json").is_file():
+        raise ConfigError(f"prompt_accuracy needs `classifier`: a classifier folder with config.json (got {cfg.classifier!r})")
     return metrics
 
 
@@ -172,8 +176,12 @@ def main() -> None:
     out = Path(cfg.output_dir)
     samples_dir = out / "samples"
     cache_dir = Path(cfg.metrics_cache) if cfg.metrics_cache else default_cache_dir()
-    needs_samples = "fid" in metrics or "clip_score" in metrics
-    prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, split=cfg.prompt_split) if cfg.prompts else []
+    needs_samples = "fid" in metrics or "clip_score" in metrics or "prompt_accuracy" in metrics
+    labels: list[int] = []
+    if "prompt_accuracy" in metrics:
+        prompts, labels = load_labelled_prompts(cfg.prompts, column=cfg.prompt_column, label_column=cfg.label_column)
+    else:
+        prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, split=cfg.prompt_split) if cfg.prompts else []
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     identity = {
         "pipeline": str(Path(cfg.pipeline).resolve()) if Path(cfg.pipeline).exists() else cfg.pipeline,
@@ -220,6 +228,15 @@ def main() -> None:
         values["clip_score"], details["clip_score"] = compute_clip_score(
             samples_dir=samples_dir, num_samples=cfg.num_samples, prompts=prompts, clip_model=cfg.clip_model,
             clip_pretrained=cfg.clip_pretrained, batch_size=cfg.metric_batch_size, device=device,
+        )
+    if "prompt_accuracy" in metrics:
+        from distill.metrics.prompt_accuracy import prompt_accuracy
+        from distill.metrics.sample_cache import read_samples
+        from teachers.digits_classifier import DigitClassifier
+
+        values["prompt_accuracy"], details["prompt_accuracy"] = prompt_accuracy(
+            list(read_samples(samples_dir, cfg.num_samples)), [labels[i % len(labels)] for i in range(cfg.num_samples)],
+            classifier=DigitClassifier.from_pretrained(cfg.classifier), device=device,
         )
     if "fidelity" in metrics:
         means, details["fidelity"] = compute_fidelity(

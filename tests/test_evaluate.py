@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,23 @@ def test_shipped_configs_parse(name):
 
     cfg = parse_config(EvalConfig, ["--config", str(ROOT / "configs" / "eval" / f"{name}.yaml")])
     assert validate(cfg) == ["fid", "clip_score", "fidelity", "latency"]
+
+
+def test_prompt_accuracy_of_the_digits_teacher(tmp_path, capsys):
+    """The committed digits teacher draws the digit its prompt names; shuffled labels score far lower."""
+    root = Path(__file__).resolve().parents[1]
+    teacher, classifier = root / "teachers/assets/digits-teacher", root / "teachers/assets/digits-classifier"
+    rows = [json.loads(line) for line in (root / "configs/digits/prompts.jsonl").read_text().splitlines()][::5]  # one per digit
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("".join(json.dumps({**r, "label": (r["label"] + 3) % 10}) + "\n" for r in rows))
+    common = ["--pipeline", teacher, "--num_inference_steps", 10, "--guidance_scale", 4.0, "--metrics", "prompt_accuracy",
+              "--classifier", classifier, "--num_samples", 20, "--batch_size", 10, "--grid_size", 0]
+    code, err = run_script("evaluate.py", [*common, "--prompts", prompts, "--output_dir", tmp_path / "right"], capsys)
+    assert code == 0, err
+    right = json.loads((tmp_path / "right" / "metrics.json").read_text())["metrics"]["prompt_accuracy"]
+    code, err = run_script("evaluate.py", [*common, "--prompts", shuffled, "--output_dir", tmp_path / "wrong"], capsys)
+    assert code == 0, err
+    wrong = json.loads((tmp_path / "wrong" / "metrics.json").read_text())["metrics"]["prompt_accuracy"]
+    assert right >= 0.8 and wrong <= 0.3, (right, wrong)
