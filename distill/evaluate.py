@@ -56,7 +56,7 @@ class EvalConfig:
     reference: str = field(default="", metadata={"help": "FID reference: a folder of images, or an .npz with mu/sigma"})
     reference_limit: int = field(default=0, metadata={"help": "use the first N reference images (sorted by path; 0: all)"})
     reference_center_crop: bool = field(default=True, metadata={"help": "center-crop reference images to a square before resizing"})
-    fid_extractor: str = field(default="inception", metadata={"help": f"inception (weights in metrics_cache), a path to inception-2015-12-05.pt, or {TEST_ONLY} (tests only)"})
+    fid_extractor: str = field(default="inception", metadata={"help": f"inception (weights in metrics_cache), a path to inception-2015-12-05.pt, a classifier folder (FID in its feature space), or {TEST_ONLY} (tests only)"})
     clip_model: str = field(default="ViT-g-14", metadata={"help": f"open_clip model name, or {TEST_ONLY} (tests only)"})
     clip_pretrained: str = field(default="laion2b_s34b_b88k", metadata={"help": "open_clip pretrained tag or a local weights file"})
     pairs: str = field(default="", metadata={"help": "pairs folder (generate_pairs.py) for the fidelity metrics"})
@@ -118,9 +118,10 @@ def warn_test_only(key: str) -> None:
 def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cache_dir: Path) -> None:
     """Fail before hours of generation when metric weights are missing (file checks only, no model build)."""
     if "fid" in metrics and cfg.fid_extractor != TEST_ONLY:
-        from distill.metrics.fid import inception_path
+        from distill.metrics.fid import inception_path, is_classifier_folder
 
-        inception_path(cache_dir if cfg.fid_extractor == "inception" else cfg.fid_extractor)
+        if not is_classifier_folder(cfg.fid_extractor):
+            inception_path(cache_dir if cfg.fid_extractor == "inception" else cfg.fid_extractor)
     if "clip_score" in metrics and cfg.clip_model != TEST_ONLY:
         from distill.metrics.clip_score import resolve_clip_weights
 

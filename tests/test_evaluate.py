@@ -166,12 +166,26 @@ def test_prompt_accuracy_of_the_digits_teacher(tmp_path, capsys):
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     shuffled = tmp_path / "shuffled.jsonl"
     shuffled.write_text("".join(json.dumps({**r, "label": (r["label"] + 3) % 10}) + "\n" for r in rows))
-    common = ["--pipeline", teacher, "--num_inference_steps", 10, "--guidance_scale", 4.0, "--metrics", "prompt_accuracy",
-              "--classifier", classifier, "--num_samples", 20, "--batch_size", 10, "--grid_size", 0]
-    code, err = run_script("evaluate.py", [*common, "--prompts", prompts, "--output_dir", tmp_path / "right"], capsys)
+    from data_gen.digits import load_digits_images
+    from distill.metrics.fid import images_to_uint8, load_classifier_extractor
+
+    reference = tmp_path / "real"
+    reference.mkdir()
+    real, _ = load_digits_images(split="held_out")
+    for i, image in enumerate(images_to_uint8(real[:100])):
+        Image.fromarray(image).save(reference / f"{i:03d}.png")
+    common = ["--pipeline", teacher, "--num_inference_steps", 10, "--guidance_scale", 4.0, "--classifier", classifier,
+              "--num_samples", 20, "--batch_size", 10, "--grid_size", 0, "--reference", reference, "--metric_workers", 0]
+    code, err = run_script("evaluate.py", [*common, "--prompts", prompts, "--output_dir", tmp_path / "right",
+                                           "--metrics", "prompt_accuracy,fid", "--fid_extractor", classifier], capsys)
     assert code == 0, err
-    right = json.loads((tmp_path / "right" / "metrics.json").read_text())["metrics"]["prompt_accuracy"]
-    code, err = run_script("evaluate.py", [*common, "--prompts", shuffled, "--output_dir", tmp_path / "wrong"], capsys)
+    result = json.loads((tmp_path / "right" / "metrics.json").read_text())
+    right = result["metrics"]["prompt_accuracy"]
+    # FID in the classifier's feature space (the testbed's FID): finite, positive, keyed by that extractor.
+    assert 0 < result["metrics"]["fid"] < 1e4
+    assert result["details"]["fid"]["extractor_id"] == load_classifier_extractor(classifier).extractor_id
+    code, err = run_script("evaluate.py", [*common, "--prompts", shuffled, "--output_dir", tmp_path / "wrong",
+                                           "--metrics", "prompt_accuracy"], capsys)
     assert code == 0, err
     wrong = json.loads((tmp_path / "wrong" / "metrics.json").read_text())["metrics"]["prompt_accuracy"]
     assert right >= 0.8 and wrong <= 0.3, (right, wrong)

@@ -98,10 +98,39 @@ class RandomTinyExtractor(nn.Module):
         return self.net(x / 127.5 - 1.0)
 
 
+class ClassifierFeatureExtractor(nn.Module):
+    """FID in a classifier's feature space (its ``features()``: e.g. the digits testbed's classifier,
+    where Inception features mean little on 32 px digits). Input [N,3,S,S] in [0,255]."""
+
+    def __init__(self, classifier: nn.Module, *, extractor_id: str):
+        super().__init__()
+        self.classifier = classifier.eval()
+        self.input_size = int(classifier.config.image_size)
+        self.extractor_id = extractor_id
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x / 127.5 - 1.0)
+
+
+def is_classifier_folder(name: str | os.PathLike) -> bool:
+    return Path(name, "config.json").is_file()
+
+
+def load_classifier_extractor(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ClassifierFeatureExtractor:
+    from teachers.digits_classifier import DigitClassifier
+
+    weights = sorted(Path(path).glob("*.safetensors"))
+    digest = _file_sha256(weights[0])[:16] if weights else "unknown"
+    return ClassifierFeatureExtractor(DigitClassifier.from_pretrained(path), extractor_id=f"classifier/{digest}").to(device)
+
+
 def load_fid_extractor(name: str, *, device: str | torch.device = "cpu") -> nn.Module:
-    """``inception`` (weights from the metrics cache dir), a path to the Inception file, or ``random-tiny`` (tests only)."""
+    """``inception`` (weights from the metrics cache dir), a path to the Inception file, a classifier
+    folder (config.json + safetensors: FID in its feature space), or ``random-tiny`` (tests only)."""
     if name == "random-tiny":
         return RandomTinyExtractor().to(device).eval()
+    if is_classifier_folder(name):
+        return load_classifier_extractor(name, device=device)
     if name == "inception":
         return load_inception(None, device=device)
     return load_inception(name, device=device)
