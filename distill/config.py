@@ -85,6 +85,26 @@ def _flag_value(raw: str, field: dataclasses.Field):
     return raw
 
 
+def require_positive(config: Any, *keys: str) -> None:
+    """One-line error for the first of ``keys`` that is not > 0."""
+    for key in keys:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(config, key)}")
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of ``names`` (``unknown`` when absent), recorded in manifests and metrics."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (the run directory's record of what ran)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

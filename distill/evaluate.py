@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch distill/evaluate.py` runs this as a plain file
@@ -27,7 +26,7 @@ import torch
 
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_labelled_prompts, load_prompts, prompt_for_index, prompts_fingerprint
-from distill.config import ConfigError, config_dict, parse_config, run_cli, save_config
+from distill.config import ConfigError, config_dict, package_versions, parse_config, require_positive, run_cli, save_config
 from distill.metrics.generation import Generator
 from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cache, folder_fingerprint, save_grid
 from distill.metrics.sample_scores import compute_clip_score, compute_fid
@@ -87,9 +86,8 @@ def parse_metrics(text: str) -> list[str]:
 def validate(cfg: EvalConfig) -> list[str]:
     if not cfg.pipeline:
         raise ConfigError("no pipeline given: set `pipeline` to a OneStepGANPipeline folder or a teacher")
-    for key in ("num_samples", "batch_size", "latency_batch_size", "latency_iterations", "metric_batch_size", "num_inference_steps"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    require_positive(cfg, "num_samples", "batch_size", "latency_batch_size", "latency_iterations", "metric_batch_size",
+                     "num_inference_steps")
     if min(cfg.resolution, cfg.latency_warmup, cfg.grid_size, cfg.reference_limit, cfg.metric_workers) < 0:
         raise ConfigError("resolution, latency_warmup, grid_size, reference_limit and metric_workers must not be negative")
     metrics = parse_metrics(cfg.metrics)
@@ -152,16 +150,6 @@ def compute_latency(cfg: EvalConfig, *, generator: Generator, prompts: list[str]
     result = measure_latency(lambda: generator.images(batch_prompts, noise), batch_size=cfg.latency_batch_size,
                              warmup=cfg.latency_warmup, iterations=cfg.latency_iterations, device=device)
     return result.as_dict()
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for name in ("diffusion2gan-toolkit", "torch", "diffusers", "clean-fid", "open_clip_torch", "lpips"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
 
 
 def main() -> None:
@@ -256,7 +244,7 @@ def main() -> None:
         "metrics": values, "details": details, "test_only_models": test_only,
         "pipeline": {"path": cfg.pipeline, "kind": "one-step student" if generator.is_student else "teacher"},
         "num_samples": cfg.num_samples, "num_processes": accelerator.num_processes, "device": str(device),
-        "metric_seconds": time.perf_counter() - start, "config": config_dict(cfg), "versions": versions(),
+        "metric_seconds": time.perf_counter() - start, "config": config_dict(cfg), "versions": package_versions("diffusion2gan-toolkit", "torch", "diffusers", "clean-fid", "open_clip_torch", "lpips"),
     }
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".metrics.json.tmp-{os.getpid()}"

@@ -13,7 +13,6 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from data_gen import pairs as pairs_io
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
-from distill.config import ConfigError, parse_config, run_cli, save_config
+from distill.config import ConfigError, package_versions, parse_config, require_positive, run_cli, save_config
 from teachers import SCHEDULERS, load_teacher, solve_ode
 from teachers.loading import dtype_from_name
 
@@ -54,26 +53,13 @@ class PairsConfig:
 
 
 def validate(cfg: PairsConfig) -> None:
-    for key in ("num_pairs", "num_inference_steps", "resolution", "batch_size", "shard_size"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    require_positive(cfg, "num_pairs", "num_inference_steps", "resolution", "batch_size", "shard_size")
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if cfg.dtype not in pairs_io.STORAGE_DTYPES:
         raise ConfigError(f"unknown storage dtype {cfg.dtype!r}; choose one of {', '.join(pairs_io.STORAGE_DTYPES)}")
     if cfg.teacher_dtype != "auto":
         dtype_from_name(cfg.teacher_dtype)
-
-
-def versions() -> dict[str, str]:
-    names = ("diffusion2gan-toolkit", "torch", "diffusers", "transformers", "accelerate", "datasets")
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
 
 
 def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: list[int], out: Path,
@@ -140,7 +126,7 @@ def main() -> None:
         "latent_shape": list(latent_shape),
         "count": cfg.num_pairs,
         "complete": False,
-        "versions": versions(),
+        "versions": package_versions("diffusion2gan-toolkit", "torch", "diffusers", "transformers", "accelerate", "datasets"),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not resumed:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_gen.pairs import load_pairs, read_manifest
-from distill.config import ConfigError, parse_config, run_cli, save_config
+from distill.config import ConfigError, parse_config, require_positive, run_cli, save_config
 from distill.training import checkpoint as ckpt
 from distill.training.ema import EMA
 from distill.training.phases import REGRESSIONS, Batch, discriminator_terms, generator_terms
@@ -94,9 +94,8 @@ def check(cfg: StudentConfig) -> None:
         raise ConfigError(f"unknown student {cfg.student!r}; available: {', '.join(STUDENTS)}")
     if cfg.regression not in REGRESSIONS:
         raise ConfigError(f"unknown regression {cfg.regression!r}; choose one of {', '.join(REGRESSIONS)}")
-    for key in ("max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval", "checkpointing_steps", "validation_steps"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
+                     "checkpointing_steps", "validation_steps")
 
 
 def main() -> None:
