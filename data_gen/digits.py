@@ -79,3 +79,21 @@ def load_digits_images(
         keep = train_idx if split == "train" else held_idx
         pixels, labels = pixels[keep], labels[keep]
     return pixels_to_images(pixels=pixels, size=size), torch.from_numpy(labels)
+
+
+def save_digits_dataset(*, path: str, split: str = "train", size: int = 32) -> str:
+    """Write a split as a Parquet ``datasets`` image dataset (``image``, ``label``) at ``path``.
+
+    The E-LatentLPIPS recipe (stage 1) and FID reference folders read data in these standard forms.
+    """
+    import datasets
+    from PIL import Image
+
+    images, labels = load_digits_images(split=split, size=size)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p) for p in pixels], "label": [int(l) for l in labels]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DIGIT_NAMES))}),
+    )
+    ds.to_parquet(path)
+    return path
