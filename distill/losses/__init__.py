@@ -3,7 +3,7 @@
 Attributes are imported lazily (PEP 562) so that entry scripts do not pay for kornia / lpips at start-up.
 """
 
-from importlib import import_module
+from distill._lazy import lazy_exports
 
 _EXPORTS = {
     "SharedAugment": "augment",
@@ -18,14 +18,4 @@ _EXPORTS = {
     "PixelLPIPS": "pixel_lpips",
     "build_lpips": "pixel_lpips",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -8,7 +8,7 @@
 Attributes are imported lazily (PEP 562) so importing one metric does not import open_clip or clean-fid.
 """
 
-from importlib import import_module
+from distill._lazy import lazy_exports
 
 _EXPORTS = {
     "FIDStats": "fid",
@@ -35,14 +35,4 @@ _EXPORTS = {
     "LatencyResult": "latency",
     "measure_latency": "latency",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
