@@ -8,6 +8,8 @@ class) so every script evaluates on the same held-out digits.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -90,10 +92,29 @@ def save_digits_dataset(*, path: str, split: str = "train", size: int = 32) -> s
     from PIL import Image
 
     images, labels = load_digits_images(split=split, size=size)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     ds = datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(p) for p in pixels], "label": [int(l) for l in labels]},
+        {"image": [Image.fromarray(p) for p in _uint8(images)], "label": [int(l) for l in labels]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(DIGIT_NAMES))}),
     )
     ds.to_parquet(path)
     return path
+
+
+def save_digits_reference(path: str | Path, *, split: str = "held_out", size: int = 32) -> Path:
+    """Write a split as numbered PNGs: the real-image reference folder of the testbed's FID."""
+    from PIL import Image
+
+    path = Path(path)
+    images, _ = load_digits_images(split=split, size=size)
+    pixels = _uint8(images)
+    tmp = path.with_name(path.name + ".partial")  # a killed run leaves no half-written reference behind
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp / f"{i:04d}.png")
+    tmp.replace(path)
+    return path
+
+
+def _uint8(images: torch.Tensor) -> np.ndarray:
+    """[N,3,H,W] in [-1, 1] -> [N,H,W,3] uint8, rounded as image writers do."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

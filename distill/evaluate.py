@@ -63,7 +63,7 @@ class EvalConfig:
     fidelity_count: int = field(default=0, metadata={"help": "held-out pairs from fidelity_start (0: to the end)"})
     elatentlpips: str = field(default="auto", metadata={"help": f"auto (published sd15/sdxl by the VAE), a published name, a folder or .pth, or {TEST_ONLY}"})
     elatentlpips_download: bool = field(default=False, metadata={"help": "download a published E-LatentLPIPS checkpoint (CC-BY-NC) into the HF cache"})
-    pixel_lpips: str = field(default="vgg", metadata={"help": f"lpips trunk: vgg or alex (torchvision weights), or {TEST_ONLY}"})
+    pixel_lpips: str = field(default="vgg", metadata={"help": f"lpips trunk: vgg or alex (torchvision weights), none (skip pixel LPIPS), or {TEST_ONLY}"})
     latency_batch_size: int = field(default=1, metadata={"help": "images per timed call"})
     latency_warmup: int = field(default=3, metadata={"help": "untimed calls before timing"})
     latency_iterations: int = field(default=20, metadata={"help": "timed calls"})
@@ -98,6 +98,8 @@ def validate(cfg: EvalConfig) -> list[str]:
             raise ConfigError("fidelity needs `pairs`: a pairs folder made by generate_pairs.py (use held-out rows)")
         if cfg.fidelity_count < 0:
             raise ConfigError(f"fidelity_count must not be negative, got {cfg.fidelity_count}")
+        if cfg.pixel_lpips not in ("vgg", "alex", "none", TEST_ONLY):
+            raise ConfigError(f"unknown pixel_lpips {cfg.pixel_lpips!r}; choose vgg, alex, none or {TEST_ONLY}")
     if ("fid" in metrics or "clip_score" in metrics or "prompt_accuracy" in metrics) and not cfg.prompts:
         raise ConfigError("FID, CLIP score and prompt accuracy need `prompts`")
     if "prompt_accuracy" in metrics and not Path(cfg.classifier, "config.json").is_file():

@@ -30,7 +30,8 @@ from distill.training.phases import REGRESSIONS, Batch, discriminator_terms, gen
 from distill.training.seeds import batch_indices, step_generator
 from distill.training.setup import build_lpips, build_student, export_pipeline, validate_and_sample
 
-STUDENTS = ("unet",)
+STUDENTS = ("unet", "gigagan", "stylegan_t")
+STUDENT_SIZES = ("tiny", "small", "base")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class StudentConfig:
     pairs: str = field(default="", metadata={"help": "pairs directory written by generate_pairs.py"})
     student: str = field(default="unet", metadata={"help": f"generator: {', '.join(STUDENTS)}"})
     student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
+    student_size: str = field(default="base", metadata={"help": f"preset of the gigagan / stylegan_t generators: {', '.join(STUDENT_SIZES)}"})
     output_dir: str = field(default="runs/student", metadata={"help": "run directory"})
     max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step"})
@@ -63,6 +65,7 @@ class StudentConfig:
     r1_gamma: float = field(default=1e-5, metadata={"help": "R1 weight (0 = off)"})
     r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
     ema_half_life_kimg: float = field(default=0.5, metadata={"help": "EMA half-life in thousands of images (0 = off)"})
+    ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
     seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
@@ -92,6 +95,8 @@ def check(cfg: StudentConfig) -> None:
         raise ConfigError("no pairs given: set `pairs` to a directory written by distill/generate_pairs.py")
     if cfg.student not in STUDENTS:
         raise ConfigError(f"unknown student {cfg.student!r}; available: {', '.join(STUDENTS)}")
+    if cfg.student_size not in STUDENT_SIZES:
+        raise ConfigError(f"unknown student_size {cfg.student_size!r}; choose one of {', '.join(STUDENT_SIZES)}")
     if cfg.regression not in REGRESSIONS:
         raise ConfigError(f"unknown regression {cfg.regression!r}; choose one of {', '.join(REGRESSIONS)}")
     require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
@@ -119,7 +124,7 @@ def main() -> None:
     parts = build_student(cfg, manifest=manifest, device=accelerator.device)  # teacher, student, D, text encoder
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
     lpips_loss = build_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
-    ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg)
+    ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate_g, betas=betas)
     d_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
@@ -200,9 +205,9 @@ def main() -> None:
                 opt_d.step()
                 opt_d.zero_grad(set_to_none=True)
 
-            ema.update(accelerator.unwrap_model(student), micro * world * cfg.gradient_accumulation_steps)
             state.step += 1
             state.nimg += micro * world * cfg.gradient_accumulation_steps
+            ema.update(accelerator.unwrap_model(student), micro * world * cfg.gradient_accumulation_steps, nimg=state.nimg)
             logs = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in sorted(logs.items())}
             accelerator.log({**logs, "nimg": state.nimg}, step=state.step)
             if accelerator.is_main_process:

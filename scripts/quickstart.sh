@@ -12,20 +12,7 @@ LAUNCH="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision n
 mkdir -p "$OUT"
 start=$(date +%s)
 
-python - "$OUT" <<'PY'
-import sys
-from pathlib import Path
-from data_gen.digits import load_digits_images
-from distill.metrics.fid import images_to_uint8
-from PIL import Image
-ref = Path(sys.argv[1]) / "reference"
-if not ref.is_dir():
-    ref.mkdir(parents=True)
-    images, _ = load_digits_images(split="held_out")
-    for i, image in enumerate(images_to_uint8(images)):
-        Image.fromarray(image).save(ref / f"{i:04d}.png")
-PY
-
+[ -d "$OUT/reference" ] || python -c "import sys; from data_gen.digits import save_digits_reference as s; s(sys.argv[1])" "$OUT/reference"
 $LAUNCH distill/generate_pairs.py --config configs/digits/pairs.yaml --output_dir "$OUT/pairs" ${QUICKSTART_PAIRS_ARGS:-}
 $LAUNCH distill/train_student.py --config configs/digits/student.yaml --pairs "$OUT/pairs" \
     --output_dir "$OUT/student" ${QUICKSTART_STUDENT_ARGS:-}
@@ -33,7 +20,7 @@ for who in teacher student; do
     pipe=teachers/assets/digits-teacher
     [ "$who" = student ] && pipe="$OUT/student/pipeline"
     python distill/evaluate.py --config configs/digits/eval.yaml --pipeline "$pipe" \
-        --reference "$OUT/reference" --output_dir "$OUT/eval-$who" ${QUICKSTART_EVAL_ARGS:-}
+        --reference "$OUT/reference" --pairs "$OUT/pairs" --output_dir "$OUT/eval-$who" ${QUICKSTART_EVAL_ARGS:-}
 done
 python scripts/quickstart_report.py "$OUT"
 echo "quickstart finished in $(( $(date +%s) - start )) s; results in $OUT"

@@ -45,6 +45,10 @@ def main(out: Path) -> None:
         f"latency          teacher {teacher['seconds_per_image'] * 1000:.1f} ms/img  student "
         f"{student['seconds_per_image'] * 1000:.2f} ms/img  speedup {result['speedup']:.1f}x (goal >= 20)",
     ]
+    if "e_latent_lpips" in student:
+        lines.append(f"fidelity to the teacher on held-out pairs: E-LatentLPIPS {student['e_latent_lpips']:.4f}, PSNR "
+                     f"{student['psnr']:.1f} dB (the teacher against its own pairs: {teacher['e_latent_lpips']:.4f}, "
+                     f"{teacher['psnr']:.1f} dB)")
     if val:
         t = result["student_training"]
         lines.append(f"held-out E-LatentLPIPS to the teacher: {t['val_lpips_init']:.4f} at init -> {t['val_lpips_final']:.4f}")

@@ -4,8 +4,12 @@ Generator interface (every student): ``forward(noise [N,C,H,W], prompt_embeds [N
 added_cond_kwargs=None) -> latents [N,C,H,W]`` plus ``latent_channels`` and ``sample_size``.
 """
 
+from .gigagan import GigaGANGenerator
 from .pipeline import OneStepGANPipeline
+from .stylegan_t import StyleGANTGenerator
 from .text import TextConditioning, encode_text
 from .unet_student import UNetStudent
 
-__all__ = ["OneStepGANPipeline", "TextConditioning", "UNetStudent", "encode_text"]
+__all__ = [
+    "GigaGANGenerator", "OneStepGANPipeline", "StyleGANTGenerator", "TextConditioning", "UNetStudent", "encode_text",
+]

@@ -100,6 +100,25 @@ def test_training_lowers_heldout_lpips_and_exports_pipeline(pairs_dir, tmp_path,
     assert pipe("a cat", output_type="pil").images[0].size == (32, 32)
 
 
+@pytest.mark.parametrize("student", ["gigagan", "stylegan_t"])
+def test_gan_generator_students_train_and_export(pairs_dir, tmp_path, capsys, student):
+    """GigaGAN / StyleGAN-T generators (from scratch) through the same CLI, loss phases and pipeline."""
+    run = tmp_path / student
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 6,
+                                                "--checkpointing_steps", 6, "--validation_steps", 6, *TRAIN,
+                                                "--student", student, "--student_size", "tiny", "--learning_rate_g", "1e-3"], capsys)
+    assert code == 0, err
+    val = [r for r in _stats(run) if "val_lpips" in r]
+    assert val[-1]["val_lpips"] < val[0]["val_lpips"]
+    assert all("d_gan" in r for r in _stats(run) if "g_lpips" in r)
+    pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
+    assert type(pipe.student).__name__ == {"gigagan": "GigaGANGenerator", "stylegan_t": "StyleGANTGenerator"}[student]
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    again = OneStepGANPipeline.from_pretrained(run / "checkpoints" / "checkpoint-6" / "pipeline")
+    torch.testing.assert_close(pipe(["a cat", "a dog"], latents=z, output_type="latent").images,
+                               again(["a cat", "a dog"], latents=z, output_type="latent").images)
+
+
 def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -143,7 +162,10 @@ def test_nan_loss_stops_with_one_line(pairs_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--pairs", "/no/such/pairs"], "is not a pairs directory"),
-    (["--pairs", "PAIRS", "--student", "gigagan"], "unknown student 'gigagan'"),
+    (["--pairs", "PAIRS", "--student", "biggan"], "unknown student 'biggan'"),
+    (["--pairs", "PAIRS", "--student", "gigagan", "--student_size", "huge"], "unknown student_size 'huge'"),
+    (["--pairs", "PAIRS", "--student", "gigagan", "--student_size", "tiny", "--gradient_checkpointing", "true",
+      "--lpips_network", "random"], "does not support gradient_checkpointing"),
     (["--pairs", "PAIRS", "--regression", "l2"], "unknown regression 'l2'"),
 ])
 def test_bad_input(pairs_dir, tmp_path, capsys, args, message):

@@ -51,9 +51,11 @@ def fidelity_nets(*, elatentlpips: str, elatentlpips_download: bool, pixel_lpips
             pixel = build_lpips(pretrained_trunk=False)
     elif pixel_lpips in ("vgg", "alex"):
         pixel = build_lpips(net=pixel_lpips, pretrained_trunk=True)
+    elif pixel_lpips == "none":  # e.g. the offline digits testbed: no ImageNet weights for the pixel trunk
+        pixel = None
     else:
-        raise ConfigError(f"unknown pixel_lpips {pixel_lpips!r}; choose vgg, alex or {TEST_ONLY}")
-    return latent.to(device), pixel.to(device)
+        raise ConfigError(f"unknown pixel_lpips {pixel_lpips!r}; choose vgg, alex, none or {TEST_ONLY}")
+    return latent.to(device), None if pixel is None else pixel.to(device)
 
 
 def compute_fidelity(generator: Generator, *, pairs: str, fidelity_start: int, fidelity_count: int, batch_size: int,

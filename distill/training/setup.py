@@ -14,7 +14,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from distill.discriminators import UNetDiscriminator
-from students import OneStepGANPipeline, TextConditioning, UNetStudent, encode_text
+from students import GigaGANGenerator, OneStepGANPipeline, StyleGANTGenerator, TextConditioning, UNetStudent, encode_text
 from teachers import Teacher, load_teacher
 
 
@@ -44,9 +44,11 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
             module.requires_grad_(False).eval()
     if tuple(manifest["latent_shape"])[0] != teacher.latent_channels:
         raise ValueError(f"pairs have {manifest['latent_shape'][0]} latent channels but teacher {name} has {teacher.latent_channels}")
-    student = UNetStudent.from_teacher(teacher.pipe.unet, teacher.pipe.scheduler, timestep=cfg.student_timestep).to(device)
+    student = _student(cfg, teacher).to(device)
     if cfg.gradient_checkpointing:
-        student.unet.enable_gradient_checkpointing()
+        if not student._supports_gradient_checkpointing:
+            raise ValueError(f"student {cfg.student!r} does not support gradient_checkpointing; turn it off")
+        student.enable_gradient_checkpointing()
     disc = None
     if cfg.gan_weight > 0:
         heads = tuple(h.strip() for h in cfg.d_heads.split(",") if h.strip())
@@ -59,6 +61,22 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     resolution = manifest["config"]["resolution"]
     return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution)
+
+
+def _student(cfg, teacher: Teacher) -> torch.nn.Module:
+    """``unet``: the teacher's UNet at a fixed timestep (Diffusion2GAN §3); ``gigagan`` / ``stylegan_t``:
+    a GAN generator of preset ``student_size`` from scratch, sized for the teacher's latents and text."""
+    unet = teacher.pipe.unet
+    if cfg.student == "unet":
+        return UNetStudent.from_teacher(unet, teacher.pipe.scheduler, timestep=cfg.student_timestep)
+    text_2 = getattr(teacher.pipe, "text_encoder_2", None)
+    cls = {"gigagan": GigaGANGenerator, "stylegan_t": StyleGANTGenerator}[cfg.student]
+    return cls.for_latents(
+        latent_channels=teacher.latent_channels, sample_size=int(unet.config.sample_size),
+        cross_attention_dim=int(unet.config.cross_attention_dim),
+        pooled_dim=int(text_2.config.projection_dim) if text_2 is not None else 0,  # SDXL's pooled prompt
+        size=cfg.student_size,
+    ).to(unet.dtype)
 
 
 def _lpips_name(teacher: Teacher) -> str:

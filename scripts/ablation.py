@@ -1,0 +1,132 @@
+"""The regression-loss / GAN / generator ablation on the digits testbed, as one table.
+
+    python scripts/ablation.py [OUTPUT_DIR]        # default runs/ablation
+
+Every variant of ``configs/digits/ablation.yaml`` trains with the public entry point
+(``accelerate launch distill/train_student.py --config configs/digits/student.yaml <variant args>``)
+on the same pairs and is evaluated by ``distill/evaluate.py --config configs/digits/eval.yaml`` with
+the same prompts, noise and reference set, plus fidelity to the teacher on the held-out pairs. The
+teacher is evaluated once. Finished variants are skipped on a rerun (a killed one resumes from its
+checkpoint), so the command can be repeated. Writes ``OUTPUT_DIR/ablation.md`` and ``ablation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a plain file from a checkout
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``cmd`` from the repo root with output in ``log``; seconds taken. A failure names the log."""
+    start = time.time()
+    with open(log, "a") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        code = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    if code:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        sys.exit(f"error: {Path(cmd[min(len(cmd) - 1, len(LAUNCH))]).name} failed ({tail[0].strip()}); full log: {log}")
+    return time.time() - start
+
+
+def evaluate(pipeline: str, out: Path, *, pairs: Path, reference: Path, holdout: int, extra: list[str]) -> dict:
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, "distill/evaluate.py", "--config", "configs/digits/eval.yaml", "--pipeline", pipeline,
+             "--reference", str(reference), "--output_dir", str(out), "--pairs", str(pairs),
+             "--fidelity_start", str(-holdout), *extra], out.with_suffix(".log"))
+    return json.loads(metrics.read_text())["metrics"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("output_dir", nargs="?", default="runs/ablation")
+    parser.add_argument("--config", default="configs/digits/ablation.yaml", help="variants table")
+    parser.add_argument("--variants", default="", help="comma-separated subset of variant names (default: all)")
+    parser.add_argument("--pairs", default="", help="existing pairs folder to reuse (default: OUTPUT_DIR/pairs, generated)")
+    parser.add_argument("--pairs_args", default="", help="extra --key value overrides for generate_pairs.py")
+    parser.add_argument("--student_args", default="", help="extra overrides for every train_student.py run")
+    parser.add_argument("--eval_args", default="", help="extra overrides for every evaluate.py run")
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # accelerate would set 1 for one process
+    table = OmegaConf.to_container(OmegaConf.load(ROOT / args.config))
+    variants = table["variants"]
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = sorted(set(wanted) - {v["name"] for v in variants})
+        if unknown:
+            sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; {args.config} has {', '.join(v['name'] for v in variants)}")
+        variants = [v for v in variants if v["name"] in wanted]
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = Path(args.pairs).resolve() if args.pairs else out / "pairs"
+    if args.pairs and not (pairs / "manifest.json").is_file():
+        sys.exit(f"error: --pairs {pairs} is not a pairs folder (no manifest.json); omit it to generate pairs")
+    if not args.pairs:  # generate_pairs.py resumes / skips a complete folder by itself
+        run([*LAUNCH, "distill/generate_pairs.py", "--config", "configs/digits/pairs.yaml", "--output_dir", str(pairs),
+             *shlex.split(args.pairs_args)], out / "pairs.log")
+    reference = out / "reference"
+    if not reference.is_dir():
+        from data_gen.digits import save_digits_reference
+
+        save_digits_reference(reference)
+    student_cfg = OmegaConf.load(ROOT / "configs/digits/student.yaml")
+    # Fidelity is measured on the pairs every variant held out (the same `holdout` for all of them).
+    holdout = int(dict(_pairs_of(shlex.split(args.student_args))).get("--holdout", student_cfg.holdout))
+    eval_extra = ["--metrics", "prompt_accuracy,fid,fidelity", *shlex.split(args.eval_args)]
+
+    rows = [{"name": "teacher", "about": "the digits teacher, 25 DDIM steps, CFG 4",
+             **evaluate("teachers/assets/digits-teacher", out / "eval-teacher", pairs=pairs, reference=reference,
+                        holdout=holdout, extra=eval_extra)}]
+    for v in variants:
+        run_dir = out / v["name"]
+        seconds_file = run_dir / "train_seconds.txt"
+        if not (run_dir / "student" / "pipeline" / "model_index.json").is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            seconds = run([*LAUNCH, "distill/train_student.py", "--config", "configs/digits/student.yaml", "--pairs", str(pairs),
+                           "--output_dir", str(run_dir / "student"), *shlex.split(v.get("args") or ""),
+                           *shlex.split(args.student_args)], run_dir / "train.log")
+            seconds_file.write_text(f"{seconds:.1f}\n")
+        metrics = evaluate(str(run_dir / "student" / "pipeline"), run_dir / "eval", pairs=pairs, reference=reference,
+                           holdout=holdout, extra=eval_extra)
+        train_s = float(seconds_file.read_text()) if seconds_file.is_file() else None
+        rows.append({"name": v["name"], "about": v.get("about", ""), "train_seconds": train_s, **metrics})
+
+    teacher_fid = rows[0]["fid"]
+    for r in rows:
+        r["fid_ratio"] = r["fid"] / max(teacher_fid, 1e-9)
+    (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| variant | prompt accuracy | classifier FID | FID / teacher | E-LatentLPIPS to teacher | PSNR to teacher (dB) | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        train = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "-"
+        lines.append(f"| {r['name']} | {r['prompt_accuracy']:.3f} | {r['fid']:.1f} | {r['fid_ratio']:.2f} | "
+                     f"{r.get('e_latent_lpips', float('nan')):.3f} | {r.get('psnr', float('nan')):.1f} | {train} |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _pairs_of(tokens: list[str]) -> list[tuple[str, str]]:
+    """``--key value`` tokens -> [(key, value)]."""
+    return [(tokens[i], tokens[i + 1]) for i in range(0, len(tokens) - 1, 2) if tokens[i].startswith("--")]
+
+
+if __name__ == "__main__":
+    main()
