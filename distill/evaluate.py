@@ -66,7 +66,8 @@ class EvalConfig:
     pixel_lpips: str = field(default="vgg", metadata={"help": f"lpips trunk: vgg or alex (torchvision weights), none (skip pixel LPIPS), or {TEST_ONLY}"})
     latency_batch_size: int = field(default=1, metadata={"help": "images per timed call"})
     latency_warmup: int = field(default=3, metadata={"help": "untimed calls before timing"})
-    latency_iterations: int = field(default=20, metadata={"help": "timed calls"})
+    latency_iterations: int = field(default=20, metadata={"help": "timed calls (at least; the median is reported)"})
+    latency_min_seconds: float = field(default=0.0, metadata={"help": "keep timing until the timed calls add up to this"})
     metric_workers: int = field(default=4, metadata={"help": "processes decoding and resizing images for FID (0: in the main process)"})
     metric_batch_size: int = field(default=64, metadata={"help": "images per feature-extractor call"})
     metrics_cache: str = field(default="", metadata={"help": "Inception weights and reference statistics ($D2G_METRICS_HOME or ~/.cache/diffusion2gan/metrics)"})
@@ -88,8 +89,8 @@ def validate(cfg: EvalConfig) -> list[str]:
         raise ConfigError("no pipeline given: set `pipeline` to a OneStepGANPipeline folder or a teacher")
     require_positive(cfg, "num_samples", "batch_size", "latency_batch_size", "latency_iterations", "metric_batch_size",
                      "num_inference_steps")
-    if min(cfg.resolution, cfg.latency_warmup, cfg.grid_size, cfg.reference_limit, cfg.metric_workers) < 0:
-        raise ConfigError("resolution, latency_warmup, grid_size, reference_limit and metric_workers must not be negative")
+    if min(cfg.resolution, cfg.latency_warmup, cfg.latency_min_seconds, cfg.grid_size, cfg.reference_limit, cfg.metric_workers) < 0:
+        raise ConfigError("resolution, latency_warmup, latency_min_seconds, grid_size, reference_limit and metric_workers must not be negative")
     metrics = parse_metrics(cfg.metrics)
     if "fid" in metrics and not cfg.reference:
         raise ConfigError("FID needs `reference`: a folder of reference images (e.g. COCO val) or an .npz statistics file")
@@ -150,7 +151,8 @@ def compute_latency(cfg: EvalConfig, *, generator: Generator, prompts: list[str]
     noise, _ = noise_for_indices(seed=cfg.seed, indices=idx, shape=latent_shape)
     batch_prompts = [prompt_for_index(prompts, i) for i in idx] if prompts else ["a photo"] * len(idx)
     result = measure_latency(lambda: generator.images(batch_prompts, noise), batch_size=cfg.latency_batch_size,
-                             warmup=cfg.latency_warmup, iterations=cfg.latency_iterations, device=device)
+                             warmup=cfg.latency_warmup, iterations=cfg.latency_iterations,
+                             min_seconds=cfg.latency_min_seconds, device=device)
     return result.as_dict()
 
 

@@ -196,3 +196,12 @@ def test_latency_excludes_warmup_and_reports_per_image():
     assert r.seconds_per_image == pytest.approx(r.seconds_per_batch / 4)
     assert r.images_per_second == pytest.approx(4 / r.seconds_per_batch)
     assert r.peak_memory_mb > 0 and r.memory_kind == "cpu_max_rss"
+    # A fast call is repeated until min_seconds of timing; the median ignores one call slowed by another process.
+    calls.clear()
+
+    def fast():
+        time.sleep(0.5 if len(calls) == 3 else 0.01)
+        calls.append(1)
+
+    r = latency.measure_latency(fast, batch_size=1, warmup=0, iterations=2, min_seconds=0.8)
+    assert r.iterations == len(calls) > 20 and r.seconds_per_batch < 0.05

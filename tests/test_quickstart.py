@@ -20,7 +20,7 @@ def test_reduced_quickstart(tmp_path):
         QUICKSTART_STUDENT_ARGS="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
                                 " --learning_rate_g 1e-4 --ema_half_life_kimg 0",
         QUICKSTART_EVAL_ARGS="--num_samples 40 --batch_size 20 --num_inference_steps 10 --latency_batch_size 8"
-                             " --latency_iterations 1 --latency_warmup 1",
+                             " --latency_iterations 1 --latency_warmup 1 --latency_min_seconds 0 --fidelity_start -32",
     )
     run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh"), str(out)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
@@ -29,6 +29,9 @@ def test_reduced_quickstart(tmp_path):
     for who in ("teacher", "student"):
         assert 0 <= metrics[who]["prompt_accuracy"] <= 1 and metrics[who]["fid"] > 0
     assert metrics["speedup"] > 1
+    # Fidelity on the held-out pairs: the teacher reproduces its own pairs; the student does not (yet).
+    assert metrics["teacher"]["e_latent_lpips"] < 1e-3 and metrics["student"]["e_latent_lpips"] > 1e-3
+    assert metrics["student"]["psnr"] < metrics["teacher"]["psnr"]
     assert (out / "teacher_vs_student.png").is_file() and "prompt accuracy" in (out / "report.txt").read_text()
 
     # The trained student beats a random-init one on fidelity to the teacher (held-out pairs).

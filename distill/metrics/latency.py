@@ -38,14 +38,19 @@ def measure_latency(
     batch_size: int,
     warmup: int = 2,
     iterations: int = 10,
+    min_seconds: float = 0.0,
     device: str | torch.device = "cpu",
 ) -> LatencyResult:
-    """Time ``generate()`` (one call makes ``batch_size`` images): ``warmup`` untimed calls, then ``iterations`` timed.
+    """Time ``generate()`` (one call makes ``batch_size`` images): ``warmup`` untimed calls, then at least
+    ``iterations`` timed ones and more until ``min_seconds`` of timed calls have passed; the median call.
 
-    The device is synchronised around every timed call so asynchronous CUDA work is counted.
+    A fast generator (a one-step student) is timed over many calls and a slow one (a 25-step teacher)
+    over few, and the median ignores a call slowed by another process, so the ratio of two
+    measurements is not at the mercy of one noisy call. The device is synchronised around every timed
+    call so asynchronous CUDA work is counted.
     """
-    if batch_size <= 0 or iterations <= 0 or warmup < 0:
-        raise ValueError("batch_size and iterations must be positive and warmup non-negative")
+    if batch_size <= 0 or iterations <= 0 or warmup < 0 or min_seconds < 0:
+        raise ValueError("batch_size and iterations must be positive, warmup and min_seconds non-negative")
     device = torch.device(device)
     for _ in range(warmup):  # cudnn autotuning, lazy allocations, first-call compilation
         generate()
@@ -53,13 +58,13 @@ def measure_latency(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(iterations):
+    while len(times) < iterations or sum(times) < min_seconds:
         _sync(device)
         start = time.perf_counter()
         generate()
         _sync(device)
         times.append(time.perf_counter() - start)
-    per_batch = sum(times) / len(times)
+    per_batch = float(torch.tensor(times, dtype=torch.float64).median())
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     else:
@@ -67,5 +72,5 @@ def measure_latency(
         peak, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"
     return LatencyResult(
         seconds_per_image=per_batch / batch_size, images_per_second=batch_size / per_batch, seconds_per_batch=per_batch,
-        batch_size=batch_size, iterations=iterations, warmup=warmup, peak_memory_mb=peak, memory_kind=kind, device=str(device),
+        batch_size=batch_size, iterations=len(times), warmup=warmup, peak_memory_mb=peak, memory_kind=kind, device=str(device),
     )
