@@ -7,6 +7,7 @@ compared. Last line: ``speedup=<teacher/student> overhead=<student/floor>``.
 
     python benchmarks/onestep_speed.py                         # tiny random SD1.5-style models (CPU)
     python benchmarks/onestep_speed.py --size full --resolution 512 --steps 25   # SD1.5 shapes (GPU)
+    python benchmarks/onestep_speed.py --teacher teachers/assets/digits-teacher --batch_size 64   # the digits testbed
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def _enc(pipe, prompts, resolution, device, dtype):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="", help="a teacher folder / hub id to time (default: a random one of --family/--size)")
     p.add_argument("--family", default="sd15")
     p.add_argument("--size", default="tiny", help="tiny or full (published SD shapes, random weights)")
     p.add_argument("--resolution", type=int, default=32)
@@ -46,7 +48,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_random_teacher(Path(tmp) / "teacher", family=args.family, size=args.size)
+        path = args.teacher or build_random_teacher(Path(tmp) / "teacher", family=args.family, size=args.size)
         teacher = load_teacher(str(path), torch_dtype=dtype, device=device)
         tp = teacher.pipe
         student = UNetStudent.from_teacher(tp.unet, tp.scheduler).to(device, dtype)
@@ -83,7 +85,8 @@ def main() -> None:
             for k, fn in runs.items():
                 times[k].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"device={device} models=random-{args.family}-{args.size} resolution={args.resolution} batch={args.batch_size} "
+    models = args.teacher or f"random-{args.family}-{args.size}"
+    print(f"device={device} models={models} resolution={args.resolution} batch={args.batch_size} "
           f"teacher_steps={args.steps} cfg={args.guidance_scale}")
     for k, v in med.items():
         print(f"{k:10s} {v * 1000:9.1f} ms/batch  {v / args.batch_size * 1000:8.2f} ms/image")

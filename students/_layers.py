@@ -263,3 +263,32 @@ class CrossAttention(nn.Module):
 def upsample(x: torch.Tensor) -> torch.Tensor:
     # Bilinear x2 is the separable [1,3,3,1] filter StyleGAN2 upsamples with.
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def size_preset(presets: dict, size: str) -> dict:
+    """A copy of the named size preset; a one-line error lists the sizes there are."""
+    if size not in presets:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(presets)}")
+    return dict(presets[size])
+
+
+class SkipGeneratorMixin:
+    """What the GAN students share: the generator interface's ``latent_channels`` / ``sample_size``
+    and the StyleGAN2 "skip" synthesis over ``self.levels`` (each level returns its features and a
+    latent output; the outputs are upsampled and summed from coarse to fine)."""
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.latent_channels)
+
+    @property
+    def sample_size(self) -> int:
+        return int(self.config.sample_size)
+
+    def synthesize(self, x: torch.Tensor, noise: torch.Tensor, style: torch.Tensor, t_local) -> torch.Tensor:
+        # x [N,I,h,w] coarsest features, noise [N,C,H,W], style [N,W], t_local [N,L,T] | None -> latents [N,C,H,W]
+        out = None
+        for i, level in enumerate(self.levels):
+            x, y = level(upsample(x) if i else x, noise, style, t_local)
+            out = y if out is None else upsample(out) + y
+        return out

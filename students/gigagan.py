@@ -19,7 +19,7 @@ from torch import nn
 
 from ._layers import (
     CrossAttention, MappingNetwork, NoiseCode, NoiseInjection, StyledConv, TextConditioner,
-    attention_heads, check_inputs, lrelu, norm_groups, pooled_from, upsample,
+    attention_heads, SkipGeneratorMixin, check_inputs, lrelu, norm_groups, pooled_from, size_preset,
 )
 
 PRESETS = {
@@ -88,7 +88,7 @@ class GigaGANLevel(nn.Module):
         return x, self.to_latent(x, w)
 
 
-class GigaGANGenerator(ModelMixin, ConfigMixin):
+class GigaGANGenerator(SkipGeneratorMixin, ModelMixin, ConfigMixin):
     """``forward(noise [N,C,H,W], prompt_embeds [N,L,D], added_cond_kwargs=None) -> latents [N,C,H,W]``.
 
     H and W must be divisible by ``2 ** (len(block_out_channels) - 1)``. Levels whose side at
@@ -142,22 +142,12 @@ class GigaGANGenerator(ModelMixin, ConfigMixin):
     def for_latents(cls, *, latent_channels: int, sample_size: int, cross_attention_dim: int, pooled_dim: int = 0,
                     size: str = "small") -> "GigaGANGenerator":
         """Preset sizes: ``tiny`` (tests), ``small`` (digits testbed, CPU), ``base`` (SD-scale latents)."""
-        if size not in PRESETS:
-            raise ValueError(f"unknown size {size!r}; choose one of {', '.join(PRESETS)}")
-        preset = dict(PRESETS[size])
+        preset = size_preset(PRESETS, size)
         levels = len(preset["block_out_channels"])
         # Attention on the coarsest ``attention_levels`` levels, whatever the latent size.
         preset["attention_resolution"] = sample_size // 2 ** (levels - preset.pop("attention_levels"))
         return cls(latent_channels=latent_channels, sample_size=sample_size, cross_attention_dim=cross_attention_dim,
                    pooled_dim=pooled_dim, **preset)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.config.latent_channels)
-
-    @property
-    def sample_size(self) -> int:
-        return int(self.config.sample_size)
 
     def forward(
         self,
@@ -175,8 +165,4 @@ class GigaGANGenerator(ModelMixin, ConfigMixin):
             # Other latent sizes: the learned constant is stretched like a positional map.
             x = F.interpolate(x, size=(h // factor, w // factor), mode="bilinear", align_corners=False)
         x = x.expand(n, -1, -1, -1)
-        out = None
-        for i, level in enumerate(self.levels):
-            x, y = level(upsample(x) if i else x, noise, style, t_local)
-            out = y if out is None else upsample(out) + y
-        return out
+        return self.synthesize(x, noise, style, t_local)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._layers import (
     CrossAttention, MappingNetwork, NoiseCode, NoiseInjection, StyledConv, TextConditioner,
-    check_inputs, lrelu, norm_groups, pooled_from, upsample,
+    SkipGeneratorMixin, check_inputs, lrelu, norm_groups, pooled_from, size_preset,
 )
 
 PRESETS = {
@@ -99,7 +99,7 @@ class StyleGANTLevel(nn.Module):
         return x, self.to_latent(x, w)
 
 
-class StyleGANTGenerator(ModelMixin, ConfigMixin):
+class StyleGANTGenerator(SkipGeneratorMixin, ModelMixin, ConfigMixin):
     """``forward(noise [N,C,H,W], prompt_embeds [N,L,D], added_cond_kwargs=None) -> latents [N,C,H,W]``.
 
     H and W must be divisible by ``2 ** (len(block_out_channels) - 1)``. Text reaches the styles as
@@ -157,20 +157,10 @@ class StyleGANTGenerator(ModelMixin, ConfigMixin):
                     size: str = "small") -> "StyleGANTGenerator":
         """Preset sizes: ``tiny`` (tests), ``small`` (digits testbed, CPU), ``base`` (SD-scale latents);
         all cross-attend on the coarsest level only."""
-        if size not in PRESETS:
-            raise ValueError(f"unknown size {size!r}; choose one of {', '.join(PRESETS)}")
-        preset = PRESETS[size]
+        preset = size_preset(PRESETS, size)
         coarsest = sample_size // 2 ** (len(preset["block_out_channels"]) - 1)
         return cls(latent_channels=latent_channels, sample_size=sample_size, cross_attention_dim=cross_attention_dim,
                    pooled_dim=pooled_dim, attention_resolution=coarsest, **preset)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.config.latent_channels)
-
-    @property
-    def sample_size(self) -> int:
-        return int(self.config.sample_size)
 
     def forward(
         self,
@@ -184,8 +174,4 @@ class StyleGANTGenerator(ModelMixin, ConfigMixin):
         style = torch.cat([self.mapping(self.noise_code(noise)), c_text], dim=1)  # w = [f(z), c_text]
         factor = 2 ** (len(self.levels) - 1)
         x = self.input(n, h // factor, w // factor)
-        out = None
-        for i, level in enumerate(self.levels):
-            x, y = level(upsample(x) if i else x, noise, style, t_local)
-            out = y if out is None else upsample(out) + y
-        return out
+        return self.synthesize(x, noise, style, t_local)

@@ -218,3 +218,17 @@ def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, ca
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
     assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
     assert pipe(["a cat", "a dog"], output_type="latent").images.shape == (2, 4, 16, 16)
+
+
+def test_ema_rampup_limits_the_half_life_early():
+    from distill.training.ema import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ramped, plain = EMA(model, half_life_kimg=10, rampup=0.5), EMA(model, half_life_kimg=10)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ramped.update(model, 100, nimg=100)  # half-life min(10k, 0.5 * 100) = 50 images: beta = 0.5 ** 2
+    plain.update(model, 100, nimg=100)  # half-life 10k images: the average barely moves
+    assert ramped.model.weight.item() == pytest.approx(0.75)
+    assert plain.model.weight.item() == pytest.approx(1 - 0.5 ** 0.01)
