@@ -32,7 +32,8 @@ from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cac
 from distill.metrics.sample_scores import compute_clip_score, compute_fid
 from distill.metrics.teacher_fidelity import TEST_ONLY, compute_fidelity, elatentlpips_name
 
-METRIC_GROUPS = ("fid", "clip_score", "fidelity", "latency", "prompt_accuracy")
+METRIC_GROUPS = ("fid", "fid_to_teacher", "clip_score", "fidelity", "latency", "prompt_accuracy", "samples")
+SAMPLE_METRICS = ("fid", "fid_to_teacher", "clip_score", "prompt_accuracy", "samples")
 
 
 @dataclass
@@ -51,10 +52,11 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "sample i's noise comes from hash(seed, i)"})
     batch_size: int = field(default=8, metadata={"help": "images per generation call (the unit of caching and resumption)"})
     output_dir: str = field(default="runs/eval", metadata={"help": "metrics.json, samples_grid.png and samples/ go here"})
-    metrics: str = field(default="fid,clip_score,fidelity,latency", metadata={"help": f"comma-separated subset of {', '.join(METRIC_GROUPS)}"})
+    metrics: str = field(default="fid,clip_score,fidelity,latency", metadata={"help": f"comma-separated subset of {', '.join(METRIC_GROUPS)} (samples: only generate and cache the samples)"})
     reference: str = field(default="", metadata={"help": "FID reference: a folder of images, or an .npz with mu/sigma"})
     reference_limit: int = field(default=0, metadata={"help": "use the first N reference images (sorted by path; 0: all)"})
     reference_center_crop: bool = field(default=True, metadata={"help": "center-crop reference images to a square before resizing"})
+    teacher_reference: str = field(default="", metadata={"help": "fid_to_teacher: the teacher's samples drawn with another seed (the samples/ folder of an evaluate.py run on the teacher with a different `seed`)"})
     fid_extractor: str = field(default="inception", metadata={"help": f"inception (weights in metrics_cache), a path to inception-2015-12-05.pt, a classifier folder (FID in its feature space), or {TEST_ONLY} (tests only)"})
     clip_model: str = field(default="ViT-g-14", metadata={"help": f"open_clip model name, or {TEST_ONLY} (tests only)"})
     clip_pretrained: str = field(default="laion2b_s34b_b88k", metadata={"help": "open_clip pretrained tag or a local weights file"})
@@ -94,6 +96,11 @@ def validate(cfg: EvalConfig) -> list[str]:
     metrics = parse_metrics(cfg.metrics)
     if "fid" in metrics and not cfg.reference:
         raise ConfigError("FID needs `reference`: a folder of reference images (e.g. COCO val) or an .npz statistics file")
+    if "fid_to_teacher" in metrics and not Path(cfg.teacher_reference).is_dir():
+        raise ConfigError(
+            f"fid_to_teacher needs `teacher_reference`, a folder of the teacher's samples drawn with another seed "
+            f"(got {cfg.teacher_reference!r}): run this script on the teacher with --metrics samples --seed <other> first"
+        )
     if "fidelity" in metrics:
         if not cfg.pairs:
             raise ConfigError("fidelity needs `pairs`: a pairs folder made by generate_pairs.py (use held-out rows)")
@@ -101,8 +108,8 @@ def validate(cfg: EvalConfig) -> list[str]:
             raise ConfigError(f"fidelity_count must not be negative, got {cfg.fidelity_count}")
         if cfg.pixel_lpips not in ("vgg", "alex", "none", TEST_ONLY):
             raise ConfigError(f"unknown pixel_lpips {cfg.pixel_lpips!r}; choose vgg, alex, none or {TEST_ONLY}")
-    if ("fid" in metrics or "clip_score" in metrics or "prompt_accuracy" in metrics) and not cfg.prompts:
-        raise ConfigError("FID, CLIP score and prompt accuracy need `prompts`")
+    if any(m in SAMPLE_METRICS for m in metrics) and not cfg.prompts:
+        raise ConfigError(f"{', '.join(m for m in metrics if m in SAMPLE_METRICS)} need `prompts`")
     if "prompt_accuracy" in metrics and not Path(cfg.classifier, "config.json").is_file():
         raise ConfigError(f"prompt_accuracy needs `classifier`: a classifier folder with config.json (got {cfg.classifier!r})")
     return metrics
@@ -118,7 +125,7 @@ def warn_test_only(key: str) -> None:
 
 def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cache_dir: Path) -> None:
     """Fail before hours of generation when metric weights are missing (file checks only, no model build)."""
-    if "fid" in metrics and cfg.fid_extractor != TEST_ONLY:
+    if ("fid" in metrics or "fid_to_teacher" in metrics) and cfg.fid_extractor != TEST_ONLY:
         from distill.metrics.fid import inception_path, is_classifier_folder
 
         if not is_classifier_folder(cfg.fid_extractor):
@@ -142,6 +149,20 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cach
         file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         if not file.is_file() and os.environ.get("HF_HUB_OFFLINE") == "1":  # offline: torchvision would fail later
             raise FileNotFoundError(f"pixel LPIPS ({cfg.pixel_lpips}) needs torchvision's ImageNet weights: download {weights.url} to {file}")
+
+
+def check_independent_reference(reference: Path, identity: dict) -> None:
+    """fid_to_teacher compares two sample sets; drawn from the same noise they are coupled (a perfect
+    student would score 0, below the teacher's own floor), so the reference must use another seed."""
+    manifest = reference / "manifest.json"
+    if not manifest.is_file():
+        return  # a plain image folder: the caller vouches for it
+    made = json.loads(manifest.read_text()).get("identity", {})
+    if made.get("seed") == identity["seed"] and made.get("prompts_sha256") == identity["prompts_sha256"]:
+        raise ConfigError(
+            f"teacher_reference {reference} was drawn with this run's seed {identity['seed']} and prompts: the two sets "
+            "would share their noise; make the reference with another --seed"
+        )
 
 
 def compute_latency(cfg: EvalConfig, *, generator: Generator, prompts: list[str], latent_shape, device) -> dict:
@@ -169,7 +190,7 @@ def main() -> None:
     out = Path(cfg.output_dir)
     samples_dir = out / "samples"
     cache_dir = Path(cfg.metrics_cache) if cfg.metrics_cache else default_cache_dir()
-    needs_samples = "fid" in metrics or "clip_score" in metrics or "prompt_accuracy" in metrics
+    needs_samples = any(m in SAMPLE_METRICS for m in metrics)
     labels: list[int] = []
     if "prompt_accuracy" in metrics:
         prompts, labels = load_labelled_prompts(cfg.prompts, column=cfg.prompt_column, label_column=cfg.label_column)
@@ -190,6 +211,8 @@ def main() -> None:
         except OSError as exc:
             raise PermissionError(f"output_dir {out} is not writable ({exc.strerror or exc}): choose a directory you can write to") from None
         check_samples_manifest(samples_dir, identity)  # every process, before the slow model load
+    if "fid_to_teacher" in metrics:
+        check_independent_reference(Path(cfg.teacher_reference), identity)
     generator = Generator(cfg.pipeline, device=device, dtype=dtype_from_name(dtype_name), scheduler=cfg.scheduler,
                           num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                           negative_prompt=cfg.negative_prompt)
@@ -211,12 +234,18 @@ def main() -> None:
     for key in test_only:
         warn_test_only(key)
     start = time.perf_counter()
+    references = {}
     if "fid" in metrics:
-        values["fid"], details["fid"] = compute_fid(
-            samples_dir=samples_dir, num_samples=cfg.num_samples, extractor_name=cfg.fid_extractor, reference=cfg.reference,
-            reference_limit=cfg.reference_limit, reference_center_crop=cfg.reference_center_crop,
+        references["fid"] = dict(reference=cfg.reference, limit=cfg.reference_limit, center_crop=cfg.reference_center_crop)
+    if "fid_to_teacher" in metrics:  # the teacher's own samples, as they are (same size and pipeline as ours)
+        references["fid_to_teacher"] = dict(reference=cfg.teacher_reference, limit=cfg.num_samples, center_crop=False)
+    if references:
+        fids, fid_details = compute_fid(
+            samples_dir=samples_dir, num_samples=cfg.num_samples, extractor_name=cfg.fid_extractor, references=references,
             batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers, device=device, cache_dir=cache_dir,
         )
+        values.update(fids)
+        details.update(fid_details)
     if "clip_score" in metrics:
         values["clip_score"], details["clip_score"] = compute_clip_score(
             samples_dir=samples_dir, num_samples=cfg.num_samples, prompts=prompts, clip_model=cfg.clip_model,

@@ -28,10 +28,13 @@ from distill.training import checkpoint as ckpt
 from distill.training.ema import EMA
 from distill.training.phases import REGRESSIONS, Batch, discriminator_terms, generator_terms
 from distill.training.seeds import batch_indices, step_generator
-from distill.training.setup import build_lpips, build_student, export_pipeline, validate_and_sample
+from distill.training.setup import STUDENTS, apply_student_defaults, build_lpips, build_student, export_pipeline, validate_and_sample
 
-STUDENTS = ("unet", "gigagan", "stylegan_t")
 STUDENT_SIZES = ("tiny", "small", "base")
+
+
+def _per_student(key: str) -> str:
+    return "default per student: " + ", ".join(f"{name} {spec.defaults[key]:g}" for name, spec in STUDENTS.items())
 
 
 @dataclass
@@ -43,11 +46,12 @@ class StudentConfig:
     student: str = field(default="unet", metadata={"help": f"generator: {', '.join(STUDENTS)}"})
     student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
     student_size: str = field(default="base", metadata={"help": f"preset of the gigagan / stylegan_t generators: {', '.join(STUDENT_SIZES)}"})
+    mapping_lr_mul: Optional[float] = field(default=None, metadata={"help": "gigagan / stylegan_t: learning-rate multiplier of the mapping network (unset: StyleGAN's 0.01)"})
     output_dir: str = field(default="runs/student", metadata={"help": "run directory"})
     max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
-    learning_rate_g: float = field(default=1e-5, metadata={"help": "Adam lr of the generator"})
+    learning_rate_g: Optional[float] = field(default=None, metadata={"help": f"Adam lr of the generator ({_per_student('learning_rate_g')})"})
     learning_rate_d: float = field(default=1e-5, metadata={"help": "Adam lr of the discriminator"})
     adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (GAN practice: 0)"})
     adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
@@ -58,6 +62,7 @@ class StudentConfig:
     lpips_augment: str = field(default="bg,cutout", metadata={"help": "E-LatentLPIPS augmentation policy ('' = none)"})
     lpips_l1_weight: float = field(default=0.0, metadata={"help": "extra L1 term inside the regression loss"})
     gan_weight: float = field(default=0.1, metadata={"help": "weight of the GAN term (0 = regression only)"})
+    gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
     d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator UNet"})
     d_heads: str = field(default="before,skip,after,final", metadata={"help": "discriminator heads"})
     d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
@@ -99,8 +104,11 @@ def check(cfg: StudentConfig) -> None:
         raise ConfigError(f"unknown student_size {cfg.student_size!r}; choose one of {', '.join(STUDENT_SIZES)}")
     if cfg.regression not in REGRESSIONS:
         raise ConfigError(f"unknown regression {cfg.regression!r}; choose one of {', '.join(REGRESSIONS)}")
+    apply_student_defaults(cfg)
     require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
-                     "checkpointing_steps", "validation_steps")
+                     "checkpointing_steps", "validation_steps", "learning_rate_g")
+    if cfg.gan_start_step < 0:
+        raise ConfigError(f"gan_start_step must not be negative, got {cfg.gan_start_step}")
 
 
 def main() -> None:
@@ -156,6 +164,7 @@ def main() -> None:
         while state.step < cfg.max_train_steps:
             step = state.step
             logs: dict[str, float] = {}
+            gan_on = disc is not None and cfg.gan_weight > 0 and step >= cfg.gan_start_step
             do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
             batches = []
             for m in range(cfg.gradient_accumulation_steps):
@@ -173,8 +182,8 @@ def main() -> None:
                 gen = step_generator(seed=cfg.seed, rank=rank, step=step * cfg.gradient_accumulation_steps + m, purpose="g")
                 with accelerator.no_sync(student) if m + 1 < len(batches) else _null(), accelerator.autocast():
                     fake, terms = generator_terms(
-                        student=student, discriminator=unwrap_d, lpips_loss=lpips_loss, batch=batch, regression=cfg.regression,
-                        lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight, generator=gen)
+                        student=student, discriminator=unwrap_d if gan_on else None, lpips_loss=lpips_loss, batch=batch,
+                        regression=cfg.regression, lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight, generator=gen)
                     loss = sum(terms.values()) / len(batches)
                     _finite(accelerator, loss, terms, step, out)
                     accelerator.backward(loss)
@@ -186,7 +195,7 @@ def main() -> None:
             opt_g.zero_grad(set_to_none=True)
 
             # Phase D (+ lazy R1 on one real sample).
-            if disc is not None and cfg.gan_weight > 0:
+            if gan_on:
                 for p in d_params:
                     p.requires_grad_(True)
                 for m, (batch, fake) in enumerate(zip(batches, fakes)):

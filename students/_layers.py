@@ -1,6 +1,7 @@
 """Building blocks shared by the GAN students (``gigagan.py``, ``stylegan_t.py``).
 
-Written from the papers' descriptions: StyleGAN2 (Karras et al., CVPR 2020, §2.2 weight
+Written from the papers' descriptions: ProGAN (Karras et al., ICLR 2018, §4.1 equalised learning
+rate), StyleGAN (§2 mapping network, truncation), StyleGAN2 (Karras et al., CVPR 2020, §2.2 weight
 demodulation), GigaGAN (Kang et al., CVPR 2023, §3.1 text branch, §3.2 adaptive kernels) and
 StyleGAN-T (Sauer et al., ICML 2023, §3.1 second-order styles).
 """
@@ -43,22 +44,26 @@ def resize_noise(noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.avg_pool2d(noise, factor) * factor  # mean of factor**2 iid unit Gaussians has std 1/factor
 
 
-def check_inputs(model, noise: torch.Tensor, prompt_embeds: torch.Tensor) -> None:
-    """One-line ValueErrors for the mistakes a caller can make with the generator interface."""
-    cfg = model.config
-    if noise.ndim != 4 or noise.shape[1] != cfg.latent_channels:
-        raise ValueError(f"noise must be [N,{cfg.latent_channels},H,W]; got {tuple(noise.shape)}")
-    num_levels = len(cfg.block_out_channels)
-    multiple = 2 ** (num_levels - 1)
-    if noise.shape[-2] % multiple or noise.shape[-1] % multiple:
-        raise ValueError(
-            f"noise height and width must be divisible by {multiple} (2**(levels-1) for {num_levels} "
-            f"levels); got {noise.shape[-2]}x{noise.shape[-1]}: use a latent side that is a multiple of {multiple}"
-        )
-    if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.cross_attention_dim or prompt_embeds.shape[0] != noise.shape[0]:
-        raise ValueError(
-            f"prompt_embeds must be [N={noise.shape[0]},L,{cfg.cross_attention_dim}]; got {tuple(prompt_embeds.shape)}"
-        )
+class EqualLinear(nn.Module):
+    """Fully connected layer with an equalised learning rate (ProGAN §4.1; StyleGAN's mapping and affines).
+
+    The stored weight is N(0, 1 / lr_mul^2) and is scaled at run time by ``lr_mul / sqrt(in_features)``
+    (the bias by ``lr_mul``), so the effective weight has He scale while Adam, whose steps are about
+    ``lr`` per stored parameter, moves every layer at the same rate relative to its scale, times
+    ``lr_mul``: StyleGAN trains its mapping network at ``lr_mul = 0.01``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, bias_init: float = 0.0,
+                 lr_mul: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init) / lr_mul)) if bias else None
+        self.weight_gain = lr_mul / math.sqrt(in_features)
+        self.bias_gain = lr_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        bias = self.bias * self.bias_gain if self.bias is not None else None
+        return F.linear(x, self.weight * self.weight_gain, bias)
 
 
 class ModulatedConv2d(nn.Module):
@@ -115,6 +120,7 @@ class StyledConv(nn.Module):
     ``style_order=1``: StyleGAN2 styles ``s = A(w)``. ``style_order=2``: StyleGAN-T Eq. 1,
     ``s = s1 * s2 + s3`` from one affine split in three (a second-order polynomial in w).
     ``num_kernels > 1``: GigaGAN adaptive kernel selection, ``softmax(A_k(w))`` mixes the bank.
+    The affines are equalised (StyleGAN2), so Adam moves them at the rate of the convs they modulate.
     """
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 3, *, num_kernels: int = 1,
@@ -123,12 +129,13 @@ class StyledConv(nn.Module):
         if style_order not in (1, 2):
             raise ValueError(f"style_order must be 1 or 2; got {style_order}")
         self.style_order = style_order
-        self.affine = nn.Linear(w_dim, in_channels * (3 if style_order == 2 else 1))
-        # Styles start near 1 (s1 = s2 = 1, s3 = 0 for order 2) so every layer starts as a plain conv.
-        nn.init.constant_(self.affine.bias, 1.0)
+        self.in_channels = in_channels
+        # Styles start around 1 (s1 = s2 = 1, s3 = 0 for order 2): every layer starts near a plain conv.
+        self.affine = EqualLinear(w_dim, in_channels * (3 if style_order == 2 else 1), bias_init=1.0)
         if style_order == 2:
-            nn.init.zeros_(self.affine.bias[2 * in_channels:])
-        self.select = nn.Linear(w_dim, num_kernels) if num_kernels > 1 else None
+            with torch.no_grad():
+                self.affine.bias[2 * in_channels:] = 0.0
+        self.select = EqualLinear(w_dim, num_kernels) if num_kernels > 1 else None
         self.conv = ModulatedConv2d(in_channels, out_channels, kernel_size, num_kernels, demodulate, init_gain)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -142,25 +149,32 @@ class StyledConv(nn.Module):
 
 
 class MappingNetwork(nn.Module):
-    """StyleGAN mapping MLP: normalised input -> ``num_layers`` x (linear, lrelu) -> w."""
+    """StyleGAN mapping MLP (§2): ``num_layers`` equalised linears at ``lr_mul`` (0.01 in StyleGAN),
+    lrelu between them and a linear last layer, so w is not confined to the lrelu's range.
 
-    def __init__(self, in_dim: int, w_dim: int, num_layers: int):
+    The input is the concatenation of the caller's (already normalised) codes.
+    """
+
+    def __init__(self, in_dim: int, w_dim: int, num_layers: int, *, lr_mul: float = 0.01):
         super().__init__()
         dims = [in_dim] + [w_dim] * num_layers
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(EqualLinear(a, b, lr_mul=lr_mul) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N,in] -> [N,W]
-        x = pixel_norm(x)
-        for layer in self.layers:
-            x = lrelu(layer(x))
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i + 1 < len(self.layers):
+                x = lrelu(x)
         return x
 
 
 class NoiseCode(nn.Module):
-    """Global code z from the spatial noise map: area-pool to ``grid`` x ``grid``, learned projection.
+    """Global code z [N,Z] from the noise map: area-pool to ``grid`` x ``grid``, learned projection.
 
-    The teacher's output depends on the whole noise map, so the mapping network gets a summary of it
-    (the spatial detail enters separately, through :class:`NoiseInjection`).
+    The coarse structure of a diffusion sample is set by the low frequencies of its initial noise, so
+    a pooled summary is what the mapping network needs; the finer detail enters through
+    :class:`NoiseInjection` at every level. (Tried on the digits testbed: reading the full-resolution
+    noise through a strided conv encoder, or unshuffled into channels, learned the ODE map slower.)
     """
 
     def __init__(self, channels: int, z_dim: int, grid: int):
@@ -169,15 +183,13 @@ class NoiseCode(nn.Module):
         self.proj = nn.Linear(channels * grid * grid, z_dim)
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:  # [N,C,H,W] -> [N,Z]
-        pooled = F.adaptive_avg_pool2d(noise, self.grid)
-        return pixel_norm(self.proj(pooled.flatten(1)))  # pixel-norm makes the pooling's scale irrelevant
+        return self.proj(F.adaptive_avg_pool2d(noise, self.grid).flatten(1))
 
 
 class NoiseInjection(nn.Module):
-    """Adds the input noise, area-resized to the features' resolution, through a conv.
-
-    Zero-initialised (``zero_init``) at the per-level injections so a new path starts as a no-op.
-    """
+    """Adds the noise, area-resized to the features' resolution, through a 3x3 conv; zero-initialised
+    (``zero_init``) so that a new path starts as a no-op and fades in. Linear in the noise, so scaling
+    the noise by psi is exactly the truncation trick on what it adds (the mean over noise is the bias)."""
 
     def __init__(self, noise_channels: int, channels: int, zero_init: bool = True):
         super().__init__()
@@ -191,9 +203,10 @@ class NoiseInjection(nn.Module):
 
 
 class TextConditioner(nn.Module):
-    """Text codes (GigaGAN §3.1): ``t_global`` from learned attention pooling over the CLIP tokens
-    (one learned query), concatenated with a projection of SDXL's pooled embedding when
-    ``pooled_dim > 0``; ``t_local`` a learned linear of the tokens for cross-attention.
+    """StyleGAN-T's text code: ``c_text`` from learned attention pooling over the frozen encoder's
+    tokens (one learned query; the paper feeds CLIP's pooled embedding, which the SD conditioning
+    does not carry), concatenated with a projection of SDXL's pooled embedding when ``pooled_dim > 0``;
+    ``t_local`` a learned linear of the tokens for the optional cross-attention.
     """
 
     def __init__(self, context_dim: int, text_dim: int, heads: int, pooled_dim: int = 0, local: bool = True):
@@ -222,19 +235,58 @@ class TextConditioner(nn.Module):
         return t_global, t_local
 
 
-def pooled_from(model, added_cond_kwargs: dict | None, batch: int) -> torch.Tensor | None:
-    """SDXL's pooled text embedding [N,P] when the model was built with ``pooled_dim > 0``, else None."""
-    pooled_dim = model.config.pooled_dim
-    if pooled_dim <= 0:
-        return None
-    pooled = (added_cond_kwargs or {}).get("text_embeds")
-    if pooled is None or tuple(pooled.shape) != (batch, pooled_dim):
-        got = None if pooled is None else tuple(pooled.shape)
-        raise ValueError(
-            f"this generator has pooled_dim={pooled_dim}: pass added_cond_kwargs={{'text_embeds': [N={batch},{pooled_dim}]}}; "
-            f"got {got}"
-        )
-    return pooled
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention + GELU MLP block. Written out rather than ``nn.TransformerEncoderLayer``,
+    whose inference fast path gives other rounding in eval mode than in training: a saved student
+    must reproduce, bit for bit, what it computed during validation."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N,L,D] -> [N,L,D]
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return x + self.mlp(self.norm2(x))
+
+
+class TextTransformer(nn.Module):
+    """GigaGAN's text branch (§3.1): learned transformer layers T on top of the frozen encoder's tokens.
+
+    ``t = T(E_txt(c))``; GigaGAN reads ``t_global`` at the EOT token and uses the other tokens as
+    ``t_local``. The generator interface receives ``prompt_embeds`` without token ids, so a learned
+    global token is prepended instead and its output is ``t_global`` (a [CLS] token: the same role,
+    found by attention rather than by position). SDXL's pooled embedding joins ``t_global``.
+    """
+
+    def __init__(self, context_dim: int, text_dim: int, heads: int, layers: int, pooled_dim: int = 0):
+        super().__init__()
+        if text_dim % heads:
+            raise ValueError(f"text_dim {text_dim} must be divisible by text_heads {heads}")
+        self.proj_in = nn.Linear(context_dim, text_dim)
+        self.global_token = nn.Parameter(torch.randn(1, 1, text_dim) * 0.02)
+        # Random-init residual branches, not zero: they mix the prompt into the global token from step 0
+        # (zero-init ones left t_global constant at the start and the student ignored the prompt).
+        self.blocks = nn.ModuleList(TransformerBlock(text_dim, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(text_dim)
+        self.pooled = nn.Linear(pooled_dim, text_dim) if pooled_dim > 0 else None
+        self.global_dim = text_dim * (2 if pooled_dim > 0 else 1)
+
+    def forward(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None = None):
+        # prompt_embeds [N,L,D], pooled [N,P] -> t_global [N,G], t_local [N,L,T]
+        tokens = self.proj_in(prompt_embeds)
+        x = torch.cat([self.global_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        t_global = pixel_norm(x[:, 0])
+        if self.pooled is not None:
+            t_global = torch.cat([t_global, pixel_norm(self.pooled(pooled))], dim=1)
+        return t_global, x[:, 1:]
 
 
 class CrossAttention(nn.Module):
@@ -263,32 +315,3 @@ class CrossAttention(nn.Module):
 def upsample(x: torch.Tensor) -> torch.Tensor:
     # Bilinear x2 is the separable [1,3,3,1] filter StyleGAN2 upsamples with.
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-
-
-def size_preset(presets: dict, size: str) -> dict:
-    """A copy of the named size preset; a one-line error lists the sizes there are."""
-    if size not in presets:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(presets)}")
-    return dict(presets[size])
-
-
-class SkipGeneratorMixin:
-    """What the GAN students share: the generator interface's ``latent_channels`` / ``sample_size``
-    and the StyleGAN2 "skip" synthesis over ``self.levels`` (each level returns its features and a
-    latent output; the outputs are upsampled and summed from coarse to fine)."""
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.config.latent_channels)
-
-    @property
-    def sample_size(self) -> int:
-        return int(self.config.sample_size)
-
-    def synthesize(self, x: torch.Tensor, noise: torch.Tensor, style: torch.Tensor, t_local) -> torch.Tensor:
-        # x [N,I,h,w] coarsest features, noise [N,C,H,W], style [N,W], t_local [N,L,T] | None -> latents [N,C,H,W]
-        out = None
-        for i, level in enumerate(self.levels):
-            x, y = level(upsample(x) if i else x, noise, style, t_local)
-            out = y if out is None else upsample(out) + y
-        return out

@@ -1,10 +1,11 @@
 """GigaGAN generator (Kang et al., "Scaling up GANs for Text-to-Image Synthesis", CVPR 2023, §3).
 
-Text branch -> (t_global, t_local); mapping M(z, t_global) -> w; a coarse-to-fine synthesis network
-of style-modulated convs with sample-adaptive kernel selection (§3.2), self- and cross-attention
-interleaved with the convs at low resolutions (§3.2), and a latent output at every level summed
-StyleGAN2-"skip"-style. As a Diffusion2GAN student, z is not sampled: it is read from the teacher's
-noise map, which also enters every level spatially.
+Text branch -> (t_global, t_local) (§3.1: learned transformer layers on the frozen encoder's tokens);
+mapping M(z, t_global) -> w; a coarse-to-fine synthesis network of style-modulated convs with
+sample-adaptive kernel selection (§3.2), self- and cross-attention interleaved with the convs at low
+resolutions (§3.2), and a latent output at every level summed StyleGAN2-"skip"-style (the running
+sums are GigaGAN's image pyramid, returned on request). As a Diffusion2GAN student, z is not sampled:
+it is read from the teacher's noise map, which also enters every level spatially (``_base.py``).
 """
 
 from __future__ import annotations
@@ -13,22 +14,22 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers import ModelMixin
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers import ModelMixin  # noqa: F401  diffusers finds a saved component's loader by the base-class names in its module
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from ._layers import (
-    CrossAttention, MappingNetwork, NoiseCode, NoiseInjection, StyledConv, TextConditioner,
-    attention_heads, SkipGeneratorMixin, check_inputs, lrelu, norm_groups, pooled_from, size_preset,
-)
+from ._base import StyleGenerator, size_preset
+from ._layers import CrossAttention, MappingNetwork, StyledConv, TextTransformer, attention_heads, lrelu, norm_groups, pixel_norm
 
 PRESETS = {
     "tiny": dict(block_out_channels=(32, 16), layers_per_block=1, num_kernels=2, attention_head_dim=16, w_dim=32,
-                 z_dim=16, noise_grid=2, text_dim=32, text_heads=2, mapping_layers=1, attention_levels=1),
+                 z_dim=16, noise_grid=2, text_dim=32, text_heads=2, text_layers=1, mapping_layers=2, attention_levels=1),
     "small": dict(block_out_channels=(128, 64, 32), layers_per_block=2, num_kernels=4, attention_head_dim=32,
-                  w_dim=256, z_dim=64, noise_grid=4, text_dim=128, text_heads=4, mapping_layers=2, attention_levels=2),
+                  w_dim=256, z_dim=64, noise_grid=4, text_dim=128, text_heads=4, text_layers=2, mapping_layers=2,
+                  attention_levels=2),
     "base": dict(block_out_channels=(512, 512, 256, 128), layers_per_block=2, num_kernels=4, attention_head_dim=64,
-                 w_dim=512, z_dim=128, noise_grid=8, text_dim=512, text_heads=8, mapping_layers=4, attention_levels=2),
+                 w_dim=512, z_dim=128, noise_grid=8, text_dim=512, text_heads=8, text_layers=4, mapping_layers=4,
+                 attention_levels=2),
 }
 
 
@@ -62,14 +63,12 @@ class StyledSelfAttention(nn.Module):
 
 
 class GigaGANLevel(nn.Module):
-    """One resolution: noise injection, ``layers`` x [adaptive-kernel styled conv (+ self- and
-    cross-attention when ``attend``)], and this level's to-latent output."""
+    """One resolution: ``layers`` x [adaptive-kernel styled conv (+ self- and cross-attention when
+    ``attend``)], and this level's to-latent output."""
 
     def __init__(self, in_channels: int, channels: int, *, latent_channels: int, w_dim: int, text_dim: int,
-                 layers: int, num_kernels: int, attend: bool, head_dim: int, out_gain: float, first: bool):
+                 layers: int, num_kernels: int, attend: bool, head_dim: int, out_gain: float):
         super().__init__()
-        # The first level's injection is the network input (with the constant), so it must not start at 0.
-        self.inject = NoiseInjection(latent_channels, in_channels, zero_init=not first)
         self.convs = nn.ModuleList(
             StyledConv(in_channels if j == 0 else channels, channels, w_dim, 3, num_kernels=num_kernels)
             for j in range(layers)
@@ -78,9 +77,8 @@ class GigaGANLevel(nn.Module):
         self.cross_attn = nn.ModuleList(CrossAttention(channels, text_dim, head_dim) for _ in range(layers if attend else 0))
         self.to_latent = StyledConv(channels, latent_channels, w_dim, 1, demodulate=False, init_gain=out_gain)
 
-    def forward(self, x, noise, w, t_local):
-        # x [N,I,h,w], noise [N,C,H,W], w [N,W], t_local [N,L,T] | None -> features [N,O,h,w], latent [N,C,h,w]
-        x = self.inject(x, noise)
+    def forward(self, x, w, t_local):
+        # x [N,I,h,w], w [N,W], t_local [N,L,T] | None -> features [N,O,h,w], latent [N,C,h,w]
         for j, conv in enumerate(self.convs):
             x = lrelu(conv(x, w))
             if len(self.self_attn):
@@ -88,16 +86,21 @@ class GigaGANLevel(nn.Module):
         return x, self.to_latent(x, w)
 
 
-class GigaGANGenerator(SkipGeneratorMixin, ModelMixin, ConfigMixin):
-    """``forward(noise [N,C,H,W], prompt_embeds [N,L,D], added_cond_kwargs=None) -> latents [N,C,H,W]``.
+class GigaGANGenerator(StyleGenerator):
+    """``forward(noise [N,C,H,W], prompt_embeds [N,L,D], added_cond_kwargs=None, *, truncation_psi=1,
+    return_pyramid=False) -> latents [N,C,H,W]``.
 
     H and W must be divisible by ``2 ** (len(block_out_channels) - 1)``. Levels whose side at
     ``sample_size`` is <= ``attention_resolution`` get self- and cross-attention. With
     ``pooled_dim > 0`` the SDXL pooled embedding ``added_cond_kwargs["text_embeds"]`` is required and
     joins t_global; SDXL's ``time_ids`` are ignored (the noise map already fixes the output size).
+
+    Truncation: the text enters the mapping network here, so the mean style differs per prompt and is
+    not one tracked vector; it is computed when asked for, as the mean of M(z, t_global) over
+    ``truncation_samples`` fixed noise maps (deterministic, a few mapping-network calls).
     """
 
-    _supports_gradient_checkpointing = False
+    truncation_samples = 256
 
     @register_to_config
     def __init__(
@@ -116,53 +119,52 @@ class GigaGANGenerator(SkipGeneratorMixin, ModelMixin, ConfigMixin):
         noise_grid: int = 4,
         text_dim: int = 256,
         text_heads: int = 4,
+        text_layers: int = 2,
         mapping_layers: int = 2,
+        mapping_lr_mul: float = 0.01,
         out_gain: float = 0.1,
     ):
         super().__init__()
-        num_levels = len(block_out_channels)
-        if sample_size % 2 ** (num_levels - 1):
-            raise ValueError(f"sample_size {sample_size} must be divisible by 2**(levels-1) = {2 ** (num_levels - 1)}")
-        sides = [sample_size // 2 ** (num_levels - 1 - i) for i in range(num_levels)]
+        sides = self._init_noise_path(latent_channels=latent_channels, sample_size=sample_size,
+                                      block_out_channels=block_out_channels, z_dim=z_dim, noise_grid=noise_grid)
         attend = [side <= attention_resolution for side in sides]
-        self.text = TextConditioner(cross_attention_dim, text_dim, text_heads, pooled_dim, local=any(attend))
-        self.noise_code = NoiseCode(latent_channels, z_dim, noise_grid)
-        self.mapping = MappingNetwork(z_dim + self.text.global_dim, w_dim, mapping_layers)
+        self.text = TextTransformer(cross_attention_dim, text_dim, text_heads, text_layers, pooled_dim)
+        self.mapping = MappingNetwork(z_dim + self.text.global_dim, w_dim, mapping_layers, lr_mul=mapping_lr_mul)
         self.const = nn.Parameter(torch.randn(block_out_channels[0], sides[0], sides[0]))
         self.levels = nn.ModuleList(
             GigaGANLevel(
                 block_out_channels[max(i - 1, 0)], ch, latent_channels=latent_channels, w_dim=w_dim, text_dim=text_dim,
                 layers=layers_per_block, num_kernels=num_kernels, attend=attend[i], head_dim=attention_head_dim,
-                out_gain=out_gain, first=i == 0,
+                out_gain=out_gain,
             )
             for i, ch in enumerate(block_out_channels)
         )
 
     @classmethod
     def for_latents(cls, *, latent_channels: int, sample_size: int, cross_attention_dim: int, pooled_dim: int = 0,
-                    size: str = "small") -> "GigaGANGenerator":
+                    size: str = "small", **overrides) -> "GigaGANGenerator":
         """Preset sizes: ``tiny`` (tests), ``small`` (digits testbed, CPU), ``base`` (SD-scale latents)."""
-        preset = size_preset(PRESETS, size)
+        preset = {**size_preset(PRESETS, size), **overrides}
         levels = len(preset["block_out_channels"])
         # Attention on the coarsest ``attention_levels`` levels, whatever the latent size.
         preset["attention_resolution"] = sample_size // 2 ** (levels - preset.pop("attention_levels"))
         return cls(latent_channels=latent_channels, sample_size=sample_size, cross_attention_dim=cross_attention_dim,
                    pooled_dim=pooled_dim, **preset)
 
-    def forward(
-        self,
-        noise: torch.Tensor,  # [N,C,H,W]
-        prompt_embeds: torch.Tensor,  # [N,L,D]
-        added_cond_kwargs: dict | None = None,
-    ) -> torch.Tensor:  # [N,C,H,W]
-        check_inputs(self, noise, prompt_embeds)
-        n, _, h, w = noise.shape
-        t_global, t_local = self.text(prompt_embeds, pooled_from(self, added_cond_kwargs, n))
-        style = self.mapping(torch.cat([self.noise_code(noise), t_global], dim=1))  # [N,W]
-        factor = 2 ** (len(self.levels) - 1)
-        x = self.const[None].to(noise.dtype)
-        if tuple(x.shape[-2:]) != (h // factor, w // factor):
-            # Other latent sizes: the learned constant is stretched like a positional map.
-            x = F.interpolate(x, size=(h // factor, w // factor), mode="bilinear", align_corners=False)
-        x = x.expand(n, -1, -1, -1)
-        return self.synthesize(x, noise, style, t_local)
+    def _style(self, z: torch.Tensor, t_global: torch.Tensor, psi: float) -> torch.Tensor:
+        # z [N,Z], t_global [N,G] -> w [N,W]; GigaGAN feeds M the concatenated codes, each normalised.
+        w = self.mapping(torch.cat([pixel_norm(z), t_global], dim=1))
+        return w if psi == 1.0 else self.mean_style(t_global).lerp(w, psi)
+
+    def mean_style(self, t_global: torch.Tensor) -> torch.Tensor:
+        """E_z[M(z, t_global)] per prompt [N,W], over ``truncation_samples`` fixed unit-Gaussian noise maps."""
+        gen = torch.Generator().manual_seed(0)
+        side = self.sample_size
+        noise = torch.randn(self.truncation_samples, self.latent_channels, side, side, generator=gen)
+        z = pixel_norm(self.noise_code(noise.to(t_global.device, t_global.dtype)))  # [K,Z]
+        n, k = t_global.shape[0], z.shape[0]
+        codes = torch.cat([z[None].expand(n, -1, -1), t_global[:, None].expand(-1, k, -1)], dim=-1)
+        return self.mapping(codes.flatten(0, 1)).view(n, k, -1).mean(dim=1)
+
+    def _synthesis_input(self, n: int, h: int, w: int, dtype) -> torch.Tensor:
+        return self._stretch(self.const[None].to(dtype), h, w).expand(n, -1, -1, -1)

@@ -7,7 +7,8 @@ the input, Layer Scale initialised to 1e-5 on the output), a to-latent layer per
 outputs are accumulated, and the text code bypassing the mapping network, w = [f(z), c_text],
 turned into per-layer styles by the second-order affine of Eq. 1, s = s1 * s2 + s3.
 As a Diffusion2GAN student, z is read from the teacher's noise map, which also enters every
-resolution spatially (StyleGAN2's per-pixel noise inputs, here the teacher's own noise).
+resolution spatially (``_base.py``). Truncation (§3.3): the mean of f(z) is tracked during training
+(``w_avg``); the text part of w is deterministic, so [w_avg, c_text] is the prompt's mean style.
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import ModelMixin
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers import ModelMixin  # noqa: F401  diffusers finds a saved component's loader by the base-class names in its module
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from ._layers import (
-    CrossAttention, MappingNetwork, NoiseCode, NoiseInjection, StyledConv, TextConditioner,
-    SkipGeneratorMixin, check_inputs, lrelu, norm_groups, pooled_from, size_preset,
-)
+from ._base import StyleGenerator, size_preset
+from ._layers import CrossAttention, MappingNetwork, StyledConv, TextConditioner, lrelu, norm_groups, pixel_norm
 
 PRESETS = {
     "tiny": dict(block_out_channels=(32, 16), layers_per_block=1, attention_head_dim=16, w_dim=32, z_dim=16,
-                 noise_grid=2, text_dim=32, text_heads=2, mapping_layers=1, fourier_channels=32),
+                 noise_grid=2, text_dim=32, text_heads=2, mapping_layers=2, fourier_channels=32),
     "small": dict(block_out_channels=(128, 64, 32), layers_per_block=2, attention_head_dim=32, w_dim=128, z_dim=64,
                   noise_grid=4, text_dim=128, text_heads=4, mapping_layers=2, fourier_channels=128),
     "base": dict(block_out_channels=(512, 512, 256, 128), layers_per_block=2, attention_head_dim=64, w_dim=512,
@@ -75,13 +74,12 @@ class ResidualStyledConv(nn.Module):
 
 
 class StyleGANTLevel(nn.Module):
-    """One resolution (Fig. 3b): noise injection, ``layers`` x (plain styled conv, residual styled
+    """One resolution (Fig. 3b): ``layers`` x (plain styled conv, residual styled
     conv [, cross-attention]), and this resolution's to-latent output."""
 
     def __init__(self, in_channels: int, channels: int, *, latent_channels: int, w_dim: int, text_dim: int, layers: int,
-                 attend: bool, head_dim: int, layer_scale_init: float, out_gain: float, first: bool):
+                 attend: bool, head_dim: int, layer_scale_init: float, out_gain: float):
         super().__init__()
-        self.inject = NoiseInjection(latent_channels, in_channels, zero_init=not first)
         self.convs = nn.ModuleList(
             StyledConv(in_channels if j == 0 else channels, channels, w_dim, 3, style_order=2) for j in range(layers)
         )
@@ -89,9 +87,8 @@ class StyleGANTLevel(nn.Module):
         self.cross_attn = nn.ModuleList(CrossAttention(channels, text_dim, head_dim) for _ in range(layers if attend else 0))
         self.to_latent = StyledConv(channels, latent_channels, w_dim, 1, style_order=2, demodulate=False, init_gain=out_gain)
 
-    def forward(self, x, noise, w, t_local):
-        # x [N,I,h,w], noise [N,C,H,W], w [N,W], t_local [N,L,T] | None -> features [N,O,h,w], latent [N,C,h,w]
-        x = self.inject(x, noise)
+    def forward(self, x, w, t_local):
+        # x [N,I,h,w], w [N,W], t_local [N,L,T] | None -> features [N,O,h,w], latent [N,C,h,w]
         for j, (conv, residual) in enumerate(zip(self.convs, self.residuals)):
             x = residual(lrelu(conv(x, w)), w)
             if len(self.cross_attn):
@@ -99,8 +96,9 @@ class StyleGANTLevel(nn.Module):
         return x, self.to_latent(x, w)
 
 
-class StyleGANTGenerator(SkipGeneratorMixin, ModelMixin, ConfigMixin):
-    """``forward(noise [N,C,H,W], prompt_embeds [N,L,D], added_cond_kwargs=None) -> latents [N,C,H,W]``.
+class StyleGANTGenerator(StyleGenerator):
+    """``forward(noise [N,C,H,W], prompt_embeds [N,L,D], added_cond_kwargs=None, *, truncation_psi=1,
+    return_pyramid=False) -> latents [N,C,H,W]``.
 
     H and W must be divisible by ``2 ** (len(block_out_channels) - 1)``. Text reaches the styles as
     c_text = attention-pooled prompt tokens (plus SDXL's pooled ``text_embeds`` when
@@ -109,7 +107,7 @@ class StyleGANTGenerator(SkipGeneratorMixin, ModelMixin, ConfigMixin):
     sees text only through the styles (``attention_resolution=0`` gives exactly that design).
     """
 
-    _supports_gradient_checkpointing = False
+    w_avg_beta = 0.995  # StyleGAN2's decay of the tracked mean of f(z), per training forward
 
     @register_to_config
     def __init__(
@@ -128,50 +126,47 @@ class StyleGANTGenerator(SkipGeneratorMixin, ModelMixin, ConfigMixin):
         text_dim: int = 256,
         text_heads: int = 4,
         mapping_layers: int = 2,
+        mapping_lr_mul: float = 0.01,
         fourier_channels: int = 256,
         layer_scale_init: float = 1e-5,
         out_gain: float = 0.1,
     ):
         super().__init__()
-        num_levels = len(block_out_channels)
-        if sample_size % 2 ** (num_levels - 1):
-            raise ValueError(f"sample_size {sample_size} must be divisible by 2**(levels-1) = {2 ** (num_levels - 1)}")
-        sides = [sample_size // 2 ** (num_levels - 1 - i) for i in range(num_levels)]
+        sides = self._init_noise_path(latent_channels=latent_channels, sample_size=sample_size,
+                                      block_out_channels=block_out_channels, z_dim=z_dim, noise_grid=noise_grid)
         attend = [side <= attention_resolution for side in sides]
         self.text = TextConditioner(cross_attention_dim, text_dim, text_heads, pooled_dim, local=any(attend))
-        self.noise_code = NoiseCode(latent_channels, z_dim, noise_grid)
-        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers)  # f(z): the text bypasses it (§3.1)
+        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, lr_mul=mapping_lr_mul)  # f(z): the text bypasses it (§3.1)
+        self.register_buffer("w_avg", torch.zeros(w_dim))
         style_dim = w_dim + self.text.global_dim
         self.input = FourierInput(fourier_channels, block_out_channels[0], sides[0])
         self.levels = nn.ModuleList(
             StyleGANTLevel(
                 block_out_channels[max(i - 1, 0)], ch, latent_channels=latent_channels, w_dim=style_dim,
                 text_dim=text_dim, layers=layers_per_block, attend=attend[i], head_dim=attention_head_dim,
-                layer_scale_init=layer_scale_init, out_gain=out_gain, first=i == 0,
+                layer_scale_init=layer_scale_init, out_gain=out_gain,
             )
             for i, ch in enumerate(block_out_channels)
         )
 
     @classmethod
     def for_latents(cls, *, latent_channels: int, sample_size: int, cross_attention_dim: int, pooled_dim: int = 0,
-                    size: str = "small") -> "StyleGANTGenerator":
+                    size: str = "small", **overrides) -> "StyleGANTGenerator":
         """Preset sizes: ``tiny`` (tests), ``small`` (digits testbed, CPU), ``base`` (SD-scale latents);
         all cross-attend on the coarsest level only."""
-        preset = size_preset(PRESETS, size)
+        preset = {**size_preset(PRESETS, size), **overrides}
         coarsest = sample_size // 2 ** (len(preset["block_out_channels"]) - 1)
         return cls(latent_channels=latent_channels, sample_size=sample_size, cross_attention_dim=cross_attention_dim,
                    pooled_dim=pooled_dim, attention_resolution=coarsest, **preset)
 
-    def forward(
-        self,
-        noise: torch.Tensor,  # [N,C,H,W]
-        prompt_embeds: torch.Tensor,  # [N,L,D]
-        added_cond_kwargs: dict | None = None,
-    ) -> torch.Tensor:  # [N,C,H,W]
-        check_inputs(self, noise, prompt_embeds)
-        n, _, h, w = noise.shape
-        c_text, t_local = self.text(prompt_embeds, pooled_from(self, added_cond_kwargs, n))
-        style = torch.cat([self.mapping(self.noise_code(noise)), c_text], dim=1)  # w = [f(z), c_text]
-        factor = 2 ** (len(self.levels) - 1)
-        x = self.input(n, h // factor, w // factor)
-        return self.synthesize(x, noise, style, t_local)
+    def _style(self, z: torch.Tensor, c_text: torch.Tensor, psi: float) -> torch.Tensor:
+        # z [N,Z], c_text [N,G] -> w = [f(z), c_text] [N,W+G]
+        f = self.mapping(pixel_norm(z))
+        if self.training and torch.is_grad_enabled():  # a training step: track E_z[f(z)] (StyleGAN2's w_avg)
+            self.w_avg.copy_(f.detach().mean(dim=0).to(self.w_avg.dtype).lerp(self.w_avg, self.w_avg_beta))
+        if psi != 1.0:
+            f = self.w_avg.to(f.dtype).lerp(f, psi)
+        return torch.cat([f, c_text], dim=1)
+
+    def _synthesis_input(self, n: int, h: int, w: int, dtype) -> torch.Tensor:
+        return self.input(n, h, w).to(dtype)

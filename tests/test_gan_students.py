@@ -63,7 +63,7 @@ def test_shape_and_small_initial_output(cls, hw):
     out = make(cls)(noise, emb)
     assert out.shape == noise.shape
     # Training starts from near-zero latents, not from large random ones.
-    assert out.mean().abs() < 0.1 and 0 < out.std() < 0.5
+    assert 0 < out.square().mean().sqrt() < 0.5 and out.std() > 0
 
 
 @pytest.mark.parametrize("cls", GENERATORS)
@@ -177,3 +177,157 @@ def test_pipeline_round_trip(cls, sd15_teacher, tmp_path):
     after = loaded(prompts, latents=noise, output_type="latent").images
     assert before.shape == (2, 4, 16, 16) and torch.equal(before, after)
     assert loaded(prompts, latents=noise, output_type="pt").images.shape == (2, 3, 32, 32)
+
+
+# ---- StyleGAN machinery: equalised learning rate, mapping network, truncation, text branch, pyramid
+
+
+def test_equal_linear_runtime_scale_and_adam_step():
+    """Equalised learning rate (ProGAN §4.1): the stored weight is N(0, 1/lr_mul^2), the layer uses it
+    times lr_mul/sqrt(fan_in), so the effective weight has He scale and one Adam step (about lr per
+    stored parameter) moves it by lr * lr_mul relative to that scale, whatever the fan-in."""
+    from students._layers import EqualLinear
+
+    torch.manual_seed(0)
+    for fan_in, lr_mul in [(64, 1.0), (256, 1.0), (256, 0.01)]:
+        layer = EqualLinear(fan_in, 512, lr_mul=lr_mul)
+        assert layer.weight_gain == pytest.approx(lr_mul / fan_in**0.5)
+        effective = layer.weight * layer.weight_gain
+        assert effective.std().item() == pytest.approx(fan_in**-0.5, rel=0.05)
+        x = torch.randn(8, fan_in)
+        torch.testing.assert_close(layer(x), x @ effective.T + layer.bias * lr_mul)
+        opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+        before = effective.detach().clone()
+        layer(x).square().sum().backward()
+        opt.step()
+        relative = (layer.weight * layer.weight_gain - before).abs().mean() / before.abs().mean()
+        assert relative.item() == pytest.approx(1e-3 * lr_mul / (2 / torch.pi) ** 0.5, rel=0.1)  # E|N(0,1)| = sqrt(2/pi)
+
+
+@pytest.mark.parametrize("cls", GENERATORS)
+def test_mapping_network_is_styleganlike(cls):
+    """Equalised linears at lr_mul 0.01 in the mapping network, equalised style affines, linear last layer."""
+    from students._layers import EqualLinear, StyledConv, lrelu
+
+    model = make(cls)
+    layers = model.mapping.layers
+    assert all(isinstance(layer, EqualLinear) and layer.bias_gain == 0.01 for layer in layers) and len(layers) >= 2
+    affines = [m.affine for m in model.modules() if isinstance(m, StyledConv)]
+    assert affines and all(isinstance(a, EqualLinear) and a.bias_gain == 1.0 for a in affines)
+    x = torch.randn(5, layers[0].weight.shape[1])
+    expected = x
+    for layer in layers[:-1]:
+        expected = lrelu(layer(expected))
+    torch.testing.assert_close(model.mapping(x), layers[-1](expected))  # no activation after the last layer
+    assert (model.mapping(x) < -0.5).any()  # so w reaches values lrelu(.) * sqrt(2) rarely would
+
+
+@pytest.mark.parametrize("cls", GENERATORS)
+def test_truncation_psi(cls):
+    """psi = 0: the prompt's mean image, the same for any noise; psi = 1: no truncation; prompts still differ."""
+    model = make(cls).eval()
+    noise, emb = inputs(n=3)
+    one_prompt = emb[:1].expand(3, -1, -1)
+    mean_image = model(noise, one_prompt, truncation_psi=0.0)
+    torch.testing.assert_close(mean_image, mean_image[:1].expand(3, -1, -1, -1))
+    other_prompt = model(noise, emb[1:2].expand(3, -1, -1), truncation_psi=0.0)
+    assert (other_prompt - mean_image).abs().max() > 1e-4
+    torch.testing.assert_close(model(noise, emb, truncation_psi=1.0), model(noise, emb))
+    half = model(noise, one_prompt, truncation_psi=0.5)
+    spread = lambda x: (x - x.mean(0, keepdim=True)).square().mean()  # noqa: E731
+    assert 0 < spread(half) < spread(model(noise, one_prompt))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="truncation_psi"):
+            model(noise, emb, truncation_psi=bad)
+
+
+def test_stylegan_t_tracks_the_mean_style_in_training_only():
+    from students._layers import pixel_norm
+
+    model = make(StyleGANTGenerator)
+    assert torch.equal(model.w_avg, torch.zeros_like(model.w_avg))
+    noise, emb = inputs(n=8)
+    with torch.no_grad():
+        model(noise, emb)  # no gradient: sampling, not a training step
+    assert not model.w_avg.any()
+    model.train()
+    for _ in range(3):
+        model(noise, emb).mean().backward()
+    with torch.no_grad():
+        f = model.mapping(pixel_norm(model.noise_code(noise)))
+    expected = f.mean(0) * (1 - model.w_avg_beta**3)  # three decays from zero towards the batch mean
+    torch.testing.assert_close(model.w_avg, expected, rtol=1e-4, atol=1e-6)
+    model.eval()
+    before = model.w_avg.clone()
+    model(noise, emb)
+    assert torch.equal(model.w_avg, before)
+
+
+def test_gigagan_text_branch_is_a_transformer():
+    """GigaGAN §3.1: learned transformer layers on the frozen encoder's tokens give t_local (one per
+    token) and t_global (the learned global token's output); both carry the prompt."""
+    from students._layers import TextTransformer
+
+    model = make(GigaGANGenerator, size="small")
+    assert isinstance(model.text, TextTransformer) and len(model.text.blocks) == 2
+    _, emb = inputs(n=2)
+    t_global, t_local = model.text(emb)
+    assert t_global.shape == (2, model.config.text_dim) and t_local.shape == (2, 77, model.config.text_dim)
+    other_global, other_local = model.text(inputs(n=2, seed=1)[1])
+    assert (other_global - t_global).abs().max() > 1e-4 and (other_local - t_local).abs().max() > 1e-4
+    assert any(p.requires_grad for p in model.text.blocks.parameters())
+
+
+@pytest.mark.parametrize("cls", GENERATORS)
+def test_image_pyramid_outputs(cls):
+    model = make(cls, size="small")  # three levels
+    noise, emb = inputs(side=32)
+    out, pyramid = model(noise, emb, return_pyramid=True)
+    assert [tuple(p.shape) for p in pyramid] == [(2, 4, 8, 8), (2, 4, 16, 16), (2, 4, 32, 32)]
+    assert torch.equal(pyramid[-1], out) and torch.equal(out, model(noise, emb))
+
+
+@pytest.mark.parametrize("cls", GENERATORS)
+def test_pipeline_truncation_interpolation_and_style_mixing(cls, sd15_teacher):
+    from diffusers import StableDiffusionPipeline
+
+    teacher = StableDiffusionPipeline.from_pretrained(sd15_teacher)
+    torch.manual_seed(0)
+    student = cls.for_latents(latent_channels=4, sample_size=16, cross_attention_dim=teacher.text_encoder.config.hidden_size,
+                              size="tiny").eval()
+    pipe = OneStepGANPipeline(student=student, vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain = pipe(["a cat", "a cat"], latents=noise, output_type="latent").images
+    mean = pipe(["a cat", "a cat"], latents=noise, output_type="latent", truncation_psi=0.0).images
+    torch.testing.assert_close(mean[0], mean[1])
+    assert (plain[0] - plain[1]).abs().max() > 1e-4
+
+    path = pipe.interpolate("a cat", latents=noise, num_images=5, output_type="latent").images
+    assert path.shape == (5, 4, 16, 16)
+    torch.testing.assert_close(path[0], plain[0], rtol=1e-4, atol=1e-5)  # the end points are the plain samples
+    torch.testing.assert_close(path[-1], plain[1], rtol=1e-4, atol=1e-5)
+    steps = (path[1:] - path[:-1]).flatten(1).norm(dim=1)
+    assert steps.max() < (path[-1] - path[0]).norm()  # a path, not a jump
+
+    coarse, fine = noise[:1], noise[1:]
+    mixed = lambda c: pipe.style_mix("a cat", coarse, fine, crossover=c, output_type="latent").images  # noqa: E731
+    torch.testing.assert_close(mixed(0), plain[1:], rtol=1e-4, atol=1e-5)  # everything from the fine sample
+    torch.testing.assert_close(mixed(student.num_levels), plain[:1], rtol=1e-4, atol=1e-5)
+    middle = mixed(1)
+    assert (middle - plain[:1]).abs().max() > 1e-5 and (middle - plain[1:]).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="crossover"):
+        mixed(student.num_levels + 1)
+
+
+def test_unet_student_pipeline_refuses_style_operations(sd15_teacher):
+    from diffusers import StableDiffusionPipeline
+
+    from students import UNetStudent
+
+    teacher = StableDiffusionPipeline.from_pretrained(sd15_teacher)
+    pipe = OneStepGANPipeline(student=UNetStudent.from_teacher(teacher.unet, teacher.scheduler), vae=teacher.vae,
+                              text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    with pytest.raises(ValueError, match="style-based student"):
+        pipe("a cat", truncation_psi=0.5, output_type="latent")
+    with pytest.raises(ValueError, match="style-based student"):
+        pipe.interpolate("a cat", num_images=3)

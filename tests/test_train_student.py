@@ -106,11 +106,15 @@ def test_gan_generator_students_train_and_export(pairs_dir, tmp_path, capsys, st
     run = tmp_path / student
     code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 6,
                                                 "--checkpointing_steps", 6, "--validation_steps", 6, *TRAIN,
-                                                "--student", student, "--student_size", "tiny", "--learning_rate_g", "1e-3"], capsys)
+                                                "--student", student, "--student_size", "tiny", "--gan_start_step", 3,
+                                                "--learning_rate_g", "1e-3"], capsys)
     assert code == 0, err
     val = [r for r in _stats(run) if "val_lpips" in r]
     assert val[-1]["val_lpips"] < val[0]["val_lpips"]
-    assert all("d_gan" in r for r in _stats(run) if "g_lpips" in r)
+    # Regression alone for steps 0-2 (logged as steps 1-3), then the GAN joins: D trains and G gets its term.
+    steps = {r["step"]: r for r in _stats(run) if "g_lpips" in r}
+    assert [s for s, r in sorted(steps.items()) if "d_gan" in r and "g_gan" in r] == [4, 5, 6]
+    assert "gan_start_step: 3" in (run / "config.yaml").read_text()
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
     assert type(pipe.student).__name__ == {"gigagan": "GigaGANGenerator", "stylegan_t": "StyleGANTGenerator"}[student]
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -232,3 +236,21 @@ def test_ema_rampup_limits_the_half_life_early():
     plain.update(model, 100, nimg=100)  # half-life 10k images: the average barely moves
     assert ramped.model.weight.item() == pytest.approx(0.75)
     assert plain.model.weight.item() == pytest.approx(1 - 0.5 ** 0.01)
+
+
+def test_student_defaults_fill_only_unset_keys():
+    """``--student gigagan`` with no other flag gets the GAN students' learning rate and GAN warm-up,
+    not the UNet's; explicit values win; the resolved values are what the run saves."""
+    from distill.config import parse_config
+    from distill.train_student import StudentConfig, check
+
+    def resolved(*argv):
+        cfg = parse_config(StudentConfig, ["--pairs", "p", *argv])
+        check(cfg)
+        return cfg
+
+    unet, gigagan = resolved(), resolved("--student", "gigagan")
+    assert (unet.learning_rate_g, unet.gan_start_step) == (1e-5, 0)
+    assert gigagan.learning_rate_g > 100 * unet.learning_rate_g and gigagan.gan_start_step > 0
+    explicit = resolved("--student", "stylegan_t", "--learning_rate_g", "2e-4", "--gan_start_step", "0")
+    assert (explicit.learning_rate_g, explicit.gan_start_step) == (2e-4, 0)

@@ -11,26 +11,34 @@ from data_gen.prompts import prompt_for_index
 from distill.metrics.sample_cache import read_samples, sample_path
 
 
-def compute_fid(*, samples_dir: Path, num_samples: int, extractor_name: str, reference: str, reference_limit: int,
-                reference_center_crop: bool, batch_size: int, num_workers: int, device, cache_dir: Path) -> tuple[float, dict]:
-    """``extractor_name``: ``inception`` (weights in ``cache_dir``), a path to the Inception file, or ``random-tiny``."""
+def compute_fid(*, samples_dir: Path, num_samples: int, extractor_name: str, references: dict[str, dict],
+                batch_size: int, num_workers: int, device, cache_dir: Path) -> tuple[dict[str, float], dict]:
+    """FID of the cached samples against each of ``references`` (name -> ``dict(reference=folder or .npz,
+    limit=, center_crop=)``); the samples' features are extracted once for all of them.
+
+    ``extractor_name``: ``inception`` (weights in ``cache_dir``), a path to the Inception file, a
+    classifier folder, or ``random-tiny``."""
     from distill.metrics import fid
 
     name = extractor_name if extractor_name != "inception" else str(cache_dir)
     extractor = fid.load_fid_extractor(name, device=device)
-    bar = tqdm(desc="FID reference features", unit="img", dynamic_ncols=True, leave=False)
-    ref, info = fid.reference_statistics(
-        reference, extractor=extractor, cache_dir=cache_dir, limit=reference_limit,
-        center_crop=reference_center_crop, batch_size=batch_size, num_workers=num_workers,
-        device=device, progress=bar.update,
-    )
-    bar.close()
+    stats, details = {}, {}
+    for key, ref in references.items():
+        bar = tqdm(desc=f"{key} reference features", unit="img", dynamic_ncols=True, leave=False)
+        stats[key], details[key] = fid.reference_statistics(
+            ref["reference"], extractor=extractor, cache_dir=cache_dir, limit=ref.get("limit", 0),
+            center_crop=ref.get("center_crop", False), batch_size=batch_size, num_workers=num_workers,
+            device=device, progress=bar.update,
+        )
+        bar.close()
     bar = tqdm(total=num_samples, desc="FID sample features", unit="img", dynamic_ncols=True, leave=False)
     files = [sample_path(samples_dir, i) for i in range(num_samples)]
-    value = fid.fid_from_files(files, ref, extractor=extractor, batch_size=batch_size,
-                               num_workers=num_workers, device=device, progress=bar.update)
+    feats = fid.extract_features_from_files(files, extractor=extractor, batch_size=batch_size, num_workers=num_workers,
+                                            device=device, progress=bar.update)
     bar.close()
-    return value, {**info, "extractor_id": extractor.extractor_id, "num_samples": num_samples}
+    mine = fid.FIDStats.from_features(feats, extractor_id=extractor.extractor_id)
+    values = {key: fid.frechet_distance(mine, ref_stats) for key, ref_stats in stats.items()}
+    return values, {key: {**info, "extractor_id": extractor.extractor_id, "num_samples": num_samples} for key, info in details.items()}
 
 
 def compute_clip_score(*, samples_dir: Path, num_samples: int, prompts: list[str], clip_model: str,

@@ -7,8 +7,9 @@ device / process facts, never the Accelerator inside library code other than her
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers.utils import make_image_grid
@@ -44,7 +45,7 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
             module.requires_grad_(False).eval()
     if tuple(manifest["latent_shape"])[0] != teacher.latent_channels:
         raise ValueError(f"pairs have {manifest['latent_shape'][0]} latent channels but teacher {name} has {teacher.latent_channels}")
-    student = _student(cfg, teacher).to(device)
+    student = STUDENTS[cfg.student].build(cfg, teacher).to(device)
     if cfg.gradient_checkpointing:
         if not student._supports_gradient_checkpointing:
             raise ValueError(f"student {cfg.student!r} does not support gradient_checkpointing; turn it off")
@@ -63,20 +64,51 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
     return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution)
 
 
-def _student(cfg, teacher: Teacher) -> torch.nn.Module:
-    """``unet``: the teacher's UNet at a fixed timestep (Diffusion2GAN §3); ``gigagan`` / ``stylegan_t``:
-    a GAN generator of preset ``student_size`` from scratch, sized for the teacher's latents and text."""
-    unet = teacher.pipe.unet
-    if cfg.student == "unet":
-        return UNetStudent.from_teacher(unet, teacher.pipe.scheduler, timestep=cfg.student_timestep)
-    text_2 = getattr(teacher.pipe, "text_encoder_2", None)
-    cls = {"gigagan": GigaGANGenerator, "stylegan_t": StyleGANTGenerator}[cfg.student]
-    return cls.for_latents(
-        latent_channels=teacher.latent_channels, sample_size=int(unet.config.sample_size),
-        cross_attention_dim=int(unet.config.cross_attention_dim),
-        pooled_dim=int(text_2.config.projection_dim) if text_2 is not None else 0,  # SDXL's pooled prompt
-        size=cfg.student_size,
-    ).to(unet.dtype)
+def _unet_student(cfg, teacher: Teacher) -> torch.nn.Module:
+    """The teacher's UNet at a fixed timestep, initialised from its weights (Diffusion2GAN §3)."""
+    return UNetStudent.from_teacher(teacher.pipe.unet, teacher.pipe.scheduler, timestep=cfg.student_timestep)
+
+
+def _style_student(cls) -> Callable:
+    def build(cfg, teacher: Teacher) -> torch.nn.Module:
+        """A GAN generator of preset ``student_size`` from scratch, sized for the teacher's latents and text."""
+        unet = teacher.pipe.unet
+        text_2 = getattr(teacher.pipe, "text_encoder_2", None)
+        overrides = {} if cfg.mapping_lr_mul is None else {"mapping_lr_mul": cfg.mapping_lr_mul}
+        return cls.for_latents(
+            latent_channels=teacher.latent_channels, sample_size=int(unet.config.sample_size),
+            cross_attention_dim=int(unet.config.cross_attention_dim),
+            pooled_dim=int(text_2.config.projection_dim) if text_2 is not None else 0,  # SDXL's pooled prompt
+            size=cfg.student_size, **overrides,
+        ).to(unet.dtype)
+
+    return build
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A stage-two generator: how it is built from the teacher, and the training settings that suit it
+    (the values of config keys a user leaves unset)."""
+
+    build: Callable
+    defaults: dict = field(default_factory=dict)
+
+
+# Defaults measured on the digits testbed (README, "GAN students"): the UNet starts from the teacher
+# and needs only a small step size; the GAN generators start from scratch, so they take StyleGAN-scale
+# learning rates on their equalised layers and learn the ODE map by regression before the GAN joins.
+STUDENTS = {
+    "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0)),
+    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000)),
+    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000)),
+}
+
+
+def apply_student_defaults(cfg) -> None:
+    """Fill the config keys left unset (None) with the chosen student's defaults, in place."""
+    for key, value in STUDENTS[cfg.student].defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
 
 
 def _lpips_name(teacher: Teacher) -> str:
