@@ -58,6 +58,36 @@ def test_gan_terms(sd15_teacher):
     assert sorted(perm.tolist()) == list(range(5)) and all(perm[i] != i for i in range(5))
 
 
+@pytest.mark.parametrize("heads", [("before",), ("skip",), ("after",), ("before", "skip"), ("before", "skip", "after"), ("final",)])
+@pytest.mark.parametrize("mode", ["copy", "lora", "shared"])
+def test_discriminator_builds_only_what_its_heads_read(sd15_teacher, heads, mode):
+    """Every trainable parameter gets a gradient from the heads (DDP without find_unused_parameters
+    stops at step 2 otherwise): layers no head reads are not built (or, on a shared backbone, frozen)."""
+    teacher = load_teacher(str(sd15_teacher))
+    unet = teacher.pipe.unet
+    n_up = len(unet.up_blocks)
+    disc = UNetDiscriminator(unet, heads=heads, copy_backbone=mode != "shared")
+    if mode == "lora":  # as train_student adds it: after construction, on every remaining attention projection
+        from peft import LoraConfig
+
+        disc.unet.requires_grad_(False)
+        disc.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    cond = _cond(teacher, ["a cat", "a dog"])
+    logits = disc(torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), cond.prompt_embeds)
+    sum(l.sum() for l in logits).backward()
+    unused = [n for n, p in disc.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused[:5]
+    kept_up = n_up if {"after", "final"} & set(heads) else n_up - 1 if "before" in heads else 0
+    if mode == "shared":  # the caller's UNet keeps its layers; the unread ones are frozen
+        assert disc.unet is unet and len(unet.up_blocks) == n_up
+        assert unet.conv_out.weight.requires_grad == ("final" in heads)
+        return
+    assert (disc.unet.conv_out is not None) == ("final" in heads)
+    assert len(disc.unet.up_blocks) == kept_up
+    assert (disc.unet.mid_block is not None) == bool({"before", "after", "final"} & set(heads))
+    assert unet.conv_out is not None and len(unet.up_blocks) == n_up  # the teacher keeps all its layers
+
+
 @pytest.fixture(scope="module")
 def pairs_dir(sd15_teacher, prompt_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs") / "pairs"
@@ -140,10 +170,14 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path):
+@pytest.mark.parametrize("heads", ["before,skip,after,final", "before,skip,after"])
+def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path, heads):
+    """Also with a head set that leaves the UNet's output layers unread: DDP (no find_unused_parameters)
+    raised "Expected to have finished reduction" at step 2 while they were still built."""
     run = tmp_path / "ddp"
     res = accelerate_launch("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
-                                                 "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN], num_processes=2)
+                                                 "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
+                                                 "--d_heads", heads], num_processes=2)
     assert res.returncode == 0, res.stderr[-4000:]
     stats = [r for r in _stats(run) if "g_lpips" in r]
     assert [r["nimg"] for r in stats] == [8, 16]  # 2 processes x batch 4 per step
