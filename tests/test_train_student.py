@@ -238,6 +238,62 @@ def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
         pipe("a cat", output_type="jpeg")
 
 
+def _unit_eps_student(teacher_dir, **kwargs):
+    """The tiny SD-form UNet student with conv_out scaled so eps has unit RMS at t=999, as a trained
+    UNet's has (the random init gives 0.32, which would hide two thirds of the rounding error)."""
+    from students import UNetStudent
+
+    tp = load_teacher(str(teacher_dir)).pipe
+    student = UNetStudent.from_teacher(tp.unet, tp.scheduler, **kwargs).eval()
+    cond = _cond(load_teacher(str(teacher_dir)), ["a cat", "a dog"] * 2)
+    z = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eps = student.unet(z, torch.full((4,), 999), encoder_hidden_states=cond.prompt_embeds,
+                           added_cond_kwargs=cond.added_cond_kwargs()).sample
+        scale = eps.pow(2).mean().rsqrt()
+        student.unet.conv_out.weight.mul_(scale)
+        student.unet.conv_out.bias.mul_(scale)
+    return student, z, cond
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_unet_student_output_stays_fp32_accurate_under_bf16_autocast(tiny_teacher_factory, family):
+    """x0 = (z - sqrt(1 - abar) eps) / sqrt(abar) amplifies the UNet's rounding 14.6x at t=999: the default
+    plan keeps the bf16-autocast output within 0.01 RMS (latent units) of fp32; plain autocast is ~0.2 off."""
+    student, z, cond = _unit_eps_student(tiny_teacher_factory(family))
+    run = lambda: student(z, cond.prompt_embeds, cond.added_cond_kwargs())  # noqa: E731
+    with torch.no_grad():
+        ref = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run()
+        student.register_to_config(precision="autocast")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            noisy = run()
+    rms = lambda x: (x.float() - ref).pow(2).mean().sqrt().item()  # noqa: E731
+    assert out.dtype == torch.float32 and rms(out) <= 0.01
+    assert student.config.precision == "autocast" and rms(noisy) > 0.05  # the error this guards against is real at this scale
+
+
+def test_unet_student_fp32_forward_turns_tf32_off_and_back(sd15_teacher):
+    from students import UNetStudent
+
+    tp = load_teacher(str(sd15_teacher)).pipe
+    seen = []
+    student = UNetStudent.from_teacher(tp.unet, tp.scheduler)
+    student.unet.conv_in.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)))
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    cond = _cond(load_teacher(str(sd15_teacher)), ["a cat"])
+    with torch.no_grad():
+        student(torch.randn(1, 4, 16, 16), cond.prompt_embeds)
+        student.register_to_config(precision="tf32")
+        student(torch.randn(1, 4, 16, 16), cond.prompt_embeds)
+    assert seen == [("ieee", "ieee"), before]
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    with pytest.raises(ValueError, match="unknown precision 'bf16'"):
+        UNetStudent.from_teacher(tp.unet, tp.scheduler, precision="bf16")
+
+
 def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys):
     """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline."""
     pairs = tmp_path / "pairs"
