@@ -25,6 +25,9 @@ from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 PRECISIONS = ("fp32", "tf32", "autocast")
+# Zero-terminal-SNR schedules (Lin et al. 2024, rescale_betas_zero_snr) end at abar = 0; diffusers'
+# Euler / DPM-Solver store 2**-24 there instead so that sigma stays finite.
+ZERO_SNR_ALPHA = 2.0**-24
 
 
 @contextlib.contextmanager
@@ -64,6 +67,12 @@ class UNetStudent(ModelMixin, ConfigMixin):
             raise ValueError(f"unknown prediction_type {prediction_type!r}; choose epsilon, v_prediction or sample")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if prediction_type == "epsilon" and alpha_cumprod <= ZERO_SNR_ALPHA:
+            # x0 = (z - eps) / 0: pure noise carries no x0, and an epsilon UNet cannot predict one there.
+            raise ValueError(
+                f"the teacher's schedule has zero terminal SNR (alpha_bar({timestep}) = {alpha_cumprod:.3g}), so an "
+                "epsilon-prediction UNet gives no x0 there: distil a v-prediction teacher (zero-SNR schedules need one)"
+            )
         self.unet = UNet2DConditionModel.from_config(unet_config or {})
 
     @classmethod
@@ -110,7 +119,7 @@ class UNetStudent(ModelMixin, ConfigMixin):
         if cfg.prediction_type == "epsilon":
             x0 = (z - s * out) / a
         elif cfg.prediction_type == "v_prediction":
-            x0 = a * z - s * out
+            x0 = a * z - s * out  # finite at zero terminal SNR too: abar = 0 gives x0 = -v
         else:
             x0 = out
         return x0.to(noise.dtype)

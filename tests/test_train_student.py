@@ -294,6 +294,28 @@ def test_unet_student_fp32_forward_turns_tf32_off_and_back(sd15_teacher):
         UNetStudent.from_teacher(tp.unet, tp.scheduler, precision="bf16")
 
 
+def test_unet_student_at_zero_terminal_snr(sd15_teacher):
+    """abar(999) = 0 (rescale_betas_zero_snr): v-prediction has the exact limit x0 = -v; epsilon has none."""
+    from diffusers import DDIMScheduler
+
+    from students import UNetStudent
+
+    tp = load_teacher(str(sd15_teacher)).pipe
+    v_sched = DDIMScheduler.from_config(tp.scheduler.config, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert v_sched.alphas_cumprod[999] == 0
+    student = UNetStudent.from_teacher(tp.unet, v_sched)
+    cond = _cond(load_teacher(str(sd15_teacher)), ["a cat", "a dog"])
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = student(z, cond.prompt_embeds)
+        v = tp.unet(z, torch.full((2,), 999), encoder_hidden_states=cond.prompt_embeds).sample
+    assert torch.isfinite(x0).all()
+    torch.testing.assert_close(x0, -v, rtol=0, atol=0)
+    eps_sched = DDIMScheduler.from_config(tp.scheduler.config, rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match=r"zero terminal SNR .* distil a v-prediction teacher"):
+        UNetStudent.from_teacher(tp.unet, eps_sched)
+
+
 def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys):
     """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline."""
     pairs = tmp_path / "pairs"
