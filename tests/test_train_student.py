@@ -58,6 +58,27 @@ def test_gan_terms(sd15_teacher):
     assert sorted(perm.tolist()) == list(range(5)) and all(perm[i] != i for i in range(5))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_r1_penalty_is_fp32_under_autocast(sd15_teacher, dtype):
+    """The inner autograd.grad is not loss-scaled: with a D whose outputs are small (as at the start of
+    training) fp16 gradients underflow. Under autocast the penalty equals the fp32 one."""
+    teacher = load_teacher(str(sd15_teacher))
+    disc = UNetDiscriminator(teacher.pipe.unet)
+    with torch.no_grad():
+        for head in disc.heads.values():
+            head.net[-1].weight.mul_(1e-3)
+            head.net[-1].bias.mul_(1e-3)
+    cond = _cond(teacher, ["a cat"])
+    x, z, emb = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16).to(dtype), cond.prompt_embeds.to(dtype)
+    ref = r1_penalty(disc, x, noise=z.float(), prompt_embeds=emb.float())
+    with torch.autocast("cpu", dtype=dtype):  # half conditions, as a caller under autocast may pass them
+        r1 = r1_penalty(disc, x, noise=z, prompt_embeds=emb)
+    assert r1.dtype == torch.float32 and ref.item() > 0
+    torch.testing.assert_close(r1, ref, rtol=1e-6, atol=0)
+    r1.backward()  # still differentiable w.r.t. D's weights (double backward) under autocast
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in disc.parameters())
+
+
 @pytest.mark.parametrize("heads", [("before",), ("skip",), ("after",), ("before", "skip"), ("before", "skip", "after"), ("final",)])
 @pytest.mark.parametrize("mode", ["copy", "lora", "shared"])
 def test_discriminator_builds_only_what_its_heads_read(sd15_teacher, heads, mode):

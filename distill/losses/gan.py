@@ -31,15 +31,25 @@ def mismatched_condition(n: int, *, generator: torch.Generator | None = None) ->
     return (torch.arange(n) + shift) % n
 
 
+def _float32(value):
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    return value
+
+
 def r1_penalty(discriminator, real_latents: torch.Tensor, **cond) -> torch.Tensor:
     """Single-sample R1 (the paper regularises one sample of the batch): ||grad_x sum D(x)||^2.
 
-    ``real_latents`` [1,C,H,W]; ``cond`` are the discriminator's other inputs for that sample.
+    ``real_latents`` [1,C,H,W]; ``cond`` are the discriminator's other inputs for that sample. Computed
+    in fp32 with autocast off: the inner ``autograd.grad`` gets no loss scaling, so fp16 input gradients
+    of a D with small outputs underflow (the tiny D with 1e-3 head outputs: 3-5x off), bf16 ones are coarse.
     """
     x = real_latents.detach().float().requires_grad_(True)
     # Fused attention kernels (flash / memory-efficient) have no double backward; the math one does.
-    with sdpa_kernel(SDPBackend.MATH):
-        logits = discriminator(x.to(real_latents.dtype), **cond)
-    score = sum(l.float().mean(dim=(1, 2, 3)).sum() for l in logits) / len(logits)
-    (grad,) = torch.autograd.grad(score, x, create_graph=True)
+    with torch.autocast(x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        logits = discriminator(x, **_float32(cond))
+        score = sum(l.float().mean(dim=(1, 2, 3)).sum() for l in logits) / len(logits)
+        (grad,) = torch.autograd.grad(score, x, create_graph=True)
     return grad.pow(2).sum(dim=(1, 2, 3)).mean()
