@@ -242,6 +242,42 @@ def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys):
     assert [r["nimg"] for r in stats] == [8, 16] and all("d_gan" in r for r in stats)
 
 
+def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path, capsys, monkeypatch):
+    """R1 runs once per step (micro-batch 0): its backward weight stays r1_gamma with M micro-batches,
+    while the batch-mean terms are divided by M."""
+    import accelerate
+
+    from distill.training import phases
+
+    events = []
+    terms_fn, backward = phases.discriminator_terms, accelerate.Accelerator.backward
+
+    def spy_terms(**kwargs):
+        terms = terms_fn(**kwargs)
+        events.append(("terms", {k: v.item() for k, v in terms.items()}))
+        return terms
+
+    def spy_backward(self, loss, **kwargs):
+        events.append(("backward", loss.item()))
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(phases, "discriminator_terms", spy_terms)
+    monkeypatch.setattr(accelerate.Accelerator, "backward", spy_backward)
+    run = tmp_path / "accum"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1,
+                                                "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN,
+                                                "--gradient_accumulation_steps", 2, "--r1_gamma", "1e5"], capsys)
+    assert code == 0, err
+    d_steps = [(events[i][1], events[i + 1][1]) for i in range(len(events) - 1) if events[i][0] == "terms"]
+    assert len(d_steps) == 2 and "d_r1" in d_steps[0][0] and "d_r1" not in d_steps[1][0]
+    for terms, loss in d_steps:  # R1's share of what was backpropagated: all of it, not half
+        r1_share = loss - sum(v for k, v in terms.items() if k != "d_r1") / 2
+        assert r1_share == pytest.approx(terms.get("d_r1", 0.0), rel=1e-3, abs=1e-6)
+    assert d_steps[0][0]["d_r1"] > 1e-3  # large enough to tell r1_gamma from r1_gamma / 2
+    logged = [r for r in _stats(run) if "d_r1" in r][0]
+    assert logged["d_r1"] == pytest.approx(d_steps[0][0]["d_r1"], rel=1e-5)  # logged at its full weight too
+
+
 def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
     from students import UNetStudent
 
