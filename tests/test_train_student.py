@@ -58,6 +58,42 @@ def test_gan_terms(sd15_teacher):
     assert sorted(perm.tolist()) == list(range(5)) and all(perm[i] != i for i in range(5))
 
 
+def test_mix_and_match_shuffles_noise_and_prompt_independently_into_its_own_term():
+    """Mismatched real pairs: the noise always another sample's, the prompt independently the own one
+    (noise-only mismatch) or another's; their loss is a third term, not averaged into the fake one."""
+    import torch.nn.functional as F
+
+    from distill.training.phases import Batch, discriminator_terms
+    from students import TextConditioning
+
+    n = 16
+    ids = torch.arange(1, n + 1, dtype=torch.float32)
+    tag = lambda shape: ids.view(n, *[1] * len(shape)).expand(n, *shape).clone()  # noqa: E731  row i holds i + 1
+    batch = Batch(noise=tag((1, 2, 2)), target=tag((1, 2, 2)), cond=TextConditioning(tag((3, 4))))
+    mismatched = []
+
+    def spy(latents, noise, prompt_embeds, added_cond_kwargs=None):
+        lat, z, c = (t.flatten(1)[:, 0] for t in (latents, noise, prompt_embeds))
+        logits = torch.full_like(lat, 0.5)  # mismatched
+        logits[lat < 0] = -1.0  # generated
+        logits[(z == lat) & (c == lat)] = 2.0  # real
+        mismatched.extend((int(a), int(b), int(d)) for a, b, d in zip(lat, z, c) if a > 0 and (b != a or d != a))
+        return [logits.view(-1, 1, 1, 1)]
+
+    for seed in range(4):
+        terms = discriminator_terms(discriminator=spy, discriminator_unwrapped=None, batch=batch, fake=-batch.target,
+                                    mix_fraction=0.5, r1_gamma=0, r1_interval=1, do_r1=False,
+                                    generator=torch.Generator().manual_seed(seed))
+        sp = lambda x: F.softplus(torch.tensor(x)).item()  # noqa: E731
+        assert terms["d_gan"].item() == pytest.approx(sp(-2.0) + sp(-1.0))
+        assert terms["d_mix"].item() == pytest.approx(sp(0.5))
+    assert len(mismatched) == 4 * n // 2
+    assert all(z != lat for lat, z, _ in mismatched)  # the noise is always another sample's
+    noise_only = [m for m in mismatched if m[2] == m[0]]
+    independent = [m for m in mismatched if m[2] not in (m[0], m[1])]
+    assert noise_only and independent, mismatched
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_r1_penalty_is_fp32_under_autocast(sd15_teacher, dtype):
     """The inner autograd.grad is not loss-scaled: with a D whose outputs are small (as at the start of

@@ -31,6 +31,24 @@ def mismatched_condition(n: int, *, generator: torch.Generator | None = None) ->
     return (torch.arange(n) + shift) % n
 
 
+def mix_and_match(n: int, k: int, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditions under which the first ``k`` real latents of a batch of ``n`` are shown as fake (§3.3):
+    ``(noise_index [k], prompt_index [k])``, drawn independently. The noise always comes from another
+    sample, so every such pair is truly mismatched even where prompts repeat; the prompt is the sample's
+    own for about half of them (a noise-only mismatch: D has to check the latent against its noise,
+    the point of conditioning D on z) and another sample's for the rest."""
+    noise_index = mismatched_condition(n, generator=generator)[:k]
+    other_prompt = mismatched_condition(n, generator=generator)[:k]
+    own_prompt = torch.rand(k, generator=generator) < 0.5
+    return noise_index, torch.where(own_prompt, torch.arange(k), other_prompt)
+
+
+def mismatch_loss(mismatched_logits: list[torch.Tensor]) -> torch.Tensor:
+    """softplus(D(x | z', c')): a real latent under another sample's condition counts as fake; its own
+    term, so that it does not dilute the generated-fake term."""
+    return _mean_over_heads(mismatched_logits, F.softplus)
+
+
 def _float32(value):
     if torch.is_tensor(value):
         return value.float() if value.is_floating_point() else value
