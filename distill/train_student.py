@@ -64,7 +64,7 @@ class StudentConfig:
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
     r1_gamma: float = field(default=1e-5, metadata={"help": "R1 weight (0 = off)"})
     r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
-    ema_half_life_kimg: float = field(default=0.5, metadata={"help": "EMA half-life in thousands of images (0 = off)"})
+    ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
