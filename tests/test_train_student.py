@@ -351,6 +351,36 @@ def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
         pipe("a cat", output_type="jpeg")
 
 
+def test_fp16_decode_upcasts_a_force_upcast_vae(sdxl_teacher, tmp_path):
+    """An fp16 VAE with ``force_upcast`` (SDXL's) decodes in fp32, in the pipeline and in evaluate's
+    Generator, as diffusers' SDXL pipeline does; its weights stay fp16. The VAE here is made to overflow
+    fp16 (large post-quant conv) the way SDXL's does at 1024 px: NaN without the upcast."""
+    from distill.metrics.generation import Generator
+    from students import UNetStudent
+
+    tp = load_teacher(str(sdxl_teacher)).pipe
+    with torch.no_grad():
+        tp.vae.post_quant_conv.weight.mul_(1e5)
+        tp.vae.post_quant_conv.bias.mul_(1e5)
+    assert tp.vae.config.force_upcast
+    OneStepGANPipeline(student=UNetStudent.from_teacher(tp.unet, tp.scheduler), vae=tp.vae, text_encoder=tp.text_encoder,
+                       tokenizer=tp.tokenizer, text_encoder_2=tp.text_encoder_2, tokenizer_2=tp.tokenizer_2).save_pretrained(tmp_path / "p")
+    pipe = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)
+    gen = Generator(str(tmp_path / "p"), device=torch.device("cpu"), dtype=torch.float16, scheduler="ddim",
+                    num_inference_steps=1, guidance_scale=1.0, negative_prompt="")
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for vae, decode in ((pipe.vae, pipe.decode_latents), (gen.pipe.vae, gen.decode)):
+        seen = []
+        vae.decoder.conv_in.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+        images = decode(latents.half())
+        assert seen == [torch.float32] and torch.isfinite(images).all()
+        assert vae.dtype == torch.float16  # cast back: the upcast lasts one decode
+        vae.register_to_config(force_upcast=False)  # what the code did before: fp16 overflows
+        assert not torch.isfinite(decode(latents.half())).all()
+    assert torch.isfinite(OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)(
+        "a cat", latents=latents, output_type="pt").images).all()
+
+
 def _unit_eps_student(teacher_dir, **kwargs):
     """The tiny SD-form UNet student with conv_out scaled so eps has unit RMS at t=999, as a trained
     UNet's has (the random init gives 0.32, which would hide two thirds of the rounding error)."""
