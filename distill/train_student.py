@@ -26,7 +26,7 @@ from data_gen.pairs import load_pairs, read_manifest
 from distill.config import ConfigError, parse_config, require_positive, run_cli, save_config
 from distill.training import checkpoint as ckpt
 from distill.training.ema import EMA
-from distill.training.phases import REGRESSIONS, Batch, discriminator_terms, generator_terms
+from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
 from distill.training.seeds import batch_indices, step_generator
 from distill.training.setup import STUDENTS, apply_student_defaults, build_lpips, build_student, export_pipeline, validate_and_sample
 
@@ -69,7 +69,7 @@ class StudentConfig:
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
     r1_gamma: float = field(default=1e-5, metadata={"help": "R1 weight (0 = off)"})
     r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
-    ema_half_life_kimg: float = field(default=0.5, metadata={"help": "EMA half-life in thousands of images (0 = off)"})
+    ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
@@ -205,7 +205,7 @@ def main() -> None:
                             discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batch, fake=fake,
                             mix_fraction=cfg.mix_fraction, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
                             do_r1=do_r1 and m == 0, generator=gen)
-                        loss = sum(terms.values()) / len(batches)
+                        loss = micro_batch_loss(terms, num_micro_batches=len(batches))
                         _finite(accelerator, loss, terms, step, out)
                         accelerator.backward(loss)
                     _accumulate(logs, terms, len(batches))
@@ -262,7 +262,7 @@ def _check_replicas(accelerator, model, step: int) -> None:
 
 def _accumulate(logs: dict, terms: dict, n: int) -> None:
     for k, v in terms.items():
-        logs[k] = logs.get(k, 0.0) + float(v.detach()) / n
+        logs[k] = logs.get(k, 0.0) + float(v.detach()) / (1 if k in PER_STEP_TERMS else n)
 
 
 def _finite(accelerator, loss: torch.Tensor, terms: dict, step: int, out: Path) -> None:

@@ -17,6 +17,23 @@ from .text import encode_text
 logger = logging.get_logger(__name__)
 
 
+def decode_vae(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1].
+
+    A float16 VAE whose config sets ``force_upcast`` (SDXL's: its fp16 activations overflow into NaN /
+    black images) decodes in float32 and is cast back afterwards, as diffusers' SDXL pipeline does.
+    """
+    cfg = vae.config
+    raw = latents.float() / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    if not (vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)):
+        return vae.decode(raw.to(vae.dtype)).sample
+    vae.to(torch.float32)
+    try:
+        return vae.decode(raw).sample
+    finally:
+        vae.to(torch.float16)
+
+
 class OneStepGANPipeline(DiffusionPipeline):
     """Components: ``student`` (any generator with ``forward(noise, prompt_embeds, added_cond_kwargs)``),
     ``vae``, ``text_encoder``, ``tokenizer`` and, for SDXL students, ``text_encoder_2``, ``tokenizer_2``.
@@ -77,10 +94,8 @@ class OneStepGANPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1]."""
-        cfg = self.vae.config
-        raw = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        return self.vae.decode(raw.to(self.vae.dtype)).sample
+        """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (fp32 for an fp16 ``force_upcast`` VAE)."""
+        return decode_vae(self.vae, latents)
 
     @torch.no_grad()
     def __call__(

@@ -58,6 +58,93 @@ def test_gan_terms(sd15_teacher):
     assert sorted(perm.tolist()) == list(range(5)) and all(perm[i] != i for i in range(5))
 
 
+def test_mix_and_match_shuffles_noise_and_prompt_independently_into_its_own_term():
+    """Mismatched real pairs: the noise always another sample's, the prompt independently the own one
+    (noise-only mismatch) or another's; their loss is a third term, not averaged into the fake one."""
+    import torch.nn.functional as F
+
+    from distill.training.phases import Batch, discriminator_terms
+    from students import TextConditioning
+
+    n = 16
+    ids = torch.arange(1, n + 1, dtype=torch.float32)
+    tag = lambda shape: ids.view(n, *[1] * len(shape)).expand(n, *shape).clone()  # noqa: E731  row i holds i + 1
+    batch = Batch(noise=tag((1, 2, 2)), target=tag((1, 2, 2)), cond=TextConditioning(tag((3, 4))))
+    mismatched = []
+
+    def spy(latents, noise, prompt_embeds, added_cond_kwargs=None):
+        lat, z, c = (t.flatten(1)[:, 0] for t in (latents, noise, prompt_embeds))
+        logits = torch.full_like(lat, 0.5)  # mismatched
+        logits[lat < 0] = -1.0  # generated
+        logits[(z == lat) & (c == lat)] = 2.0  # real
+        mismatched.extend((int(a), int(b), int(d)) for a, b, d in zip(lat, z, c) if a > 0 and (b != a or d != a))
+        return [logits.view(-1, 1, 1, 1)]
+
+    for seed in range(4):
+        terms = discriminator_terms(discriminator=spy, discriminator_unwrapped=None, batch=batch, fake=-batch.target,
+                                    mix_fraction=0.5, r1_gamma=0, r1_interval=1, do_r1=False,
+                                    generator=torch.Generator().manual_seed(seed))
+        sp = lambda x: F.softplus(torch.tensor(x)).item()  # noqa: E731
+        assert terms["d_gan"].item() == pytest.approx(sp(-2.0) + sp(-1.0))
+        assert terms["d_mix"].item() == pytest.approx(sp(0.5))
+    assert len(mismatched) == 4 * n // 2
+    assert all(z != lat for lat, z, _ in mismatched)  # the noise is always another sample's
+    noise_only = [m for m in mismatched if m[2] == m[0]]
+    independent = [m for m in mismatched if m[2] not in (m[0], m[1])]
+    assert noise_only and independent, mismatched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_r1_penalty_is_fp32_under_autocast(sd15_teacher, dtype):
+    """The inner autograd.grad is not loss-scaled: with a D whose outputs are small (as at the start of
+    training) fp16 gradients underflow. Under autocast the penalty equals the fp32 one."""
+    teacher = load_teacher(str(sd15_teacher))
+    disc = UNetDiscriminator(teacher.pipe.unet)
+    with torch.no_grad():
+        for head in disc.heads.values():
+            head.net[-1].weight.mul_(1e-3)
+            head.net[-1].bias.mul_(1e-3)
+    cond = _cond(teacher, ["a cat"])
+    x, z, emb = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16).to(dtype), cond.prompt_embeds.to(dtype)
+    ref = r1_penalty(disc, x, noise=z.float(), prompt_embeds=emb.float())
+    with torch.autocast("cpu", dtype=dtype):  # half conditions, as a caller under autocast may pass them
+        r1 = r1_penalty(disc, x, noise=z, prompt_embeds=emb)
+    assert r1.dtype == torch.float32 and ref.item() > 0
+    torch.testing.assert_close(r1, ref, rtol=1e-6, atol=0)
+    r1.backward()  # still differentiable w.r.t. D's weights (double backward) under autocast
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in disc.parameters())
+
+
+@pytest.mark.parametrize("heads", [("before",), ("skip",), ("after",), ("before", "skip"), ("before", "skip", "after"), ("final",)])
+@pytest.mark.parametrize("mode", ["copy", "lora", "shared"])
+def test_discriminator_builds_only_what_its_heads_read(sd15_teacher, heads, mode):
+    """Every trainable parameter gets a gradient from the heads (DDP without find_unused_parameters
+    stops at step 2 otherwise): layers no head reads are not built (or, on a shared backbone, frozen)."""
+    teacher = load_teacher(str(sd15_teacher))
+    unet = teacher.pipe.unet
+    n_up = len(unet.up_blocks)
+    disc = UNetDiscriminator(unet, heads=heads, copy_backbone=mode != "shared")
+    if mode == "lora":  # as train_student adds it: after construction, on every remaining attention projection
+        from peft import LoraConfig
+
+        disc.unet.requires_grad_(False)
+        disc.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    cond = _cond(teacher, ["a cat", "a dog"])
+    logits = disc(torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), cond.prompt_embeds)
+    sum(l.sum() for l in logits).backward()
+    unused = [n for n, p in disc.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused[:5]
+    kept_up = n_up if {"after", "final"} & set(heads) else n_up - 1 if "before" in heads else 0
+    if mode == "shared":  # the caller's UNet keeps its layers; the unread ones are frozen
+        assert disc.unet is unet and len(unet.up_blocks) == n_up
+        assert unet.conv_out.weight.requires_grad == ("final" in heads)
+        return
+    assert (disc.unet.conv_out is not None) == ("final" in heads)
+    assert len(disc.unet.up_blocks) == kept_up
+    assert (disc.unet.mid_block is not None) == bool({"before", "after", "final"} & set(heads))
+    assert unet.conv_out is not None and len(unet.up_blocks) == n_up  # the teacher keeps all its layers
+
+
 @pytest.fixture(scope="module")
 def pairs_dir(sd15_teacher, prompt_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs") / "pairs"
@@ -144,10 +231,14 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path):
+@pytest.mark.parametrize("heads", ["before,skip,after,final", "before,skip,after"])
+def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path, heads):
+    """Also with a head set that leaves the UNet's output layers unread: DDP (no find_unused_parameters)
+    raised "Expected to have finished reduction" at step 2 while they were still built."""
     run = tmp_path / "ddp"
     res = accelerate_launch("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
-                                                 "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN], num_processes=2)
+                                                 "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
+                                                 "--d_heads", heads], num_processes=2)
     assert res.returncode == 0, res.stderr[-4000:]
     stats = [r for r in _stats(run) if "g_lpips" in r]
     assert [r["nimg"] for r in stats] == [8, 16]  # 2 processes x batch 4 per step
@@ -191,6 +282,62 @@ def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys):
     assert [r["nimg"] for r in stats] == [8, 16] and all("d_gan" in r for r in stats)
 
 
+def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path, capsys, monkeypatch):
+    """R1 runs once per step (micro-batch 0): its backward weight stays r1_gamma with M micro-batches,
+    while the batch-mean terms are divided by M."""
+    import accelerate
+
+    from distill.training import phases
+
+    events = []
+    terms_fn, backward = phases.discriminator_terms, accelerate.Accelerator.backward
+
+    def spy_terms(**kwargs):
+        terms = terms_fn(**kwargs)
+        events.append(("terms", {k: v.item() for k, v in terms.items()}))
+        return terms
+
+    def spy_backward(self, loss, **kwargs):
+        events.append(("backward", loss.item()))
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(phases, "discriminator_terms", spy_terms)
+    monkeypatch.setattr(accelerate.Accelerator, "backward", spy_backward)
+    run = tmp_path / "accum"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1,
+                                                "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN,
+                                                "--gradient_accumulation_steps", 2, "--r1_gamma", "1e5"], capsys)
+    assert code == 0, err
+    d_steps = [(events[i][1], events[i + 1][1]) for i in range(len(events) - 1) if events[i][0] == "terms"]
+    assert len(d_steps) == 2 and "d_r1" in d_steps[0][0] and "d_r1" not in d_steps[1][0]
+    for terms, loss in d_steps:  # R1's share of what was backpropagated: all of it, not half
+        r1_share = loss - sum(v for k, v in terms.items() if k != "d_r1") / 2
+        assert r1_share == pytest.approx(terms.get("d_r1", 0.0), rel=1e-3, abs=1e-6)
+    assert d_steps[0][0]["d_r1"] > 1e-3  # large enough to tell r1_gamma from r1_gamma / 2
+    logged = [r for r in _stats(run) if "d_r1" in r][0]
+    assert logged["d_r1"] == pytest.approx(d_steps[0][0]["d_r1"], rel=1e-5)  # logged at its full weight too
+
+
+@pytest.mark.parametrize("config", ["sd15_unet", "sdxl_unet", None])
+def test_ema_defaults_average_over_many_steps_at_paper_scale(config):
+    """At the paper's 64 GPUs the EMA keeps >= 99 % per step at the end of the run, and the ramp-up
+    keeps its half-life within 5 % of the images seen (0.5 kimg gave beta 0.24 at batch 1024)."""
+    from pathlib import Path
+
+    from distill.config import parse_config
+    from distill.train_student import StudentConfig
+    from distill.training.ema import EMA
+
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "student" / f"{config}.yaml")] if config else []
+    cfg = parse_config(StudentConfig, argv)
+    batch = cfg.batch_size * cfg.gradient_accumulation_steps * 64 if config else 1024  # images per step
+    ema = EMA(torch.nn.Linear(1, 1), half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup)
+    nimg = cfg.max_train_steps * batch
+    half_life = ema.half_life_images(nimg)
+    assert 0.5 ** (batch / half_life) >= 0.99
+    assert half_life <= 0.05 * nimg
+
+
 def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
     from students import UNetStudent
 
@@ -206,6 +353,114 @@ def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
     assert (out.float() - ref).abs().mean() < 0.1 * ref.abs().mean()
     with pytest.raises(ValueError, match="output_type"):
         pipe("a cat", output_type="jpeg")
+
+
+def test_fp16_decode_upcasts_a_force_upcast_vae(sdxl_teacher, tmp_path):
+    """An fp16 VAE with ``force_upcast`` (SDXL's) decodes in fp32, in the pipeline and in evaluate's
+    Generator, as diffusers' SDXL pipeline does; its weights stay fp16. The VAE here is made to overflow
+    fp16 (large post-quant conv) the way SDXL's does at 1024 px: NaN without the upcast."""
+    from distill.metrics.generation import Generator
+    from students import UNetStudent
+
+    tp = load_teacher(str(sdxl_teacher)).pipe
+    with torch.no_grad():
+        tp.vae.post_quant_conv.weight.mul_(1e5)
+        tp.vae.post_quant_conv.bias.mul_(1e5)
+    assert tp.vae.config.force_upcast
+    OneStepGANPipeline(student=UNetStudent.from_teacher(tp.unet, tp.scheduler), vae=tp.vae, text_encoder=tp.text_encoder,
+                       tokenizer=tp.tokenizer, text_encoder_2=tp.text_encoder_2, tokenizer_2=tp.tokenizer_2).save_pretrained(tmp_path / "p")
+    pipe = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)
+    gen = Generator(str(tmp_path / "p"), device=torch.device("cpu"), dtype=torch.float16, scheduler="ddim",
+                    num_inference_steps=1, guidance_scale=1.0, negative_prompt="")
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for vae, decode in ((pipe.vae, pipe.decode_latents), (gen.pipe.vae, gen.decode)):
+        seen = []
+        vae.decoder.conv_in.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+        images = decode(latents.half())
+        assert seen == [torch.float32] and torch.isfinite(images).all()
+        assert vae.dtype == torch.float16  # cast back: the upcast lasts one decode
+        vae.register_to_config(force_upcast=False)  # what the code did before: fp16 overflows
+        assert not torch.isfinite(decode(latents.half())).all()
+    assert torch.isfinite(OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)(
+        "a cat", latents=latents, output_type="pt").images).all()
+
+
+def _unit_eps_student(teacher_dir, **kwargs):
+    """The tiny SD-form UNet student with conv_out scaled so eps has unit RMS at t=999, as a trained
+    UNet's has (the random init gives 0.32, which would hide two thirds of the rounding error)."""
+    from students import UNetStudent
+
+    tp = load_teacher(str(teacher_dir)).pipe
+    student = UNetStudent.from_teacher(tp.unet, tp.scheduler, **kwargs).eval()
+    cond = _cond(load_teacher(str(teacher_dir)), ["a cat", "a dog"] * 2)
+    z = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eps = student.unet(z, torch.full((4,), 999), encoder_hidden_states=cond.prompt_embeds,
+                           added_cond_kwargs=cond.added_cond_kwargs()).sample
+        scale = eps.pow(2).mean().rsqrt()
+        student.unet.conv_out.weight.mul_(scale)
+        student.unet.conv_out.bias.mul_(scale)
+    return student, z, cond
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_unet_student_output_stays_fp32_accurate_under_bf16_autocast(tiny_teacher_factory, family):
+    """x0 = (z - sqrt(1 - abar) eps) / sqrt(abar) amplifies the UNet's rounding 14.6x at t=999: the default
+    plan keeps the bf16-autocast output within 0.01 RMS (latent units) of fp32; plain autocast is ~0.2 off."""
+    student, z, cond = _unit_eps_student(tiny_teacher_factory(family))
+    run = lambda: student(z, cond.prompt_embeds, cond.added_cond_kwargs())  # noqa: E731
+    with torch.no_grad():
+        ref = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run()
+        student.register_to_config(precision="autocast")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            noisy = run()
+    rms = lambda x: (x.float() - ref).pow(2).mean().sqrt().item()  # noqa: E731
+    assert out.dtype == torch.float32 and rms(out) <= 0.01
+    assert student.config.precision == "autocast" and rms(noisy) > 0.05  # the error this guards against is real at this scale
+
+
+def test_unet_student_fp32_forward_turns_tf32_off_and_back(sd15_teacher):
+    from students import UNetStudent
+
+    tp = load_teacher(str(sd15_teacher)).pipe
+    seen = []
+    student = UNetStudent.from_teacher(tp.unet, tp.scheduler)
+    student.unet.conv_in.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)))
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    cond = _cond(load_teacher(str(sd15_teacher)), ["a cat"])
+    with torch.no_grad():
+        student(torch.randn(1, 4, 16, 16), cond.prompt_embeds)
+        student.register_to_config(precision="tf32")
+        student(torch.randn(1, 4, 16, 16), cond.prompt_embeds)
+    assert seen == [("ieee", "ieee"), before]
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    with pytest.raises(ValueError, match="unknown precision 'bf16'"):
+        UNetStudent.from_teacher(tp.unet, tp.scheduler, precision="bf16")
+
+
+def test_unet_student_at_zero_terminal_snr(sd15_teacher):
+    """abar(999) = 0 (rescale_betas_zero_snr): v-prediction has the exact limit x0 = -v; epsilon has none."""
+    from diffusers import DDIMScheduler
+
+    from students import UNetStudent
+
+    tp = load_teacher(str(sd15_teacher)).pipe
+    v_sched = DDIMScheduler.from_config(tp.scheduler.config, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert v_sched.alphas_cumprod[999] == 0
+    student = UNetStudent.from_teacher(tp.unet, v_sched)
+    cond = _cond(load_teacher(str(sd15_teacher)), ["a cat", "a dog"])
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0 = student(z, cond.prompt_embeds)
+        v = tp.unet(z, torch.full((2,), 999), encoder_hidden_states=cond.prompt_embeds).sample
+    assert torch.isfinite(x0).all()
+    torch.testing.assert_close(x0, -v, rtol=0, atol=0)
+    eps_sched = DDIMScheduler.from_config(tp.scheduler.config, rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match=r"zero terminal SNR .* distil a v-prediction teacher"):
+        UNetStudent.from_teacher(tp.unet, eps_sched)
 
 
 def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys):

@@ -8,7 +8,9 @@
   up block, on its skip connection, and after it, plus one on the UNet's final output.
 
 The UNet's sub-modules are called directly; ``UNet2DConditionModel.forward`` is neither copied nor
-patched. The backbone is a deep copy: the teacher itself stays frozen.
+patched. The backbone is a deep copy: the teacher itself stays frozen. Layers that no head reads (the
+output convs without ``final``, the last up block without ``after``, ...) are dropped from the copy:
+DDP without ``find_unused_parameters`` fails on parameters that get no gradient, and they cost memory.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class UNetDiscriminator(nn.Module):
 
     unet: the teacher UNet (copied). timestep: the fixed timestep embedding given to the backbone.
     heads: which decoder features get a head: any of ``before``, ``skip``, ``after`` (+ ``final``).
+    copy_backbone: False uses ``unet`` itself as the backbone; the layers no head reads are then frozen
+    (``requires_grad`` False) and skipped instead of dropped.
     """
 
     def __init__(
@@ -65,6 +69,8 @@ class UNetDiscriminator(nn.Module):
         unknown = set(heads) - {"before", "skip", "after", "final"}
         if unknown:
             raise ValueError(f"unknown discriminator heads {sorted(unknown)}; choose from before, skip, after, final")
+        if not heads:
+            raise ValueError("no discriminator heads given; choose some of before, skip, after, final")
         self.unet = copy.deepcopy(unet) if copy_backbone else unet
         self.unet.requires_grad_(True)
         self.timestep = int(timestep)
@@ -89,6 +95,34 @@ class UNetDiscriminator(nn.Module):
                 self.heads[f"up{i}_after"] = _Head(rev[i], groups)
         if "final" in heads:
             self.heads["final"] = _Head(cfg.out_channels, 1)
+        self._prune(set(heads), drop=copy_backbone)
+
+    def _prune(self, kinds: set[str], *, drop: bool) -> None:
+        """Decide how far the decoder runs for these heads; drop (or freeze) the layers beyond that.
+
+        ``before`` of up block i reads its input (blocks < i run), ``after`` its output (blocks <= i),
+        ``skip`` only the encoder's skips (no decoder block needed), ``final`` the UNet's output.
+        """
+        unet = self.unet
+        n_up = len(unet.up_blocks)
+        self._up_resnets = [len(block.resnets) for block in unet.up_blocks]  # skips each up block consumes
+        self._run_out = "final" in kinds
+        self._n_up = n_up if kinds & {"after", "final"} else (n_up - 1 if "before" in kinds else 0)
+        self._run_mid = bool(kinds & {"before", "after", "final"})
+        unused = [unet.up_blocks[i] for i in range(self._n_up, n_up)]
+        if not self._run_mid and unet.mid_block is not None:
+            unused.append(unet.mid_block)
+        if not self._run_out:
+            unused += [m for m in (unet.conv_norm_out, unet.conv_out) if m is not None]
+        if not drop:
+            for module in unused:
+                module.requires_grad_(False)
+            return
+        del unet.up_blocks[self._n_up:]
+        if not self._run_mid:
+            unet.mid_block = None
+        if not self._run_out:
+            unet.conv_norm_out = unet.conv_act = unet.conv_out = None
 
     def _skip_channels(self, up_index: int) -> int:
         # The first skip an up block consumes (popped from the end) is the deepest of its level.
@@ -129,19 +163,22 @@ class UNetDiscriminator(nn.Module):
             else:
                 h, res = block(hidden_states=h, temb=emb)
             skips.extend(res)
-        if unet.mid_block is not None:
+        if self._run_mid and unet.mid_block is not None:
             if getattr(unet.mid_block, "has_cross_attention", False):
                 h = unet.mid_block(h, emb, encoder_hidden_states=ctx)
             else:
                 h = unet.mid_block(h, emb)
         logits = []
-        for i, block in enumerate(unet.up_blocks):
-            res = tuple(skips[-len(block.resnets):])
-            skips = skips[: -len(block.resnets)]
+        for i, n_res in enumerate(self._up_resnets):
+            res = tuple(skips[-n_res:])
+            skips = skips[:-n_res]
             if f"up{i}_before" in self.heads:
                 logits.append(self.heads[f"up{i}_before"](h))
             if f"up{i}_skip" in self.heads:
                 logits.append(self.heads[f"up{i}_skip"](res[-1]))
+            if i >= self._n_up:
+                continue  # only skip heads remain: they read the encoder's skips
+            block = unet.up_blocks[i]
             upsample_size = skips[-1].shape[2:] if skips else None
             if getattr(block, "has_cross_attention", False):
                 h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=ctx, upsample_size=upsample_size)
@@ -149,9 +186,12 @@ class UNetDiscriminator(nn.Module):
                 h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
             if f"up{i}_after" in self.heads:
                 logits.append(self.heads[f"up{i}_after"](h))
+        if not self._run_out:
+            if return_features:
+                raise ValueError("return_features needs the UNet's output layers: add the 'final' head")
+            return logits
         if unet.conv_norm_out is not None:
             h = unet.conv_act(unet.conv_norm_out(h))
         out = unet.conv_out(h)
-        if "final" in self.heads:
-            logits.append(self.heads["final"](out))
+        logits.append(self.heads["final"](out))
         return (logits, out) if return_features else logits

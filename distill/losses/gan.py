@@ -31,15 +31,43 @@ def mismatched_condition(n: int, *, generator: torch.Generator | None = None) ->
     return (torch.arange(n) + shift) % n
 
 
+def mix_and_match(n: int, k: int, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditions under which the first ``k`` real latents of a batch of ``n`` are shown as fake (§3.3):
+    ``(noise_index [k], prompt_index [k])``, drawn independently. The noise always comes from another
+    sample, so every such pair is truly mismatched even where prompts repeat; the prompt is the sample's
+    own for about half of them (a noise-only mismatch: D has to check the latent against its noise,
+    the point of conditioning D on z) and another sample's for the rest."""
+    noise_index = mismatched_condition(n, generator=generator)[:k]
+    other_prompt = mismatched_condition(n, generator=generator)[:k]
+    own_prompt = torch.rand(k, generator=generator) < 0.5
+    return noise_index, torch.where(own_prompt, torch.arange(k), other_prompt)
+
+
+def mismatch_loss(mismatched_logits: list[torch.Tensor]) -> torch.Tensor:
+    """softplus(D(x | z', c')): a real latent under another sample's condition counts as fake; its own
+    term, so that it does not dilute the generated-fake term."""
+    return _mean_over_heads(mismatched_logits, F.softplus)
+
+
+def _float32(value):
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    return value
+
+
 def r1_penalty(discriminator, real_latents: torch.Tensor, **cond) -> torch.Tensor:
     """Single-sample R1 (the paper regularises one sample of the batch): ||grad_x sum D(x)||^2.
 
-    ``real_latents`` [1,C,H,W]; ``cond`` are the discriminator's other inputs for that sample.
+    ``real_latents`` [1,C,H,W]; ``cond`` are the discriminator's other inputs for that sample. Computed
+    in fp32 with autocast off: the inner ``autograd.grad`` gets no loss scaling, so fp16 input gradients
+    of a D with small outputs underflow (the tiny D with 1e-3 head outputs: 3-5x off), bf16 ones are coarse.
     """
     x = real_latents.detach().float().requires_grad_(True)
     # Fused attention kernels (flash / memory-efficient) have no double backward; the math one does.
-    with sdpa_kernel(SDPBackend.MATH):
-        logits = discriminator(x.to(real_latents.dtype), **cond)
-    score = sum(l.float().mean(dim=(1, 2, 3)).sum() for l in logits) / len(logits)
-    (grad,) = torch.autograd.grad(score, x, create_graph=True)
+    with torch.autocast(x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
+        logits = discriminator(x, **_float32(cond))
+        score = sum(l.float().mean(dim=(1, 2, 3)).sum() for l in logits) / len(logits)
+        (grad,) = torch.autograd.grad(score, x, create_graph=True)
     return grad.pow(2).sum(dim=(1, 2, 3)).mean()

@@ -61,10 +61,11 @@ class Generator:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (float32, CPU)."""
-        vae = self.pipe.vae
-        raw = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        return vae.decode(raw.to(vae.device, vae.dtype)).sample.float().cpu()
+        """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (float32, CPU); an fp16 VAE with
+        ``force_upcast`` (SDXL's) decodes in fp32, as diffusers' SDXL pipeline does."""
+        from students.pipeline import decode_vae
+
+        return decode_vae(self.pipe.vae, latents.to(self.pipe.vae.device)).float().cpu()
 
     def images(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
         return self.decode(self.latents(prompts, noise))

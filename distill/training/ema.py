@@ -17,7 +17,7 @@ from torch import nn
 class EMA:
     """``ema = EMA(model, half_life_kimg=..., rampup=...)``; ``ema.update(model, batch_images, nimg)``; ``ema.model``."""
 
-    def __init__(self, model: nn.Module, *, half_life_kimg: float = 0.5, rampup: float | None = None):
+    def __init__(self, model: nn.Module, *, half_life_kimg: float = 500.0, rampup: float | None = None):
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
         self.half_life_kimg = float(half_life_kimg)
         self.rampup = rampup

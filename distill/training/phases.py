@@ -1,7 +1,8 @@
 """The loss phases of one stage-two step (Diffusion2GAN §3): G, then D with lazy R1.
 
 G:    lpips_weight * E-LatentLPIPS(G(z, c), x) + gan_weight * softplus(-D(G(z, c) | z, c))
-D:    softplus(-D(x | z, c)) + softplus(D(G(z, c) | z, c)) + softplus(D(x | z', c'))  [mix-and-match]
+D:    softplus(-D(x | z, c)) + softplus(D(G(z, c) | z, c))  [d_gan]  + softplus(D(x | z', c'))  [d_mix:
+      mix-and-match; z' always another sample's noise, c' independently the own or another prompt]
 Dreg: every r1_interval steps, r1_interval * r1_gamma / 2 * ||grad_x D(x | z, c)||^2 on one sample.
 """
 
@@ -12,10 +13,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.losses.gan import discriminator_loss, generator_loss, mismatched_condition, r1_penalty
+from distill.losses.gan import discriminator_loss, generator_loss, mismatch_loss, mix_and_match, r1_penalty
 from students.text import TextConditioning
 
 REGRESSIONS = ("elatentlpips", "mse", "none")
+# Terms computed once per step rather than per micro-batch (lazy R1 on one sample of micro-batch 0).
+PER_STEP_TERMS = ("d_r1",)
+
+
+def micro_batch_loss(terms: dict[str, torch.Tensor], *, num_micro_batches: int) -> torch.Tensor:
+    """The loss one micro-batch backpropagates under gradient accumulation: batch-mean terms / M (summed
+    over the M micro-batches, the mean over the step's batch), per-step terms at full weight, so that
+    R1's weight r1_gamma does not shrink to r1_gamma / M."""
+    return sum(v if k in PER_STEP_TERMS else v / num_micro_batches for k, v in terms.items())
 
 
 @dataclass
@@ -76,19 +86,19 @@ def discriminator_terms(
     noise = [batch.noise, batch.noise]
     conds = [batch.cond, batch.cond]
     if k:
-        perm = mismatched_condition(n, generator=generator)[:k]
+        noise_index, prompt_index = mix_and_match(n, k, generator=generator)
         latents.append(batch.target[:k])
-        noise.append(batch.noise[perm])
-        conds.append(batch.cond.index(perm))
+        noise.append(batch.noise[noise_index])
+        conds.append(batch.cond.index(prompt_index))
     cond = TextConditioning(
         torch.cat([c.prompt_embeds for c in conds]),
         None if batch.cond.pooled_prompt_embeds is None else torch.cat([c.pooled_prompt_embeds for c in conds]),
         None if batch.cond.time_ids is None else torch.cat([c.time_ids for c in conds]),
     )
     logits = discriminator(torch.cat(latents), **_d_inputs(torch.cat(noise), cond))
-    real = [l[:n] for l in logits]
-    fake_all = [l[n:] for l in logits]  # generated samples and mismatched real pairs both count as fake
-    terms = {"d_gan": discriminator_loss(real, fake_all)}
+    terms = {"d_gan": discriminator_loss([l[:n] for l in logits], [l[n:2 * n] for l in logits])}
+    if k:
+        terms["d_mix"] = mismatch_loss([l[2 * n:] for l in logits])
     if do_r1 and r1_gamma > 0:
         one = batch.cond.index(slice(0, 1))
         penalty = r1_penalty(discriminator_unwrapped, batch.target[:1], **_d_inputs(batch.noise[:1], one))
