@@ -265,7 +265,9 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
                 tmp = ckpt.temporary_dir(out, state.step, clear=accelerator.is_main_process)
                 accelerator.wait_for_everyone()
                 # A failed or interrupted save removes its partial directory; earlier checkpoints stay as they are.
-                with ckpt.partial_save(out, tmp, estimate_bytes=lambda: _state_bytes(accelerator, ema, parts)):
+                # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
+                size = lambda: _state_bytes(models=[student, disc, ema.model, ema.model], optimizers=[opt_g, opt_d], parts=parts)  # noqa: E731
+                with ckpt.partial_save(out, tmp, estimate_bytes=size):
                     accelerator.save_state(str(tmp))
                     _check_replicas(accelerator, student, state.step)
                     if accelerator.is_main_process:
@@ -289,16 +291,14 @@ class _null:
         return False
 
 
-def _state_bytes(accelerator, ema, parts) -> int:
-    """Rough size of one checkpoint: models, optimiser states, EMA and the exported pipeline's weights."""
-    tensors = [t for m in accelerator._models for t in m.state_dict().values()]
-    for opt in accelerator._optimizers:
-        tensors += [t for s in opt.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
-    tensors += list(ema.model.state_dict().values())
+def _state_bytes(*, models: list, optimizers: list, parts) -> int:
+    """Rough size of one checkpoint: models (incl. the EMA), optimiser states and the exported pipeline's weights."""
     pipe = parts.teacher.pipe
-    for module in (ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if module is not None:
-            tensors += list(module.state_dict().values())
+    models = [*models, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    tensors = [t for m in models if m is not None for t in m.state_dict().values()]
+    for opt in optimizers:
+        if opt is not None:
+            tensors += [t for s in opt.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
