@@ -11,8 +11,12 @@ Each method runs in its own spawned process so that its memory peak is not hidde
     the first loss call, i.e. the extra host memory the loss+backward needs on top of models and inputs.
 Time is the mean wall time of ``loss(pred, target).mean().backward()`` after warm-up (synchronised).
 
-    python benchmarks/latent_lpips_speed.py                       # GPU: 512 px, SD1.5 VAE
-    python benchmarks/latent_lpips_speed.py --device cpu --small  # CPU: 128 px, batch 2
+    python benchmarks/latent_lpips_speed.py                       # GPU: 512 px, batch 8, SD1.5 VAE
+    python benchmarks/latent_lpips_speed.py --device cpu          # CPU: the small setting (128 px, batch 2)
+
+On CPU the small setting is the default (512 px, batch 8 takes over 5 minutes and 20 GB there); pass
+``--resolution`` / ``--batch`` to override. A worker that dies (killed, out of memory) or exceeds
+``--timeout`` ends the run with one line and a non-zero exit code (the worker's, 128 + signal if killed).
 
 The last line printed is ``time_ratio=<pixel/latent> memory_ratio=<pixel/latent>``.
 """
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue as queue_lib
 import resource
+import sys
 import time
 
 import torch
@@ -103,21 +109,57 @@ def _worker(method: str, args, queue) -> None:
     queue.put((method, (time.perf_counter() - t0) / args.iters, max(peak, 1)))
 
 
+def _run_worker(ctx, method: str, args) -> tuple[float, int]:
+    """Run one worker; wait for its result while checking it is alive, within ``args.timeout`` seconds."""
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(method, args, queue))
+    proc.start()
+    print(f"{method}: worker pid {proc.pid}", flush=True)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            name, sec, mem = queue.get(timeout=1.0)
+            break
+        except queue_lib.Empty:
+            if not proc.is_alive():
+                code = proc.exitcode
+                status = 128 - code if code is not None and code < 0 else (code or 1)
+                how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+                sys.stderr.write(f"error: the {method} worker (pid {proc.pid}) {how} before reporting: "
+                                 "out of memory? try --small or a smaller --resolution / --batch\n")
+                sys.exit(status)
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.join()
+                sys.stderr.write(f"error: the {method} worker took over --timeout {args.timeout:.0f} s: "
+                                 "try --small or a smaller --resolution / --batch\n")
+                sys.exit(124)
+    proc.join()
+    return sec, mem
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--small", action="store_true", help="CPU-sized run: 128 px (16x16 latents), batch 2")
-    p.add_argument("--resolution", type=int, default=None, help="pixel size (latents are 8x smaller); default 512")
-    p.add_argument("--batch", type=int, default=None, help="batch size; default 8 (2 with --small)")
+    p.add_argument("--small", action="store_true", help="small run: 128 px (16x16 latents), batch 2 (the CPU default)")
+    p.add_argument("--resolution", type=int, default=None, help="pixel size (latents are 8x smaller); default 512 on GPU")
+    p.add_argument("--batch", type=int, default=None, help="batch size; default 8 on GPU (2 with --small)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations; default 20 (3 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations; default 5 (1 with --small)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per worker")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds each worker may take before the run fails")
     args = p.parse_args()
+    if args.device == "cpu" and not args.small and args.resolution is None and args.batch is None:
+        args.small = True
+        print("CPU: using the small setting (128 px, batch 2; the GPU default of 512 px, batch 8 needs over 20 GB and "
+              "5 minutes here); pass --resolution / --batch to override", flush=True)
     args.resolution = args.resolution or (128 if args.small else 512)
     args.batch = args.batch or (2 if args.small else 8)
     args.iters = args.iters or (3 if args.small else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 5)
+    if min(args.resolution, args.batch, args.iters, args.threads) <= 0 or args.warmup < 0 or args.resolution % 8:
+        p.error("resolution (a multiple of 8), batch, iters and threads must be positive; warmup must not be negative")
     mem_kind = "CUDA max_memory_allocated delta" if args.device.startswith("cuda") else "peak RSS delta"
     print(
         f"device={args.device} dtype={args.dtype} resolution={args.resolution}px latents={args.resolution // 8}x"
@@ -127,13 +169,9 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     results = {}
     for method in ("latent", "pixel"):  # one process each, one after the other: no shared peaks or cores
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_worker, args=(method, args, queue))
-        proc.start()
-        name, sec, mem = queue.get()
-        proc.join()
-        results[name] = (sec, mem)
-        label = "E-LatentLPIPS" if name == "latent" else "VAE decode + pixel LPIPS"
+        sec, mem = _run_worker(ctx, method, args)
+        results[method] = (sec, mem)
+        label = "E-LatentLPIPS" if method == "latent" else "VAE decode + pixel LPIPS"
         print(f"{label:26s} time={sec * 1e3:9.1f} ms/iter  extra_memory={mem / 2**20:9.1f} MiB", flush=True)
     (t_lat, m_lat), (t_pix, m_pix) = results["latent"], results["pixel"]
     print(f"time_ratio={t_pix / t_lat:.2f} memory_ratio={m_pix / m_lat:.2f}", flush=True)

@@ -6,13 +6,16 @@ Layout of a pairs directory (opens with ``datasets.load_dataset(dir, split="trai
     data/train-00000-of-00042.parquet   shard k holds indices [k*shard_size, (k+1)*shard_size)
 
 A shard is written to a hidden temporary name and renamed when complete, so a killed run leaves
-only whole shards behind and a rerun regenerates exactly the missing ones. There is deliberately no
+only whole shards behind and a rerun regenerates exactly the missing ones. The manifest records a
+SHA-256 per shard, checked on resume and on load, so a shard damaged after it was written is named
+instead of read. There is deliberately no
 dataset card with a ``configs`` section: ``datasets`` then caches a local folder by its card alone and
 would serve stale rows after a resumed run; without one it keys the cache on the shard files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +28,7 @@ MANIFEST = "manifest.json"
 DATA_DIR = "data"
 FORMAT = "diffusion2gan-pairs/1"
 STORAGE_DTYPES = ("float16", "float32")
+SPLIT_FILE = "pairs_split.json"  # a training run's held-out split, in its run folder and exported pipeline
 
 
 
@@ -77,13 +81,19 @@ def ensure_writable(output_dir: str | os.PathLike) -> None:
 
 
 def check_manifest(output_dir: str | os.PathLike, *, config: dict[str, Any]) -> bool:
-    """Refuse a directory made with another ``config`` (the manifest's row-defining keys).
+    """Refuse a directory made with another ``config`` (the manifest's row-defining keys), or shards without a manifest.
 
     True when the directory holds pairs of the same config (a resumed run).
     """
     out = Path(output_dir)
     path = out / MANIFEST
     if not path.exists():
+        orphans = sorted((out / DATA_DIR).glob("*.parquet"))
+        if orphans:
+            raise ValueError(
+                f"{out} holds {len(orphans)} shard(s) ({orphans[0].name}, ...) but no {MANIFEST}: nothing says which teacher "
+                f"and config made them; delete {out / DATA_DIR} (or move it away) or choose a new output_dir"
+            )
         return False
     try:
         old = json.loads(path.read_text())
@@ -114,29 +124,68 @@ def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def completed_shards(output_dir: str | os.PathLike, *, num_pairs: int, shard_size: int) -> set[int]:
-    """Shards already on disk; each is checked to be a readable Parquet file with the right row count."""
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete half-written ``.tmp-*`` shards / manifests of killed runs (call only while holding the folder's lock)."""
+    out = Path(output_dir)
+    stale = [*(out / DATA_DIR).glob(".tmp-*"), *out.glob(f".{MANIFEST}.tmp-*")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def shard_checksum(path: str | os.PathLike) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def completed_shards(output_dir: str | os.PathLike, *, num_pairs: int, shard_size: int,
+                     checksums: dict[str, str] | None = None) -> set[int]:
+    """Shards already on disk, each verified: against its recorded SHA-256 in ``checksums`` (file name -> digest)
+    when there is one, else by reading it whole (a shard left by a killed run, not yet in the manifest)."""
     import pyarrow.parquet as pq
 
+    checksums = checksums or {}
     total = num_shards(num_pairs=num_pairs, shard_size=shard_size)
     done = set()
     for k in range(total):
         path = shard_path(output_dir, k, total)
         if not path.exists():
             continue
+        fix = f"delete it and re-run generate_pairs with the same config to regenerate it (`rm {path}`)"
         expected = len(shard_indices(k, num_pairs=num_pairs, shard_size=shard_size))
+        recorded = checksums.get(path.name)
+        if recorded is not None and shard_checksum(path) != recorded:
+            raise ValueError(f"shard {path} is corrupt (its SHA-256 differs from the one in {MANIFEST}): {fix}")
         try:
-            rows = pq.read_metadata(path).num_rows
+            rows = pq.read_metadata(path).num_rows if recorded is not None else pq.read_table(path).num_rows
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError subclasses
-            raise ValueError(
-                f"shard {path} is corrupt ({exc}): delete it and re-run the same command to regenerate it"
-            ) from None
+            raise ValueError(f"shard {path} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): {fix}") from None
         if rows != expected:
-            raise ValueError(
-                f"shard {path} has {rows} rows, expected {expected}: delete it and re-run the same command to regenerate it"
-            )
+            raise ValueError(f"shard {path} has {rows} rows, expected {expected}: {fix}")
         done.add(k)
     return done
+
+
+def record_checksums(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Add the SHA-256 of every finished shard not yet in ``manifest["shards"]`` (the main process, at the end)."""
+    recorded = manifest.setdefault("shards", {})
+    for path in sorted((Path(output_dir) / DATA_DIR).glob("train-*.parquet")):
+        if path.name not in recorded:
+            recorded[path.name] = shard_checksum(path)
+
+
+def rows_fingerprint(manifest: dict[str, Any]) -> str:
+    """Hash of what decides row ``i``'s content (not how many rows or shards there are): pairs folders with the
+    same fingerprint hold the same row at the same index."""
+    cfg = {k: v for k, v in manifest.get("config", {}).items() if k not in ("num_pairs", "shard_size")}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def heldout_split(num_pairs: int, *, holdout: int) -> tuple[range, range]:
+    """The one definition of the held-out split: (training indices, held-out indices); the last ``holdout`` are held out."""
+    if not 0 <= holdout <= num_pairs:
+        raise ValueError(f"holdout {holdout} must be between 0 and the {num_pairs} pairs")
+    return range(0, num_pairs - holdout), range(num_pairs - holdout, num_pairs)
 
 
 def write_shard(
@@ -181,7 +230,8 @@ def load_pairs(output_dir: str | os.PathLike):
     manifest = read_manifest(output_dir)
     cfg = manifest["config"]
     total = num_shards(num_pairs=cfg["num_pairs"], shard_size=cfg["shard_size"])
-    done = completed_shards(output_dir, num_pairs=cfg["num_pairs"], shard_size=cfg["shard_size"])
+    done = completed_shards(output_dir, num_pairs=cfg["num_pairs"], shard_size=cfg["shard_size"],
+                            checksums=manifest.get("shards"))
     if len(done) != total:
         raise ValueError(
             f"pairs in {output_dir} are incomplete ({len(done)} of {total} shards): re-run generate_pairs with the same config to finish"

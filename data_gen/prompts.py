@@ -11,6 +11,18 @@ from pathlib import Path
 _FILE_TYPES = {".txt": None, ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".tsv": "csv"}
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is one line naming it and the first bad byte's offset."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"prompt file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+            "re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+
+
 def _as_text(value) -> str:
     # COCO-style datasets keep several captions per image: use the first.
     if isinstance(value, (list, tuple)):
@@ -34,9 +46,12 @@ def load_prompts(source: str, *, column: str = "prompt", split: str = "train") -
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {source} not found: pass an existing file to `prompts`")
         if suffix == ".txt" or suffix not in _FILE_TYPES:
-            raw = path.read_text(encoding="utf-8").splitlines()
+            raw = _read_utf8(path).splitlines()
         else:
             import datasets
+
+            if suffix != ".parquet":
+                _read_utf8(path)  # datasets would fail deep inside its CSV / JSON readers
 
             kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
             ds = datasets.load_dataset(_FILE_TYPES[suffix], data_files=str(path), split="train", **kwargs)
@@ -103,6 +118,8 @@ def load_labelled_prompts(source: str, *, column: str = "prompt", label_column: 
         raise FileNotFoundError(f"prompt file {source} not found: pass an existing file to `prompts`")
     import datasets
 
+    if suffix != ".parquet":
+        _read_utf8(path)
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
     ds = datasets.load_dataset(_FILE_TYPES[suffix], data_files=str(path), split="train", **kwargs)
     prompts, labels = [], []

@@ -43,21 +43,25 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
     defaults = schema()
     for name, field in fields.items():
         help_text = field.metadata.get("help", "")
+        is_bool = field.type in (bool, "bool")
         parser.add_argument(
             f"--{name}",
             dest=name,
             default=argparse.SUPPRESS,
             metavar="VALUE",
+            # A bare boolean flag (`--allow_teacher_mismatch`) means true; `--flag false` still works.
+            nargs="?" if is_bool else None,
+            const="true" if is_bool else None,
             help=f"{help_text} (default: {getattr(defaults, name)!r})",
         )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv), fields))
     base = OmegaConf.structured(schema)
     layers = [base]
     if args.config is not None:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
-        loaded = OmegaConf.load(path)
+        loaded = _load_yaml(path)
         unknown = sorted(set(loaded.keys()) - set(fields))  # type: ignore[arg-type]
         if unknown:
             raise ConfigError(
@@ -78,6 +82,42 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
         raise ConfigError(f"bad value for config key {key!r}: {msg}") from None
 
 
+def _join_negative_values(argv: list[str], fields: dict) -> list[str]:
+    """``--key -1e-4`` -> ``--key=-1e-4``: argparse takes only ``-5`` / ``-.5`` as values, not ``-1e-4`` or ``-x``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if (token.startswith("--") and "=" not in token and token[2:] in (*fields, "config") and nxt is not None
+                and nxt.startswith("-") and not nxt.startswith("--") and nxt not in ("-h",)):
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _load_yaml(path: Path):
+    """The YAML mapping in ``path``; a syntax error or a non-mapping file is one line naming the file and line."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where} ({problem}): fix the file (key: value per line)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                          "re-save it as UTF-8") from None
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"config file {path} must be a mapping of `key: value` lines, not a {type(loaded).__name__}")
+    return loaded
+
+
 def _flag_value(raw: str, field: dataclasses.Field):
     optional = "Optional" in str(field.type) or "None" in str(field.type)
     if optional and raw.strip().lower() in ("null", "none", "~"):
@@ -90,6 +130,20 @@ def require_positive(config: Any, *keys: str) -> None:
     for key in keys:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(config, key)}")
+
+
+def require_non_negative(config: Any, *keys: str) -> None:
+    """One-line error for the first of ``keys`` that is < 0."""
+    for key in keys:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} must not be negative, got {getattr(config, key)}")
+
+
+def require_between(config: Any, key: str, low: float, high: float, *, high_inclusive: bool = True) -> None:
+    """One-line error unless ``low <= config.key <= high`` (``< high`` when not ``high_inclusive``)."""
+    value = getattr(config, key)
+    if not (low <= value and (value <= high if high_inclusive else value < high)):
+        raise ConfigError(f"{key} must be in [{low}, {high}{']' if high_inclusive else ')'}, got {value}")
 
 
 def package_versions(*names: str) -> dict[str, str]:
@@ -116,15 +170,21 @@ def config_dict(config: Any) -> dict:
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run an entry point; user errors (bad config, missing files, bad inputs) end in one line.
+    """Run an entry point; user errors (bad config, missing files, bad inputs) end in one line (exit 2),
+    Ctrl-C in one line (exit 130; what was saved stays, partial files are removed on the way out).
 
     Set ``D2G_DEBUG=1`` to see the traceback instead.
     """
     try:
         main()
-    except (ValueError, OSError, KeyboardInterrupt) as exc:
-        if os.environ.get("D2G_DEBUG") or isinstance(exc, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        if os.environ.get("D2G_DEBUG"):
             traceback.print_exc()
-            sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+        sys.stderr.write("interrupted (Ctrl-C): finished shards, samples and checkpoints are kept; re-run the same command to resume\n")
+        sys.exit(130)
+    except (ValueError, OSError) as exc:
+        if os.environ.get("D2G_DEBUG"):
+            traceback.print_exc()
+            sys.exit(1)
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)

@@ -27,10 +27,11 @@ import torch
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_labelled_prompts, load_prompts, prompt_for_index, prompts_fingerprint
 from distill.config import ConfigError, config_dict, package_versions, parse_config, require_positive, run_cli, save_config
+from distill.lock import locked
 from distill.metrics.generation import Generator
 from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cache, folder_fingerprint, save_grid
 from distill.metrics.sample_scores import compute_clip_score, compute_fid
-from distill.metrics.teacher_fidelity import TEST_ONLY, compute_fidelity, elatentlpips_name
+from distill.metrics.teacher_fidelity import TEST_ONLY, check_heldout, compute_fidelity, elatentlpips_name
 
 METRIC_GROUPS = ("fid", "fid_to_teacher", "clip_score", "fidelity", "latency", "prompt_accuracy", "samples")
 SAMPLE_METRICS = ("fid", "fid_to_teacher", "clip_score", "prompt_accuracy", "samples")
@@ -108,6 +109,8 @@ def validate(cfg: EvalConfig) -> list[str]:
             raise ConfigError(f"fidelity_count must not be negative, got {cfg.fidelity_count}")
         if cfg.pixel_lpips not in ("vgg", "alex", "none", TEST_ONLY):
             raise ConfigError(f"unknown pixel_lpips {cfg.pixel_lpips!r}; choose vgg, alex, none or {TEST_ONLY}")
+        # Fidelity on rows the student trained on would flatter it: refuse them (before any model loads).
+        check_heldout(pipeline=cfg.pipeline, pairs=cfg.pairs, fidelity_start=cfg.fidelity_start, fidelity_count=cfg.fidelity_count)
     if any(m in SAMPLE_METRICS for m in metrics) and not cfg.prompts:
         raise ConfigError(f"{', '.join(m for m in metrics if m in SAMPLE_METRICS)} need `prompts`")
     if "prompt_accuracy" in metrics and not Path(cfg.classifier, "config.json").is_file():
@@ -181,11 +184,20 @@ def main() -> None:
     cfg = parse_config(EvalConfig, description=__doc__)
     metrics = validate(cfg)
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
 
+    accelerator = Accelerator()
+    # One evaluation per output_dir at a time; a failed first run leaves no empty folder behind.
+    with locked(cfg.output_dir, purpose="evaluate", is_main_process=accelerator.is_main_process,
+                broadcast=lambda x: broadcast_object_list([x])[0]):
+        evaluate(cfg, metrics, accelerator=accelerator)
+
+
+def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
+    """Generate (or resume) the samples and compute ``metrics`` (``output_dir`` is locked)."""
     from distill.metrics.fid import default_cache_dir
     from teachers.loading import dtype_from_name
 
-    accelerator = Accelerator()
     device = accelerator.device
     out = Path(cfg.output_dir)
     samples_dir = out / "samples"

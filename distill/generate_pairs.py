@@ -4,7 +4,9 @@
 
 Rows are split across processes by shard; each row depends only on the config and its index, so the
 result is the same for any number of processes or batch size, and re-running the same command after
-a kill finishes only the missing shards. Diffusion2GAN §3.1.
+a kill finishes only the missing shards. One run at a time writes a folder (``output_dir/.lock``); a
+resumed run must have the same teacher (by content, see ``teachers.identity``) and row-defining config,
+and every finished shard is checked against its recorded SHA-256. Diffusion2GAN §3.1.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from data_gen import pairs as pairs_io
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
 from distill.config import ConfigError, package_versions, parse_config, require_positive, run_cli, save_config
+from distill.lock import locked
 from teachers import SCHEDULERS, load_teacher, solve_ode
+from teachers.identity import identity_changes, resolve_teacher_folder, teacher_identity
 from teachers.loading import dtype_from_name
 
 
@@ -97,22 +101,60 @@ def main() -> None:
     cfg = parse_config(PairsConfig, description=__doc__)
     validate(cfg)
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
 
     accelerator = Accelerator()
     out = Path(cfg.output_dir)
     prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, split=cfg.prompt_split)
-    pairs_io.ensure_writable(out)
+    # One run per folder; a failed first run leaves no empty folder behind.
+    with locked(out, purpose="generate_pairs", is_main_process=accelerator.is_main_process,
+                broadcast=lambda x: broadcast_object_list([x])[0]):
+        pairs_io.ensure_writable(out)
+        run(cfg, accelerator=accelerator, out=out, prompts=prompts)
+    accelerator.end_training()
+
+
+def check_teacher(out: Path, identity: dict) -> None:
+    """Name the teacher files that changed since the pairs in ``out`` were made (before the generic config check)."""
+    path = out / pairs_io.MANIFEST
+    if not path.exists():
+        return
+    try:
+        old = pairs_io.read_manifest(out).get("teacher", {}).get("identity")
+    except ValueError:
+        return  # unreadable: check_manifest names it
+    if old is None:
+        raise ValueError(f"{out} holds pairs made before teacher identities were recorded: they cannot be resumed safely; "
+                         "choose a new output_dir")
+    if old["sha256"] != identity["sha256"]:
+        changed = identity_changes(old, identity)
+        raise ValueError(f"{out} holds pairs of another teacher (changed: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): "
+                         "re-run with the teacher that made them, or choose a new output_dir")
+
+
+def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None:
+    """Generate the missing shards of ``out`` (its lock is held)."""
+    if accelerator.is_main_process:
+        stale = pairs_io.remove_stale_temporaries(out)  # half-written shards of killed runs
+        if stale:
+            print(f"removed {len(stale)} half-written file(s) of an interrupted run from {out}")
     teacher_dtype = cfg.teacher_dtype
     if teacher_dtype == "auto":
         teacher_dtype = "float16" if accelerator.device.type == "cuda" else "float32"
+    folder = resolve_teacher_folder(cfg.teacher, revision=cfg.revision, variant=cfg.variant)
+    teacher_id = teacher_identity(folder)
     identity = dataclasses.asdict(cfg)
-    for key in ("output_dir", "batch_size"):  # neither changes any row
+    # Teacher and prompts count by content, not by how their paths are spelled; output_dir and batch_size change no row.
+    for key in ("output_dir", "batch_size", "teacher", "revision", "prompts"):
         identity.pop(key)
-    identity.update(teacher_dtype=teacher_dtype, prompts_sha256=prompts_fingerprint(prompts), num_prompts=len(prompts))
+    identity.update(teacher_dtype=teacher_dtype, prompts_sha256=prompts_fingerprint(prompts), num_prompts=len(prompts),
+                    teacher_sha256=teacher_id["sha256"])
     # Every process checks before anyone writes, and before the slow teacher load.
+    check_teacher(out, teacher_id)
     resumed = pairs_io.check_manifest(out, config=identity)
+    old_checksums = pairs_io.read_manifest(out).get("shards", {}) if resumed else {}
     teacher = load_teacher(
-        cfg.teacher, revision=cfg.revision, variant=cfg.variant, torch_dtype=dtype_from_name(teacher_dtype),
+        str(folder), revision=None, variant=cfg.variant, torch_dtype=dtype_from_name(teacher_dtype),
         scheduler=cfg.scheduler, device=accelerator.device,
     )
     latent_shape = teacher.latent_shape(cfg.resolution)
@@ -121,11 +163,13 @@ def main() -> None:
         "format": pairs_io.FORMAT,
         "config": identity,
         "teacher": {"name_or_path": cfg.teacher, "revision": cfg.revision, "family": teacher.family,
-                    "pipeline_class": type(teacher.pipe).__name__, "prediction_type": teacher.prediction_type},
+                    "pipeline_class": type(teacher.pipe).__name__, "prediction_type": teacher.prediction_type,
+                    "identity": teacher_id},
         "scheduler_config": dict(teacher.pipe.scheduler.config),
         "latent_shape": list(latent_shape),
         "count": cfg.num_pairs,
         "complete": False,
+        "shards": dict(old_checksums),
         "versions": package_versions("diffusion2gan-toolkit", "torch", "diffusers", "transformers", "accelerate", "datasets"),
     }
     accelerator.wait_for_everyone()
@@ -133,13 +177,13 @@ def main() -> None:
         pairs_io.write_manifest(out, manifest)
         save_config(cfg, out / "generate_pairs.yaml")
     total = pairs_io.num_shards(num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
-    done = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
+    done = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size, checksums=old_checksums)
     accelerator.wait_for_everyone()  # everyone sees the same `done` before anyone writes a shard
     todo = [k for k in range(total) if k not in done][accelerator.process_index :: accelerator.num_processes]
 
     my_rows = sum(len(pairs_io.shard_indices(k, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)) for k in todo)
     if accelerator.is_main_process and done:
-        print(f"resuming: {len(done)} of {total} shards already in {out}")
+        print(f"resuming: {len(done)} of {total} shards already in {out} (checked)")
     bar = tqdm(total=my_rows, unit="pair", desc=f"pairs (rank 0 of {accelerator.num_processes})",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     start = time.perf_counter()
@@ -149,13 +193,14 @@ def main() -> None:
         bar.close()  # ends the progress line, so an error message starts on its own line
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finished = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
+        finished = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size, checksums=old_checksums)
         manifest["complete"] = len(finished) == total
+        pairs_io.record_checksums(out, manifest)
         pairs_io.write_manifest(out, manifest)
         rate = my_rows / max(time.perf_counter() - start, 1e-9)
         print(f"{cfg.num_pairs} pairs in {out.resolve()} ({rate:.2f} pairs/s on rank 0); "
               f"open with datasets.load_dataset({str(out)!r}, split='train')")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # nobody leaves (and the lock is not released) before the manifest is final
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from data_gen.noise import noise_for_seed
 from data_gen.prompts import load_prompts
-from distill.config import ConfigError, parse_config, run_cli
+from distill.config import ConfigError, parse_config, require_positive, run_cli
 from students import OneStepGANPipeline
 from teachers.loading import dtype_from_name
 
@@ -58,13 +58,31 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` -> cuda when available, else cpu; an unknown or unavailable device is one line."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__}): use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return name
+
+
 def main() -> None:
     cfg = parse_config(SampleConfig, description=__doc__)
+    require_positive(cfg, "batch_size")
+    if cfg.resolution is not None:
+        require_positive(cfg, "resolution")
+    device = resolve_device(cfg.device)
     if not cfg.pipeline or not (Path(cfg.pipeline) / "model_index.json").is_file():
         raise FileNotFoundError(f"pipeline {cfg.pipeline!r} not found: pass a directory written by train_student.py (e.g. runs/student/pipeline)")
     prompts = [cfg.prompt] if cfg.prompt else load_prompts(cfg.prompts, column=cfg.prompt_column)
     seeds = parse_seeds(cfg.seeds)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     pipe = OneStepGANPipeline.from_pretrained(cfg.pipeline, dtype=dtype_from_name(cfg.dtype)).to(device)
     side = cfg.resolution or pipe.default_resolution()
     if side % pipe.vae_scale_factor:

@@ -12,17 +12,21 @@ ranking loss. ``stage=both`` runs one after the other. Weights are saved with ``
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+if __package__ in (None, ""):  # `accelerate launch distill/train_latent_lpips.py` runs this as a plain file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data_gen.bapps import BAPPS2AFC
-from distill.config import ConfigError, parse_config, run_cli, save_config
+from distill.config import ConfigError, parse_config, require_between, require_non_negative, require_positive, run_cli, save_config
 from distill.losses.latent_lpips_training import (
     Dist2Logit, MetricsLog, TrunkClassifier, classifier_loader, cycle, encode, load_image_dataset, load_vae, lr_lambda,
     score_2afc, vae_factors,
@@ -111,7 +115,8 @@ def train_classifier(cfg, acc, vae, log: MetricsLog, out: Path) -> LatentLPIPSNe
     else:
         raise ValueError(f"optimizer must be sgd or adamw, got {cfg.optimizer!r}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    # The scheduler is not prepared: accelerate would step it once per process per optimiser step.
+    model, opt, loader = acc.prepare(model, opt, loader)
     vae.to(acc.device)
     model.train()
     t0 = time.time()
@@ -157,8 +162,8 @@ def calibrate_heads(cfg, acc, vae, net: LatentLPIPSNet, log: MetricsLog, out: Pa
     params = [h.weight for h in net.heads] + list(rank.parameters())
     opt = torch.optim.Adam(params, lr=cfg.calib_lr, betas=(0.5, 0.999))
     # Linear decay over the second half, as LPIPS's schedule (nepoch + nepoch_decay).
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 2.0 * (1 - s / max(1, cfg.calib_steps))))
-    net, rank, opt, loader, sched = acc.prepare(net, rank, opt, loader, sched)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, min(1.0, 2.0 * (1 - s / max(1, cfg.calib_steps)))))
+    net, rank, opt, loader = acc.prepare(net, rank, opt, loader)  # scheduler unprepared, as in stage 1
     vae.to(acc.device)
     raw_net = acc.unwrap_model(net)
     raw_net.eval()  # BN statistics of the trunk stay fixed ...
@@ -180,7 +185,7 @@ def calibrate_heads(cfg, acc, vae, net: LatentLPIPSNet, log: MetricsLog, out: Pa
         if step % cfg.log_every == 0 or step == 1 or step == cfg.calib_steps:
             agree = ((d0 < d1).float() * (1 - judge) + (d1 < d0).float() * judge).mean()
             loss_m, agree_m = acc.reduce(torch.stack([loss.detach(), agree]), reduction="mean").tolist()
-            log.write(stage="calibrate", step=step, loss=loss_m, train_2afc=agree_m, sec=time.time() - t0)
+            log.write(stage="calibrate", step=step, loss=loss_m, train_2afc=agree_m, lr=sched.get_last_lr()[0], sec=time.time() - t0)
     raw_net.dropout = nn.Identity()
     raw_net.register_to_config(head_dropout=0.0)
     if cfg.bapps_val_dir and acc.is_main_process:
@@ -209,6 +214,11 @@ def validate(cfg: TrainLatentLPIPSConfig) -> None:
         raise ConfigError("stage calibrate needs `bapps_dir` (BAPPS 2AFC layout: ref/ p0/ p1/ judge/)")
     if cfg.latent_sampling not in ("sample", "mode"):
         raise ConfigError(f"latent_sampling must be sample or mode, got {cfg.latent_sampling!r}")
+    require_positive(cfg, "steps", "batch_size", "lr", "calib_steps", "calib_batch_size", "calib_lr", "resolution",
+                     "calib_resolution", "log_every")
+    require_non_negative(cfg, "warmup_steps", "weight_decay", "num_workers", "save_every", "max_train_samples")
+    require_between(cfg, "crop_scale_min", 0.0, 1.0)
+    require_between(cfg, "head_dropout", 0.0, 1.0, high_inclusive=False)
     n = len(cfg.stage_channels)
     if not cfg.init_from and not (len(cfg.convs_per_stage) == len(cfg.pool_after_stage) == n):
         raise ConfigError("stage_channels, convs_per_stage and pool_after_stage need one entry per stage")

@@ -5,7 +5,9 @@
 Loss phases per step: G (E-LatentLPIPS regression to the teacher latent + non-saturating GAN), D
 (real / fake / mix-and-match), lazy single-sample R1. Progress is counted in steps and images (nimg);
 checkpoints are accelerate ``save_state`` directories and ``--resume_from_checkpoint latest`` (the
-default) continues a killed run from its last checkpoint with the same random streams.
+default) continues a killed run from its last checkpoint with the same random streams. Before anything
+heavy loads, the teacher is checked against the pairs' teacher and a resumed run against its saved
+config; the held-out split is recorded in ``pairs_split.json`` (run and pipeline) for evaluation.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from data_gen.pairs import load_pairs, read_manifest
-from distill.config import ConfigError, parse_config, require_positive, run_cli, save_config
+from distill.config import (ConfigError, config_dict, parse_config, require_between, require_non_negative, require_positive,
+                            run_cli, save_config)
+from distill.lock import locked
 from distill.training import checkpoint as ckpt
+from distill.training import run_checks
 from distill.training.ema import EMA
 from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
 from distill.training.seeds import batch_indices, step_generator
@@ -42,6 +47,7 @@ class StudentConfig:
     teacher: str = field(default="", metadata={"help": "teacher hub id / folder; empty = the one in the pairs manifest"})
     revision: Optional[str] = field(default=None, metadata={"help": "teacher revision"})
     variant: Optional[str] = field(default=None, metadata={"help": "teacher weights variant"})
+    allow_teacher_mismatch: bool = field(default=False, metadata={"help": "train with another teacher than the one that made the pairs (deliberate cross-teacher work)"})
     pairs: str = field(default="", metadata={"help": "pairs directory written by generate_pairs.py"})
     student: str = field(default="unet", metadata={"help": f"generator: {', '.join(STUDENTS)}"})
     student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
@@ -106,28 +112,62 @@ def check(cfg: StudentConfig) -> None:
         raise ConfigError(f"unknown regression {cfg.regression!r}; choose one of {', '.join(REGRESSIONS)}")
     apply_student_defaults(cfg)
     require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
-                     "checkpointing_steps", "validation_steps", "learning_rate_g")
-    if cfg.gan_start_step < 0:
-        raise ConfigError(f"gan_start_step must not be negative, got {cfg.gan_start_step}")
+                     "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d")
+    require_non_negative(cfg, "gan_start_step", "holdout", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
+                         "ema_half_life_kimg", "ema_rampup", "d_lora_rank", "d_timestep")
+    require_between(cfg, "mix_fraction", 0.0, 1.0)
+    for key in ("adam_beta1", "adam_beta2"):
+        require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError(f"checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"unknown mixed_precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
+
+
+def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
+    """Keys whose valid range depends on the pairs (their scheduler and size)."""
+    steps = int(manifest.get("scheduler_config", {}).get("num_train_timesteps", 1000))
+    if cfg.student == "unet" and not 0 <= cfg.student_timestep < steps:
+        raise ConfigError(f"student_timestep must be in [0, {steps - 1}] (the teacher scheduler's num_train_timesteps is {steps}), "
+                          f"got {cfg.student_timestep}")
+    n_train = int(manifest["count"]) - cfg.holdout
+    if n_train < cfg.batch_size:
+        raise ConfigError(f"{manifest['count']} pairs leave {n_train} for training after holdout={cfg.holdout}: "
+                          f"need at least batch_size={cfg.batch_size}")
 
 
 def main() -> None:
     cfg = parse_config(StudentConfig, description=__doc__)
     check(cfg)
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast_object_list
 
     manifest = read_manifest(cfg.pairs)
+    check_with_pairs(cfg, manifest)
     out = Path(cfg.output_dir)
+    split = run_checks.split_record(pairs=cfg.pairs, manifest=manifest, holdout=cfg.holdout)
+    if ckpt.resolve_resume(out, cfg.resume_from_checkpoint) is not None:
+        run_checks.check_resume(out, config=config_dict(cfg), split=split)
+    run_checks.check_teacher(teacher=cfg.teacher or manifest["teacher"]["name_or_path"], revision=cfg.revision or manifest["teacher"].get("revision"),
+                             variant=cfg.variant, manifest=manifest, pairs=cfg.pairs, allow_mismatch=cfg.allow_teacher_mismatch)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out)
     )
+    with locked(out, purpose="train_student", is_main_process=accelerator.is_main_process,
+                broadcast=lambda x: broadcast_object_list([x])[0]):
+        train(cfg, accelerator=accelerator, manifest=manifest, split=split)
+    accelerator.end_training()
+
+
+def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> None:
+    """The training loop, with ``output_dir`` locked."""
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.output_dir)
     set_seed(cfg.seed)  # same initial weights (heads, zero convs) on every rank
     rank, world = accelerator.process_index, accelerator.num_processes
     pairs = load_pairs(cfg.pairs).with_format("torch")
-    n_train = len(pairs) - cfg.holdout
-    if n_train < cfg.batch_size:
-        raise ConfigError(f"{len(pairs)} pairs leave {n_train} for training after holdout={cfg.holdout}: need at least batch_size={cfg.batch_size}")
+    n_train = split["train_indices"][1]  # rows come in index order: the first n_train train, the rest are held out
 
     parts = build_student(cfg, manifest=manifest, device=accelerator.device)  # teacher, student, D, text encoder
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
@@ -145,16 +185,19 @@ def main() -> None:
     accelerator.register_for_checkpointing(ema, state)
 
     resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
+    stats_path = out / "stats.jsonl"
     if resume is not None:
         accelerator.load_state(str(resume))
         accelerator.print(f"resumed from {resume} at step {state.step} ({state.nimg} images)")
     if accelerator.is_main_process:
+        # Steps past the checkpoint (or all, when starting over) are about to run again.
+        ckpt.truncate_stats(stats_path, step=state.step if resume is not None else -1)
         save_config(cfg, out / "config.yaml")
+        run_checks.write_split(out / run_checks.SPLIT_FILE, split)
         accelerator.init_trackers("train_student", config={k: v for k, v in vars(cfg).items() if v is not None})
 
     unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
     holdout = pairs[n_train:]
-    stats_path = out / "stats.jsonl"
     if state.step == 0:
         validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=0, stats_path=stats_path)
 
@@ -228,20 +271,23 @@ def main() -> None:
             if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
                 tmp = ckpt.temporary_dir(out, state.step, clear=accelerator.is_main_process)
                 accelerator.wait_for_everyone()
-                accelerator.save_state(str(tmp))
-                _check_replicas(accelerator, student, state.step)
-                if accelerator.is_main_process:
-                    export_pipeline(parts, ema.model, tmp / "pipeline")
-                    ckpt.finalize(out, tmp, state.step, total_limit=cfg.checkpoints_total_limit)
+                # A failed or interrupted save removes its partial directory; earlier checkpoints stay as they are.
+                # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
+                size = lambda: _state_bytes(models=[student, disc, ema.model, ema.model], optimizers=[opt_g, opt_d], parts=parts)  # noqa: E731
+                with ckpt.partial_save(out, tmp, estimate_bytes=size):
+                    accelerator.save_state(str(tmp))
+                    _check_replicas(accelerator, student, state.step)
+                    if accelerator.is_main_process:
+                        export_pipeline(parts, ema.model, tmp / "pipeline", split=split)
+                        ckpt.finalize(out, tmp, state.step, total_limit=cfg.checkpoints_total_limit)
                 accelerator.wait_for_everyone()
             if state.step % cfg.validation_steps == 0 or state.step == cfg.max_train_steps:
                 validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=state.step, stats_path=stats_path)
     finally:
         bar.close()  # ends the progress line, so an error message starts on its own line
     if accelerator.is_main_process:
-        export_pipeline(parts, ema.model, out / "pipeline")
+        export_pipeline(parts, ema.model, out / "pipeline", split=split)
         accelerator.print(f"done: {state.step} steps, {state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
-    accelerator.end_training()
 
 
 class _null:
@@ -250,6 +296,17 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def _state_bytes(*, models: list, optimizers: list, parts) -> int:
+    """Rough size of one checkpoint: models (incl. the EMA), optimiser states and the exported pipeline's weights."""
+    pipe = parts.teacher.pipe
+    models = [*models, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    tensors = [t for m in models if m is not None for t in m.state_dict().values()]
+    for opt in optimizers:
+        if opt is not None:
+            tensors += [t for s in opt.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _check_replicas(accelerator, model, step: int) -> None:

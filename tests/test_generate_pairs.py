@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,10 @@ def test_kill_and_resume_finishes_exactly_the_missing_rows(sd15_teacher, prompt_
     before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("train-*.parquet")}
     with pytest.raises(ValueError, match="incomplete"):
         load_pairs(out)
+    # kill -9 leaves the run's lock: the rerun names it and the command that clears it.
+    refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and f"no longer alive (pid {proc.pid}" in _one_error_line(refused.stderr)
+    (out / ".lock").unlink()
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stdout
@@ -142,3 +147,141 @@ def test_unknown_key_in_yaml_config(sd15_teacher, tmp_path, capsys):
     cfg.write_text(f"teacher: {sd15_teacher}\nnum_steps: 10\n")
     code, err = run_script("generate_pairs.py", ["--config", cfg], capsys)
     assert code == 2 and "unknown config key(s) 'num_steps'" in _one_error_line(err)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data that must not mix silently: one writer per folder, teacher by content, shard checksums.
+
+
+def _gen(teacher, prompt_file, out, *extra):
+    return ["--teacher", teacher, "--prompts", prompt_file, "--num_pairs", 4, "--shard_size", 2, "--output_dir", out,
+            "--resolution", "32", "--num_inference_steps", "2", *extra]
+
+
+def _files(out):
+    return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(sd15_teacher, prompt_file, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    args = [sys.executable, str(ROOT / "distill" / "generate_pairs.py"), *map(str, _gen(sd15_teacher, prompt_file, out)),
+            "--num_pairs", "400", "--batch_size", "1"]
+    first = subprocess.Popen(args, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "manifest.json").exists():
+            time.sleep(0.05)
+        assert (out / ".lock").is_file(), "the first run holds the folder's lock while it runs"
+        code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--seed", 1), capsys)
+        assert code == 2
+        line = _one_error_line(err)
+        assert "is in use by another run" in line and f"pid {first.pid}" in line
+    finally:
+        first.send_signal(signal.SIGINT)  # Ctrl-C: one line, exit 130, finished shards kept, lock released
+        _, first_err = first.communicate(timeout=120)
+    assert first.returncode == 130, first_err[-2000:]
+    assert "Traceback" not in first_err and first_err.rstrip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
+    assert not (out / ".lock").exists()
+    assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 0  # the refused run changed nothing
+
+
+def test_a_stale_lock_is_reported_with_the_command_to_clear_it(sd15_teacher, prompt_file, tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "pairs"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the run that held the lock was killed
+    (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "yesterday"}))
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "no longer alive" in line and f"rm {out / '.lock'}" in line
+    (out / ".lock").unlink()
+    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)[0] == 0
+    assert not (out / ".lock").exists()
+
+
+def test_resume_compares_the_teacher_by_content_not_by_path(sd15_teacher, prompt_file, tmp_path, capsys):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(sd15_teacher, teacher)
+    out = tmp_path / "pairs"
+    assert run_script("generate_pairs.py", _gen(teacher, prompt_file, out), capsys)[0] == 0
+    (out / "data" / "train-00001-of-00002.parquet").unlink()  # as if killed before the last shard
+    # The same teacher spelled another way (and the prompts too) resumes.
+    code, err = run_script("generate_pairs.py", _gen(tmp_path / "." / "teacher" / ".." / "teacher", prompt_file, out), capsys)
+    assert code == 0, err
+    # The same path with other weights is refused, naming the changed file; nothing in the folder changes.
+    unet = UNet2DConditionModel.from_pretrained(teacher / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(1.5)
+    unet.save_pretrained(teacher / "unet")
+    (out / "data" / "train-00001-of-00002.parquet").unlink()
+    before = _files(out)
+    code, err = run_script("generate_pairs.py", _gen(teacher, prompt_file, out), capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "another teacher" in line and "unet/diffusion_pytorch_model.safetensors" in line
+    assert _files(out) == before
+
+
+def test_shards_without_a_manifest_are_refused(sd15_teacher, prompt_file, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)[0] == 0
+    (out / "manifest.json").unlink()
+    before = _files(out)
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    assert code == 2 and "but no manifest.json" in _one_error_line(err)
+    assert _files(out) == before
+
+
+def test_a_corrupt_shard_is_named_on_resume_and_on_load(sd15_teacher, prompt_file, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)[0] == 0
+    shard = out / "data" / "train-00001-of-00002.parquet"
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(64)  # zeroed bytes inside a page: still a valid Parquet file
+    shard.write_bytes(bytes(data))
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert f"shard {shard} is corrupt" in line and f"rm {shard}" in line
+    with pytest.raises(ValueError, match="train-00001-of-00002.parquet is corrupt"):
+        load_pairs(out)
+    code, err = run_script("train_student.py", ["--pairs", out, "--output_dir", tmp_path / "run", "--batch_size", 1,
+                                                "--holdout", 1, "--lpips_network", "random", "--report_to", "none"], capsys)
+    assert code == 2 and f"shard {shard} is corrupt" in _one_error_line(err)
+    shard.unlink()  # the fix the message names
+    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)[0] == 0
+    assert sorted(load_pairs(out)["index"]) == [0, 1, 2, 3]
+
+
+def test_stale_temporaries_are_removed_and_failed_runs_leave_no_folder(sd15_teacher, prompt_file, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)[0] == 0
+    stale = out / "data" / ".tmp-99999-train-00001-of-00002.parquet"
+    stale.write_bytes(b"half a shard")
+    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)[0] == 0
+    assert not stale.exists()
+    missing = tmp_path / "new" / "pairs"
+    code, _ = run_script("generate_pairs.py", _gen("/no/such/teacher", prompt_file, missing), capsys)
+    assert code == 2 and not (tmp_path / "new").exists()
+
+
+def test_user_mistakes_in_files_are_one_line(sd15_teacher, prompt_file, tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("teacher: x\nnum_pairs: [1, 2\n")
+    code, err = run_script("generate_pairs.py", ["--config", bad_yaml], capsys)
+    assert code == 2 and f"config file {bad_yaml} is not valid YAML at line" in _one_error_line(err)
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("a caf\xe9 table\n".encode("latin-1"))
+    out = tmp_path / "out"
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, latin1, out), capsys)
+    assert code == 2 and f"prompt file {latin1} is not UTF-8 text (byte 0xe9 at offset 5)" in _one_error_line(err)
+    assert not out.exists()

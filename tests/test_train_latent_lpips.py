@@ -107,3 +107,36 @@ def test_recipe_rejects_bad_config_in_one_line(tiny_data, tmp_path):
     res = run_script("--out_dir", str(tmp_path / "r"), "--stage", "calibrate", "--vae", str(tiny_data / "model"))
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and "init_from" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_two_processes_follow_the_one_process_learning_rate_schedule(tiny_data, tmp_path):
+    """accelerate steps a prepared scheduler once per process: the schedule must not run twice as fast on 2."""
+    import math
+
+    from conftest import accelerate_launch
+    from distill.losses.latent_lpips_training import lr_lambda
+
+    out = tmp_path / "two"
+    res = accelerate_launch("train_latent_lpips.py", [
+        "--config", REPO / "configs" / "latent_lpips" / "tiny_test.yaml", "--out_dir", out, "--dataset", tiny_data / "digits",
+        "--vae", tiny_data / "model", "--bapps_dir", tiny_data / "bapps" / "train", "--warmup_steps", 4,
+    ], num_processes=2)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # The 1-process schedule: LambdaLR stepped once per optimiser step.
+    stage1, stage2 = lr_lambda(4, 30), lambda s: max(0.0, min(1.0, 2.0 * (1 - s / 24)))
+    cls = [(r["step"], r["lr"]) for r in rows if r["stage"] == "classifier"]
+    cal = [(r["step"], r["lr"]) for r in rows if r["stage"] == "calibrate" and "lr" in r]
+    assert len(cls) >= 5 and len(cal) >= 4
+    for step, lr in cls:
+        assert math.isclose(lr, 0.003 * stage1(step), rel_tol=1e-6, abs_tol=1e-12), (step, lr)
+    for step, lr in cal:
+        assert math.isclose(lr, 0.001 * stage2(step), rel_tol=1e-6, abs_tol=1e-12), (step, lr)
+    assert cal[-2][1] > 0  # on 2 processes the old schedule reached 0 half-way and went negative after
+
+
+def test_negative_learning_rate_is_one_line(tiny_data, tmp_path):
+    res = run_script("--out_dir", str(tmp_path / "r"), "--vae", str(tiny_data / "model"), "--dataset", str(tiny_data / "digits"),
+                     "--lr", "-1e-3")
+    assert res.returncode == 2 and res.stderr.strip() == "error: lr must be positive, got -0.001"
+    assert not (tmp_path / "r").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -509,3 +510,156 @@ def test_student_defaults_fill_only_unset_keys():
     assert gigagan.learning_rate_g > 100 * unet.learning_rate_g and gigagan.gan_start_step > 0
     explicit = resolved("--student", "stylegan_t", "--learning_rate_g", "2e-4", "--gan_start_step", "0")
     assert (explicit.learning_rate_g, explicit.gan_start_step) == (2e-4, 0)
+
+# ------------------------------------------------------------------------------------------------
+# Hardening: user mistakes end in one line before anything heavy, faults keep what was saved.
+
+
+def _last_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    return err.rstrip().splitlines()[-1].split("\r")[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--holdout=-5"], "holdout must not be negative, got -5"),
+    (["--student_timestep", 5000], "student_timestep must be in [0, 999]"),
+    (["--mix_fraction", 2], "mix_fraction must be in [0.0, 1.0], got 2.0"),
+    (["--gan_weight=-1"], "gan_weight must not be negative, got -1.0"),
+    (["--learning_rate_g", "-1e-4"], "learning_rate_g must be positive, got -0.0001"),  # a negative value, not a flag
+    (["--learning_rate_d", "-0.5"], "learning_rate_d must be positive, got -0.5"),
+])
+def test_out_of_range_values_are_one_line_before_the_teacher_loads(pairs_dir, tmp_path, capsys, monkeypatch, args, message):
+    import distill.training.setup as setup
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher must not load before the config is checked")
+
+    monkeypatch.setattr(setup, "load_teacher", no_teacher)
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", *TRAIN, *args], capsys)
+    assert code == 2 and message in _last_line(err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_another_teacher_than_the_pairs_is_refused(pairs_dir, sd15_teacher, tmp_path, capsys):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(sd15_teacher, other)
+    unet = UNet2DConditionModel.from_pretrained(other / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(other / "unet")
+    args = ["--pairs", pairs_dir, "--max_train_steps", 1, "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN]
+    code, err = run_script("train_student.py", [*args, "--teacher", other, "--output_dir", tmp_path / "refused"], capsys)
+    assert code == 2
+    line = _last_line(err)
+    assert "is not the teacher that made the pairs" in line and "unet/diffusion_pytorch_model.safetensors" in line
+    assert "--allow_teacher_mismatch" in line and not (tmp_path / "refused").exists()
+    # The same teacher by another spelling is accepted; a deliberate mismatch runs with the bare flag.
+    assert run_script("train_student.py", [*args, "--teacher", f"{sd15_teacher}/../{sd15_teacher.name}",
+                                           "--output_dir", tmp_path / "same"], capsys)[0] == 0
+    code, err = run_script("train_student.py", [*args, "--teacher", other, "--allow_teacher_mismatch", "--output_dir",
+                                                tmp_path / "cross"], capsys)
+    assert code == 0, err
+
+
+def test_resuming_with_another_student_or_other_pairs_is_refused(pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1, "--checkpointing_steps", 1,
+            "--validation_steps", 100, *TRAIN]
+    assert run_script("train_student.py", args, capsys)[0] == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, err = run_script("train_student.py", [*args, "--max_train_steps", 2, "--student", "gigagan", "--student_size", "tiny"], capsys)
+    assert code == 2 and "holds a run made with another config (student: 'unet' -> 'gigagan'" in _last_line(err)
+    other = tmp_path / "other-pairs"
+    assert run_script("generate_pairs.py", ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 24, "--seed", 1,
+                                            "--resolution", 32, "--num_inference_steps", 3, "--output_dir", other], capsys)[0] == 0
+    code, err = run_script("train_student.py", [*args, "--max_train_steps", 2, "--pairs", other], capsys)
+    assert code == 2 and "another config (pairs:" in _last_line(err)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(pairs_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    run = tmp_path / "full"
+    args = ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 4, "--checkpointing_steps", 2,
+            "--validation_steps", 100, *TRAIN]
+    real_save = Accelerator.save_state
+    room_for = []  # checkpoints that still fit
+
+    def save_until_full(self, output_dir=None, **kwargs):
+        if Path(output_dir).name.removeprefix(".tmp-") in room_for:
+            return real_save(self, output_dir, **kwargs)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        Path(output_dir, "model.safetensors").write_bytes(b"\0" * 1000)  # what fitted before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_until_full)
+    code, err = run_script("train_student.py", args, capsys)  # full at the first checkpoint: the size is estimated
+    assert code == 2 and "need ≈ " in _last_line(err) and "no checkpoint was saved yet" in _last_line(err)
+    assert list((run / "checkpoints").iterdir()) == []
+    room_for.append("checkpoint-2")
+    code, err = run_script("train_student.py", args, capsys)
+    assert code == 2
+    line = _last_line(err)
+    assert line.startswith(f"error: no space left in {run / 'checkpoints'}, need ≈ ") and " MB" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-2"]  # partial one deleted
+    kept = load_file(run / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    code, err = run_script("train_student.py", args, capsys)  # space freed: the same command resumes
+    assert code == 0, err
+    assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3, 4]  # steps 3-4 of the failed run dropped
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert load_file(run / "checkpoints" / "checkpoint-2" / "model.safetensors").keys() == kept.keys()
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(pairs_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    run = tmp_path / "ctrlc"
+    cmd = [sys.executable, str(ROOT / "distill" / "train_student.py"), "--pairs", str(pairs_dir), "--output_dir", str(run),
+           "--max_train_steps", "1000", "--checkpointing_steps", "2", "--validation_steps", "1000", *map(str, TRAIN)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "checkpoint-4").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert _last_line(err).startswith("interrupted (Ctrl-C)")
+    finished = sorted((run / "checkpoints").iterdir())
+    assert finished and all(p.name.startswith("checkpoint-") for p in finished)  # no partial .tmp-checkpoint left
+    for ckpt in finished:
+        load_file(ckpt / "model.safetensors")
+    assert not (run / ".lock").exists()
+
+
+def test_evaluation_refuses_fidelity_rows_the_student_trained_on(pairs_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1,
+                                           "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN], capsys)[0] == 0
+    split = json.loads((run / "pipeline" / "pairs_split.json").read_text())
+    assert split["train_indices"] == [0, 16] and split["heldout_indices"] == [16, 24]  # 24 pairs, holdout 8
+    assert json.loads((run / "pairs_split.json").read_text()) == split
+    common = ["--pipeline", run / "pipeline", "--pairs", pairs_dir, "--metrics", "fidelity", "--elatentlpips", "random-tiny",
+              "--pixel_lpips", "random-tiny", "--batch_size", 8, "--output_dir", tmp_path / "eval"]
+    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -10], capsys)
+    assert code == 2
+    line = err.rstrip().splitlines()[-1]
+    assert "include 2 pairs the student trained on" in line and "set fidelity_start to -8" in line
+    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -8], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["details"]["fidelity"]["indices"] == [16, 23]

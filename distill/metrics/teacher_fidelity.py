@@ -24,6 +24,36 @@ def fidelity_positions(*, start: int, count: int, num_rows: int) -> list[int]:
     return list(range(start, stop))
 
 
+def check_heldout(*, pipeline: str, pairs: str, fidelity_start: int, fidelity_count: int) -> None:
+    """Refuse fidelity rows that the student in ``pipeline`` trained on (per its recorded ``pairs_split.json``).
+
+    Pairs folders with the same rows fingerprint hold the same row at the same index, so the check also
+    covers a copy of the training pairs or a longer run of the same generation config.
+    """
+    import json
+    from pathlib import Path
+
+    from data_gen.pairs import SPLIT_FILE, read_manifest, rows_fingerprint
+
+    record_path = Path(pipeline) / SPLIT_FILE
+    if not record_path.is_file():
+        return  # a teacher, or a student trained elsewhere: nothing says which rows it saw
+    record = json.loads(record_path.read_text())
+    manifest = read_manifest(pairs)
+    if record.get("rows_fingerprint") != rows_fingerprint(manifest):
+        return  # other rows than the ones it trained on
+    rows = fidelity_positions(start=fidelity_start, count=fidelity_count, num_rows=int(manifest["count"]))
+    lo, hi = record["train_indices"]
+    seen = [i for i in rows if lo <= i < hi]
+    if seen:
+        held_lo, held_hi = record["heldout_indices"]
+        raise ConfigError(
+            f"fidelity rows {rows[0]}..{rows[-1]} of {pairs} include {len(seen)} pairs the student trained on "
+            f"(it held out indices {held_lo}..{held_hi - 1}): set fidelity_start to {held_lo - int(manifest['count'])} "
+            "(minus the run's holdout) and fidelity_count to 0"
+        )
+
+
 def elatentlpips_name(name: str, *, vae_scaling_factor: float) -> str:
     """``auto`` -> the published net matching the VAE; anything else is returned unchanged."""
     if name != "auto":

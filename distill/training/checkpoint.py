@@ -7,10 +7,14 @@ previous checkpoint as the latest) and finds the one to resume from.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -58,3 +62,53 @@ def finalize(output_dir: str | os.PathLike, tmp: Path, step: int, *, total_limit
         for old in checkpoint_dirs(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save's zip writer reports a full disk as a RuntimeError ("... file write failed").
+    return isinstance(exc, RuntimeError) and ("No space left" in str(exc) or "file write failed" in str(exc))
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+@contextlib.contextmanager
+def partial_save(output_dir: str | os.PathLike, tmp: Path, *, estimate_bytes: Callable[[], int]) -> Iterator[None]:
+    """Remove the half-written ``tmp`` checkpoint if the block fails or is interrupted; a full disk becomes one line
+    saying how much room a checkpoint needs (the last finished one, or ``estimate_bytes()`` before there is one)."""
+    try:
+        yield
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _disk_full(exc):
+            raise
+        done = checkpoint_dirs(output_dir)
+        need = _size(done[-1]) if done else estimate_bytes()
+        kept = f"{done[-1].name} and older are kept" if done else "no checkpoint was saved yet"
+        raise OSError(
+            f"no space left in {tmp.parent}, need ≈ {need / 2**20:.0f} MB for a checkpoint: the partial one was deleted, "
+            f"{kept}; free space (or lower checkpoints_total_limit) and re-run the same command to resume",
+        ) from None
+
+
+def truncate_stats(path: str | os.PathLike, *, step: int) -> None:
+    """Drop the ``stats.jsonl`` records past ``step`` (a resumed run writes those steps again)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+        if record_step <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)

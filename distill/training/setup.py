@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from diffusers.utils import make_image_grid
 
+from data_gen.pairs import SPLIT_FILE
 from distill.discriminators import UNetDiscriminator
 from students import GigaGANGenerator, OneStepGANPipeline, StyleGANTGenerator, TextConditioning, UNetStudent, encode_text
 from teachers import Teacher, load_teacher
@@ -136,14 +137,19 @@ def build_lpips(cfg, *, teacher: Teacher, accelerator):
     return loss.to(accelerator.device)
 
 
-def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path) -> None:
-    """Save ``student`` with the teacher's VAE and text encoder(s) as a ``OneStepGANPipeline``."""
+def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path, *, split: dict) -> None:
+    """Save ``student`` with the teacher's VAE and text encoder(s) as a ``OneStepGANPipeline``, with the run's
+    held-out split (``pairs_split.json``) so that evaluation can refuse the rows the student trained on."""
     p = parts.teacher.pipe
     pipe = OneStepGANPipeline(
         student=student, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
         text_encoder_2=getattr(p, "text_encoder_2", None), tokenizer_2=getattr(p, "tokenizer_2", None),
     )
     pipe.save_pretrained(str(path))
+    (Path(path) / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n")
+
+
+VALIDATION_CHUNK = 64
 
 
 @torch.no_grad()
@@ -152,17 +158,21 @@ def validate_and_sample(cfg, parts: Parts, student, holdout: dict, lpips_loss, a
     if not accelerator.is_main_process or len(holdout["index"]) == 0:
         return
     device = accelerator.device
-    noise = holdout["noise"].to(device, torch.float32)
     target = holdout["target"].to(device, torch.float32)
-    cond = parts.encode(holdout["prompt"])
     was_training = student.training
     student.eval()
-    fake = student(noise, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs()).float()
+    fakes = []
+    for b in range(0, len(target), VALIDATION_CHUNK):  # bounded memory for large held-out sets
+        cond = parts.encode(holdout["prompt"][b : b + VALIDATION_CHUNK])
+        noise = holdout["noise"][b : b + VALIDATION_CHUNK].to(device, torch.float32)
+        fakes.append(student(noise, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs()).float())
+    fake = torch.cat(fakes)
     student.train(was_training)
     record = {"step": step, "val_mse": torch.mean((fake - target) ** 2).item()}
     if lpips_loss is not None:
         gen = torch.Generator("cpu").manual_seed(cfg.seed)  # same augmentation draws at every validation
-        record["val_lpips"] = lpips_loss(fake, target, generator=gen).mean().item()
+        record["val_lpips"] = torch.cat([lpips_loss(fake[b : b + VALIDATION_CHUNK], target[b : b + VALIDATION_CHUNK], generator=gen).flatten()
+                                         for b in range(0, len(target), VALIDATION_CHUNK)]).mean().item()
     with open(stats_path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     accelerator.log(record, step=step)
