@@ -39,7 +39,8 @@ STUDENT_SIZES = ("tiny", "small", "base")
 
 
 def _per_student(key: str) -> str:
-    return "default per student: " + ", ".join(f"{name} {spec.defaults[key]:g}" for name, spec in STUDENTS.items())
+    fmt = lambda v: f"{v:g}" if isinstance(v, (int, float)) else str(v)  # noqa: E731
+    return "default per student: " + ", ".join(f"{name} {fmt(spec.defaults[key])}" for name, spec in STUDENTS.items())
 
 
 @dataclass
@@ -68,6 +69,7 @@ class StudentConfig:
     lpips_augment: str = field(default="bg,cutout", metadata={"help": "E-LatentLPIPS augmentation policy ('' = none)"})
     lpips_l1_weight: float = field(default=0.0, metadata={"help": "extra L1 term inside the regression loss"})
     gan_weight: float = field(default=0.1, metadata={"help": "weight of the GAN term (0 = regression only)"})
+    gan_noise: Optional[str] = field(default=None, metadata={"help": f"noise the GAN fakes are made from: pairs (the pairs' own, as the paper) or fresh (new samples; {_per_student('gan_noise')})"})
     gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
     d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator UNet"})
     d_heads: str = field(default="before,skip,after,final", metadata={"help": "discriminator heads"})
@@ -111,6 +113,8 @@ def check(cfg: StudentConfig) -> None:
     if cfg.regression not in REGRESSIONS:
         raise ConfigError(f"unknown regression {cfg.regression!r}; choose one of {', '.join(REGRESSIONS)}")
     apply_student_defaults(cfg)
+    if cfg.gan_noise not in ("pairs", "fresh"):
+        raise ConfigError(f"unknown gan_noise {cfg.gan_noise!r}; choose pairs or fresh")
     require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
                      "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d")
     require_non_negative(cfg, "gan_start_step", "holdout", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
@@ -215,7 +219,12 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
                                     batch_size=micro, num_rows=n_train)
                 rows = pairs[idx]
                 cond = parts.encode(rows["prompt"])
-                batches.append(Batch(rows["noise"].to(accelerator.device, torch.float32), rows["target"].to(accelerator.device, torch.float32), cond))
+                noise = rows["noise"].to(accelerator.device, torch.float32)
+                fresh = None
+                if gan_on and cfg.gan_noise == "fresh":
+                    z_gen = step_generator(seed=cfg.seed, rank=rank, step=step * cfg.gradient_accumulation_steps + m, purpose="z")
+                    fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
+                batches.append(Batch(noise, rows["target"].to(accelerator.device, torch.float32), cond, gan_noise=fresh))
 
             # Phase G: D frozen (its forward is the unwrapped module, so no DDP reduction is expected).
             for p in d_params:

@@ -21,7 +21,13 @@ def _schemas():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_parses(path):
-    schema = _schemas().get(path.parent.name)
+    schemas = _schemas()
+    schema = schemas.get(path.parent.name)
+    if path.parent.name == "digits":  # the testbed folder holds one config per stage, named after it
+        from distill.evaluate import EvalConfig
+
+        schemas["eval"] = EvalConfig
+        schema = next((schemas[k] for k in ("student", "pairs", "eval") if path.stem.startswith(k)), None)
     if schema is None:
         pytest.skip(f"{path.parent.name} configs are checked by their own tests")
     cfg = parse_config(schema, ["--config", str(path)])

@@ -663,3 +663,39 @@ def test_evaluation_refuses_fidelity_rows_the_student_trained_on(pairs_dir, tmp_
     code, err = run_script("evaluate.py", [*common, "--fidelity_start", -8], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["details"]["fidelity"]["indices"] == [16, 23]
+
+
+def test_gan_fakes_from_fresh_noise_are_conditioned_on_that_noise():
+    """``gan_noise: fresh``: regression reads the pair's noise, the GAN fake is G(fresh noise) and both
+    D phases see it conditioned on the fresh noise; real pairs keep their own noise."""
+    from distill.training.phases import Batch, discriminator_terms, generator_terms
+    from students.text import TextConditioning
+
+    seen = []
+
+    def student(noise, prompt_embeds, added_cond_kwargs=None):
+        return 2 * noise
+
+    def disc(latents, noise, prompt_embeds, added_cond_kwargs=None):
+        seen.append((latents.detach(), noise))
+        return [latents.mean(dim=1, keepdim=True)]
+
+    gen = torch.Generator().manual_seed(0)
+    pair_noise, fresh = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    target = torch.randn(4, 4, 8, 8, generator=gen)
+    batch = Batch(pair_noise, target, TextConditioning(torch.randn(4, 7, 8, generator=gen)), gan_noise=fresh)
+    fake, terms = generator_terms(student=student, discriminator=disc, lpips_loss=None, batch=batch, regression="mse",
+                                  lpips_weight=1.0, gan_weight=0.5, generator=gen)
+    torch.testing.assert_close(fake, 2 * fresh)
+    torch.testing.assert_close(terms["g_mse"], torch.nn.functional.mse_loss(2 * pair_noise, target))
+    assert torch.equal(seen[-1][1], fresh) and "g_gan" in terms
+    discriminator_terms(discriminator=disc, discriminator_unwrapped=disc, batch=batch, fake=fake, mix_fraction=0.0,
+                        r1_gamma=0.0, r1_interval=1, do_r1=False, generator=gen)
+    latents, noise = seen[-1]
+    assert torch.equal(latents[:4], target) and torch.equal(noise[:4], pair_noise)  # real pairs with their noise
+    assert torch.equal(latents[4:], 2 * fresh) and torch.equal(noise[4:], fresh)  # fakes with the noise they came from
+    # Without fresh noise (the paper, and the UNet student's default) the fake is G(pair noise).
+    paired = Batch(pair_noise, target, batch.cond)
+    fake, _ = generator_terms(student=student, discriminator=disc, lpips_loss=None, batch=paired, regression="mse",
+                              lpips_weight=1.0, gan_weight=0.5, generator=gen)
+    torch.testing.assert_close(fake, 2 * pair_noise)

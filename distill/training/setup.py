@@ -99,9 +99,9 @@ class StudentSpec:
 # and needs only a small step size; the GAN generators start from scratch, so they take StyleGAN-scale
 # learning rates on their equalised layers and learn the ODE map by regression before the GAN joins.
 STUDENTS = {
-    "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0)),
-    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000)),
-    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000)),
+    "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs")),
+    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh")),
+    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh")),
 }
 
 
