@@ -160,8 +160,16 @@ def load_parts(cfg: DemoConfig):
     if name is not None:
         from teachers import load_teacher
 
-        teacher = load_teacher(name, scheduler=(sampler or {}).get("scheduler", "ddim"), device=device,
-                               torch_dtype=dtype_from_name(dtype_name)).pipe
+        try:
+            teacher = load_teacher(name, scheduler=(sampler or {}).get("scheduler", "ddim"), device=device,
+                                   torch_dtype=dtype_from_name(dtype_name)).pipe
+        except (ValueError, OSError) as exc:
+            if cfg.teacher != "auto":
+                raise
+            # The pairs' teacher is optional here: the demo runs without the comparison.
+            sys.stderr.write(f"warning: the student's teacher {name} did not load ({str(exc).splitlines()[0]}): no teacher "
+                             "comparison; pass --teacher\n")
+            return pipe, None, None
         teacher.set_progress_bar_config(disable=True)
         sampler = {**(sampler or {"steps": 25, "guidance_scale": 7.5}),
                    **({"steps": cfg.teacher_steps} if cfg.teacher_steps else {}),
@@ -173,6 +181,10 @@ def main() -> None:
     cfg = parse_config(DemoConfig, description=__doc__)
     require_non_negative(cfg, "debounce")
     require_positive(cfg, "port")
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ConfigError("the demo needs gradio: pip install -e '.[demo]'")
     from students.export import is_one_step_folder
 
     if not is_one_step_folder(cfg.pipeline):
