@@ -33,9 +33,13 @@ from distill.training import run_checks
 from distill.training.ema import EMA
 from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
 from distill.training.seeds import batch_indices, step_generator
-from distill.training.setup import STUDENTS, apply_student_defaults, build_lpips, build_student, export_pipeline, validate_and_sample
+from distill.training.card import card_facts
+from distill.training.setup import (STUDENTS, apply_student_defaults, build_lpips, build_student, export_pipeline, validate_and_sample,
+                                    validation_set)
+from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = ("tiny", "small", "base")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 def _per_student(key: str) -> str:
@@ -45,31 +49,32 @@ def _per_student(key: str) -> str:
 
 @dataclass
 class StudentConfig:
-    teacher: str = field(default="", metadata={"help": "teacher hub id / folder; empty = the one in the pairs manifest"})
+    teacher: str = field(default="", metadata={"help": "teacher hub id / folder; empty = the one in the pairs manifest",
+                                                "aliases": ["pretrained_model_name_or_path"]})
     revision: Optional[str] = field(default=None, metadata={"help": "teacher revision"})
     variant: Optional[str] = field(default=None, metadata={"help": "teacher weights variant"})
     allow_teacher_mismatch: bool = field(default=False, metadata={"help": "train with another teacher than the one that made the pairs (deliberate cross-teacher work)"})
     pairs: str = field(default="", metadata={"help": "pairs directory written by generate_pairs.py"})
-    student: str = field(default="unet", metadata={"help": f"generator: {', '.join(STUDENTS)}"})
+    student: str = field(default="unet", metadata={"help": "generator", "choices": tuple(STUDENTS)})
     student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
-    student_size: str = field(default="base", metadata={"help": f"preset of the gigagan / stylegan_t generators: {', '.join(STUDENT_SIZES)}"})
+    student_size: str = field(default="base", metadata={"help": "preset of the gigagan / stylegan_t generators", "choices": STUDENT_SIZES})
     mapping_lr_mul: Optional[float] = field(default=None, metadata={"help": "gigagan / stylegan_t: learning-rate multiplier of the mapping network (unset: StyleGAN's 0.01)"})
     output_dir: str = field(default="runs/student", metadata={"help": "run directory"})
     max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step"})
+    batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step", "aliases": ["train_batch_size"]})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
     learning_rate_g: Optional[float] = field(default=None, metadata={"help": f"Adam lr of the generator ({_per_student('learning_rate_g')})"})
     learning_rate_d: float = field(default=1e-5, metadata={"help": "Adam lr of the discriminator"})
     adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (GAN practice: 0)"})
     adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    regression: str = field(default="elatentlpips", metadata={"help": f"regression loss: {', '.join(REGRESSIONS)}"})
+    regression: str = field(default="elatentlpips", metadata={"help": "regression loss", "choices": REGRESSIONS})
     lpips_weight: float = field(default=1.0, metadata={"help": "weight of the regression term"})
     lpips_network: str = field(default="official", metadata={"help": "latent LPIPS weights: a local path, 'official', or 'random' (tests only)"})
     lpips_augment: str = field(default="bg,cutout", metadata={"help": "E-LatentLPIPS augmentation policy ('' = none)"})
     lpips_l1_weight: float = field(default=0.0, metadata={"help": "extra L1 term inside the regression loss"})
     gan_weight: float = field(default=0.1, metadata={"help": "weight of the GAN term (0 = regression only)"})
-    gan_noise: Optional[str] = field(default=None, metadata={"help": f"noise the GAN fakes are made from: pairs (the pairs' own, as the paper) or fresh (new samples; {_per_student('gan_noise')})"})
+    gan_noise: Optional[str] = field(default=None, metadata={"help": f"noise the GAN fakes are made from: the pairs' own (the paper) or fresh samples ({_per_student('gan_noise')})", "choices": ("pairs", "fresh")})
     gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
     d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator UNet"})
     d_heads: str = field(default="before,skip,after,final", metadata={"help": "discriminator heads"})
@@ -80,14 +85,17 @@ class StudentConfig:
     ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice (accelerate launch --mixed_precision / accelerate config), else no", "choices": MIXED_PRECISIONS})
     seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
     holdout: int = field(default=16, metadata={"help": "pairs (the last indices) held out for validation"})
     checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N steps"})
     checkpoints_total_limit: Optional[int] = field(default=3, metadata={"help": "keep at most N checkpoints"})
-    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, or a checkpoint dir"})
-    validation_steps: int = field(default=500, metadata={"help": "held-out metric + sample grid every N steps"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), or 'none'"})
+    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, a checkpoint name in output_dir (checkpoint-500) or a checkpoint dir"})
+    validation_steps: int = field(default=500, metadata={"help": "held-out metrics, validation images (PNG grid + trackers) and curves.png every N steps"})
+    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "validation images: these prompts x num_validation_seeds fixed noise maps (the teacher's images solved once at the start); empty: the first 8 held-out pairs"})
+    num_validation_seeds: int = field(default=2, metadata={"help": "noise maps (seeds 0..N-1) per validation prompt"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
+    tracker_project_name: str = field(default="train_student", metadata={"help": "project / run name given to the trackers"})
 
 
 class TrainState:
@@ -106,17 +114,9 @@ class TrainState:
 def check(cfg: StudentConfig) -> None:
     if not cfg.pairs:
         raise ConfigError("no pairs given: set `pairs` to a directory written by distill/generate_pairs.py")
-    if cfg.student not in STUDENTS:
-        raise ConfigError(f"unknown student {cfg.student!r}; available: {', '.join(STUDENTS)}")
-    if cfg.student_size not in STUDENT_SIZES:
-        raise ConfigError(f"unknown student_size {cfg.student_size!r}; choose one of {', '.join(STUDENT_SIZES)}")
-    if cfg.regression not in REGRESSIONS:
-        raise ConfigError(f"unknown regression {cfg.regression!r}; choose one of {', '.join(REGRESSIONS)}")
-    apply_student_defaults(cfg)
-    if cfg.gan_noise not in ("pairs", "fresh"):
-        raise ConfigError(f"unknown gan_noise {cfg.gan_noise!r}; choose pairs or fresh")
+    apply_student_defaults(cfg)  # (student, student_size, regression, gan_noise, mixed_precision: choices checked by parse_config)
     require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
-                     "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d")
+                     "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d", "num_validation_seeds")
     require_non_negative(cfg, "gan_start_step", "holdout", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
                          "ema_half_life_kimg", "ema_rampup", "d_lora_rank", "d_timestep")
     require_between(cfg, "mix_fraction", 0.0, 1.0)
@@ -124,8 +124,6 @@ def check(cfg: StudentConfig) -> None:
         require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError(f"checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"unknown mixed_precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
 
 
 def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
@@ -157,6 +155,9 @@ def main() -> None:
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out)
     )
+    # Unset, the launcher's choice (`accelerate launch --mixed_precision bf16`) applies; the run records what it used.
+    cfg.mixed_precision = accelerator.mixed_precision
+    accelerator.print(f"mixed precision: {cfg.mixed_precision}")
     with locked(out, purpose="train_student", is_main_process=accelerator.is_main_process,
                 broadcast=lambda x: broadcast_object_list([x])[0]):
         train(cfg, accelerator=accelerator, manifest=manifest, split=split)
@@ -198,12 +199,14 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
         ckpt.truncate_stats(stats_path, step=state.step if resume is not None else -1)
         save_config(cfg, out / "config.yaml")
         run_checks.write_split(out / run_checks.SPLIT_FILE, split)
-        accelerator.init_trackers("train_student", config={k: v for k, v in vars(cfg).items() if v is not None})
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
 
     unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
     holdout = pairs[n_train:]
+    validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
+    card = lambda: card_facts(cfg, manifest=manifest, nimg=state.nimg, step=state.step)  # noqa: E731
     if state.step == 0:
-        validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=0, stats_path=stats_path)
+        validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=0, stats_path=stats_path, validation=validation)
 
     bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
     micro = cfg.batch_size
@@ -252,15 +255,16 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
                     p.requires_grad_(True)
                 for m, (batch, fake) in enumerate(zip(batches, fakes)):
                     gen = step_generator(seed=cfg.seed, rank=rank, step=step * cfg.gradient_accumulation_steps + m, purpose="d")
+                    d_stats: dict = {}
                     with accelerator.no_sync(disc) if m + 1 < len(batches) else _null(), accelerator.autocast():
                         terms = discriminator_terms(
                             discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batch, fake=fake,
                             mix_fraction=cfg.mix_fraction, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
-                            do_r1=do_r1 and m == 0, generator=gen)
+                            do_r1=do_r1 and m == 0, generator=gen, stats=d_stats)
                         loss = micro_batch_loss(terms, num_micro_batches=len(batches))
                         _finite(accelerator, loss, terms, step, out)
                         accelerator.backward(loss)
-                    _accumulate(logs, terms, len(batches))
+                    _accumulate(logs, {**terms, **d_stats}, len(batches))
                 if cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(d_params, cfg.max_grad_norm)
                 opt_d.step()
@@ -287,15 +291,16 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
                     accelerator.save_state(str(tmp))
                     _check_replicas(accelerator, student, state.step)
                     if accelerator.is_main_process:
-                        export_pipeline(parts, ema.model, tmp / "pipeline", split=split)
+                        export_pipeline(parts, ema.model, tmp / "pipeline", split=split, card=card(), validation=validation)
                         ckpt.finalize(out, tmp, state.step, total_limit=cfg.checkpoints_total_limit)
                 accelerator.wait_for_everyone()
             if state.step % cfg.validation_steps == 0 or state.step == cfg.max_train_steps:
-                validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=state.step, stats_path=stats_path)
+                validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=state.step, stats_path=stats_path,
+                                    validation=validation)
     finally:
         bar.close()  # ends the progress line, so an error message starts on its own line
     if accelerator.is_main_process:
-        export_pipeline(parts, ema.model, out / "pipeline", split=split)
+        export_pipeline(parts, ema.model, out / "pipeline", split=split, card=card(), validation=validation)
         accelerator.print(f"done: {state.step} steps, {state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
 
 

@@ -88,9 +88,11 @@ def discriminator_terms(
     r1_interval: int,
     do_r1: bool,
     generator: torch.Generator,
+    stats: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Weighted D loss terms. Real and fake go through one forward (one DDP reduction per step);
-    R1 uses the unwrapped module because DDP does not support double backward."""
+    R1 uses the unwrapped module because DDP does not support double backward. ``stats``, when given,
+    receives the mean real and fake logits over heads (``d_real_logit``, ``d_fake_logit``; not losses)."""
     n = batch.target.shape[0]
     fake = fake.detach()
     k = int(round(mix_fraction * n)) if n >= 2 else 0
@@ -109,6 +111,9 @@ def discriminator_terms(
     )
     logits = discriminator(torch.cat(latents), **_d_inputs(torch.cat(noise), cond))
     terms = {"d_gan": discriminator_loss([l[:n] for l in logits], [l[n:2 * n] for l in logits])}
+    if stats is not None:
+        stats["d_real_logit"] = torch.stack([l[:n].detach().float().mean() for l in logits]).mean()
+        stats["d_fake_logit"] = torch.stack([l[n:2 * n].detach().float().mean() for l in logits]).mean()
     if k:
         terms["d_mix"] = mismatch_loss([l[2 * n:] for l in logits])
     if do_r1 and r1_gamma > 0:
