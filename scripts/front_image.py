@@ -1,7 +1,7 @@
 """The README's front image: the teacher and a one-step student on the same noise and prompts, with the
 time each took per image.
 
-    python scripts/front_image.py --pipeline runs/quickstart/student/pipeline [--output docs/teacher_vs_student.png]
+    python scripts/front_image.py --pipeline runs/quickstart/student/pipeline [--output configs/digits/figures/teacher_vs_student.png]
 
 Top row: the teacher (its ODE sampler as in the student's pairs: DDIM, steps and CFG from the pairs'
 manifest); bottom row: the student, one generator step. Image i uses the noise of a pairs row with
@@ -56,7 +56,7 @@ def render(teacher: list[Image.Image], student: list[Image.Image], *, labels: tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--pipeline", required=True, help="an exported one-step student folder")
-    parser.add_argument("--output", default="docs/teacher_vs_student.png")
+    parser.add_argument("--output", default="configs/digits/figures/teacher_vs_student.png")
     parser.add_argument("--prompts", nargs="+", default=[f"a handwritten digit {d}" for d in DIGITS])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scale", type=int, default=3, help="nearest-neighbour enlargement of each image")
