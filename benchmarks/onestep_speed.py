@@ -8,6 +8,7 @@ compared. Last line: ``speedup=<teacher/student> overhead=<student/floor>``.
     python benchmarks/onestep_speed.py                         # tiny random SD1.5-style models (CPU)
     python benchmarks/onestep_speed.py --size full --resolution 512 --steps 25   # SD1.5 shapes (GPU)
     python benchmarks/onestep_speed.py --teacher teachers/assets/digits-teacher --batch_size 64   # the digits testbed
+    python benchmarks/onestep_speed.py --teacher teachers/assets/digits-teacher-sd3 --batch_size 64 --max_sequence_length 4
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from students import OneStepGANPipeline, UNetStudent
+from students import OneStepGANPipeline, SD3TransformerStudent, UNetStudent
 from teachers import load_teacher
 from teachers.testing import build_random_teacher
 
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max_sequence_length", type=int, default=None, help="SD3 teachers: T5 tokens (zero tokens without T5)")
     args = p.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,9 +53,17 @@ def main() -> None:
         path = args.teacher or build_random_teacher(Path(tmp) / "teacher", family=args.family, size=args.size)
         teacher = load_teacher(str(path), torch_dtype=dtype, device=device)
         tp = teacher.pipe
-        student = UNetStudent.from_teacher(tp.unet, tp.scheduler).to(device, dtype)
+        teacher_kwargs, sd3 = {}, {}
+        if teacher.family == "sd3":  # the transformer student, with SD3's text conditioning and T5 length
+            length = args.max_sequence_length if args.max_sequence_length is not None else 256
+            teacher_kwargs = {"max_sequence_length": length}
+            student = SD3TransformerStudent.from_teacher(tp.transformer, tp.scheduler).to(device, dtype)
+            sd3 = dict(text_encoder_3=tp.text_encoder_3, tokenizer_3=tp.tokenizer_3, text_conditioning="sd3", max_sequence_length=length,
+                       joint_attention_dim=tp.transformer.config.joint_attention_dim)
+        else:
+            student = UNetStudent.from_teacher(tp.unet, tp.scheduler).to(device, dtype)
         pipe = OneStepGANPipeline(student=student, vae=tp.vae, text_encoder=tp.text_encoder, tokenizer=tp.tokenizer,
-                                  text_encoder_2=getattr(tp, "text_encoder_2", None), tokenizer_2=getattr(tp, "tokenizer_2", None))
+                                  text_encoder_2=getattr(tp, "text_encoder_2", None), tokenizer_2=getattr(tp, "tokenizer_2", None), **sd3)
         pipe.set_progress_bar_config(disable=True)
         shape = (args.batch_size, *teacher.latent_shape(args.resolution))
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -72,7 +82,7 @@ def main() -> None:
 
         runs = {
             "teacher": lambda: tp(prompt=prompts, latents=noise, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                                  height=args.resolution, width=args.resolution, output_type="pt"),
+                                  height=args.resolution, width=args.resolution, output_type="pt", **teacher_kwargs),
             "student": lambda: pipe(prompts, latents=noise, output_type="pt"),
             "floor": lambda: pipe.decode_latents(student(noise, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs())),
             # The same plus prompt encoding, which a text-conditioned pipeline cannot skip either.

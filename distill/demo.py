@@ -55,7 +55,7 @@ def pairs_teacher(pipeline: str) -> dict | None:
     m = json.loads(manifest.read_text())
     return {"teacher": m["teacher"]["name_or_path"], "scheduler": m["config"]["scheduler"],
             "steps": m["config"]["num_inference_steps"], "guidance_scale": m["config"]["guidance_scale"],
-            "negative_prompt": m["config"].get("negative_prompt")}
+            "negative_prompt": m["config"].get("negative_prompt"), "max_sequence_length": m["config"].get("max_sequence_length")}
 
 
 class Painter:
@@ -97,9 +97,12 @@ class Painter:
             teacher = None
             if with_teacher and self.teacher is not None:
                 t0 = time.perf_counter()
-                teacher = self.teacher(prompt or "", latents=noise.to(self.teacher.device, self.teacher.unet.dtype),
+                denoiser = getattr(self.teacher, "transformer", None) or self.teacher.unet  # SD3 / SD, SDXL
+                length = self.sampler.get("max_sequence_length")  # SD3: the pairs' T5 length
+                teacher = self.teacher(prompt or "", latents=noise.to(self.teacher.device, denoiser.dtype),
                                        num_inference_steps=self.sampler["steps"], guidance_scale=self.sampler["guidance_scale"],
-                                       negative_prompt=self.sampler.get("negative_prompt")).images[0]
+                                       negative_prompt=self.sampler.get("negative_prompt"),
+                                       **({"max_sequence_length": length} if length is not None else {})).images[0]
                 teacher_ms = (time.perf_counter() - t0) * 1000
                 text += f" · teacher ({self.sampler['steps']} steps): **{teacher_ms:.0f} ms** ({teacher_ms / student_ms:.0f}x)"
         return student, teacher, text
@@ -161,7 +164,7 @@ def load_parts(cfg: DemoConfig):
         from teachers import load_teacher
 
         try:
-            teacher = load_teacher(name, scheduler=(sampler or {}).get("scheduler", "ddim"), device=device,
+            teacher = load_teacher(name, scheduler=(sampler or {}).get("scheduler", "auto"), device=device,
                                    torch_dtype=dtype_from_name(dtype_name)).pipe
         except (ValueError, OSError) as exc:
             if cfg.teacher != "auto":

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # `accelerate launch distill/evaluate.py` runs this as a plain file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,10 +40,11 @@ SAMPLE_METRICS = ("fid", "fid_to_teacher", "clip_score", "prompt_accuracy", "sam
 
 @dataclass
 class EvalConfig:
-    pipeline: str = field(default="", metadata={"help": "OneStepGANPipeline folder, or a teacher (hub id / diffusers SD or SDXL folder)"})
+    pipeline: str = field(default="", metadata={"help": "OneStepGANPipeline folder, or a teacher (hub id / diffusers SD, SDXL or SD3 folder)"})
     num_inference_steps: int = field(default=50, metadata={"help": "teacher only: ODE solver steps"})
     guidance_scale: float = field(default=7.5, metadata={"help": "teacher only: classifier-free guidance scale"})
-    scheduler: str = field(default="ddim", metadata={"help": "teacher only: ddim, dpmpp or euler"})
+    scheduler: str = field(default="ddim", metadata={"help": "teacher only: ddim, dpmpp or euler (SD / SDXL), flow_euler (SD3), or auto (the family's)"})
+    max_sequence_length: Optional[int] = field(default=None, metadata={"help": "teacher only, SD3: T5 tokens (zero tokens without T5), as its pairs were made; unset: the pipeline's default"})
     negative_prompt: str = field(default="", metadata={"help": "teacher only: negative prompt for CFG"})
     dtype: str = field(default="auto", metadata={"help": "auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16"})
     prompts: str = field(default="", metadata={"help": ".txt/.jsonl/.csv/.parquet file, a datasets name (e.g. COCO captions), or a pairs folder (with prompt_split train)"})
@@ -229,7 +231,7 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         "prompts_sha256": prompts_fingerprint(prompts) if prompts else None, "num_prompts": len(prompts),
         "seed": cfg.seed, "resolution": cfg.resolution, "batch_size": cfg.batch_size, "dtype": dtype_name,
         "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
-        "scheduler": cfg.scheduler, "negative_prompt": cfg.negative_prompt,
+        "scheduler": cfg.scheduler, "negative_prompt": cfg.negative_prompt, "max_sequence_length": cfg.max_sequence_length,
     }
     if needs_samples:
         try:
@@ -241,7 +243,7 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         check_independent_reference(Path(cfg.teacher_reference), identity)
     generator = Generator(cfg.pipeline, device=device, dtype=dtype_from_name(dtype_name), scheduler=cfg.scheduler,
                           num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                          negative_prompt=cfg.negative_prompt)
+                          negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length)
     latent_shape = generator.latent_shape(cfg.resolution)
     preflight(cfg, metrics, generator=generator, cache_dir=cache_dir)  # every process: none may wait on a failed one
 

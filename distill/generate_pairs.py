@@ -31,12 +31,12 @@ from distill.config import ConfigError, package_versions, parse_config, require_
 from distill.lock import locked
 from teachers import SCHEDULERS, load_teacher, solve_ode
 from teachers.identity import identity_changes, resolve_teacher_folder, teacher_identity
-from teachers.loading import dtype_from_name
+from teachers.loading import dtype_from_name, pipeline_family, resolve_scheduler, sd3_default_max_sequence_length
 
 
 @dataclass
 class PairsConfig:
-    teacher: str = field(default="", metadata={"help": "hub id or local diffusers pipeline folder (SD1.x / SD2.x / SDXL)",
+    teacher: str = field(default="", metadata={"help": "hub id or local diffusers pipeline folder (SD1.x / SD2.x / SDXL / SD3)",
                                                 "aliases": ["pretrained_model_name_or_path"]})
     revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of the teacher"})
     variant: Optional[str] = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
@@ -53,14 +53,19 @@ class PairsConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per teacher call, per process"})
     shard_size: int = field(default=1000, metadata={"help": "rows per Parquet shard (the unit of resumption)"})
     seed: int = field(default=0, metadata={"help": "base seed; row i's noise comes from hash(seed, i)"})
-    scheduler: str = field(default="ddim", metadata={"help": "ODE solver", "choices": tuple(SCHEDULERS)})
+    scheduler: str = field(default="auto", metadata={"help": "ODE solver; auto: ddim for SD / SDXL, flow_euler (the teacher's own "
+                                                     "rectified-flow Euler, its shift settings kept) for SD3", "choices": (*SCHEDULERS, "auto")})
+    max_sequence_length: Optional[int] = field(default=None, metadata={"help": "SD3 only: T5 tokens per prompt (without T5: the zero "
+                                                                         "tokens in their place); unset: the pipeline's default"})
     dtype: str = field(default="float16", metadata={"help": "storage dtype of noise/target", "choices": tuple(pairs_io.STORAGE_DTYPES)})
 
 
 def validate(cfg: PairsConfig) -> None:
     require_positive(cfg, "num_pairs", "num_inference_steps", "resolution", "batch_size", "shard_size")
-    if cfg.scheduler not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if cfg.scheduler not in SCHEDULERS and cfg.scheduler != "auto":
+        raise ConfigError(f"unknown scheduler {cfg.scheduler!r}; choose one of {', '.join(SCHEDULERS)}, auto")
+    if cfg.max_sequence_length is not None and not 0 <= cfg.max_sequence_length <= 512:
+        raise ConfigError(f"max_sequence_length must be in [0, 512] (SD3's T5 limit), got {cfg.max_sequence_length}")
     if cfg.dtype not in pairs_io.STORAGE_DTYPES:
         raise ConfigError(f"unknown storage dtype {cfg.dtype!r}; choose one of {', '.join(pairs_io.STORAGE_DTYPES)}")
     if cfg.teacher_dtype != "auto":
@@ -82,7 +87,7 @@ def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: li
             target = solve_ode(
                 teacher.pipe, prompts=[prompt_for_index(prompts, i) for i in batch], noise=noise.float(),
                 num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                negative_prompt=cfg.negative_prompt,
+                negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length,
             )
             if not torch.isfinite(target).all():
                 raise ValueError(f"teacher produced non-finite latents for rows {batch[0]}..{batch[-1]}: try teacher_dtype float32")
@@ -115,6 +120,20 @@ def main() -> None:
     accelerator.end_training()
 
 
+def resolve_sampler(cfg: PairsConfig, *, family: str) -> None:
+    """Fill the family-dependent sampler keys in place (before the config is recorded): ``scheduler: auto``
+    and, for SD3, an unset ``max_sequence_length`` (the pipeline's own default, read from its signature)."""
+    try:
+        cfg.scheduler = resolve_scheduler(cfg.scheduler, family=family)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if family == "sd3":
+        if cfg.max_sequence_length is None:
+            cfg.max_sequence_length = sd3_default_max_sequence_length()
+    elif cfg.max_sequence_length is not None:
+        raise ConfigError(f"max_sequence_length is for SD3 teachers (T5 tokens); this teacher is {family}: remove it")
+
+
 def check_teacher(out: Path, identity: dict) -> None:
     """Name the teacher files that changed since the pairs in ``out`` were made (before the generic config check)."""
     path = out / pairs_io.MANIFEST
@@ -143,6 +162,7 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
     if teacher_dtype == "auto":
         teacher_dtype = "float16" if accelerator.device.type == "cuda" else "float32"
     folder = resolve_teacher_folder(cfg.teacher, revision=cfg.revision, variant=cfg.variant)
+    resolve_sampler(cfg, family=pipeline_family(str(folder)))
     teacher_id = teacher_identity(folder)
     identity = dataclasses.asdict(cfg)
     # Teacher and prompts count by content, not by how their paths are spelled; output_dir and batch_size change no row.
@@ -167,6 +187,7 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
                     "pipeline_class": type(teacher.pipe).__name__, "prediction_type": teacher.prediction_type,
                     "identity": teacher_id},
         "scheduler_config": dict(teacher.pipe.scheduler.config),
+        "latents": teacher.latent_convention(),
         "latent_shape": list(latent_shape),
         "count": cfg.num_pairs,
         "complete": False,

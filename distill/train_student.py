@@ -34,8 +34,8 @@ from distill.training.ema import EMA
 from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
 from distill.training.seeds import batch_indices, step_generator
 from distill.training.card import card_facts
-from distill.training.setup import (STUDENTS, apply_student_defaults, build_lpips, build_student, export_pipeline, validate_and_sample,
-                                    validation_set)
+from distill.training.setup import (STUDENTS, apply_student_defaults, apply_teacher_defaults, build_lpips, build_student,
+                                    export_pipeline, validate_and_sample, validation_set)
 from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = ("tiny", "small", "base")
@@ -76,8 +76,8 @@ class StudentConfig:
     gan_weight: float = field(default=0.1, metadata={"help": "weight of the GAN term (0 = regression only)"})
     gan_noise: Optional[str] = field(default=None, metadata={"help": f"noise the GAN fakes are made from: the pairs' own (the paper) or fresh samples ({_per_student('gan_noise')})", "choices": ("pairs", "fresh")})
     gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
-    d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator UNet"})
-    d_heads: str = field(default="before,skip,after,final", metadata={"help": "discriminator heads"})
+    d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator's backbone"})
+    d_heads: Optional[str] = field(default=None, metadata={"help": "discriminator heads; unset: before,skip,after,final (UNet D), early,middle,late (SD3 transformer D)"})
     d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
     r1_gamma: float = field(default=1e-5, metadata={"help": "R1 weight (0 = off)"})
@@ -127,7 +127,8 @@ def check(cfg: StudentConfig) -> None:
 
 
 def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
-    """Keys whose valid range depends on the pairs (their scheduler and size)."""
+    """Keys whose valid range depends on the pairs (their teacher, scheduler and size)."""
+    apply_teacher_defaults(cfg, family=manifest["teacher"].get("family", "sd"))
     steps = int(manifest.get("scheduler_config", {}).get("num_train_timesteps", 1000))
     if cfg.student == "unet" and not 0 <= cfg.student_timestep < steps:
         raise ConfigError(f"student_timestep must be in [0, {steps - 1}] (the teacher scheduler's num_train_timesteps is {steps}), "
@@ -315,7 +316,7 @@ class _null:
 def _state_bytes(*, models: list, optimizers: list, parts) -> int:
     """Rough size of one checkpoint: models (incl. the EMA), optimiser states and the exported pipeline's weights."""
     pipe = parts.teacher.pipe
-    models = [*models, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    models = [*models, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None)]
     tensors = [t for m in models if m is not None for t in m.state_dict().values()]
     for opt in optimizers:
         if opt is not None:

@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
 # The whole method on the offline digits testbed: pairs -> one-step student -> evaluation of both.
-#   bash scripts/quickstart.sh [OUTPUT_DIR] [STUDENT_CONFIG]
-#     OUTPUT_DIR      default runs/quickstart; pairs, reference sets and the teacher's evaluation are
-#                     made once there and reused by later runs with another student
+#   bash scripts/quickstart.sh [--family unet|sd3] [OUTPUT_DIR] [STUDENT_CONFIG]
+#     --family        the teacher: unet (default; teachers/assets/digits-teacher, SD1.x form, 25 DDIM steps)
+#                     or sd3 (teachers/assets/digits-teacher-sd3, a rectified-flow MMDiT, 25 flow-Euler steps)
+#     OUTPUT_DIR      default runs/quickstart (runs/quickstart-sd3); pairs, reference sets and the teacher's
+#                     evaluation are made once there and reused by later runs with another student
 #     STUDENT_CONFIG  default configs/digits/student.yaml (the UNet student); also
-#                     configs/digits/student_gigagan.yaml, configs/digits/student_stylegan_t.yaml
+#                     configs/digits/student_gigagan.yaml, configs/digits/student_stylegan_t.yaml;
+#                     with --family sd3: configs/digits/student_sd3.yaml (the transformer student)
 # Extra --key value overrides per stage: QUICKSTART_PAIRS_ARGS, QUICKSTART_STUDENT_ARGS, QUICKSTART_EVAL_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-runs/quickstart}
-STUDENT_CONFIG=${2:-configs/digits/student.yaml}
+FAMILY=unet
+if [ "${1:-}" = "--family" ]; then FAMILY=${2:-}; shift 2 || shift $#; fi
+case "$FAMILY" in
+  unet) TEACHER=teachers/assets/digits-teacher; PAIRS_CONFIG=configs/digits/pairs.yaml
+        DEFAULT_OUT=runs/quickstart; DEFAULT_STUDENT=configs/digits/student.yaml; TEACHER_ARGS="" ;;
+  # The SD3 teacher's sampler: its own flow-matching Euler, and the 4 zero tokens in place of T5 it was trained with.
+  sd3)  TEACHER=teachers/assets/digits-teacher-sd3; PAIRS_CONFIG=configs/digits/pairs_sd3.yaml
+        DEFAULT_OUT=runs/quickstart-sd3; DEFAULT_STUDENT=configs/digits/student_sd3.yaml
+        TEACHER_ARGS="--scheduler flow_euler --max_sequence_length 4" ;;
+  *) echo "error: unknown --family '$FAMILY': choose unet or sd3" >&2; exit 2 ;;
+esac
+OUT=${1:-$DEFAULT_OUT}
+STUDENT_CONFIG=${2:-$DEFAULT_STUDENT}
 NAME=$(basename "$STUDENT_CONFIG" .yaml)            # student, student_gigagan, ...
 export HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 # accelerate launch would set OMP_NUM_THREADS=1 for its one process: use every core instead.
@@ -21,12 +35,12 @@ mkdir -p "$OUT"
 start=$(date +%s)
 
 [ -d "$OUT/reference" ] || python -c "import sys; from data_gen.digits import save_digits_reference as s; s(sys.argv[1])" "$OUT/reference"
-$LAUNCH distill/generate_pairs.py --config configs/digits/pairs.yaml --output_dir "$OUT/pairs" ${QUICKSTART_PAIRS_ARGS:-}
+$LAUNCH distill/generate_pairs.py --config $PAIRS_CONFIG --output_dir "$OUT/pairs" ${QUICKSTART_PAIRS_ARGS:-}
 # The teacher's samples with other noise (seed 2; the evaluations use seed 1): the reference for
 # FID to the teacher, and, scored for the teacher itself, that FID's floor at this sample size.
-$EVAL --pipeline teachers/assets/digits-teacher --metrics samples --seed 2 --output_dir "$OUT/teacher-reference" ${QUICKSTART_EVAL_ARGS:-}
+$EVAL --pipeline $TEACHER $TEACHER_ARGS --metrics samples --seed 2 --output_dir "$OUT/teacher-reference" ${QUICKSTART_EVAL_ARGS:-}
 $LAUNCH distill/train_student.py --config "$STUDENT_CONFIG" --pairs "$OUT/pairs" --output_dir "$OUT/$NAME" ${QUICKSTART_STUDENT_ARGS:-}
-$EVAL --pipeline teachers/assets/digits-teacher --output_dir "$OUT/eval-teacher" ${QUICKSTART_EVAL_ARGS:-}
+$EVAL --pipeline $TEACHER $TEACHER_ARGS --output_dir "$OUT/eval-teacher" ${QUICKSTART_EVAL_ARGS:-}
 $EVAL --pipeline "$OUT/$NAME/pipeline" --output_dir "$OUT/eval-$NAME" ${QUICKSTART_EVAL_ARGS:-}
 python scripts/quickstart_report.py "$OUT" "$NAME"
 echo "quickstart finished in $(( $(date +%s) - start )) s; results in $OUT"

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+SOLVER_NAMES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++", "euler": "Euler", "flow_euler": "flow-matching Euler"}
+
 
 def main(out: Path, name: str = "student") -> None:
     teacher = json.loads((out / "eval-teacher" / "metrics.json").read_text())["metrics"]
@@ -48,8 +50,11 @@ def main(out: Path, name: str = "student") -> None:
     grid = out / f"teacher_vs_{name}.png"
     Image.fromarray(np.concatenate(rows, axis=0)).resize((rows[0].shape[1] * 3, rows[0].shape[0] * 2 * 3), Image.NEAREST).save(grid)
     ratios = result["student_vs_teacher"]
+    sampler = json.loads((out / "pairs" / "manifest.json").read_text())["config"]  # the teacher's sampler, as the pairs used it
+    solver = SOLVER_NAMES.get(sampler["scheduler"], sampler["scheduler"])
     lines = [
-        f"Diffusion2GAN quickstart on the digits testbed (teacher: 25 DDIM steps, CFG 4; {kind} student: one step)",
+        f"Diffusion2GAN quickstart on the digits testbed (teacher: {sampler['num_inference_steps']} {solver} steps, "
+        f"CFG {sampler['guidance_scale']:g}; {kind} student: one step)",
         f"FID to the teacher's samples  student {student['fid_to_teacher']:.2f}  floor (teacher vs itself, other seeds) "
         f"{teacher['fid_to_teacher_floor']:.2f}  (ratio {ratios['fid_to_teacher_over_floor']:.2f}; 1 = indistinguishable at this sample size)",
         f"prompt accuracy  teacher {teacher['prompt_accuracy']:.3f}  student {student['prompt_accuracy']:.3f}"

@@ -6,10 +6,12 @@ added_cond_kwargs=None) -> latents [N,C,H,W]`` plus ``latent_channels`` and ``sa
 
 from .gigagan import GigaGANGenerator
 from .pipeline import OneStepGANPipeline
+from .sd3_student import SD3TransformerStudent
 from .stylegan_t import StyleGANTGenerator
-from .text import TextConditioning, encode_text
+from .text import TextConditioning, encode_sd3_text, encode_text
 from .unet_student import UNetStudent
 
 __all__ = [
-    "GigaGANGenerator", "OneStepGANPipeline", "StyleGANTGenerator", "TextConditioning", "UNetStudent", "encode_text",
+    "GigaGANGenerator", "OneStepGANPipeline", "SD3TransformerStudent", "StyleGANTGenerator", "TextConditioning", "UNetStudent",
+    "encode_sd3_text", "encode_text",
 ]

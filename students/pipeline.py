@@ -1,7 +1,7 @@
 """``OneStepGANPipeline``: prompt (+ noise) -> one generator forward -> VAE decode.
 
 Called like SD-Turbo: ``pipe(prompt, num_inference_steps=1, guidance_scale=0.0)``, or with
-``prompt_embeds`` (+ SDXL's ``pooled_prompt_embeds``). ``pipe(prompt, latents=noise)`` is the one-step
+``prompt_embeds`` (+ SDXL's and SD3's ``pooled_prompt_embeds``). ``pipe(prompt, latents=noise)`` is the one-step
 estimate of ``teacher(prompt, latents=noise)``: the same unit-Gaussian ``noise`` tensor the teacher
 pipeline takes as ``latents=``.
 
@@ -20,7 +20,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from .text import TextConditioning, encode_text, sdxl_time_ids
+from .text import TextConditioning, encode_sd3_text, encode_text, sdxl_time_ids
 
 logger = logging.get_logger(__name__)
 
@@ -33,12 +33,16 @@ UNSUPPORTED_ARGUMENTS = {
     **dict.fromkeys(("timesteps", "sigmas", "eta", "denoising_end", "guidance_rescale", "strength"), _NO_SAMPLER),
     **dict.fromkeys(("callback", "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs"),
                     "there are no denoising steps to call back on"),
-    **dict.fromkeys(("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_2",
-                     "negative_original_size", "negative_crops_coords_top_left", "negative_target_size"), _NO_CFG),
-    **dict.fromkeys(("prompt_2", "original_size", "crops_coords_top_left", "target_size", "clip_skip"),
+    **dict.fromkeys(("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_2", "negative_prompt_3",
+                     "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+                     "skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
+                     "skip_layer_guidance_stop"), _NO_CFG),
+    **dict.fromkeys(("prompt_2", "prompt_3", "original_size", "crops_coords_top_left", "target_size", "clip_skip",
+                     "max_sequence_length"),
                     "the student was trained with the teacher's default text conditioning only"),
-    **dict.fromkeys(("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "image"),
+    **dict.fromkeys(("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "joint_attention_kwargs", "image"),
                     "the student has no adapters or image inputs"),
+    "mu": _NO_SAMPLER,
 }
 
 EXAMPLE_DOC_STRING = """
@@ -77,21 +81,31 @@ def decode_vae(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 
 class OneStepGANPipeline(DiffusionPipeline):
     """Components: ``student`` (any generator with ``forward(noise, prompt_embeds, added_cond_kwargs)``),
-    ``vae``, ``text_encoder``, ``tokenizer`` and, for SDXL students, ``text_encoder_2``, ``tokenizer_2``.
+    ``vae``, ``text_encoder``, ``tokenizer`` and, for SDXL and SD3 students, ``text_encoder_2``, ``tokenizer_2``
+    (SD3: also ``text_encoder_3``, ``tokenizer_3`` when the teacher has T5). ``text_conditioning="sd3"`` marks an
+    SD3 student, whose prompts are encoded as ``StableDiffusion3Pipeline.encode_prompt`` does with
+    ``max_sequence_length`` T5 tokens (zeros of width ``joint_attention_dim`` without T5).
 
     Load an exported folder with ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (the
     code saved next to the weights) or, with this project installed, ``OneStepGANPipeline.from_pretrained(dir)``.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->student->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->student->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
 
-    def __init__(self, student, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2=None, tokenizer_2=None):
+    def __init__(self, student, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2=None, tokenizer_2=None,
+                 text_encoder_3=None, tokenizer_3=None, text_conditioning: str | None = None,
+                 max_sequence_length: int | None = None, joint_attention_dim: int | None = None):
         super().__init__()
         self.register_modules(
             student=student, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
         )
+        if text_conditioning not in (None, "sd3"):
+            raise ValueError(f"unknown text_conditioning {text_conditioning!r}; choose sd3 (or None: SD / SDXL by the encoders)")
+        if text_conditioning is not None:  # SD / SDXL folders keep their model_index.json as it was
+            self.register_to_config(text_conditioning=text_conditioning, max_sequence_length=max_sequence_length,
+                                    joint_attention_dim=joint_attention_dim)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -116,10 +130,20 @@ class OneStepGANPipeline(DiffusionPipeline):
         return int(self.student.sample_size) * self.vae_scale_factor
 
     @property
+    def is_sd3(self) -> bool:
+        return self.config.get("text_conditioning") == "sd3"
+
+    @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.text_encoder_2 is not None and not self.is_sd3
 
     def encode_prompt(self, prompts: list[str], resolution: tuple[int, int]) -> TextConditioning:
+        if self.is_sd3:
+            return encode_sd3_text(
+                prompts, tokenizer=self.tokenizer, text_encoder=self.text_encoder, tokenizer_2=self.tokenizer_2,
+                text_encoder_2=self.text_encoder_2, tokenizer_3=self.tokenizer_3, text_encoder_3=self.text_encoder_3,
+                max_sequence_length=self.config.max_sequence_length, joint_attention_dim=self.config.joint_attention_dim,
+            )
         return encode_text(
             prompts, tokenizer=self.tokenizer, text_encoder=self.text_encoder,
             tokenizer_2=self.tokenizer_2, text_encoder_2=self.text_encoder_2, resolution=resolution,
@@ -158,12 +182,13 @@ class OneStepGANPipeline(DiffusionPipeline):
         if prompt_embeds is not None:
             if prompt_embeds.ndim != 3:
                 raise ValueError(f"prompt_embeds must be [N,L,D]; got {tuple(prompt_embeds.shape)}")
-            if self.is_sdxl and pooled_prompt_embeds is None:
-                raise ValueError("this is an SDXL student: pass pooled_prompt_embeds [N,P] with prompt_embeds "
-                                 "(both from StableDiffusionXLPipeline.encode_prompt)")
+            if (self.is_sdxl or self.is_sd3) and pooled_prompt_embeds is None:
+                family = "SD3" if self.is_sd3 else "SDXL"
+                raise ValueError(f"this is an {family} student: pass pooled_prompt_embeds [N,P] with prompt_embeds "
+                                 f"(both from StableDiffusion{'3' if self.is_sd3 else 'XL'}Pipeline.encode_prompt)")
         if pooled_prompt_embeds is not None:
-            if not self.is_sdxl:
-                raise ValueError("pooled_prompt_embeds is for SDXL students; this student has one text encoder: pass prompt_embeds only")
+            if not (self.is_sdxl or self.is_sd3):
+                raise ValueError("pooled_prompt_embeds is for SDXL students and SD3 ones; this student has one text encoder: pass prompt_embeds only")
             if prompt_embeds is None or pooled_prompt_embeds.ndim != 2 or pooled_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
                 raise ValueError(f"pooled_prompt_embeds must be [N,P] with prompt_embeds' N; got {tuple(pooled_prompt_embeds.shape)}")
         for name, side in (("height", height), ("width", width)):
@@ -214,7 +239,7 @@ class OneStepGANPipeline(DiffusionPipeline):
         rep = lambda t: None if t is None else t.repeat_interleave(repeat, dim=0)  # noqa: E731
         size = (noise.shape[-2] * self.vae_scale_factor, noise.shape[-1] * self.vae_scale_factor)
         pooled = rep(pooled_prompt_embeds)
-        time_ids = None if pooled is None else sdxl_time_ids(size, batch=pooled.shape[0], dtype=pooled.dtype, device=pooled.device)
+        time_ids = None if pooled is None or self.is_sd3 else sdxl_time_ids(size, batch=pooled.shape[0], dtype=pooled.dtype, device=pooled.device)
         return TextConditioning(rep(prompt_embeds), pooled, time_ids).to(device=noise.device, dtype=noise.dtype)
 
     def _style_student(self, feature: str):
@@ -256,8 +281,8 @@ class OneStepGANPipeline(DiffusionPipeline):
     ):
         """Generate ``len(prompt) * num_images_per_prompt`` images in one generator step.
 
-        prompt / prompt_embeds: the text, or its encoding ``[N,L,D]`` (SDXL: with ``pooled_prompt_embeds``
-        ``[N,P]``), as ``StableDiffusion(XL)Pipeline.encode_prompt`` returns them. height, width: default
+        prompt / prompt_embeds: the text, or its encoding ``[N,L,D]`` (SDXL, SD3: with ``pooled_prompt_embeds``
+        ``[N,P]``), as ``StableDiffusion(XL|3)Pipeline.encode_prompt`` returns them. height, width: default
         the student's training size. num_inference_steps: 1 (anything else is refused). guidance_scale:
         ignored (with a warning above 1): the teacher's guidance is distilled into the student.
         negative_prompt: refused (no classifier-free guidance). generator: one, or one per image.

@@ -17,15 +17,17 @@ KNOWN_LICENSES = {
     "stabilityai/stable-diffusion-2-1-base": "openrail++",
     "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
 }
-# The digits testbed's teacher is this project's own (Apache-2.0), trained by distill/train_digits_teacher.py.
+# The digits testbed's teachers are this project's own (Apache-2.0), trained by distill/train_digits_teacher.py
+# and distill/train_digits_teacher_sd3.py.
 DIGITS_TEACHER = Path(__file__).resolve().parent / "assets" / "digits-teacher"
+DIGITS_TEACHERS = (DIGITS_TEACHER, DIGITS_TEACHER.with_name("digits-teacher-sd3"))
 
 
 def teacher_license(name_or_path: str, *, revision: str | None = None) -> str | None:
     """The teacher's licence identifier (``apache-2.0``, ``openrail++``, ...), or None when unknown."""
     path = Path(name_or_path)
     if path.exists():
-        if path.resolve() == DIGITS_TEACHER:
+        if path.resolve() in DIGITS_TEACHERS:
             return "apache-2.0"
         return _card_license(path / "README.md") if (path / "README.md").is_file() else None
     if name_or_path in KNOWN_LICENSES:

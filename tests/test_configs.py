@@ -123,7 +123,7 @@ def test_help_shows_choices_and_keeps_the_usage_examples(capsys):
         parse_config(StudentConfig, ["--help"], description=doc)
     assert info.value.code == 0
     text = capsys.readouterr().out
-    assert "--student {unet,gigagan,stylegan_t}" in text and "--mixed_precision {no,fp16,bf16}" in text
+    assert "--student {unet,gigagan,stylegan_t,transformer}" in text and "--mixed_precision {no,fp16,bf16}" in text
     assert "--regression {elatentlpips,mse,none}" in text
     assert "--teacher VALUE, --pretrained_model_name_or_path VALUE" in text and "--batch_size VALUE, --train_batch_size VALUE" in text
     usage = next(line for line in doc.splitlines() if "accelerate launch" in line)
@@ -141,7 +141,7 @@ def test_choices_are_checked_in_flags_and_files_in_one_line(tmp_path, source):
         argv = ["--config", str(tmp_path / "c.yaml")]
     with pytest.raises(ConfigError) as info:
         parse_config(StudentConfig, argv)
-    assert str(info.value) == "unknown student 'biggan'; choose one of unet, gigagan, stylegan_t"
+    assert str(info.value) == "unknown student 'biggan'; choose one of unet, gigagan, stylegan_t, transformer"
 
 
 def test_diffusers_flag_names_are_aliases(tmp_path):

@@ -202,3 +202,26 @@ def test_old_and_diffusers_names_are_aliases(tiny_data, tmp_path):
     assert (cfg.output_dir, cfg.max_train_steps, cfg.checkpointing_steps, cfg.batch_size, cfg.num_workers, cfg.vae) == ("x", 5, 2, 3, 0, "m")
     old = parse_config(TrainLatentLPIPSConfig, ["--config", str(REPO / "configs" / "digits" / "latent_lpips.yaml")])
     assert old.max_train_steps == 300 and old.checkpointing_steps == 0
+
+
+def test_recipe_runs_on_a_16_channel_sd3_vae(tiny_data, tiny_teacher_factory, tmp_path):
+    """SD3's latent space: 16 channels, and a VAE shift as well as a scale. The network is built for the
+    VAE's channels and records both factors, and ELatentLPIPS then takes the teacher's 16-channel latents."""
+    out = tmp_path / "sd3"
+    res = run_script(
+        "--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"), "--output_dir", str(out),
+        "--dataset", str(tiny_data / "digits"), "--vae", str(tiny_teacher_factory("sd3")), "--stage", "classifier",
+        "--max_train_steps", "12", "--log_every", "2",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cls = [r["loss"] for r in rows if r["stage"] == "classifier"]
+    assert len(cls) >= 5 and all(np.isfinite(cls)) and np.mean(cls[-2:]) < np.mean(cls[:2]), cls
+    from distill.losses import ELatentLPIPS
+
+    loss = ELatentLPIPS.from_pretrained(out / "latent_lpips", augment="bg,cutout")
+    cfg = loss.net.config
+    assert (cfg.latent_channels, cfg.scaling_factor, cfg.shift_factor) == (16, 1.5305, 0.0609)
+    x = torch.randn(2, 16, 16, 16)
+    d = loss(x, torch.randn(2, 16, 16, 16), generator=torch.Generator().manual_seed(0))
+    assert d.shape == (2,) and torch.all(d > 0) and torch.all(loss(x, x) < 1e-6)

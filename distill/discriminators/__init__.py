@@ -1,5 +1,6 @@
 """Discriminators for the GAN loss of stage two."""
 
+from .transformer import TransformerDiscriminator
 from .unet import UNetDiscriminator
 
-__all__ = ["UNetDiscriminator"]
+__all__ = ["TransformerDiscriminator", "UNetDiscriminator"]

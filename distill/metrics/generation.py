@@ -17,7 +17,7 @@ class Generator:
     """
 
     def __init__(self, pipeline: str, *, device: torch.device, dtype: torch.dtype, scheduler: str,
-                 num_inference_steps: int, guidance_scale: float, negative_prompt: str):
+                 num_inference_steps: int, guidance_scale: float, negative_prompt: str, max_sequence_length: int | None = None):
         from students.export import is_one_step_folder
 
         path = Path(pipeline)
@@ -34,12 +34,13 @@ class Generator:
             teacher = load_teacher(pipeline, torch_dtype=dtype, scheduler=scheduler, device=device)
             self.pipe = teacher.pipe
             self.latent_channels = teacher.latent_channels
-            self.default_resolution = int(self.pipe.unet.config.sample_size) * teacher.vae_scale_factor
+            self.default_resolution = teacher.sample_size * teacher.vae_scale_factor
         self.pipe.set_progress_bar_config(disable=True)
         self.vae_scale_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
+        self.max_sequence_length = max_sequence_length
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         res = resolution or self.default_resolution
@@ -56,7 +57,8 @@ class Generator:
             from teachers import solve_ode
 
             out = solve_ode(self.pipe, prompts=prompts, noise=noise, num_inference_steps=self.num_inference_steps,
-                            guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt or None)
+                            guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt or None,
+                            max_sequence_length=self.max_sequence_length)
         return out.float().cpu()
 
     @torch.no_grad()

@@ -14,12 +14,13 @@ from typing import Callable
 import torch
 
 from data_gen.pairs import SPLIT_FILE
-from distill.discriminators import UNetDiscriminator
+from distill.discriminators import TransformerDiscriminator, UNetDiscriminator
 from distill.training import validation as val
 from distill.training.curves import plot_run
 from distill.training.trackers import log_images
 from distill.training.validation import ValidationSet
-from students import GigaGANGenerator, OneStepGANPipeline, StyleGANTGenerator, TextConditioning, UNetStudent, encode_text
+from students import (GigaGANGenerator, OneStepGANPipeline, SD3TransformerStudent, StyleGANTGenerator, TextConditioning, UNetStudent,
+                      encode_sd3_text, encode_text)
 from students.export import save_standalone
 from students.model_card import write_model_card
 from teachers import Teacher, load_teacher
@@ -31,9 +32,16 @@ class Parts:
     student: torch.nn.Module
     discriminator: torch.nn.Module | None
     resolution: int
+    max_sequence_length: int | None = None  # SD3: the pairs' T5 length (zero tokens without T5)
 
     def encode(self, prompts: list[str]) -> TextConditioning:
         p = self.teacher.pipe
+        if self.teacher.family == "sd3":
+            return encode_sd3_text(
+                list(prompts), tokenizer=p.tokenizer, text_encoder=p.text_encoder, tokenizer_2=p.tokenizer_2,
+                text_encoder_2=p.text_encoder_2, tokenizer_3=p.tokenizer_3, text_encoder_3=p.text_encoder_3,
+                max_sequence_length=self.max_sequence_length, joint_attention_dim=p.transformer.config.joint_attention_dim,
+            )
         return encode_text(
             list(prompts), tokenizer=p.tokenizer, text_encoder=p.text_encoder,
             tokenizer_2=getattr(p, "tokenizer_2", None), text_encoder_2=getattr(p, "text_encoder_2", None),
@@ -42,11 +50,13 @@ class Parts:
 
 
 def build_student(cfg, *, manifest: dict, device) -> Parts:
-    """Teacher (frozen, fp32 master weights), student initialised from it, and the UNet discriminator."""
+    """Teacher (frozen, fp32 master weights), student initialised from it, and the discriminator built from the
+    teacher's denoiser (the UNet one, or the transformer one for SD3)."""
     name = cfg.teacher or manifest["teacher"]["name_or_path"]
     revision = cfg.revision or manifest["teacher"].get("revision")
     teacher = load_teacher(name, revision=revision, variant=cfg.variant, scheduler=manifest["config"]["scheduler"], device=device)
-    for module in (teacher.pipe.unet, teacher.pipe.vae, teacher.pipe.text_encoder, getattr(teacher.pipe, "text_encoder_2", None)):
+    p = teacher.pipe
+    for module in (teacher.denoiser, p.vae, p.text_encoder, getattr(p, "text_encoder_2", None), getattr(p, "text_encoder_3", None)):
         if module is not None:
             module.requires_grad_(False).eval()
     if tuple(manifest["latent_shape"])[0] != teacher.latent_channels:
@@ -59,20 +69,31 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
     disc = None
     if cfg.gan_weight > 0:
         heads = tuple(h.strip() for h in cfg.d_heads.split(",") if h.strip())
-        disc = UNetDiscriminator(teacher.pipe.unet, timestep=cfg.d_timestep, heads=heads).to(device)
-        if cfg.d_lora_rank > 0:
-            from peft import LoraConfig
+        if teacher.family == "sd3":
+            disc = TransformerDiscriminator(p.transformer, timestep=cfg.d_timestep, heads=heads).to(device)
+            if cfg.d_lora_rank > 0:
+                disc.add_lora(cfg.d_lora_rank)
+        else:
+            disc = UNetDiscriminator(teacher.pipe.unet, timestep=cfg.d_timestep, heads=heads).to(device)
+            if cfg.d_lora_rank > 0:
+                from peft import LoraConfig
 
-            disc.unet.requires_grad_(False)
-            disc.unet.add_adapter(LoraConfig(r=cfg.d_lora_rank, lora_alpha=cfg.d_lora_rank, init_lora_weights="gaussian",
-                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                disc.unet.requires_grad_(False)
+                disc.unet.add_adapter(LoraConfig(r=cfg.d_lora_rank, lora_alpha=cfg.d_lora_rank, init_lora_weights="gaussian",
+                                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     resolution = manifest["config"]["resolution"]
-    return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution)
+    return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution,
+                 max_sequence_length=manifest["config"].get("max_sequence_length"))
 
 
 def _unet_student(cfg, teacher: Teacher) -> torch.nn.Module:
     """The teacher's UNet at a fixed timestep, initialised from its weights (Diffusion2GAN §3)."""
     return UNetStudent.from_teacher(teacher.pipe.unet, teacher.pipe.scheduler, timestep=cfg.student_timestep)
+
+
+def _transformer_student(cfg, teacher: Teacher) -> torch.nn.Module:
+    """The teacher's MMDiT at sigma = 1 in the x0 parameterisation, initialised from its weights (§3, for SD3)."""
+    return SD3TransformerStudent.from_teacher(teacher.pipe.transformer, teacher.pipe.scheduler)
 
 
 def _style_student(cls) -> Callable:
@@ -98,6 +119,7 @@ class StudentSpec:
 
     build: Callable
     defaults: dict = field(default_factory=dict)
+    families: tuple[str, ...] = ("sd", "sdxl")  # teacher families whose text conditioning and denoiser it is built for
 
 
 # Defaults measured on the digits testbed (README, "GAN students"): the UNet starts from the teacher
@@ -107,7 +129,12 @@ STUDENTS = {
     "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs")),
     "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh")),
     "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh")),
+    # Like the UNet student: the teacher's own denoiser, read as x0; measured on the SD3 digits testbed (README).
+    "transformer": StudentSpec(_transformer_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs"), families=("sd3",)),
 }
+
+# The discriminator's heads when d_heads is unset, by the teacher's denoiser.
+DEFAULT_D_HEADS = {"sd": "before,skip,after,final", "sdxl": "before,skip,after,final", "sd3": "early,middle,late"}
 
 
 def apply_student_defaults(cfg) -> None:
@@ -117,9 +144,20 @@ def apply_student_defaults(cfg) -> None:
             setattr(cfg, key, value)
 
 
+def apply_teacher_defaults(cfg, *, family: str) -> None:
+    """Check the student fits the pairs' teacher ``family`` and fill ``d_heads`` when unset, in place."""
+    spec = STUDENTS[cfg.student]
+    if family not in spec.families:
+        fits = [name for name, s in STUDENTS.items() if family in s.families]
+        raise ValueError(f"student {cfg.student!r} is built for {'/'.join(spec.families)} teachers, but the pairs' teacher is "
+                         f"{family}: use --student {' or '.join(fits)}")
+    if cfg.d_heads is None:
+        cfg.d_heads = DEFAULT_D_HEADS[family]
+
+
 def _lpips_name(teacher: Teacher) -> str:
-    if teacher.family == "sdxl":
-        return "sdxl"
+    if teacher.family in ("sdxl", "sd3"):
+        return teacher.family
     return "sd21" if teacher.pipe.unet.config.cross_attention_dim == 1024 else "sd15"
 
 
@@ -149,9 +187,13 @@ def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path, *, split
     (``pairs_split.json``) so that evaluation can refuse the rows the student trained on, and, given the
     run's ``card`` facts (``distill/training/card.py``), a model card with a teacher-vs-student grid of ``validation``."""
     p = parts.teacher.pipe
+    sd3 = {}
+    if parts.teacher.family == "sd3":
+        sd3 = dict(text_encoder_3=p.text_encoder_3, tokenizer_3=p.tokenizer_3, text_conditioning="sd3",
+                   max_sequence_length=parts.max_sequence_length, joint_attention_dim=p.transformer.config.joint_attention_dim)
     pipe = OneStepGANPipeline(
         student=student, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
-        text_encoder_2=getattr(p, "text_encoder_2", None), tokenizer_2=getattr(p, "tokenizer_2", None),
+        text_encoder_2=getattr(p, "text_encoder_2", None), tokenizer_2=getattr(p, "tokenizer_2", None), **sd3,
     )
     save_standalone(pipe, path)
     (Path(path) / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n")
@@ -174,7 +216,8 @@ def validation_set(cfg, parts: Parts, *, holdout: dict, manifest: dict) -> Valid
     sampler = manifest["config"]
     return val.from_prompts(list(cfg.validation_prompts), num_seeds=cfg.num_validation_seeds, teacher_pipe=parts.teacher.pipe,
                             latent_shape=tuple(manifest["latent_shape"]), num_inference_steps=sampler["num_inference_steps"],
-                            guidance_scale=sampler["guidance_scale"], negative_prompt=sampler.get("negative_prompt"))
+                            guidance_scale=sampler["guidance_scale"], negative_prompt=sampler.get("negative_prompt"),
+                            max_sequence_length=sampler.get("max_sequence_length"))
 
 
 CARD_GRID = "samples.png"
