@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _schemas():
     from distill.generate_pairs import PairsConfig
     from distill.sample import SampleConfig
+    from distill.train_gan import GANConfig
     from distill.train_student import StudentConfig
 
-    return {"pairs": PairsConfig, "student": StudentConfig, "sample": SampleConfig}  # eval, latent_lpips: own tests
+    return {"pairs": PairsConfig, "student": StudentConfig, "sample": SampleConfig, "scratch": GANConfig}  # eval, latent_lpips: own tests
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
