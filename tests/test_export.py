@@ -89,8 +89,9 @@ def test_standalone_folder_loads_and_samples_without_this_project(exported, tmp_
         noise = torch.from_numpy(np.load(folder.parent / "noise.npy"))
         latents = ours(PROMPTS, latents=noise, output_type="latent").images
         images = ours(PROMPTS, latents=noise, output_type="np").images
-        np.testing.assert_allclose(got["latents"], latents.numpy(), rtol=1e-6, atol=1e-6, err_msg=f"{kind}-{family}")
-        np.testing.assert_allclose(got["images"], images, rtol=1e-6, atol=1e-6, err_msg=f"{kind}-{family}")
+        # the child runs with another thread count, so float sums reorder: ~1e-5 on latents of size ~30
+        np.testing.assert_allclose(got["latents"], latents.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{kind}-{family}")
+        np.testing.assert_allclose(got["images"], images, rtol=1e-4, atol=1e-4, err_msg=f"{kind}-{family}")
 
 
 def test_exported_folder_layout(exported):
