@@ -34,24 +34,31 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(schema: type[T], argv: list[str] | None = None, description: str = "") -> T:
     """Build ``schema`` (a dataclass) from defaults, ``--config FILE.yaml`` and ``--key value`` flags.
 
-    Unknown keys, in the file or on the command line, are an error naming the key.
+    Unknown keys, in the file or on the command line, are an error naming the key. Field metadata:
+    ``help``; ``choices`` (shown in ``--help``, checked for file and flag values alike); ``aliases``
+    (more flag names, e.g. diffusers' ``--pretrained_model_name_or_path``). Boolean keys may be given
+    bare (``--gradient_checkpointing``); list keys take ``--key 1,2,3``, ``--key [1,2,3]`` or ``--key 1 2 3``
+    (a list of strings splits on spaces only: ``--validation_prompts "a cat, sitting" "a dog"``).
     """
     fields = {f.name: f for f in dataclasses.fields(schema)}
     # allow_abbrev=False: a typo such as --guidance must not silently set --guidance_scale.
-    parser = _Parser(description=description, allow_abbrev=False)
+    # RawDescriptionHelpFormatter: the usage examples in the scripts' docstrings keep their lines.
+    parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with any of the keys below")
     defaults = schema()
     for name, field in fields.items():
         help_text = field.metadata.get("help", "")
-        is_bool = field.type in (bool, "bool")
+        choices = field.metadata.get("choices")
+        kind = _kind(field)
         parser.add_argument(
             f"--{name}",
+            *(f"--{alias.lstrip('-')}" for alias in field.metadata.get("aliases", ())),
             dest=name,
             default=argparse.SUPPRESS,
-            metavar="VALUE",
+            metavar="{" + ",".join(map(str, choices)) + "}" if choices else ("VALUE" if kind != "list" else "VALUES"),
             # A bare boolean flag (`--allow_teacher_mismatch`) means true; `--flag false` still works.
-            nargs="?" if is_bool else None,
-            const="true" if is_bool else None,
+            nargs="?" if kind == "bool" else ("+" if kind == "list" else None),
+            const="true" if kind == "bool" else None,
             help=f"{help_text} (default: {getattr(defaults, name)!r})",
         )
     args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv), fields))
@@ -61,7 +68,7 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
-        loaded = _load_yaml(path)
+        loaded = _canonical_keys(_load_yaml(path), fields, path)
         unknown = sorted(set(loaded.keys()) - set(fields))  # type: ignore[arg-type]
         if unknown:
             raise ConfigError(
@@ -75,11 +82,43 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
         layers.append(OmegaConf.create(overrides))
     try:
         merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"bad value for config key {key!r}: {msg}") from None
+    for name, field in fields.items():
+        choices, value = field.metadata.get("choices"), getattr(config, name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+    return config  # type: ignore[return-value]
+
+
+def _canonical_keys(loaded, fields: dict, path: Path):
+    """A file may use a key's aliases too (older names, diffusers' names); they become the key itself."""
+    aliases = {alias.lstrip("-"): name for name, f in fields.items() for alias in f.metadata.get("aliases", ())}
+    if not set(loaded.keys()) & set(aliases):
+        return loaded
+    data = OmegaConf.to_container(loaded)
+    for alias, name in aliases.items():
+        if alias in data:
+            if name in data:
+                raise ConfigError(f"config file {path} sets both {name!r} and its alias {alias!r}: keep one")
+            data[name] = data.pop(alias)
+    return OmegaConf.create(data)
+
+
+def _kind(field: dataclasses.Field) -> str:
+    """``bool``, ``list`` or ``scalar``, from the (possibly string) annotation."""
+    text = str(field.type).replace("typing.", "")
+    if text in ("bool", "<class 'bool'>"):
+        return "bool"
+    return "list" if text.lower().startswith(("list[", "optional[list[")) or text.startswith("List[") else "scalar"
+
+
+def _list_element(field: dataclasses.Field) -> str:
+    text = str(field.type)
+    return text[text.rindex("[") + 1 : text.index("]")].strip().replace("typing.", "")
 
 
 def _join_negative_values(argv: list[str], fields: dict) -> list[str]:
@@ -118,7 +157,23 @@ def _load_yaml(path: Path):
     return loaded
 
 
-def _flag_value(raw: str, field: dataclasses.Field):
+def _flag_value(raw, field: dataclasses.Field):
+    if isinstance(raw, list):  # a list key: tokens, each a value, `a,b,c` (not for strings) or `[a, b, c]`
+        items: list = []
+        for token in raw:
+            if token.strip().startswith("["):
+                import yaml
+
+                try:
+                    parsed = yaml.safe_load(token)
+                except yaml.YAMLError:
+                    raise ConfigError(f"bad value for config key {field.name!r}: {token!r} is not a list (write [1, 2, 3] or 1,2,3)") from None
+                items += parsed if isinstance(parsed, list) else [parsed]
+            elif _list_element(field) != "str":
+                items += [t.strip() for t in token.split(",") if t.strip()]
+            else:
+                items.append(token)
+        return items
     optional = "Optional" in str(field.type) or "None" in str(field.type)
     if optional and raw.strip().lower() in ("null", "none", "~"):
         return None

@@ -170,6 +170,20 @@ def check_independent_reference(reference: Path, identity: dict) -> None:
         )
 
 
+def card_source(cfg: EvalConfig, metrics: list[str]) -> str:
+    """One line for the model card: how its numbers were measured."""
+    parts = [f"`distill/evaluate.py` ({', '.join(metrics)})"]
+    if any(m in SAMPLE_METRICS for m in metrics):
+        parts.append(f"{cfg.num_samples} samples of prompts `{cfg.prompts}`, seed {cfg.seed}")
+    if "fid" in metrics:
+        parts.append(f"FID reference `{cfg.reference}` ({cfg.fid_extractor})")
+    if "fidelity" in metrics:
+        parts.append(f"fidelity on held-out pairs of `{cfg.pairs}` from {cfg.fidelity_start}")
+    if "latency" in metrics:
+        parts.append(f"latency at batch {cfg.latency_batch_size} on {'a GPU' if torch.cuda.is_available() else 'the CPU'}")
+    return "; ".join(parts)
+
+
 def compute_latency(cfg: EvalConfig, *, generator: Generator, prompts: list[str], latent_shape, device) -> dict:
     from distill.metrics.latency import measure_latency
 
@@ -298,6 +312,12 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, out / "metrics.json")
     save_config(cfg, out / "evaluate.yaml")
+    if generator.is_student and values:
+        from students.model_card import update_model_card_metrics
+
+        # The exported student's card shows what was measured, and how (a card written by hand is left alone).
+        warning = f"; random-weight test models ({', '.join(test_only)}): the numbers mean nothing" if test_only else ""
+        update_model_card_metrics(cfg.pipeline, values, source=card_source(cfg, metrics) + warning)
     for name, value in values.items():
         print(f"{name}: {value:.6g}")
     print(f"wrote {(out / 'metrics.json').resolve()}" + (f" and {grid.name}" if grid.exists() else ""))

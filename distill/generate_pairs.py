@@ -36,7 +36,8 @@ from teachers.loading import dtype_from_name
 
 @dataclass
 class PairsConfig:
-    teacher: str = field(default="", metadata={"help": "hub id or local diffusers pipeline folder (SD1.x / SD2.x / SDXL)"})
+    teacher: str = field(default="", metadata={"help": "hub id or local diffusers pipeline folder (SD1.x / SD2.x / SDXL)",
+                                                "aliases": ["pretrained_model_name_or_path"]})
     revision: Optional[str] = field(default=None, metadata={"help": "hub revision (branch, tag or commit) of the teacher"})
     variant: Optional[str] = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
     teacher_dtype: str = field(default="auto", metadata={"help": "compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16"})
@@ -52,8 +53,8 @@ class PairsConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per teacher call, per process"})
     shard_size: int = field(default=1000, metadata={"help": "rows per Parquet shard (the unit of resumption)"})
     seed: int = field(default=0, metadata={"help": "base seed; row i's noise comes from hash(seed, i)"})
-    scheduler: str = field(default="ddim", metadata={"help": f"ODE solver: {', '.join(SCHEDULERS)}"})
-    dtype: str = field(default="float16", metadata={"help": f"storage dtype of noise/target: {', '.join(pairs_io.STORAGE_DTYPES)}"})
+    scheduler: str = field(default="ddim", metadata={"help": "ODE solver", "choices": tuple(SCHEDULERS)})
+    dtype: str = field(default="float16", metadata={"help": "storage dtype of noise/target", "choices": tuple(pairs_io.STORAGE_DTYPES)})
 
 
 def validate(cfg: PairsConfig) -> None:

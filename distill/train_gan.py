@@ -29,6 +29,7 @@ from distill.training.ema import EMA
 from distill.training.loop import TrainLoop, state_bytes
 from distill.training.scratch_setup import DISCRIMINATORS, build_parts, export_pipeline, sample_grid
 from distill.training.setup import STUDENTS
+from distill.training.trackers import tracker_config
 
 GENERATORS = tuple(name for name, spec in STUDENTS.items() if spec.generator is not None)
 
@@ -86,7 +87,7 @@ class GANConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     ema_half_life_kimg: float = field(default=10.0, metadata={"help": "EMA half-life in thousands of images (0 = off)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (0 = off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice, else no", "choices": ("no", "fp16", "bf16")})
     seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
     validation_prompts: str = field(default="", metadata={"help": "prompts of the sample grid: a file (as evaluate's `prompts`); empty: the first batch's captions"})
     validation_images: int = field(default=4, metadata={"help": "sample-grid columns (fixed noise maps)"})
@@ -95,13 +96,14 @@ class GANConfig:
     checkpoints_total_limit: Optional[int] = field(default=3, metadata={"help": "keep at most N checkpoints (null: all)"})
     resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, or a checkpoint dir"})
     validation_steps: int = field(default=500, metadata={"help": "sample grid every N steps"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), or 'none'"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
+    tracker_project_name: str = field(default="train_gan", metadata={"help": "project / run name given to the trackers"})
 
 
 def check(cfg: GANConfig) -> None:
     for key, choices in (("generator", GENERATORS), ("discriminator", DISCRIMINATORS), ("space", ("latent", "pixel")),
                          ("loss", ("hinge", "non_saturating")), ("latent_sampling", ("sample", "mode")),
-                         ("mixed_precision", ("no", "fp16", "bf16")), ("generator_size", tuple(STUDENTS["gigagan"].presets))):
+                         ("generator_size", tuple(STUDENTS["gigagan"].presets))):
         if getattr(cfg, key) not in choices:
             hint = "; the UNet student needs a teacher: use distill/train_student.py" if key == "generator" and cfg.generator in STUDENTS else ""
             raise ConfigError(f"unknown {key} {getattr(cfg, key)!r}; choose one of {', '.join(choices)}{hint}")
@@ -128,6 +130,7 @@ def main() -> None:
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
                               project_dir=str(out))
+    cfg.mixed_precision = accelerator.mixed_precision  # unset: the launcher's choice; the run records what it used
     with locked(out, purpose="train_gan", is_main_process=accelerator.is_main_process, broadcast=lambda x: broadcast_object_list([x])[0]):
         train(cfg, accelerator=accelerator)
     accelerator.end_training()
@@ -184,7 +187,7 @@ def train(cfg: GANConfig, *, accelerator) -> None:
     loop.resume(cfg.resume_from_checkpoint)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("train_gan", config={k: v for k, v in vars(cfg).items() if v is not None})
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
     if loop.state.step == 0:
         validate(0)
     data.start(loop.micro_steps().start)

@@ -31,42 +31,49 @@ from distill.training import run_checks
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop, state_bytes
 from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
-from distill.training.seeds import batch_indices
-from distill.training.setup import STUDENTS, apply_student_defaults, build_lpips, build_student, export_pipeline, validate_and_sample
+from distill.training.card import card_facts
+from distill.training.seeds import batch_indices, step_generator
+from distill.training.setup import (STUDENTS, apply_student_defaults, build_lpips, build_student, export_pipeline, validate_and_sample,
+                                    validation_set)
+from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = ("tiny", "small", "base")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 def _per_student(key: str) -> str:
-    return "default per student: " + ", ".join(f"{name} {spec.defaults[key]:g}" for name, spec in STUDENTS.items())
+    fmt = lambda v: f"{v:g}" if isinstance(v, (int, float)) else str(v)  # noqa: E731
+    return "default per student: " + ", ".join(f"{name} {fmt(spec.defaults[key])}" for name, spec in STUDENTS.items())
 
 
 @dataclass
 class StudentConfig:
-    teacher: str = field(default="", metadata={"help": "teacher hub id / folder; empty = the one in the pairs manifest"})
+    teacher: str = field(default="", metadata={"help": "teacher hub id / folder; empty = the one in the pairs manifest",
+                                                "aliases": ["pretrained_model_name_or_path"]})
     revision: Optional[str] = field(default=None, metadata={"help": "teacher revision"})
     variant: Optional[str] = field(default=None, metadata={"help": "teacher weights variant"})
     allow_teacher_mismatch: bool = field(default=False, metadata={"help": "train with another teacher than the one that made the pairs (deliberate cross-teacher work)"})
     pairs: str = field(default="", metadata={"help": "pairs directory written by generate_pairs.py"})
-    student: str = field(default="unet", metadata={"help": f"generator: {', '.join(STUDENTS)}"})
+    student: str = field(default="unet", metadata={"help": "generator", "choices": tuple(STUDENTS)})
     student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
-    student_size: str = field(default="base", metadata={"help": f"preset of the gigagan / stylegan_t generators: {', '.join(STUDENT_SIZES)}"})
+    student_size: str = field(default="base", metadata={"help": "preset of the gigagan / stylegan_t generators", "choices": STUDENT_SIZES})
     mapping_lr_mul: Optional[float] = field(default=None, metadata={"help": "gigagan / stylegan_t: learning-rate multiplier of the mapping network (unset: StyleGAN's 0.01)"})
     output_dir: str = field(default="runs/student", metadata={"help": "run directory"})
     max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step"})
+    batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step", "aliases": ["train_batch_size"]})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
     learning_rate_g: Optional[float] = field(default=None, metadata={"help": f"Adam lr of the generator ({_per_student('learning_rate_g')})"})
     learning_rate_d: float = field(default=1e-5, metadata={"help": "Adam lr of the discriminator"})
     adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (GAN practice: 0)"})
     adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    regression: str = field(default="elatentlpips", metadata={"help": f"regression loss: {', '.join(REGRESSIONS)}"})
+    regression: str = field(default="elatentlpips", metadata={"help": "regression loss", "choices": REGRESSIONS})
     lpips_weight: float = field(default=1.0, metadata={"help": "weight of the regression term"})
     lpips_network: str = field(default="official", metadata={"help": "latent LPIPS weights: a local path, 'official', or 'random' (tests only)"})
     lpips_augment: str = field(default="bg,cutout", metadata={"help": "E-LatentLPIPS augmentation policy ('' = none)"})
     lpips_l1_weight: float = field(default=0.0, metadata={"help": "extra L1 term inside the regression loss"})
     gan_weight: float = field(default=0.1, metadata={"help": "weight of the GAN term (0 = regression only)"})
+    gan_noise: Optional[str] = field(default=None, metadata={"help": f"noise the GAN fakes are made from: the pairs' own (the paper) or fresh samples ({_per_student('gan_noise')})", "choices": ("pairs", "fresh")})
     gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
     d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator UNet"})
     d_heads: str = field(default="before,skip,after,final", metadata={"help": "discriminator heads"})
@@ -77,28 +84,25 @@ class StudentConfig:
     ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice (accelerate launch --mixed_precision / accelerate config), else no", "choices": MIXED_PRECISIONS})
     seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
     holdout: int = field(default=16, metadata={"help": "pairs (the last indices) held out for validation"})
     checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N steps"})
     checkpoints_total_limit: Optional[int] = field(default=3, metadata={"help": "keep at most N checkpoints"})
-    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, or a checkpoint dir"})
-    validation_steps: int = field(default=500, metadata={"help": "held-out metric + sample grid every N steps"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), or 'none'"})
+    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, a checkpoint name in output_dir (checkpoint-500) or a checkpoint dir"})
+    validation_steps: int = field(default=500, metadata={"help": "held-out metrics, validation images (PNG grid + trackers) and curves.png every N steps"})
+    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "validation images: these prompts x num_validation_seeds fixed noise maps (the teacher's images solved once at the start); empty: the first 8 held-out pairs"})
+    num_validation_seeds: int = field(default=2, metadata={"help": "noise maps (seeds 0..N-1) per validation prompt"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
+    tracker_project_name: str = field(default="train_student", metadata={"help": "project / run name given to the trackers"})
 
 
 def check(cfg: StudentConfig) -> None:
     if not cfg.pairs:
         raise ConfigError("no pairs given: set `pairs` to a directory written by distill/generate_pairs.py")
-    if cfg.student not in STUDENTS:
-        raise ConfigError(f"unknown student {cfg.student!r}; available: {', '.join(STUDENTS)}")
-    if cfg.student_size not in STUDENT_SIZES:
-        raise ConfigError(f"unknown student_size {cfg.student_size!r}; choose one of {', '.join(STUDENT_SIZES)}")
-    if cfg.regression not in REGRESSIONS:
-        raise ConfigError(f"unknown regression {cfg.regression!r}; choose one of {', '.join(REGRESSIONS)}")
-    apply_student_defaults(cfg)
+    apply_student_defaults(cfg)  # (student, student_size, regression, gan_noise, mixed_precision: choices checked by parse_config)
     require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
-                     "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d")
+                     "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d", "num_validation_seeds")
     require_non_negative(cfg, "gan_start_step", "holdout", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
                          "ema_half_life_kimg", "ema_rampup", "d_lora_rank", "d_timestep")
     require_between(cfg, "mix_fraction", 0.0, 1.0)
@@ -106,8 +110,6 @@ def check(cfg: StudentConfig) -> None:
         require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError(f"checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"unknown mixed_precision {cfg.mixed_precision!r}; choose no, fp16 or bf16")
 
 
 def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
@@ -139,6 +141,9 @@ def main() -> None:
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out)
     )
+    # Unset, the launcher's choice (`accelerate launch --mixed_precision bf16`) applies; the run records what it used.
+    cfg.mixed_precision = accelerator.mixed_precision
+    accelerator.print(f"mixed precision: {cfg.mixed_precision}")
     with locked(out, purpose="train_student", is_main_process=accelerator.is_main_process,
                 broadcast=lambda x: broadcast_object_list([x])[0]):
         train(cfg, accelerator=accelerator, manifest=manifest, split=split)
@@ -174,21 +179,23 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
         student, opt_g = accelerator.prepare(student, opt_g)
     unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
     pipe = teacher.pipe
+    validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
     # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
     size_models = [student, disc, ema.model, ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
     validate = lambda step: validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=step,  # noqa: E731
-                                                stats_path=out / "stats.jsonl")
+                                                stats_path=out / "stats.jsonl", validation=validation)
+    export = lambda path: export_pipeline(parts, ema.model, path, split=split, validation=validation,  # noqa: E731
+                                          card=card_facts(cfg, manifest=manifest, nimg=loop.state.nimg, step=loop.state.step))
     loop = TrainLoop(accelerator, output_dir=out, seed=cfg.seed, max_train_steps=cfg.max_train_steps,
                      gradient_accumulation_steps=cfg.gradient_accumulation_steps, batch_size=cfg.batch_size,
                      checkpointing_steps=cfg.checkpointing_steps, validation_steps=cfg.validation_steps,
-                     checkpoints_total_limit=cfg.checkpoints_total_limit, ema=ema, model=student,
-                     export=lambda path: export_pipeline(parts, ema.model, path, split=split), validate=validate,
-                     checkpoint_bytes=lambda: state_bytes(models=size_models, optimizers=[opt_g, opt_d]))
+                     checkpoints_total_limit=cfg.checkpoints_total_limit, ema=ema, model=student, export=export,
+                     validate=validate, checkpoint_bytes=lambda: state_bytes(models=size_models, optimizers=[opt_g, opt_d]))
     loop.resume(cfg.resume_from_checkpoint)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
         run_checks.write_split(out / run_checks.SPLIT_FILE, split)
-        accelerator.init_trackers("train_student", config={k: v for k, v in vars(cfg).items() if v is not None})
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
     if loop.state.step == 0:
         validate(0)
 
@@ -201,8 +208,13 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
             batches = []
             for micro in loop.micro_steps():
                 rows = pairs[batch_indices(seed=cfg.seed, step=micro, rank=rank, world=world, batch_size=cfg.batch_size, num_rows=n_train)]
-                batches.append(Batch(rows["noise"].to(accelerator.device, torch.float32),
-                                     rows["target"].to(accelerator.device, torch.float32), parts.encode(rows["prompt"])))
+                noise = rows["noise"].to(accelerator.device, torch.float32)
+                fresh = None
+                if gan_on and cfg.gan_noise == "fresh":  # fakes for D from new noise (a from-scratch G memorises the pairs)
+                    z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
+                    fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
+                batches.append(Batch(noise, rows["target"].to(accelerator.device, torch.float32), parts.encode(rows["prompt"]),
+                                     gan_noise=fresh))
             logs: dict[str, float] = {}
 
             def g_micro(m, gen):
@@ -218,11 +230,12 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
                                logs=logs, max_grad_norm=cfg.max_grad_norm)
             if gan_on:
                 def d_micro(m, gen):
+                    d_stats: dict = {}
                     terms = discriminator_terms(
                         discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batches[m], fake=fakes[m],
                         mix_fraction=cfg.mix_fraction, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
-                        do_r1=do_r1 and m == 0, generator=gen)
-                    return None, terms, micro_batch_loss(terms, num_micro_batches=len(batches))
+                        do_r1=do_r1 and m == 0, generator=gen, stats=d_stats)
+                    return None, {**terms, **d_stats}, micro_batch_loss(terms, num_micro_batches=len(batches))
 
                 for p in d_params:
                     p.requires_grad_(True)
@@ -232,7 +245,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
 
     # 5. Save: the EMA student as a pipeline.
     if accelerator.is_main_process:
-        export_pipeline(parts, ema.model, out / "pipeline", split=split)
+        export(out / "pipeline")
         accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
 
 

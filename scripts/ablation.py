@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--pairs_args", default="", help="extra --key value overrides for generate_pairs.py")
     parser.add_argument("--student_args", default="", help="extra overrides for every train_student.py run")
     parser.add_argument("--eval_args", default="", help="extra overrides for every evaluate.py run")
+    parser.add_argument("--seeds", default="0", help="training seeds per variant, e.g. 0,1,2: the table shows mean ± std "
+                        "(the teacher's floor: over as many teacher sample sets, evaluation seeds 1, 3, 5, ...)")
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,37 +105,59 @@ def main() -> None:
                  "--fidelity_start", str(-holdout), "--teacher_reference", str(teacher_reference / "samples"),
                  *shlex.split(args.eval_args)]
 
-    rows = [{"name": "teacher", "about": "the digits teacher, 25 DDIM steps, CFG 4",
-             **evaluate("teachers/assets/digits-teacher", out / "eval-teacher", reference=reference, args=eval_args)}]
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    teacher_runs = [evaluate("teachers/assets/digits-teacher", out / ("eval-teacher" if k == 0 else f"eval-teacher-seed{1 + 2 * k}"),
+                             reference=reference, args=[*eval_args, *([] if k == 0 else ["--seed", str(1 + 2 * k)])])
+                    for k in range(len(seeds))]
+    rows = [{"name": "teacher", "about": "the digits teacher, 25 DDIM steps, CFG 4", **_aggregate(teacher_runs)}]
     for v in variants:
-        run_dir = out / v["name"]
-        seconds_file = run_dir / "train_seconds.txt"
-        if not (run_dir / "student" / "pipeline" / "model_index.json").is_file():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            seconds = run([*LAUNCH, "distill/train_student.py", "--config", v.get("config", "configs/digits/student.yaml"), "--pairs", str(pairs),
-                           "--output_dir", str(run_dir / "student"), *shlex.split(v.get("args") or ""),
-                           *shlex.split(args.student_args)], run_dir / "train.log")
-            seconds_file.write_text(f"{seconds:.1f}\n")
-        pipeline = str(run_dir / "student" / "pipeline")
-        metrics = evaluate(pipeline, run_dir / "eval", reference=reference, args=eval_args)
-        train_s = float(seconds_file.read_text()) if seconds_file.is_file() else None
-        rows.append({"name": v["name"], "about": v.get("about", ""), "train_seconds": train_s, **metrics})
+        runs, seconds = [], []
+        variant_seeds = [int(x) for x in v.get("seeds", seeds)]  # a variant may pin its own (e.g. one seed for a cheap baseline)
+        for seed in variant_seeds:
+            run_dir = out / v["name"] if len(seeds) == 1 else out / v["name"] / f"seed-{seed}"
+            seconds_file = run_dir / "train_seconds.txt"
+            if not (run_dir / "student" / "pipeline" / "model_index.json").is_file():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                took = run([*LAUNCH, "distill/train_student.py", "--config", v.get("config", "configs/digits/student.yaml"),
+                            "--pairs", str(pairs), "--output_dir", str(run_dir / "student"), "--seed", str(seed),
+                            *shlex.split(v.get("args") or ""), *shlex.split(args.student_args)], run_dir / "train.log")
+                seconds_file.write_text(f"{took:.1f}\n")
+            runs.append(evaluate(str(run_dir / "student" / "pipeline"), run_dir / "eval", reference=reference, args=eval_args))
+            if seconds_file.is_file():
+                seconds.append(float(seconds_file.read_text()))
+        rows.append({"name": v["name"], "about": v.get("about", ""), "seeds": variant_seeds, **_aggregate(runs),
+                     "train_seconds": sum(seconds) / len(seconds) if seconds else None})
 
-    teacher_fid = rows[0]["fid"]
+    teacher_fid, floor = rows[0]["fid"], rows[0]["fid_to_teacher"]
     for r in rows:
         r["fid_ratio"] = r["fid"] / max(teacher_fid, 1e-9)
-        r["fid_to_teacher_over_floor"] = r["fid_to_teacher"] / max(rows[0]["fid_to_teacher"], 1e-9)
+        r["fid_to_teacher_over_floor"] = r["fid_to_teacher"] / max(floor, 1e-9)
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
-    floor = rows[0]["fid_to_teacher"]
-    lines = ["| variant | FID to teacher samples | / floor | prompt accuracy | E-LatentLPIPS to teacher | "
-             "PSNR to teacher (dB) | FID vs real digits | train s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | runs | FID to teacher samples | / floor | prompt accuracy | E-LatentLPIPS to teacher | "
+             "PSNR to teacher (dB) | FID vs real digits | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         train = f"{r['train_seconds']:.0f}" if r.get("train_seconds") else "-"
         name = f"{r['name']} (floor: vs itself, other seeds)" if r["name"] == "teacher" else r["name"]
-        lines.append(f"| {name} | {r['fid_to_teacher']:.1f} | {r['fid_to_teacher'] / max(floor, 1e-9):.2f} | "
-                     f"{r['prompt_accuracy']:.3f} | {r['e_latent_lpips']:.3f} | {r['psnr']:.1f} | {r['fid']:.1f} | {train} |")
+        spread = len(r["fid_to_teacher_runs"]) > 1
+        cell = lambda key, fmt: fmt.format(r[key]) + (f" ± {fmt.format(r[key + '_std'])}" if spread else "")  # noqa: E731
+        lines.append(f"| {name} | {len(r['fid_to_teacher_runs'])} | {cell('fid_to_teacher', '{:.1f}')} | {r['fid_to_teacher_over_floor']:.2f} | "
+                     f"{cell('prompt_accuracy', '{:.3f}')} | {cell('e_latent_lpips', '{:.3f}')} | {cell('psnr', '{:.1f}')} | "
+                     f"{cell('fid', '{:.1f}')} | {train} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """Mean of each metric over runs, with ``<metric>_std`` (population std) and the per-run values."""
+    import statistics
+
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        out[f"{key}_runs"] = values
+    return out
 
 
 def _pairs_of(tokens: list[str]) -> list[tuple[str, str]]:

@@ -21,17 +21,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 LABELS = {"val_lpips": "held-out E-LatentLPIPS to the teacher", "val_mse": "held-out MSE to the teacher",
           "fid_to_teacher": "FID to the teacher's samples", "prompt_accuracy": "prompt accuracy", "fid": "FID to the reference"}
 
 
 def training_curve(run: Path) -> tuple[list[dict], dict[int, int]]:
-    """Validation records [{nimg, val_lpips, val_mse}] and the images seen at each step."""
-    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if line.strip()]
-    nimg = {0: 0, **{r["step"]: r["nimg"] for r in rows if "nimg" in r}}
-    val = [{"nimg": nimg.get(r["step"], 0), **{k: r[k] for k in ("val_lpips", "val_mse") if k in r}}
-           for r in rows if "val_mse" in r]
-    return val, nimg
+    """Validation records [{nimg, val_lpips, val_mse}] and the images seen at each step (the per-run reader
+    that train_student.py's own curves.png uses)."""
+    from distill.training.curves import read_stats
+
+    train, val = read_stats(run / "stats.jsonl")
+    nimg = {0: 0, **{r["step"]: r["nimg"] for r in train}}
+    return [{"nimg": r["nimg"], **{k: r[k] for k in ("val_lpips", "val_mse") if k in r}} for r in val if "val_mse" in r], nimg
 
 
 def evaluated_curve(run: Path, nimg: dict[int, int], *, eval_config: str, eval_args: list[str]) -> list[dict]:

@@ -1,6 +1,7 @@
 """Combine the quickstart's teacher and student evaluations into OUT/metrics.json (OUT/metrics-NAME.json
-for a student other than the default), a side-by-side grid and a short text report. Both evaluations
-use the same prompts and seed, so sample i of each was made from the same prompt and noise.
+for a student other than the default), a side-by-side grid and a short report (report.txt, and
+report.md embedding the grid and the run's curves.png). Both evaluations use the same prompts and seed,
+so sample i of each was made from the same prompt and noise.
 
     python scripts/quickstart_report.py OUT [NAME]      # NAME: the student's run folder (default: student)
 """
@@ -66,6 +67,11 @@ def main(out: Path, name: str = "student") -> None:
         lines.append(f"held-out E-LatentLPIPS to the teacher: {t['val_lpips_init']:.4f} at init -> {t['val_lpips_final']:.4f}")
     lines.append(f"grid: {grid} (top: teacher, bottom: student, same noise and prompts)")
     (out / f"report{suffix}.txt").write_text("\n".join(lines) + "\n")
+    pictures = [f"![teacher (top) and student (bottom), same noise and prompts]({grid.name})"]
+    if (out / name / "curves.png").is_file():  # written by train_student.py at every validation
+        pictures.append(f"![training curves]({name}/curves.png)")
+    markdown = [f"# {lines[0]}", "", *pictures, "", *(f"- {line}" for line in lines[1:-1])]
+    (out / f"report{suffix}.md").write_text("\n".join(markdown) + "\n")
     print("\n".join(lines))
 
 

@@ -61,7 +61,10 @@ def encode_text(
     pooled = out_2[0].to(device)
     if resolution is None:
         raise ValueError("SDXL conditioning needs the output resolution for its time ids")
+    return TextConditioning(embeds, pooled, sdxl_time_ids(resolution, batch=len(prompts), dtype=embeds.dtype, device=device))
+
+
+def sdxl_time_ids(resolution: tuple[int, int], *, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """SDXL's added time ids [N,6]: (original_size, crop top-left, target_size) as its pipelines use by default."""
     h, w = resolution
-    # (original_size, crop top-left, target_size) as SDXL pipelines use by default.
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=device).repeat(len(prompts), 1)
-    return TextConditioning(embeds, pooled, time_ids)
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=device).repeat(batch, 1)

@@ -33,6 +33,9 @@ def test_reduced_quickstart(tmp_path):
     assert metrics["teacher"]["e_latent_lpips"] < 1e-3 and metrics["student"]["e_latent_lpips"] > 1e-3
     assert metrics["student"]["psnr"] < metrics["teacher"]["psnr"]
     assert (out / "teacher_vs_student.png").is_file() and "prompt accuracy" in (out / "report.txt").read_text()
+    report = (out / "report.md").read_text()  # the pictures: teacher row vs student row, and the run's curves
+    assert "](teacher_vs_student.png)" in report and "](student/curves.png)" in report and (out / "student" / "curves.png").is_file()
+    assert (out / "student" / "pipeline" / "README.md").is_file() and (out / "student" / "pipeline" / "samples.png").is_file()
 
     # The trained student beats a random-init one on fidelity to the teacher (held-out pairs).
     from data_gen.pairs import load_pairs

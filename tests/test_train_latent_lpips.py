@@ -73,7 +73,7 @@ def test_recipe_runs_both_stages_and_classifier_loss_falls(tiny_data, tmp_path):
     out = tmp_path / "run"
     res = run_script(
         "--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"),
-        "--out_dir", str(out),
+        "--output_dir", str(out),
         "--dataset", str(tiny_data / "digits"),
         "--vae", str(tiny_data / "model"),
         "--bapps_dir", str(tiny_data / "bapps" / "train"),
@@ -104,7 +104,7 @@ def test_recipe_runs_both_stages_and_classifier_loss_falls(tiny_data, tmp_path):
 
 
 def test_recipe_rejects_bad_config_in_one_line(tiny_data, tmp_path):
-    res = run_script("--out_dir", str(tmp_path / "r"), "--stage", "calibrate", "--vae", str(tiny_data / "model"))
+    res = run_script("--output_dir", str(tmp_path / "r"), "--stage", "calibrate", "--vae", str(tiny_data / "model"))
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and "init_from" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
@@ -118,7 +118,7 @@ def test_two_processes_follow_the_one_process_learning_rate_schedule(tiny_data, 
 
     out = tmp_path / "two"
     res = accelerate_launch("train_latent_lpips.py", [
-        "--config", REPO / "configs" / "latent_lpips" / "tiny_test.yaml", "--out_dir", out, "--dataset", tiny_data / "digits",
+        "--config", REPO / "configs" / "latent_lpips" / "tiny_test.yaml", "--output_dir", out, "--dataset", tiny_data / "digits",
         "--vae", tiny_data / "model", "--bapps_dir", tiny_data / "bapps" / "train", "--warmup_steps", 4,
     ], num_processes=2)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -136,7 +136,69 @@ def test_two_processes_follow_the_one_process_learning_rate_schedule(tiny_data, 
 
 
 def test_negative_learning_rate_is_one_line(tiny_data, tmp_path):
-    res = run_script("--out_dir", str(tmp_path / "r"), "--vae", str(tiny_data / "model"), "--dataset", str(tiny_data / "digits"),
+    res = run_script("--output_dir", str(tmp_path / "r"), "--vae", str(tiny_data / "model"), "--dataset", str(tiny_data / "digits"),
                      "--lr", "-1e-3")
     assert res.returncode == 2 and res.stderr.strip() == "error: lr must be positive, got -0.001"
     assert not (tmp_path / "r").exists()
+
+
+def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path):
+    """The same language as the other training scripts: output_dir, max_train_steps, checkpointing_steps,
+    save_state checkpoints, --resume_from_checkpoint (latest by default, or a bare checkpoint name),
+    a progress bar and trackers. A run killed in stage 2 continues there, with the learning-rate schedule where it was."""
+    import math
+    import shutil
+
+    from distill.losses.latent_lpips_training import lr_lambda
+
+    out = tmp_path / "run"
+    args = ["--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"), "--output_dir", str(out),
+            "--dataset", str(tiny_data / "digits"), "--vae", str(tiny_data / "model"), "--bapps_dir", str(tiny_data / "bapps" / "train"),
+            "--checkpointing_steps", "20", "--checkpoints_total_limit", "null", "--report_to", "tensorboard"]
+    first = run_script(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["checkpoint-20", "checkpoint-40", "checkpoint-54"]  # 30 classifier + 24 calibration steps
+    assert json.loads((out / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text()) == {
+        "stage": "calibrate", "step": 10, "global_step": 40}
+    assert "classifier: 100%" in first.stderr and "calibrate: 100%" in first.stderr  # tqdm progress bars
+    assert list((out / "train_latent_lpips").glob("events.out.tfevents.*"))  # tensorboard tracker
+    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    # Killed after checkpoint-40 (stage 2, step 10): the same command resumes there.
+    shutil.rmtree(out / "checkpoints" / "checkpoint-54")
+    shutil.rmtree(out / "latent_lpips")
+    again = run_script(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed calibrate from {out / 'checkpoints' / 'checkpoint-40'} at step 10" in again.stdout
+    assert "resumed classifier" not in again.stdout and (out / "latent_lpips" / "config.json").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [(r["stage"], r["step"]) for r in before]  # no step twice or missing
+    schedule = lambda s: max(0.0, min(1.0, 2.0 * (1 - s / 24)))  # noqa: E731
+    for r in rows:
+        if r["stage"] == "calibrate" and "lr" in r:
+            assert math.isclose(r["lr"], 0.001 * schedule(r["step"]), rel_tol=1e-6, abs_tol=1e-12), r
+        if r["stage"] == "classifier":
+            assert math.isclose(r["lr"], 0.003 * lr_lambda(1, 30)(r["step"]), rel_tol=1e-6, abs_tol=1e-12), r
+
+    # A finished run does nothing more; a bare checkpoint name resumes that checkpoint of output_dir.
+    done = run_script(*args)
+    assert done.returncode == 0 and "is finished" in done.stdout
+    named = run_script(*args, "--resume_from_checkpoint", "checkpoint-20", "--output_dir", str(out))
+    assert named.returncode == 0, named.stderr[-3000:]
+    assert f"resumed classifier from {out / 'checkpoints' / 'checkpoint-20'} at step 20" in named.stdout
+    missing = run_script(*args, "--resume_from_checkpoint", "checkpoint-7")
+    assert missing.returncode == 2 and "checkpoint-7 is not in" in missing.stderr and "checkpoint-20" in missing.stderr
+
+
+def test_old_and_diffusers_names_are_aliases(tiny_data, tmp_path):
+    """--out_dir / --steps / --save_every (older names) and --train_batch_size, --dataloader_num_workers,
+    --pretrained_model_name_or_path (diffusers') set the same keys, in a file too."""
+    from distill.config import parse_config
+    from distill.train_latent_lpips import TrainLatentLPIPSConfig
+
+    cfg = parse_config(TrainLatentLPIPSConfig, ["--out_dir", "x", "--steps", "5", "--save_every", "2", "--train_batch_size", "3",
+                                                 "--dataloader_num_workers", "0", "--pretrained_model_name_or_path", "m"])
+    assert (cfg.output_dir, cfg.max_train_steps, cfg.checkpointing_steps, cfg.batch_size, cfg.num_workers, cfg.vae) == ("x", 5, 2, 3, 0, "m")
+    old = parse_config(TrainLatentLPIPSConfig, ["--config", str(REPO / "configs" / "digits" / "latent_lpips.yaml")])
+    assert old.max_train_steps == 300 and old.checkpointing_steps == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -176,6 +177,10 @@ def test_training_lowers_heldout_lpips_and_exports_pipeline(pairs_dir, tmp_path,
     assert len(train) == 8 and all(k in train[0] for k in ("g_gan", "d_gan", "d_r1", "nimg"))
     assert (run / "samples" / "step-000008.png").is_file() and (run / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    assert all("d_real_logit" in r and "d_fake_logit" in r for r in train)  # for curves.png's D panel
+    _check_pictures(run, teacher_size=(8 * 32, 32))  # 8 held-out pairs in one row
+    _check_card(run / "pipeline", pairs_dir, images_seen=32, steps=8)
+    _check_card(run / "checkpoints" / "checkpoint-4" / "pipeline", pairs_dir, images_seen=16, steps=4)
     # The exported pipeline reloads and reproduces the saved EMA student's outputs.
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
     again = OneStepGANPipeline.from_pretrained(run / "checkpoints" / "checkpoint-8" / "pipeline")
@@ -186,6 +191,38 @@ def test_training_lowers_heldout_lpips_and_exports_pipeline(pairs_dir, tmp_path,
     assert pipe(["a cat"], output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 32, 32)
     assert pipe(["a cat"], num_images_per_prompt=2, output_type="np").images.shape == (2, 32, 32, 3)
     assert pipe("a cat", output_type="pil").images[0].size == (32, 32)
+
+
+def _check_pictures(run: Path, *, teacher_size: tuple[int, int]) -> None:
+    """Validation grids (the teacher's once, teacher over student every validation) and the run's curves."""
+    from PIL import Image
+
+    with Image.open(run / "samples" / "teacher.png") as teacher:
+        assert teacher.size == teacher_size
+    for png in sorted((run / "samples").glob("step-*.png")):
+        with Image.open(png) as grid:
+            assert grid.size == (teacher_size[0], 2 * teacher_size[1] + 4)  # teacher grid, 4 px gap, student grid
+    with Image.open(run / "curves.png") as curves:
+        assert curves.format == "PNG" and curves.size[0] > 1000
+
+
+def _check_card(folder: Path, pairs: Path, *, images_seen: int, steps: int) -> None:
+    import hashlib
+
+    import yaml
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    meta = card.data.to_dict()
+    assert meta["pipeline_tag"] == "text-to-image" and meta["library_name"] == "diffusers" and "diffusion2gan" in meta["tags"]
+    assert "base_model" not in meta and "license" not in meta  # a local random teacher: no hub id, no known licence
+    front = (folder / "README.md").read_text().split("---")[1]
+    assert yaml.safe_load(front) == meta
+    sha = hashlib.sha256((pairs / "manifest.json").read_bytes()).hexdigest()
+    assert f"| pairs manifest sha256 | `{sha}` |" in card.text and "24 pairs" in card.text
+    assert f"| training images seen | {images_seen} ({steps} steps) |" in card.text
+    assert "lpips_network: random" in card.text and "Not evaluated yet" in card.text and "CC BY-NC" not in card.text
+    assert "![teacher (top) and one-step student (bottom)" in card.text and (folder / "samples.png").is_file()
 
 
 @pytest.mark.parametrize("student", ["gigagan", "stylegan_t"])
@@ -663,3 +700,138 @@ def test_evaluation_refuses_fidelity_rows_the_student_trained_on(pairs_dir, tmp_
     code, err = run_script("evaluate.py", [*common, "--fidelity_start", -8], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["details"]["fidelity"]["indices"] == [16, 23]
+
+    # The exported student's model card now shows the held-out numbers and how they were measured.
+    from huggingface_hub import ModelCard
+
+    values = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    card = ModelCard.load(run / "pipeline" / "README.md")
+    assert f"| e_latent_lpips | {values['e_latent_lpips']:.6g} |" in card.text and "Not evaluated yet" not in card.text
+    assert "fidelity on held-out pairs" in card.text and "the numbers mean nothing" in card.text
+    assert card.data.to_dict()["pipeline_tag"] == "text-to-image"
+    # Evaluating again (the card changed, the student did not) reuses the cached evaluation as before.
+    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -8], capsys)
+    assert code == 0, err
+
+
+def test_gan_fakes_from_fresh_noise_are_conditioned_on_that_noise():
+    """``gan_noise: fresh``: regression reads the pair's noise, the GAN fake is G(fresh noise) and both
+    D phases see it conditioned on the fresh noise; real pairs keep their own noise."""
+    from distill.training.phases import Batch, discriminator_terms, generator_terms
+    from students.text import TextConditioning
+
+    seen = []
+
+    def student(noise, prompt_embeds, added_cond_kwargs=None):
+        return 2 * noise
+
+    def disc(latents, noise, prompt_embeds, added_cond_kwargs=None):
+        seen.append((latents.detach(), noise))
+        return [latents.mean(dim=1, keepdim=True)]
+
+    gen = torch.Generator().manual_seed(0)
+    pair_noise, fresh = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
+    target = torch.randn(4, 4, 8, 8, generator=gen)
+    batch = Batch(pair_noise, target, TextConditioning(torch.randn(4, 7, 8, generator=gen)), gan_noise=fresh)
+    fake, terms = generator_terms(student=student, discriminator=disc, lpips_loss=None, batch=batch, regression="mse",
+                                  lpips_weight=1.0, gan_weight=0.5, generator=gen)
+    torch.testing.assert_close(fake, 2 * fresh)
+    torch.testing.assert_close(terms["g_mse"], torch.nn.functional.mse_loss(2 * pair_noise, target))
+    assert torch.equal(seen[-1][1], fresh) and "g_gan" in terms
+    discriminator_terms(discriminator=disc, discriminator_unwrapped=disc, batch=batch, fake=fake, mix_fraction=0.0,
+                        r1_gamma=0.0, r1_interval=1, do_r1=False, generator=gen)
+    latents, noise = seen[-1]
+    assert torch.equal(latents[:4], target) and torch.equal(noise[:4], pair_noise)  # real pairs with their noise
+    assert torch.equal(latents[4:], 2 * fresh) and torch.equal(noise[4:], fresh)  # fakes with the noise they came from
+    # Without fresh noise (the paper, and the UNet student's default) the fake is G(pair noise).
+    paired = Batch(pair_noise, target, batch.cond)
+    fake, _ = generator_terms(student=student, discriminator=disc, lpips_loss=None, batch=paired, regression="mse",
+                              lpips_weight=1.0, gan_weight=0.5, generator=gen)
+    torch.testing.assert_close(fake, 2 * pair_noise)
+
+def test_resume_from_a_named_checkpoint(pairs_dir, tmp_path, capsys):
+    """--resume_from_checkpoint takes latest (the default), none, a bare checkpoint name inside output_dir, or a path."""
+    run = tmp_path / "named"
+    common = ["--pairs", pairs_dir, "--output_dir", run, "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN]
+    assert run_script("train_student.py", [*common, "--max_train_steps", 2], capsys)[0] == 0
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code, err = run_script("train_student.py", [*common, "--max_train_steps", 3, "--resume_from_checkpoint", "checkpoint-1"], capsys)
+    assert code == 0, err
+    assert f"resumed from {run / 'checkpoints' / 'checkpoint-1'} at step 1" in out.getvalue()
+    assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code, err = run_script("train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"], capsys)
+    assert code == 0, err
+    assert f"resumed from {run / 'checkpoints' / 'checkpoint-3'} at step 3" in out.getvalue()
+    code, err = run_script("train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "checkpoint-9"], capsys)
+    line = _last_line(err)
+    assert code == 2 and "checkpoint-9 is not in" in line and "checkpoint-4" in line, err[-2000:]
+
+
+def test_mixed_precision_defaults_to_the_launchers_choice(pairs_dir, tmp_path, capsys, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` is no longer overridden by the script's default: the run uses
+    bf16, prints it and saves it in config.yaml; an explicit --mixed_precision still wins."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "bf16"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", str(ROOT / "distill" / "train_student.py"),
+           *map(str, ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1, "--checkpointing_steps", 1,
+                      "--validation_steps", 100, *TRAIN])]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "mixed precision: bf16" in res.stdout
+    assert "mixed_precision: bf16" in (run / "config.yaml").read_text()
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what the launcher sets
+    explicit = tmp_path / "explicit"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", explicit, "--max_train_steps", 1,
+                                                "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN,
+                                                "--mixed_precision", "no"], capsys)
+    assert code == 0, err
+    assert "mixed_precision: 'no'" in (explicit / "config.yaml").read_text()
+
+
+def test_validation_prompts_grid_trackers_and_diffusers_flag_names(pairs_dir, sd15_teacher, tmp_path, capsys):
+    """--validation_prompts x seeds: the teacher's images solved once at the start, the student's every
+    validation_steps, saved as PNG grids and logged to tensorboard; diffusers' flag names are accepted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "val"
+    train = [a for a in TRAIN if a not in ("--report_to", "none")]
+    code, err = run_script("train_student.py", [
+        "--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2, "--checkpointing_steps", 2, "--validation_steps", 1,
+        *train, "--validation_prompts", "a red apple, on a table", "a photo of a cat", "--num_validation_seeds", 3,
+        "--pretrained_model_name_or_path", sd15_teacher, "--train_batch_size", 4, "--tracker_project_name", "valrun",
+        "--report_to", "tensorboard", "--gradient_checkpointing"], capsys)
+    assert code == 0, err
+    config = (run / "config.yaml").read_text()
+    assert "- a red apple, on a table" in config and "gradient_checkpointing: true" in config and "num_validation_seeds: 3" in config
+    _check_pictures(run, teacher_size=(3 * 32, 2 * 32))  # 2 prompts (rows) x 3 seeds (columns)
+    assert sorted(p.name for p in (run / "samples").glob("step-*.png")) == ["step-000000.png", "step-000001.png", "step-000002.png"]
+    events = EventAccumulator(str(next((run / "valrun").glob("events.out.tfevents.*")))).Reload()
+    assert set(events.Tags()["images"]) == {"validation/student", "validation/teacher"}
+    assert [e.step for e in events.Images("validation/student")] == [0, 1, 2] and len(events.Images("validation/teacher")) == 1
+    # The teacher row is the teacher's own sampler on that noise: seed s is a pairs row's noise with seed == s.
+    from data_gen.noise import noise_for_seed
+    from PIL import Image
+    from teachers import load_teacher, solve_ode
+
+    teacher = load_teacher(str(sd15_teacher), scheduler="ddim")
+    latents = solve_ode(teacher.pipe, prompts=["a photo of a cat"], noise=noise_for_seed(2, (4, 16, 16))[None],
+                        num_inference_steps=3, guidance_scale=7.5)
+    with torch.no_grad():
+        decoded = teacher.pipe.vae.decode(latents / teacher.pipe.vae.config.scaling_factor).sample
+    image = np.asarray(teacher.pipe.image_processor.postprocess(decoded, output_type="pil")[0])
+    with Image.open(run / "samples" / "teacher.png") as grid:
+        np.testing.assert_allclose(np.asarray(grid)[32:, 64:96].astype(float), image.astype(float), atol=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,9 +18,10 @@ class Generator:
 
     def __init__(self, pipeline: str, *, device: torch.device, dtype: torch.dtype, scheduler: str,
                  num_inference_steps: int, guidance_scale: float, negative_prompt: str):
+        from students.export import is_one_step_folder
+
         path = Path(pipeline)
-        index = path / "model_index.json"
-        self.is_student = index.is_file() and json.loads(index.read_text()).get("_class_name") == "OneStepGANPipeline"
+        self.is_student = is_one_step_folder(path)
         if self.is_student:
             from students import OneStepGANPipeline
 

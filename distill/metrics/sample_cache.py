@@ -31,11 +31,12 @@ def sample_path(samples_dir: Path, index: int) -> Path:
 
 
 def folder_fingerprint(path: Path) -> str | None:
-    """Hash of a pipeline folder's file names, sizes and modification times: a re-saved student is a new identity."""
+    """Hash of a pipeline folder's file names, sizes and modification times: a re-saved student is a new identity.
+    The model card (README.md) is left out: evaluation itself writes its numbers there."""
     if not path.is_dir():
         return None  # a hub id: its name (and the hub's immutable revisions) identify it
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != "README.md"):
         st = f.stat()
         h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]

@@ -29,15 +29,23 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def resolve_resume(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> Path | None:
-    """``latest`` -> newest finished checkpoint (None when there is none); ``none`` -> None; else a path."""
+    """``latest`` -> newest finished checkpoint (None when there is none); ``none`` -> None; a bare
+    ``checkpoint-N`` -> that checkpoint of ``output_dir``; else a path."""
     if resume_from_checkpoint in (None, "", "none", "None"):
         return None
     if resume_from_checkpoint == "latest":
         dirs = checkpoint_dirs(output_dir)
         return dirs[-1] if dirs else None
     path = Path(resume_from_checkpoint)
+    if not path.is_dir() and _NAME.match(resume_from_checkpoint):  # a bare name, as diffusers' scripts take it
+        for candidate in (Path(output_dir) / "checkpoints" / resume_from_checkpoint, Path(output_dir) / resume_from_checkpoint):
+            if candidate.is_dir():
+                return candidate
+        names = ", ".join(p.name for p in checkpoint_dirs(output_dir)) or "none"
+        raise FileNotFoundError(f"resume_from_checkpoint {resume_from_checkpoint} is not in {Path(output_dir) / 'checkpoints'} "
+                                f"(finished checkpoints: {names}): pass one of them, 'latest' or 'none'")
     if not path.is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint {path} does not exist: pass 'latest', 'none' or a checkpoint directory")
+        raise FileNotFoundError(f"resume_from_checkpoint {path} does not exist: pass 'latest', 'none', a checkpoint name or directory")
     return path
 
 

@@ -14,6 +14,7 @@ from diffusers.utils import make_image_grid
 
 from distill.training.setup import STUDENTS
 from students import OneStepGANPipeline, TextConditioning, encode_text
+from students.export import save_standalone
 from teachers.loading import load_components
 
 DISCRIMINATORS = ("projected", "multiscale", "unet")
@@ -115,8 +116,9 @@ def build_parts(cfg, *, device) -> ScratchParts:
 
 
 def export_pipeline(parts: ScratchParts, generator: torch.nn.Module, path: Path) -> None:
-    """Save ``generator`` with the VAE (None in pixel space) and text encoder(s) as a ``OneStepGANPipeline``."""
-    OneStepGANPipeline(student=generator, vae=parts.vae, **parts.text).save_pretrained(str(path))
+    """Save ``generator`` with the VAE (None in pixel space) and text encoder(s) as a self-contained
+    ``OneStepGANPipeline`` folder (its code next to the weights, as the distilled students)."""
+    save_standalone(OneStepGANPipeline(student=generator, vae=parts.vae, **parts.text), path)
 
 
 @torch.no_grad()

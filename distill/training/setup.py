@@ -13,12 +13,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers.utils import make_image_grid
 
 from data_gen.pairs import SPLIT_FILE
 from distill.discriminators import UNetDiscriminator
+from distill.training import validation as val
+from distill.training.curves import plot_run
+from distill.training.trackers import log_images
+from distill.training.validation import ValidationSet
 from students import GigaGANGenerator, OneStepGANPipeline, StyleGANTGenerator, TextConditioning, UNetStudent, encode_text
+from students.export import save_standalone
 from students.gigagan import PRESETS as GIGAGAN_PRESETS
+from students.model_card import write_model_card
 from students.stylegan_t import PRESETS as STYLEGAN_T_PRESETS
 from teachers import Teacher, load_teacher
 
@@ -105,10 +110,10 @@ class StudentSpec:
 # and needs only a small step size; the GAN generators start from scratch, so they take StyleGAN-scale
 # learning rates on their equalised layers and learn the ODE map by regression before the GAN joins.
 STUDENTS = {
-    "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0)),
-    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000),
+    "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs")),
+    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
                            generator=GigaGANGenerator, presets=GIGAGAN_PRESETS),
-    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000),
+    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
                               generator=StyleGANTGenerator, presets=STYLEGAN_T_PRESETS),
 }
 
@@ -145,24 +150,51 @@ def build_lpips(cfg, *, teacher: Teacher, accelerator):
     return loss.to(accelerator.device)
 
 
-def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path, *, split: dict) -> None:
-    """Save ``student`` with the teacher's VAE and text encoder(s) as a ``OneStepGANPipeline``, with the run's
-    held-out split (``pairs_split.json``) so that evaluation can refuse the rows the student trained on."""
+def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path, *, split: dict, card: dict | None = None,
+                    validation: ValidationSet | None = None) -> None:
+    """Save ``student`` with the teacher's VAE and text encoder(s) as a self-contained ``OneStepGANPipeline``
+    folder (its code next to the weights: ``students/export.py``), with the run's held-out split
+    (``pairs_split.json``) so that evaluation can refuse the rows the student trained on, and, given the
+    run's ``card`` facts (``distill/training/card.py``), a model card with a teacher-vs-student grid of ``validation``."""
     p = parts.teacher.pipe
     pipe = OneStepGANPipeline(
         student=student, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
         text_encoder_2=getattr(p, "text_encoder_2", None), tokenizer_2=getattr(p, "tokenizer_2", None),
     )
-    pipe.save_pretrained(str(path))
+    save_standalone(pipe, path)
     (Path(path) / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n")
+    if card is None:
+        return
+    grid = None
+    if validation is not None:
+        fake = val.student_latents(student, parts.encode, validation, device=p.vae.device)
+        student_grid = val.grid(val.decode(p.vae, fake), cols=validation.cols)
+        val.teacher_over_student(val.teacher_grid(p.vae, validation), student_grid).save(Path(path) / CARD_GRID)
+        grid = CARD_GRID
+    write_model_card(path, **card, sample_grid=grid)
 
 
+def validation_set(cfg, parts: Parts, *, holdout: dict, manifest: dict) -> ValidationSet:
+    """The run's fixed validation images: ``validation_prompts`` x seeds (the teacher solved once, with the
+    pairs' sampler settings), or the first held-out pairs."""
+    if not cfg.validation_prompts:
+        return val.from_holdout(holdout)
+    sampler = manifest["config"]
+    return val.from_prompts(list(cfg.validation_prompts), num_seeds=cfg.num_validation_seeds, teacher_pipe=parts.teacher.pipe,
+                            latent_shape=tuple(manifest["latent_shape"]), num_inference_steps=sampler["num_inference_steps"],
+                            guidance_scale=sampler["guidance_scale"], negative_prompt=sampler.get("negative_prompt"))
+
+
+CARD_GRID = "samples.png"
 VALIDATION_CHUNK = 64
 
 
 @torch.no_grad()
-def validate_and_sample(cfg, parts: Parts, student, holdout: dict, lpips_loss, accelerator, *, step: int, stats_path: Path) -> None:
-    """Held-out fidelity (deterministic E-LatentLPIPS and MSE to the teacher) and a sample grid PNG."""
+def validate_and_sample(cfg, parts: Parts, student, holdout: dict, lpips_loss, accelerator, *, step: int, stats_path: Path,
+                        validation: ValidationSet | None = None) -> None:
+    """Held-out fidelity (deterministic E-LatentLPIPS and MSE to the teacher) on every held-out pair; the
+    ``validation`` images (default: the first held-out pairs) as ``samples/step-N.png`` (teacher grid above
+    the student's) and to the trackers (the teacher's once, at step 0); ``curves.png`` of the run so far."""
     if not accelerator.is_main_process or len(holdout["index"]) == 0:
         return
     device = accelerator.device
@@ -184,11 +216,16 @@ def validate_and_sample(cfg, parts: Parts, student, holdout: dict, lpips_loss, a
     with open(stats_path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     accelerator.log(record, step=step)
-    pipe = OneStepGANPipeline(student=student, vae=parts.teacher.pipe.vae, text_encoder=parts.teacher.pipe.text_encoder,
-                              tokenizer=parts.teacher.pipe.tokenizer)
-    n = min(8, fake.shape[0])
-    both = torch.cat([pipe.decode_latents(target[:n]), pipe.decode_latents(fake[:n])])  # top: teacher, bottom: student
-    images = pipe.image_processor.postprocess(both.float(), output_type="pil")
-    grid = make_image_grid(images, rows=2, cols=n)
-    (Path(cfg.output_dir) / "samples").mkdir(parents=True, exist_ok=True)
-    grid.save(Path(cfg.output_dir) / "samples" / f"step-{step:06d}.png")
+
+    vae, out = parts.teacher.pipe.vae, Path(cfg.output_dir)
+    validation = validation if validation is not None else val.from_holdout(holdout)
+    student_grid = val.grid(val.decode(vae, val.student_latents(student, parts.encode, validation, device=device)), cols=validation.cols)
+    teacher_grid = val.teacher_grid(vae, validation)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    val.teacher_over_student(teacher_grid, student_grid).save(out / "samples" / f"step-{step:06d}.png")
+    images = {"validation/student": [student_grid]}
+    if step == 0:
+        teacher_grid.save(out / "samples" / "teacher.png")
+        images["validation/teacher"] = [teacher_grid]
+    log_images(accelerator.trackers, images, step=step)
+    plot_run(stats_path, out / "curves.png", title=str(out.name))

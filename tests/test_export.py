@@ -1,0 +1,125 @@
+"""Exported students load with plain diffusers, without this project: the fully-custom pipeline folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from students import GigaGANGenerator, OneStepGANPipeline, StyleGANTGenerator, UNetStudent
+from students.export import PIPELINE_MODULE, flatten_module, save_standalone
+
+PROMPTS = ["a red apple", "a photo of a cat"]
+
+# Run in a fresh interpreter: drop every way this project could be imported (the repo root on sys.path,
+# the editable install's finder), prove it is gone, then load the folders with diffusers alone.
+STANDALONE = r'''
+import importlib.util, json, sys
+from pathlib import Path
+OURS = ("students", "distill", "teachers", "data_gen")
+sys.path[:] = [p for p in sys.path if p and not any((Path(p) / n / "__init__.py").exists() for n in OURS) and "__editable__" not in p]
+sys.path_importer_cache.clear()
+sys.meta_path[:] = [f for f in sys.meta_path if not (hasattr(f, "find_spec") and f.find_spec("students", None) is not None)]
+assert all(importlib.util.find_spec(n) is None for n in OURS), "this project is still importable"
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+jobs = json.loads(sys.argv[1])
+for folder, out in jobs:
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    noise = torch.from_numpy(np.load(Path(folder).parent / "noise.npy"))
+    latents = pipe(PROMPTS, latents=noise, output_type="latent").images
+    images = pipe(PROMPTS, latents=noise, num_inference_steps=1, guidance_scale=0.0, output_type="np").images
+    np.savez(out, latents=latents.numpy(), images=images, pipeline=type(pipe).__module__, student=type(pipe.student).__module__)
+assert not any(n.split(".")[0] in OURS for n in sys.modules), sorted(n for n in sys.modules if n.split(".")[0] in OURS)
+print("loaded", len(jobs))
+'''.replace("PROMPTS", repr(PROMPTS))
+
+
+def _student(kind: str, teacher):
+    torch.manual_seed(0)
+    if kind == "unet":
+        return UNetStudent.from_teacher(teacher.unet, teacher.scheduler)
+    cls = {"gigagan": GigaGANGenerator, "stylegan_t": StyleGANTGenerator}[kind]
+    text_2 = getattr(teacher, "text_encoder_2", None)
+    return cls.for_latents(latent_channels=4, sample_size=16, cross_attention_dim=teacher.unet.config.cross_attention_dim,
+                           pooled_dim=text_2.config.projection_dim if text_2 is not None else 0, size="tiny").eval()
+
+
+def _pipeline(kind: str, teacher) -> OneStepGANPipeline:
+    return OneStepGANPipeline(student=_student(kind, teacher), vae=teacher.vae, text_encoder=teacher.text_encoder,
+                              tokenizer=teacher.tokenizer, text_encoder_2=getattr(teacher, "text_encoder_2", None),
+                              tokenizer_2=getattr(teacher, "tokenizer_2", None))
+
+
+CASES = [("unet", "sd15"), ("gigagan", "sd15"), ("stylegan_t", "sdxl"), ("unet", "sdxl")]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_teacher_factory, tmp_path_factory):
+    from diffusers import DiffusionPipeline
+
+    out = {}
+    for kind, family in CASES:
+        teacher = DiffusionPipeline.from_pretrained(tiny_teacher_factory(family))
+        root = tmp_path_factory.mktemp(f"{kind}-{family}")
+        np.save(root / "noise.npy", torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)).numpy())
+        out[(kind, family)] = save_standalone(_pipeline(kind, teacher), root / "pipeline")
+    return out
+
+
+def test_standalone_folder_loads_and_samples_without_this_project(exported, tmp_path):
+    jobs = [(str(folder), str(tmp_path / f"{kind}-{family}.npz")) for (kind, family), folder in exported.items()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", STANDALONE, json.dumps(jobs)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "might require the following packages" not in run.stderr  # diffusers' check_imports found everything
+    for (kind, family), folder in exported.items():
+        got = np.load(tmp_path / f"{kind}-{family}.npz")
+        assert str(got["pipeline"]).startswith("diffusers_modules.") and str(got["student"]).startswith("diffusers_modules.")
+        ours = OneStepGANPipeline.from_pretrained(folder)
+        assert type(ours) is OneStepGANPipeline and type(ours.student).__module__.startswith("students.")
+        noise = torch.from_numpy(np.load(folder.parent / "noise.npy"))
+        latents = ours(PROMPTS, latents=noise, output_type="latent").images
+        images = ours(PROMPTS, latents=noise, output_type="np").images
+        # the child runs with another thread count, so float sums reorder: ~1e-5 on latents of size ~30
+        np.testing.assert_allclose(got["latents"], latents.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{kind}-{family}")
+        np.testing.assert_allclose(got["images"], images, rtol=1e-4, atol=1e-4, err_msg=f"{kind}-{family}")
+
+
+def test_exported_folder_layout(exported):
+    from diffusers.utils.dynamic_modules_utils import check_imports
+
+    for (kind, family), folder in exported.items():
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == [PIPELINE_MODULE, "OneStepGANPipeline"]
+        module, cls = index["student"]
+        assert cls == {"unet": "UNetStudent", "gigagan": "GigaGANGenerator", "stylegan_t": "StyleGANTGenerator"}[kind]
+        assert index["vae"] == ["diffusers", "AutoencoderKL"] and index["text_encoder"][0] == "transformers"
+        assert (index["text_encoder_2"][0] == "transformers") == (family == "sdxl")
+        for code in (folder / f"{PIPELINE_MODULE}.py", folder / "student" / f"{module}.py"):
+            assert check_imports(str(code)) == []  # no relative imports: the file is copied alone
+            assert not re.search(r"^\s*(from|import)\s+(students|distill|teachers|data_gen)\b", code.read_text(), re.M)
+            compile(code.read_text(), str(code), "exec")
+
+
+def test_flatten_rejects_a_name_defined_twice(tmp_path, monkeypatch):
+    pkg = tmp_path / "twice"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("X = 1\n")
+    (pkg / "b.py").write_text('"""B."""\nfrom __future__ import annotations\nfrom .a import X as Y\nX = 2\n')
+    (pkg / "c.py").write_text("from .a import X as Y\nZ = Y + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="'X' is defined in both twice.a and twice.b"):
+        flatten_module("twice.b")
+    namespace: dict = {}
+    exec(compile(flatten_module("twice.c"), "c.py", "exec"), namespace)
+    assert namespace["Z"] == 2 and namespace["Y"] == 1
