@@ -137,7 +137,9 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cach
         from distill.metrics.clip_score import resolve_clip_weights
 
         resolve_clip_weights(cfg.clip_model, cfg.clip_pretrained, None)
-    name = elatentlpips_name(cfg.elatentlpips, vae_scaling_factor=generator.pipe.vae.config.scaling_factor)
+    if "fidelity" in metrics and generator.pipe.vae is None:
+        raise ConfigError("fidelity compares VAE latents to a teacher's: this pipeline works in pixel space (no VAE)")
+    name = elatentlpips_name(cfg.elatentlpips, vae_scaling_factor=generator.pipe.vae.config.scaling_factor) if "fidelity" in metrics else ""
     if "fidelity" in metrics and name != TEST_ONLY:
         from distill.losses.elatentlpips import PUBLISHED, fetch_published
 

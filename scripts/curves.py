@@ -2,7 +2,7 @@
 
     python scripts/curves.py RUN_DIR [RUN_DIR ...] [--output runs/curves] [--eval] [--eval_args "..."]
 
-For every run (a ``train_student.py`` output_dir): the held-out E-LatentLPIPS and MSE to the teacher
+For every run (a ``train_student.py`` or ``train_gan.py`` output_dir): the held-out E-LatentLPIPS and MSE to the teacher
 that training logs at each validation (``stats.jsonl``); with ``--eval``, every kept checkpoint's
 pipeline (``checkpoints/checkpoint-N/pipeline``, keep them with ``--checkpoints_total_limit null``)
 and the final one are also scored by ``distill/evaluate.py --config EVAL_CONFIG`` (default: the digits
@@ -61,7 +61,7 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("val_lpips", "fid_to_teacher", "prompt_accuracy")
+    metrics = [m for m in ("val_lpips", "fid_to_teacher", "fid", "prompt_accuracy")
                if any(m in r for c in curves.values() for r in c["validation"] + c["evaluation"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -100,16 +100,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
     plot(curves, out / "curves.png")
-    lines = ["| run | kimg | held-out E-LatentLPIPS | FID to teacher | prompt accuracy |", "|---|---|---|---|---|"]
+    lines = ["| run | kimg | held-out E-LatentLPIPS | FID to teacher | FID to the reference | prompt accuracy |", "|---|---|---|---|---|---|"]
     for name, c in curves.items():
         by_nimg: dict[int, dict] = {}
         for r in c["validation"] + c["evaluation"]:
             by_nimg.setdefault(r["nimg"], {}).update(r)
         for n, r in sorted(by_nimg.items()):
-            if "fid_to_teacher" in r or n == max(by_nimg):
+            if "fid_to_teacher" in r or "fid" in r or n == max(by_nimg):
                 cell = lambda k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
                 lines.append(f"| {name} | {n / 1000:.1f} | {cell('val_lpips', '{:.3f}')} | {cell('fid_to_teacher', '{:.1f}')} | "
-                             f"{cell('prompt_accuracy', '{:.3f}')} |")
+                             f"{cell('fid', '{:.1f}')} | {cell('prompt_accuracy', '{:.3f}')} |")
     (out / "curves.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'curves.png'}")

@@ -58,12 +58,14 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-def decode_vae(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1].
+def decode_vae(vae: AutoencoderKL | None, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (no VAE: the input is already the image).
 
     A float16 VAE whose config sets ``force_upcast`` (SDXL's: its fp16 activations overflow into NaN /
     black images) decodes in float32 and is cast back afterwards, as diffusers' SDXL pipeline does.
     """
+    if vae is None:  # a pixel-space generator: its output is the image
+        return latents.float()
     cfg = vae.config
     raw = latents.float() / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
     if not (vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)):
@@ -78,13 +80,14 @@ def decode_vae(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 class OneStepGANPipeline(DiffusionPipeline):
     """Components: ``student`` (any generator with ``forward(noise, prompt_embeds, added_cond_kwargs)``),
     ``vae``, ``text_encoder``, ``tokenizer`` and, for SDXL students, ``text_encoder_2``, ``tokenizer_2``.
+    ``vae`` is None for a pixel-space generator (trained from scratch on images): its output is the image.
 
     Load an exported folder with ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (the
     code saved next to the weights) or, with this project installed, ``OneStepGANPipeline.from_pretrained(dir)``.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->student->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2"]
+    _optional_components = ["text_encoder_2", "tokenizer_2", "vae"]
 
     def __init__(self, student, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2=None, tokenizer_2=None):
         super().__init__()
@@ -92,7 +95,7 @@ class OneStepGANPipeline(DiffusionPipeline):
             student=student, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod

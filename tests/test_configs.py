@@ -14,10 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _schemas():
     from distill.generate_pairs import PairsConfig
     from distill.sample import SampleConfig
+    from distill.train_gan import GANConfig
     from distill.train_latent_lpips import TrainLatentLPIPSConfig
     from distill.train_student import StudentConfig
 
-    return {"pairs": PairsConfig, "student": StudentConfig, "sample": SampleConfig, "latent_lpips": TrainLatentLPIPSConfig}  # eval: own tests
+    return {"pairs": PairsConfig, "student": StudentConfig, "sample": SampleConfig, "latent_lpips": TrainLatentLPIPSConfig,
+            "scratch": GANConfig}  # eval: own tests
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -36,7 +36,7 @@ class Generator:
             self.latent_channels = teacher.latent_channels
             self.default_resolution = int(self.pipe.unet.config.sample_size) * teacher.vae_scale_factor
         self.pipe.set_progress_bar_config(disable=True)
-        self.vae_scale_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self.pipe.vae_scale_factor if self.is_student else 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
@@ -65,7 +65,8 @@ class Generator:
         ``force_upcast`` (SDXL's) decodes in fp32, as diffusers' SDXL pipeline does."""
         from students.pipeline import decode_vae
 
-        return decode_vae(self.pipe.vae, latents.to(self.pipe.vae.device)).float().cpu()
+        vae = self.pipe.vae
+        return decode_vae(vae, latents.to(vae.device) if vae is not None else latents).float().cpu()
 
     def images(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
         return self.decode(self.latents(prompts, noise))
