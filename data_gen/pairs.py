@@ -26,6 +26,7 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
+ARROW_CACHE = ".arrow-cache"  # load_pairs: datasets' Arrow copy of the shards
 FORMAT = "diffusion2gan-pairs/1"
 STORAGE_DTYPES = ("float16", "float32")
 SPLIT_FILE = "pairs_split.json"  # a training run's held-out split, in its run folder and exported pipeline
@@ -237,5 +238,9 @@ def load_pairs(output_dir: str | os.PathLike):
             f"pairs in {output_dir} are incomplete ({len(done)} of {total} shards): re-run generate_pairs with the same config to finish"
         )
     files = [str(shard_path(output_dir, k, total)) for k in range(total)]
-    return datasets.load_dataset("parquet", data_files={"train": files}, split="train", features=pair_features(
-        tuple(manifest["latent_shape"]), cfg["dtype"]))
+    # datasets turns Parquet into a memory-mapped Arrow file once; keep that copy beside the shards (reused by
+    # every later load, deleted with the folder) rather than as another hidden copy in ~/.cache per pairs folder.
+    cache = Path(output_dir) / ARROW_CACHE
+    cache_dir = str(cache) if os.access(output_dir, os.W_OK) else None  # a read-only folder: the default cache
+    return datasets.load_dataset("parquet", data_files={"train": files}, split="train", cache_dir=cache_dir,
+                                 features=pair_features(tuple(manifest["latent_shape"]), cfg["dtype"]))

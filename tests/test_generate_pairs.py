@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -104,6 +105,11 @@ def test_kill_and_resume_finishes_exactly_the_missing_rows(sd15_teacher, prompt_
     assert {p: (out / "data" / p).stat().st_mtime_ns for p in before} == before
     ds = load_pairs(out)
     assert sorted(ds["index"]) == list(range(12))
+    # The Arrow copy datasets reads from lives beside the shards, made once and reused by the next load.
+    arrow = [Path(f["filename"]) for f in ds.cache_files]
+    assert arrow and all((out / ".arrow-cache") in f.parents for f in arrow)
+    files = sorted((out / ".arrow-cache").rglob("*.arrow"))
+    assert [Path(f["filename"]) for f in load_pairs(out).cache_files] == arrow and sorted((out / ".arrow-cache").rglob("*.arrow")) == files
 
 
 def test_other_config_in_same_dir_is_refused(sd15_teacher, prompt_file, tmp_path, capsys):
