@@ -36,10 +36,11 @@ def training_curve(run: Path) -> tuple[list[dict], dict[int, int]]:
     return [{"nimg": r["nimg"], **{k: r[k] for k in ("val_lpips", "val_mse") if k in r}} for r in val if "val_mse" in r], nimg
 
 
-def evaluated_curve(run: Path, nimg: dict[int, int], *, eval_config: str, eval_args: list[str]) -> list[dict]:
-    """Score every kept checkpoint's pipeline and the final one (cached); [{nimg, metric: value}]."""
+def evaluated_curve(run: Path, nimg: dict[int, int], *, eval_config: str, eval_args: list[str], every: int = 1) -> list[dict]:
+    """Score the kept checkpoints' pipelines whose step is a multiple of ``every``, and the final one (cached);
+    [{nimg, metric: value}]."""
     pipelines = {int(m.group(1)): p / "pipeline" for p in (run / "checkpoints").glob("checkpoint-*")
-                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "pipeline").is_dir()}
+                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "pipeline").is_dir() and int(m.group(1)) % every == 0}
     if (run / "pipeline").is_dir():
         pipelines.setdefault(max(nimg), run / "pipeline")
     out = []
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="train_student.py output folders; NAME=DIR to label one")
     parser.add_argument("--output", default="runs/curves")
     parser.add_argument("--eval", action="store_true", help="also score every kept checkpoint with evaluate.py")
+    parser.add_argument("--eval_every", type=int, default=1, help="--eval: only checkpoints whose step is a multiple of this (+ the final pipeline)")
     parser.add_argument("--eval_config", default="configs/digits/eval.yaml")
     parser.add_argument("--eval_args", default="--metrics fid_to_teacher,prompt_accuracy",
                         help="extra evaluate.py overrides for the checkpoint scores")
@@ -94,7 +96,8 @@ def main() -> None:
         if not (run / "stats.jsonl").is_file():
             sys.exit(f"error: {run} has no stats.jsonl: pass train_student.py output folders")
         validation, nimg = training_curve(run)
-        evaluation = evaluated_curve(run, nimg, eval_config=args.eval_config, eval_args=shlex.split(args.eval_args)) if args.eval else []
+        evaluation = evaluated_curve(run, nimg, eval_config=args.eval_config, eval_args=shlex.split(args.eval_args),
+                                     every=args.eval_every) if args.eval else []
         curves[name or run.name] = {"run": str(run), "validation": validation, "evaluation": evaluation}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
