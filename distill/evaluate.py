@@ -141,7 +141,7 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cach
         raise ConfigError("fidelity compares VAE latents to a teacher's: this pipeline works in pixel space (no VAE)")
     name = elatentlpips_name(cfg.elatentlpips, vae_scaling_factor=generator.pipe.vae.config.scaling_factor) if "fidelity" in metrics else ""
     if "fidelity" in metrics and name != TEST_ONLY:
-        from distill.losses.elatentlpips import PUBLISHED, fetch_published
+        from distill.losses.elatentlpips_weights import PUBLISHED, fetch_published
 
         if name in PUBLISHED:
             fetch_published(name, download=cfg.elatentlpips_download)

@@ -167,14 +167,15 @@ def save_checkpoint(run: Run, net: LatentLPIPSNet) -> None:
 
 
 def train_classifier(run: Run) -> LatentLPIPSNet:
-    from distill.losses.elatentlpips import LatentLPIPSNet, load_latent_lpips
+    from distill.losses.elatentlpips import LatentLPIPSNet
+    from distill.losses.elatentlpips_weights import FetchOptions, load_latent_lpips
 
     cfg, acc, vae, log = run.cfg, run.acc, run.vae, run.log
     ds, num_classes = load_image_dataset(cfg.dataset, split=cfg.dataset_split, image_column=cfg.image_column,
                                          label_column=cfg.label_column, max_samples=cfg.max_train_samples)
     scale, shift = vae_factors(vae)
     if cfg.init_from:
-        net = load_latent_lpips(cfg.init_from, is_main_process=lambda: acc.is_main_process, barrier=acc.wait_for_everyone)
+        net = load_latent_lpips(cfg.init_from, fetch=FetchOptions.for_accelerator(acc))
     else:
         net = LatentLPIPSNet(
             latent_channels=vae.config.latent_channels,
@@ -355,9 +356,9 @@ def main() -> None:
 
         net = LatentLPIPSNet.from_pretrained(resume / "latent_lpips")  # the weights load_state then restores
     else:
-        from distill.losses.elatentlpips import load_latent_lpips
+        from distill.losses.elatentlpips_weights import FetchOptions, load_latent_lpips
 
-        net = load_latent_lpips(cfg.init_from, is_main_process=lambda: acc.is_main_process, barrier=acc.wait_for_everyone)
+        net = load_latent_lpips(cfg.init_from, fetch=FetchOptions.for_accelerator(acc))
     if cfg.stage in ("calibrate", "both"):
         net = calibrate_heads(run, net)
     save_net(acc, net.eval(), out)
