@@ -129,7 +129,7 @@ def warn_test_only(key: str) -> None:
 def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cache_dir: Path) -> None:
     """Fail before hours of generation when metric weights are missing (file checks only, no model build)."""
     if ("fid" in metrics or "fid_to_teacher" in metrics) and cfg.fid_extractor != TEST_ONLY:
-        from distill.metrics.fid import inception_path, is_classifier_folder
+        from distill.metrics.fid_features import inception_path, is_classifier_folder
 
         if not is_classifier_folder(cfg.fid_extractor):
             inception_path(cache_dir if cfg.fid_extractor == "inception" else cfg.fid_extractor)
@@ -211,7 +211,7 @@ def main() -> None:
 
 def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     """Generate (or resume) the samples and compute ``metrics`` (``output_dir`` is locked)."""
-    from distill.metrics.fid import default_cache_dir
+    from distill.metrics.fid_features import default_cache_dir
     from teachers.loading import dtype_from_name
 
     device = accelerator.device
@@ -268,9 +268,12 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     if "fid_to_teacher" in metrics:  # the teacher's own samples, as they are (same size and pipeline as ours)
         references["fid_to_teacher"] = dict(reference=cfg.teacher_reference, limit=cfg.num_samples, center_crop=False)
     if references:
+        from teachers.digits_classifier import DigitClassifier  # the classifier folders FID can read (the testbed's)
+
         fids, fid_details = compute_fid(
             samples_dir=samples_dir, num_samples=cfg.num_samples, extractor_name=cfg.fid_extractor, references=references,
             batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers, device=device, cache_dir=cache_dir,
+            load_classifier=DigitClassifier.from_pretrained,
         )
         values.update(fids)
         details.update(fid_details)

@@ -66,7 +66,7 @@ def save_png(image: np.ndarray, path: Path) -> None:
 
 def generate_samples(generator: Generator, *, chunks: list[range], prompts: list[str], seed: int,
                      latent_shape: tuple[int, int, int], samples_dir: Path, progress=None) -> None:
-    from distill.metrics.fid import images_to_uint8
+    from distill.metrics.image_io import images_to_uint8
 
     for chunk in chunks:
         idx = list(chunk)
@@ -101,7 +101,7 @@ def fill_sample_cache(generator: Generator, *, samples_dir: Path, identity: dict
 
 
 def read_samples(samples_dir: Path, count: int):
-    from distill.metrics.fid import load_image
+    from distill.metrics.image_io import load_image
 
     for i in range(count):
         yield load_image(sample_path(samples_dir, i))
