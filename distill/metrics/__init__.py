@@ -11,6 +11,9 @@ Attributes are imported lazily (PEP 562) so importing one metric does not import
 
 from distill._lazy import lazy_exports
 
+# The model name that selects seeded random-weight models for any metric (tests only: the numbers mean nothing).
+TEST_ONLY = "random-tiny"
+
 _EXPORTS = {
     "FIDStats": "fid",
     "RandomTinyExtractor": "fid_features",

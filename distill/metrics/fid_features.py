@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.metrics import TEST_ONLY
 from distill.metrics.image_io import clean_resize, file_sha256, load_image
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -119,7 +120,7 @@ def load_fid_extractor(name: str, *, device: str | torch.device = "cpu",
     """``inception`` (weights from the metrics cache dir), a path to the Inception file, a classifier
     folder (config.json + safetensors: FID in its feature space, read with ``load_classifier``), or
     ``random-tiny`` (tests only)."""
-    if name == "random-tiny":
+    if name == TEST_ONLY:
         return RandomTinyExtractor().to(device).eval()
     if is_classifier_folder(name):
         if load_classifier is None:

@@ -9,11 +9,13 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.config import ConfigError
+from distill.metrics import TEST_ONLY
 
 if TYPE_CHECKING:
     from distill.metrics.generation import Generator
 
-TEST_ONLY = "random-tiny"
+# Pixel LPIPS trunks: torchvision-pretrained, none (skip the metric) or random (tests).
+PIXEL_LPIPS_CHOICES = ("vgg", "alex", "none", TEST_ONLY)
 
 
 def fidelity_positions(*, start: int, count: int, num_rows: int) -> list[int]:
@@ -64,7 +66,8 @@ def elatentlpips_name(name: str, *, vae_scaling_factor: float) -> str:
 
 def fidelity_nets(*, elatentlpips: str, elatentlpips_download: bool, pixel_lpips: str, latent_channels: int,
                   vae_scaling_factor: float, device):
-    """(E-LatentLPIPS, pixel LPIPS) on ``device``; ``random-tiny`` builds seeded random nets (tests only)."""
+    """(E-LatentLPIPS, pixel LPIPS) on ``device``; ``pixel_lpips`` is one of :data:`PIXEL_LPIPS_CHOICES`,
+    ``random-tiny`` builds seeded random nets (tests only)."""
     from distill.losses import ELatentLPIPS, LatentLPIPSNet, build_lpips
 
     if elatentlpips == TEST_ONLY:
@@ -79,12 +82,10 @@ def fidelity_nets(*, elatentlpips: str, elatentlpips_download: bool, pixel_lpips
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             pixel = build_lpips(pretrained_trunk=False)
-    elif pixel_lpips in ("vgg", "alex"):
-        pixel = build_lpips(net=pixel_lpips, pretrained_trunk=True)
     elif pixel_lpips == "none":  # e.g. the offline digits testbed: no ImageNet weights for the pixel trunk
         pixel = None
-    else:
-        raise ConfigError(f"unknown pixel_lpips {pixel_lpips!r}; choose vgg, alex, none or {TEST_ONLY}")
+    else:  # vgg or alex: the config was checked against PIXEL_LPIPS_CHOICES
+        pixel = build_lpips(net=pixel_lpips, pretrained_trunk=True)
     return latent.to(device), None if pixel is None else pixel.to(device)
 
 
