@@ -30,20 +30,20 @@ from data_gen.prompts import load_labelled_prompts, load_prompts, prompt_for_ind
 from distill.config import ConfigError, config_dict, package_versions, parse_config, require_positive, run_cli, save_config
 from distill.lock import locked
 from distill.metrics import TEST_ONLY
-from distill.metrics.generation import Generator
+from distill.metrics.generation import Sampler
 from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cache, folder_fingerprint, save_grid
 from distill.metrics.sample_scores import compute_clip_score, compute_fid
-from distill.metrics.teacher_fidelity import PIXEL_LPIPS_CHOICES, check_heldout, compute_fidelity, elatentlpips_name
+from distill.metrics.fidelity import PIXEL_LPIPS_CHOICES, check_heldout, compute_fidelity, elatentlpips_name
 
 # ------------------------------------------------------------------------------------------------
-# The metrics: name -> function of the cached samples / the generator (main process)
+# The metrics: name -> function of the cached samples / the sampler (main process)
 
 
 @dataclass
 class MetricInputs:
     cfg: EvalConfig
     metrics: list[str]
-    generator: Generator
+    sampler: Sampler
     samples_dir: Path
     prompts: list[str]
     labels: list[int]
@@ -93,27 +93,27 @@ def prompt_accuracy_metric(x: MetricInputs) -> tuple[dict, dict]:
 def fidelity_metric(x: MetricInputs) -> tuple[dict, dict]:
     cfg = x.cfg
     means, info = compute_fidelity(
-        x.generator, pairs=cfg.pairs, fidelity_start=cfg.fidelity_start, fidelity_count=cfg.fidelity_count,
+        x.sampler, pairs=cfg.pairs, fidelity_start=cfg.fidelity_start, fidelity_count=cfg.fidelity_count,
         batch_size=cfg.batch_size, elatentlpips=cfg.elatentlpips, elatentlpips_download=cfg.elatentlpips_download,
         pixel_lpips=cfg.pixel_lpips, device=x.device,
     )
     return means, {"fidelity": info}
 
 
-def compute_latency(cfg: EvalConfig, *, generator: Generator, prompts: list[str], latent_shape, device) -> dict:
+def compute_latency(cfg: EvalConfig, *, sampler: Sampler, prompts: list[str], latent_shape, device) -> dict:
     from distill.metrics.latency import measure_latency
 
     idx = list(range(cfg.latency_batch_size))
     noise, _ = noise_for_indices(seed=cfg.seed, indices=idx, shape=latent_shape)
     batch_prompts = [prompt_for_index(prompts, i) for i in idx] if prompts else ["a photo"] * len(idx)
-    result = measure_latency(lambda: generator.images(batch_prompts, noise), batch_size=cfg.latency_batch_size,
+    result = measure_latency(lambda: sampler.images(batch_prompts, noise), batch_size=cfg.latency_batch_size,
                              warmup=cfg.latency_warmup, iterations=cfg.latency_iterations,
                              min_seconds=cfg.latency_min_seconds, device=device)
     return result.as_dict()
 
 
 def latency_metric(x: MetricInputs) -> tuple[dict, dict]:
-    info = compute_latency(x.cfg, generator=x.generator, prompts=x.prompts, latent_shape=x.latent_shape, device=x.device)
+    info = compute_latency(x.cfg, sampler=x.sampler, prompts=x.prompts, latent_shape=x.latent_shape, device=x.device)
     return {k: info[k] for k in ("seconds_per_image", "images_per_second", "peak_memory_mb")}, {"latency": info}
 
 
@@ -242,7 +242,7 @@ def warn_test_only(key: str) -> None:
     sys.stderr.write(f"warning: {key}={TEST_ONLY} uses random weights: for tests only, the numbers mean nothing\n")
 
 
-def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cache_dir: Path) -> None:
+def preflight(cfg: EvalConfig, metrics: list[str], *, sampler: Sampler, cache_dir: Path) -> None:
     """Fail before hours of generation when metric weights are missing (file checks only, no model build)."""
     if ("fid" in metrics or "fid_to_teacher" in metrics) and cfg.fid_extractor != TEST_ONLY:
         from distill.metrics.fid_features import inception_path, is_classifier_folder
@@ -253,9 +253,9 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cach
         from distill.metrics.clip_score import resolve_clip_weights
 
         resolve_clip_weights(cfg.clip_model, cfg.clip_pretrained, None)
-    if "fidelity" in metrics and generator.pipe.vae is None:
+    if "fidelity" in metrics and sampler.pipe.vae is None:
         raise ConfigError("fidelity compares VAE latents to a teacher's: this pipeline works in pixel space (no VAE)")
-    name = elatentlpips_name(cfg.elatentlpips, vae_scaling_factor=generator.pipe.vae.config.scaling_factor) if "fidelity" in metrics else ""
+    name = elatentlpips_name(cfg.elatentlpips, vae_scaling_factor=sampler.pipe.vae.config.scaling_factor) if "fidelity" in metrics else ""
     if "fidelity" in metrics and name != TEST_ONLY:
         from distill.losses.elatentlpips_weights import PUBLISHED, fetch_published
 
@@ -345,14 +345,14 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         check_samples_manifest(samples_dir, identity)  # every process, before the slow model load
     if "fid_to_teacher" in metrics:
         check_independent_reference(Path(cfg.teacher_reference), identity)
-    generator = Generator(cfg.pipeline, device=device, dtype=dtype_from_name(dtype_name), scheduler=cfg.scheduler,
+    sampler = Sampler(cfg.pipeline, device=device, dtype=dtype_from_name(dtype_name), scheduler=cfg.scheduler,
                           num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                           negative_prompt=cfg.negative_prompt)
-    latent_shape = generator.latent_shape(cfg.resolution)
-    preflight(cfg, metrics, generator=generator, cache_dir=cache_dir)  # every process: none may wait on a failed one
+    latent_shape = sampler.latent_shape(cfg.resolution)
+    preflight(cfg, metrics, sampler=sampler, cache_dir=cache_dir)  # every process: none may wait on a failed one
 
     if needs_samples:
-        fill_sample_cache(generator, samples_dir=samples_dir, identity=identity, num_samples=cfg.num_samples,
+        fill_sample_cache(sampler, samples_dir=samples_dir, identity=identity, num_samples=cfg.num_samples,
                           batch_size=cfg.batch_size, prompts=prompts, seed=cfg.seed, latent_shape=latent_shape,
                           is_main_process=accelerator.is_main_process, process_index=accelerator.process_index,
                           num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
@@ -365,7 +365,7 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         warn_test_only(key)
     start = time.perf_counter()
     values, details = compute_metrics(MetricInputs(
-        cfg=cfg, metrics=metrics, generator=generator, samples_dir=samples_dir, prompts=prompts, labels=labels,
+        cfg=cfg, metrics=metrics, sampler=sampler, samples_dir=samples_dir, prompts=prompts, labels=labels,
         latent_shape=latent_shape, device=device, cache_dir=cache_dir,
     ))
     grid = out / "samples_grid.png"
@@ -373,7 +373,7 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         save_grid(samples_dir, min(cfg.grid_size, cfg.num_samples), grid)
     result = {
         "metrics": values, "details": details, "test_only_models": test_only,
-        "pipeline": {"path": cfg.pipeline, "kind": "one-step student" if generator.is_student else "teacher"},
+        "pipeline": {"path": cfg.pipeline, "kind": "one-step student" if sampler.is_student else "teacher"},
         "num_samples": cfg.num_samples, "num_processes": accelerator.num_processes, "device": str(device),
         "metric_seconds": time.perf_counter() - start, "config": config_dict(cfg), "versions": package_versions("diffusion2gan-toolkit", "torch", "diffusers", "clean-fid", "open_clip_torch", "lpips"),
     }
@@ -382,7 +382,7 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, out / "metrics.json")
     save_config(cfg, out / "evaluate.yaml")
-    if generator.is_student and values:
+    if sampler.is_student and values:
         from students.model_card import update_model_card_metrics
 
         # The exported student's card shows what was measured, and how (a card written by hand is left alone).

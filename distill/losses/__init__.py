@@ -17,6 +17,7 @@ _EXPORTS = {
     "load_latent_lpips": "elatentlpips_weights",
     "load_reference_checkpoint": "elatentlpips_weights",
     "PixelLPIPS": "pixel_lpips",
-    "build_lpips": "pixel_lpips",
+    "build_pixel_lpips": "pixel_lpips",
+    "build_lpips": "pixel_lpips",  # the former name of build_pixel_lpips
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

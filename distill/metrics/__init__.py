@@ -3,7 +3,7 @@
 - :mod:`.fid`: FID with clean-fid's protocol: statistics, cached reference statistics, Frechet distance;
   :mod:`.fid_features` (extractors, the feature path) and :mod:`.image_io` (image files) under it.
 - :mod:`.clip_score`: open_clip cosine similarity between images and prompts.
-- :mod:`.fidelity`: E-LatentLPIPS / LPIPS / PSNR between student outputs and teacher targets.
+- :mod:`.fidelity`: E-LatentLPIPS / LPIPS / PSNR between student outputs and teacher targets (held-out pairs).
 - :mod:`.latency`: seconds per image, images per second, peak memory.
 
 Attributes are imported lazily (PEP 562) so importing one metric does not import open_clip or clean-fid.

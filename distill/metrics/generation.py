@@ -9,7 +9,7 @@ import torch
 from distill.config import ConfigError
 
 
-class Generator:
+class Sampler:
     """(prompts, noise) -> latents -> images, for a one-step student or a teacher run with its ODE solver.
 
     ``pipeline`` is a OneStepGANPipeline folder (detected by its model_index.json) or anything
@@ -70,3 +70,6 @@ class Generator:
 
     def images(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
         return self.decode(self.latents(prompts, noise))
+
+
+Generator = Sampler  # its former name (it clashed with the GAN generator and torch.Generator), for old imports
