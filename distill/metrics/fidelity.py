@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.config import ConfigError
 from distill.metrics import TEST_ONLY
 
 if TYPE_CHECKING:
@@ -100,7 +99,7 @@ def check_heldout(*, pipeline: str, pairs: str, fidelity_start: int, fidelity_co
     seen = [i for i in rows if lo <= i < hi]
     if seen:
         held_lo, held_hi = record["heldout_indices"]
-        raise ConfigError(
+        raise ValueError(
             f"fidelity rows {rows[0]}..{rows[-1]} of {pairs} include {len(seen)} pairs the student trained on "
             f"(it held out indices {held_lo}..{held_hi - 1}): set fidelity_start to {held_lo - int(manifest['count'])} "
             "(minus the run's holdout) and fidelity_count to 0"

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import torch
 
-from distill.config import ConfigError
-
 
 class Sampler:
     """(prompts, noise) -> latents -> images, for a one-step student or a teacher run with its ODE solver.
@@ -44,7 +42,7 @@ class Sampler:
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         res = resolution or self.default_resolution
         if res % self.vae_scale_factor:
-            raise ConfigError(f"resolution {res} is not divisible by the VAE factor {self.vae_scale_factor}")
+            raise ValueError(f"resolution {res} is not divisible by the VAE factor {self.vae_scale_factor}")
         return (self.latent_channels, res // self.vae_scale_factor, res // self.vae_scale_factor)
 
     @torch.no_grad()
