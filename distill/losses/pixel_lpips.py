@@ -49,9 +49,9 @@ class PixelLPIPS(nn.Module):
         return self
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.dtype) / cfg.scaling_factor + shift
+        from students.pipeline import unscale_latents  # students/ is imported only when this loss runs
+
+        z = unscale_latents(latents.to(self.vae.dtype), self.vae.config)
         # No clamp to [-1, 1]: it would zero the gradient wherever the generator overshoots.
         return self.vae.decode(z).sample.float()
 

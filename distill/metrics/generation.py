@@ -26,15 +26,16 @@ class Sampler:
             self.pipe = OneStepGANPipeline.from_pretrained(str(path), dtype=dtype).to(device)
             self.latent_channels = self.pipe.student.latent_channels
             self.default_resolution = self.pipe.default_resolution()
+            self.vae_scale_factor = self.pipe.vae_scale_factor
         else:
             from teachers import load_teacher
 
             teacher = load_teacher(pipeline, torch_dtype=dtype, scheduler=scheduler, device=device)
             self.pipe = teacher.pipe
             self.latent_channels = teacher.latent_channels
-            self.default_resolution = int(self.pipe.unet.config.sample_size) * teacher.vae_scale_factor
+            self.vae_scale_factor = teacher.vae_scale_factor
+            self.default_resolution = int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
         self.pipe.set_progress_bar_config(disable=True)
-        self.vae_scale_factor = self.pipe.vae_scale_factor if self.is_student else 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
