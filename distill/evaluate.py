@@ -323,6 +323,8 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     samples_dir = out / "samples"
     cache_dir = Path(cfg.metrics_cache) if cfg.metrics_cache else default_cache_dir()
     needs_samples = any(m in SAMPLE_METRICS for m in metrics)
+
+    # 1. Load: the prompts and the samples' identity; a cache of other samples is refused (before the model load).
     labels: list[int] = []
     if "prompt_accuracy" in metrics:
         prompts, labels = load_labelled_prompts(cfg.prompts, column=cfg.prompt_column, label_column=cfg.label_column)
@@ -345,12 +347,15 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         check_samples_manifest(samples_dir, identity)  # every process, before the slow model load
     if "fid_to_teacher" in metrics:
         check_independent_reference(Path(cfg.teacher_reference), identity)
+
+    # 2. Build: the sampler (student or teacher); check the metrics' weights exist before hours of sampling.
     sampler = Sampler(cfg.pipeline, device=device, dtype=dtype_from_name(dtype_name), scheduler=cfg.scheduler,
-                          num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                          negative_prompt=cfg.negative_prompt)
+                      num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                      negative_prompt=cfg.negative_prompt)
     latent_shape = sampler.latent_shape(cfg.resolution)
     preflight(cfg, metrics, sampler=sampler, cache_dir=cache_dir)  # every process: none may wait on a failed one
 
+    # 3. Loop: the missing sample batches, split across processes (each PNG cached).
     if needs_samples:
         fill_sample_cache(sampler, samples_dir=samples_dir, identity=identity, num_samples=cfg.num_samples,
                           batch_size=cfg.batch_size, prompts=prompts, seed=cfg.seed, latent_shape=latent_shape,
@@ -360,6 +365,7 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         accelerator.end_training()
         return
 
+    # 4. Measure: every metric, from the cached samples or the sampler (main process).
     test_only = [k for k in ("fid_extractor", "clip_model", "elatentlpips", "pixel_lpips") if getattr(cfg, k) == TEST_ONLY]
     for key in test_only:
         warn_test_only(key)
@@ -368,6 +374,8 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         cfg=cfg, metrics=metrics, sampler=sampler, samples_dir=samples_dir, prompts=prompts, labels=labels,
         latent_shape=latent_shape, device=device, cache_dir=cache_dir,
     ))
+
+    # 5. Save: metrics.json, the sample grid, the config, and the exported student's model card.
     grid = out / "samples_grid.png"
     if needs_samples and cfg.grid_size:
         save_grid(samples_dir, min(cfg.grid_size, cfg.num_samples), grid)
