@@ -66,7 +66,7 @@ def main() -> None:
 
 def run(cfg: CacheConfig, *, accelerator, out: Path) -> None:
     from distill.losses.latent_lpips_training import load_vae
-    from distill.training.scratch_setup import vae_factor
+    from students.pipeline import scale_latents, vae_scale_factor
 
     # 1. Load: the dataset (undecoded images), the VAE; refuse a folder made with other settings.
     ds = open_image_text(cfg.dataset, split=cfg.split, image_column=cfg.image_column, caption_column=cfg.caption_column,
@@ -84,10 +84,9 @@ def run(cfg: CacheConfig, *, accelerator, out: Path) -> None:
     if accelerator.is_main_process:
         progress.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     vae = load_vae(cfg.vae, subfolder=cfg.vae_subfolder).to(accelerator.device)
-    if cfg.resolution % vae_factor(vae):
-        raise ValueError(f"resolution {cfg.resolution} is not divisible by the VAE factor {vae_factor(vae)}")
-    transform, scale = image_transform(cfg.resolution), vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    if cfg.resolution % vae_scale_factor(vae):
+        raise ValueError(f"resolution {cfg.resolution} is not divisible by the VAE factor {vae_scale_factor(vae)}")
+    transform = image_transform(cfg.resolution)
 
     # 2. Encode: shard k on process k mod N, skipping finished shards.
     total = (len(ds) + cfg.shard_size - 1) // cfg.shard_size
@@ -105,16 +104,16 @@ def run(cfg: CacheConfig, *, accelerator, out: Path) -> None:
                 dist = vae.encode(images.to(accelerator.device, vae.dtype)).latent_dist
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + idx[0])  # per-batch stream: any process count
                 raw = dist.sample(generator=gen) if cfg.latent_sampling == "sample" else dist.mode()
-            latents.append(((raw - shift) * scale).float().cpu())
+            latents.append(scale_latents(raw, vae.config).float().cpu())
             captions += list(ds[idx][cfg.caption_column])
         write_latent_shard(path, indices=indices, latents=torch.cat(latents).numpy(), captions=captions)
 
     # 3. Save: the manifest, once every shard exists.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        side = cfg.resolution // vae_factor(vae)
+        side = cfg.resolution // vae_scale_factor(vae)
         write_latent_manifest(out, {"num_rows": len(ds), "num_shards": total, "latent_shape": [vae.config.latent_channels, side, side],
-                                    "scaling_factor": scale, "resolution": cfg.resolution, "source": settings})
+                                    "scaling_factor": vae.config.scaling_factor, "resolution": cfg.resolution, "source": settings})
         progress.unlink(missing_ok=True)
         print(f"cached {len(ds)} rows in {total} shard(s) in {out.resolve()}")
 

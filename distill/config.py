@@ -1,6 +1,8 @@
 """Entry-script configuration: dataclass defaults <- optional YAML file <- ``--key value`` flags.
 
-Only the scripts in ``distill/`` call this; library code takes explicit keyword arguments.
+Only the scripts in ``distill/`` call this (and ``distill/training/card.py``, which records their resolved
+config); library code takes explicit keyword arguments and raises ``ValueError``, which
+:func:`run_cli` reports in one line as it does :class:`ConfigError` (a ``ValueError``).
 OmegaConf's structured configs do the merging, type coercion and unknown-key rejection; this
 module only turns their exceptions into one-line messages and builds the ``--key`` flags so that
 ``--help`` lists every key with its default.

@@ -135,6 +135,7 @@ def check_teacher(out: Path, identity: dict) -> None:
 
 def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None:
     """Generate the missing shards of ``out`` (its lock is held)."""
+    # 1. Check: half-written files go; another teacher or other settings are refused (before the slow load).
     if accelerator.is_main_process:
         stale = pairs_io.remove_stale_temporaries(out)  # half-written shards of killed runs
         if stale:
@@ -154,12 +155,15 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
     check_teacher(out, teacher_id)
     resumed = pairs_io.check_manifest(out, config=identity)
     old_checksums = pairs_io.read_manifest(out).get("shards", {}) if resumed else {}
+
+    # 2. Load: the teacher pipeline with the configured scheduler and dtype.
     teacher = load_teacher(
         str(folder), revision=None, variant=cfg.variant, torch_dtype=dtype_from_name(teacher_dtype),
         scheduler=cfg.scheduler, device=accelerator.device,
     )
     latent_shape = teacher.latent_shape(cfg.resolution)
 
+    # 3. Prepare: the manifest (written once, kept on resume) and this process's share of the missing shards.
     manifest = {
         "format": pairs_io.FORMAT,
         "config": identity,
@@ -188,10 +192,13 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
     bar = tqdm(total=my_rows, unit="pair", desc=f"pairs (rank 0 of {accelerator.num_processes})",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     start = time.perf_counter()
+    # 4. Loop: noise -> ODE -> one Parquet shard at a time (each written atomically).
     try:
         generate_shards(teacher, cfg=cfg, prompts=prompts, shards=todo, out=out, latent_shape=latent_shape, progress=bar)
     finally:
         bar.close()  # ends the progress line, so an error message starts on its own line
+
+    # 5. Save: the manifest with every shard's checksum, complete once all shards exist.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finished = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size, checksums=old_checksums)

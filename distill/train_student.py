@@ -33,7 +33,7 @@ from distill.training.loop import TrainLoop, state_bytes
 from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
 from distill.training.card import card_facts
 from distill.training.seeds import batch_indices, step_generator
-from distill.training.setup import (STUDENTS, apply_student_defaults, build_lpips, build_student, export_pipeline, validate_and_sample,
+from distill.training.setup import (STUDENTS, apply_student_defaults, build_regression_lpips, build_student, export_pipeline, validate_and_sample,
                                     validation_set)
 from distill.training.trackers import tracker_config
 
@@ -165,7 +165,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
     # 2. Build: teacher, student, D, text encoder, losses, EMA, optimisers.
     parts = build_student(cfg, manifest=manifest, device=accelerator.device)
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
-    lpips_loss = build_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
+    lpips_loss = build_regression_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
     ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate_g, betas=betas)

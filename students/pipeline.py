@@ -58,6 +58,25 @@ EXAMPLE_DOC_STRING = """
 """
 
 
+# The VAE latent conventions, for the pipeline, the students and distill/ (teachers/loading.py keeps its own
+# vae_scale_factor: teachers/ and students/ do not import each other, and this file must stay self-contained).
+
+
+def vae_scale_factor(vae: AutoencoderKL | None) -> int:
+    """Image pixels per latent cell: 2 per VAE down-block after the first (1 without a VAE: pixel space)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
+def scale_latents(raw: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE-encoder output -> VAE-scaled latents (what the UNet and the pipelines' ``output_type="latent"`` use)."""
+    return (raw - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE-scaled latents -> the VAE decoder's input (the inverse of :func:`scale_latents`)."""
+    return latents / vae_config.scaling_factor + (getattr(vae_config, "shift_factor", None) or 0.0)
+
+
 def decode_vae(vae: AutoencoderKL | None, latents: torch.Tensor) -> torch.Tensor:
     """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (no VAE: the input is already the image).
 
@@ -66,9 +85,8 @@ def decode_vae(vae: AutoencoderKL | None, latents: torch.Tensor) -> torch.Tensor
     """
     if vae is None:  # a pixel-space generator: its output is the image
         return latents.float()
-    cfg = vae.config
-    raw = latents.float() / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    if not (vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)):
+    raw = unscale_latents(latents.float(), vae.config)
+    if not (vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
         return vae.decode(raw.to(vae.dtype)).sample
     vae.to(torch.float32)
     try:
@@ -95,7 +113,7 @@ class OneStepGANPipeline(DiffusionPipeline):
             student=student, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod

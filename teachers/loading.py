@@ -33,6 +33,13 @@ SCHEDULERS = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent cell: 2 per VAE down-block after the first. students/pipeline.py has the same
+    formula: teachers/ and students/ do not import each other."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @dataclass
 class Teacher:
     """A loaded teacher pipeline plus the facts the rest of the toolkit needs about it."""
@@ -44,7 +51,7 @@ class Teacher:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.pipe.vae)
 
     @property
     def latent_channels(self) -> int:

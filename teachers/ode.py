@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from diffusers import DiffusionPipeline
 
+from .loading import vae_scale_factor
+
 
 @torch.no_grad()
 def solve_ode(
@@ -24,8 +26,8 @@ def solve_ode(
     """Teacher ODE solution ``[N,C,H,W]`` (VAE-scaled latents) for ``noise`` and ``prompts``."""
     if len(prompts) != noise.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {noise.shape[0]} noise tensors")
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    height, width = noise.shape[-2] * vae_factor, noise.shape[-1] * vae_factor
+    factor = vae_scale_factor(pipe.vae)
+    height, width = noise.shape[-2] * factor, noise.shape[-1] * factor
     out = pipe(
         prompt=list(prompts),
         negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,

@@ -15,6 +15,7 @@ from diffusers.utils import make_image_grid
 from distill.training.setup import STUDENTS
 from students import OneStepGANPipeline, TextConditioning, encode_text
 from students.export import save_standalone
+from students.pipeline import scale_latents, vae_scale_factor
 from teachers.loading import load_components
 
 DISCRIMINATORS = ("projected", "multiscale", "unet")
@@ -44,14 +45,9 @@ class ScratchParts:
         """Images in [-1, 1] -> what the generator outputs: VAE-scaled latents (or the images in pixel space)."""
         if self.vae is None:
             return images
-        cfg = self.vae.config
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         raw = dist.sample(generator=generator) if sampling == "sample" else dist.mode()
-        return ((raw - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).float()
-
-
-def vae_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        return scale_latents(raw, self.vae.config).float()
 
 
 def check_resolution(*, resolution: int, generator: str, size: str, factor: int) -> int:
@@ -76,7 +72,7 @@ def build_parts(cfg, *, device) -> ScratchParts:
     if text["text_encoder"] is None:
         raise ValueError(f"{cfg.text_encoder} has no text_encoder component: pass a diffusers text-to-image pipeline (folder or hub id)")
     vae = load_vae(cfg.vae, subfolder=cfg.vae_subfolder).to(device) if cfg.space == "latent" else None
-    side = check_resolution(resolution=cfg.resolution, generator=cfg.generator, size=cfg.generator_size, factor=vae_factor(vae))
+    side = check_resolution(resolution=cfg.resolution, generator=cfg.generator, size=cfg.generator_size, factor=vae_scale_factor(vae))
     channels = int(vae.config.latent_channels) if vae is not None else 3
     te2 = text["text_encoder_2"]
     context_dim = int(text["text_encoder"].config.hidden_size) + (int(te2.config.hidden_size) if te2 is not None else 0)

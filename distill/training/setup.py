@@ -131,7 +131,7 @@ def _lpips_name(teacher: Teacher) -> str:
     return "sd21" if teacher.pipe.unet.config.cross_attention_dim == 1024 else "sd15"
 
 
-def build_lpips(cfg, *, teacher: Teacher, accelerator):
+def build_regression_lpips(cfg, *, teacher: Teacher, accelerator):
     """The E-LatentLPIPS loss: a local path, the published network matching the teacher, or random (tests)."""
     from distill.losses import ELatentLPIPS, LatentLPIPSNet
 
