@@ -14,13 +14,10 @@ OUTPUT_DIR`` reads it (``space: latent`` with the same VAE and resolution).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/cache_latents.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-if __package__ in (None, ""):  # `accelerate launch distill/evaluate.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -11,13 +11,10 @@ the pairs the student trained on (``pipeline/pairs_split.json`` -> the pairs' ``
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # `python distill/export_stock.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_gen.pairs import SPLIT_FILE
 from distill.config import ConfigError, parse_config, run_cli

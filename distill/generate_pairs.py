@@ -12,14 +12,11 @@ and every finished shard is checked against its recorded SHA-256. Diffusion2GAN 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/generate_pairs.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tqdm.auto import tqdm

@@ -13,13 +13,10 @@ generator is saved as a ``OneStepGANPipeline`` (``OUTPUT_DIR/pipeline``) for ``e
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/train_gan.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

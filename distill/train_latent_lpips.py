@@ -18,14 +18,11 @@ the steps of both stages), ``--resume_from_checkpoint latest`` (the default) aft
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/train_latent_lpips.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F

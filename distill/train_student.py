@@ -12,13 +12,10 @@ config; the held-out split is recorded in ``pairs_split.json`` (run and pipeline
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/train_student.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
