@@ -71,7 +71,9 @@ def plot(curves: dict[str, dict], path: Path) -> None:
             if rows:
                 ax.plot([r["nimg"] / 1000 for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=name)
         ax.set_xlabel("training images (thousands)")
-        ax.set_title(LABELS.get(metric, metric), fontsize=10)
+        if metric in ("val_lpips", "fid_to_teacher", "fid"):
+            ax.set_yscale("log")  # from-scratch runs start orders of magnitude above where they end
+        ax.set_title(LABELS.get(metric, metric) + (" (log)" if ax.get_yscale() == "log" else ""), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
