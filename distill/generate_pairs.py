@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_gen import pairs as pairs_io
+from data_gen.hub import push_folder
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
 from distill.config import ConfigError, package_versions, parse_config, require_positive, run_cli, save_config
@@ -52,6 +53,10 @@ class PairsConfig:
     seed: int = field(default=0, metadata={"help": "base seed; row i's noise comes from hash(seed, i)"})
     scheduler: str = field(default="ddim", metadata={"help": "ODE solver", "choices": tuple(SCHEDULERS)})
     dtype: str = field(default="float16", metadata={"help": "storage dtype of noise/target", "choices": tuple(pairs_io.STORAGE_DTYPES)})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the finished pairs as a Hub dataset (datasets.load_dataset(repo_id) opens it)"})
+    hub_dataset_id: str = field(default="", metadata={"help": "push_to_hub: the dataset repo id (user/name); empty: the output_dir's name"})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "push_to_hub: a token (default: the one `hf auth login` stored)"})
+    hub_private_repo: bool = field(default=False, metadata={"help": "push_to_hub: create the repo private"})
 
 
 def validate(cfg: PairsConfig) -> None:
@@ -144,7 +149,8 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
     teacher_id = teacher_identity(folder)
     identity = dataclasses.asdict(cfg)
     # Teacher and prompts count by content, not by how their paths are spelled; output_dir and batch_size change no row.
-    for key in ("output_dir", "batch_size", "teacher", "revision", "prompts"):
+    for key in ("output_dir", "batch_size", "teacher", "revision", "prompts", "push_to_hub", "hub_dataset_id", "hub_token",
+                "hub_private_repo"):
         identity.pop(key)
     identity.update(teacher_dtype=teacher_dtype, prompts_sha256=prompts_fingerprint(prompts), num_prompts=len(prompts),
                     teacher_sha256=teacher_id["sha256"])
@@ -205,6 +211,10 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
         rate = my_rows / max(time.perf_counter() - start, 1e-9)
         print(f"{cfg.num_pairs} pairs in {out.resolve()} ({rate:.2f} pairs/s on rank 0); "
               f"open with datasets.load_dataset({str(out)!r}, split='train')")
+        if cfg.push_to_hub and manifest["complete"]:
+            url = push_folder(out, repo_id=cfg.hub_dataset_id or out.resolve().name, repo_type="dataset", token=cfg.hub_token,
+                              private=cfg.hub_private_repo, commit_message=f"{cfg.num_pairs} teacher pairs")
+            print(f"pushed to the Hub: {url}")
     accelerator.wait_for_everyone()  # nobody leaves (and the lock is not released) before the manifest is final
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from data_gen.hub import push_folder
 from data_gen.pairs import load_pairs, read_manifest
 from distill.config import (ConfigError, config_dict, parse_config, require_between, require_non_negative, require_positive,
                             run_cli, save_config)
@@ -92,6 +93,10 @@ class StudentConfig:
     num_validation_seeds: int = field(default=2, metadata={"help": "noise maps (seeds 0..N-1) per validation prompt"})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
     tracker_project_name: str = field(default="train_student", metadata={"help": "project / run name given to the trackers"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the final pipeline folder (model card included) to the Hub"})
+    hub_model_id: str = field(default="", metadata={"help": "push_to_hub: the repo id (user/name); empty: the output_dir's name"})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "push_to_hub: a token (default: the one `hf auth login` stored)"})
+    hub_private_repo: bool = field(default=False, metadata={"help": "push_to_hub: create the repo private"})
 
 
 def check(cfg: StudentConfig) -> None:
@@ -244,6 +249,10 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
     if accelerator.is_main_process:
         export(out / "pipeline")
         accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
+        if cfg.push_to_hub:
+            url = push_folder(out / "pipeline", repo_id=cfg.hub_model_id or out.resolve().name, token=cfg.hub_token,
+                              private=cfg.hub_private_repo, commit_message=f"One-step student, {loop.state.nimg} images")
+            accelerator.print(f"pushed to the Hub: {url}")
 
 
 if __name__ == "__main__":

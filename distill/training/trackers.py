@@ -12,7 +12,7 @@ def tracker_config(config) -> dict:
     (tensorboard's hparams take numbers, strings and booleans only)."""
     out = {}
     for key, value in dataclasses.asdict(config).items():
-        if value is None:
+        if value is None or key.endswith("_token"):  # never send Hub credentials to a tracker
             continue
         out[key] = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
     return out
