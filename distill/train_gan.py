@@ -130,6 +130,7 @@ def main() -> None:
     cfg.mixed_precision = accelerator.mixed_precision  # unset: the launcher's choice; the run records what it used
     with locked(out, purpose="train_gan", is_main_process=accelerator.is_main_process, broadcast=lambda x: broadcast_object_list([x])[0]):
         train(cfg, accelerator=accelerator)
+    accelerator.wait_for_everyone()  # leave together: a rank that tears down gloo while its peer still exports can abort
     accelerator.end_training()
 
 

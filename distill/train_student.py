@@ -149,7 +149,12 @@ def main() -> None:
     with locked(out, purpose="train_student", is_main_process=accelerator.is_main_process,
                 broadcast=lambda x: broadcast_object_list([x])[0]):
         train(cfg, accelerator=accelerator, manifest=manifest, split=split)
+    accelerator.wait_for_everyone()  # leave together: a rank that tears down gloo while its peer still exports can abort
     accelerator.end_training()
+    if cfg.push_to_hub and accelerator.is_main_process:  # after the process group is gone: an upload may outlast its timeout
+        url = push_folder(out / "pipeline", repo_id=cfg.hub_model_id or out.resolve().name, token=cfg.hub_token,
+                          private=cfg.hub_private_repo, commit_message="One-step student (distill/train_student.py)")
+        print(f"pushed to the Hub: {url}")
 
 
 def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> None:
@@ -249,10 +254,6 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
     if accelerator.is_main_process:
         export(out / "pipeline")
         accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
-        if cfg.push_to_hub:
-            url = push_folder(out / "pipeline", repo_id=cfg.hub_model_id or out.resolve().name, token=cfg.hub_token,
-                              private=cfg.hub_private_repo, commit_message=f"One-step student, {loop.state.nimg} images")
-            accelerator.print(f"pushed to the Hub: {url}")
 
 
 if __name__ == "__main__":

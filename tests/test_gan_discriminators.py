@@ -12,17 +12,6 @@ from distill.losses.diffaugment import DiffAugment
 from distill.losses.gan import OBJECTIVES, objective_loss
 
 
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    """A small digits-classifier folder (random weights) read as a frozen feature network."""
-    from teachers.digits_classifier import DigitClassifier
-
-    path = tmp_path_factory.mktemp("classifier") / "clf"
-    torch.manual_seed(0)
-    DigitClassifier(channels=(8, 16), feature_dim=16, image_size=16).save_pretrained(path)
-    return path
-
-
 def _text(n, *, seed=0, dim=32):
     return torch.randn(n, 7, dim, generator=torch.Generator().manual_seed(seed))
 

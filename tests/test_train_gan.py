@@ -29,16 +29,6 @@ def images(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    from teachers.digits_classifier import DigitClassifier
-
-    path = tmp_path_factory.mktemp("clf") / "clf"
-    torch.manual_seed(0)
-    DigitClassifier(channels=(8, 16), feature_dim=16, image_size=16).save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def common(images, classifier_dir, sd15_teacher):
     return ["--dataset", images, "--caption_column", "caption", "--text_encoder", sd15_teacher, "--vae", sd15_teacher,
