@@ -56,18 +56,3 @@ class CLIPGuidance(nn.Module):
         image = F.normalize(self.clip.encode_image(x).float(), dim=-1)
         cos = (image * self.text_embeddings(captions)).sum(dim=-1)
         return torch.arccos(cos.clamp(-1 + 1e-6, 1 - 1e-6)).square()
-
-
-def load_clip_guidance(model_name: str, pretrained: str, *, crop: int, device) -> CLIPGuidance:
-    """CLIP guidance with an open_clip model by name and pretrained tag / local file (``random-tiny``: random
-    weights, tests only); weights absent locally raise FileNotFoundError naming how to get them."""
-    import open_clip
-
-    from distill.metrics.clip_score import build_random_tiny_clip, resolve_clip_weights
-
-    if model_name == "random-tiny":
-        clip = build_random_tiny_clip(device=device)
-        return CLIPGuidance(clip.model, clip.tokenizer, crop=crop).to(device)
-    weights = resolve_clip_weights(model_name, pretrained, None)
-    model = open_clip.create_model(model_name, pretrained=weights, device=device)
-    return CLIPGuidance(model, open_clip.get_tokenizer(model_name), crop=crop).to(device)

@@ -9,12 +9,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
-if TYPE_CHECKING:
-    from .elatentlpips import LatentLPIPSNet
+from .latent_lpips_net import LatentLPIPSNet
 
 
 class PublishedNet(NamedTuple):
@@ -99,7 +98,6 @@ def load_reference_checkpoint(path: str | os.PathLike, *, name: str | None = Non
 
     ``name`` (sd15/sd21/sdxl/sd3/flux) sets the VAE convention; otherwise it is read from the file name.
     """
-    from .elatentlpips import LatentLPIPSNet  # the network module re-exports this one: import on use
 
     path = Path(path)
     if not path.is_file():
@@ -179,7 +177,6 @@ def fetch_published_with(name: str, *, fetch: FetchOptions) -> Path:
 def load_latent_lpips(name_or_path: str | os.PathLike, *, fetch: FetchOptions = FetchOptions()) -> LatentLPIPSNet:
     """Load a latent LPIPS network from: a ``save_pretrained`` directory (ours, safetensors), a local
     published ``.pth`` file, or a published name (sd15/sd21/sdxl/sd3/flux) via :func:`fetch_published_with`."""
-    from .elatentlpips import LatentLPIPSNet
 
     p = Path(name_or_path)
     if p.is_dir() and (p / LatentLPIPSNet.config_name).is_file():

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers.utils import make_image_grid
 
+from distill.losses.clip_guidance import CLIPGuidance
 from distill.training.setup import STUDENTS
 from students import OneStepGANPipeline, TextConditioning, encode_text
 from students.export import save_standalone
@@ -101,14 +102,27 @@ def build_parts(cfg, *, device) -> ScratchParts:
         disc = UnpairedUNetDiscriminator(unet, timestep=cfg.d_timestep, heads=heads, augment=cfg.augment)
     clip = None
     if cfg.clip_guidance_weight > 0:
-        from distill.losses.clip_guidance import load_clip_guidance
-
         try:
             clip = load_clip_guidance(cfg.clip_model, cfg.clip_pretrained, crop=cfg.clip_crop, device=device)
         except FileNotFoundError as exc:  # optional: train without it, saying why in one line
             sys.stderr.write(f"warning: CLIP guidance is off: {exc}\n")
     return ScratchParts(text=text, vae=vae, generator=generator, discriminator=disc.to(device), clip_guidance=clip,
                         resolution=cfg.resolution)
+
+
+def load_clip_guidance(model_name: str, pretrained: str, *, crop: int, device) -> CLIPGuidance:
+    """CLIP guidance with an open_clip model by name and pretrained tag / local file (``random-tiny``: random
+    weights, tests only); weights absent locally raise FileNotFoundError naming how to get them."""
+    import open_clip
+
+    from distill.metrics.clip_score import build_random_tiny_clip, resolve_clip_weights
+
+    if model_name == "random-tiny":
+        clip = build_random_tiny_clip(device=device)
+        return CLIPGuidance(clip.model, clip.tokenizer, crop=crop).to(device)
+    weights = resolve_clip_weights(model_name, pretrained, None)
+    model = open_clip.create_model(model_name, pretrained=weights, device=device)
+    return CLIPGuidance(model, open_clip.get_tokenizer(model_name), crop=crop).to(device)
 
 
 def export_pipeline(parts: ScratchParts, generator: torch.nn.Module, path: Path) -> None:
