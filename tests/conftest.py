@@ -96,3 +96,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ctrl_c_able() -> None:
+    """``Popen(preexec_fn=ctrl_c_able)``: the child takes SIGINT as Ctrl-C even when pytest itself runs in the
+    background (a shell starts background jobs with SIGINT ignored, and Python then installs no handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

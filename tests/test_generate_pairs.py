@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, accelerate_launch, ctrl_c_able, run_script
 from data_gen.noise import noise_for_seed
 from data_gen.pairs import load_pairs
 
@@ -171,8 +171,9 @@ def _files(out):
 def test_a_second_run_into_a_locked_folder_is_refused(sd15_teacher, prompt_file, tmp_path, capsys):
     out = tmp_path / "pairs"
     args = [sys.executable, str(ROOT / "distill" / "generate_pairs.py"), *map(str, _gen(sd15_teacher, prompt_file, out)),
-            "--num_pairs", "400", "--batch_size", "1"]
-    first = subprocess.Popen(args, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            "--num_pairs", "4000", "--batch_size", "1"]  # still running when Ctrl-C comes (400 took 12 s on idle cores)
+    first = subprocess.Popen(args, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=ctrl_c_able)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "manifest.json").exists():

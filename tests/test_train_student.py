@@ -663,13 +663,13 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(pairs_dir, tmp_path):
     import sys
     import time
 
-    from conftest import ROOT
+    from conftest import ROOT, ctrl_c_able
 
     run = tmp_path / "ctrlc"
     cmd = [sys.executable, str(ROOT / "distill" / "train_student.py"), "--pairs", str(pairs_dir), "--output_dir", str(run),
            "--max_train_steps", "1000", "--checkpointing_steps", "2", "--validation_steps", "1000", *map(str, TRAIN)]
     proc = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_able)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "checkpoint-4").is_dir():
         time.sleep(0.05)
