@@ -35,7 +35,7 @@ from distill.training.setup import (STUDENTS, apply_student_defaults, build_regr
                                     validation_set)
 from distill.training.trackers import tracker_config
 
-STUDENT_SIZES = ("tiny", "small", "base")
+STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
