@@ -10,14 +10,14 @@ the pairs the student trained on (``pipeline/pairs_split.json`` -> the pairs' ``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 
-from data_gen.pairs import SPLIT_FILE
+from data_gen.pairs import SPLIT_FILE, read_manifest
 from distill.config import ConfigError, parse_config, run_cli
+from distill.training.run_checks import read_split
 from students import OneStepGANPipeline
 from students.stock import save_stock_pipeline
 
@@ -37,13 +37,13 @@ def scheduler_config(cfg: ExportStockConfig) -> dict:
         from diffusers import DDIMScheduler
 
         return dict(DDIMScheduler.load_config(cfg.teacher, subfolder="scheduler", revision=cfg.revision))
-    split = Path(cfg.pipeline, SPLIT_FILE)
-    if not split.is_file():
+    split = read_split(cfg.pipeline)
+    if split is None:
         raise ConfigError(f"{cfg.pipeline} has no {SPLIT_FILE} naming its pairs: set `teacher` to the teacher's hub id or folder")
-    manifest = Path(json.loads(split.read_text())["pairs"], "manifest.json")
-    if not manifest.is_file():
-        raise ConfigError(f"the student's pairs manifest {manifest} is gone: set `teacher` to the teacher's hub id or folder")
-    return json.loads(manifest.read_text())["scheduler_config"]
+    try:
+        return read_manifest(split["pairs"])["scheduler_config"]
+    except FileNotFoundError:
+        raise ConfigError(f"the student's pairs {split['pairs']} are gone: set `teacher` to the teacher's hub id or folder") from None
 
 
 def main() -> None:
