@@ -211,7 +211,7 @@ def validate(cfg: EvalConfig) -> list[str]:
     metrics = parse_metrics(cfg.metrics)
     if "fid" in metrics and not cfg.reference:
         raise ConfigError("FID needs `reference`: a folder of reference images (e.g. COCO val) or an .npz statistics file")
-    if "fid_to_teacher" in metrics and not Path(cfg.teacher_reference).is_dir():
+    if "fid_to_teacher" in metrics and not (cfg.teacher_reference and Path(cfg.teacher_reference).is_dir()):  # Path("") is "."
         raise ConfigError(
             f"fid_to_teacher needs `teacher_reference`, a folder of the teacher's samples drawn with another seed "
             f"(got {cfg.teacher_reference!r}): run this script on the teacher with --metrics samples --seed <other> first"
