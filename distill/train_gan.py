@@ -200,7 +200,7 @@ def train(cfg: GANConfig, *, accelerator) -> None:
                     group["lr"] = lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else lr
             sigma = blur_sigma(nimg=loop.state.nimg, init_sigma=cfg.blur_sigma, fade_kimg=cfg.blur_fade_kimg)
             batches = [data.batch(micro) for micro in loop.micro_steps()]
-            logs: dict[str, float] = {}
+            logs: dict[str, torch.Tensor] = {}
 
             def g_micro(m, rng):
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=rng)))  # DiffAugment draws from the global RNG (kornia)

@@ -222,7 +222,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
                     fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
                 batches.append(Batch(noise, rows["target"].to(accelerator.device, torch.float32), parts.encode(rows["prompt"]),
                                      gan_noise=fresh))
-            logs: dict[str, float] = {}
+            logs: dict[str, torch.Tensor] = {}
 
             def g_micro(m, gen):
                 # D frozen; its forward is the unwrapped module, so no DDP reduction is expected.

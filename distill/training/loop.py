@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -95,11 +96,12 @@ class TrainLoop:
             self.bar.close()  # ends the progress line, so an error message starts on its own line
 
     def phase(self, *, purpose: str, model, optimizer, params: Iterable[torch.nn.Parameter], micro_step: MicroStep,
-              logs: dict[str, float], max_grad_norm: float, per_step_terms: tuple[str, ...] = ()) -> list:
+              logs: dict[str, torch.Tensor], max_grad_norm: float, per_step_terms: tuple[str, ...] = ()) -> list:
         """One optimiser step of ``model`` over this step's micro-batches: ``micro_step(m, generator)`` for each
         (``generator``: the (seed, rank, micro-batch, ``purpose``) stream), gradients synchronised across processes
-        on the last one only, then clipping and the optimiser step. Terms are logged as micro-batch means, except
-        ``per_step_terms`` (computed once per step). Returns the micro-steps' outputs."""
+        on the last one only, then clipping and the optimiser step, skipped (the run stops) when the gradient norm
+        is not finite. Terms are summed into ``logs`` on the device as micro-batch means, except ``per_step_terms``
+        (computed once per step); :meth:`end_step` reads them. Returns the micro-steps' outputs."""
         acc = self.accelerator
         micro = list(self.micro_steps())
         outputs = []
@@ -108,36 +110,48 @@ class TrainLoop:
             sync = contextlib.nullcontext() if m + 1 == len(micro) else acc.no_sync(model)
             with sync, acc.autocast():
                 output, terms, loss = micro_step(m, generator)
-                self.check_finite(loss, terms)
                 acc.backward(loss)
             outputs.append(output)
-            for k, v in terms.items():
-                logs[k] = logs.get(k, 0.0) + float(v.detach()) / (1 if k in per_step_terms else len(micro))
-        if max_grad_norm > 0:
-            acc.clip_grad_norm_(params, max_grad_norm)
+            for k, v in terms.items():  # kept on the device: reading a value would wait for the GPU
+                v = v.detach().float() / (1 if k in per_step_terms else len(micro))
+                logs[k] = logs[k] + v if k in logs else v
+        # A NaN/inf loss makes the gradient norm non-finite; the norm is the same on every process (DDP averaged
+        # the gradients), so all stop together without a collective of their own. Clipping off: an infinite bound.
+        norm = acc.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        # With fp16 loss scaling an inf norm is an overflow the scaler skips by itself; a NaN loss shows in end_step.
+        if acc.scaler is None and not torch.isfinite(norm):
+            self._stop(logs, reduced=False)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return outputs
 
-    def check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        """Stop every rank together on a NaN/inf loss, naming the step and term; checkpoints stay as they are."""
-        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
-        if self.accelerator.reduce(bad, "max").item() > 0:
-            names = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()] or ["(on another process)"]
-            last = ckpt.checkpoint_dirs(self.out)
-            raise ValueError(
-                f"non-finite loss at step {self.state.step} in term {', '.join(names)}: stopped; last good checkpoint: "
-                f"{last[-1] if last else 'none yet'} (lower the learning rates or the term's weight, then resume)"
-            )
+    def _stop(self, logs: dict, *, reduced: bool) -> None:
+        """Raise the one-line NaN/inf stop naming the step and the non-finite terms (of any process); checkpoints stay
+        as they are. ``reduced``: ``logs`` are already the process means (floats), else this process's device values."""
+        keys = sorted(logs)
+        if reduced:
+            bad = [k for k in keys if not math.isfinite(logs[k])]
+        else:
+            flags = torch.stack([~torch.isfinite(logs[k]) for k in keys]).float() if keys else torch.zeros(0)
+            bad = [k for k, f in zip(keys, self.accelerator.reduce(flags, "max").tolist()) if f > 0]
+        last = ckpt.checkpoint_dirs(self.out)
+        where = f"non-finite loss at step {self.state.step} in term {', '.join(bad)}" if bad else \
+            f"non-finite gradient norm at step {self.state.step} (every loss term finite)"
+        raise ValueError(f"{where}: stopped; last good checkpoint: {last[-1] if last else 'none yet'} "
+                         "(lower the learning rates or the term's weight, then resume)")
 
-    def end_step(self, logs: dict[str, float], *, extra: dict[str, float] | None = None) -> dict[str, float]:
+    def end_step(self, logs: dict[str, torch.Tensor], *, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Count the step, update the EMA, log the process-mean terms (+ ``extra``, already global) to the trackers and
-        ``stats.jsonl``, then checkpoint and validate when due. Returns the logged terms."""
+        ``stats.jsonl`` (a non-finite one stops the run), then checkpoint and validate when due. Returns the logged terms."""
         acc, state = self.accelerator, self.state
+        keys = sorted(logs)  # one collective and one read of the device for all terms
+        values = acc.reduce(torch.stack([logs[k] for k in keys]), "mean").tolist() if keys else []
+        logs = dict(zip(keys, values))
+        if not all(map(math.isfinite, values)):
+            self._stop(logs, reduced=True)
         state.step += 1
         state.nimg += self.images_per_step
         self.ema.update(acc.unwrap_model(self.model), self.images_per_step, nimg=state.nimg)
-        logs = {k: acc.reduce(torch.tensor(v, device=acc.device), "mean").item() for k, v in sorted(logs.items())}
         logs.update(extra or {})
         acc.log({**logs, "nimg": state.nimg}, step=state.step)
         if acc.is_main_process:
