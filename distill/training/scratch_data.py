@@ -17,6 +17,7 @@ import torch
 
 from data_gen.image_text import (LATENT_COLUMN, StreamCursor, image_transform, is_latent_cache, open_image_text, read_latent_manifest,
                                  read_rows, rows_to_batch)
+from distill.training.prefetch import Prefetch
 from distill.training.scratch_phases import RealBatch
 from distill.training.seeds import batch_indices, step_generator
 
@@ -46,9 +47,6 @@ class _MicroBatches(torch.utils.data.Dataset):
         return read_rows(self.ds, idx, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
                          generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="caption"))
 
-    def __len__(self):  # unbounded: the sampler decides which micro-batches are read
-        return 2 ** 62
-
 
 class RealData:
     """``data.batch(micro) -> RealBatch`` for consecutive global micro-batch numbers from ``start``.
@@ -67,21 +65,20 @@ class RealData:
         self.columns = (LATENT_COLUMN, "caption") if self.cached else (image_column, caption_column)
         self.transform = image_transform(resolution)
         self.seed, self.rank, self.world, self.batch_size = seed, rank, world, batch_size
-        self.num_workers, self.latent_sampling = num_workers, latent_sampling
+        self.latent_sampling = latent_sampling
         self.encode, self.to_samples, self.device, self.gather = encode, to_samples, device, gather
         self.cursor = StreamCursor(self.ds, rank=rank, world=world) if streaming else None
-        self._loader = None
+        self.prefetch = None if streaming else Prefetch(
+            _MicroBatches(self.ds, seed=seed, rank=rank, world=world, batch_size=batch_size, image_column=self.columns[0],
+                          caption_column=self.columns[1], transform=self.transform), num_workers=num_workers)
         if not streaming and len(self.ds) < batch_size * world:
             raise ValueError(f"dataset {dataset} has {len(self.ds)} rows, fewer than one step's batch "
                              f"({batch_size} x {world} processes): lower batch_size")
 
     def start(self, micro: int) -> None:
         """Read from micro-batch ``micro`` on (a resumed run's first); workers prefetch in order."""
-        if self.cursor is None and self.num_workers > 0:
-            source = _MicroBatches(self.ds, seed=self.seed, rank=self.rank, world=self.world, batch_size=self.batch_size,
-                                   image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform)
-            self._loader = iter(torch.utils.data.DataLoader(source, batch_size=None, sampler=itertools.count(micro),
-                                                            num_workers=self.num_workers))
+        if self.prefetch is not None:
+            self.prefetch.start(micro)
 
     def batch(self, micro: int) -> RealBatch:
         if self.cursor is not None:
@@ -89,12 +86,8 @@ class RealData:
             where = [f"streamed row {self.cursor.read - len(rows) + i} of pass {self.cursor.epoch} (rank {self.rank})" for i in range(len(rows))]
             samples, captions = rows_to_batch(rows, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
                                               generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="caption"), where=where)
-        elif self._loader is not None:
-            samples, captions = next(self._loader)
         else:
-            samples, captions = _MicroBatches(self.ds, seed=self.seed, rank=self.rank, world=self.world, batch_size=self.batch_size,
-                                              image_column=self.columns[0], caption_column=self.columns[1],
-                                              transform=self.transform)[micro]
+            samples, captions = self.prefetch.read(micro)
         samples = samples.to(self.device)
         if not self.cached:
             samples = self.to_samples(samples, sampling=self.latent_sampling,
