@@ -28,9 +28,11 @@ from distill.training import checkpoint as ckpt
 from distill.training import run_checks
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop, state_bytes
+from distill.training.pair_data import PairRows
 from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
 from distill.training.card import card_facts
-from distill.training.seeds import batch_indices, step_generator
+from distill.training.prefetch import Prefetch
+from distill.training.seeds import step_generator
 from distill.training.setup import (STUDENTS, apply_student_defaults, build_regression_lpips, build_student, export_pipeline, validate_and_sample,
                                     validation_set)
 from distill.training.trackers import tracker_config
@@ -82,6 +84,8 @@ class StudentConfig:
     ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers reading the next pair micro-batches ahead (0: read in the training process; the batches are the same either way)",
+                                                  "aliases": ["dataloader_num_workers"]})
     mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice (accelerate launch --mixed_precision / accelerate config), else no", "choices": MIXED_PRECISIONS})
     seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
     holdout: int = field(default=16, metadata={"help": "pairs (the last indices) held out for validation"})
@@ -105,7 +109,7 @@ def check(cfg: StudentConfig) -> None:
     apply_student_defaults(cfg)  # (student, student_size, regression, gan_noise, mixed_precision: choices checked by parse_config)
     require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
                      "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d", "num_validation_seeds")
-    require_non_negative(cfg, "gan_start_step", "holdout", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
+    require_non_negative(cfg, "gan_start_step", "holdout", "num_workers", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
                          "ema_half_life_kimg", "ema_rampup", "d_lora_rank", "d_timestep")
     require_between(cfg, "mix_fraction", 0.0, 1.0)
     for key in ("adam_beta1", "adam_beta2"):
@@ -205,6 +209,9 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
         accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
     if loop.state.step == 0:
         validate(0)
+    data = Prefetch(PairRows(pairs, num_train=n_train, seed=cfg.seed, rank=rank, world=world, batch_size=cfg.batch_size),
+                    num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
+    data.start(loop.micro_steps().start)
 
     # 4. Loop: phase G (D frozen), phase D (+ lazy R1 on one real sample); EMA, logs, checkpoints, validation.
     with loop.progress():
@@ -214,14 +221,14 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
             do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
             batches = []
             for micro in loop.micro_steps():
-                rows = pairs[batch_indices(seed=cfg.seed, step=micro, rank=rank, world=world, batch_size=cfg.batch_size, num_rows=n_train)]
-                noise = rows["noise"].to(accelerator.device, torch.float32)
+                rows = data.read(micro)
+                noise = rows["noise"].to(accelerator.device, torch.float32, non_blocking=True)
                 fresh = None
                 if gan_on and cfg.gan_noise == "fresh":  # fakes for D from new noise (a from-scratch G memorises the pairs)
                     z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
                     fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
-                batches.append(Batch(noise, rows["target"].to(accelerator.device, torch.float32), parts.encode(rows["prompt"]),
-                                     gan_noise=fresh))
+                target = rows["target"].to(accelerator.device, torch.float32, non_blocking=True)
+                batches.append(Batch(noise, target, parts.encode(rows["prompt"]), gan_noise=fresh))
             logs: dict[str, torch.Tensor] = {}
 
             def g_micro(m, gen):

@@ -252,7 +252,9 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
-    # Interrupted after step 2, then the same command (with the final step count) resumes from the checkpoint.
+    # Interrupted after step 2, then the same command (with the final step count) resumes from the checkpoint;
+    # DataLoader workers read the pairs there (the same batches as read in-process).
+    common += ["--num_workers", 2]
     assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
     # A kill during a save leaves only a temporary directory behind: it is neither resumed from nor kept.
     stale = resumed / "checkpoints" / ".tmp-checkpoint-4"
@@ -267,6 +269,36 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert [r["step"] for r in _stats(resumed) if "g_lpips" in r] == [1, 2, 3, 4]
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
+    from data_gen.pairs import load_pairs
+    from distill.training.pair_data import PairRows
+    from distill.training.prefetch import Prefetch
+
+    pairs = load_pairs(pairs_dir).with_format("torch")
+
+    def read(*, num_workers, start=0, rank=0, world=1):
+        data = Prefetch(PairRows(pairs, num_train=16, seed=0, rank=rank, world=world, batch_size=4), num_workers=num_workers)
+        data.start(start)
+        return [data.read(m) for m in range(start, 8)]
+
+    straight = read(num_workers=0)
+    index = [b["index"].tolist() for b in straight]
+    # 8 micro-batches of 4 = two epochs of the 16 training rows (the last 8 of 24 held out), each row once per epoch.
+    assert sorted(sum(index[:4], [])) == sorted(sum(index[4:], [])) == list(range(16)) and index[:4] != index[4:]
+    for batches in (read(num_workers=2), [None] * 5 + read(num_workers=2, start=5)):  # all; resumed at micro-batch 5
+        for got, want in zip(batches, straight):
+            if got is not None:
+                assert got["prompt"] == want["prompt"]
+                for key in ("index", "noise", "target"):
+                    torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    ranks = [sum((b["index"].tolist() for b in read(num_workers=2, rank=r, world=2, start=6)), []) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])  # two processes read disjoint rows
+    data = Prefetch(PairRows(pairs, num_train=16, seed=0, rank=0, world=1, batch_size=4), num_workers=1)
+    data.start(3)
+    with pytest.raises(RuntimeError, match="prefetched micro-batch 3 but micro-batch 4 was asked for"):
+        data.read(4)
 
 
 @pytest.mark.parametrize("heads", ["before,skip,after,final", "before,skip,after"])
