@@ -12,6 +12,7 @@ config; the held-out split is recorded in ``pairs_split.json`` (run and pipeline
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 
 from data_gen.hub import push_folder
-from data_gen.pairs import load_pairs, read_manifest
+from data_gen.pairs import load_pairs, read_manifest, stored_text_shapes
 from distill.config import (ConfigError, config_dict, parse_config, require_between, require_non_negative, require_positive,
                             run_cli, save_config)
 from distill.lock import locked
@@ -28,7 +29,7 @@ from distill.training import checkpoint as ckpt
 from distill.training import run_checks
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop, state_bytes
-from distill.training.pair_data import PairRows
+from distill.training.pair_data import PairRows, stored_conditioning
 from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
 from distill.training.card import card_facts
 from distill.training.prefetch import Prefetch
@@ -142,8 +143,13 @@ def main() -> None:
     split = run_checks.split_record(pairs=cfg.pairs, manifest=manifest, holdout=cfg.holdout)
     if ckpt.resolve_resume(out, cfg.resume_from_checkpoint) is not None:
         run_checks.check_resume(out, config=config_dict(cfg), split=split)
-    run_checks.check_teacher(teacher=cfg.teacher or manifest["teacher"]["name_or_path"], revision=cfg.revision or manifest["teacher"].get("revision"),
-                             variant=cfg.variant, manifest=manifest, pairs=cfg.pairs, allow_mismatch=cfg.allow_teacher_mismatch)
+    same_teacher = run_checks.check_teacher(teacher=cfg.teacher or manifest["teacher"]["name_or_path"],
+                                            revision=cfg.revision or manifest["teacher"].get("revision"), variant=cfg.variant,
+                                            manifest=manifest, pairs=cfg.pairs, allow_mismatch=cfg.allow_teacher_mismatch)
+    stored_text = stored_text_shapes(manifest) is not None
+    if stored_text and not same_teacher:
+        sys.stderr.write(f"warning: the prompt embeddings stored in {cfg.pairs} are another teacher's: this teacher's text encoder "
+                         "encodes the prompts instead\n")
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out)
     )
@@ -152,7 +158,7 @@ def main() -> None:
     accelerator.print(f"mixed precision: {cfg.mixed_precision}")
     with locked(out, purpose="train_student", is_main_process=accelerator.is_main_process,
                 broadcast=lambda x: broadcast_object_list([x])[0]):
-        train(cfg, accelerator=accelerator, manifest=manifest, split=split)
+        train(cfg, accelerator=accelerator, manifest=manifest, split=split, stored_text=stored_text and same_teacher)
     accelerator.wait_for_everyone()  # leave together: a rank that tears down gloo while its peer still exports can abort
     accelerator.end_training()
     if cfg.push_to_hub and accelerator.is_main_process:  # after the process group is gone: an upload may outlast its timeout
@@ -161,8 +167,9 @@ def main() -> None:
         print(f"pushed to the Hub: {url}")
 
 
-def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> None:
-    """The training loop, with ``output_dir`` locked."""
+def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, stored_text: bool) -> None:
+    """The training loop, with ``output_dir`` locked; ``stored_text``: condition on the prompt embeddings stored with
+    the pairs rather than encoding the prompts at every step."""
     from accelerate.utils import set_seed
 
     # 1. Load: the pairs (rows in index order: the first n_train train, the rest are held out).
@@ -170,6 +177,8 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
     set_seed(cfg.seed)  # same initial weights (heads, zero convs) on every rank
     rank, world = accelerator.process_index, accelerator.num_processes
     pairs = load_pairs(cfg.pairs).with_format("torch")
+    if not stored_text:  # not read at all then
+        pairs = pairs.remove_columns(list(stored_text_shapes(manifest) or {}))
     n_train = split["train_indices"][1]
     holdout = pairs[n_train:]
 
@@ -212,6 +221,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
     data = Prefetch(PairRows(pairs, num_train=n_train, seed=cfg.seed, rank=rank, world=world, batch_size=cfg.batch_size),
                     num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
     data.start(loop.micro_steps().start)
+    text_dtype = pipe.text_encoder.dtype  # stored embeddings in the dtype the text encoder would give them
 
     # 4. Loop: phase G (D frozen), phase D (+ lazy R1 on one real sample); EMA, logs, checkpoints, validation.
     with loop.progress():
@@ -228,7 +238,9 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> No
                     z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
                     fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
                 target = rows["target"].to(accelerator.device, torch.float32, non_blocking=True)
-                batches.append(Batch(noise, target, parts.encode(rows["prompt"]), gan_noise=fresh))
+                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=text_dtype) if stored_text
+                        else parts.encode(rows["prompt"]))
+                batches.append(Batch(noise, target, cond, gan_noise=fresh))
             logs: dict[str, torch.Tensor] = {}
 
             def g_micro(m, gen):

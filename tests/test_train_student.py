@@ -301,6 +301,39 @@ def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
         data.read(4)
 
 
+def test_stored_prompt_embeds_train_like_the_text_encoder(pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
+    """Pairs made with --store_prompt_embeds: the steps condition on the stored embeddings (the text encoder runs only
+    for validation) and give the losses of encoding the prompts, to float16 rounding; the rows count as the same."""
+    from distill.training.setup import Parts
+
+    stored = tmp_path / "pairs-embeds"
+    code, err = run_script("generate_pairs.py", ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 24,
+                                                 "--resolution", 32, "--num_inference_steps", 3, "--batch_size", 8,
+                                                 "--output_dir", stored, "--store_prompt_embeds"], capsys)
+    assert code == 0, err
+    encoded, encode = [], Parts.encode
+    monkeypatch.setattr(Parts, "encode", lambda self, prompts: encoded.append(len(prompts)) or encode(self, prompts))
+    runs = {}
+    for name, pairs in (("encoded", pairs_dir), ("stored", stored)):
+        encoded.clear()
+        run = tmp_path / name
+        code, err = run_script("train_student.py", ["--pairs", pairs, "--output_dir", run, "--max_train_steps", 3,
+                                                    "--checkpointing_steps", 3, "--validation_steps", 100, *TRAIN,
+                                                    "--gradient_accumulation_steps", 2], capsys)
+        assert code == 0, err
+        runs[name] = ([r for r in _stats(run) if "g_lpips" in r], list(encoded))
+        split = json.loads((run / "pairs_split.json").read_text())
+        runs[name] += (split["rows_fingerprint"],)
+    (encoded_stats, encoded_calls, fp_a), (stored_stats, stored_calls, fp_b) = runs["encoded"], runs["stored"]
+    assert encoded_calls.count(4) - stored_calls.count(4) == 3 * 2  # a batch of 4 per micro-step, 3 steps x 2
+    assert fp_a == fp_b
+    assert len(stored_stats) == len(encoded_stats) == 3
+    for a, b in zip(encoded_stats, stored_stats):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-12), key  # measured: 4e-6 at most
+
+
 @pytest.mark.parametrize("heads", ["before,skip,after,final", "before,skip,after"])
 def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path, heads):
     """Also with a head set that leaves the UNet's output layers unread: DDP (no find_unused_parameters)
@@ -533,12 +566,24 @@ def test_unet_student_at_zero_terminal_snr(sd15_teacher):
         UNetStudent.from_teacher(tp.unet, eps_sched)
 
 
-def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys):
-    """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline."""
+@pytest.mark.parametrize("store_prompt_embeds", [False, True])
+def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys, store_prompt_embeds):
+    """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline; stored with
+    the pairs, it is the encoders' (time ids from the resolution)."""
     pairs = tmp_path / "pairs"
     code, err = run_script("generate_pairs.py", ["--teacher", sdxl_teacher, "--prompts", prompt_file, "--num_pairs", 6,
-                                                 "--resolution", 32, "--num_inference_steps", 2, "--output_dir", pairs], capsys)
+                                                 "--resolution", 32, "--num_inference_steps", 2, "--output_dir", pairs,
+                                                 "--store_prompt_embeds", store_prompt_embeds], capsys)
     assert code == 0, err
+    if store_prompt_embeds:
+        from data_gen.pairs import load_pairs
+        from distill.training.pair_data import stored_conditioning
+
+        rows = load_pairs(pairs).with_format("torch")[:4]
+        got = stored_conditioning(rows, resolution=32, device="cpu", dtype=torch.float32)
+        want = _cond(load_teacher(str(sdxl_teacher)), rows["prompt"])
+        for a, b in ((got.prompt_embeds, want.prompt_embeds), (got.pooled_prompt_embeds, want.pooled_prompt_embeds), (got.time_ids, want.time_ids)):
+            torch.testing.assert_close(a, b.half().float())
     run = tmp_path / "run"
     code, err = run_script("train_student.py", ["--pairs", pairs, "--output_dir", run, "--max_train_steps", 1,
                                                 "--checkpointing_steps", 1, "--validation_steps", 1, "--lpips_network", "random",

@@ -1,4 +1,5 @@
-"""Stage two's training rows: micro-batch number -> this process's rows of the pairs' training part.
+"""Stage two's training rows: micro-batch number -> this process's rows of the pairs' training part, and the
+text conditioning stored with them.
 
 The rows are :func:`distill.training.seeds.batch_indices` of the first ``num_train`` pairs (a pure function
 of seed, micro-batch and rank), so :class:`distill.training.prefetch.Prefetch` can read them ahead in
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from distill.training.seeds import batch_indices
+from students.text import TextConditioning, sdxl_time_ids
 
 
 class PairRows(torch.utils.data.Dataset):
@@ -22,3 +24,13 @@ class PairRows(torch.utils.data.Dataset):
     def __getitem__(self, micro: int) -> dict:
         return self.pairs[batch_indices(seed=self.seed, step=micro, rank=self.rank, world=self.world, batch_size=self.batch_size,
                                         num_rows=self.num_train)]
+
+
+def stored_conditioning(rows: dict, *, resolution: int, device, dtype: torch.dtype) -> TextConditioning:
+    """The text conditioning ``generate_pairs.py --store_prompt_embeds`` stored with ``rows`` (the teacher's
+    ``encode_text`` output; SDXL's time ids follow from the ``resolution``), as ``dtype`` on ``device``."""
+    embeds = rows["prompt_embeds"].to(device, dtype, non_blocking=True)
+    if "pooled_prompt_embeds" not in rows:
+        return TextConditioning(embeds)
+    pooled = rows["pooled_prompt_embeds"].to(device, dtype, non_blocking=True)
+    return TextConditioning(embeds, pooled, sdxl_time_ids((resolution, resolution), batch=len(embeds), dtype=dtype, device=device))
