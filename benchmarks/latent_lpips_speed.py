@@ -58,7 +58,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _build(method: str, device: torch.device, dtype: torch.dtype):
-    from distill.losses import ELatentLPIPS, LatentLPIPSNet, PixelLPIPS, build_lpips
+    from distill.losses import ELatentLPIPS, LatentLPIPSNet, PixelLPIPS, build_pixel_lpips
 
     def place(m):  # .to(dtype) only when asked: diffusers warns on any dtype cast
         m = m.to(device)
@@ -70,7 +70,7 @@ def _build(method: str, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
     vae = place(AutoencoderKL(**SD15_VAE))
-    return PixelLPIPS(vae, lpips_net=build_lpips(net="vgg", pretrained_trunk=False).to(device))
+    return PixelLPIPS(vae, lpips_net=build_pixel_lpips(net="vgg", pretrained_trunk=False).to(device))
 
 
 def _worker(method: str, args, queue) -> None:

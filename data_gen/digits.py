@@ -100,6 +100,25 @@ def save_digits_dataset(*, path: str, split: str = "train", size: int = 32) -> s
     return path
 
 
+def save_digits_imagefolder(path: str | Path, *, split: str = "train", size: int = 32) -> Path:
+    """Write a split as an ``imagefolder`` text-to-image dataset: numbered PNGs and ``metadata.jsonl`` with
+    ``text`` (the five captions of the image's class; a trainer draws one per use) and ``label``."""
+    import json
+
+    from PIL import Image
+
+    path = Path(path)
+    images, labels = load_digits_images(split=split, size=size)
+    tmp = path.with_name(path.name + ".partial")  # a killed run leaves no half-written dataset behind
+    tmp.mkdir(parents=True, exist_ok=True)
+    with open(tmp / "metadata.jsonl", "w") as fh:
+        for i, (pixels, label) in enumerate(zip(_uint8(images), labels.tolist())):
+            Image.fromarray(pixels).save(tmp / f"{i:04d}.png")
+            fh.write(json.dumps({"file_name": f"{i:04d}.png", "text": captions_for_label(label=label), "label": label}) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def save_digits_reference(path: str | Path, *, split: str = "held_out", size: int = 32) -> Path:
     """Write a split as numbered PNGs: the real-image reference folder of the testbed's FID."""
     from PIL import Image

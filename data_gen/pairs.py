@@ -1,4 +1,5 @@
-"""The pairs dataset: sharded Parquet rows (index, seed, prompt, noise, target) plus a manifest.
+"""The pairs dataset: sharded Parquet rows (index, seed, prompt, noise, target; optionally the teacher's prompt
+embeddings) plus a manifest.
 
 Layout of a pairs directory (opens with ``datasets.load_dataset(dir, split="train")``)::
 
@@ -26,8 +27,10 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
+ARROW_CACHE = ".arrow-cache"  # load_pairs: datasets' Arrow copy of the shards
 FORMAT = "diffusion2gan-pairs/1"
 STORAGE_DTYPES = ("float16", "float32")
+TEXT_DTYPE = "float16"  # stored prompt embeddings
 SPLIT_FILE = "pairs_split.json"  # a training run's held-out split, in its run folder and exported pipeline
 
 
@@ -44,21 +47,30 @@ def shard_path(output_dir: str | os.PathLike, shard: int, total: int) -> Path:
     return Path(output_dir) / DATA_DIR / f"train-{shard:05d}-of-{total:05d}.parquet"
 
 
-def pair_features(latent_shape: tuple[int, int, int], dtype: str):
-    """``datasets.Features`` of a pairs row; ``noise``/``target`` are [C,H,W] arrays."""
-    from datasets import Array3D, Features, Value
+def pair_features(latent_shape: tuple[int, int, int], dtype: str, text_shapes: dict[str, list[int]] | None = None):
+    """``datasets.Features`` of a pairs row; ``noise``/``target`` are [C,H,W] arrays; ``text_shapes`` (column -> shape,
+    see :func:`stored_text_shapes`): the teacher's prompt embeddings stored with the row, in float16."""
+    from datasets import Array2D, Array3D, Features, List, Value
 
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype {dtype!r} is not supported; choose one of {', '.join(STORAGE_DTYPES)}")
-    return Features(
-        {
-            "index": Value("int64"),
-            "seed": Value("int64"),
-            "prompt": Value("string"),
-            "noise": Array3D(shape=tuple(latent_shape), dtype=dtype),
-            "target": Array3D(shape=tuple(latent_shape), dtype=dtype),
-        }
-    )
+    features = {
+        "index": Value("int64"),
+        "seed": Value("int64"),
+        "prompt": Value("string"),
+        "noise": Array3D(shape=tuple(latent_shape), dtype=dtype),
+        "target": Array3D(shape=tuple(latent_shape), dtype=dtype),
+    }
+    for name, shape in (text_shapes or {}).items():
+        features[name] = Array2D(shape=tuple(shape), dtype=TEXT_DTYPE) if len(shape) == 2 else List(Value(TEXT_DTYPE), length=shape[0])
+    return Features(features)
+
+
+def stored_text_shapes(manifest: dict[str, Any]) -> dict[str, list[int]] | None:
+    """The prompt-embedding columns stored with the rows (``generate_pairs.py --store_prompt_embeds``) and their
+    per-row shapes: ``prompt_embeds`` [L,D], with SDXL also ``pooled_prompt_embeds`` [P]; None if there are none."""
+    stored = manifest.get("prompt_embeds")
+    return dict(stored["columns"]) if stored else None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -99,10 +111,11 @@ def check_manifest(output_dir: str | os.PathLike, *, config: dict[str, Any]) -> 
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is unreadable ({exc}); move it away or choose a new output_dir") from None
-    diffs = [
-        f"{k}: {old.get('config', {}).get(k)!r} -> {v!r}"
-        for k, v in config.items()
-        if old.get("config", {}).get(k) != v
+    old_config = old.get("config", {})
+    diffs = [  # a key only one side has (an option recorded only when used) differs too
+        f"{k}: {old_config.get(k)!r} -> {config.get(k)!r}"
+        for k in dict.fromkeys([*config, *old_config])
+        if old_config.get(k) != config.get(k)
     ]
     if old.get("format") != FORMAT or diffs:
         raise ValueError(
@@ -175,9 +188,9 @@ def record_checksums(output_dir: str | os.PathLike, manifest: dict[str, Any]) ->
 
 
 def rows_fingerprint(manifest: dict[str, Any]) -> str:
-    """Hash of what decides row ``i``'s content (not how many rows or shards there are): pairs folders with the
-    same fingerprint hold the same row at the same index."""
-    cfg = {k: v for k, v in manifest.get("config", {}).items() if k not in ("num_pairs", "shard_size")}
+    """Hash of what decides row ``i``'s content (not how many rows or shards there are, nor whether the prompt
+    embeddings are stored too): pairs folders with the same fingerprint hold the same row at the same index."""
+    cfg = {k: v for k, v in manifest.get("config", {}).items() if k not in ("num_pairs", "shard_size", "store_prompt_embeds")}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -197,13 +210,15 @@ def write_shard(
     noise: np.ndarray,  # [N,C,H,W]
     target: np.ndarray,  # [N,C,H,W]
     dtype: str,
+    text: dict[str, np.ndarray] | None = None,  # column -> [N,...] prompt embeddings (stored_text_shapes)
 ) -> None:
     """Write one complete shard: a hidden temporary file renamed into place."""
     import datasets
     import pyarrow.parquet as pq
 
     path = Path(path)
-    features = pair_features(tuple(noise.shape[1:]), dtype)
+    text = text or {}
+    features = pair_features(tuple(noise.shape[1:]), dtype, {k: list(v.shape[1:]) for k, v in text.items()})
     ds = datasets.Dataset.from_dict(
         {
             "index": list(map(int, indices)),
@@ -211,6 +226,7 @@ def write_shard(
             "prompt": list(prompts),
             "noise": noise.astype(dtype),
             "target": target.astype(dtype),
+            **{k: v.astype(TEXT_DTYPE) for k, v in text.items()},
         },
         features=features,
     )
@@ -237,5 +253,9 @@ def load_pairs(output_dir: str | os.PathLike):
             f"pairs in {output_dir} are incomplete ({len(done)} of {total} shards): re-run generate_pairs with the same config to finish"
         )
     files = [str(shard_path(output_dir, k, total)) for k in range(total)]
-    return datasets.load_dataset("parquet", data_files={"train": files}, split="train", features=pair_features(
-        tuple(manifest["latent_shape"]), cfg["dtype"]))
+    # datasets turns Parquet into a memory-mapped Arrow file once; keep that copy beside the shards (reused by
+    # every later load, deleted with the folder) rather than as another hidden copy in ~/.cache per pairs folder.
+    cache = Path(output_dir) / ARROW_CACHE
+    cache_dir = str(cache) if os.access(output_dir, os.W_OK) else None  # a read-only folder: the default cache
+    return datasets.load_dataset("parquet", data_files={"train": files}, split="train", cache_dir=cache_dir,
+                                 features=pair_features(tuple(manifest["latent_shape"]), cfg["dtype"], stored_text_shapes(manifest)))

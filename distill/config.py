@@ -1,6 +1,8 @@
 """Entry-script configuration: dataclass defaults <- optional YAML file <- ``--key value`` flags.
 
-Only the scripts in ``distill/`` call this; library code takes explicit keyword arguments.
+Only the scripts in ``distill/`` call this (and ``distill/training/card.py``, which records their resolved
+config); library code takes explicit keyword arguments and raises ``ValueError``, which
+:func:`run_cli` reports in one line as it does :class:`ConfigError` (a ``ValueError``).
 OmegaConf's structured configs do the merging, type coercion and unknown-key rejection; this
 module only turns their exceptions into one-line messages and builds the ``--key`` flags so that
 ``--help`` lists every key with its default.
@@ -215,13 +217,16 @@ def package_versions(*names: str) -> dict[str, str]:
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (the run directory's record of what ran)."""
+    """Write the resolved config as YAML (the run directory's record of what ran), secrets left out."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict(config))))
 
 
 def config_dict(config: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+    """The resolved config as a dict; ``*_token`` values (Hub credentials) are replaced by None, so that no run
+    folder, model card or tracker ever holds one."""
+    data = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    return {k: (None if k.endswith("_token") else v) for k, v in data.items()}  # type: ignore[union-attr]
 
 
 def run_cli(main: Callable[[], Any]) -> None:

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # `python distill/demo.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.config import ConfigError, parse_config, require_non_negative, require_positive, run_cli
 
@@ -195,10 +193,16 @@ def main() -> None:
             raise ConfigError(f"no student at {cfg.pipeline}: make the digits one with `bash scripts/quickstart.sh` "
                               "(about 13 min on 2 CPU cores), or pass --pipeline DIR (a train_student.py output_dir/pipeline)")
         raise ConfigError(f"{cfg.pipeline} is not a one-step student folder: pass train_student.py's output_dir/pipeline")
+
+    # 1. Load: the student pipeline and, for the comparison, its teacher.
     pipe, teacher, sampler = load_parts(cfg)
+
+    # 2. Build: the painter (debounced redraws) and the page.
     painter = Painter(pipe, teacher=teacher, sampler=sampler, debounce=cfg.debounce)
     label = f"{sampler['steps']} steps, CFG {sampler['guidance_scale']:g}" if teacher is not None else None
     page = build_page(painter, prompt=cfg.prompt, teacher_label=label)
+
+    # 3. Serve: locally, no share link.
     import gradio as gr
 
     # No web fonts: the page must not reach out to the internet (offline machines, tests).

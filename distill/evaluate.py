@@ -18,10 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/evaluate.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -29,13 +27,128 @@ from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_labelled_prompts, load_prompts, prompt_for_index, prompts_fingerprint
 from distill.config import ConfigError, config_dict, package_versions, parse_config, require_positive, run_cli, save_config
 from distill.lock import locked
-from distill.metrics.generation import Generator
+from distill.metrics import TEST_ONLY
+from distill.metrics.generation import Sampler
 from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cache, folder_fingerprint, save_grid
 from distill.metrics.sample_scores import compute_clip_score, compute_fid
-from distill.metrics.teacher_fidelity import TEST_ONLY, check_heldout, compute_fidelity, elatentlpips_name
+from distill.metrics.fidelity import PIXEL_LPIPS_CHOICES, check_heldout, compute_fidelity, elatentlpips_name
 
-METRIC_GROUPS = ("fid", "fid_to_teacher", "clip_score", "fidelity", "latency", "prompt_accuracy", "samples")
-SAMPLE_METRICS = ("fid", "fid_to_teacher", "clip_score", "prompt_accuracy", "samples")
+# ------------------------------------------------------------------------------------------------
+# The metrics: name -> function of the cached samples / the sampler (main process)
+
+
+@dataclass
+class MetricInputs:
+    cfg: EvalConfig
+    metrics: list[str]
+    sampler: Sampler
+    samples_dir: Path
+    prompts: list[str]
+    labels: list[int]
+    latent_shape: tuple
+    device: torch.device
+    cache_dir: Path
+
+
+def fid_metrics(x: MetricInputs) -> tuple[dict, dict]:
+    """fid and fid_to_teacher in one pass: the samples' features are extracted once for both references."""
+    from teachers.digits_classifier import DigitClassifier  # the classifier folders FID can read (the testbed's)
+
+    cfg = x.cfg
+    references = {}
+    if "fid" in x.metrics:
+        references["fid"] = dict(reference=cfg.reference, limit=cfg.reference_limit, center_crop=cfg.reference_center_crop)
+    if "fid_to_teacher" in x.metrics:  # the teacher's own samples, as they are (same size and pipeline as ours)
+        references["fid_to_teacher"] = dict(reference=cfg.teacher_reference, limit=cfg.num_samples, center_crop=False)
+    return compute_fid(
+        samples_dir=x.samples_dir, num_samples=cfg.num_samples, extractor_name=cfg.fid_extractor, references=references,
+        batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers, device=x.device, cache_dir=x.cache_dir,
+        load_classifier=DigitClassifier.from_pretrained,
+    )
+
+
+def clip_score_metric(x: MetricInputs) -> tuple[dict, dict]:
+    value, info = compute_clip_score(
+        samples_dir=x.samples_dir, num_samples=x.cfg.num_samples, prompts=x.prompts, clip_model=x.cfg.clip_model,
+        clip_pretrained=x.cfg.clip_pretrained, batch_size=x.cfg.metric_batch_size, device=x.device,
+    )
+    return {"clip_score": value}, {"clip_score": info}
+
+
+def prompt_accuracy_metric(x: MetricInputs) -> tuple[dict, dict]:
+    from distill.metrics.prompt_accuracy import prompt_accuracy
+    from distill.metrics.sample_cache import read_samples
+    from teachers.digits_classifier import DigitClassifier
+
+    n = x.cfg.num_samples
+    value, info = prompt_accuracy(
+        list(read_samples(x.samples_dir, n)), [x.labels[i % len(x.labels)] for i in range(n)],
+        classifier=DigitClassifier.from_pretrained(x.cfg.classifier), device=x.device,
+    )
+    return {"prompt_accuracy": value}, {"prompt_accuracy": info}
+
+
+def fidelity_metric(x: MetricInputs) -> tuple[dict, dict]:
+    cfg = x.cfg
+    means, info = compute_fidelity(
+        x.sampler, pairs=cfg.pairs, fidelity_start=cfg.fidelity_start, fidelity_count=cfg.fidelity_count,
+        batch_size=cfg.batch_size, elatentlpips=cfg.elatentlpips, elatentlpips_download=cfg.elatentlpips_download,
+        pixel_lpips=cfg.pixel_lpips, device=x.device,
+    )
+    return means, {"fidelity": info}
+
+
+def compute_latency(cfg: EvalConfig, *, sampler: Sampler, prompts: list[str], latent_shape, device) -> dict:
+    from distill.metrics.latency import measure_latency
+
+    idx = list(range(cfg.latency_batch_size))
+    noise, _ = noise_for_indices(seed=cfg.seed, indices=idx, shape=latent_shape)
+    batch_prompts = [prompt_for_index(prompts, i) for i in idx] if prompts else ["a photo"] * len(idx)
+    result = measure_latency(lambda: sampler.images(batch_prompts, noise), batch_size=cfg.latency_batch_size,
+                             warmup=cfg.latency_warmup, iterations=cfg.latency_iterations,
+                             min_seconds=cfg.latency_min_seconds, device=device)
+    return result.as_dict()
+
+
+def latency_metric(x: MetricInputs) -> tuple[dict, dict]:
+    info = compute_latency(x.cfg, sampler=x.sampler, prompts=x.prompts, latent_shape=x.latent_shape, device=x.device)
+    return {k: info[k] for k in ("seconds_per_image", "images_per_second", "peak_memory_mb")}, {"latency": info}
+
+
+class Metric(NamedTuple):
+    compute: Callable[[MetricInputs], tuple[dict, dict]] | None  # -> (values, details); None: nothing to compute
+    needs_samples: bool  # reads the cached samples (needs `prompts`)
+
+
+# In the order the results are written; one function may serve several names (it runs once).
+METRICS = {
+    "fid": Metric(fid_metrics, needs_samples=True),
+    "fid_to_teacher": Metric(fid_metrics, needs_samples=True),
+    "clip_score": Metric(clip_score_metric, needs_samples=True),
+    "prompt_accuracy": Metric(prompt_accuracy_metric, needs_samples=True),
+    "fidelity": Metric(fidelity_metric, needs_samples=False),
+    "latency": Metric(latency_metric, needs_samples=False),
+    "samples": Metric(None, needs_samples=True),  # only generate and cache the samples
+}
+METRIC_GROUPS = tuple(METRICS)
+SAMPLE_METRICS = tuple(name for name, metric in METRICS.items() if metric.needs_samples)
+
+
+def compute_metrics(x: MetricInputs) -> tuple[dict[str, float], dict[str, dict]]:
+    values: dict[str, float] = {}
+    details: dict[str, dict] = {}
+    done = set()
+    for name, metric in METRICS.items():
+        if name in x.metrics and metric.compute is not None and metric.compute not in done:
+            done.add(metric.compute)
+            more_values, more_details = metric.compute(x)
+            values.update(more_values)
+            details.update(more_details)
+    return values, details
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
 
 
 @dataclass
@@ -99,7 +212,7 @@ def validate(cfg: EvalConfig) -> list[str]:
     metrics = parse_metrics(cfg.metrics)
     if "fid" in metrics and not cfg.reference:
         raise ConfigError("FID needs `reference`: a folder of reference images (e.g. COCO val) or an .npz statistics file")
-    if "fid_to_teacher" in metrics and not Path(cfg.teacher_reference).is_dir():
+    if "fid_to_teacher" in metrics and not (cfg.teacher_reference and Path(cfg.teacher_reference).is_dir()):  # Path("") is "."
         raise ConfigError(
             f"fid_to_teacher needs `teacher_reference`, a folder of the teacher's samples drawn with another seed "
             f"(got {cfg.teacher_reference!r}): run this script on the teacher with --metrics samples --seed <other> first"
@@ -109,7 +222,7 @@ def validate(cfg: EvalConfig) -> list[str]:
             raise ConfigError("fidelity needs `pairs`: a pairs folder made by generate_pairs.py (use held-out rows)")
         if cfg.fidelity_count < 0:
             raise ConfigError(f"fidelity_count must not be negative, got {cfg.fidelity_count}")
-        if cfg.pixel_lpips not in ("vgg", "alex", "none", TEST_ONLY):
+        if cfg.pixel_lpips not in PIXEL_LPIPS_CHOICES:
             raise ConfigError(f"unknown pixel_lpips {cfg.pixel_lpips!r}; choose vgg, alex, none or {TEST_ONLY}")
         # Fidelity on rows the student trained on would flatter it: refuse them (before any model loads).
         check_heldout(pipeline=cfg.pipeline, pairs=cfg.pairs, fidelity_start=cfg.fidelity_start, fidelity_count=cfg.fidelity_count)
@@ -121,17 +234,17 @@ def validate(cfg: EvalConfig) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Metrics (main process)
+# Checks before generation, provenance
 
 
 def warn_test_only(key: str) -> None:
     sys.stderr.write(f"warning: {key}={TEST_ONLY} uses random weights: for tests only, the numbers mean nothing\n")
 
 
-def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cache_dir: Path) -> None:
+def preflight(cfg: EvalConfig, metrics: list[str], *, sampler: Sampler, cache_dir: Path) -> None:
     """Fail before hours of generation when metric weights are missing (file checks only, no model build)."""
     if ("fid" in metrics or "fid_to_teacher" in metrics) and cfg.fid_extractor != TEST_ONLY:
-        from distill.metrics.fid import inception_path, is_classifier_folder
+        from distill.metrics.fid_features import inception_path, is_classifier_folder
 
         if not is_classifier_folder(cfg.fid_extractor):
             inception_path(cache_dir if cfg.fid_extractor == "inception" else cfg.fid_extractor)
@@ -139,9 +252,11 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, generator: Generator, cach
         from distill.metrics.clip_score import resolve_clip_weights
 
         resolve_clip_weights(cfg.clip_model, cfg.clip_pretrained, None)
-    name = elatentlpips_name(cfg.elatentlpips, vae_scaling_factor=generator.pipe.vae.config.scaling_factor)
+    if "fidelity" in metrics and sampler.pipe.vae is None:
+        raise ConfigError("fidelity compares VAE latents to a teacher's: this pipeline works in pixel space (no VAE)")
+    name = elatentlpips_name(cfg.elatentlpips, vae_scaling_factor=sampler.pipe.vae.config.scaling_factor) if "fidelity" in metrics else ""
     if "fidelity" in metrics and name != TEST_ONLY:
-        from distill.losses.elatentlpips import PUBLISHED, fetch_published
+        from distill.losses.elatentlpips_weights import PUBLISHED, fetch_published
 
         if name in PUBLISHED:
             fetch_published(name, download=cfg.elatentlpips_download)
@@ -184,18 +299,6 @@ def card_source(cfg: EvalConfig, metrics: list[str]) -> str:
     return "; ".join(parts)
 
 
-def compute_latency(cfg: EvalConfig, *, generator: Generator, prompts: list[str], latent_shape, device) -> dict:
-    from distill.metrics.latency import measure_latency
-
-    idx = list(range(cfg.latency_batch_size))
-    noise, _ = noise_for_indices(seed=cfg.seed, indices=idx, shape=latent_shape)
-    batch_prompts = [prompt_for_index(prompts, i) for i in idx] if prompts else ["a photo"] * len(idx)
-    result = measure_latency(lambda: generator.images(batch_prompts, noise), batch_size=cfg.latency_batch_size,
-                             warmup=cfg.latency_warmup, iterations=cfg.latency_iterations,
-                             min_seconds=cfg.latency_min_seconds, device=device)
-    return result.as_dict()
-
-
 def main() -> None:
     cfg = parse_config(EvalConfig, description=__doc__)
     metrics = validate(cfg)
@@ -211,7 +314,7 @@ def main() -> None:
 
 def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     """Generate (or resume) the samples and compute ``metrics`` (``output_dir`` is locked)."""
-    from distill.metrics.fid import default_cache_dir
+    from distill.metrics.fid_features import default_cache_dir
     from teachers.loading import dtype_from_name
 
     device = accelerator.device
@@ -219,6 +322,8 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     samples_dir = out / "samples"
     cache_dir = Path(cfg.metrics_cache) if cfg.metrics_cache else default_cache_dir()
     needs_samples = any(m in SAMPLE_METRICS for m in metrics)
+
+    # 1. Load: the prompts and the samples' identity; a cache of other samples is refused (before the model load).
     labels: list[int] = []
     if "prompt_accuracy" in metrics:
         prompts, labels = load_labelled_prompts(cfg.prompts, column=cfg.prompt_column, label_column=cfg.label_column)
@@ -241,14 +346,17 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         check_samples_manifest(samples_dir, identity)  # every process, before the slow model load
     if "fid_to_teacher" in metrics:
         check_independent_reference(Path(cfg.teacher_reference), identity)
-    generator = Generator(cfg.pipeline, device=device, dtype=dtype_from_name(dtype_name), scheduler=cfg.scheduler,
-                          num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                          negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length)
-    latent_shape = generator.latent_shape(cfg.resolution)
-    preflight(cfg, metrics, generator=generator, cache_dir=cache_dir)  # every process: none may wait on a failed one
 
+    # 2. Build: the sampler (student or teacher); check the metrics' weights exist before hours of sampling.
+    sampler = Sampler(cfg.pipeline, device=device, dtype=dtype_from_name(dtype_name), scheduler=cfg.scheduler,
+                      num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                      negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length)
+    latent_shape = sampler.latent_shape(cfg.resolution)
+    preflight(cfg, metrics, sampler=sampler, cache_dir=cache_dir)  # every process: none may wait on a failed one
+
+    # 3. Loop: the missing sample batches, split across processes (each PNG cached).
     if needs_samples:
-        fill_sample_cache(generator, samples_dir=samples_dir, identity=identity, num_samples=cfg.num_samples,
+        fill_sample_cache(sampler, samples_dir=samples_dir, identity=identity, num_samples=cfg.num_samples,
                           batch_size=cfg.batch_size, prompts=prompts, seed=cfg.seed, latent_shape=latent_shape,
                           is_main_process=accelerator.is_main_process, process_index=accelerator.process_index,
                           num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
@@ -256,54 +364,23 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
         accelerator.end_training()
         return
 
-    values: dict[str, float] = {}
-    details: dict[str, dict] = {}
+    # 4. Measure: every metric, from the cached samples or the sampler (main process).
     test_only = [k for k in ("fid_extractor", "clip_model", "elatentlpips", "pixel_lpips") if getattr(cfg, k) == TEST_ONLY]
     for key in test_only:
         warn_test_only(key)
     start = time.perf_counter()
-    references = {}
-    if "fid" in metrics:
-        references["fid"] = dict(reference=cfg.reference, limit=cfg.reference_limit, center_crop=cfg.reference_center_crop)
-    if "fid_to_teacher" in metrics:  # the teacher's own samples, as they are (same size and pipeline as ours)
-        references["fid_to_teacher"] = dict(reference=cfg.teacher_reference, limit=cfg.num_samples, center_crop=False)
-    if references:
-        fids, fid_details = compute_fid(
-            samples_dir=samples_dir, num_samples=cfg.num_samples, extractor_name=cfg.fid_extractor, references=references,
-            batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers, device=device, cache_dir=cache_dir,
-        )
-        values.update(fids)
-        details.update(fid_details)
-    if "clip_score" in metrics:
-        values["clip_score"], details["clip_score"] = compute_clip_score(
-            samples_dir=samples_dir, num_samples=cfg.num_samples, prompts=prompts, clip_model=cfg.clip_model,
-            clip_pretrained=cfg.clip_pretrained, batch_size=cfg.metric_batch_size, device=device,
-        )
-    if "prompt_accuracy" in metrics:
-        from distill.metrics.prompt_accuracy import prompt_accuracy
-        from distill.metrics.sample_cache import read_samples
-        from teachers.digits_classifier import DigitClassifier
+    values, details = compute_metrics(MetricInputs(
+        cfg=cfg, metrics=metrics, sampler=sampler, samples_dir=samples_dir, prompts=prompts, labels=labels,
+        latent_shape=latent_shape, device=device, cache_dir=cache_dir,
+    ))
 
-        values["prompt_accuracy"], details["prompt_accuracy"] = prompt_accuracy(
-            list(read_samples(samples_dir, cfg.num_samples)), [labels[i % len(labels)] for i in range(cfg.num_samples)],
-            classifier=DigitClassifier.from_pretrained(cfg.classifier), device=device,
-        )
-    if "fidelity" in metrics:
-        means, details["fidelity"] = compute_fidelity(
-            generator, pairs=cfg.pairs, fidelity_start=cfg.fidelity_start, fidelity_count=cfg.fidelity_count,
-            batch_size=cfg.batch_size, elatentlpips=cfg.elatentlpips, elatentlpips_download=cfg.elatentlpips_download,
-            pixel_lpips=cfg.pixel_lpips, device=device,
-        )
-        values.update(means)
-    if "latency" in metrics:
-        details["latency"] = compute_latency(cfg, generator=generator, prompts=prompts, latent_shape=latent_shape, device=device)
-        values.update({k: details["latency"][k] for k in ("seconds_per_image", "images_per_second", "peak_memory_mb")})
+    # 5. Save: metrics.json, the sample grid, the config, and the exported student's model card.
     grid = out / "samples_grid.png"
     if needs_samples and cfg.grid_size:
         save_grid(samples_dir, min(cfg.grid_size, cfg.num_samples), grid)
     result = {
         "metrics": values, "details": details, "test_only_models": test_only,
-        "pipeline": {"path": cfg.pipeline, "kind": "one-step student" if generator.is_student else "teacher"},
+        "pipeline": {"path": cfg.pipeline, "kind": "one-step student" if sampler.is_student else "teacher"},
         "num_samples": cfg.num_samples, "num_processes": accelerator.num_processes, "device": str(device),
         "metric_seconds": time.perf_counter() - start, "config": config_dict(cfg), "versions": package_versions("diffusion2gan-toolkit", "torch", "diffusers", "clean-fid", "open_clip_torch", "lpips"),
     }
@@ -312,7 +389,7 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, out / "metrics.json")
     save_config(cfg, out / "evaluate.yaml")
-    if generator.is_student and values:
+    if sampler.is_student and values:
         from students.model_card import update_model_card_metrics
 
         # The exported student's card shows what was measured, and how (a card written by hand is left alone).

@@ -12,23 +12,22 @@ and every finished shard is checked against its recorded SHA-256. Diffusion2GAN 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/generate_pairs.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tqdm.auto import tqdm
 
 from data_gen import pairs as pairs_io
+from data_gen.hub import push_folder
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
 from distill.config import ConfigError, package_versions, parse_config, require_positive, run_cli, save_config
 from distill.lock import locked
+from students.text import encode_text
 from teachers import SCHEDULERS, load_teacher, solve_ode
 from teachers.identity import identity_changes, resolve_teacher_folder, teacher_identity
 from teachers.loading import dtype_from_name, pipeline_family, resolve_scheduler, sd3_default_max_sequence_length
@@ -58,6 +57,11 @@ class PairsConfig:
     max_sequence_length: Optional[int] = field(default=None, metadata={"help": "SD3 only: T5 tokens per prompt (without T5: the zero "
                                                                          "tokens in their place); unset: the pipeline's default"})
     dtype: str = field(default="float16", metadata={"help": "storage dtype of noise/target", "choices": tuple(pairs_io.STORAGE_DTYPES)})
+    store_prompt_embeds: bool = field(default=False, metadata={"help": "also store the teacher's prompt embeddings (SDXL: + pooled) with each row, in float16, so that train_student.py need not run the text encoder per step (~120 KB more per row for SD1.5, ~320 KB for SDXL)"})
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the finished pairs as a Hub dataset (datasets.load_dataset(repo_id) opens it)"})
+    hub_dataset_id: str = field(default="", metadata={"help": "push_to_hub: the dataset repo id (user/name); empty: the output_dir's name"})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "push_to_hub: a token (default: the one `hf auth login` stored)"})
+    hub_private_repo: bool = field(default=False, metadata={"help": "push_to_hub: create the repo private"})
 
 
 def validate(cfg: PairsConfig) -> None:
@@ -79,9 +83,11 @@ def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: li
     total = pairs_io.num_shards(num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
     for k in shards:
         indices = list(pairs_io.shard_indices(k, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size))
-        noises, targets, seeds = [], [], []
+        noises, targets, seeds, texts = [], [], [], []
         for b in range(0, len(indices), cfg.batch_size):
             batch = indices[b : b + cfg.batch_size]
+            if cfg.store_prompt_embeds:
+                texts.append(prompt_embeds(teacher.pipe, [prompt_for_index(prompts, i) for i in batch], resolution=cfg.resolution))
             # Noise is rounded to the storage dtype first: the stored tensor is the one the teacher saw.
             noise, batch_seeds = noise_for_indices(seed=cfg.seed, indices=batch, shape=latent_shape, dtype=storage)
             target = solve_ode(
@@ -100,7 +106,17 @@ def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: li
             pairs_io.shard_path(out, k, total), indices=indices, seeds=seeds,
             prompts=[prompt_for_index(prompts, i) for i in indices],
             noise=torch.cat(noises).numpy(), target=torch.cat(targets).numpy(), dtype=cfg.dtype,
+            text={k: torch.cat([t[k] for t in texts]).numpy() for k in texts[0]} if texts else None,
         )
+
+
+def prompt_embeds(pipe, prompts: list[str], *, resolution: int) -> dict[str, torch.Tensor]:
+    """The teacher's conditioning of ``prompts`` as stored with the rows: column -> [N,...] float16 on the CPU (what the
+    student's ``encode_text`` computes; SDXL's time ids are not stored, they follow from the resolution)."""
+    cond = encode_text(prompts, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                       text_encoder_2=getattr(pipe, "text_encoder_2", None), resolution=(resolution, resolution))
+    columns = {"prompt_embeds": cond.prompt_embeds, "pooled_prompt_embeds": cond.pooled_prompt_embeds}
+    return {k: v.to("cpu", getattr(torch, pairs_io.TEXT_DTYPE)) for k, v in columns.items() if v is not None}
 
 
 def main() -> None:
@@ -154,6 +170,7 @@ def check_teacher(out: Path, identity: dict) -> None:
 
 def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None:
     """Generate the missing shards of ``out`` (its lock is held)."""
+    # 1. Check: half-written files go; another teacher or other settings are refused (before the slow load).
     if accelerator.is_main_process:
         stale = pairs_io.remove_stale_temporaries(out)  # half-written shards of killed runs
         if stale:
@@ -166,20 +183,26 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
     teacher_id = teacher_identity(folder)
     identity = dataclasses.asdict(cfg)
     # Teacher and prompts count by content, not by how their paths are spelled; output_dir and batch_size change no row.
-    for key in ("output_dir", "batch_size", "teacher", "revision", "prompts"):
+    for key in ("output_dir", "batch_size", "teacher", "revision", "prompts", "push_to_hub", "hub_dataset_id", "hub_token",
+                "hub_private_repo"):
         identity.pop(key)
+    if not cfg.store_prompt_embeds:  # absent unless used: pairs made before the option resume as they were
+        identity.pop("store_prompt_embeds")
     identity.update(teacher_dtype=teacher_dtype, prompts_sha256=prompts_fingerprint(prompts), num_prompts=len(prompts),
                     teacher_sha256=teacher_id["sha256"])
     # Every process checks before anyone writes, and before the slow teacher load.
     check_teacher(out, teacher_id)
     resumed = pairs_io.check_manifest(out, config=identity)
     old_checksums = pairs_io.read_manifest(out).get("shards", {}) if resumed else {}
+
+    # 2. Load: the teacher pipeline with the configured scheduler and dtype.
     teacher = load_teacher(
         str(folder), revision=None, variant=cfg.variant, torch_dtype=dtype_from_name(teacher_dtype),
         scheduler=cfg.scheduler, device=accelerator.device,
     )
     latent_shape = teacher.latent_shape(cfg.resolution)
 
+    # 3. Prepare: the manifest (written once, kept on resume) and this process's share of the missing shards.
     manifest = {
         "format": pairs_io.FORMAT,
         "config": identity,
@@ -189,6 +212,10 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
         "scheduler_config": dict(teacher.pipe.scheduler.config),
         "latents": teacher.latent_convention(),
         "latent_shape": list(latent_shape),
+        "prompt_embeds": None if not cfg.store_prompt_embeds else {
+            "columns": {k: list(v.shape[1:]) for k, v in prompt_embeds(teacher.pipe, [""], resolution=cfg.resolution).items()},
+            "dtype": pairs_io.TEXT_DTYPE, "text_encoder_dtype": teacher_dtype,
+        },
         "count": cfg.num_pairs,
         "complete": False,
         "shards": dict(old_checksums),
@@ -209,10 +236,13 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
     bar = tqdm(total=my_rows, unit="pair", desc=f"pairs (rank 0 of {accelerator.num_processes})",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     start = time.perf_counter()
+    # 4. Loop: noise -> ODE -> one Parquet shard at a time (each written atomically).
     try:
         generate_shards(teacher, cfg=cfg, prompts=prompts, shards=todo, out=out, latent_shape=latent_shape, progress=bar)
     finally:
         bar.close()  # ends the progress line, so an error message starts on its own line
+
+    # 5. Save: the manifest with every shard's checksum, complete once all shards exist.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finished = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size, checksums=old_checksums)
@@ -222,6 +252,10 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
         rate = my_rows / max(time.perf_counter() - start, 1e-9)
         print(f"{cfg.num_pairs} pairs in {out.resolve()} ({rate:.2f} pairs/s on rank 0); "
               f"open with datasets.load_dataset({str(out)!r}, split='train')")
+        if cfg.push_to_hub and manifest["complete"]:
+            url = push_folder(out, repo_id=cfg.hub_dataset_id or out.resolve().name, repo_type="dataset", token=cfg.hub_token,
+                              private=cfg.hub_private_repo, commit_message=f"{cfg.num_pairs} teacher pairs")
+            print(f"pushed to the Hub: {url}")
     accelerator.wait_for_everyone()  # nobody leaves (and the lock is not released) before the manifest is final
 
 

@@ -9,13 +9,10 @@ by passing its seed.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from diffusers.utils import make_image_grid
@@ -79,11 +76,15 @@ def main() -> None:
     if cfg.resolution is not None:
         require_positive(cfg, "resolution")
     device = resolve_device(cfg.device)
+
+    # 1. Load: the prompts, the seeds and the pipeline.
     if not cfg.pipeline or not (Path(cfg.pipeline) / "model_index.json").is_file():
         raise FileNotFoundError(f"pipeline {cfg.pipeline!r} not found: pass a directory written by train_student.py (e.g. runs/student/pipeline)")
     prompts = [cfg.prompt] if cfg.prompt else load_prompts(cfg.prompts, column=cfg.prompt_column)
     seeds = parse_seeds(cfg.seeds)
     pipe = OneStepGANPipeline.from_pretrained(cfg.pipeline, dtype=dtype_from_name(cfg.dtype)).to(device)
+
+    # 2. Prepare: the noise shape for the resolution, one job per (prompt, seed).
     side = cfg.resolution or pipe.default_resolution()
     if side % pipe.vae_scale_factor:
         raise ConfigError(f"resolution {side} is not divisible by the VAE factor {pipe.vae_scale_factor}")
@@ -91,6 +92,8 @@ def main() -> None:
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+
+    # 3. Loop: one pipeline call per batch of jobs, each image saved as it comes.
     images = []
     for b in tqdm(range(0, len(jobs), cfg.batch_size), desc="sample", unit="batch"):
         chunk = jobs[b : b + cfg.batch_size]
@@ -99,6 +102,8 @@ def main() -> None:
         for (i, _, s), image in zip(chunk, batch):
             image.save(out / f"{i:04d}-seed{s}.png")
         images += batch
+
+    # 4. Save: the grid (one row per prompt, one column per seed).
     cols = len(seeds)
     make_image_grid(images, rows=len(images) // cols, cols=cols).save(out / "grid.png")
     print(f"{len(images)} images in {out.resolve()} (grid.png: one row per prompt, one column per seed)")

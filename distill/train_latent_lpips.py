@@ -18,14 +18,11 @@ the steps of both stages), ``--resume_from_checkpoint latest`` (the default) aft
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/train_latent_lpips.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -167,14 +164,16 @@ def save_checkpoint(run: Run, net: LatentLPIPSNet) -> None:
 
 
 def train_classifier(run: Run) -> LatentLPIPSNet:
-    from distill.losses.elatentlpips import LatentLPIPSNet, load_latent_lpips
+    from distill.losses.elatentlpips import LatentLPIPSNet
+    from distill.losses.elatentlpips_weights import FetchOptions, load_latent_lpips
 
     cfg, acc, vae, log = run.cfg, run.acc, run.vae, run.log
+    # 1. Load: the labelled images; the trunk from init_from, or a new one recording the VAE's convention.
     ds, num_classes = load_image_dataset(cfg.dataset, split=cfg.dataset_split, image_column=cfg.image_column,
                                          label_column=cfg.label_column, max_samples=cfg.max_train_samples)
     scale, shift = vae_factors(vae)
     if cfg.init_from:
-        net = load_latent_lpips(cfg.init_from, is_main_process=lambda: acc.is_main_process, barrier=acc.wait_for_everyone)
+        net = load_latent_lpips(cfg.init_from, fetch=FetchOptions.for_accelerator(acc))
     else:
         net = LatentLPIPSNet(
             latent_channels=vae.config.latent_channels,
@@ -186,6 +185,8 @@ def train_classifier(run: Run) -> LatentLPIPSNet:
         )
     if net.config.latent_channels != vae.config.latent_channels:
         raise ValueError(f"network takes {net.config.latent_channels} channels but the VAE has {vae.config.latent_channels}")
+
+    # 2. Build: the data loader, the trunk + linear classifier, the optimiser and its schedule.
     loader = classifier_loader(ds, image_column=cfg.image_column, label_column=cfg.label_column, resolution=cfg.resolution,
                                crop_scale_min=cfg.crop_scale_min, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     net.heads.requires_grad_(False)  # unused by the classifier; frozen so DDP does not wait for their grads
@@ -195,12 +196,16 @@ def train_classifier(run: Run) -> LatentLPIPSNet:
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_train_steps))
+
+    # 3. Prepare: DDP, the stage's progress and resumed schedule.
     # The scheduler is not prepared: accelerate would step it once per process per optimiser step.
     model, opt, loader = acc.prepare(model, opt, loader)
     bar = run.start("classifier", cfg.max_train_steps, offset=0)
     run.state.attach(sched, resumed=run.resuming("classifier"))
     vae.to(acc.device)
     model.train()
+
+    # 4. Loop: images -> latents -> classify; logs and checkpoints.
     t0 = time.time()
     batches = cycle(loader)
     for step in range(run.state.step + 1, cfg.max_train_steps + 1):
@@ -222,6 +227,8 @@ def train_classifier(run: Run) -> LatentLPIPSNet:
         bar.update(1)
         run.advance(lambda: acc.unwrap_model(model).net, last=step == cfg.max_train_steps and cfg.stage == "classifier")
     bar.close()
+
+    # 5. Save: the classifier head next to the run (the trunk is saved by the caller).
     acc.wait_for_everyone()
     net = acc.unwrap_model(model).net
     if acc.is_main_process:
@@ -234,12 +241,15 @@ def train_classifier(run: Run) -> LatentLPIPSNet:
 
 def calibrate_heads(run: Run, net: LatentLPIPSNet) -> LatentLPIPSNet:
     cfg, acc, vae, log = run.cfg, run.acc, run.vae, run.log
+    # 1. Load: BAPPS 2AFC triplets.
     if not cfg.bapps_dir:
         raise ValueError("stage calibrate needs `bapps_dir` (BAPPS 2AFC layout: ref/ p0/ p1/ judge/)")
     train_set = BAPPS2AFC(cfg.bapps_dir, cfg.calib_resolution)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.calib_batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=False
     )
+
+    # 2. Build: trainable heads on the frozen trunk, the ranking head, the optimiser and its schedule.
     # Trunk frozen (LPIPS "lin" variant): only the heads and the ranking head learn.
     net.requires_grad_(False)
     for head in net.heads:
@@ -250,6 +260,8 @@ def calibrate_heads(run: Run, net: LatentLPIPSNet) -> LatentLPIPSNet:
     opt = torch.optim.Adam(params, lr=cfg.calib_lr, betas=(0.5, 0.999))
     # Linear decay over the second half, as LPIPS's schedule (nepoch + nepoch_decay).
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, min(1.0, 2.0 * (1 - s / max(1, cfg.calib_steps)))))
+
+    # 3. Prepare: DDP, the stage's progress and resumed schedule; the trunk's BN statistics fixed.
     net, rank, opt, loader = acc.prepare(net, rank, opt, loader)  # scheduler unprepared, as in stage 1
     bar = run.start("calibrate", cfg.calib_steps, offset=cfg.max_train_steps if cfg.stage == "both" else 0)
     run.state.attach(sched, resumed=run.resuming("calibrate"))
@@ -257,6 +269,8 @@ def calibrate_heads(run: Run, net: LatentLPIPSNet) -> LatentLPIPSNet:
     raw_net = acc.unwrap_model(net)
     raw_net.eval()  # BN statistics of the trunk stay fixed ...
     raw_net.dropout.train()  # ... while the heads see dropout, as in LPIPS training
+
+    # 4. Loop: which of two distortions is closer to the reference; heads kept non-negative.
     t0 = time.time()
     batches = cycle(loader)
     for step in range(run.state.step + 1, cfg.calib_steps + 1):
@@ -280,6 +294,8 @@ def calibrate_heads(run: Run, net: LatentLPIPSNet) -> LatentLPIPSNet:
         bar.update(1)
         run.advance(lambda: raw_net, last=step == cfg.calib_steps)
     bar.close()
+
+    # 5. Finish: no dropout in the saved metric; the held-out 2AFC score, when given.
     raw_net.dropout = nn.Identity()
     raw_net.register_to_config(head_dropout=0.0)
     if cfg.bapps_val_dir and acc.is_main_process:
@@ -323,6 +339,7 @@ def main() -> None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    # 1. Prepare: the accelerator, seeds, the resumed stage, logs and trackers; a finished run stops here.
     out = Path(cfg.output_dir)
     resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -346,6 +363,8 @@ def main() -> None:
         acc.print(f"{out} is finished ({resume.name}, {state.stage} step {state.step}): weights in {out / 'latent_lpips'}")
         acc.end_training()
         return
+
+    # 2. Stage 1: the trunk, trained as a latent classifier here, restored for calibration, or loaded.
     run = Run(cfg, acc, load_vae(cfg.vae, subfolder=cfg.vae_subfolder), log, out, state, resume)
     net = None
     if cfg.stage in ("classifier", "both") and not run.resuming("calibrate"):
@@ -355,11 +374,15 @@ def main() -> None:
 
         net = LatentLPIPSNet.from_pretrained(resume / "latent_lpips")  # the weights load_state then restores
     else:
-        from distill.losses.elatentlpips import load_latent_lpips
+        from distill.losses.elatentlpips_weights import FetchOptions, load_latent_lpips
 
-        net = load_latent_lpips(cfg.init_from, is_main_process=lambda: acc.is_main_process, barrier=acc.wait_for_everyone)
+        net = load_latent_lpips(cfg.init_from, fetch=FetchOptions.for_accelerator(acc))
+
+    # 3. Stage 2: the heads calibrated on BAPPS 2AFC.
     if cfg.stage in ("calibrate", "both"):
         net = calibrate_heads(run, net)
+
+    # 4. Save: the network, and a final checkpoint.
     save_net(acc, net.eval(), out)
     save_checkpoint(run, net)  # the finished run, resumable (a rerun of the same command does nothing more)
     if acc.is_main_process:

@@ -12,33 +12,34 @@ config; the held-out split is recorded in ``pairs_split.json`` (run and pipeline
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # `accelerate launch distill/train_student.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from tqdm.auto import tqdm
 
-from data_gen.pairs import load_pairs, read_manifest
+from data_gen.hub import push_folder
+from data_gen.pairs import load_pairs, read_manifest, stored_text_shapes
 from distill.config import (ConfigError, config_dict, parse_config, require_between, require_non_negative, require_positive,
                             run_cli, save_config)
 from distill.lock import locked
 from distill.training import checkpoint as ckpt
 from distill.training import run_checks
 from distill.training.ema import EMA
+from distill.training.loop import TrainLoop, state_bytes
+from distill.training.pair_data import PairRows, stored_conditioning
 from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
-from distill.training.seeds import batch_indices, step_generator
 from distill.training.card import card_facts
-from distill.training.setup import (STUDENTS, apply_student_defaults, apply_teacher_defaults, build_lpips, build_student,
-                                    export_pipeline, validate_and_sample, validation_set)
+from distill.training.prefetch import Prefetch
+from distill.training.seeds import step_generator
+from distill.training.setup import (STUDENTS, apply_student_defaults, apply_teacher_defaults,
+                                    build_regression_lpips, build_student, export_pipeline, validate_and_sample,
+                                    validation_set)
 from distill.training.trackers import tracker_config
 
-STUDENT_SIZES = ("tiny", "small", "base")
+STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -85,6 +86,8 @@ class StudentConfig:
     ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers reading the next pair micro-batches ahead (0: read in the training process; the batches are the same either way)",
+                                                  "aliases": ["dataloader_num_workers"]})
     mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice (accelerate launch --mixed_precision / accelerate config), else no", "choices": MIXED_PRECISIONS})
     seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
     holdout: int = field(default=16, metadata={"help": "pairs (the last indices) held out for validation"})
@@ -96,19 +99,10 @@ class StudentConfig:
     num_validation_seeds: int = field(default=2, metadata={"help": "noise maps (seeds 0..N-1) per validation prompt"})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
     tracker_project_name: str = field(default="train_student", metadata={"help": "project / run name given to the trackers"})
-
-
-class TrainState:
-    """Counters saved with every checkpoint (registered with accelerate)."""
-
-    def __init__(self):
-        self.step, self.nimg = 0, 0
-
-    def state_dict(self):
-        return {"step": self.step, "nimg": self.nimg}
-
-    def load_state_dict(self, state):
-        self.step, self.nimg = int(state["step"]), int(state["nimg"])
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the final pipeline folder (model card included) to the Hub"})
+    hub_model_id: str = field(default="", metadata={"help": "push_to_hub: the repo id (user/name); empty: the output_dir's name"})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "push_to_hub: a token (default: the one `hf auth login` stored)"})
+    hub_private_repo: bool = field(default=False, metadata={"help": "push_to_hub: create the repo private"})
 
 
 def check(cfg: StudentConfig) -> None:
@@ -117,7 +111,7 @@ def check(cfg: StudentConfig) -> None:
     apply_student_defaults(cfg)  # (student, student_size, regression, gan_noise, mixed_precision: choices checked by parse_config)
     require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
                      "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d", "num_validation_seeds")
-    require_non_negative(cfg, "gan_start_step", "holdout", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
+    require_non_negative(cfg, "gan_start_step", "holdout", "num_workers", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
                          "ema_half_life_kimg", "ema_rampup", "d_lora_rank", "d_timestep")
     require_between(cfg, "mix_fraction", 0.0, 1.0)
     for key in ("adam_beta1", "adam_beta2"):
@@ -151,8 +145,13 @@ def main() -> None:
     split = run_checks.split_record(pairs=cfg.pairs, manifest=manifest, holdout=cfg.holdout)
     if ckpt.resolve_resume(out, cfg.resume_from_checkpoint) is not None:
         run_checks.check_resume(out, config=config_dict(cfg), split=split)
-    run_checks.check_teacher(teacher=cfg.teacher or manifest["teacher"]["name_or_path"], revision=cfg.revision or manifest["teacher"].get("revision"),
-                             variant=cfg.variant, manifest=manifest, pairs=cfg.pairs, allow_mismatch=cfg.allow_teacher_mismatch)
+    same_teacher = run_checks.check_teacher(teacher=cfg.teacher or manifest["teacher"]["name_or_path"],
+                                            revision=cfg.revision or manifest["teacher"].get("revision"), variant=cfg.variant,
+                                            manifest=manifest, pairs=cfg.pairs, allow_mismatch=cfg.allow_teacher_mismatch)
+    stored_text = stored_text_shapes(manifest) is not None
+    if stored_text and not same_teacher:
+        sys.stderr.write(f"warning: the prompt embeddings stored in {cfg.pairs} are another teacher's: this teacher's text encoder "
+                         "encodes the prompts instead\n")
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out)
     )
@@ -161,192 +160,121 @@ def main() -> None:
     accelerator.print(f"mixed precision: {cfg.mixed_precision}")
     with locked(out, purpose="train_student", is_main_process=accelerator.is_main_process,
                 broadcast=lambda x: broadcast_object_list([x])[0]):
-        train(cfg, accelerator=accelerator, manifest=manifest, split=split)
+        train(cfg, accelerator=accelerator, manifest=manifest, split=split, stored_text=stored_text and same_teacher)
+    accelerator.wait_for_everyone()  # leave together: a rank that tears down gloo while its peer still exports can abort
     accelerator.end_training()
+    if cfg.push_to_hub and accelerator.is_main_process:  # after the process group is gone: an upload may outlast its timeout
+        url = push_folder(out / "pipeline", repo_id=cfg.hub_model_id or out.resolve().name, token=cfg.hub_token,
+                          private=cfg.hub_private_repo, commit_message="One-step student (distill/train_student.py)")
+        print(f"pushed to the Hub: {url}")
 
 
-def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict) -> None:
-    """The training loop, with ``output_dir`` locked."""
+def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, stored_text: bool) -> None:
+    """The training loop, with ``output_dir`` locked; ``stored_text``: condition on the prompt embeddings stored with
+    the pairs rather than encoding the prompts at every step."""
     from accelerate.utils import set_seed
 
+    # 1. Load: the pairs (rows in index order: the first n_train train, the rest are held out).
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)  # same initial weights (heads, zero convs) on every rank
     rank, world = accelerator.process_index, accelerator.num_processes
     pairs = load_pairs(cfg.pairs).with_format("torch")
-    n_train = split["train_indices"][1]  # rows come in index order: the first n_train train, the rest are held out
+    if not stored_text:  # not read at all then
+        pairs = pairs.remove_columns(list(stored_text_shapes(manifest) or {}))
+    n_train = split["train_indices"][1]
+    holdout = pairs[n_train:]
 
-    parts = build_student(cfg, manifest=manifest, device=accelerator.device)  # teacher, student, D, text encoder
+    # 2. Build: teacher, student, D, text encoder, losses, EMA, optimisers.
+    parts = build_student(cfg, manifest=manifest, device=accelerator.device)
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
-    lpips_loss = build_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
+    lpips_loss = build_regression_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
     ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate_g, betas=betas)
     d_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
     opt_d = torch.optim.Adam(d_params, lr=cfg.learning_rate_d, betas=betas) if disc is not None else None
+
+    # 3. Prepare: DDP wrapping, the loop (checkpoints, EMA, logging), resume.
     if disc is not None:
         student, disc, opt_g, opt_d = accelerator.prepare(student, disc, opt_g, opt_d)
     else:
         student, opt_g = accelerator.prepare(student, opt_g)
-    state = TrainState()
-    accelerator.register_for_checkpointing(ema, state)
-
-    resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
-    stats_path = out / "stats.jsonl"
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        accelerator.print(f"resumed from {resume} at step {state.step} ({state.nimg} images)")
+    unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
+    pipe = teacher.pipe
+    validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
+    # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
+    size_models = [student, disc, ema.model, ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    validate = lambda step: validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=step,  # noqa: E731
+                                                stats_path=out / "stats.jsonl", validation=validation)
+    export = lambda path: export_pipeline(parts, ema.model, path, split=split, validation=validation,  # noqa: E731
+                                          card=card_facts(cfg, manifest=manifest, nimg=loop.state.nimg, step=loop.state.step))
+    loop = TrainLoop(accelerator, output_dir=out, seed=cfg.seed, max_train_steps=cfg.max_train_steps,
+                     gradient_accumulation_steps=cfg.gradient_accumulation_steps, batch_size=cfg.batch_size,
+                     checkpointing_steps=cfg.checkpointing_steps, validation_steps=cfg.validation_steps,
+                     checkpoints_total_limit=cfg.checkpoints_total_limit, ema=ema, model=student, export=export,
+                     validate=validate, checkpoint_bytes=lambda: state_bytes(models=size_models, optimizers=[opt_g, opt_d]))
+    loop.resume(cfg.resume_from_checkpoint)
     if accelerator.is_main_process:
-        # Steps past the checkpoint (or all, when starting over) are about to run again.
-        ckpt.truncate_stats(stats_path, step=state.step if resume is not None else -1)
         save_config(cfg, out / "config.yaml")
         run_checks.write_split(out / run_checks.SPLIT_FILE, split)
         accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
+    if loop.state.step == 0:
+        validate(0)
+    data = Prefetch(PairRows(pairs, num_train=n_train, seed=cfg.seed, rank=rank, world=world, batch_size=cfg.batch_size),
+                    num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
+    data.start(loop.micro_steps().start)
+    text_dtype = pipe.text_encoder.dtype  # stored embeddings in the dtype the text encoder would give them
 
-    unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
-    holdout = pairs[n_train:]
-    validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
-    card = lambda: card_facts(cfg, manifest=manifest, nimg=state.nimg, step=state.step)  # noqa: E731
-    if state.step == 0:
-        validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=0, stats_path=stats_path, validation=validation)
-
-    bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    micro = cfg.batch_size
-    try:
-        while state.step < cfg.max_train_steps:
-            step = state.step
-            logs: dict[str, float] = {}
+    # 4. Loop: phase G (D frozen), phase D (+ lazy R1 on one real sample); EMA, logs, checkpoints, validation.
+    with loop.progress():
+        while not loop.done:
+            step = loop.state.step
             gan_on = disc is not None and cfg.gan_weight > 0 and step >= cfg.gan_start_step
             do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
             batches = []
-            for m in range(cfg.gradient_accumulation_steps):
-                idx = batch_indices(seed=cfg.seed, step=step * cfg.gradient_accumulation_steps + m, rank=rank, world=world,
-                                    batch_size=micro, num_rows=n_train)
-                rows = pairs[idx]
-                cond = parts.encode(rows["prompt"])
-                noise = rows["noise"].to(accelerator.device, torch.float32)
+            for micro in loop.micro_steps():
+                rows = data.read(micro)
+                noise = rows["noise"].to(accelerator.device, torch.float32, non_blocking=True)
                 fresh = None
-                if gan_on and cfg.gan_noise == "fresh":
-                    z_gen = step_generator(seed=cfg.seed, rank=rank, step=step * cfg.gradient_accumulation_steps + m, purpose="z")
+                if gan_on and cfg.gan_noise == "fresh":  # fakes for D from new noise (a from-scratch G memorises the pairs)
+                    z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
                     fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
-                batches.append(Batch(noise, rows["target"].to(accelerator.device, torch.float32), cond, gan_noise=fresh))
+                target = rows["target"].to(accelerator.device, torch.float32, non_blocking=True)
+                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=text_dtype) if stored_text
+                        else parts.encode(rows["prompt"]))
+                batches.append(Batch(noise, target, cond, gan_noise=fresh))
+            logs: dict[str, torch.Tensor] = {}
 
-            # Phase G: D frozen (its forward is the unwrapped module, so no DDP reduction is expected).
+            def g_micro(m, gen):
+                # D frozen; its forward is the unwrapped module, so no DDP reduction is expected.
+                fake, terms = generator_terms(
+                    student=student, discriminator=unwrap_d if gan_on else None, lpips_loss=lpips_loss, batch=batches[m],
+                    regression=cfg.regression, lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight, generator=gen)
+                return fake.detach(), terms, sum(terms.values()) / len(batches)
+
             for p in d_params:
                 p.requires_grad_(False)
-            fakes = []
-            for m, batch in enumerate(batches):
-                gen = step_generator(seed=cfg.seed, rank=rank, step=step * cfg.gradient_accumulation_steps + m, purpose="g")
-                with accelerator.no_sync(student) if m + 1 < len(batches) else _null(), accelerator.autocast():
-                    fake, terms = generator_terms(
-                        student=student, discriminator=unwrap_d if gan_on else None, lpips_loss=lpips_loss, batch=batch,
-                        regression=cfg.regression, lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight, generator=gen)
-                    loss = sum(terms.values()) / len(batches)
-                    _finite(accelerator, loss, terms, step, out)
-                    accelerator.backward(loss)
-                fakes.append(fake.detach())
-                _accumulate(logs, terms, len(batches))
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-
-            # Phase D (+ lazy R1 on one real sample).
+            fakes = loop.phase(purpose="g", model=student, optimizer=opt_g, params=student.parameters(), micro_step=g_micro,
+                               logs=logs, max_grad_norm=cfg.max_grad_norm)
             if gan_on:
+                def d_micro(m, gen):
+                    d_stats: dict = {}
+                    terms = discriminator_terms(
+                        discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batches[m], fake=fakes[m],
+                        mix_fraction=cfg.mix_fraction, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
+                        do_r1=do_r1 and m == 0, generator=gen, stats=d_stats)
+                    return None, {**terms, **d_stats}, micro_batch_loss(terms, num_micro_batches=len(batches))
+
                 for p in d_params:
                     p.requires_grad_(True)
-                for m, (batch, fake) in enumerate(zip(batches, fakes)):
-                    gen = step_generator(seed=cfg.seed, rank=rank, step=step * cfg.gradient_accumulation_steps + m, purpose="d")
-                    d_stats: dict = {}
-                    with accelerator.no_sync(disc) if m + 1 < len(batches) else _null(), accelerator.autocast():
-                        terms = discriminator_terms(
-                            discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batch, fake=fake,
-                            mix_fraction=cfg.mix_fraction, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
-                            do_r1=do_r1 and m == 0, generator=gen, stats=d_stats)
-                        loss = micro_batch_loss(terms, num_micro_batches=len(batches))
-                        _finite(accelerator, loss, terms, step, out)
-                        accelerator.backward(loss)
-                    _accumulate(logs, {**terms, **d_stats}, len(batches))
-                if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(d_params, cfg.max_grad_norm)
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
+                loop.phase(purpose="d", model=disc, optimizer=opt_d, params=d_params, micro_step=d_micro, logs=logs,
+                           max_grad_norm=cfg.max_grad_norm, per_step_terms=PER_STEP_TERMS)
+            loop.end_step(logs)
 
-            state.step += 1
-            state.nimg += micro * world * cfg.gradient_accumulation_steps
-            ema.update(accelerator.unwrap_model(student), micro * world * cfg.gradient_accumulation_steps, nimg=state.nimg)
-            logs = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in sorted(logs.items())}
-            accelerator.log({**logs, "nimg": state.nimg}, step=state.step)
-            if accelerator.is_main_process:
-                with open(stats_path, "a") as fh:
-                    fh.write(json.dumps({"step": state.step, "nimg": state.nimg, **logs}) + "\n")
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
-            bar.update(1)
-
-            if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
-                tmp = ckpt.temporary_dir(out, state.step, clear=accelerator.is_main_process)
-                accelerator.wait_for_everyone()
-                # A failed or interrupted save removes its partial directory; earlier checkpoints stay as they are.
-                # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
-                size = lambda: _state_bytes(models=[student, disc, ema.model, ema.model], optimizers=[opt_g, opt_d], parts=parts)  # noqa: E731
-                with ckpt.partial_save(out, tmp, estimate_bytes=size):
-                    accelerator.save_state(str(tmp))
-                    _check_replicas(accelerator, student, state.step)
-                    if accelerator.is_main_process:
-                        export_pipeline(parts, ema.model, tmp / "pipeline", split=split, card=card(), validation=validation)
-                        ckpt.finalize(out, tmp, state.step, total_limit=cfg.checkpoints_total_limit)
-                accelerator.wait_for_everyone()
-            if state.step % cfg.validation_steps == 0 or state.step == cfg.max_train_steps:
-                validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=state.step, stats_path=stats_path,
-                                    validation=validation)
-    finally:
-        bar.close()  # ends the progress line, so an error message starts on its own line
+    # 5. Save: the EMA student as a pipeline.
     if accelerator.is_main_process:
-        export_pipeline(parts, ema.model, out / "pipeline", split=split, card=card(), validation=validation)
-        accelerator.print(f"done: {state.step} steps, {state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _state_bytes(*, models: list, optimizers: list, parts) -> int:
-    """Rough size of one checkpoint: models (incl. the EMA), optimiser states and the exported pipeline's weights."""
-    pipe = parts.teacher.pipe
-    models = [*models, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None)]
-    tensors = [t for m in models if m is not None for t in m.state_dict().values()]
-    for opt in optimizers:
-        if opt is not None:
-            tensors += [t for s in opt.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _check_replicas(accelerator, model, step: int) -> None:
-    """DDP keeps replicas equal by construction; verify it at every checkpoint (cheap, catches bugs)."""
-    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-    sums = accelerator.gather(total)
-    if (sums - sums[0]).abs().max().item() > 1e-6 * max(1.0, sums[0].abs().item()):
-        raise RuntimeError(f"process replicas diverged at step {step}: parameter sums {sums.tolist()}")
-
-
-def _accumulate(logs: dict, terms: dict, n: int) -> None:
-    for k, v in terms.items():
-        logs[k] = logs.get(k, 0.0) + float(v.detach()) / (1 if k in PER_STEP_TERMS else n)
-
-
-def _finite(accelerator, loss: torch.Tensor, terms: dict, step: int, out: Path) -> None:
-    """Stop every rank together on a NaN/inf loss, naming the step and term; checkpoints stay as they are."""
-    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
-    if accelerator.reduce(bad, "max").item() > 0:
-        names = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()] or ["(on another process)"]
-        last = ckpt.checkpoint_dirs(out)
-        raise ValueError(
-            f"non-finite loss at step {step} in term {', '.join(names)}: stopped; last good checkpoint: "
-            f"{last[-1] if last else 'none yet'} (lower the learning rates or the term's weight, then resume)"
-        )
+        export(out / "pipeline")
+        accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python scripts/curves.py RUN_DIR [RUN_DIR ...] [--output runs/curves] [--eval] [--eval_args "..."]
 
-For every run (a ``train_student.py`` output_dir): the held-out E-LatentLPIPS and MSE to the teacher
+For every run (a ``train_student.py`` or ``train_gan.py`` output_dir): the held-out E-LatentLPIPS and MSE to the teacher
 that training logs at each validation (``stats.jsonl``); with ``--eval``, every kept checkpoint's
 pipeline (``checkpoints/checkpoint-N/pipeline``, keep them with ``--checkpoints_total_limit null``)
 and the final one are also scored by ``distill/evaluate.py --config EVAL_CONFIG`` (default: the digits
@@ -36,10 +36,11 @@ def training_curve(run: Path) -> tuple[list[dict], dict[int, int]]:
     return [{"nimg": r["nimg"], **{k: r[k] for k in ("val_lpips", "val_mse") if k in r}} for r in val if "val_mse" in r], nimg
 
 
-def evaluated_curve(run: Path, nimg: dict[int, int], *, eval_config: str, eval_args: list[str]) -> list[dict]:
-    """Score every kept checkpoint's pipeline and the final one (cached); [{nimg, metric: value}]."""
+def evaluated_curve(run: Path, nimg: dict[int, int], *, eval_config: str, eval_args: list[str], every: int = 1) -> list[dict]:
+    """Score the kept checkpoints' pipelines whose step is a multiple of ``every``, and the final one (cached);
+    [{nimg, metric: value}]."""
     pipelines = {int(m.group(1)): p / "pipeline" for p in (run / "checkpoints").glob("checkpoint-*")
-                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "pipeline").is_dir()}
+                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "pipeline").is_dir() and int(m.group(1)) % every == 0}
     if (run / "pipeline").is_dir():
         pipelines.setdefault(max(nimg), run / "pipeline")
     out = []
@@ -61,7 +62,7 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("val_lpips", "fid_to_teacher", "prompt_accuracy")
+    metrics = [m for m in ("val_lpips", "fid_to_teacher", "fid", "prompt_accuracy")
                if any(m in r for c in curves.values() for r in c["validation"] + c["evaluation"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -70,7 +71,9 @@ def plot(curves: dict[str, dict], path: Path) -> None:
             if rows:
                 ax.plot([r["nimg"] / 1000 for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=name)
         ax.set_xlabel("training images (thousands)")
-        ax.set_title(LABELS.get(metric, metric), fontsize=10)
+        if metric in ("val_lpips", "fid_to_teacher", "fid"):
+            ax.set_yscale("log")  # from-scratch runs start orders of magnitude above where they end
+        ax.set_title(LABELS.get(metric, metric) + (" (log)" if ax.get_yscale() == "log" else ""), fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="train_student.py output folders; NAME=DIR to label one")
     parser.add_argument("--output", default="runs/curves")
     parser.add_argument("--eval", action="store_true", help="also score every kept checkpoint with evaluate.py")
+    parser.add_argument("--eval_every", type=int, default=1, help="--eval: only checkpoints whose step is a multiple of this (+ the final pipeline)")
     parser.add_argument("--eval_config", default="configs/digits/eval.yaml")
     parser.add_argument("--eval_args", default="--metrics fid_to_teacher,prompt_accuracy",
                         help="extra evaluate.py overrides for the checkpoint scores")
@@ -94,22 +98,23 @@ def main() -> None:
         if not (run / "stats.jsonl").is_file():
             sys.exit(f"error: {run} has no stats.jsonl: pass train_student.py output folders")
         validation, nimg = training_curve(run)
-        evaluation = evaluated_curve(run, nimg, eval_config=args.eval_config, eval_args=shlex.split(args.eval_args)) if args.eval else []
+        evaluation = evaluated_curve(run, nimg, eval_config=args.eval_config, eval_args=shlex.split(args.eval_args),
+                                     every=args.eval_every) if args.eval else []
         curves[name or run.name] = {"run": str(run), "validation": validation, "evaluation": evaluation}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
     plot(curves, out / "curves.png")
-    lines = ["| run | kimg | held-out E-LatentLPIPS | FID to teacher | prompt accuracy |", "|---|---|---|---|---|"]
+    lines = ["| run | kimg | held-out E-LatentLPIPS | FID to teacher | FID to the reference | prompt accuracy |", "|---|---|---|---|---|---|"]
     for name, c in curves.items():
         by_nimg: dict[int, dict] = {}
         for r in c["validation"] + c["evaluation"]:
             by_nimg.setdefault(r["nimg"], {}).update(r)
         for n, r in sorted(by_nimg.items()):
-            if "fid_to_teacher" in r or n == max(by_nimg):
+            if "fid_to_teacher" in r or "fid" in r or n == max(by_nimg):
                 cell = lambda k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
                 lines.append(f"| {name} | {n / 1000:.1f} | {cell('val_lpips', '{:.3f}')} | {cell('fid_to_teacher', '{:.1f}')} | "
-                             f"{cell('prompt_accuracy', '{:.3f}')} |")
+                             f"{cell('fid', '{:.1f}')} | {cell('prompt_accuracy', '{:.3f}')} |")
     (out / "curves.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'curves.png'}")

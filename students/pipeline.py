@@ -62,15 +62,35 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-def decode_vae(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1].
+# The VAE latent conventions, for the pipeline, the students and distill/ (teachers/loading.py keeps its own
+# vae_scale_factor: teachers/ and students/ do not import each other, and this file must stay self-contained).
+
+
+def vae_scale_factor(vae: AutoencoderKL | None) -> int:
+    """Image pixels per latent cell: 2 per VAE down-block after the first (1 without a VAE: pixel space)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
+def scale_latents(raw: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE-encoder output -> VAE-scaled latents (what the UNet and the pipelines' ``output_type="latent"`` use)."""
+    return (raw - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE-scaled latents -> the VAE decoder's input (the inverse of :func:`scale_latents`)."""
+    return latents / vae_config.scaling_factor + (getattr(vae_config, "shift_factor", None) or 0.0)
+
+
+def decode_vae(vae: AutoencoderKL | None, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (no VAE: the input is already the image).
 
     A float16 VAE whose config sets ``force_upcast`` (SDXL's: its fp16 activations overflow into NaN /
     black images) decodes in float32 and is cast back afterwards, as diffusers' SDXL pipeline does.
     """
-    cfg = vae.config
-    raw = latents.float() / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    if not (vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)):
+    if vae is None:  # a pixel-space generator: its output is the image
+        return latents.float()
+    raw = unscale_latents(latents.float(), vae.config)
+    if not (vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
         return vae.decode(raw.to(vae.dtype)).sample
     vae.to(torch.float32)
     try:
@@ -82,7 +102,8 @@ def decode_vae(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 class OneStepGANPipeline(DiffusionPipeline):
     """Components: ``student`` (any generator with ``forward(noise, prompt_embeds, added_cond_kwargs)``),
     ``vae``, ``text_encoder``, ``tokenizer`` and, for SDXL and SD3 students, ``text_encoder_2``, ``tokenizer_2``
-    (SD3: also ``text_encoder_3``, ``tokenizer_3`` when the teacher has T5). ``text_conditioning="sd3"`` marks an
+    (SD3: also ``text_encoder_3``, ``tokenizer_3`` when the teacher has T5).
+    ``vae`` is None for a pixel-space generator (trained from scratch on images): its output is the image. ``text_conditioning="sd3"`` marks an
     SD3 student, whose prompts are encoded as ``StableDiffusion3Pipeline.encode_prompt`` does with
     ``max_sequence_length`` T5 tokens (zeros of width ``joint_attention_dim`` without T5).
 
@@ -91,7 +112,7 @@ class OneStepGANPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->student->vae"
-    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "vae"]
 
     def __init__(self, student, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2=None, tokenizer_2=None,
                  text_encoder_3=None, tokenizer_3=None, text_conditioning: str | None = None,
@@ -106,7 +127,7 @@ class OneStepGANPipeline(DiffusionPipeline):
         if text_conditioning is not None:  # SD / SDXL folders keep their model_index.json as it was
             self.register_to_config(text_conditioning=text_conditioning, max_sequence_length=max_sequence_length,
                                     joint_attention_dim=joint_attention_dim)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod

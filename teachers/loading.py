@@ -42,6 +42,13 @@ DEFAULT_SCHEDULERS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow_euler"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent cell: 2 per VAE down-block after the first. students/pipeline.py has the same
+    formula: teachers/ and students/ do not import each other."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @dataclass
 class Teacher:
     """A loaded teacher pipeline plus the facts the rest of the toolkit needs about it."""
@@ -53,7 +60,7 @@ class Teacher:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.pipe.vae)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -103,7 +110,7 @@ def dtype_from_name(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _model_index(name_or_path: str, revision: str | None) -> tuple[dict, bool]:
+def _model_index(name_or_path: str, revision: str | None, what: str = "teacher") -> tuple[dict, bool]:
     """Read ``model_index.json`` from a folder or the hub; fail fast with one line if neither has it."""
     path = Path(name_or_path)
     if path.is_dir():
@@ -113,7 +120,7 @@ def _model_index(name_or_path: str, revision: str | None) -> tuple[dict, bool]:
         return json.loads(index.read_text()), True
     # Hub ids are "name" or "org/name"; anything else is meant as a local path.
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise FileNotFoundError(f"teacher {name_or_path!r} not found: no such pipeline folder")
+        raise FileNotFoundError(f"{what} {name_or_path!r} not found: no such pipeline folder")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -121,7 +128,7 @@ def _model_index(name_or_path: str, revision: str | None) -> tuple[dict, bool]:
     except Exception as exc:  # offline, unknown repo, gated, bad id: huggingface_hub has many types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FileNotFoundError(
-            f"teacher {name_or_path!r} not found: not a local folder and not loadable from the Hugging Face Hub "
+            f"{what} {name_or_path!r} not found: not a local folder and not loadable from the Hugging Face Hub "
             f"({type(exc).__name__}: {reason[:160]}); pass a local pipeline folder, or download it first "
             f"(`hf download {name_or_path}`) and run with HF_HUB_OFFLINE=1"
         ) from None
@@ -162,6 +169,32 @@ def sd3_default_max_sequence_length() -> int:
     import inspect
 
     return int(inspect.signature(StableDiffusion3Pipeline.__call__).parameters["max_sequence_length"].default)
+
+
+def load_components(name_or_path: str, names: tuple[str, ...], *, revision: str | None = None,
+                    what: str = "pipeline") -> dict:
+    """Some components of a diffusers pipeline (hub id or folder), loaded alone by the classes its
+    ``model_index.json`` names, e.g. a teacher's text encoders and tokenizers for a trainer that needs no
+    UNet. Absent components are None; models come frozen in eval mode."""
+    import importlib
+
+    index, _ = _model_index(name_or_path, revision, what=what)
+    out = {}
+    for name in names:
+        library, cls_name = (index.get(name) or [None, None])[:2]
+        if library is None or cls_name is None:
+            out[name] = None
+            continue
+        cls = getattr(importlib.import_module(library), cls_name)
+        component = cls.from_pretrained(name_or_path, subfolder=name, revision=revision)
+        if isinstance(component, torch.nn.Module):
+            component = component.eval().requires_grad_(False)
+        elif name.startswith("tokenizer") and len(component) < 1000:
+            # Offline, a hub tokenizer can silently come back with only its special tokens.
+            raise ValueError(f"{what} {name_or_path!r}: {name} has only {len(component)} tokens (vocabulary files missing?); "
+                             "re-download the pipeline with its tokenizer folder")
+        out[name] = component
+    return out
 
 
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from diffusers import DiffusionPipeline
 
+from .loading import vae_scale_factor
+
 
 @torch.no_grad()
 def solve_ode(
@@ -31,8 +33,8 @@ def solve_ode(
     """
     if len(prompts) != noise.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {noise.shape[0]} noise tensors")
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    height, width = noise.shape[-2] * vae_factor, noise.shape[-1] * vae_factor
+    factor = vae_scale_factor(pipe.vae)
+    height, width = noise.shape[-2] * factor, noise.shape[-1] * factor
     denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     out = pipe(

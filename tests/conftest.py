@@ -41,6 +41,19 @@ def sdxl_teacher(tiny_teacher_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory) -> Path:
+    """A small digits-classifier folder (random weights), read as a frozen feature network by the from-scratch D."""
+    import torch
+
+    from teachers.digits_classifier import DigitClassifier
+
+    path = tmp_path_factory.mktemp("classifier") / "clf"
+    torch.manual_seed(0)
+    DigitClassifier(channels=(8, 16), feature_dim=16, image_size=16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def prompt_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("a red apple on a table\n\na photo of a cat\n  \na blue car in the rain\na bowl of soup\n")
@@ -83,3 +96,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ctrl_c_able() -> None:
+    """``Popen(preexec_fn=ctrl_c_able)``: the child takes SIGINT as Ctrl-C even when pytest itself runs in the
+    background (a shell starts background jobs with SIGINT ignored, and Python then installs no handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+

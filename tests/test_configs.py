@@ -14,10 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def _schemas():
     from distill.generate_pairs import PairsConfig
     from distill.sample import SampleConfig
+    from distill.train_gan import GANConfig
     from distill.train_latent_lpips import TrainLatentLPIPSConfig
     from distill.train_student import StudentConfig
 
-    return {"pairs": PairsConfig, "student": StudentConfig, "sample": SampleConfig, "latent_lpips": TrainLatentLPIPSConfig}  # eval: own tests
+    return {"pairs": PairsConfig, "student": StudentConfig, "sample": SampleConfig, "latent_lpips": TrainLatentLPIPSConfig,
+            "scratch": GANConfig}  # eval: own tests
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -156,3 +158,7 @@ def test_diffusers_flag_names_are_aliases(tmp_path):
     (tmp_path / "both.yaml").write_text("teacher: a\npretrained_model_name_or_path: b\n")
     with pytest.raises(ConfigError, match="sets both 'teacher' and its alias 'pretrained_model_name_or_path'"):
         parse_config(StudentConfig, ["--config", str(tmp_path / "both.yaml")])
+    from distill.train_gan import GANConfig
+
+    cfg = parse_config(GANConfig, ["--train_batch_size", "4", "--dataloader_num_workers", "2", "--tracker_project_name", "scratch1"])
+    assert (cfg.batch_size, cfg.num_workers, cfg.tracker_project_name) == (4, 2, "scratch1")

@@ -41,7 +41,8 @@ def test_curves_from_training_stats_and_scored_checkpoints(tmp_path, sd15_teache
     pipe = load_teacher(str(sd15_teacher)).pipe
     student = OneStepGANPipeline(student=UNetStudent.from_teacher(pipe.unet, pipe.scheduler), vae=pipe.vae,
                                  text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    student.save_pretrained(run / "checkpoints" / "checkpoint-2" / "pipeline")
+    for step in (1, 2):  # --eval_every 2 scores checkpoint-2 only
+        student.save_pretrained(run / "checkpoints" / f"checkpoint-{step}" / "pipeline")
     ref = tmp_path / "teacher-samples"
     ref.mkdir()
     rng = np.random.default_rng(0)
@@ -51,7 +52,7 @@ def test_curves_from_training_stats_and_scored_checkpoints(tmp_path, sd15_teache
     config.write_text(f"prompts: {prompt_file}\nnum_samples: 6\nbatch_size: 3\nmetrics: fid_to_teacher\n"
                       f"teacher_reference: {ref}\nfid_extractor: random-tiny\nmetric_workers: 0\n"
                       f"metrics_cache: {tmp_path / 'cache'}\ngrid_size: 0\n")
-    done = _run([run, "--output", out, "--eval", "--eval_config", config, "--eval_args", ""])
+    done = _run([run, "--output", out, "--eval", "--eval_every", 2, "--eval_config", config, "--eval_args", ""])
     assert done.returncode == 0, done.stderr[-2000:]
     scored = json.loads((out / "curves.json").read_text())["run"]["evaluation"]
     assert [r["step"] for r in scored] == [2] and scored[0]["nimg"] == 16 and scored[0]["fid_to_teacher"] > 0

@@ -135,6 +135,7 @@ def test_teacher_against_its_own_pairs_has_zero_fidelity_gap(setup, sd15_teacher
     (["--metrics", "fid,bogus"], "unknown metric"),
     (["--metrics", "fidelity", "--fidelity_count", -1], "fidelity_count must not be negative"),
     (["--metrics", "fidelity", "--pixel_lpips", "vgg"], "vgg16-397923af.pth"),
+    (["--metrics", "fid_to_teacher"], "fid_to_teacher needs `teacher_reference`"),
 ])
 def test_missing_weights_and_bad_config_fail_in_one_line_before_generating(setup, capsys, monkeypatch, tmp_path, extra, needle):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -145,6 +146,19 @@ def test_missing_weights_and_bad_config_fail_in_one_line_before_generating(setup
     last = err.rstrip("\n").split("\n")[-1]
     assert code == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err
     assert not list(out.glob("samples/*.png"))
+
+
+def test_fid_to_teacher_needs_a_reference_drawn_from_other_noise(setup, capsys):
+    """The teacher's reference set must come from another seed: the same noise would couple the two sets."""
+    root, args = setup
+    assert run_script("evaluate.py", [*args, "--metrics", "samples", "--seed", 2, "--output_dir", root / "ref-seed2"], capsys)[0] == 0
+    ref = ["--metrics", "fid_to_teacher", "--teacher_reference", root / "ref-seed2" / "samples"]
+    code, err = run_script("evaluate.py", [*args, *ref, "--seed", 2, "--output_dir", root / "same"], capsys)
+    assert code == 2 and "would share their noise" in err.rstrip().splitlines()[-1]
+    assert not list((root / "same").glob("samples/*.png"))  # refused before generating
+    code, err = run_script("evaluate.py", [*args, *ref, "--output_dir", root / "other"], capsys)
+    assert code == 0, err
+    assert json.loads((root / "other" / "metrics.json").read_text())["metrics"]["fid_to_teacher"] > 0
 
 
 @pytest.mark.parametrize("name", ["sd15_coco2014_30k", "sdxl_coco2017_5k", "teacher_sd15_coco2014_30k"])

@@ -89,8 +89,9 @@ def test_standalone_folder_loads_and_samples_without_this_project(exported, tmp_
         noise = torch.from_numpy(np.load(folder.parent / "noise.npy"))
         latents = ours(PROMPTS, latents=noise, output_type="latent").images
         images = ours(PROMPTS, latents=noise, output_type="np").images
-        np.testing.assert_allclose(got["latents"], latents.numpy(), rtol=1e-6, atol=1e-6, err_msg=f"{kind}-{family}")
-        np.testing.assert_allclose(got["images"], images, rtol=1e-6, atol=1e-6, err_msg=f"{kind}-{family}")
+        # the child runs with another thread count, so float sums reorder: ~1e-5 on latents of size ~30
+        np.testing.assert_allclose(got["latents"], latents.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{kind}-{family}")
+        np.testing.assert_allclose(got["images"], images, rtol=1e-4, atol=1e-4, err_msg=f"{kind}-{family}")
 
 
 def test_exported_folder_layout(exported):
@@ -122,3 +123,36 @@ def test_flatten_rejects_a_name_defined_twice(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(flatten_module("twice.c"), "c.py", "exec"), namespace)
     assert namespace["Z"] == 2 and namespace["Y"] == 1
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2-v", "sdxl"])
+def test_unet_student_runs_in_the_stock_pipeline(tiny_teacher_factory, tmp_path, capsys, family):
+    """distill/export_stock.py: stock StableDiffusion(XL)Pipeline / AutoPipelineForText2Image, one trailing DDIM
+    step at guidance 0, gives OneStepGANPipeline's latents (epsilon, v-prediction and SDXL teachers)."""
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from conftest import run_script
+
+    teacher_dir = tiny_teacher_factory(family)
+    ours = _pipeline("unet", DiffusionPipeline.from_pretrained(teacher_dir))
+    ours.save_pretrained(tmp_path / "pipeline")
+    code, err = run_script("export_stock.py", ["--pipeline", tmp_path / "pipeline", "--output_dir", tmp_path / "stock",
+                                               "--teacher", teacher_dir], capsys)
+    assert code == 0, err
+    stock = AutoPipelineForText2Image.from_pretrained(tmp_path / "stock")
+    assert type(stock) is (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    expected = ours(PROMPTS, latents=noise, output_type="latent").images
+    got = stock(PROMPTS, latents=noise, num_inference_steps=1, guidance_scale=0.0, output_type="latent").images
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    # Without --teacher the schedule comes from the pairs the student trained on; a GAN student is refused.
+    (tmp_path / "pipeline" / "pairs_split.json").write_text(json.dumps({"pairs": str(tmp_path / "pairs")}))
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "manifest.json").write_text(json.dumps({"scheduler_config": dict(stock.scheduler.config)}))
+    assert run_script("export_stock.py", ["--pipeline", tmp_path / "pipeline", "--output_dir", tmp_path / "stock2"], capsys)[0] == 0
+    if family == "sd15":
+        _pipeline("gigagan", DiffusionPipeline.from_pretrained(teacher_dir)).save_pretrained(tmp_path / "gan")
+        code, err = run_script("export_stock.py", ["--pipeline", tmp_path / "gan", "--output_dir", tmp_path / "x",
+                                                   "--teacher", teacher_dir], capsys)
+        assert code == 2 and "only the UNet student is an SD UNet" in err.strip().splitlines()[-1]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from conftest import ROOT, accelerate_launch, run_script
+from conftest import ROOT, accelerate_launch, ctrl_c_able, run_script
 from data_gen.noise import noise_for_seed
 from data_gen.pairs import load_pairs
 
@@ -104,6 +105,11 @@ def test_kill_and_resume_finishes_exactly_the_missing_rows(sd15_teacher, prompt_
     assert {p: (out / "data" / p).stat().st_mtime_ns for p in before} == before
     ds = load_pairs(out)
     assert sorted(ds["index"]) == list(range(12))
+    # The Arrow copy datasets reads from lives beside the shards, made once and reused by the next load.
+    arrow = [Path(f["filename"]) for f in ds.cache_files]
+    assert arrow and all((out / ".arrow-cache") in f.parents for f in arrow)
+    files = sorted((out / ".arrow-cache").rglob("*.arrow"))
+    assert [Path(f["filename"]) for f in load_pairs(out).cache_files] == arrow and sorted((out / ".arrow-cache").rglob("*.arrow")) == files
 
 
 def test_other_config_in_same_dir_is_refused(sd15_teacher, prompt_file, tmp_path, capsys):
@@ -117,6 +123,14 @@ def test_other_config_in_same_dir_is_refused(sd15_teacher, prompt_file, tmp_path
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # Batch size does not change any row, so it may differ on a rerun.
     assert run_script("generate_pairs.py", [*base, "--batch_size", "1"], capsys)[0] == 0
+    # Storing the prompt embeddings changes the columns: shards with and without cannot mix (either way round).
+    code, err = run_script("generate_pairs.py", [*base, "--store_prompt_embeds"], capsys)
+    assert code == 2 and "store_prompt_embeds: None -> True" in _one_error_line(err)
+    embeds = tmp_path / "embeds"
+    with_embeds = [*base[:-len(COMMON) - 2], "--output_dir", embeds, *COMMON, "--store_prompt_embeds"]
+    assert run_script("generate_pairs.py", with_embeds, capsys)[0] == 0
+    code, err = run_script("generate_pairs.py", with_embeds[:-1], capsys)
+    assert code == 2 and "store_prompt_embeds: True -> None" in _one_error_line(err)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -165,8 +179,9 @@ def _files(out):
 def test_a_second_run_into_a_locked_folder_is_refused(sd15_teacher, prompt_file, tmp_path, capsys):
     out = tmp_path / "pairs"
     args = [sys.executable, str(ROOT / "distill" / "generate_pairs.py"), *map(str, _gen(sd15_teacher, prompt_file, out)),
-            "--num_pairs", "400", "--batch_size", "1"]
-    first = subprocess.Popen(args, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            "--num_pairs", "4000", "--batch_size", "1"]  # still running when Ctrl-C comes (400 took 12 s on idle cores)
+    first = subprocess.Popen(args, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=ctrl_c_able)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "manifest.json").exists():
@@ -285,3 +300,27 @@ def test_user_mistakes_in_files_are_one_line(sd15_teacher, prompt_file, tmp_path
     code, err = run_script("generate_pairs.py", _gen(sd15_teacher, latin1, out), capsys)
     assert code == 2 and f"prompt file {latin1} is not UTF-8 text (byte 0xe9 at offset 5)" in _one_error_line(err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family, pipe_cls", [("sd15", StableDiffusionPipeline), ("sdxl", StableDiffusionXLPipeline)])
+def test_stored_prompt_embeds_are_the_pipelines(tiny_teacher_factory, prompt_file, tmp_path, capsys, family, pipe_cls):
+    """--store_prompt_embeds: each row also holds the teacher's encode_prompt output (SDXL: + pooled), in float16."""
+    from data_gen.pairs import read_manifest
+
+    teacher = tiny_teacher_factory(family)
+    out = tmp_path / "pairs"
+    code, err = run_script("generate_pairs.py", ["--teacher", teacher, "--prompts", prompt_file, "--num_pairs", 5, "--batch_size", 2,
+                                                 "--shard_size", 3, "--output_dir", out, "--store_prompt_embeds", *COMMON], capsys)
+    assert code == 0, err
+    manifest = read_manifest(out)
+    ds = load_pairs(out).with_format("torch")
+    rows = ds[:]
+    pipe = pipe_cls.from_pretrained(teacher)
+    embeds, *rest = pipe.encode_prompt(rows["prompt"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    expected = {"prompt_embeds": embeds} if family == "sd15" else {"prompt_embeds": embeds, "pooled_prompt_embeds": rest[1]}
+    assert manifest["config"]["store_prompt_embeds"] is True and manifest["prompt_embeds"]["dtype"] == "float16"
+    assert manifest["prompt_embeds"]["columns"] == {k: list(v.shape[1:]) for k, v in expected.items()}
+    assert set(ds.column_names) == {"index", "seed", "prompt", "noise", "target", *expected}
+    for key, value in expected.items():
+        assert getattr(ds.features[key], "feature", ds.features[key]).dtype == "float16"  # as stored (read as float32)
+        torch.testing.assert_close(rows[key], value.half().float())

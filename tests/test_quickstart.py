@@ -7,27 +7,38 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_reduced_quickstart(tmp_path):
-    out = tmp_path / "qs"
+def _quickstart(out: Path, *args: str, steps: int, student_args: str, num_samples: int) -> subprocess.CompletedProcess:
+    """scripts/quickstart.sh OUT [STUDENT_CONFIG], reduced: 96 pairs solved in ``steps`` steps, a few training steps."""
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2",
-        QUICKSTART_PAIRS_ARGS="--num_pairs 96 --shard_size 48 --batch_size 48 --num_inference_steps 10",
-        QUICKSTART_STUDENT_ARGS="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
-                                " --learning_rate_g 1e-4 --ema_half_life_kimg 0",
-        QUICKSTART_EVAL_ARGS="--num_samples 40 --batch_size 20 --num_inference_steps 10 --latency_batch_size 8"
+        QUICKSTART_PAIRS_ARGS=f"--num_pairs 96 --shard_size 48 --batch_size 48 --num_inference_steps {steps}",
+        QUICKSTART_STUDENT_ARGS=student_args,
+        QUICKSTART_EVAL_ARGS=f"--num_samples {num_samples} --batch_size 20 --num_inference_steps {steps} --latency_batch_size 8"
                              " --latency_iterations 1 --latency_warmup 1 --latency_min_seconds 0 --fidelity_start -32",
     )
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh"), str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
+    return subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh"), str(out), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_reduced_quickstart(tmp_path):
+    out = tmp_path / "qs"
+    run = _quickstart(out, steps=10, num_samples=40,
+                      student_args="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
+                                   " --learning_rate_g 1e-4 --ema_half_life_kimg 0")
     assert run.returncode == 0, run.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     for who in ("teacher", "student"):
         assert 0 <= metrics[who]["prompt_accuracy"] <= 1 and metrics[who]["fid"] > 0
+    # Headline: FID to the teacher's other-seed samples, and its floor (the teacher scored the same way).
+    assert metrics["student"]["fid_to_teacher"] > 0 and metrics["teacher"]["fid_to_teacher_floor"] > 0
+    assert "fid_to_teacher" not in metrics["teacher"] and metrics["student_kind"] == "unet"
+    assert "FID to the teacher's samples" in (out / "report.txt").read_text().splitlines()[1]
     assert metrics["speedup"] > 1
     # Fidelity on the held-out pairs: the teacher reproduces its own pairs; the student does not (yet).
     assert metrics["teacher"]["e_latent_lpips"] < 1e-3 and metrics["student"]["e_latent_lpips"] > 1e-3
@@ -53,3 +64,22 @@ def test_reduced_quickstart(tmp_path):
         trained = loss(pipe.student(noise, cond.prompt_embeds), target).mean()
         untrained = loss(random_student(noise, cond.prompt_embeds), target).mean()
     assert trained < untrained
+
+
+@pytest.mark.slow  # two reduced quickstarts: ~4 min on 2 idle cores
+def test_reduced_quickstart_with_the_gan_students(tmp_path):
+    """configs/digits/student_gigagan.yaml and student_stylegan_t.yaml through the same script, on one
+    pairs folder: a few regression steps, then the GAN (fresh noise), lower the held-out E-LatentLPIPS."""
+    out = tmp_path / "qs"
+    for name in ("student_gigagan", "student_stylegan_t"):
+        run = _quickstart(out, f"configs/digits/{name}.yaml", steps=6, num_samples=20,
+                          student_args="--max_train_steps 12 --gan_start_step 8 --batch_size 16 --holdout 32 --checkpointing_steps 12"
+                                       " --validation_steps 12")
+        assert run.returncode == 0, run.stderr[-4000:]
+        metrics = json.loads((out / f"metrics-{name}.json").read_text())
+        assert metrics["student_kind"] == name.removeprefix("student_")
+        assert metrics["student_training"]["val_lpips_final"] < metrics["student_training"]["val_lpips_init"]
+        stats = [json.loads(line) for line in (out / name / "stats.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in stats if "d_gan" in r] == list(range(9, 13))  # the GAN from step 8 on
+        assert (out / f"teacher_vs_{name}.png").is_file() and (out / f"report-{name}.txt").is_file()
+    assert len(list((out / "pairs" / "data").glob("*.parquet"))) == 2  # made once, reused

@@ -252,7 +252,9 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
-    # Interrupted after step 2, then the same command (with the final step count) resumes from the checkpoint.
+    # Interrupted after step 2, then the same command (with the final step count) resumes from the checkpoint;
+    # DataLoader workers read the pairs there (the same batches as read in-process).
+    common += ["--num_workers", 2]
     assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
     # A kill during a save leaves only a temporary directory behind: it is neither resumed from nor kept.
     stale = resumed / "checkpoints" / ".tmp-checkpoint-4"
@@ -267,6 +269,69 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert [r["step"] for r in _stats(resumed) if "g_lpips" in r] == [1, 2, 3, 4]
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
+    from data_gen.pairs import load_pairs
+    from distill.training.pair_data import PairRows
+    from distill.training.prefetch import Prefetch
+
+    pairs = load_pairs(pairs_dir).with_format("torch")
+
+    def read(*, num_workers, start=0, rank=0, world=1):
+        data = Prefetch(PairRows(pairs, num_train=16, seed=0, rank=rank, world=world, batch_size=4), num_workers=num_workers)
+        data.start(start)
+        return [data.read(m) for m in range(start, 8)]
+
+    straight = read(num_workers=0)
+    index = [b["index"].tolist() for b in straight]
+    # 8 micro-batches of 4 = two epochs of the 16 training rows (the last 8 of 24 held out), each row once per epoch.
+    assert sorted(sum(index[:4], [])) == sorted(sum(index[4:], [])) == list(range(16)) and index[:4] != index[4:]
+    for batches in (read(num_workers=2), [None] * 5 + read(num_workers=2, start=5)):  # all; resumed at micro-batch 5
+        for got, want in zip(batches, straight):
+            if got is not None:
+                assert got["prompt"] == want["prompt"]
+                for key in ("index", "noise", "target"):
+                    torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    ranks = [sum((b["index"].tolist() for b in read(num_workers=2, rank=r, world=2, start=6)), []) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])  # two processes read disjoint rows
+    data = Prefetch(PairRows(pairs, num_train=16, seed=0, rank=0, world=1, batch_size=4), num_workers=1)
+    data.start(3)
+    with pytest.raises(RuntimeError, match="prefetched micro-batch 3 but micro-batch 4 was asked for"):
+        data.read(4)
+
+
+def test_stored_prompt_embeds_train_like_the_text_encoder(pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
+    """Pairs made with --store_prompt_embeds: the steps condition on the stored embeddings (the text encoder runs only
+    for validation) and give the losses of encoding the prompts, to float16 rounding; the rows count as the same."""
+    from distill.training.setup import Parts
+
+    stored = tmp_path / "pairs-embeds"
+    code, err = run_script("generate_pairs.py", ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 24,
+                                                 "--resolution", 32, "--num_inference_steps", 3, "--batch_size", 8,
+                                                 "--output_dir", stored, "--store_prompt_embeds"], capsys)
+    assert code == 0, err
+    encoded, encode = [], Parts.encode
+    monkeypatch.setattr(Parts, "encode", lambda self, prompts: encoded.append(len(prompts)) or encode(self, prompts))
+    runs = {}
+    for name, pairs in (("encoded", pairs_dir), ("stored", stored)):
+        encoded.clear()
+        run = tmp_path / name
+        code, err = run_script("train_student.py", ["--pairs", pairs, "--output_dir", run, "--max_train_steps", 3,
+                                                    "--checkpointing_steps", 3, "--validation_steps", 100, *TRAIN,
+                                                    "--gradient_accumulation_steps", 2], capsys)
+        assert code == 0, err
+        runs[name] = ([r for r in _stats(run) if "g_lpips" in r], list(encoded))
+        split = json.loads((run / "pairs_split.json").read_text())
+        runs[name] += (split["rows_fingerprint"],)
+    (encoded_stats, encoded_calls, fp_a), (stored_stats, stored_calls, fp_b) = runs["encoded"], runs["stored"]
+    assert encoded_calls.count(4) - stored_calls.count(4) == 3 * 2  # a batch of 4 per micro-step, 3 steps x 2
+    assert fp_a == fp_b
+    assert len(stored_stats) == len(encoded_stats) == 3
+    for a, b in zip(encoded_stats, stored_stats):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-12), key  # measured: 4e-6 at most
 
 
 @pytest.mark.parametrize("heads", ["before,skip,after,final", "before,skip,after"])
@@ -501,12 +566,24 @@ def test_unet_student_at_zero_terminal_snr(sd15_teacher):
         UNetStudent.from_teacher(tp.unet, eps_sched)
 
 
-def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys):
-    """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline."""
+@pytest.mark.parametrize("store_prompt_embeds", [False, True])
+def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys, store_prompt_embeds):
+    """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline; stored with
+    the pairs, it is the encoders' (time ids from the resolution)."""
     pairs = tmp_path / "pairs"
     code, err = run_script("generate_pairs.py", ["--teacher", sdxl_teacher, "--prompts", prompt_file, "--num_pairs", 6,
-                                                 "--resolution", 32, "--num_inference_steps", 2, "--output_dir", pairs], capsys)
+                                                 "--resolution", 32, "--num_inference_steps", 2, "--output_dir", pairs,
+                                                 "--store_prompt_embeds", store_prompt_embeds], capsys)
     assert code == 0, err
+    if store_prompt_embeds:
+        from data_gen.pairs import load_pairs
+        from distill.training.pair_data import stored_conditioning
+
+        rows = load_pairs(pairs).with_format("torch")[:4]
+        got = stored_conditioning(rows, resolution=32, device="cpu", dtype=torch.float32)
+        want = _cond(load_teacher(str(sdxl_teacher)), rows["prompt"])
+        for a, b in ((got.prompt_embeds, want.prompt_embeds), (got.pooled_prompt_embeds, want.pooled_prompt_embeds), (got.time_ids, want.time_ids)):
+            torch.testing.assert_close(a, b.half().float())
     run = tmp_path / "run"
     code, err = run_script("train_student.py", ["--pairs", pairs, "--output_dir", run, "--max_train_steps", 1,
                                                 "--checkpointing_steps", 1, "--validation_steps", 1, "--lpips_network", "random",
@@ -663,13 +740,13 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(pairs_dir, tmp_path):
     import sys
     import time
 
-    from conftest import ROOT
+    from conftest import ROOT, ctrl_c_able
 
     run = tmp_path / "ctrlc"
     cmd = [sys.executable, str(ROOT / "distill" / "train_student.py"), "--pairs", str(pairs_dir), "--output_dir", str(run),
            "--max_train_steps", "1000", "--checkpointing_steps", "2", "--validation_steps", "1000", *map(str, TRAIN)]
     proc = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_able)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "checkpoint-4").is_dir():
         time.sleep(0.05)

@@ -1,6 +1,17 @@
-"""Discriminators for the GAN loss of stage two."""
+"""Discriminators: the teacher-UNet D of stage two (unet.py); for from-scratch training also StyleGAN-T's
+projected D on a frozen feature network (projected.py, features.py), GigaGAN's multi-scale D (multiscale.py)
+and the teacher-UNet D without pairs (unpaired_unet.py). Imported lazily (PEP 562)."""
 
-from .transformer import TransformerDiscriminator
-from .unet import UNetDiscriminator
+from distill._lazy import lazy_exports
 
-__all__ = ["TransformerDiscriminator", "UNetDiscriminator"]
+_EXPORTS = {
+    "UNetDiscriminator": "unet",
+    "TransformerDiscriminator": "transformer",
+    "UnpairedUNetDiscriminator": "unpaired_unet",
+    "ProjectedDiscriminator": "projected",
+    "LatentDecoder": "projected",
+    "MultiScaleDiscriminator": "multiscale",
+    "FeatureNetwork": "features",
+    "build_feature_network": "features",
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

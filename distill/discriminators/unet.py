@@ -55,6 +55,7 @@ class UNetDiscriminator(nn.Module):
     heads: which decoder features get a head: any of ``before``, ``skip``, ``after`` (+ ``final``).
     copy_backbone: False uses ``unet`` itself as the backbone; the layers no head reads are then frozen
     (``requires_grad`` False) and skipped instead of dropped.
+    noise_condition: False for training without pairs (from scratch): no z-conditioning conv; pass ``noise=None``.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class UNetDiscriminator(nn.Module):
         timestep: int = 0,
         heads: tuple[str, ...] = ("before", "skip", "after", "final"),
         copy_backbone: bool = True,
+        noise_condition: bool = True,
     ):
         super().__init__()
         unknown = set(heads) - {"before", "skip", "after", "final"}
@@ -79,7 +81,7 @@ class UNetDiscriminator(nn.Module):
         c_lat = cfg.in_channels
         chans = list(cfg.block_out_channels)
         groups = cfg.norm_num_groups or 32
-        self.noise_conv = _zero_conv(c_lat, chans[0])
+        self.noise_conv = _zero_conv(c_lat, chans[0]) if noise_condition else None
         # Block 0 sees the latent through conv_in already; block i >= 1 gets the latent resized to its
         # input, whose channels are block i-1's output channels. input_convs[i - 1] serves block i.
         self.input_convs = nn.ModuleList(_zero_conv(c_lat, chans[i - 1]) for i in range(1, len(chans)))
@@ -145,7 +147,7 @@ class UNetDiscriminator(nn.Module):
     def forward(
         self,
         latents: torch.Tensor,  # [N,C,H,W] real (teacher target) or fake (student output)
-        noise: torch.Tensor,  # [N,C,H,W] the pair's noise (the condition)
+        noise: torch.Tensor | None,  # [N,C,H,W] the pair's noise (the condition); None without noise_condition
         prompt_embeds: torch.Tensor,  # [N,L,D]
         added_cond_kwargs: dict | None = None,
         return_features: bool = False,
@@ -153,7 +155,9 @@ class UNetDiscriminator(nn.Module):
         unet = self.unet
         emb = self._embeddings(latents, prompt_embeds, added_cond_kwargs)
         ctx = prompt_embeds
-        h = unet.conv_in(latents) + self.noise_conv(noise)
+        h = unet.conv_in(latents)
+        if self.noise_conv is not None:
+            h = h + self.noise_conv(noise)
         skips = [h]
         for i, block in enumerate(unet.down_blocks):
             if i > 0:  # resized copy of the latent into every down block
@@ -195,3 +199,4 @@ class UNetDiscriminator(nn.Module):
         out = unet.conv_out(h)
         logits.append(self.heads["final"](out))
         return (logits, out) if return_features else logits
+

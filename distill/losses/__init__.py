@@ -8,14 +8,16 @@ from distill._lazy import lazy_exports
 _EXPORTS = {
     "SharedAugment": "augment",
     "parse_policy": "augment",
-    "PUBLISHED": "elatentlpips",
     "ELatentLPIPS": "elatentlpips",
     "LatentLPIPSNet": "elatentlpips",
-    "convert_reference_state_dict": "elatentlpips",
-    "fetch_published": "elatentlpips",
-    "load_latent_lpips": "elatentlpips",
-    "load_reference_checkpoint": "elatentlpips",
+    "PUBLISHED": "elatentlpips_weights",
+    "FetchOptions": "elatentlpips_weights",
+    "convert_reference_state_dict": "elatentlpips_weights",
+    "fetch_published": "elatentlpips_weights",
+    "load_latent_lpips": "elatentlpips_weights",
+    "load_reference_checkpoint": "elatentlpips_weights",
     "PixelLPIPS": "pixel_lpips",
-    "build_lpips": "pixel_lpips",
+    "build_pixel_lpips": "pixel_lpips",
+    "build_lpips": "pixel_lpips",  # the former name of build_pixel_lpips
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -11,6 +11,7 @@ Policy strings: comma-separated family names (``"geo,cutout"``) or ADA-style let
     b / blit     x-flip, 90-degree rotations, integer translation (exact: nearest sampling, rounded shifts)
     g / geo      one affine warp: rotation, isotropic + anisotropic scale, fractional translation
     c / color    brightness, contrast, saturation (on latent channels; plain tensor ops)
+    t / translation  integer translation up to 1/8 of the side, zero-padded (DiffAugment's, Zhao et al. 2020)
     o / cutout   a zeroed square, half the side length
 """
 
@@ -22,8 +23,8 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-FAMILIES = ("blit", "geo", "color", "cutout")
-_LETTERS = {"b": "blit", "g": "geo", "c": "color", "o": "cutout"}
+FAMILIES = ("blit", "geo", "color", "translation", "cutout")
+_LETTERS = {"b": "blit", "g": "geo", "c": "color", "t": "translation", "o": "cutout"}
 
 
 def parse_policy(policy: str | None) -> tuple[str, ...]:
@@ -43,7 +44,8 @@ def parse_policy(policy: str | None) -> tuple[str, ...]:
                 f"unknown augmentation policy token {token!r} in {policy!r}: use names {', '.join(FAMILIES)} "
                 f"or letters {''.join(_LETTERS)} (e.g. 'bg', 'geo,cutout')"
             )
-    # ADA applies geometry before colour before cutout; keep that order whatever the string order.
+    # ADA applies geometry before colour before cutout (DiffAugment: colour, translation, cutout); keep that
+    # order whatever the string order.
     return tuple(f for f in FAMILIES if f in chosen)
 
 
@@ -145,6 +147,15 @@ class SharedAugment(nn.Module):
             )
         if "color" in self.families:
             ops.append(_ColorOp())
+        if "translation" in self.families:
+            # DiffAugment's translation: whole pixels, the uncovered border zero (not reflected as in blit).
+            ops.append(
+                _KorniaOp(
+                    K.RandomTranslate(translate_x=(-xint_max, xint_max), translate_y=(-xint_max, xint_max),
+                                      resample="nearest", padding_mode="zeros", p=1.0),
+                    round_keys=("translate_x", "translate_y"),
+                )
+            )
         if "cutout" in self.families:
             area = cutout_size**2
             ops.append(_KorniaOp(K.RandomErasing(scale=(area, area), ratio=(1.0, 1.0), value=0.0, p=1.0)))

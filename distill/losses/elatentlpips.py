@@ -19,256 +19,29 @@ FLUX pipelines return packed ``[N, seq, 64]`` latents: unpack them to ``[N, 16, 
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from .latent_lpips_net import LatentLPIPSNet  # noqa: F401  (the network, importable from here too)
+
+# The published weights live in their own module; these names stay importable from here.
+from .elatentlpips_weights import (  # noqa: F401
+    PUBLISHED,
+    PUBLISHED_LICENSE,
+    PUBLISHED_REPO,
+    FetchOptions,
+    PublishedNet,
+    convert_reference_state_dict,
+    fetch_published,
+    load_latent_lpips,
+    load_reference_checkpoint,
+    published_filename,
+)
 
 if TYPE_CHECKING:
     from .augment import SharedAugment
-
-# Published E-LatentLPIPS checkpoints (Kang et al.; CC-BY-NC, an optional download, never bundled):
-# name -> (latent channels, VAE scaling_factor, VAE shift_factor).
-PUBLISHED = {
-    "sd15": (4, 0.18215, 0.0),
-    "sd21": (4, 0.18215, 0.0),
-    "sdxl": (4, 0.13025, 0.0),
-    "sd3": (16, 1.5305, 0.0609),
-    "flux": (16, 0.3611, 0.1159),
-}
-PUBLISHED_REPO = "Mingguksky/elatentlpips"
-PUBLISHED_LICENSE = "CC-BY-NC-4.0 (non-commercial)"
-
-
-def published_filename(name: str) -> str:
-    """Path of the calibrated (trunk + heads) checkpoint inside the published Hub repo."""
-    return f"elatentlpips_ckpt/{name}_latest_vgg16_tuned.pth"
-
-
-def _unit_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    # eps inside the sqrt, as in the published implementation, so distances match it bit-for-bit.
-    return x / torch.sqrt(torch.sum(x * x, dim=1, keepdim=True) + eps)
-
-
-class LatentLPIPSNet(ModelMixin, ConfigMixin):
-    """Latent VGG16-BN-style trunk plus non-negative 1x1 heads; ``forward(x, y) -> [N]`` (no augmentation).
-
-    Stage ``s`` is ``convs_per_stage[s]`` x (conv3x3, BN, ReLU), then a 2x2 max-pool if
-    ``pool_after_stage[s]``; its output is the feature compared at that stage. The defaults are VGG16-BN
-    with the first three pools removed (paper App.), which is also the published checkpoints' layout.
-    ``scaling_factor``/``shift_factor`` record the VAE convention the weights were trained on.
-    """
-
-    config_name = "config.json"
-
-    @register_to_config
-    def __init__(
-        self,
-        latent_channels: int = 4,
-        stage_channels: tuple[int, ...] = (64, 128, 256, 512, 512),
-        convs_per_stage: tuple[int, ...] = (2, 2, 3, 3, 3),
-        pool_after_stage: tuple[bool, ...] = (False, False, False, True, True),
-        scaling_factor: float = 0.18215,
-        shift_factor: float = 0.0,
-        head_dropout: float = 0.0,
-    ):
-        super().__init__()
-        if not (len(stage_channels) == len(convs_per_stage) == len(pool_after_stage)):
-            raise ValueError("stage_channels, convs_per_stage and pool_after_stage must have one entry per stage")
-        stages = []
-        c_in = latent_channels
-        for c_out, n_conv, pool in zip(stage_channels, convs_per_stage, pool_after_stage):
-            layers: list[nn.Module] = []
-            for _ in range(n_conv):
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-                c_in = c_out
-            if pool:
-                layers.append(nn.MaxPool2d(2, 2))
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
-        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in stage_channels)
-        # Uncalibrated default: every channel weighs 1, i.e. LPIPS's "baseline" (plain feature distance).
-        for head in self.heads:
-            nn.init.ones_(head.weight)
-        self.dropout = nn.Dropout(head_dropout) if head_dropout > 0 else nn.Identity()
-
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per-stage trunk outputs (what the classifier and the distance both use)."""
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
-
-    def clamp_heads_(self) -> None:
-        """Project head weights onto >= 0 (call after each optimizer step when calibrating)."""
-        with torch.no_grad():
-            for head in self.heads:
-                head.weight.clamp_(min=0)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, per_stage: bool = False):
-        n = x.shape[0]
-        # One trunk pass over both inputs: halves the number of kernel launches for small latents.
-        feats = self.features(torch.cat([x, y], dim=0))
-        per = []
-        for f, head in zip(feats, self.heads):
-            fx, fy = f[:n], f[n:]
-            diff = (_unit_normalize(fx) - _unit_normalize(fy)) ** 2
-            # Heads are non-negative by construction so that d >= 0 whatever the weights hold.
-            w = head.weight.clamp(min=0)
-            per.append(F.conv2d(self.dropout(diff), w).mean(dim=(1, 2, 3)))
-        dist = torch.stack(per, dim=0).sum(dim=0)
-        return (dist, per) if per_stage else dist
-
-
-# ---------------------------------------------------------------------------------------------
-# Published checkpoints: key conversion and loading.
-
-# torchvision vgg16_bn `features` indices at which the published net cuts its five stages.
-_REF_SLICE_STARTS = (0, 7, 14, 24, 34)
-
-
-def _ref_index_to_stage(idx: int) -> tuple[int, int]:
-    stage = max(s for s, start in enumerate(_REF_SLICE_STARTS) if idx >= start)
-    return stage, idx - _REF_SLICE_STARTS[stage]
-
-
-def convert_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
-    """Map a published ``elatentlpips`` state dict to :class:`LatentLPIPSNet` keys.
-
-    Accepts the calibrated layout (``net.slice{k}.{i}.*``, ``lin{k}.model.1.weight`` /
-    ``lins.{k}.model.1.weight``) and the trunk-only classifier layout (``[module.]model.features.{i}.*``,
-    classifier keys dropped). Returns ``(state_dict, has_heads)``.
-    """
-    out: dict[str, torch.Tensor] = {}
-    has_heads = False
-    for key, value in state_dict.items():
-        key = key[len("module.") :] if key.startswith("module.") else key
-        if m := re.fullmatch(r"net\.slice(\d)\.(\d+)\.(.+)", key):
-            stage, pos = int(m.group(1)) - 1, int(m.group(2)) - _REF_SLICE_STARTS[int(m.group(1)) - 1]
-            out[f"stages.{stage}.{pos}.{m.group(3)}"] = value
-        elif m := re.fullmatch(r"model\.features\.(\d+)\.(.+)", key):
-            stage, pos = _ref_index_to_stage(int(m.group(1)))
-            out[f"stages.{stage}.{pos}.{m.group(2)}"] = value
-        elif m := re.fullmatch(r"lins?\.?(\d)\.model\.\d\.weight", key):
-            out[f"heads.{int(m.group(1))}.weight"] = value  # lin{k} and lins.{k} are the same tensor
-            has_heads = True
-        elif key.startswith("model.classifier.") or key.startswith("augment."):
-            continue  # classifier head of the trunk checkpoint / augmentation buffers: not part of the metric
-        else:
-            raise ValueError(f"unexpected key {key!r} in an E-LatentLPIPS checkpoint")
-    return out, has_heads
-
-
-def load_reference_checkpoint(path: str | os.PathLike, *, name: str | None = None) -> LatentLPIPSNet:
-    """Build a :class:`LatentLPIPSNet` from a local published ``.pth`` / ``.pth.tar`` file.
-
-    ``name`` (sd15/sd21/sdxl/sd3/flux) sets the VAE convention; otherwise it is read from the file name.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"E-LatentLPIPS checkpoint {path} not found")
-    if name is None:
-        name = next((n for n in PUBLISHED if path.name.startswith(n + "_")), None)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(ckpt, dict) and "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
-        ckpt = ckpt["state_dict"]  # trunk-only classifier checkpoint
-    state, has_heads = convert_reference_state_dict(ckpt)
-    first_conv = state["stages.0.0.weight"]
-    channels = first_conv.shape[1]
-    _, scale, shift = PUBLISHED.get(name, (channels, 1.0, 0.0)) if name else (channels, 1.0, 0.0)
-    net = LatentLPIPSNet(latent_channels=channels, scaling_factor=scale, shift_factor=shift)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    allowed_missing = set() if has_heads else {f"heads.{i}.weight" for i in range(len(net.heads))}
-    if unexpected or set(missing) - allowed_missing:
-        raise ValueError(f"checkpoint {path} does not fit the latent VGG16-BN layout: missing {missing}, unexpected {unexpected}")
-    if has_heads and any((h.weight < 0).any() for h in net.heads):
-        raise ValueError(f"checkpoint {path} has negative head weights; LPIPS heads must be non-negative")
-    return net.eval()
-
-
-def fetch_published(
-    name: str,
-    *,
-    download: bool = False,
-    cache_dir: str | os.PathLike | None = None,
-    is_main_process: Callable[[], bool] | None = None,
-    barrier: Callable[[], None] | None = None,
-) -> Path:
-    """Local path of the published checkpoint ``name``, from the Hugging Face cache.
-
-    Downloads (into the HF cache, never the working directory) only if ``download=True``: the weights
-    are CC-BY-NC, so fetching them is an explicit choice. Under multi-process launch pass
-    ``is_main_process`` and ``barrier`` (e.g. ``lambda: acc.is_main_process`` and
-    ``acc.wait_for_everyone``): only the main process downloads, the others read the cache after it.
-    """
-    if name not in PUBLISHED:
-        raise ValueError(f"unknown E-LatentLPIPS checkpoint {name!r}; published: {', '.join(PUBLISHED)}")
-    from huggingface_hub import hf_hub_download
-
-    def get(local_only: bool) -> Path:
-        try:
-            return Path(
-                hf_hub_download(
-                    PUBLISHED_REPO, published_filename(name), cache_dir=cache_dir, local_files_only=local_only
-                )
-            )
-        except Exception as exc:  # offline / not cached / hub error: one actionable message
-            hint = (
-                "it is not in the Hugging Face cache; pass download=True (license: "
-                f"{PUBLISHED_LICENSE}) or a local path to the .pth file"
-                if local_only
-                else "the download failed; download it manually and pass its local path"
-            )
-            raise OSError(f"E-LatentLPIPS checkpoint {name!r} ({PUBLISHED_REPO}/{published_filename(name)}): {hint} [{exc}]") from exc
-
-    main = True if is_main_process is None else bool(is_main_process())
-    error: Exception | None = None
-    path: Path | None = None
-    if main:
-        try:
-            path = get(local_only=not download)
-        except Exception as exc:  # still reach the barrier so the other ranks do not hang
-            error = exc
-    if barrier is not None:
-        barrier()
-    if error is not None:
-        raise error
-    return path if path is not None else get(local_only=True)
-
-
-def load_latent_lpips(
-    name_or_path: str | os.PathLike,
-    *,
-    download: bool = False,
-    cache_dir: str | os.PathLike | None = None,
-    is_main_process: Callable[[], bool] | None = None,
-    barrier: Callable[[], None] | None = None,
-) -> LatentLPIPSNet:
-    """Load a latent LPIPS network from: a ``save_pretrained`` directory (ours, safetensors), a local
-    published ``.pth`` file, or a published name (sd15/sd21/sdxl/sd3/flux) via :func:`fetch_published`."""
-    p = Path(name_or_path)
-    if p.is_dir() and (p / LatentLPIPSNet.config_name).is_file():
-        return LatentLPIPSNet.from_pretrained(p).eval()
-    if p.is_file():
-        return load_reference_checkpoint(p)
-    if str(name_or_path) in PUBLISHED:
-        name = str(name_or_path)
-        file = fetch_published(name, download=download, cache_dir=cache_dir, is_main_process=is_main_process, barrier=barrier)
-        return load_reference_checkpoint(file, name=name)
-    raise FileNotFoundError(
-        f"{name_or_path!r} is neither a save_pretrained directory, a checkpoint file, nor a published name ({', '.join(PUBLISHED)})"
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss.
-
 
 class ELatentLPIPS(nn.Module):
     """E-LatentLPIPS loss: ``loss(pred_latents, target_latents, generator=None) -> [N]`` distances.
@@ -354,8 +127,7 @@ class ELatentLPIPS(nn.Module):
         is_main_process: Callable[[], bool] | None = None,
         barrier: Callable[[], None] | None = None,
     ) -> "ELatentLPIPS":
-        """:func:`load_latent_lpips` + the loss wrapper."""
-        net = load_latent_lpips(
-            name_or_path, download=download, cache_dir=cache_dir, is_main_process=is_main_process, barrier=barrier
-        )
+        """:func:`load_latent_lpips` + the loss wrapper; the last four options are :class:`FetchOptions`'s."""
+        fetch = FetchOptions(download=download, cache_dir=cache_dir, is_main_process=is_main_process, barrier=barrier)
+        net = load_latent_lpips(name_or_path, fetch=fetch)
         return cls(net, augment=augment, l1_weight=l1_weight, raw_latents=raw_latents)

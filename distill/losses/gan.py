@@ -1,7 +1,11 @@
 """GAN objectives of Diffusion2GAN §3.3: non-saturating loss over multi-scale heads, lazy
-single-sample R1, and mix-and-match (real pairs with a wrong condition count as fake)."""
+single-sample R1, and mix-and-match (real pairs with a wrong condition count as fake); the hinge loss
+of StyleGAN-T §3.2 (Lim & Ye 2017) as the other choice of the from-scratch trainer (``OBJECTIVES``)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,28 @@ def generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
 def discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
     """softplus(-D(real)) + softplus(D(fake)), each averaged over heads."""
     return _mean_over_heads(real_logits, lambda x: F.softplus(-x)) + _mean_over_heads(fake_logits, F.softplus)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A GAN loss as three per-element functions of the logits, averaged over every head's logits by
+    :func:`objective_loss`: D's loss on real logits, D's loss on generated (or mismatched) ones, G's loss."""
+
+    real: Callable[[torch.Tensor], torch.Tensor]
+    fake: Callable[[torch.Tensor], torch.Tensor]
+    generator: Callable[[torch.Tensor], torch.Tensor]
+
+
+OBJECTIVES = {
+    "non_saturating": Objective(real=lambda x: F.softplus(-x), fake=F.softplus, generator=lambda x: F.softplus(-x)),
+    # Hinge (StyleGAN-T §3.2, evaluated per token of every head): D relu(1 - real) + relu(1 + fake), G -fake.
+    "hinge": Objective(real=lambda x: F.relu(1 - x), fake=lambda x: F.relu(1 + x), generator=lambda x: -x),
+}
+
+
+def objective_loss(logits: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` (one of an :class:`Objective`'s functions) averaged per head, then over heads."""
+    return _mean_over_heads(logits, fn)
 
 
 def mismatched_condition(n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -60,7 +86,7 @@ def _float32(value):
 def r1_penalty(discriminator, real_latents: torch.Tensor, **cond) -> torch.Tensor:
     """Single-sample R1 (the paper regularises one sample of the batch): ||grad_x sum D(x)||^2.
 
-    ``real_latents`` [1,C,H,W]; ``cond`` are the discriminator's other inputs for that sample. Computed
+    ``real_latents`` [1,C,H,W] (or a batch: the mean over it); ``cond`` are the discriminator's other inputs. Computed
     in fp32 with autocast off: the inner ``autograd.grad`` gets no loss scaling, so fp16 input gradients
     of a D with small outputs underflow (the tiny D with 1e-3 head outputs: 3-5x off), bf16 ones are coarse.
     """
@@ -68,6 +94,6 @@ def r1_penalty(discriminator, real_latents: torch.Tensor, **cond) -> torch.Tenso
     # Fused attention kernels (flash / memory-efficient) have no double backward; the math one does.
     with torch.autocast(x.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):
         logits = discriminator(x, **_float32(cond))
-        score = sum(l.float().mean(dim=(1, 2, 3)).sum() for l in logits) / len(logits)
+        score = sum(l.float().flatten(1).mean(dim=1).sum() for l in logits) / len(logits)
         (grad,) = torch.autograd.grad(score, x, create_graph=True)
     return grad.pow(2).sum(dim=(1, 2, 3)).mean()

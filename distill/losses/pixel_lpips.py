@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-def build_lpips(*, net: str = "vgg", pretrained_trunk: bool = True) -> nn.Module:
+def build_pixel_lpips(*, net: str = "vgg", pretrained_trunk: bool = True) -> nn.Module:
     """``lpips.LPIPS`` with its calibrated heads; the ImageNet trunk comes from torchvision's cache.
 
     ``pretrained_trunk=False`` uses a random trunk (benchmarks/tests only: no download needed).
@@ -39,7 +39,7 @@ class PixelLPIPS(nn.Module):
     def __init__(self, vae: nn.Module, *, lpips_net: nn.Module | None = None, l1_weight: float = 0.0):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-        self.lpips = (lpips_net if lpips_net is not None else build_lpips()).eval().requires_grad_(False)
+        self.lpips = (lpips_net if lpips_net is not None else build_pixel_lpips()).eval().requires_grad_(False)
         self.l1_weight = float(l1_weight)
 
     def train(self, mode: bool = True):
@@ -49,9 +49,9 @@ class PixelLPIPS(nn.Module):
         return self
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.dtype) / cfg.scaling_factor + shift
+        from students.pipeline import unscale_latents  # students/ is imported only when this loss runs
+
+        z = unscale_latents(latents.to(self.vae.dtype), self.vae.config)
         # No clamp to [-1, 1]: it would zero the gradient wherever the generator overshoots.
         return self.vae.decode(z).sample.float()
 
@@ -64,3 +64,6 @@ class PixelLPIPS(nn.Module):
         if self.l1_weight:
             dist = dist + self.l1_weight * (pred_latents - target_latents).abs().float().mean(dim=(1, 2, 3))
         return dist
+
+
+build_lpips = build_pixel_lpips  # its former name, for old imports

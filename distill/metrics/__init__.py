@@ -1,8 +1,9 @@
 """Evaluation metrics (library code: explicit keyword arguments, injectable feature extractors / models).
 
-- :mod:`.fid`: FID with clean-fid's resize, Inception-v3 and Frechet distance; cached reference statistics.
+- :mod:`.fid`: FID with clean-fid's protocol: statistics, cached reference statistics, Frechet distance;
+  :mod:`.fid_features` (extractors, the feature path) and :mod:`.image_io` (image files) under it.
 - :mod:`.clip_score`: open_clip cosine similarity between images and prompts.
-- :mod:`.fidelity`: E-LatentLPIPS / LPIPS / PSNR between student outputs and teacher targets.
+- :mod:`.fidelity`: E-LatentLPIPS / LPIPS / PSNR between student outputs and teacher targets (held-out pairs).
 - :mod:`.latency`: seconds per image, images per second, peak memory.
 
 Attributes are imported lazily (PEP 562) so importing one metric does not import open_clip or clean-fid.
@@ -10,19 +11,22 @@ Attributes are imported lazily (PEP 562) so importing one metric does not import
 
 from distill._lazy import lazy_exports
 
+# The model name that selects seeded random-weight models for any metric (tests only: the numbers mean nothing).
+TEST_ONLY = "random-tiny"
+
 _EXPORTS = {
     "FIDStats": "fid",
-    "RandomTinyExtractor": "fid",
-    "InceptionExtractor": "fid",
-    "extract_features": "fid",
-    "extract_features_from_files": "fid",
+    "RandomTinyExtractor": "fid_features",
+    "InceptionExtractor": "fid_features",
+    "extract_features": "fid_features",
+    "extract_features_from_files": "fid_features",
     "fid_from_files": "fid",
     "fid_from_images": "fid",
     "frechet_distance": "fid",
-    "images_to_uint8": "fid",
-    "load_fid_extractor": "fid",
-    "load_inception": "fid",
-    "inception_path": "fid",
+    "images_to_uint8": "image_io",
+    "load_fid_extractor": "fid_features",
+    "load_inception": "fid_features",
+    "inception_path": "fid_features",
     "reference_statistics": "fid",
     "ClipModel": "clip_score",
     "build_random_tiny_clip": "clip_score",

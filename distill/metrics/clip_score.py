@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from distill.metrics import TEST_ONLY
+
 DEFAULT_MODEL = "ViT-g-14"
 DEFAULT_PRETRAINED = "laion2b_s34b_b88k"
 
@@ -91,7 +93,7 @@ def build_random_tiny_clip(seed: int = 0, *, device: str | torch.device = "cpu")
 
 def load_clip_model(name: str, pretrained: str, *, cache_dir=None, device="cpu") -> ClipModel:
     """Config front end: ``random-tiny`` (tests only) or an open_clip model name with its pretrained tag / file."""
-    if name == "random-tiny":
+    if name == TEST_ONLY:
         return build_random_tiny_clip(device=device)
     return load_clip(name, pretrained, cache_dir=cache_dir, device=device)
 

@@ -1,14 +1,9 @@
 """FID with clean-fid's protocol: uint8 images, PIL bicubic resize ("clean"), Inception-v3 pool features.
 
 clean-fid (Parmar et al., CVPR 2022) supplies the resizer, the Inception-v3 TorchScript network and the
-Frechet distance; this module only batches images through an *injectable* feature extractor and caches
-reference statistics. An extractor is any callable ``extractor(x) -> [N,D]`` taking ``x`` ``[N,3,S,S]``
-float in [0, 255] (already resized to ``extractor.input_size``) with an ``extractor_id`` string that
-names its weights (it keys the reference-statistics cache).
-
-Weights are never downloaded here: clean-fid would fetch them silently into /tmp, which fails offline
-and hides which network produced a number. :func:`load_inception` looks for the file and, when absent,
-says where to get it and where to put it.
+Frechet distance. This module holds the statistics (Gaussian fits, the cached reference statistics, the
+distance) and the public entry points; the extractors and the feature path are in :mod:`.fid_features`,
+image files in :mod:`.image_io` (their names stay importable from here).
 """
 
 from __future__ import annotations
@@ -22,215 +17,40 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-INCEPTION_FILE = "inception-2015-12-05.pt"
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def default_cache_dir() -> Path:
-    """Where metric weights and reference statistics live: ``$D2G_METRICS_HOME`` or ``~/.cache/diffusion2gan/metrics``."""
-    return Path(os.environ.get("D2G_METRICS_HOME") or Path.home() / ".cache" / "diffusion2gan" / "metrics")
-
-
-def _file_sha256(path: Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:limit]
-
-
-class InceptionExtractor(nn.Module):
-    """clean-fid's Inception-v3 (the TF-FID network as TorchScript): 2048-d pool3 features of 299 px images."""
-
-    input_size = 299
-
-    def __init__(self, path: str | os.PathLike):
-        super().__init__()
-        from cleanfid.inception_torchscript import InceptionV3W
-
-        path = Path(path)
-        if path.name != INCEPTION_FILE:  # clean-fid loads <folder>/inception-2015-12-05.pt
-            raise ValueError(f"the Inception weights file must be named {INCEPTION_FILE}, got {path.name}")
-        self.net = InceptionV3W(str(path.parent), download=False)
-        self.extractor_id = f"clean-fid-inception-v3/{_file_sha256(path, 12)}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N,3,299,299] in [0,255] -> [N,2048]
-        return self.net(x)
+from distill.metrics.fid_features import (  # noqa: F401  (re-exported: the metrics' public names)
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    ClassifierFeatureExtractor,
+    InceptionExtractor,
+    RandomTinyExtractor,
+    default_cache_dir,
+    extract_features,
+    extract_features_from_files,
+    inception_path,
+    is_classifier_folder,
+    load_fid_extractor,
+    load_inception,
+)
+from distill.metrics.fid_features import load_classifier_extractor as _load_classifier_extractor
+from distill.metrics.image_io import (  # noqa: F401
+    IMAGE_EXTENSIONS,
+    clean_resize,
+    images_to_uint8,
+    list_images,
+    load_image,
+    update_hash_from_file,
+)
 
 
-def inception_path(path: str | os.PathLike | None = None) -> Path:
-    """The Inception weights file at ``path`` (a file, or a folder holding it; default: the metrics cache dir)."""
-    p = Path(path) if path else default_cache_dir()
-    file = p / INCEPTION_FILE if p.is_dir() or not p.suffix else p
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"FID needs the Inception-v3 weights {INCEPTION_FILE} (clean-fid / StyleGAN2-ADA TorchScript, ~100 MB) and "
-            f"{file} does not exist: download {INCEPTION_URL} and put it at {file}, or point fid_extractor at the file"
-        )
-    return file
+def load_classifier_extractor(path: str | os.PathLike, *, device: str | torch.device = "cpu", load_classifier=None):
+    """:func:`.fid_features.load_classifier_extractor`; ``load_classifier`` defaults to the digits testbed's
+    classifier (the one classifier this toolkit ships)."""
+    if load_classifier is None:
+        from teachers.digits_classifier import DigitClassifier
 
-
-def load_inception(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> InceptionExtractor:
-    """The standard FID extractor; see :func:`inception_path` for where the weights are looked up."""
-    return InceptionExtractor(inception_path(path)).to(device).eval()
-
-
-class RandomTinyExtractor(nn.Module):
-    """FOR TESTS ONLY: a two-layer random conv net (32 px input, 32-d features). Its FIDs mean nothing."""
-
-    input_size = 32
-
-    def __init__(self, seed: int = 0, dim: int = 32):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):  # same weights in every process, global RNG untouched
-            torch.manual_seed(seed)
-            self.net = nn.Sequential(
-                nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(16, dim, 3, stride=2, padding=1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            )
-        self.extractor_id = f"random-tiny/seed{seed}-dim{dim}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N,3,32,32] in [0,255] -> [N,dim]
-        return self.net(x / 127.5 - 1.0)
-
-
-class ClassifierFeatureExtractor(nn.Module):
-    """FID in a classifier's feature space (its ``features()``: e.g. the digits testbed's classifier,
-    where Inception features mean little on 32 px digits). Input [N,3,S,S] in [0,255]."""
-
-    def __init__(self, classifier: nn.Module, *, extractor_id: str):
-        super().__init__()
-        self.classifier = classifier.eval()
-        self.input_size = int(classifier.config.image_size)
-        self.extractor_id = extractor_id
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(x / 127.5 - 1.0)
-
-
-def is_classifier_folder(name: str | os.PathLike) -> bool:
-    return Path(name, "config.json").is_file()
-
-
-def load_classifier_extractor(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ClassifierFeatureExtractor:
-    from teachers.digits_classifier import DigitClassifier
-
-    weights = sorted(Path(path).glob("*.safetensors"))
-    digest = _file_sha256(weights[0])[:16] if weights else "unknown"
-    return ClassifierFeatureExtractor(DigitClassifier.from_pretrained(path), extractor_id=f"classifier/{digest}").to(device)
-
-
-def load_fid_extractor(name: str, *, device: str | torch.device = "cpu") -> nn.Module:
-    """``inception`` (weights from the metrics cache dir), a path to the Inception file, a classifier
-    folder (config.json + safetensors: FID in its feature space), or ``random-tiny`` (tests only)."""
-    if name == "random-tiny":
-        return RandomTinyExtractor().to(device).eval()
-    if is_classifier_folder(name):
-        return load_classifier_extractor(name, device=device)
-    if name == "inception":
-        return load_inception(None, device=device)
-    return load_inception(name, device=device)
-
-
-def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images ``[N,3,H,W]`` in [-1, 1] -> ``[N,H,W,3]`` uint8, rounded as PNG writers do."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def load_image(path: str | os.PathLike, *, center_crop: bool = False) -> np.ndarray:
-    """An image file as ``[H,W,3]`` uint8 RGB; ``center_crop`` takes the central square."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if center_crop and img.width != img.height:
-            s = min(img.size)
-            left, top = (img.width - s) // 2, (img.height - s) // 2
-            img = img.crop((left, top, left + s, top + s))
-        return np.asarray(img, dtype=np.uint8).copy()
-
-
-def clean_resize(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """clean-fid's resize: each ``[H,W,3]`` uint8 image, per channel in float, PIL bicubic -> ``[N,3,size,size]`` in [0,255]."""
-    from cleanfid.resize import make_resizer
-
-    resize = make_resizer("PIL", False, "bicubic", (size, size))
-    return torch.stack([torch.from_numpy(np.ascontiguousarray(resize(img))).permute(2, 0, 1) for img in images])
-
-
-@torch.no_grad()
-def extract_features(
-    images: Iterable[np.ndarray],
-    *,
-    extractor: Callable[[torch.Tensor], torch.Tensor],
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Features ``[N,D]`` (float64) of ``[H,W,3]`` uint8 images, resized to ``extractor.input_size``."""
-    size = int(getattr(extractor, "input_size", 299))
-    feats, batch = [], []
-
-    def flush():
-        x = clean_resize(batch, size).to(device)
-        feats.append(extractor(x).double().cpu().numpy())
-        if progress is not None:
-            progress(len(batch))
-        batch.clear()
-
-    for img in images:
-        batch.append(img)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    if not feats:
-        raise ValueError("no images to compute FID features of")
-    return np.concatenate(feats)
-
-
-class _ResizedImageFiles(torch.utils.data.Dataset):
-    def __init__(self, files: Sequence[Path], size: int, center_crop: bool):
-        self.files, self.size, self.center_crop = list(files), size, center_crop
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:  # [3,S,S] in [0,255]
-        return clean_resize([load_image(self.files[i], center_crop=self.center_crop)], self.size)[0]
-
-
-@torch.no_grad()
-def extract_features_from_files(
-    files: Sequence[str | os.PathLike],
-    *,
-    extractor: Callable[[torch.Tensor], torch.Tensor],
-    center_crop: bool = False,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: str | torch.device = "cpu",
-    progress: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Features ``[N,D]`` (float64) of image files; decoding and the clean resize run in ``num_workers`` processes.
-
-    Same numbers as :func:`extract_features` on the loaded images, for any ``num_workers``.
-    """
-    if not files:
-        raise ValueError("no images to compute FID features of")
-    size = int(getattr(extractor, "input_size", 299))
-    loader = torch.utils.data.DataLoader(_ResizedImageFiles(files, size, center_crop), batch_size=batch_size,
-                                         num_workers=num_workers, shuffle=False)
-    feats = []
-    for x in loader:
-        feats.append(extractor(x.to(device)).double().cpu().numpy())
-        if progress is not None:
-            progress(x.shape[0])
-    return np.concatenate(feats)
+        load_classifier = DigitClassifier.from_pretrained
+    return _load_classifier_extractor(path, load_classifier=load_classifier, device=device)
 
 
 @dataclass
@@ -277,25 +97,12 @@ def frechet_distance(a: FIDStats, b: FIDStats) -> float:
     return float(_fd(a.mu, a.sigma, b.mu, b.sigma))
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted by relative path."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"reference image folder {root} not found: pass a folder of images or an FID .npz statistics file")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise ValueError(f"reference folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
 def image_set_hash(files: Sequence[Path], *, root: str | os.PathLike, center_crop: bool) -> str:
     """sha256 of the reference set: relative names and file contents, plus the preprocessing flag."""
     h = hashlib.sha256(f"center_crop={center_crop}\n".encode())
     for f in files:
         h.update(str(Path(f).relative_to(root)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+        update_hash_from_file(h, f)
     return h.hexdigest()
 
 
@@ -342,6 +149,10 @@ def reference_statistics(
     return stats, {**info, "source": "computed"}
 
 
+def _fid_of_features(features: np.ndarray, reference: FIDStats, *, extractor) -> float:
+    return frechet_distance(FIDStats.from_features(features, extractor_id=getattr(extractor, "extractor_id", "")), reference)
+
+
 def fid_from_files(
     files: Sequence[str | os.PathLike], reference: FIDStats, *, extractor, batch_size: int = 64, num_workers: int = 0,
     device="cpu", progress=None,
@@ -349,7 +160,7 @@ def fid_from_files(
     """FID of image files against reference statistics."""
     feats = extract_features_from_files(files, extractor=extractor, batch_size=batch_size, num_workers=num_workers,
                                         device=device, progress=progress)
-    return frechet_distance(FIDStats.from_features(feats, extractor_id=getattr(extractor, "extractor_id", "")), reference)
+    return _fid_of_features(feats, reference, extractor=extractor)
 
 
 def fid_from_images(
@@ -357,4 +168,4 @@ def fid_from_images(
 ) -> float:
     """FID of ``[H,W,3]`` uint8 images against reference statistics."""
     feats = extract_features(images, extractor=extractor, batch_size=batch_size, device=device, progress=progress)
-    return frechet_distance(FIDStats.from_features(feats, extractor_id=getattr(extractor, "extractor_id", "")), reference)
+    return _fid_of_features(feats, reference, extractor=extractor)

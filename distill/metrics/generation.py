@@ -6,10 +6,8 @@ from pathlib import Path
 
 import torch
 
-from distill.config import ConfigError
 
-
-class Generator:
+class Sampler:
     """(prompts, noise) -> latents -> images, for a one-step student or a teacher run with its ODE solver.
 
     ``pipeline`` is a OneStepGANPipeline folder (detected by its model_index.json) or anything
@@ -28,15 +26,16 @@ class Generator:
             self.pipe = OneStepGANPipeline.from_pretrained(str(path), dtype=dtype).to(device)
             self.latent_channels = self.pipe.student.latent_channels
             self.default_resolution = self.pipe.default_resolution()
+            self.vae_scale_factor = self.pipe.vae_scale_factor
         else:
             from teachers import load_teacher
 
             teacher = load_teacher(pipeline, torch_dtype=dtype, scheduler=scheduler, device=device)
             self.pipe = teacher.pipe
             self.latent_channels = teacher.latent_channels
-            self.default_resolution = teacher.sample_size * teacher.vae_scale_factor
+            self.vae_scale_factor = teacher.vae_scale_factor
+            self.default_resolution = teacher.sample_size * self.vae_scale_factor
         self.pipe.set_progress_bar_config(disable=True)
-        self.vae_scale_factor = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
@@ -45,7 +44,7 @@ class Generator:
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         res = resolution or self.default_resolution
         if res % self.vae_scale_factor:
-            raise ConfigError(f"resolution {res} is not divisible by the VAE factor {self.vae_scale_factor}")
+            raise ValueError(f"resolution {res} is not divisible by the VAE factor {self.vae_scale_factor}")
         return (self.latent_channels, res // self.vae_scale_factor, res // self.vae_scale_factor)
 
     @torch.no_grad()
@@ -67,7 +66,11 @@ class Generator:
         ``force_upcast`` (SDXL's) decodes in fp32, as diffusers' SDXL pipeline does."""
         from students.pipeline import decode_vae
 
-        return decode_vae(self.pipe.vae, latents.to(self.pipe.vae.device)).float().cpu()
+        vae = self.pipe.vae
+        return decode_vae(vae, latents.to(vae.device) if vae is not None else latents).float().cpu()
 
     def images(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
         return self.decode(self.latents(prompts, noise))
+
+
+Generator = Sampler  # its former name (it clashed with the GAN generator and torch.Generator), for old imports

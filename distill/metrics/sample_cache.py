@@ -21,7 +21,7 @@ from data_gen.noise import noise_for_indices
 from data_gen.prompts import prompt_for_index
 
 if TYPE_CHECKING:
-    from distill.metrics.generation import Generator
+    from distill.metrics.generation import Sampler
 
 SAMPLES_FORMAT = "diffusion2gan-eval-samples/1"
 
@@ -64,21 +64,21 @@ def save_png(image: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def generate_samples(generator: Generator, *, chunks: list[range], prompts: list[str], seed: int,
+def generate_samples(sampler: Sampler, *, chunks: list[range], prompts: list[str], seed: int,
                      latent_shape: tuple[int, int, int], samples_dir: Path, progress=None) -> None:
-    from distill.metrics.fid import images_to_uint8
+    from distill.metrics.image_io import images_to_uint8
 
     for chunk in chunks:
         idx = list(chunk)
         noise, _ = noise_for_indices(seed=seed, indices=idx, shape=latent_shape)  # [N,C,h,w]
-        images = images_to_uint8(generator.images([prompt_for_index(prompts, i) for i in idx], noise))
+        images = images_to_uint8(sampler.images([prompt_for_index(prompts, i) for i in idx], noise))
         for i, img in zip(idx, images):
             save_png(img, sample_path(samples_dir, i))
         if progress is not None:
             progress.update(len(idx))
 
 
-def fill_sample_cache(generator: Generator, *, samples_dir: Path, identity: dict, num_samples: int, batch_size: int,
+def fill_sample_cache(sampler: Sampler, *, samples_dir: Path, identity: dict, num_samples: int, batch_size: int,
                       prompts: list[str], seed: int, latent_shape: tuple[int, int, int], is_main_process: bool,
                       process_index: int, num_processes: int, barrier: Callable[[], None]) -> None:
     """Make every missing sample, this process taking every ``num_processes``-th missing batch; all processes call it."""
@@ -94,14 +94,14 @@ def fill_sample_cache(generator: Generator, *, samples_dir: Path, identity: dict
         print(f"resuming: {cached} of {num_samples} samples already in {samples_dir}")
     bar = tqdm(total=sum(len(c) for c in mine), unit="img", desc=f"samples (rank 0 of {num_processes})",
                disable=not is_main_process, dynamic_ncols=True)
-    generate_samples(generator, chunks=mine, prompts=prompts, seed=seed, latent_shape=latent_shape,
+    generate_samples(sampler, chunks=mine, prompts=prompts, seed=seed, latent_shape=latent_shape,
                      samples_dir=samples_dir, progress=bar)
     bar.close()
     barrier()
 
 
 def read_samples(samples_dir: Path, count: int):
-    from distill.metrics.fid import load_image
+    from distill.metrics.image_io import load_image
 
     for i in range(count):
         yield load_image(sample_path(samples_dir, i))

@@ -12,16 +12,17 @@ from distill.metrics.sample_cache import read_samples, sample_path
 
 
 def compute_fid(*, samples_dir: Path, num_samples: int, extractor_name: str, references: dict[str, dict],
-                batch_size: int, num_workers: int, device, cache_dir: Path) -> tuple[dict[str, float], dict]:
+                batch_size: int, num_workers: int, device, cache_dir: Path,
+                load_classifier=None) -> tuple[dict[str, float], dict]:
     """FID of the cached samples against each of ``references`` (name -> ``dict(reference=folder or .npz,
     limit=, center_crop=)``); the samples' features are extracted once for all of them.
 
     ``extractor_name``: ``inception`` (weights in ``cache_dir``), a path to the Inception file, a
-    classifier folder, or ``random-tiny``."""
+    classifier folder (read with ``load_classifier``, folder -> module), or ``random-tiny``."""
     from distill.metrics import fid
 
     name = extractor_name if extractor_name != "inception" else str(cache_dir)
-    extractor = fid.load_fid_extractor(name, device=device)
+    extractor = fid.load_fid_extractor(name, device=device, load_classifier=load_classifier)
     stats, details = {}, {}
     for key, ref in references.items():
         bar = tqdm(desc=f"{key} reference features", unit="img", dynamic_ncols=True, leave=False)

@@ -1,1 +1,1 @@
-"""Training machinery shared by the stage-two scripts (EMA, per-step seeds, data order)."""
+"""Training machinery shared by the trainers: the loop (loop.py), EMA, per-step seeds and data order, checkpoints."""

@@ -26,7 +26,7 @@ def pairs_facts(pairs: str) -> dict:
 
 def uses_published_lpips(*, regression: str, lpips_network: str) -> bool:
     """Whether the run trained with the published E-LatentLPIPS weights (CC BY-NC)."""
-    from distill.losses.elatentlpips import PUBLISHED
+    from distill.losses.elatentlpips_weights import PUBLISHED
 
     return regression == "elatentlpips" and (lpips_network == "official" or lpips_network in PUBLISHED)
 

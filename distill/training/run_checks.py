@@ -16,15 +16,18 @@ RESUME_KEYS = ("student", "student_size", "student_timestep", "d_heads", "d_lora
 
 
 def check_teacher(*, teacher: str, revision: str | None, variant: str | None, manifest: dict, pairs: str,
-                  allow_mismatch: bool) -> None:
-    """Refuse a teacher other than the one that made ``pairs`` (by content), unless ``allow_mismatch``."""
+                  allow_mismatch: bool) -> bool:
+    """Refuse a teacher other than the one that made ``pairs`` (by content), unless ``allow_mismatch``. True when it
+    is that teacher (False: another one allowed, or not known)."""
     recorded = manifest.get("teacher", {}).get("identity")
     if recorded is None:
         sys.stderr.write(f"warning: {pairs} records no teacher identity (made by an older version): the teacher is not checked\n")
-        return
+        return False
     current = teacher_identity(resolve_teacher_folder(teacher, revision=revision, variant=variant))
-    if current["sha256"] == recorded["sha256"] or allow_mismatch:
-        return
+    if current["sha256"] == recorded["sha256"]:
+        return True
+    if allow_mismatch:
+        return False
     changed = identity_changes(recorded, current)
     raise ValueError(
         f"teacher {teacher} is not the teacher that made the pairs in {pairs} (differs in {', '.join(changed[:3])}"

@@ -1,7 +1,8 @@
 """Building the stage-two parts from a config, exporting the pipeline, validation + sample grids.
 
-Called only by ``distill/train_student.py`` (it receives the resolved config and the Accelerator's
-device / process facts, never the Accelerator inside library code other than here).
+Called by ``distill/train_student.py`` (it receives the resolved config and the Accelerator's device /
+process facts, never the Accelerator inside library code other than here); ``STUDENTS`` is the one registry
+of generators, also read by ``distill/train_gan.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from distill.training.validation import ValidationSet
 from students import (GigaGANGenerator, OneStepGANPipeline, SD3TransformerStudent, StyleGANTGenerator, TextConditioning, UNetStudent,
                       encode_sd3_text, encode_text)
 from students.export import save_standalone
+from students.gigagan import PRESETS as GIGAGAN_PRESETS
 from students.model_card import write_model_card
+from students.stylegan_t import PRESETS as STYLEGAN_T_PRESETS
 from teachers import Teacher, load_teacher
 
 
@@ -114,11 +117,14 @@ def _style_student(cls) -> Callable:
 
 @dataclass(frozen=True)
 class StudentSpec:
-    """A stage-two generator: how it is built from the teacher, and the training settings that suit it
-    (the values of config keys a user leaves unset)."""
+    """A generator: how stage two builds it from the teacher, the training settings that suit it (the values
+    of config keys a user leaves unset), and for the style-based GANs their class and size presets, from
+    which ``train_gan.py`` builds them without a teacher."""
 
     build: Callable
     defaults: dict = field(default_factory=dict)
+    generator: type | None = None  # None: needs a teacher (the UNet student)
+    presets: dict = field(default_factory=dict)
     families: tuple[str, ...] = ("sd", "sdxl")  # teacher families whose text conditioning and denoiser it is built for
 
 
@@ -127,8 +133,10 @@ class StudentSpec:
 # learning rates on their equalised layers and learn the ODE map by regression before the GAN joins.
 STUDENTS = {
     "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs")),
-    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh")),
-    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh")),
+    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
+                           generator=GigaGANGenerator, presets=GIGAGAN_PRESETS),
+    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
+                              generator=StyleGANTGenerator, presets=STYLEGAN_T_PRESETS),
     # Like the UNet student: the teacher's own denoiser, read as x0; measured on the SD3 digits testbed (README).
     "transformer": StudentSpec(_transformer_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs"), families=("sd3",)),
 }
@@ -161,7 +169,7 @@ def _lpips_name(teacher: Teacher) -> str:
     return "sd21" if teacher.pipe.unet.config.cross_attention_dim == 1024 else "sd15"
 
 
-def build_lpips(cfg, *, teacher: Teacher, accelerator):
+def build_regression_lpips(cfg, *, teacher: Teacher, accelerator):
     """The E-LatentLPIPS loss: a local path, the published network matching the teacher, or random (tests)."""
     from distill.losses import ELatentLPIPS, LatentLPIPSNet
 

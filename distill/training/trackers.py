@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
+
+from distill.config import config_dict
 
 
 def tracker_config(config) -> dict:
     """A dataclass config as tracker hyperparameters: unset keys dropped, lists joined into text
     (tensorboard's hparams take numbers, strings and booleans only)."""
     out = {}
-    for key, value in dataclasses.asdict(config).items():
+    for key, value in config_dict(config).items():  # Hub tokens already left out there
         if value is None:
             continue
         out[key] = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value

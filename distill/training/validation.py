@@ -16,7 +16,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from data_gen.noise import noise_for_seed
-from students.pipeline import decode_vae
+from students.pipeline import decode_vae, vae_scale_factor
 from teachers.ode import solve_ode
 
 HOLDOUT_IMAGES = 8
@@ -69,7 +69,7 @@ def student_latents(student, encode, vs: ValidationSet, *, device, chunk: int = 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> list[Image.Image]:
     """VAE-scaled latents -> PIL images (the pipeline's decode, fp32 for a force_upcast VAE)."""
-    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+    processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae))
     images = decode_vae(vae, latents.to(vae.device))
     return processor.postprocess(images.float(), output_type="pil")
 

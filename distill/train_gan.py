@@ -1,0 +1,241 @@
+"""Train a GigaGAN or StyleGAN-T generator from scratch as a text-to-image GAN: no teacher, no pairs.
+
+    accelerate launch distill/train_gan.py --config configs/scratch/digits_gigagan.yaml [--key value ...]
+
+Data: any ``datasets`` image–caption set (hub name, imagefolder + metadata, Parquet, webdataset, streaming) or
+a latent cache (``distill/cache_latents.py``); the generator works in a VAE's latent space or in pixels,
+draws its own noise map z, and reads the prompt through the text encoder of ``text_encoder`` (any diffusers
+text-to-image pipeline). Discriminator: StyleGAN-T's projected D (hinge loss, frozen feature network), GigaGAN's
+multi-scale D on the generator's pyramid (+ matching-aware term, R1), or a diffusion model's UNet. Shared with
+``train_student.py``: the loop (distill/training/loop.py), checkpoints and exact resume, EMA, NaN stop. The EMA
+generator is saved as a ``OneStepGANPipeline`` (``OUTPUT_DIR/pipeline``) for ``evaluate.py`` and ``sample.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+import torch
+
+from distill.config import ConfigError, parse_config, require_between, require_non_negative, require_positive, run_cli, save_config
+from distill.lock import locked
+from distill.training.ema import EMA
+from distill.training.loop import TrainLoop, state_bytes
+from distill.training.scratch_setup import DISCRIMINATORS, build_parts, export_pipeline, sample_grid
+from distill.training.setup import STUDENTS
+from distill.training.trackers import tracker_config
+
+GENERATORS = tuple(name for name, spec in STUDENTS.items() if spec.generator is not None)
+
+
+@dataclass
+class GANConfig:
+    dataset: str = field(default="", metadata={"help": "datasets hub name, local folder (imagefolder + metadata.jsonl/csv, Parquet, webdataset .tar) or a latent cache"})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "hub dataset configuration name"})
+    split: str = field(default="train", metadata={"help": "dataset split"})
+    image_column: str = field(default="image", metadata={"help": "image column"})
+    caption_column: str = field(default="text", metadata={"help": "caption column (a string, or a list: one drawn per use)"})
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset (sets that do not fit on disk); read in shard order"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding images (map-style datasets)", "aliases": ["dataloader_num_workers"]})
+    resolution: int = field(default=256, metadata={"help": "image side in pixels (centre crop + resize)"})
+    space: str = field(default="latent", metadata={"help": "latent (a VAE's latent space) or pixel"})
+    vae: str = field(default="", metadata={"help": "diffusers model path or hub id holding the AutoencoderKL (space latent)"})
+    vae_subfolder: Optional[str] = field(default="vae", metadata={"help": "subfolder of `vae` (null / . for the root)"})
+    latent_sampling: str = field(default="sample", metadata={"help": "sample or mode of the VAE posterior (on-the-fly encoding)"})
+    text_encoder: str = field(default="", metadata={"help": "diffusers pipeline (folder or hub id) whose text encoder(s) + tokenizer(s) read the prompts"})
+    generator: str = field(default="gigagan", metadata={"help": f"generator: {', '.join(GENERATORS)}"})
+    generator_size: str = field(default="base", metadata={"help": "generator size preset: tiny, small, base"})
+    mapping_lr_mul: Optional[float] = field(default=None, metadata={"help": "learning-rate multiplier of the mapping network (unset: 0.01)"})
+    discriminator: str = field(default="projected", metadata={"help": f"discriminator: {', '.join(DISCRIMINATORS)}"})
+    d_feature_network: str = field(default="timm:vit_small_patch16_224.dino", metadata={"help": "projected D: torchvision:NAME, timm:NAME, open_clip:MODEL/TAG or a classifier folder"})
+    d_feature_layers: str = field(default="", metadata={"help": "projected D: hooked module names, comma-separated (empty: the network's default)"})
+    d_feature_weights: str = field(default="", metadata={"help": "projected D: a local weights file for the feature network (random: tests only)"})
+    d_feature_resolution: int = field(default=0, metadata={"help": "projected D: feature network input side (0: its own)"})
+    d_virtual_batch: int = field(default=8, metadata={"help": "projected D: samples per virtual batch of its batch norm (0 = no normalisation)"})
+    d_channels: str = field(default="64,128,256", metadata={"help": "multiscale D: trunk widths, fine to coarse (one scale each)"})
+    d_text_dim: int = field(default=256, metadata={"help": "projected / multiscale D: width of the pooled text vector"})
+    d_cmap_dim: int = field(default=64, metadata={"help": "projected / multiscale D: channels of the text projection"})
+    teacher: str = field(default="", metadata={"help": "unet D: the diffusion pipeline whose UNet becomes D"})
+    d_timestep: int = field(default=0, metadata={"help": "unet D: fixed timestep"})
+    d_heads: str = field(default="before,skip,after,final", metadata={"help": "unet D: heads"})
+    loss: str = field(default="hinge", metadata={"help": "hinge (StyleGAN-T) or non_saturating"})
+    augment: str = field(default="color,translation,cutout", metadata={"help": "DiffAugment policy on everything D sees ('' = off)"})
+    blur_sigma: float = field(default=2.0, metadata={"help": "D input blur at the start, in pixels of its input (0 = off)"})
+    blur_fade_kimg: float = field(default=20.0, metadata={"help": "the blur fades to 0 over this many thousand images"})
+    mismatch_weight: float = field(default=0.0, metadata={"help": "GigaGAN's matching-aware term: real images with another caption as fake (0 = off; with the projected D it stalls D early on)"})
+    r1_gamma: float = field(default=0.0, metadata={"help": "R1 weight (0 = off; the projected D needs none)"})
+    r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
+    clip_guidance_weight: float = field(default=0.0, metadata={"help": "CLIP guidance weight (StyleGAN-T: 0.2; 0 = off; skipped with a warning if the weights are absent)"})
+    clip_model: str = field(default="ViT-B-32", metadata={"help": "open_clip model for CLIP guidance"})
+    clip_pretrained: str = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag or local weights file"})
+    clip_crop: int = field(default=64, metadata={"help": "CLIP guidance on a random crop of this side when the image is larger"})
+    output_dir: str = field(default="runs/gan", metadata={"help": "run directory"})
+    max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=32, metadata={"help": "per-process batch per micro-step", "aliases": ["train_batch_size"]})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
+    learning_rate_g: float = field(default=2e-3, metadata={"help": "Adam lr of the generator (StyleGAN-T: 0.002)"})
+    learning_rate_d: float = field(default=2e-3, metadata={"help": "Adam lr of the discriminator"})
+    adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1"})
+    adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up of both networks"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    ema_half_life_kimg: float = field(default=10.0, metadata={"help": "EMA half-life in thousands of images (0 = off)"})
+    ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (0 = off)"})
+    mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice, else no", "choices": ("no", "fp16", "bf16")})
+    seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
+    validation_prompts: str = field(default="", metadata={"help": "prompts of the sample grid: a file (as evaluate's `prompts`); empty: the first batch's captions"})
+    validation_images: int = field(default=4, metadata={"help": "sample-grid columns (fixed noise maps)"})
+    validation_rows: int = field(default=10, metadata={"help": "sample-grid rows (prompts, spread over the file)"})
+    checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N steps"})
+    checkpoints_total_limit: Optional[int] = field(default=3, metadata={"help": "keep at most N checkpoints (null: all)"})
+    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, or a checkpoint dir"})
+    validation_steps: int = field(default=500, metadata={"help": "sample grid every N steps"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
+    tracker_project_name: str = field(default="train_gan", metadata={"help": "project / run name given to the trackers"})
+
+
+def check(cfg: GANConfig) -> None:
+    for key, choices in (("generator", GENERATORS), ("discriminator", DISCRIMINATORS), ("space", ("latent", "pixel")),
+                         ("loss", ("hinge", "non_saturating")), ("latent_sampling", ("sample", "mode")),
+                         ("generator_size", tuple(STUDENTS["gigagan"].presets))):
+        if getattr(cfg, key) not in choices:
+            hint = "; the UNet student needs a teacher: use distill/train_student.py" if key == "generator" and cfg.generator in STUDENTS else ""
+            raise ConfigError(f"unknown {key} {getattr(cfg, key)!r}; choose one of {', '.join(choices)}{hint}")
+    for key, needed in (("dataset", True), ("text_encoder", True), ("vae", cfg.space == "latent"), ("teacher", cfg.discriminator == "unet")):
+        if needed and not getattr(cfg, key):
+            raise ConfigError(f"set `{key}` (see --help)")
+    require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "resolution", "r1_interval", "checkpointing_steps",
+                     "validation_steps", "learning_rate_g", "learning_rate_d", "d_text_dim", "d_cmap_dim")
+    require_non_negative(cfg, "num_workers", "blur_sigma", "blur_fade_kimg", "mismatch_weight", "r1_gamma", "clip_guidance_weight",
+                         "clip_crop", "lr_warmup_steps", "max_grad_norm", "ema_half_life_kimg", "ema_rampup", "validation_images",
+                         "validation_rows", "d_timestep", "d_feature_resolution", "d_virtual_batch")
+    for key in ("adam_beta1", "adam_beta2"):
+        require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError(f"checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
+
+
+def main() -> None:
+    cfg = parse_config(GANConfig, description=__doc__)
+    check(cfg)
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              project_dir=str(out))
+    cfg.mixed_precision = accelerator.mixed_precision  # unset: the launcher's choice; the run records what it used
+    with locked(out, purpose="train_gan", is_main_process=accelerator.is_main_process, broadcast=lambda x: broadcast_object_list([x])[0]):
+        train(cfg, accelerator=accelerator)
+    accelerator.wait_for_everyone()  # leave together: a rank that tears down gloo while its peer still exports can abort
+    accelerator.end_training()
+
+
+def train(cfg: GANConfig, *, accelerator) -> None:
+    """The training loop, with ``output_dir`` locked."""
+    from accelerate.utils import gather_object, set_seed
+
+    from data_gen.prompts import load_prompts
+    from distill.discriminators.inputs import blur_sigma
+    from distill.losses.gan import OBJECTIVES
+    from distill.training.scratch_data import RealData
+    from distill.training.scratch_phases import PER_STEP_TERMS, discriminator_terms, generator_terms, loss_of
+
+    # 1. Build: text encoder, VAE, G, D, CLIP guidance; the data; EMA and optimisers.
+    out, device = Path(cfg.output_dir), accelerator.device
+    set_seed(cfg.seed)  # same initial weights on every rank
+    parts = build_parts(cfg, device=device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data = RealData(dataset=cfg.dataset, split=cfg.split, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                    streaming=cfg.streaming, config_name=cfg.dataset_config, resolution=cfg.resolution, batch_size=cfg.batch_size,
+                    seed=cfg.seed, rank=rank, world=world, num_workers=cfg.num_workers, latent_sampling=cfg.latent_sampling,
+                    encode=parts.encode, to_samples=parts.to_samples, device=device, gather=gather_object,
+                    vae_config=parts.vae.config if parts.vae is not None else None)
+    gen, disc = parts.generator, parts.discriminator
+    ema = EMA(gen, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    d_params = [p for p in disc.parameters() if p.requires_grad]
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.learning_rate_g, betas=betas)
+    opt_d = torch.optim.Adam(d_params, lr=cfg.learning_rate_d, betas=betas)
+
+    # 2. Prepare: DDP, the shared loop (checkpoints, EMA, logs), resume; the validation grid's prompts and noise.
+    gen, disc, opt_g, opt_d = accelerator.prepare(gen, disc, opt_g, opt_d)
+    unwrap_d = accelerator.unwrap_model(disc)
+    shape = accelerator.unwrap_model(gen).config
+    grid_noise = torch.randn(cfg.validation_images, shape.latent_channels, shape.sample_size, shape.sample_size,
+                             generator=torch.Generator().manual_seed(cfg.seed))
+    prompts = load_prompts(cfg.validation_prompts) if cfg.validation_prompts else data.some_captions(64)
+    rows = max(1, min(cfg.validation_rows, len(prompts)))
+    grid_prompts = [prompts[i * len(prompts) // rows] for i in range(rows)]
+
+    def validate(step: int) -> None:
+        if accelerator.is_main_process:
+            sample_grid(parts, ema.model, prompts=grid_prompts, noise=grid_noise, path=out / "samples" / f"step-{step:06d}.png")
+
+    loop = TrainLoop(accelerator, output_dir=out, seed=cfg.seed, max_train_steps=cfg.max_train_steps,
+                     gradient_accumulation_steps=cfg.gradient_accumulation_steps, batch_size=cfg.batch_size,
+                     checkpointing_steps=cfg.checkpointing_steps, validation_steps=cfg.validation_steps,
+                     checkpoints_total_limit=cfg.checkpoints_total_limit, ema=ema, model=gen,
+                     export=lambda path: export_pipeline(parts, ema.model, path), validate=validate,
+                     checkpoint_bytes=lambda: state_bytes(models=[gen, disc, ema.model, ema.model], optimizers=[opt_g, opt_d]))
+    accelerator.register_for_checkpointing(data)  # the stream positions (map-style data needs none)
+    loop.resume(cfg.resume_from_checkpoint)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
+    if loop.state.step == 0:
+        validate(0)
+    data.start(loop.micro_steps().start)
+    objective = OBJECTIVES[cfg.loss]
+
+    # 3. Loop: phase G (D frozen), phase D (+ lazy R1); EMA, logs, checkpoints, sample grids.
+    with loop.progress():
+        while not loop.done:
+            step, m_count = loop.state.step, cfg.gradient_accumulation_steps
+            for opt, lr in ((opt_g, cfg.learning_rate_g), (opt_d, cfg.learning_rate_d)):
+                for group in opt.param_groups:  # linear warm-up, a function of the step (nothing to checkpoint)
+                    group["lr"] = lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else lr
+            sigma = blur_sigma(nimg=loop.state.nimg, init_sigma=cfg.blur_sigma, fade_kimg=cfg.blur_fade_kimg)
+            batches = [data.batch(micro) for micro in loop.micro_steps()]
+            logs: dict[str, torch.Tensor] = {}
+
+            def g_micro(m, rng):
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=rng)))  # DiffAugment draws from the global RNG (kornia)
+                noise = torch.randn(batches[m].samples.shape[0], shape.latent_channels, shape.sample_size, shape.sample_size,
+                                    generator=rng).to(device)
+                (fake, pyramid), terms = generator_terms(
+                    generator_model=gen, discriminator=unwrap_d, batch=batches[m], noise=noise, objective=objective, blur_sigma=sigma,
+                    clip_guidance=parts.clip_guidance, clip_weight=cfg.clip_guidance_weight, to_images=parts.to_images, rng=rng)
+                return (fake.detach(), [p.detach() for p in pyramid]), terms, loss_of(terms, num_micro_batches=m_count)
+
+            for p in d_params:
+                p.requires_grad_(False)
+            fakes = loop.phase(purpose="g", model=gen, optimizer=opt_g, params=gen.parameters(), micro_step=g_micro, logs=logs,
+                               max_grad_norm=cfg.max_grad_norm)
+            for p in d_params:
+                p.requires_grad_(True)
+
+            def d_micro(m, rng):
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=rng)))
+                terms = discriminator_terms(discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batches[m], fake=fakes[m][0],
+                                            fake_pyramid=fakes[m][1], objective=objective, mismatch_weight=cfg.mismatch_weight,
+                                            r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
+                                            do_r1=m == 0 and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0, blur_sigma=sigma,
+                                            generator=rng)
+                return None, terms, loss_of(terms, num_micro_batches=m_count)
+
+            loop.phase(purpose="d", model=disc, optimizer=opt_d, params=d_params, micro_step=d_micro, logs=logs,
+                       max_grad_norm=cfg.max_grad_norm, per_step_terms=PER_STEP_TERMS)
+            loop.end_step(logs, extra={"blur_sigma": sigma})
+
+    # 4. Save: the EMA generator as a pipeline.
+    if accelerator.is_main_process:
+        export_pipeline(parts, ema.model, out / "pipeline")
+        accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

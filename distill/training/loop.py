@@ -1,0 +1,202 @@
+"""The training loop shared by the trainers (``train_student.py``, ``train_gan.py``).
+
+:class:`TrainLoop` owns what every GAN trainer repeats: the counters saved with each checkpoint
+(:class:`TrainState`: steps and images seen), resuming, one optimiser step of a loss phase over
+gradient-accumulation micro-batches (:meth:`TrainLoop.phase`; the same micro-batch numbering keys the
+data order and the random streams, so a resumed run continues them), the NaN/inf stop, the per-step
+``stats.jsonl`` record, the EMA update, and the checkpoint / validation cadence. What a step computes
+stays in the trainer, as callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from distill.training import checkpoint as ckpt
+from distill.training.seeds import step_generator
+
+# One micro-batch: (m, generator) -> (output kept for later phases, {term: weighted loss}, loss to backpropagate).
+MicroStep = Callable[[int, torch.Generator], "tuple[Any, dict[str, torch.Tensor], torch.Tensor]"]
+
+
+class TrainState:
+    """Counters saved with every checkpoint (registered with accelerate)."""
+
+    def __init__(self):
+        self.step, self.nimg = 0, 0
+
+    def state_dict(self):
+        return {"step": self.step, "nimg": self.nimg}
+
+    def load_state_dict(self, state):
+        self.step, self.nimg = int(state["step"]), int(state["nimg"])
+
+
+def micro_steps(step: int, accumulation: int) -> range:
+    """Global numbers of optimiser step ``step``'s micro-batches: what the data order and random streams are keyed by."""
+    return range(step * accumulation, (step + 1) * accumulation)
+
+
+class TrainLoop:
+    """``loop = TrainLoop(accelerator, ...)``; ``loop.resume(...)``; then per step: the trainer's phases through
+    :meth:`phase`, then :meth:`end_step`. ``export(path)`` writes the EMA model where a checkpoint keeps it
+    (main process); ``validate(step)`` scores and draws samples; ``checkpoint_bytes()`` estimates a checkpoint's
+    size before the first one exists (for the disk-full message)."""
+
+    def __init__(self, accelerator, *, output_dir: str | Path, seed: int, max_train_steps: int, gradient_accumulation_steps: int,
+                 batch_size: int, checkpointing_steps: int, validation_steps: int, checkpoints_total_limit: int | None,
+                 ema, model, export: Callable[[Path], None], validate: Callable[[int], None],
+                 checkpoint_bytes: Callable[[], int]):
+        self.accelerator = accelerator
+        self.out = Path(output_dir)
+        self.stats_path = self.out / "stats.jsonl"
+        self.seed, self.rank = seed, accelerator.process_index
+        self.max_train_steps, self.accumulation = max_train_steps, gradient_accumulation_steps
+        self.images_per_step = batch_size * accelerator.num_processes * gradient_accumulation_steps
+        self.checkpointing_steps, self.validation_steps = checkpointing_steps, validation_steps
+        self.total_limit = checkpoints_total_limit
+        self.ema, self.model = ema, model  # model: the prepared (DDP) module the EMA follows
+        self.export, self.validate, self.checkpoint_bytes = export, validate, checkpoint_bytes
+        self.state = TrainState()
+        self.bar = None
+        accelerator.register_for_checkpointing(ema, self.state)
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.max_train_steps
+
+    def micro_steps(self) -> range:
+        return micro_steps(self.state.step, self.accumulation)
+
+    def resume(self, resume_from_checkpoint: str) -> Path | None:
+        """Load the checkpoint ``resume_from_checkpoint`` resolves to (None: start over); the main process cuts
+        ``stats.jsonl`` back to it (the steps past it are about to run again)."""
+        resume = ckpt.resolve_resume(self.out, resume_from_checkpoint)
+        if resume is not None:
+            self.accelerator.load_state(str(resume))
+            self.accelerator.print(f"resumed from {resume} at step {self.state.step} ({self.state.nimg} images)")
+        if self.accelerator.is_main_process:
+            ckpt.truncate_stats(self.stats_path, step=self.state.step if resume is not None else -1)
+        return resume
+
+    @contextlib.contextmanager
+    def progress(self) -> Iterator[None]:
+        self.bar = tqdm(total=self.max_train_steps, initial=self.state.step, desc="train",
+                        disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        try:
+            yield
+        finally:
+            self.bar.close()  # ends the progress line, so an error message starts on its own line
+
+    def phase(self, *, purpose: str, model, optimizer, params: Iterable[torch.nn.Parameter], micro_step: MicroStep,
+              logs: dict[str, torch.Tensor], max_grad_norm: float, per_step_terms: tuple[str, ...] = ()) -> list:
+        """One optimiser step of ``model`` over this step's micro-batches: ``micro_step(m, generator)`` for each
+        (``generator``: the (seed, rank, micro-batch, ``purpose``) stream), gradients synchronised across processes
+        on the last one only, then clipping and the optimiser step, skipped (the run stops) when the gradient norm
+        is not finite. Terms are summed into ``logs`` on the device as micro-batch means, except ``per_step_terms``
+        (computed once per step); :meth:`end_step` reads them. Returns the micro-steps' outputs."""
+        acc = self.accelerator
+        micro = list(self.micro_steps())
+        outputs = []
+        for m, index in enumerate(micro):
+            generator = step_generator(seed=self.seed, rank=self.rank, step=index, purpose=purpose)
+            sync = contextlib.nullcontext() if m + 1 == len(micro) else acc.no_sync(model)
+            with sync, acc.autocast():
+                output, terms, loss = micro_step(m, generator)
+                acc.backward(loss)
+            outputs.append(output)
+            for k, v in terms.items():  # kept on the device: reading a value would wait for the GPU
+                v = v.detach().float() / (1 if k in per_step_terms else len(micro))
+                logs[k] = logs[k] + v if k in logs else v
+        # A NaN/inf loss makes the gradient norm non-finite; the norm is the same on every process (DDP averaged
+        # the gradients), so all stop together without a collective of their own. Clipping off: an infinite bound.
+        norm = acc.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        # With fp16 loss scaling an inf norm is an overflow the scaler skips by itself; a NaN loss shows in end_step.
+        if acc.scaler is None and not torch.isfinite(norm):
+            self._stop(logs, reduced=False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return outputs
+
+    def _stop(self, logs: dict, *, reduced: bool) -> None:
+        """Raise the one-line NaN/inf stop naming the step and the non-finite terms (of any process); checkpoints stay
+        as they are. ``reduced``: ``logs`` are already the process means (floats), else this process's device values."""
+        keys = sorted(logs)
+        if reduced:
+            bad = [k for k in keys if not math.isfinite(logs[k])]
+        else:
+            flags = torch.stack([~torch.isfinite(logs[k]) for k in keys]).float() if keys else torch.zeros(0)
+            bad = [k for k, f in zip(keys, self.accelerator.reduce(flags, "max").tolist()) if f > 0]
+        last = ckpt.checkpoint_dirs(self.out)
+        where = f"non-finite loss at step {self.state.step} in term {', '.join(bad)}" if bad else \
+            f"non-finite gradient norm at step {self.state.step} (every loss term finite)"
+        raise ValueError(f"{where}: stopped; last good checkpoint: {last[-1] if last else 'none yet'} "
+                         "(lower the learning rates or the term's weight, then resume)")
+
+    def end_step(self, logs: dict[str, torch.Tensor], *, extra: dict[str, float] | None = None) -> dict[str, float]:
+        """Count the step, update the EMA, log the process-mean terms (+ ``extra``, already global) to the trackers and
+        ``stats.jsonl`` (a non-finite one stops the run), then checkpoint and validate when due. Returns the logged terms."""
+        acc, state = self.accelerator, self.state
+        keys = sorted(logs)  # one collective and one read of the device for all terms
+        values = acc.reduce(torch.stack([logs[k] for k in keys]), "mean").tolist() if keys else []
+        logs = dict(zip(keys, values))
+        if not all(map(math.isfinite, values)):
+            self._stop(logs, reduced=True)
+        state.step += 1
+        state.nimg += self.images_per_step
+        self.ema.update(acc.unwrap_model(self.model), self.images_per_step, nimg=state.nimg)
+        logs.update(extra or {})
+        acc.log({**logs, "nimg": state.nimg}, step=state.step)
+        if acc.is_main_process:
+            with open(self.stats_path, "a") as fh:
+                fh.write(json.dumps({"step": state.step, "nimg": state.nimg, **logs}) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
+            self.bar.update(1)
+        if self._due(self.checkpointing_steps):
+            self.save_checkpoint()
+        if self._due(self.validation_steps):
+            self.validate(state.step)
+        return logs
+
+    def _due(self, every: int) -> bool:
+        return self.state.step % every == 0 or self.state.step == self.max_train_steps
+
+    def save_checkpoint(self) -> None:
+        """``checkpoints/checkpoint-<step>``: accelerate's state (models, optimisers, RNGs, EMA, counters) and the EMA
+        model exported beside it; written to a temporary folder and renamed when complete."""
+        acc, step = self.accelerator, self.state.step
+        tmp = ckpt.temporary_dir(self.out, step, clear=acc.is_main_process)
+        acc.wait_for_everyone()
+        # A failed or interrupted save removes its partial directory; earlier checkpoints stay as they are.
+        with ckpt.partial_save(self.out, tmp, estimate_bytes=self.checkpoint_bytes):
+            acc.save_state(str(tmp))
+            check_replicas(acc, self.model, step)
+            if acc.is_main_process:
+                self.export(tmp / "pipeline")
+                ckpt.finalize(self.out, tmp, step, total_limit=self.total_limit)
+        acc.wait_for_everyone()
+
+
+def state_bytes(*, models: list, optimizers: list) -> int:
+    """Rough size of one checkpoint: the weights of ``models`` (None skipped) and the optimisers' states."""
+    tensors = [t for m in models if m is not None for t in m.state_dict().values()]
+    for opt in optimizers:
+        if opt is not None:
+            tensors += [t for s in opt.state_dict()["state"].values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_replicas(accelerator, model, step: int) -> None:
+    """DDP keeps replicas equal by construction; verify it at every checkpoint (cheap, catches bugs)."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    sums = accelerator.gather(total)
+    if (sums - sums[0]).abs().max().item() > 1e-6 * max(1.0, sums[0].abs().item()):
+        raise RuntimeError(f"process replicas diverged at step {step}: parameter sums {sums.tolist()}")

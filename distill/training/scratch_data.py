@@ -1,0 +1,115 @@
+"""Real samples for the from-scratch trainer: which rows a process reads at a micro-batch, as a batch on the device.
+
+A map-style dataset (local folders, Parquet, latent caches, hub sets that fit on disk) is indexed by
+:func:`distill.training.seeds.batch_indices`: a pure function of (seed, micro-batch, rank), so the processes
+read disjoint rows, each epoch is a permutation, and a resumed run continues the same order with no
+bookkeeping. A streaming dataset is split by rank and read in order through a cursor whose position is
+saved with every checkpoint (all ranks' positions, gathered). Images are encoded with the VAE on the fly;
+a latent cache skips that.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+import torch
+
+from data_gen.image_text import (LATENT_COLUMN, StreamCursor, image_transform, is_latent_cache, open_image_text, read_latent_manifest,
+                                 read_rows, rows_to_batch)
+from distill.training.prefetch import Prefetch
+from distill.training.scratch_phases import RealBatch
+from distill.training.seeds import batch_indices, step_generator
+
+
+def check_cache(manifest: dict, *, dataset: str, resolution: int, vae_config) -> None:
+    """A latent cache must come from this run's VAE (by its scaling factor and latent shape) at this resolution."""
+    if vae_config is None:
+        raise ValueError(f"{dataset} is a latent cache: train with space latent and the VAE that made it ({manifest['source']['vae']})")
+    made = (manifest["resolution"], manifest["scaling_factor"], manifest["latent_shape"][0])
+    wanted = (resolution, vae_config.scaling_factor, vae_config.latent_channels)
+    if made != wanted:
+        raise ValueError(f"latent cache {dataset} was made at resolution {made[0]} with VAE {manifest['source']['vae']} (scaling factor "
+                         f"{made[1]:g}, {made[2]} channels), not resolution {wanted[0]} with this VAE (scaling factor {wanted[1]:g}, "
+                         f"{wanted[2]} channels): match them or cache again")
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch number -> (samples, captions) of this rank: what DataLoader workers prefetch."""
+
+    def __init__(self, ds, *, seed: int, rank: int, world: int, batch_size: int, image_column: str, caption_column: str, transform):
+        self.ds, self.seed, self.rank, self.world, self.batch_size = ds, seed, rank, world, batch_size
+        self.columns, self.transform = (image_column, caption_column), transform
+
+    def __getitem__(self, micro: int):
+        idx = batch_indices(seed=self.seed, step=micro, rank=self.rank, world=self.world, batch_size=self.batch_size,
+                            num_rows=len(self.ds))
+        return read_rows(self.ds, idx, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
+                         generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="caption"))
+
+
+class RealData:
+    """``data.batch(micro) -> RealBatch`` for consecutive global micro-batch numbers from ``start``.
+
+    ``encode``: captions -> text conditioning; ``to_samples``: images -> generator-space samples (VAE encode).
+    ``gather``: collects every rank's stream position at a checkpoint (``accelerate.utils.gather_object``)."""
+
+    def __init__(self, *, dataset: str, split: str, image_column: str, caption_column: str, streaming: bool, config_name: str | None,
+                 resolution: int, batch_size: int, seed: int, rank: int, world: int, num_workers: int, latent_sampling: str,
+                 encode: Callable, to_samples: Callable, device, gather: Callable[[list], list], vae_config=None):
+        self.ds = open_image_text(dataset, split=split, image_column=image_column, caption_column=caption_column,
+                                  streaming=streaming, config_name=config_name)
+        self.cached = is_latent_cache(dataset)
+        if self.cached:
+            check_cache(read_latent_manifest(dataset), dataset=dataset, resolution=resolution, vae_config=vae_config)
+        self.columns = (LATENT_COLUMN, "caption") if self.cached else (image_column, caption_column)
+        self.transform = image_transform(resolution)
+        self.seed, self.rank, self.world, self.batch_size = seed, rank, world, batch_size
+        self.latent_sampling = latent_sampling
+        self.encode, self.to_samples, self.device, self.gather = encode, to_samples, device, gather
+        self.cursor = StreamCursor(self.ds, rank=rank, world=world) if streaming else None
+        self.prefetch = None if streaming else Prefetch(
+            _MicroBatches(self.ds, seed=seed, rank=rank, world=world, batch_size=batch_size, image_column=self.columns[0],
+                          caption_column=self.columns[1], transform=self.transform), num_workers=num_workers)
+        if not streaming and len(self.ds) < batch_size * world:
+            raise ValueError(f"dataset {dataset} has {len(self.ds)} rows, fewer than one step's batch "
+                             f"({batch_size} x {world} processes): lower batch_size")
+
+    def start(self, micro: int) -> None:
+        """Read from micro-batch ``micro`` on (a resumed run's first); workers prefetch in order."""
+        if self.prefetch is not None:
+            self.prefetch.start(micro)
+
+    def batch(self, micro: int) -> RealBatch:
+        if self.cursor is not None:
+            rows = self.cursor.take(self.batch_size)
+            where = [f"streamed row {self.cursor.read - len(rows) + i} of pass {self.cursor.epoch} (rank {self.rank})" for i in range(len(rows))]
+            samples, captions = rows_to_batch(rows, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
+                                              generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="caption"), where=where)
+        else:
+            samples, captions = self.prefetch.read(micro)
+        samples = samples.to(self.device)
+        if not self.cached:
+            samples = self.to_samples(samples, sampling=self.latent_sampling,
+                                      generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="vae"))
+        return RealBatch(samples=samples.float(), cond=self.encode(captions), captions=list(captions))
+
+    def some_captions(self, k: int) -> list[str]:
+        """The distinct captions of the first ``k`` rows (a list cell: its first), in order; reads nothing this
+        process's stream position depends on."""
+        rows = itertools.islice(iter(self.ds), k) if self.cursor is not None else (self.ds[i] for i in range(min(k, len(self.ds))))
+        found = []
+        for row in rows:
+            value = row[self.columns[1]]
+            caption = str(value[0] if isinstance(value, (list, tuple)) else value)
+            if caption not in found:
+                found.append(caption)
+        return found
+
+    # Checkpointed with the run (registered with accelerate; called on every process).
+    def state_dict(self) -> dict:
+        return {"streams": self.gather([self.cursor.state_dict()]) if self.cursor is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cursor is not None and state.get("streams"):
+            self.cursor.load_state_dict(state["streams"][self.rank])

@@ -1,0 +1,144 @@
+"""Building the from-scratch GAN's parts from a config (``distill/train_gan.py``): the frozen text encoder(s)
+and VAE, the generator (from the student registry), the chosen discriminator, CLIP guidance; exporting
+the pipeline and drawing the validation grid.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.utils import make_image_grid
+
+from distill.losses.clip_guidance import CLIPGuidance
+from distill.training.setup import STUDENTS
+from students import OneStepGANPipeline, TextConditioning, encode_text
+from students.export import save_standalone
+from students.pipeline import scale_latents, vae_scale_factor
+from teachers.loading import load_components
+
+DISCRIMINATORS = ("projected", "multiscale", "unet")
+TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+
+
+@dataclass
+class ScratchParts:
+    text: dict  # tokenizer, text_encoder (+ tokenizer_2, text_encoder_2 for SDXL's two encoders)
+    vae: torch.nn.Module | None  # None: pixel space
+    generator: torch.nn.Module
+    discriminator: torch.nn.Module
+    clip_guidance: torch.nn.Module | None
+    resolution: int  # image side in pixels
+
+    def encode(self, prompts: list[str]) -> TextConditioning:
+        return encode_text(list(prompts), resolution=(self.resolution, self.resolution), **self.text)
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Generator outputs -> images in [-1, 1] (differentiable: CLIP guidance backpropagates through it)."""
+        from students.pipeline import decode_vae
+
+        return decode_vae(self.vae, samples).to(samples.dtype)
+
+    @torch.no_grad()
+    def to_samples(self, images: torch.Tensor, *, sampling: str, generator: torch.Generator | None) -> torch.Tensor:
+        """Images in [-1, 1] -> what the generator outputs: VAE-scaled latents (or the images in pixel space)."""
+        if self.vae is None:
+            return images
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        raw = dist.sample(generator=generator) if sampling == "sample" else dist.mode()
+        return scale_latents(raw, self.vae.config).float()
+
+
+def check_resolution(*, resolution: int, generator: str, size: str, factor: int) -> int:
+    """The generator's sample size for images of ``resolution`` px; one line when it does not fit."""
+    levels = len(STUDENTS[generator].presets[size]["block_out_channels"])
+    multiple = factor * 2 ** (levels - 1)
+    if resolution <= 0 or resolution % multiple:
+        lo, hi = (resolution // multiple) * multiple, (resolution // multiple + 1) * multiple
+        raise ValueError(f"resolution {resolution} is not a multiple of {multiple} (VAE factor {factor} x 2**{levels - 1} for the "
+                         f"{levels} levels of {generator} {size}): use {lo or hi} or {hi}")
+    return resolution // factor
+
+
+def build_parts(cfg, *, device) -> ScratchParts:
+    """Text encoder(s) and VAE (frozen), generator and discriminator (trainable), CLIP guidance (optional)."""
+    from distill.discriminators import (LatentDecoder, MultiScaleDiscriminator, ProjectedDiscriminator, UnpairedUNetDiscriminator,
+                                        build_feature_network)
+    from distill.losses.latent_lpips_training import load_vae
+
+    text = {k: v.to(device) if isinstance(v, torch.nn.Module) else v
+            for k, v in load_components(cfg.text_encoder, TEXT_COMPONENTS, what="text_encoder").items()}
+    if text["text_encoder"] is None:
+        raise ValueError(f"{cfg.text_encoder} has no text_encoder component: pass a diffusers text-to-image pipeline (folder or hub id)")
+    vae = load_vae(cfg.vae, subfolder=cfg.vae_subfolder).to(device) if cfg.space == "latent" else None
+    side = check_resolution(resolution=cfg.resolution, generator=cfg.generator, size=cfg.generator_size, factor=vae_scale_factor(vae))
+    channels = int(vae.config.latent_channels) if vae is not None else 3
+    te2 = text["text_encoder_2"]
+    context_dim = int(text["text_encoder"].config.hidden_size) + (int(te2.config.hidden_size) if te2 is not None else 0)
+    pooled_dim = int(te2.config.projection_dim) if te2 is not None else 0
+    spec = STUDENTS[cfg.generator]
+    overrides = {} if cfg.mapping_lr_mul is None else {"mapping_lr_mul": cfg.mapping_lr_mul}
+    generator = spec.generator.for_latents(latent_channels=channels, sample_size=side, cross_attention_dim=context_dim,
+                                           pooled_dim=pooled_dim, size=cfg.generator_size, **overrides).to(device)
+    if cfg.discriminator == "projected":
+        layers = tuple(x.strip() for x in cfg.d_feature_layers.split(",") if x.strip())
+        features = build_feature_network(cfg.d_feature_network, layers=layers, weights=cfg.d_feature_weights,
+                                         resolution=cfg.d_feature_resolution)
+        disc = ProjectedDiscriminator(features.to(device), context_dim=context_dim, pooled_dim=pooled_dim, cmap_dim=cfg.d_cmap_dim,
+                                      text_dim=cfg.d_text_dim, virtual_batch=cfg.d_virtual_batch, augment=cfg.augment,
+                                      decode=LatentDecoder(vae) if vae is not None else None)
+    elif cfg.discriminator == "multiscale":
+        widths = tuple(int(c) for c in cfg.d_channels.split(","))
+        disc = MultiScaleDiscriminator(in_channels=channels, resolution=side, context_dim=context_dim, pooled_dim=pooled_dim,
+                                       channels=widths, text_dim=cfg.d_text_dim, cmap_dim=cfg.d_cmap_dim, augment=cfg.augment)
+    else:
+        unet = load_components(cfg.teacher, ("unet",), what="teacher")["unet"]
+        if unet is None or vae is None or int(unet.config.in_channels) != channels:
+            raise ValueError(f"discriminator unet needs a diffusion model on this VAE's latents: teacher {cfg.teacher!r} has "
+                             f"{'no UNet' if unet is None else str(unet.config.in_channels) + '-channel latents'}, space {cfg.space!r}")
+        heads = tuple(h.strip() for h in cfg.d_heads.split(",") if h.strip())
+        disc = UnpairedUNetDiscriminator(unet, timestep=cfg.d_timestep, heads=heads, augment=cfg.augment)
+    clip = None
+    if cfg.clip_guidance_weight > 0:
+        try:
+            clip = load_clip_guidance(cfg.clip_model, cfg.clip_pretrained, crop=cfg.clip_crop, device=device)
+        except FileNotFoundError as exc:  # optional: train without it, saying why in one line
+            sys.stderr.write(f"warning: CLIP guidance is off: {exc}\n")
+    return ScratchParts(text=text, vae=vae, generator=generator, discriminator=disc.to(device), clip_guidance=clip,
+                        resolution=cfg.resolution)
+
+
+def load_clip_guidance(model_name: str, pretrained: str, *, crop: int, device) -> CLIPGuidance:
+    """CLIP guidance with an open_clip model by name and pretrained tag / local file (``random-tiny``: random
+    weights, tests only); weights absent locally raise FileNotFoundError naming how to get them."""
+    import open_clip
+
+    from distill.metrics.clip_score import build_random_tiny_clip, resolve_clip_weights
+
+    if model_name == "random-tiny":
+        clip = build_random_tiny_clip(device=device)
+        return CLIPGuidance(clip.model, clip.tokenizer, crop=crop).to(device)
+    weights = resolve_clip_weights(model_name, pretrained, None)
+    model = open_clip.create_model(model_name, pretrained=weights, device=device)
+    return CLIPGuidance(model, open_clip.get_tokenizer(model_name), crop=crop).to(device)
+
+
+def export_pipeline(parts: ScratchParts, generator: torch.nn.Module, path: Path) -> None:
+    """Save ``generator`` with the VAE (None in pixel space) and text encoder(s) as a self-contained
+    ``OneStepGANPipeline`` folder (its code next to the weights, as the distilled students)."""
+    save_standalone(OneStepGANPipeline(student=generator, vae=parts.vae, **parts.text), path)
+
+
+@torch.no_grad()
+def sample_grid(parts: ScratchParts, generator: torch.nn.Module, *, prompts: list[str], noise: torch.Tensor, path: Path) -> None:
+    """One row per prompt, one column per noise map ([K,C,h,w], the same in every row), saved as a PNG."""
+    was_training = generator.training
+    generator.eval()
+    pipe = OneStepGANPipeline(student=generator, vae=parts.vae, **parts.text)
+    k = noise.shape[0]
+    images = pipe([p for p in prompts for _ in range(k)], latents=noise.repeat(len(prompts), 1, 1, 1), output_type="pil").images
+    generator.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=len(prompts), cols=k).save(path)

@@ -1,0 +1,220 @@
+"""From-scratch discriminators: shapes and text conditioning on tiny configs, DiffAugment, feature networks, losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.discriminators import (LatentDecoder, MultiScaleDiscriminator, ProjectedDiscriminator, UnpairedUNetDiscriminator,
+                                    build_feature_network)
+from distill.discriminators.inputs import blur, blur_sigma
+from distill.losses.diffaugment import DiffAugment
+from distill.losses.gan import OBJECTIVES, objective_loss
+
+
+def _text(n, *, seed=0, dim=32):
+    return torch.randn(n, 7, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _projected(classifier_dir, virtual_batch=2, **kwargs):
+    torch.manual_seed(0)
+    features = build_feature_network(str(classifier_dir))
+    return ProjectedDiscriminator(features, context_dim=32, cmap_dim=8, text_dim=16, virtual_batch=virtual_batch, **kwargs)
+
+
+def test_projected_discriminator_shapes_conditioning_and_frozen_features(classifier_dir):
+    d = _projected(classifier_dir, augment="").eval()  # eval: spectral norm's power iteration holds still
+    x, text = torch.rand(4, 3, 16, 16) * 2 - 1, _text(4)
+    logits = d(x, text)
+    # DigitClassifier default layers: convs.1 (8 ch, 16x16), convs.4 (16 ch, 8x8), fc (16 features: 1 token).
+    assert [tuple(l.shape) for l in logits] == [(4, 1, 256), (4, 1, 64), (4, 1, 1)]
+    # The text is read: other prompts, other logits; the same prompt under `mismatched` reproduces them.
+    other = d(x, _text(4, seed=1))
+    assert all(not torch.allclose(a, b) for a, b in zip(logits, other))
+    both = d(x, text, mismatched={"prompt_embeds": _text(2, seed=1)})
+    assert [tuple(l.shape) for l in both] == [(6, 1, 256), (6, 1, 64), (6, 1, 1)]
+    for a, b, o in zip(logits, both, other):
+        torch.testing.assert_close(b[:4], a)
+        torch.testing.assert_close(b[4:], o[:2])
+    # Only the heads and the text pooling train; the feature network stays frozen and in eval mode.
+    d.train()
+    assert not d.features.net.training and not any(p.requires_grad for p in d.features.parameters())
+    sum(l.sum() for l in d(x, text)).backward()
+    assert all(p.grad is not None for p in d.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("virtual_batch, augment", [(4, ""), (0, ""), (0, "color,translation,cutout")])
+def test_projected_discriminator_learns_real_from_generated(classifier_dir, virtual_batch, augment):
+    """A few hinge steps on fixed real / generated images (squares vs blurry noise) separate their logits. (With
+    both virtual batch norm and DiffAugment on, 30 steps are not enough here: the digits config turns the norm off.)"""
+    from distill.training.scratch_phases import RealBatch, discriminator_terms
+    from students.text import TextConditioning
+
+    d = _projected(classifier_dir, virtual_batch=virtual_batch, augment=augment)
+    real = -torch.ones(8, 3, 16, 16)
+    for i in range(8):
+        real[i, :, 2 + i % 4:10 + i % 4, 3:11] = 1.0
+    fake = torch.nn.functional.avg_pool2d(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)), 3, 1, 1)
+    batch = RealBatch(real, TextConditioning(_text(8)), [f"c{i}" for i in range(8)])
+    opt = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=2e-3, betas=(0.0, 0.99))
+    gaps = []
+    for step in range(30):
+        terms = discriminator_terms(discriminator=d, discriminator_unwrapped=d, batch=batch, fake=fake, fake_pyramid=[fake],
+                                    objective=OBJECTIVES["hinge"], mismatch_weight=0.0, r1_gamma=0.0, r1_interval=1, do_r1=False,
+                                    blur_sigma=0.0, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        (terms["d_real"] + terms["d_fake"]).backward()
+        opt.step()
+        gaps.append((terms["d_real_logit"] - terms["d_fake_logit"]).item())
+    assert gaps[-1] > 0.5 and terms["d_real"] + terms["d_fake"] < 1.5, gaps
+
+
+def test_virtual_batch_norm_keeps_parts_apart(classifier_dir):
+    """Real and generated halves of one forward are normalised by their own statistics, as if run separately."""
+    d = _projected(classifier_dir, augment="", virtual_batch=8).eval()
+    a, b = torch.rand(4, 3, 16, 16) * 2 - 1, torch.rand(4, 3, 16, 16) * 0.1
+    text = _text(4)
+    joint = d(torch.cat([a, b]), torch.cat([text, text]), parts=2)
+    for j, alone in zip(joint, d(a, text)):
+        torch.testing.assert_close(j[:4], alone, rtol=1e-4, atol=1e-5)
+    mixed = d(torch.cat([a, b]), torch.cat([text, text]), parts=1)  # one virtual batch of 8: other statistics
+    assert not torch.allclose(mixed[0][:4], joint[0][:4], atol=1e-4)
+
+
+def test_projected_discriminator_decodes_latents(classifier_dir, sd15_teacher):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(sd15_teacher, subfolder="vae")
+    d = _projected(classifier_dir, augment="", decode=LatentDecoder(vae))
+    latents = torch.randn(2, 4, 8, 8, requires_grad=True)  # the tiny VAE halves 16 px
+    logits = d(latents, _text(2))
+    sum(l.sum() for l in logits).backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0  # G's gradient passes through the decoder
+    assert not any(p.requires_grad for p in d.decode.parameters())
+
+
+def test_multiscale_discriminator_reads_the_pyramid_and_text():
+    torch.manual_seed(0)
+    d = MultiScaleDiscriminator(in_channels=4, resolution=16, context_dim=32, channels=(8, 16, 16), text_dim=16, cmap_dim=8, augment="")
+    x, text = torch.randn(3, 4, 16, 16), _text(3)
+    logits = d(x, text)
+    # Scale 16 -> blocks 0, 1, 2 (8, 4, 2 px); scale 8 -> blocks 1, 2; scale 4 -> block 2.
+    assert [tuple(l.shape[-2:]) for l in logits] == [(8, 8), (4, 4), (2, 2), (4, 4), (2, 2), (2, 2)]
+    assert all(l.shape[:2] == (3, 1) for l in logits)
+    coarse = [torch.randn(3, 4, 4, 4), torch.randn(3, 4, 8, 8), x]
+    from_pyramid = d(x, text, pyramid=coarse)  # coarser scales come from the pyramid, not from x
+    torch.testing.assert_close(from_pyramid[0], logits[0])
+    assert not torch.allclose(from_pyramid[3], logits[3])
+    assert not torch.allclose(d(x, _text(3, seed=1))[0], logits[0])
+    with pytest.raises(ValueError, match="pyramid sides"):
+        d(x, text, pyramid=[torch.randn(3, 4, 2, 2), x])
+    with pytest.raises(ValueError, match="must be divisible by 2\\*\\*3"):
+        MultiScaleDiscriminator(in_channels=4, resolution=12, context_dim=32, channels=(8, 16, 16))
+    both = d(x, text, mismatched={"prompt_embeds": _text(1, seed=1)})
+    torch.testing.assert_close(both[0][3:], d(x[:1], _text(1, seed=1))[0])
+
+
+def test_unpaired_unet_discriminator(sd15_teacher):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(sd15_teacher, subfolder="unet")
+    d = UnpairedUNetDiscriminator(unet, augment="", heads=("before", "final"))
+    assert d.disc.noise_conv is None
+    x, text = torch.randn(2, 4, 16, 16), _text(2)
+    logits = d(x, text)
+    assert all(l.shape[0] == 2 for l in logits)
+    assert not torch.allclose(d(x, _text(2, seed=1))[-1], logits[-1])
+    both = d(x, text, mismatched={"prompt_embeds": _text(1, seed=1)})
+    torch.testing.assert_close(both[-1][:2], logits[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_diffaugment_is_differentiable_and_seeded():
+    aug = DiffAugment()
+    assert aug.policy == ("color", "translation", "cutout")
+    x = torch.randn(8, 3, 16, 16, requires_grad=True)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    y = aug(x, generator=gen())
+    torch.testing.assert_close(y, aug(x, generator=gen()))
+    assert not torch.allclose(y, aug(x, generator=torch.Generator().manual_seed(1)))
+    assert ((y == 0).flatten(1).float().mean(1) > 0.2).all()  # cutout: a quarter of every image, at least
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch.testing.assert_close(DiffAugment("")(x), x)
+
+
+def test_blur_fades_out():
+    assert blur_sigma(nimg=0, init_sigma=2.0, fade_kimg=10) == 2.0
+    assert blur_sigma(nimg=5000, init_sigma=2.0, fade_kimg=10) == pytest.approx(1.0)
+    assert blur_sigma(nimg=20000, init_sigma=2.0, fade_kimg=10) == 0.0
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(blur(x, 0.0), x)
+    assert blur(x, 1.0).std() < 0.7 * x.std()
+
+
+def test_hinge_and_non_saturating_objectives():
+    good, bad = [torch.full((2, 1, 4), 3.0)], [torch.full((2, 1, 4), -3.0)]
+    hinge = OBJECTIVES["hinge"]
+    assert objective_loss(good, hinge.real) == 0 and objective_loss(bad, hinge.fake) == 0
+    assert objective_loss(bad, hinge.real) == pytest.approx(4.0)
+    assert objective_loss(good, hinge.generator) == pytest.approx(-3.0)
+    ns = OBJECTIVES["non_saturating"]
+    assert objective_loss(good, ns.real) < 0.05 < objective_loss(bad, ns.real)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("torchvision:resnet18", "resnet18-f37072fd.pth"),
+    ("timm:vit_small_patch16_224.dino", "hf download timm/vit_small_patch16_224.dino"),
+    ("/no/such/folder", "neither torchvision:/timm:/open_clip: nor a classifier folder"),
+])
+def test_missing_feature_weights_are_one_line(spec, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises((FileNotFoundError, ValueError)) as exc:
+        build_feature_network(spec)
+    line = str(exc.value)
+    assert message in line and "\n" not in line
+
+
+def test_torchvision_and_timm_feature_layers_with_random_weights():
+    """Architecture and hooks only (random weights: tests); a ViT's tokens come out as [N, C, L]."""
+    resnet = build_feature_network("torchvision:resnet18", weights="random", resolution=32)
+    assert [s[0] for s in resnet.shapes()] == [64, 128, 256, 512]
+    vit = build_feature_network("timm:vit_tiny_patch16_224", weights="random")
+    assert vit.layers == ("blocks.2", "blocks.5", "blocks.8", "blocks.11") and vit.shapes()[0] == (192, 197)
+    with pytest.raises(ValueError, match="has no layer"):
+        build_feature_network("torchvision:resnet18", weights="random", layers=("nope",))
+
+
+@pytest.mark.parametrize("kind", ["projected", "multiscale"])
+def test_diffaugment_sits_before_every_discriminator_read_in_both_phases(classifier_dir, kind):
+    """What D's network reads is always the DiffAugmented sample: generated ones in the G phase (with G's gradient
+    passing through the augmentation), real and generated ones in the D phase; nothing reaches D un-augmented."""
+    from distill.training.scratch_phases import RealBatch, discriminator_terms, generator_terms
+    from students import GigaGANGenerator
+    from students.text import TextConditioning
+
+    torch.manual_seed(0)
+    gen = GigaGANGenerator.for_latents(latent_channels=3, sample_size=16, cross_attention_dim=32, size="tiny")
+    if kind == "projected":
+        d = _projected(classifier_dir)
+        network = d.features
+    else:
+        d = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=8)
+        network = d.from_input[0]
+    seen = {"augment_out": [], "network_in": []}
+    d.augment.register_forward_hook(lambda m, args, out: seen["augment_out"].append(out))
+    network.register_forward_pre_hook(lambda m, args: seen["network_in"].append(args[0]))
+    batch = RealBatch(torch.rand(4, 3, 16, 16) * 2 - 1, TextConditioning(_text(4)), ["a", "b", "c", "d"])
+    (fake, pyramid), terms = generator_terms(generator_model=gen, discriminator=d, batch=batch, noise=torch.randn(4, 3, 16, 16),
+                                             objective=OBJECTIVES["hinge"], blur_sigma=0.0)
+    assert seen["network_in"] and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])
+    assert not any(a.shape == fake.shape and torch.allclose(a, fake) for a in seen["augment_out"])  # augmented, not the raw sample
+    terms["g_adv"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())  # through the augmentation
+    seen["augment_out"].clear(), seen["network_in"].clear()
+    discriminator_terms(discriminator=d, discriminator_unwrapped=d, batch=batch, fake=fake, fake_pyramid=pyramid,
+                        objective=OBJECTIVES["hinge"], mismatch_weight=1.0, r1_gamma=1.0, r1_interval=1, do_r1=True,
+                        blur_sigma=0.5, generator=torch.Generator().manual_seed(0))
+    # D phase (real | generated in one forward) and R1 (real): every network input is an augmentation output.
+    assert len(seen["network_in"]) >= 2 and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])
+    assert seen["network_in"][0].shape[0] == 8  # real and generated together
