@@ -30,6 +30,7 @@ def _diffusers_pipe(path, family: str) -> StableDiffusion3Pipeline:
     return pipe
 
 
+@torch.no_grad()  # as inside the pipelines' calls (CPU attention kernels differ with autograd on)
 def _encode(pipe, prompts, max_sequence_length=256):
     return encode_sd3_text(prompts, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, tokenizer_2=pipe.tokenizer_2,
                            text_encoder_2=pipe.text_encoder_2, tokenizer_3=pipe.tokenizer_3, text_encoder_3=pipe.text_encoder_3,
@@ -164,7 +165,7 @@ def test_text_encoding_matches_the_pipelines_encode_prompt(tiny_teacher_factory,
     pipe = _diffusers_pipe(tiny_teacher_factory(family), family)
     for length in (256, 7):
         ours = _encode(pipe, PROMPTS, max_sequence_length=length)
-        with torch.no_grad():  # as inside the pipeline's call (CPU attention kernels differ with autograd on)
+        with torch.no_grad():  # as inside the pipeline's call
             embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False,
                                                       max_sequence_length=length)
         assert ours.prompt_embeds.shape == (4, 77 + length, 64) and ours.pooled_prompt_embeds.shape == (4, 64)
