@@ -27,7 +27,7 @@ from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
 from distill.config import ConfigError, package_versions, parse_config, require_positive, run_cli, save_config
 from distill.lock import locked
-from students.text import encode_text
+from students.text import encode_sd3_text, encode_text
 from teachers import SCHEDULERS, load_teacher, solve_ode
 from teachers.identity import identity_changes, resolve_teacher_folder, teacher_identity
 from teachers.loading import dtype_from_name, pipeline_family, resolve_scheduler, sd3_default_max_sequence_length
@@ -57,7 +57,7 @@ class PairsConfig:
     max_sequence_length: Optional[int] = field(default=None, metadata={"help": "SD3 only: T5 tokens per prompt (without T5: the zero "
                                                                          "tokens in their place); unset: the pipeline's default"})
     dtype: str = field(default="float16", metadata={"help": "storage dtype of noise/target", "choices": tuple(pairs_io.STORAGE_DTYPES)})
-    store_prompt_embeds: bool = field(default=False, metadata={"help": "also store the teacher's prompt embeddings (SDXL: + pooled) with each row, in float16, so that train_student.py need not run the text encoder per step (~120 KB more per row for SD1.5, ~320 KB for SDXL)"})
+    store_prompt_embeds: bool = field(default=False, metadata={"help": "also store the teacher's prompt embeddings (SDXL, SD3: + pooled) with each row, in float16, so that train_student.py need not run the text encoder per step (~120 KB more per row for SD1.5, ~320 KB for SDXL, ~2.7 MB for SD3 with 256 T5 tokens)"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the finished pairs as a Hub dataset (datasets.load_dataset(repo_id) opens it)"})
     hub_dataset_id: str = field(default="", metadata={"help": "push_to_hub: the dataset repo id (user/name); empty: the output_dir's name"})
     hub_token: Optional[str] = field(default=None, metadata={"help": "push_to_hub: a token (default: the one `hf auth login` stored)"})
@@ -87,7 +87,8 @@ def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: li
         for b in range(0, len(indices), cfg.batch_size):
             batch = indices[b : b + cfg.batch_size]
             if cfg.store_prompt_embeds:
-                texts.append(prompt_embeds(teacher.pipe, [prompt_for_index(prompts, i) for i in batch], resolution=cfg.resolution))
+                texts.append(prompt_embeds(teacher.pipe, [prompt_for_index(prompts, i) for i in batch], resolution=cfg.resolution,
+                                           max_sequence_length=cfg.max_sequence_length))
             # Noise is rounded to the storage dtype first: the stored tensor is the one the teacher saw.
             noise, batch_seeds = noise_for_indices(seed=cfg.seed, indices=batch, shape=latent_shape, dtype=storage)
             target = solve_ode(
@@ -110,11 +111,18 @@ def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: li
         )
 
 
-def prompt_embeds(pipe, prompts: list[str], *, resolution: int) -> dict[str, torch.Tensor]:
+def prompt_embeds(pipe, prompts: list[str], *, resolution: int, max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
     """The teacher's conditioning of ``prompts`` as stored with the rows: column -> [N,...] float16 on the CPU (what the
-    student's ``encode_text`` computes; SDXL's time ids are not stored, they follow from the resolution)."""
-    cond = encode_text(prompts, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, tokenizer_2=getattr(pipe, "tokenizer_2", None),
-                       text_encoder_2=getattr(pipe, "text_encoder_2", None), resolution=(resolution, resolution))
+    student's ``encode_text`` computes, ``encode_sd3_text`` with ``max_sequence_length`` T5 tokens for an SD3 teacher;
+    SDXL's time ids are not stored, they follow from the resolution)."""
+    if hasattr(pipe, "transformer"):  # SD3: CLIP (+ T5) tokens and both pooled CLIP projections
+        with torch.no_grad():
+            cond = encode_sd3_text(prompts, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, tokenizer_2=pipe.tokenizer_2,
+                                   text_encoder_2=pipe.text_encoder_2, tokenizer_3=pipe.tokenizer_3, text_encoder_3=pipe.text_encoder_3,
+                                   max_sequence_length=max_sequence_length, joint_attention_dim=pipe.transformer.config.joint_attention_dim)
+    else:
+        cond = encode_text(prompts, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                           text_encoder_2=getattr(pipe, "text_encoder_2", None), resolution=(resolution, resolution))
     columns = {"prompt_embeds": cond.prompt_embeds, "pooled_prompt_embeds": cond.pooled_prompt_embeds}
     return {k: v.to("cpu", getattr(torch, pairs_io.TEXT_DTYPE)) for k, v in columns.items() if v is not None}
 
@@ -213,7 +221,8 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
         "latents": teacher.latent_convention(),
         "latent_shape": list(latent_shape),
         "prompt_embeds": None if not cfg.store_prompt_embeds else {
-            "columns": {k: list(v.shape[1:]) for k, v in prompt_embeds(teacher.pipe, [""], resolution=cfg.resolution).items()},
+            "columns": {k: list(v.shape[1:]) for k, v in prompt_embeds(teacher.pipe, [""], resolution=cfg.resolution,
+                                                                      max_sequence_length=cfg.max_sequence_length).items()},
             "dtype": pairs_io.TEXT_DTYPE, "text_encoder_dtype": teacher_dtype,
         },
         "count": cfg.num_pairs,

@@ -203,7 +203,8 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     pipe = teacher.pipe
     validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
     # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
-    size_models = [student, disc, ema.model, ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    size_models = [student, disc, ema.model, ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                   getattr(pipe, "text_encoder_3", None)]
     validate = lambda step: validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=step,  # noqa: E731
                                                 stats_path=out / "stats.jsonl", validation=validation)
     export = lambda path: export_pipeline(parts, ema.model, path, split=split, validation=validation,  # noqa: E731
@@ -240,7 +241,8 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
                     z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
                     fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
                 target = rows["target"].to(accelerator.device, torch.float32, non_blocking=True)
-                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=text_dtype) if stored_text
+                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=text_dtype,
+                                            family=teacher.family) if stored_text
                         else parts.encode(rows["prompt"]))
                 batches.append(Batch(noise, target, cond, gan_noise=fresh))
             logs: dict[str, torch.Tensor] = {}

@@ -344,6 +344,35 @@ def test_t5_teacher_trains_with_lora_and_exports_its_t5(tiny_teacher_factory, pr
     torch.testing.assert_close(pipe("a cat", latents=z, output_type="latent").images, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["sd3", "sd3-t5"])
+def test_stored_prompt_embeds_are_sd3_conditioning_and_train_like_encoding(tiny_teacher_factory, prompt_file, tmp_path, capsys, family):
+    """--store_prompt_embeds with an SD3 teacher stores encode_sd3_text's output (CLIP + T5 / zero tokens, both pooled
+    projections), and training on them gives the losses of encoding the prompts per step (to float16 rounding)."""
+    stats = {}
+    for name in ("encoded", "stored"):
+        pairs = tmp_path / f"pairs-{name}"
+        args = ["--teacher", tiny_teacher_factory(family), "--prompts", prompt_file, "--num_pairs", 12, "--batch_size", 6,
+                "--max_sequence_length", 8, "--output_dir", pairs, *COMMON] + (["--store_prompt_embeds"] if name == "stored" else [])
+        assert run_script("generate_pairs.py", args, capsys)[0] == 0
+        if name == "stored":
+            manifest = json.loads((pairs / "manifest.json").read_text())
+            assert manifest["prompt_embeds"]["columns"] == {"prompt_embeds": [77 + 8, 64], "pooled_prompt_embeds": [64]}
+            rows = datasets.load_dataset(str(pairs), split="train").with_format("torch")
+            ref = _encode(_diffusers_pipe(tiny_teacher_factory(family), family), list(rows["prompt"][:3]), max_sequence_length=8)
+            torch.testing.assert_close(rows["prompt_embeds"][:3], ref.prompt_embeds.half().float(), rtol=0, atol=0)
+            torch.testing.assert_close(rows["pooled_prompt_embeds"][:3], ref.pooled_prompt_embeds.half().float(), rtol=0, atol=0)
+        run = tmp_path / name
+        code, err = run_script("train_student.py", ["--pairs", pairs, "--output_dir", run, "--max_train_steps", 2,
+                                                    "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN], capsys)
+        assert code == 0, err
+        stats[name] = [r for r in _stats(run) if "g_lpips" in r]
+    assert len(stats["stored"]) == len(stats["encoded"]) == 2
+    for a, b in zip(stats["encoded"], stats["stored"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-9), key
+
+
 def test_two_process_training_keeps_replicas_identical(sd3_pairs, tmp_path):
     """DDP (no find_unused_parameters) with the transformer D: its dropped blocks and frozen text outputs."""
     run = tmp_path / "ddp"

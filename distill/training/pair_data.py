@@ -26,11 +26,14 @@ class PairRows(torch.utils.data.Dataset):
                                         num_rows=self.num_train)]
 
 
-def stored_conditioning(rows: dict, *, resolution: int, device, dtype: torch.dtype) -> TextConditioning:
+def stored_conditioning(rows: dict, *, resolution: int, device, dtype: torch.dtype, family: str = "sd") -> TextConditioning:
     """The text conditioning ``generate_pairs.py --store_prompt_embeds`` stored with ``rows`` (the teacher's
-    ``encode_text`` output; SDXL's time ids follow from the ``resolution``), as ``dtype`` on ``device``."""
+    ``encode_text`` / ``encode_sd3_text`` output; SDXL's time ids follow from the ``resolution``, SD3 has none),
+    as ``dtype`` on ``device``; ``family``: the teacher's (sd, sdxl, sd3)."""
     embeds = rows["prompt_embeds"].to(device, dtype, non_blocking=True)
     if "pooled_prompt_embeds" not in rows:
         return TextConditioning(embeds)
     pooled = rows["pooled_prompt_embeds"].to(device, dtype, non_blocking=True)
+    if family == "sd3":
+        return TextConditioning(embeds, pooled)
     return TextConditioning(embeds, pooled, sdxl_time_ids((resolution, resolution), batch=len(embeds), dtype=dtype, device=device))
