@@ -19,11 +19,7 @@ OUTPUT_DIR/train_state.pt (for --resume), OUTPUT_DIR/config.yaml.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python distill/train_digits_teacher_sd3.py` runs this as a plain file
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # scikit-learn/SciPy start BLAS thread pools that fight torch's threads on small machines; pin them first.
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
