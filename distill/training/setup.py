@@ -137,7 +137,7 @@ STUDENTS = {
                            generator=GigaGANGenerator, presets=GIGAGAN_PRESETS),
     "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
                               generator=StyleGANTGenerator, presets=STYLEGAN_T_PRESETS),
-    # Like the UNet student: the teacher's own denoiser, read as x0; measured on the SD3 digits testbed (README).
+    # Like the UNet student: the teacher's own denoiser, read as x0 (its defaults; not yet measured on an SD3 digits teacher).
     "transformer": StudentSpec(_transformer_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs"), families=("sd3",)),
 }
 
