@@ -22,6 +22,11 @@ case "$FAMILY" in
         TEACHER_ARGS="--scheduler flow_euler --max_sequence_length 4" ;;
   *) echo "error: unknown --family '$FAMILY': choose unet or sd3" >&2; exit 2 ;;
 esac
+if [ ! -d "$TEACHER" ]; then  # the SD3-form digits teacher is not committed yet (README, "Flow-matching teachers")
+  echo "error: no teacher at $TEACHER: train it with python distill/train_digits_teacher_sd3.py --config" \
+       "configs/digits/teacher_sd3.yaml --output_dir runs/digits-teacher-sd3, then copy runs/digits-teacher-sd3/pipeline to $TEACHER" >&2
+  exit 2
+fi
 OUT=${1:-$DEFAULT_OUT}
 STUDENT_CONFIG=${2:-$DEFAULT_STUDENT}
 NAME=$(basename "$STUDENT_CONFIG" .yaml)            # student, student_gigagan, ...
