@@ -22,9 +22,7 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import copy
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, NUM_CLASSES, captions_for_label, load_digits_images
 from distill.config import parse_config, run_cli, save_config
+from distill.training.teacher_steps import TeacherSteps, with_weights
 from teachers.digits import (
     assemble_pipeline,
     build_text_encoder,
@@ -72,20 +71,6 @@ class TeacherConfig:
     # architecture
     text_hidden_size: int = 32
     text_layers: int = 2
-
-
-def _lerp_ema(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            e.lerp_(p.detach(), 1.0 - decay)
-
-
-def _with_weights(module: torch.nn.Module, weights: list[torch.Tensor]) -> torch.nn.Module:
-    out = copy.deepcopy(module)
-    with torch.no_grad():
-        for p, w in zip(out.parameters(), weights):
-            p.copy_(w)
-    return out
 
 
 def train_vae(cfg: TeacherConfig, images: torch.Tensor, generator: torch.Generator):
@@ -132,7 +117,7 @@ def main() -> None:
     empty_ids = tokenize([""])[0]
 
     state_path = out / "train_state.pt"
-    state = torch.load(state_path, weights_only=False) if cfg.resume and state_path.is_file() else None
+    state = torch.load(state_path, weights_only=True) if cfg.resume and state_path.is_file() else None
     if state is None:
         vae = train_vae(cfg, images, generator)
     else:
@@ -164,14 +149,12 @@ def main() -> None:
     )
     base_lrs = [cfg.unet_lr, cfg.text_encoder_lr]
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = [p.detach().clone() for p in params]
-    start = 0
+    ema, start = None, 0
     if state is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
-        ema = state["ema"]
-        start = state["step"]
+        ema, start = state["ema"], state["step"]
         generator.set_state(state["generator"])
         print(f"resumed from {state_path} at step {start}")
 
@@ -183,8 +166,8 @@ def main() -> None:
         n_unet = len(list(unet.parameters()))
         pipe = assemble_pipeline(
             vae=vae,
-            unet=_with_weights(unet, ema[:n_unet]),
-            text_encoder=_with_weights(text_encoder, ema[n_unet:]),
+            unet=with_weights(unet, steps.ema[:n_unet]),
+            text_encoder=with_weights(text_encoder, steps.ema[n_unet:]),
             tokenizer=tokenizer,
         )
         path = out / "pipeline" if final else out / "checkpoints" / f"step-{step:06d}"
@@ -196,7 +179,7 @@ def main() -> None:
                 "unet": unet.state_dict(),
                 "text_encoder": text_encoder.state_dict(),
                 "optimizer": opt.state_dict(),
-                "ema": ema,
+                "ema": steps.ema,
                 "step": step,
                 "generator": generator.get_state(),
             },
@@ -206,10 +189,10 @@ def main() -> None:
 
     unet.train()
     text_encoder.train()
-    t0 = time.time()
-    step = start
-    bar = tqdm(range(start, cfg.unet_steps), desc="unet", mininterval=10, initial=start, total=cfg.unet_steps)
-    for step in bar:
+    steps = TeacherSteps(optimizer=opt, params=params, base_lrs=base_lrs, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
+                         start=start, total=cfg.unet_steps, checkpoint_every=cfg.checkpoint_every, max_minutes=cfg.max_minutes,
+                         checkpoint=checkpoint, desc="unet", ema=ema)
+    for step in steps:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
         phrasing = torch.randint(len(CAPTION_TEMPLATES), (cfg.batch_size,), generator=generator)
         drop = torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout
@@ -228,27 +211,9 @@ def main() -> None:
             per_sample = per_sample * torch.clamp(s, max=cfg.snr_gamma) / s
         loss = per_sample.mean()
 
-        warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * warm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        _lerp_ema(ema, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-
-        done = step + 1
-        out_of_time = cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes
-        if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.unet_steps and not out_of_time:
-            checkpoint(done)
-        if out_of_time:
-            tqdm.write(f"max_minutes={cfg.max_minutes} reached at step {done}")
-            break
-    else:
-        done = cfg.unet_steps
-    checkpoint(max(done, start), final=True)
-    print(f"teacher pipeline written to {out / 'pipeline'} ({(time.time() - t0) / 60:.1f} min in stage 2)")
+        steps.update(loss)
+    checkpoint(steps.done, final=True)
+    print(f"teacher pipeline written to {out / 'pipeline'} ({steps.minutes():.1f} min in stage 2)")
 
 
 if __name__ == "__main__":

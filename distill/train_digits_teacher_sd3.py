@@ -25,8 +25,6 @@ from pathlib import Path
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import copy
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,9 +33,10 @@ from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, captions_for_label, load_digits_images
 from distill.config import ConfigError, parse_config, run_cli, save_config
+from distill.training.teacher_steps import TeacherSteps, with_weights
 from students.text import encode_sd3_text
-from teachers.digits import count_parameters
-from teachers.digits_sd3 import assemble_pipeline, build_text_encoder, build_transformer, load_digits_vae, save_pipeline
+from teachers.digits import count_parameters, save_pipeline
+from teachers.digits_sd3 import assemble_pipeline, build_text_encoder, build_transformer, load_digits_vae
 from teachers.tokenizer import build_clip_tokenizer
 
 SIGMA_SAMPLING = ("uniform", "logit_normal")
@@ -72,20 +71,6 @@ class TeacherSD3Config:
     max_text_tokens: int = field(default=16, metadata={"help": "CLIP context length (the longest digits caption is 11 tokens)"})
     max_sequence_length: int = field(default=4, metadata={"help": "zero tokens in place of T5 (pass the same to generate_pairs / evaluate)"})
     scheduler_shift: float = field(default=1.0, metadata={"help": "the sampler's timestep shift (SD3: 3.0 at 1024 px)"})
-
-
-def _lerp_ema(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            e.lerp_(p.detach(), 1.0 - decay)
-
-
-def _with_weights(module: torch.nn.Module, weights: list[torch.Tensor]) -> torch.nn.Module:
-    out = copy.deepcopy(module)
-    with torch.no_grad():
-        for p, w in zip(out.parameters(), weights):
-            p.copy_(w)
-    return out
 
 
 def sample_sigmas(n: int, *, how: str, generator: torch.Generator) -> torch.Tensor:
@@ -129,11 +114,10 @@ def main() -> None:
     base_lrs = [cfg.lr, cfg.text_encoder_lr]
     opt = torch.optim.AdamW([{"params": g, "lr": lr} for g, lr in zip(groups, base_lrs)], weight_decay=0.0)
     params = groups[0] + groups[1]
-    ema = [p.detach().clone() for p in params]
     state_path = out / "train_state.pt"
-    start = 0
+    ema, start = None, 0
     if cfg.resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)
         for module, key in ((transformer, "transformer"), (text_encoder, "text_encoder"), (text_encoder_2, "text_encoder_2")):
             module.load_state_dict(state[key])
         opt.load_state_dict(state["optimizer"])
@@ -148,22 +132,22 @@ def main() -> None:
     def checkpoint(step: int, final: bool = False) -> None:
         n_tr, n_te = len(groups[0]), len(list(text_encoder.parameters()))
         pipe = assemble_pipeline(
-            vae=vae, transformer=_with_weights(transformer, ema[:n_tr]), text_encoder=_with_weights(text_encoder, ema[n_tr : n_tr + n_te]),
-            text_encoder_2=_with_weights(text_encoder_2, ema[n_tr + n_te :]), tokenizer=tokenizer, shift=cfg.scheduler_shift,
+            vae=vae, transformer=with_weights(transformer, steps.ema[:n_tr]),
+            text_encoder=with_weights(text_encoder, steps.ema[n_tr : n_tr + n_te]), text_encoder_2=with_weights(text_encoder_2, steps.ema[n_tr + n_te :]), tokenizer=tokenizer, shift=cfg.scheduler_shift,
         )
         path = out / "pipeline" if final else out / "checkpoints" / f"step-{step:06d}"
         save_pipeline(pipeline=pipe, path=path, dtype=torch.float16 if cfg.save_fp16 else None)
         torch.save({"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
-                    "text_encoder_2": text_encoder_2.state_dict(), "optimizer": opt.state_dict(), "ema": ema, "step": step,
+                    "text_encoder_2": text_encoder_2.state_dict(), "optimizer": opt.state_dict(), "ema": steps.ema, "step": step,
                     "generator": generator.get_state()}, state_path)
         tqdm.write(f"saved {path} (step {step})")
 
     for module in (transformer, text_encoder, text_encoder_2):
         module.train()
-    t0 = time.time()
-    done = start
-    bar = tqdm(range(start, cfg.steps), desc="mmdit", mininterval=10, initial=start, total=cfg.steps)
-    for step in bar:
+    steps = TeacherSteps(optimizer=opt, params=params, base_lrs=base_lrs, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
+                         start=start, total=cfg.steps, checkpoint_every=cfg.checkpoint_every, max_minutes=cfg.max_minutes,
+                         checkpoint=checkpoint, desc="mmdit", ema=ema)
+    for step in steps:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
         phrasing = torch.randint(len(CAPTION_TEMPLATES), (cfg.batch_size,), generator=generator).tolist()
         drop = (torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout).tolist()
@@ -180,25 +164,9 @@ def main() -> None:
                         timestep=sigma * 1000).sample
         loss = F.mse_loss(v, noise - x0)
 
-        warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * warm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        _lerp_ema(ema, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-
-        done = step + 1
-        out_of_time = cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes
-        if cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0 and done < cfg.steps and not out_of_time:
-            checkpoint(done)
-        if out_of_time:
-            tqdm.write(f"max_minutes={cfg.max_minutes} reached at step {done}")
-            break
-    checkpoint(done, final=True)
-    print(f"teacher pipeline written to {out / 'pipeline'} ({(time.time() - t0) / 60:.1f} min)")
+        steps.update(loss)
+    checkpoint(steps.done, final=True)
+    print(f"teacher pipeline written to {out / 'pipeline'} ({steps.minutes():.1f} min)")
 
 
 if __name__ == "__main__":

@@ -143,18 +143,20 @@ def assemble_pipeline(
     )
 
 
-def save_pipeline(*, pipeline: StableDiffusionPipeline, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write the pipeline folder (safetensors); ``StableDiffusionPipeline.from_pretrained(path)`` loads it.
+def save_pipeline(*, pipeline, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write a digits teacher's pipeline folder (safetensors); ``from_pretrained(path)`` of its pipeline class
+    loads it (the SD3 form: see :func:`teachers.digits_sd3.assemble_pipeline`).
 
-    ``dtype`` (e.g. float16, to halve the folder) applies to the UNet and VAE only: diffusers loads
-    them back as float32 unless asked otherwise, while transformers would load a float16 text
-    encoder as float16 and break float32 pipelines. ``pipeline`` itself is left unchanged.
+    ``dtype`` (e.g. float16, to halve the folder) applies to the denoiser (UNet or transformer) and VAE
+    only: diffusers loads them back as float32 unless asked otherwise, while transformers would load a
+    float16 text encoder as float16 and break float32 pipelines. ``pipeline`` itself is left unchanged.
     """
     path = Path(path)
     if dtype is not None:
         pipeline = copy.deepcopy(pipeline)
-        pipeline.unet.to(dtype=dtype)
-        pipeline.vae.to(dtype=dtype)
+        for name in ("unet", "transformer", "vae"):
+            if getattr(pipeline, name, None) is not None:
+                getattr(pipeline, name).to(dtype=dtype)
     pipeline.save_pretrained(path, safe_serialization=True)
     return path
 

@@ -11,11 +11,8 @@ Everything that loads an SD3 pipeline folder loads this one.
 
 from __future__ import annotations
 
-import copy
 import os
-from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -80,17 +77,3 @@ def assemble_pipeline(
         transformer=transformer, scheduler=build_scheduler(shift=shift), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
     )
-
-
-def save_pipeline(*, pipeline: StableDiffusion3Pipeline, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write the folder (safetensors); it reloads with ``StableDiffusion3Pipeline.from_pretrained(path,
-    text_encoder_3=None, tokenizer_3=None)`` or ``teachers.load_teacher(path)``. ``dtype`` applies to the
-    transformer and VAE only (diffusers loads them back as float32; transformers would keep a float16 text
-    encoder float16 and break float32 pipelines). ``pipeline`` itself is left unchanged."""
-    path = Path(path)
-    if dtype is not None:
-        pipeline = copy.deepcopy(pipeline)
-        pipeline.transformer.to(dtype=dtype)
-        pipeline.vae.to(dtype=dtype)
-    pipeline.save_pretrained(path, safe_serialization=True)
-    return path

@@ -92,6 +92,14 @@ def test_teacher_script_end_to_end(tmp_path):
     ).images
     assert latents.shape == (2, 4, 16, 16) and torch.isfinite(latents).all()
 
+    # Resume (resume is on by default): the state loads with weights_only=True and training continues to the new total.
+    before = torch.load(out / "train_state.pt", weights_only=True)
+    log = _run("train_digits_teacher.py", *common, *small[:-2], "--unet_steps", "4")
+    assert "resumed from" in log and "at step 3" in log
+    after = torch.load(out / "train_state.pt", weights_only=True)
+    assert before["step"] == 3 and after["step"] == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before["ema"], after["ema"]))  # the EMA moved on from where it was
+
 
 def test_classifier_script_runs(tmp_path):
     from teachers.digits_classifier import DigitClassifier
