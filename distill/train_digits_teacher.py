@@ -24,7 +24,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, NUM_CLASSES, captions_for_label, load_digits_images
 from distill.config import parse_config, run_cli, save_config
-from distill.training.teacher_steps import TeacherSteps, with_weights
+from distill.training.teacher_steps import TeacherSteps, prepare_run, with_weights
 from teachers.digits import (
     assemble_pipeline,
     build_text_encoder,
@@ -98,13 +97,8 @@ def train_vae(cfg: TeacherConfig, images: torch.Tensor, generator: torch.Generat
 
 def main() -> None:
     cfg = parse_config(TeacherConfig, description=__doc__.split("\n\n")[0])
-    torch.set_num_threads(cfg.num_threads)
-    torch.set_flush_denormal(True)  # denormals in late-training weights slow CPU kernels a lot
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, generator = prepare_run(output_dir=cfg.output_dir, seed=cfg.seed, num_threads=cfg.num_threads)
     save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
 
     images, labels = load_digits_images(split="train")  # [N,3,32,32] in [-1,1], [N]
     tokenizer = build_clip_tokenizer()

@@ -19,7 +19,6 @@ OUTPUT_DIR/train_state.pt (for --resume), OUTPUT_DIR/config.yaml.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 # scikit-learn/SciPy start BLAS thread pools that fight torch's threads on small machines; pin them first.
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, captions_for_label, load_digits_images
 from distill.config import ConfigError, parse_config, run_cli, save_config
-from distill.training.teacher_steps import TeacherSteps, with_weights
+from distill.training.teacher_steps import TeacherSteps, prepare_run, with_weights
 from students.text import encode_sd3_text
 from teachers.digits import count_parameters, save_pipeline
 from teachers.digits_sd3 import assemble_pipeline, build_text_encoder, build_transformer, load_digits_vae
@@ -84,13 +83,8 @@ def main() -> None:
     cfg = parse_config(TeacherSD3Config, description=__doc__.split("\n\n")[0])
     if cfg.sigma_sampling not in SIGMA_SAMPLING:
         raise ConfigError(f"unknown sigma_sampling {cfg.sigma_sampling!r}; choose one of {', '.join(SIGMA_SAMPLING)}")
-    torch.set_num_threads(cfg.num_threads)
-    torch.set_flush_denormal(True)  # denormals in late-training weights slow CPU kernels a lot
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out, generator = prepare_run(output_dir=cfg.output_dir, seed=cfg.seed, num_threads=cfg.num_threads)
     save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
 
     images, labels = load_digits_images(split="train")  # [N,3,32,32] in [-1,1], [N]
     vae = load_digits_vae(cfg.vae).requires_grad_(False)

@@ -14,10 +14,21 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
+
+
+def prepare_run(*, output_dir: str, seed: int, num_threads: int) -> tuple[Path, torch.Generator]:
+    """Threads, the output folder and the seeds of a digits-teacher run: ``(output folder, data generator)``."""
+    torch.set_num_threads(num_threads)
+    torch.set_flush_denormal(True)  # denormals in late-training weights slow CPU kernels a lot
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    return out, torch.Generator().manual_seed(seed)
 
 
 def with_weights(module: torch.nn.Module, weights: list[torch.Tensor]) -> torch.nn.Module:
