@@ -40,6 +40,8 @@ from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+EMA_DEVICES = ("same", "cpu")
+EMA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _per_student(key: str) -> str:
@@ -84,6 +86,8 @@ class StudentConfig:
     r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
     ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
+    ema_device: str = field(default="same", metadata={"help": "where the EMA copy of the student lives: 'same' (the training device) or 'cpu' (saves its size in accelerator memory, costs a copy to the host per step)", "choices": EMA_DEVICES})
+    ema_dtype: str = field(default="fp32", metadata={"help": "dtype of the EMA copy: bf16 halves it, but rounds away updates below ~1/256 of a weight (a long half-life then barely moves it; prefer ema_device cpu)", "choices": tuple(EMA_DTYPES)})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers reading the next pair micro-batches ahead (0: read in the training process; the batches are the same either way)",
                                                   "aliases": ["dataloader_num_workers"]})
@@ -186,7 +190,8 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     parts = build_student(cfg, manifest=manifest, device=accelerator.device)
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
     lpips_loss = build_regression_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
-    ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None)
+    ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None,
+              device="cpu" if cfg.ema_device == "cpu" else None, dtype=EMA_DTYPES[cfg.ema_dtype])
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate_g, betas=betas)
     d_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
@@ -202,10 +207,19 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
     # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
     size_models = [student, disc, ema.model, ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
-    validate = lambda step: validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=step,  # noqa: E731
-                                                stats_path=out / "stats.jsonl", validation=validation)
-    export = lambda path: export_pipeline(parts, ema.model, path, split=split, validation=validation,  # noqa: E731
-                                          card=card_facts(cfg, manifest=manifest, nimg=loop.state.nimg, step=loop.state.step))
+
+    def validate(step: int) -> None:
+        if not accelerator.is_main_process:  # validation runs on the main process only
+            return
+        with ema.on(accelerator.device) as model:  # a CPU EMA is evaluated on the training device
+            validate_and_sample(cfg, parts, model, holdout, lpips_loss, accelerator, step=step, stats_path=out / "stats.jsonl",
+                                validation=validation)
+
+    def export(path: Path) -> None:
+        with ema.on(accelerator.device) as model:
+            export_pipeline(parts, model, path, split=split, validation=validation,
+                            card=card_facts(cfg, manifest=manifest, nimg=loop.state.nimg, step=loop.state.step))
+
     loop = TrainLoop(accelerator, output_dir=out, seed=cfg.seed, max_train_steps=cfg.max_train_steps,
                      gradient_accumulation_steps=cfg.gradient_accumulation_steps, batch_size=cfg.batch_size,
                      checkpointing_steps=cfg.checkpointing_steps, validation_steps=cfg.validation_steps,

@@ -271,6 +271,34 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.parametrize("ema_device, ema_dtype", [("cpu", "fp32"), ("cpu", "bf16")])
+def test_ema_on_cpu_and_in_bf16_resumes_identically_and_exports(pairs_dir, tmp_path, capsys, ema_device, ema_dtype):
+    """The EMA copy kept on the CPU (and in bf16): its state, the checkpoint's pipeline and the resumed run match a
+    straight run bit for bit; the exported pipeline holds the EMA weights in that dtype and runs."""
+    common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN, "--ema_half_life_kimg", "0.004",
+              "--ema_device", ema_device, "--ema_dtype", ema_dtype]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
+    assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
+    code, err = run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 4], capsys)
+    assert code == 0, err
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ema_dtype]
+    a, b = (run / "checkpoints" / "checkpoint-4" for run in (straight, resumed))
+    ema_a, ema_b = (torch.load(c / "custom_checkpoint_0.pkl", weights_only=False) for c in (a, b))
+    student = load_file(a / "model.safetensors")
+    assert ema_a.keys() == ema_b.keys() and {v.dtype for v in ema_a.values()} == {dtype}
+    assert any(not torch.equal(ema_a[k].float(), student[k].float()) for k in student)  # an average, not a copy
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=0, atol=0)
+    for name in ("model.safetensors", "pipeline/student/diffusion_pytorch_model.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    exported = load_file(straight / "pipeline" / "student" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in exported.values()} == {dtype} and all(torch.equal(exported[k], ema_a[k]) for k in ema_a)
+    pipe = OneStepGANPipeline.from_pretrained(straight / "pipeline")
+    assert torch.isfinite(pipe(["a cat"], output_type="latent", generator=torch.Generator().manual_seed(0)).images).all()
+
+
 def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
     from data_gen.pairs import load_pairs
     from distill.training.pair_data import PairRows
@@ -606,6 +634,20 @@ def test_ema_rampup_limits_the_half_life_early():
     plain.update(model, 100, nimg=100)  # half-life 10k images: the average barely moves
     assert ramped.model.weight.item() == pytest.approx(0.75)
     assert plain.model.weight.item() == pytest.approx(1 - 0.5 ** 0.01)
+
+
+def test_ema_copy_is_made_on_its_own_device_and_dtype():
+    """Each tensor goes straight to the EMA's device / dtype (the meta device stands in for the CPU beside an
+    accelerator: no data); integer buffers keep their dtype; the update lerps there."""
+    from distill.training.ema import EMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(model, half_life_kimg=1, device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype, p.requires_grad) for p in ema.model.parameters()} == {("meta", torch.bfloat16, False)}
+    assert ema.model[1].num_batches_tracked.dtype == torch.long and model[0].weight.device.type == "cpu"
+    ema.update(model, 1, nimg=1)
+    with ema.on("meta") as same:
+        assert same is ema.model
 
 
 def test_student_defaults_fill_only_unset_keys():
