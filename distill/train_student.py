@@ -80,6 +80,7 @@ class StudentConfig:
     gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
     d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator UNet"})
     d_heads: str = field(default="before,skip,after,final", metadata={"help": "discriminator heads"})
+    d_gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the discriminator's UNet backbone (recomputed in the backward; R1's double backward included)"})
     d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
     r1_gamma: float = field(default=1e-5, metadata={"help": "R1 weight (0 = off)"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -115,6 +116,39 @@ def test_r1_penalty_is_fp32_under_autocast(sd15_teacher, dtype):
     torch.testing.assert_close(r1, ref, rtol=1e-6, atol=0)
     r1.backward()  # still differentiable w.r.t. D's weights (double backward) under autocast
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in disc.parameters())
+
+
+def test_discriminator_gradient_checkpointing_keeps_d_loss_and_r1_gradients(sd15_teacher, monkeypatch):
+    """Checkpointing the D backbone recomputes its blocks in the backward, R1's double backward included: the loss
+    terms and every gradient equal those without it."""
+    from distill.training.phases import Batch, discriminator_terms
+
+    teacher = load_teacher(str(sd15_teacher))
+    plain = UNetDiscriminator(teacher.pipe.unet)
+    with torch.no_grad():  # non-zero convs so that the gradients reach every input path
+        for conv in (plain.noise_conv, *plain.input_convs):
+            conv.weight.normal_(std=0.1)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.enable_gradient_checkpointing()
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(4, 4, 16, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen),
+                  _cond(teacher, ["a cat", "a dog", "a car", "soup"]))
+    fake = torch.randn(4, 4, 16, 16, generator=gen)
+    results = []
+    for disc in (plain, checkpointed):
+        terms = discriminator_terms(discriminator=disc, discriminator_unwrapped=disc, batch=batch, fake=fake, mix_fraction=0.5,
+                                    r1_gamma=1.0, r1_interval=1, do_r1=True, generator=torch.Generator().manual_seed(1))
+        sum(terms.values()).backward()
+        results.append((terms, {n: p.grad for n, p in disc.named_parameters() if p.grad is not None}))
+    assert calls and results[0][0]["d_r1"] > 0  # checkpointing ran (and only in the second D)
+    for k in results[0][0]:
+        torch.testing.assert_close(results[1][0][k], results[0][0][k], rtol=1e-5, atol=1e-7)
+    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) > 100
+    for n in results[0][1]:
+        torch.testing.assert_close(results[1][1][n], results[0][1][n], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("heads", [("before",), ("skip",), ("after",), ("before", "skip"), ("before", "skip", "after"), ("final",)])
@@ -400,15 +434,27 @@ def test_bad_input(pairs_dir, tmp_path, capsys, args, message):
     assert code == 2 and message in err.rstrip().splitlines()[-1]
 
 
-def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys):
-    """Gradient accumulation, bf16 autocast, gradient checkpointing, LoRA on the D backbone, MSE regression."""
+def _spy_parts(monkeypatch) -> list:
+    """The Parts every train_student run in this test builds (``setup.build_student`` wrapped)."""
+    from distill.training import setup
+
+    built, build = [], setup.build_student
+    monkeypatch.setattr(setup, "build_student", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    return built
+
+
+def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys, monkeypatch):
+    """Gradient accumulation, bf16 autocast, gradient checkpointing (student and D, R1 included), LoRA on the D
+    backbone, MSE regression."""
+    built = _spy_parts(monkeypatch)
     run = tmp_path / "opts"
     code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
                                                 "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
                                                 "--gradient_accumulation_steps", 2, "--mixed_precision", "bf16",
-                                                "--gradient_checkpointing", "true", "--d_lora_rank", 4,
-                                                "--regression", "mse"], capsys)
+                                                "--gradient_checkpointing", "true", "--d_gradient_checkpointing", "true",
+                                                "--d_lora_rank", 4, "--regression", "mse"], capsys)
     assert code == 0, err
+    assert built[0].student.is_gradient_checkpointing and built[0].discriminator.unet.is_gradient_checkpointing
     stats = [r for r in _stats(run) if "g_mse" in r]
     assert [r["nimg"] for r in stats] == [8, 16] and all("d_gan" in r for r in stats)
 

@@ -63,6 +63,8 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
     if cfg.gan_weight > 0:
         heads = tuple(h.strip() for h in cfg.d_heads.split(",") if h.strip())
         disc = UNetDiscriminator(teacher.pipe.unet, timestep=cfg.d_timestep, heads=heads).to(device)
+        if cfg.d_gradient_checkpointing:
+            disc.enable_gradient_checkpointing()
         if cfg.d_lora_rank > 0:
             from peft import LoraConfig
 
