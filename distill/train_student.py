@@ -34,8 +34,8 @@ from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discrimi
 from distill.training.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
-from distill.training.setup import (STUDENTS, apply_student_defaults, build_regression_lpips, build_student, export_pipeline, validate_and_sample,
-                                    validation_set)
+from distill.training.setup import (COND_DTYPE, FROZEN_DTYPES, STUDENTS, apply_student_defaults, build_regression_lpips, build_student,
+                                    export_pipeline, validate_and_sample, validation_set)
 from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
@@ -80,6 +80,7 @@ class StudentConfig:
     gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
     d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator UNet"})
     d_heads: str = field(default="before,skip,after,final", metadata={"help": "discriminator heads"})
+    frozen_dtype: str = field(default="fp32", metadata={"help": "dtype the frozen text encoder(s) and VAE are held in (bf16 / fp16 halve them; their outputs are cast back to fp32)", "choices": tuple(FROZEN_DTYPES)})
     d_gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the discriminator's UNet backbone (recomputed in the backward; R1's double backward included)"})
     d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
@@ -191,6 +192,8 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     parts = build_student(cfg, manifest=manifest, device=accelerator.device)
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
     lpips_loss = build_regression_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
+    validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
+    parts.hold_frozen_in(FROZEN_DTYPES[cfg.frozen_dtype])
     ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None,
               device="cpu" if cfg.ema_device == "cpu" else None, dtype=EMA_DTYPES[cfg.ema_dtype])
     betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -205,7 +208,6 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
         student, opt_g = accelerator.prepare(student, opt_g)
     unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
     pipe = teacher.pipe
-    validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
     # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
     size_models = [student, disc, ema.model, ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
 
@@ -236,7 +238,6 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     data = Prefetch(PairRows(pairs, num_train=n_train, seed=cfg.seed, rank=rank, world=world, batch_size=cfg.batch_size),
                     num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
     data.start(loop.micro_steps().start)
-    text_dtype = pipe.text_encoder.dtype  # stored embeddings in the dtype the text encoder would give them
 
     # 4. Loop: phase G (D frozen), phase D (+ lazy R1 on one real sample); EMA, logs, checkpoints, validation.
     with loop.progress():
@@ -253,7 +254,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
                     z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
                     fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
                 target = rows["target"].to(accelerator.device, torch.float32, non_blocking=True)
-                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=text_dtype) if stored_text
+                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=COND_DTYPE) if stored_text
                         else parts.encode(rows["prompt"]))
                 batches.append(Batch(noise, target, cond, gan_noise=fresh))
             logs: dict[str, torch.Tensor] = {}

@@ -459,6 +459,30 @@ def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys, monkeypat
     assert [r["nimg"] for r in stats] == [8, 16] and all("d_gan" in r for r in stats)
 
 
+@pytest.mark.parametrize("frozen_dtype", ["bf16", "fp16"])
+def test_frozen_text_encoder_and_vae_in_half_precision(pairs_dir, tmp_path, capsys, monkeypatch, frozen_dtype):
+    """frozen_dtype holds the text encoder and VAE in bf16 / fp16 (after the teacher solved the validation prompts in
+    fp32); the conditioning reaches the student and D in fp32; validation, export and the pipeline work."""
+    from distill.training import setup
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype]
+    built = _spy_parts(monkeypatch)
+    encoded = []
+    encode = setup.Parts.encode
+    monkeypatch.setattr(setup.Parts, "encode", lambda self, prompts: encoded.append(encode(self, prompts)) or encoded[-1])
+    run = tmp_path / "frozen"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
+                                                "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN, "--frozen_dtype", frozen_dtype,
+                                                "--validation_prompts", "a cat", "--num_validation_seeds", 1], capsys)
+    assert code == 0, err
+    pipe = built[0].teacher.pipe
+    assert pipe.vae.dtype == pipe.text_encoder.dtype == dtype
+    assert encoded and all(c.prompt_embeds.dtype == torch.float32 for c in encoded)
+    assert all(np.isfinite(r["g_lpips"]) for r in _stats(run) if "g_lpips" in r)
+    exported = OneStepGANPipeline.from_pretrained(run / "pipeline")
+    assert torch.isfinite(exported(["a cat"], output_type="pt", generator=torch.Generator().manual_seed(0)).images).all()
+
+
 def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path, capsys, monkeypatch):
     """R1 runs once per step (micro-batch 0): its backward weight stays r1_gamma with M micro-batches,
     while the batch-mean terms are divided by M."""

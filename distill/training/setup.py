@@ -28,6 +28,12 @@ from students.stylegan_t import PRESETS as STYLEGAN_T_PRESETS
 from teachers import Teacher, load_teacher
 
 
+# The dtype text conditioning reaches the student and D in, encoded or stored: their fp32 master weights' (autocast
+# casts further); text encoders held in bf16 / fp16 (``frozen_dtype``) are cast back to it.
+COND_DTYPE = torch.float32
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class Parts:
     teacher: Teacher
@@ -41,7 +47,15 @@ class Parts:
             list(prompts), tokenizer=p.tokenizer, text_encoder=p.text_encoder,
             tokenizer_2=getattr(p, "tokenizer_2", None), text_encoder_2=getattr(p, "text_encoder_2", None),
             resolution=(self.resolution, self.resolution),
-        )
+        ).to(dtype=COND_DTYPE)
+
+    def hold_frozen_in(self, dtype: torch.dtype) -> None:
+        """The VAE and text encoder(s) (frozen: no optimiser state, no master copy needed) cast to ``dtype``. After the
+        validation set: the teacher's own ODE solve needs its text encoder in the UNet's dtype."""
+        p = self.teacher.pipe
+        for module in (p.vae, p.text_encoder, getattr(p, "text_encoder_2", None)):
+            if module is not None:
+                module.to(dtype)
 
 
 def build_student(cfg, *, manifest: dict, device) -> Parts:
