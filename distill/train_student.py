@@ -193,6 +193,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
     lpips_loss = build_regression_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
     validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
+    parts.release_teacher_unet()
     parts.hold_frozen_in(FROZEN_DTYPES[cfg.frozen_dtype])
     ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None,
               device="cpu" if cfg.ema_device == "cpu" else None, dtype=EMA_DTYPES[cfg.ema_dtype])

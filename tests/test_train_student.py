@@ -459,6 +459,38 @@ def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys, monkeypat
     assert [r["nimg"] for r in stats] == [8, 16] and all("d_gan" in r for r in stats)
 
 
+def test_teacher_unet_is_released_after_setup(pairs_dir, tmp_path, capsys, monkeypatch):
+    """The student and D are copies of the teacher's UNet; the original is dropped before training starts (the
+    validation prompts' teacher images are solved first), so it holds no device memory during the steps."""
+    import gc
+    import weakref
+
+    from distill.training import setup
+    from distill.training.loop import TrainLoop
+
+    built, refs, alive = [], [], []
+    build, end_step = setup.build_student, TrainLoop.end_step
+
+    def build_and_watch(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        refs.append(weakref.ref(built[-1].teacher.pipe.unet))
+        return built[-1]
+
+    def count_alive(self, logs, **kwargs):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return end_step(self, logs, **kwargs)
+
+    monkeypatch.setattr(setup, "build_student", build_and_watch)
+    monkeypatch.setattr(TrainLoop, "end_step", count_alive)
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "run", "--max_train_steps", 2,
+                                                "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN,
+                                                "--validation_prompts", "a cat", "--num_validation_seeds", 1], capsys)
+    assert code == 0, err
+    assert alive == [False, False] and built[0].teacher.pipe.unet is None
+    assert built[0].student is not None and built[0].discriminator is not None
+
+
 @pytest.mark.parametrize("frozen_dtype", ["bf16", "fp16"])
 def test_frozen_text_encoder_and_vae_in_half_precision(pairs_dir, tmp_path, capsys, monkeypatch, frozen_dtype):
     """frozen_dtype holds the text encoder and VAE in bf16 / fp16 (after the teacher solved the validation prompts in

@@ -49,6 +49,12 @@ class Parts:
             resolution=(self.resolution, self.resolution),
         ).to(dtype=COND_DTYPE)
 
+    def release_teacher_unet(self) -> None:
+        """Drop the teacher's UNet (SDXL: 10 GB in fp32): the student and D hold copies of it, and what follows the
+        setup needs only its scheduler, VAE and text encoders. After the LPIPS network and the validation set (the
+        teacher solves the validation prompts); ``teacher.latent_channels`` is unavailable from here on."""
+        self.teacher.pipe.unet = None
+
     def hold_frozen_in(self, dtype: torch.dtype) -> None:
         """The VAE and text encoder(s) (frozen: no optimiser state, no master copy needed) cast to ``dtype``. After the
         validation set: the teacher's own ODE solve needs its text encoder in the UNet's dtype."""
