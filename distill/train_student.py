@@ -34,8 +34,9 @@ from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discrimi
 from distill.training.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
-from distill.training.setup import (COND_DTYPE, FROZEN_DTYPES, STUDENTS, apply_student_defaults, build_regression_lpips, build_student,
-                                    export_pipeline, validate_and_sample, validation_set)
+from distill.training.setup import (COND_DTYPE, FROZEN_DTYPES, OPTIMIZERS, STUDENTS, apply_student_defaults, build_optimizer,
+                                    build_regression_lpips, build_student, export_pipeline, require_optimizer, validate_and_sample,
+                                    validation_set)
 from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
@@ -67,6 +68,7 @@ class StudentConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
     learning_rate_g: Optional[float] = field(default=None, metadata={"help": f"Adam lr of the generator ({_per_student('learning_rate_g')})"})
     learning_rate_d: float = field(default=1e-5, metadata={"help": "Adam lr of the discriminator"})
+    optimizer: str = field(default="adam", metadata={"help": "optimiser of G and D: adam, or adam8bit (bitsandbytes' 8-bit states: 2 instead of 8 bytes per parameter; needs pip install bitsandbytes)", "choices": OPTIMIZERS})
     adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (GAN practice: 0)"})
     adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
@@ -119,6 +121,7 @@ def check(cfg: StudentConfig) -> None:
     require_non_negative(cfg, "gan_start_step", "holdout", "num_workers", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
                          "ema_half_life_kimg", "ema_rampup", "d_lora_rank", "d_timestep")
     require_between(cfg, "mix_fraction", 0.0, 1.0)
+    require_optimizer(cfg.optimizer)
     for key in ("adam_beta1", "adam_beta2"):
         require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
@@ -198,9 +201,9 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None,
               device="cpu" if cfg.ema_device == "cpu" else None, dtype=EMA_DTYPES[cfg.ema_dtype])
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    opt_g = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate_g, betas=betas)
+    opt_g = build_optimizer(cfg.optimizer, student.parameters(), lr=cfg.learning_rate_g, betas=betas)
     d_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
-    opt_d = torch.optim.Adam(d_params, lr=cfg.learning_rate_d, betas=betas) if disc is not None else None
+    opt_d = build_optimizer(cfg.optimizer, d_params, lr=cfg.learning_rate_d, betas=betas) if disc is not None else None
 
     # 3. Prepare: DDP wrapping, the loop (checkpoints, EMA, logging), resume.
     if disc is not None:

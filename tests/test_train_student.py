@@ -443,6 +443,19 @@ def _spy_parts(monkeypatch) -> list:
     return built
 
 
+def test_adam_is_the_default_and_adam8bit_without_bitsandbytes_is_one_line(pairs_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from distill.config import parse_config
+    from distill.train_student import StudentConfig
+
+    assert parse_config(StudentConfig, []).optimizer == "adam"
+    built = _spy_parts(monkeypatch)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (import fails), whatever this machine has
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", "--optimizer", "adam8bit"], capsys)
+    assert code == 2 and "pip install bitsandbytes" in _last_line(err) and not built  # before the teacher loads
+
+
 def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys, monkeypatch):
     """Gradient accumulation, bf16 autocast, gradient checkpointing (student and D, R1 included), LoRA on the D
     backbone, MSE regression."""
