@@ -34,13 +34,16 @@ from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discrimi
 from distill.training.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
-from distill.training.setup import (STUDENTS, apply_student_defaults, apply_teacher_defaults,
-                                    build_regression_lpips, build_student, export_pipeline, validate_and_sample,
+from distill.training.setup import (COND_DTYPE, FROZEN_DTYPES, OPTIMIZERS, STUDENTS, apply_student_defaults, apply_teacher_defaults,
+                                    build_optimizer, build_regression_lpips, build_student, export_pipeline, require_optimizer,
+                                    validate_and_sample,
                                     validation_set)
 from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+EMA_DEVICES = ("same", "cpu")
+EMA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _per_student(key: str) -> str:
@@ -66,6 +69,7 @@ class StudentConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
     learning_rate_g: Optional[float] = field(default=None, metadata={"help": f"Adam lr of the generator ({_per_student('learning_rate_g')})"})
     learning_rate_d: float = field(default=1e-5, metadata={"help": "Adam lr of the discriminator"})
+    optimizer: str = field(default="adam", metadata={"help": "optimiser of G and D: adam, or adam8bit (bitsandbytes' 8-bit states: 2 instead of 8 bytes per parameter; needs pip install bitsandbytes)", "choices": OPTIMIZERS})
     adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (GAN practice: 0)"})
     adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
@@ -79,12 +83,16 @@ class StudentConfig:
     gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
     d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator's backbone"})
     d_heads: Optional[str] = field(default=None, metadata={"help": "discriminator heads; unset: before,skip,after,final (UNet D), early,middle,late (SD3 transformer D)"})
+    frozen_dtype: str = field(default="fp32", metadata={"help": "dtype the frozen text encoder(s) and VAE are held in (bf16 / fp16 halve them; their outputs are cast back to fp32)", "choices": tuple(FROZEN_DTYPES)})
+    d_gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the discriminator's UNet backbone (recomputed in the backward; R1's double backward included)"})
     d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
     r1_gamma: float = field(default=1e-5, metadata={"help": "R1 weight (0 = off)"})
     r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
     ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
+    ema_device: str = field(default="same", metadata={"help": "where the EMA copy of the student lives: 'same' (the training device) or 'cpu' (saves its size in accelerator memory, costs a copy to the host per step)", "choices": EMA_DEVICES})
+    ema_dtype: str = field(default="fp32", metadata={"help": "dtype of the EMA copy: bf16 halves it, but rounds away updates below ~1/256 of a weight (a long half-life then barely moves it; prefer ema_device cpu)", "choices": tuple(EMA_DTYPES)})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers reading the next pair micro-batches ahead (0: read in the training process; the batches are the same either way)",
                                                   "aliases": ["dataloader_num_workers"]})
@@ -114,6 +122,7 @@ def check(cfg: StudentConfig) -> None:
     require_non_negative(cfg, "gan_start_step", "holdout", "num_workers", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
                          "ema_half_life_kimg", "ema_rampup", "d_lora_rank", "d_timestep")
     require_between(cfg, "mix_fraction", 0.0, 1.0)
+    require_optimizer(cfg.optimizer)
     for key in ("adam_beta1", "adam_beta2"):
         require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
@@ -188,11 +197,15 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     parts = build_student(cfg, manifest=manifest, device=accelerator.device)
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
     lpips_loss = build_regression_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
-    ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None)
+    validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
+    parts.release_teacher_unet()
+    parts.hold_frozen_in(FROZEN_DTYPES[cfg.frozen_dtype])
+    ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None,
+              device="cpu" if cfg.ema_device == "cpu" else None, dtype=EMA_DTYPES[cfg.ema_dtype])
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    opt_g = torch.optim.Adam(student.parameters(), lr=cfg.learning_rate_g, betas=betas)
+    opt_g = build_optimizer(cfg.optimizer, student.parameters(), lr=cfg.learning_rate_g, betas=betas)
     d_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
-    opt_d = torch.optim.Adam(d_params, lr=cfg.learning_rate_d, betas=betas) if disc is not None else None
+    opt_d = build_optimizer(cfg.optimizer, d_params, lr=cfg.learning_rate_d, betas=betas) if disc is not None else None
 
     # 3. Prepare: DDP wrapping, the loop (checkpoints, EMA, logging), resume.
     if disc is not None:
@@ -201,14 +214,22 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
         student, opt_g = accelerator.prepare(student, opt_g)
     unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
     pipe = teacher.pipe
-    validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
     # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
     size_models = [student, disc, ema.model, ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
                    getattr(pipe, "text_encoder_3", None)]
-    validate = lambda step: validate_and_sample(cfg, parts, ema.model, holdout, lpips_loss, accelerator, step=step,  # noqa: E731
-                                                stats_path=out / "stats.jsonl", validation=validation)
-    export = lambda path: export_pipeline(parts, ema.model, path, split=split, validation=validation,  # noqa: E731
-                                          card=card_facts(cfg, manifest=manifest, nimg=loop.state.nimg, step=loop.state.step))
+
+    def validate(step: int) -> None:
+        if not accelerator.is_main_process:  # validation runs on the main process only
+            return
+        with ema.on(accelerator.device) as model:  # a CPU EMA is evaluated on the training device
+            validate_and_sample(cfg, parts, model, holdout, lpips_loss, accelerator, step=step, stats_path=out / "stats.jsonl",
+                                validation=validation)
+
+    def export(path: Path) -> None:
+        with ema.on(accelerator.device) as model:
+            export_pipeline(parts, model, path, split=split, validation=validation,
+                            card=card_facts(cfg, manifest=manifest, nimg=loop.state.nimg, step=loop.state.step))
+
     loop = TrainLoop(accelerator, output_dir=out, seed=cfg.seed, max_train_steps=cfg.max_train_steps,
                      gradient_accumulation_steps=cfg.gradient_accumulation_steps, batch_size=cfg.batch_size,
                      checkpointing_steps=cfg.checkpointing_steps, validation_steps=cfg.validation_steps,
@@ -224,7 +245,6 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     data = Prefetch(PairRows(pairs, num_train=n_train, seed=cfg.seed, rank=rank, world=world, batch_size=cfg.batch_size),
                     num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
     data.start(loop.micro_steps().start)
-    text_dtype = pipe.text_encoder.dtype  # stored embeddings in the dtype the text encoder would give them
 
     # 4. Loop: phase G (D frozen), phase D (+ lazy R1 on one real sample); EMA, logs, checkpoints, validation.
     with loop.progress():
@@ -241,7 +261,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
                     z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
                     fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
                 target = rows["target"].to(accelerator.device, torch.float32, non_blocking=True)
-                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=text_dtype,
+                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=COND_DTYPE,
                                             family=teacher.family) if stored_text
                         else parts.encode(rows["prompt"]))
                 batches.append(Batch(noise, target, cond, gan_noise=fresh))

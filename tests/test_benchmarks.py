@@ -26,3 +26,20 @@ def test_latent_lpips_speed_exits_with_the_code_of_a_killed_worker():
     assert lines[0].startswith("CPU: using the small setting (128 px, batch 2")
     assert any(line.startswith("E-LatentLPIPS") for line in lines)
     assert err.strip().splitlines()[-1].startswith("error: the pixel worker (pid ") and "killed by signal 9" in err
+
+
+def test_sd_scale_memory_table_matches_the_published_architectures(capsys):
+    """The memory table (meta tensors: no memory, seconds) counts the real SD1.5 / SDXL parameter numbers, and the
+    levers save what the README's "Memory levers" table says."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sd_scale", ROOT / "benchmarks" / "sd_scale.py")
+    sd_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd_scale)
+    for arch in ("sd15", "sdxl"):
+        sd_scale.memory_table(arch)
+    out = capsys.readouterr().out
+    assert "sd15: student 0.860 B params" in out and "sdxl: student 2.567 B params" in out  # 859.5 M, 2567.5 M
+    for arch, expected in (("sd15", [32.70, 29.26, 14.81]), ("sdxl", [96.61, 86.34, 43.41])):  # before #12, default, all
+        table = out.split(f"{arch}: ")[1].split("\n\n")[0].splitlines()
+        assert [float(line.split()[-1]) for line in table if line.startswith(("before", "default", "all"))] == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -115,6 +116,39 @@ def test_r1_penalty_is_fp32_under_autocast(sd15_teacher, dtype):
     torch.testing.assert_close(r1, ref, rtol=1e-6, atol=0)
     r1.backward()  # still differentiable w.r.t. D's weights (double backward) under autocast
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in disc.parameters())
+
+
+def test_discriminator_gradient_checkpointing_keeps_d_loss_and_r1_gradients(sd15_teacher, monkeypatch):
+    """Checkpointing the D backbone recomputes its blocks in the backward, R1's double backward included: the loss
+    terms and every gradient equal those without it."""
+    from distill.training.phases import Batch, discriminator_terms
+
+    teacher = load_teacher(str(sd15_teacher))
+    plain = UNetDiscriminator(teacher.pipe.unet)
+    with torch.no_grad():  # non-zero convs so that the gradients reach every input path
+        for conv in (plain.noise_conv, *plain.input_convs):
+            conv.weight.normal_(std=0.1)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.enable_gradient_checkpointing()
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(4, 4, 16, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen),
+                  _cond(teacher, ["a cat", "a dog", "a car", "soup"]))
+    fake = torch.randn(4, 4, 16, 16, generator=gen)
+    results = []
+    for disc in (plain, checkpointed):
+        terms = discriminator_terms(discriminator=disc, discriminator_unwrapped=disc, batch=batch, fake=fake, mix_fraction=0.5,
+                                    r1_gamma=1.0, r1_interval=1, do_r1=True, generator=torch.Generator().manual_seed(1))
+        sum(terms.values()).backward()
+        results.append((terms, {n: p.grad for n, p in disc.named_parameters() if p.grad is not None}))
+    assert calls and results[0][0]["d_r1"] > 0  # checkpointing ran (and only in the second D)
+    for k in results[0][0]:
+        torch.testing.assert_close(results[1][0][k], results[0][0][k], rtol=1e-5, atol=1e-7)
+    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) > 100
+    for n in results[0][1]:
+        torch.testing.assert_close(results[1][1][n], results[0][1][n], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("heads", [("before",), ("skip",), ("after",), ("before", "skip"), ("before", "skip", "after"), ("final",)])
@@ -271,6 +305,34 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.parametrize("ema_device, ema_dtype", [("cpu", "fp32"), ("cpu", "bf16")])
+def test_ema_on_cpu_and_in_bf16_resumes_identically_and_exports(pairs_dir, tmp_path, capsys, ema_device, ema_dtype):
+    """The EMA copy kept on the CPU (and in bf16): its state, the checkpoint's pipeline and the resumed run match a
+    straight run bit for bit; the exported pipeline holds the EMA weights in that dtype and runs."""
+    common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN, "--ema_half_life_kimg", "0.004",
+              "--ema_device", ema_device, "--ema_dtype", ema_dtype]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
+    assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
+    code, err = run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 4], capsys)
+    assert code == 0, err
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ema_dtype]
+    a, b = (run / "checkpoints" / "checkpoint-4" for run in (straight, resumed))
+    ema_a, ema_b = (torch.load(c / "custom_checkpoint_0.pkl", weights_only=False) for c in (a, b))
+    student = load_file(a / "model.safetensors")
+    assert ema_a.keys() == ema_b.keys() and {v.dtype for v in ema_a.values()} == {dtype}
+    assert any(not torch.equal(ema_a[k].float(), student[k].float()) for k in student)  # an average, not a copy
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=0, atol=0)
+    for name in ("model.safetensors", "pipeline/student/diffusion_pytorch_model.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    exported = load_file(straight / "pipeline" / "student" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in exported.values()} == {dtype} and all(torch.equal(exported[k], ema_a[k]) for k in ema_a)
+    pipe = OneStepGANPipeline.from_pretrained(straight / "pipeline")
+    assert torch.isfinite(pipe(["a cat"], output_type="latent", generator=torch.Generator().manual_seed(0)).images).all()
+
+
 def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
     from data_gen.pairs import load_pairs
     from distill.training.pair_data import PairRows
@@ -372,17 +434,98 @@ def test_bad_input(pairs_dir, tmp_path, capsys, args, message):
     assert code == 2 and message in err.rstrip().splitlines()[-1]
 
 
-def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys):
-    """Gradient accumulation, bf16 autocast, gradient checkpointing, LoRA on the D backbone, MSE regression."""
+def _spy_parts(monkeypatch) -> list:
+    """The Parts every train_student run in this test builds (``setup.build_student`` wrapped)."""
+    from distill.training import setup
+
+    built, build = [], setup.build_student
+    monkeypatch.setattr(setup, "build_student", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    return built
+
+
+def test_adam_is_the_default_and_adam8bit_without_bitsandbytes_is_one_line(pairs_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from distill.config import parse_config
+    from distill.train_student import StudentConfig
+
+    assert parse_config(StudentConfig, []).optimizer == "adam"
+    built = _spy_parts(monkeypatch)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (import fails), whatever this machine has
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", "--optimizer", "adam8bit"], capsys)
+    assert code == 2 and "pip install bitsandbytes" in _last_line(err) and not built  # before the teacher loads
+
+
+def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys, monkeypatch):
+    """Gradient accumulation, bf16 autocast, gradient checkpointing (student and D, R1 included), LoRA on the D
+    backbone, MSE regression."""
+    built = _spy_parts(monkeypatch)
     run = tmp_path / "opts"
     code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
                                                 "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
                                                 "--gradient_accumulation_steps", 2, "--mixed_precision", "bf16",
-                                                "--gradient_checkpointing", "true", "--d_lora_rank", 4,
-                                                "--regression", "mse"], capsys)
+                                                "--gradient_checkpointing", "true", "--d_gradient_checkpointing", "true",
+                                                "--d_lora_rank", 4, "--regression", "mse"], capsys)
     assert code == 0, err
+    assert built[0].student.is_gradient_checkpointing and built[0].discriminator.unet.is_gradient_checkpointing
     stats = [r for r in _stats(run) if "g_mse" in r]
     assert [r["nimg"] for r in stats] == [8, 16] and all("d_gan" in r for r in stats)
+
+
+def test_teacher_unet_is_released_after_setup(pairs_dir, tmp_path, capsys, monkeypatch):
+    """The student and D are copies of the teacher's UNet; the original is dropped before training starts (the
+    validation prompts' teacher images are solved first), so it holds no device memory during the steps."""
+    import gc
+    import weakref
+
+    from distill.training import setup
+    from distill.training.loop import TrainLoop
+
+    built, refs, alive = [], [], []
+    build, end_step = setup.build_student, TrainLoop.end_step
+
+    def build_and_watch(*args, **kwargs):
+        built.append(build(*args, **kwargs))
+        refs.append(weakref.ref(built[-1].teacher.pipe.unet))
+        return built[-1]
+
+    def count_alive(self, logs, **kwargs):
+        gc.collect()
+        alive.append(refs[0]() is not None)
+        return end_step(self, logs, **kwargs)
+
+    monkeypatch.setattr(setup, "build_student", build_and_watch)
+    monkeypatch.setattr(TrainLoop, "end_step", count_alive)
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "run", "--max_train_steps", 2,
+                                                "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN,
+                                                "--validation_prompts", "a cat", "--num_validation_seeds", 1], capsys)
+    assert code == 0, err
+    assert alive == [False, False] and built[0].teacher.pipe.unet is None
+    assert built[0].student is not None and built[0].discriminator is not None
+
+
+@pytest.mark.parametrize("frozen_dtype", ["bf16", "fp16"])
+def test_frozen_text_encoder_and_vae_in_half_precision(pairs_dir, tmp_path, capsys, monkeypatch, frozen_dtype):
+    """frozen_dtype holds the text encoder and VAE in bf16 / fp16 (after the teacher solved the validation prompts in
+    fp32); the conditioning reaches the student and D in fp32; validation, export and the pipeline work."""
+    from distill.training import setup
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype]
+    built = _spy_parts(monkeypatch)
+    encoded = []
+    encode = setup.Parts.encode
+    monkeypatch.setattr(setup.Parts, "encode", lambda self, prompts: encoded.append(encode(self, prompts)) or encoded[-1])
+    run = tmp_path / "frozen"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
+                                                "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN, "--frozen_dtype", frozen_dtype,
+                                                "--validation_prompts", "a cat", "--num_validation_seeds", 1], capsys)
+    assert code == 0, err
+    pipe = built[0].teacher.pipe
+    assert pipe.vae.dtype == pipe.text_encoder.dtype == dtype
+    assert encoded and all(c.prompt_embeds.dtype == torch.float32 for c in encoded)
+    assert all(np.isfinite(r["g_lpips"]) for r in _stats(run) if "g_lpips" in r)
+    exported = OneStepGANPipeline.from_pretrained(run / "pipeline")
+    assert torch.isfinite(exported(["a cat"], output_type="pt", generator=torch.Generator().manual_seed(0)).images).all()
 
 
 def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path, capsys, monkeypatch):
@@ -606,6 +749,20 @@ def test_ema_rampup_limits_the_half_life_early():
     plain.update(model, 100, nimg=100)  # half-life 10k images: the average barely moves
     assert ramped.model.weight.item() == pytest.approx(0.75)
     assert plain.model.weight.item() == pytest.approx(1 - 0.5 ** 0.01)
+
+
+def test_ema_copy_is_made_on_its_own_device_and_dtype():
+    """Each tensor goes straight to the EMA's device / dtype (the meta device stands in for the CPU beside an
+    accelerator: no data); integer buffers keep their dtype; the update lerps there."""
+    from distill.training.ema import EMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(model, half_life_kimg=1, device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype, p.requires_grad) for p in ema.model.parameters()} == {("meta", torch.bfloat16, False)}
+    assert ema.model[1].num_batches_tracked.dtype == torch.long and model[0].weight.device.type == "cpu"
+    ema.update(model, 1, nimg=1)
+    with ema.on("meta") as same:
+        assert same is ema.model
 
 
 def test_student_defaults_fill_only_unset_keys():

@@ -15,12 +15,15 @@ DDP without ``find_unused_parameters`` fails on parameters that get no gradient,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def _zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -46,6 +49,35 @@ class _Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def _enabled_sdpa_backends() -> list[SDPBackend]:
+    flags = torch.backends.cuda
+    return [b for b, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()), (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+                            (SDPBackend.CUDNN_ATTENTION, flags.cudnn_sdp_enabled()), (SDPBackend.MATH, flags.math_sdp_enabled())) if on]
+
+
+class _SdpaKernels:
+    """``sdpa_kernel(backends)`` that can be entered again (checkpoint reuses its recompute context: R1 recomputes twice)."""
+
+    def __init__(self, backends: list[SDPBackend]):
+        self.backends, self.open = backends, []
+
+    def __enter__(self):
+        self.open.append(sdpa_kernel(self.backends))
+        return self.open[-1].__enter__()
+
+    def __exit__(self, *exc):
+        return self.open.pop().__exit__(*exc)
+
+
+def _checkpoint_keeping_sdpa(module, *args):
+    """diffusers' checkpointing (non-reentrant), but the recompute runs under the attention kernels the forward had:
+    R1's forward picks the math kernel (the fused ones have no double backward) and the recompute, in the outer
+    backward, would otherwise use another kernel, whose saved tensors differ (torch raises CheckpointError)."""
+    backends = _enabled_sdpa_backends()
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), _SdpaKernels(backends)))
 
 
 class UNetDiscriminator(nn.Module):
@@ -98,6 +130,10 @@ class UNetDiscriminator(nn.Module):
         if "final" in heads:
             self.heads["final"] = _Head(cfg.out_channels, 1)
         self._prune(set(heads), drop=copy_backbone)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the backbone's blocks in the backward (they check their own flag, so D's direct calls reach it)."""
+        self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_keeping_sdpa)
 
     def _prune(self, kinds: set[str], *, drop: bool) -> None:
         """Decide how far the decoder runs for these heads; drop (or freeze) the layers beyond that.

@@ -7,6 +7,7 @@ of generators, also read by ``distill/train_gan.py``.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,36 @@ from students.stylegan_t import PRESETS as STYLEGAN_T_PRESETS
 from teachers import Teacher, load_teacher
 
 
+# The dtype text conditioning reaches the student and D in, encoded or stored: their fp32 master weights' (autocast
+# casts further); text encoders held in bf16 / fp16 (``frozen_dtype``) are cast back to it.
+COND_DTYPE = torch.float32
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+OPTIMIZERS = ("adam", "adam8bit")
+
+
+def require_optimizer(name: str) -> None:
+    """Fail early (before the teacher loads) when ``name``'s package is missing."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if name == "adam8bit":
+        try:
+            importlib.import_module("bitsandbytes")
+        except ImportError:
+            raise ValueError("optimizer adam8bit needs bitsandbytes: pip install bitsandbytes (or set optimizer: adam)") from None
+
+
+def build_optimizer(name: str, params, *, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """Adam, or bitsandbytes' 8-bit Adam: block-wise quantised moments, 2 bytes of state per parameter instead of 8."""
+    require_optimizer(name)
+    if name == "adam8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.Adam8bit(params, lr=lr, betas=betas)
+    return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
 @dataclass
 class Parts:
     teacher: Teacher
@@ -44,12 +75,28 @@ class Parts:
                 list(prompts), tokenizer=p.tokenizer, text_encoder=p.text_encoder, tokenizer_2=p.tokenizer_2,
                 text_encoder_2=p.text_encoder_2, tokenizer_3=p.tokenizer_3, text_encoder_3=p.text_encoder_3,
                 max_sequence_length=self.max_sequence_length, joint_attention_dim=p.transformer.config.joint_attention_dim,
-            )
+            ).to(dtype=COND_DTYPE)
         return encode_text(
             list(prompts), tokenizer=p.tokenizer, text_encoder=p.text_encoder,
             tokenizer_2=getattr(p, "tokenizer_2", None), text_encoder_2=getattr(p, "text_encoder_2", None),
             resolution=(self.resolution, self.resolution),
-        )
+        ).to(dtype=COND_DTYPE)
+
+    def release_teacher_unet(self) -> None:
+        """Drop the teacher's UNet (SDXL: 10 GB in fp32): the student and D hold copies of it, and what follows the
+        setup needs only its scheduler, VAE and text encoders. After the LPIPS network and the validation set (the
+        teacher solves the validation prompts); ``teacher.latent_channels`` is unavailable from here on. An SD3 teacher
+        keeps its transformer (its config serves the text encoding; releasing it is not done yet)."""
+        if self.teacher.family != "sd3":
+            self.teacher.pipe.unet = None
+
+    def hold_frozen_in(self, dtype: torch.dtype) -> None:
+        """The VAE and text encoder(s) (frozen: no optimiser state, no master copy needed) cast to ``dtype``. After the
+        validation set: the teacher's own ODE solve needs its text encoder in the UNet's dtype."""
+        p = self.teacher.pipe
+        for module in (p.vae, p.text_encoder, getattr(p, "text_encoder_2", None), getattr(p, "text_encoder_3", None)):
+            if module is not None:
+                module.to(dtype)
 
 
 def build_student(cfg, *, manifest: dict, device) -> Parts:
@@ -73,11 +120,15 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
     if cfg.gan_weight > 0:
         heads = tuple(h.strip() for h in cfg.d_heads.split(",") if h.strip())
         if teacher.family == "sd3":
+            if cfg.d_gradient_checkpointing:
+                raise ValueError("d_gradient_checkpointing is implemented for the UNet discriminator only: turn it off for an SD3 teacher")
             disc = TransformerDiscriminator(p.transformer, timestep=cfg.d_timestep, heads=heads).to(device)
             if cfg.d_lora_rank > 0:
                 disc.add_lora(cfg.d_lora_rank)
         else:
             disc = UNetDiscriminator(teacher.pipe.unet, timestep=cfg.d_timestep, heads=heads).to(device)
+            if cfg.d_gradient_checkpointing:
+                disc.enable_gradient_checkpointing()
             if cfg.d_lora_rank > 0:
                 from peft import LoraConfig
 
