@@ -55,6 +55,7 @@ class GANConfig:
     d_feature_weights: str = field(default="", metadata={"help": "projected D: a local weights file for the feature network (random: tests only)"})
     d_feature_resolution: int = field(default=0, metadata={"help": "projected D: feature network input side (0: its own)"})
     d_virtual_batch: int = field(default=8, metadata={"help": "projected D: samples per virtual batch of its batch norm (0 = no normalisation)"})
+    d_norm: str = field(default="separate", metadata={"help": "projected D: batch statistics of real and generated samples separate (StyleGAN-T) or mixed (shared, so their mean / scale differences stay visible)", "choices": ("separate", "mixed")})
     d_channels: str = field(default="64,128,256", metadata={"help": "multiscale D: trunk widths, fine to coarse (one scale each)"})
     d_text_dim: int = field(default=256, metadata={"help": "projected / multiscale D: width of the pooled text vector"})
     d_cmap_dim: int = field(default=64, metadata={"help": "projected / multiscale D: channels of the text projection"})

@@ -43,14 +43,15 @@ def test_projected_discriminator_shapes_conditioning_and_frozen_features(classif
     assert all(p.grad is not None for p in d.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("virtual_batch, augment", [(4, ""), (0, ""), (0, "color,translation,cutout")])
-def test_projected_discriminator_learns_real_from_generated(classifier_dir, virtual_batch, augment):
+@pytest.mark.parametrize("virtual_batch, augment, mixed", [(4, "", False), (0, "", False), (0, "color,translation,cutout", False),
+                                                          (4, "color,translation,cutout", True)])
+def test_projected_discriminator_learns_real_from_generated(classifier_dir, virtual_batch, augment, mixed):
     """A few hinge steps on fixed real / generated images (squares vs blurry noise) separate their logits. (With
-    both virtual batch norm and DiffAugment on, 30 steps are not enough here: the digits config turns the norm off.)"""
+    virtual batch norm per part and DiffAugment on, 30 steps are not enough here; with shared statistics they are.)"""
     from distill.training.scratch_phases import RealBatch, discriminator_terms
     from students.text import TextConditioning
 
-    d = _projected(classifier_dir, virtual_batch=virtual_batch, augment=augment)
+    d = _projected(classifier_dir, virtual_batch=virtual_batch, augment=augment, mixed_norm=mixed)
     real = -torch.ones(8, 3, 16, 16)
     for i in range(8):
         real[i, :, 2 + i % 4:10 + i % 4, 3:11] = 1.0
@@ -79,6 +80,41 @@ def test_virtual_batch_norm_keeps_parts_apart(classifier_dir):
         torch.testing.assert_close(j[:4], alone, rtol=1e-4, atol=1e-5)
     mixed = d(torch.cat([a, b]), torch.cat([text, text]), parts=1)  # one virtual batch of 8: other statistics
     assert not torch.allclose(mixed[0][:4], joint[0][:4], atol=1e-4)
+
+
+def test_mixed_virtual_batch_norm_shares_the_statistics_of_the_parts():
+    """Per part (StyleGAN-T), a generated part scaled by 3 normalises to the same features: the difference is gone.
+    Mixed, each virtual batch holds sample i of every part, so it stays; and it is the plain norm of that interleaving."""
+    from distill.discriminators.projected import VirtualBatchNorm
+
+    x = torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(0))  # parts: x[:4] real, x[4:] generated
+    scaled = torch.cat([x[:4], 3 * x[4:]])
+    separate, mixed = VirtualBatchNorm(3, virtual_batch=4), VirtualBatchNorm(3, virtual_batch=4, mixed=True)
+    torch.testing.assert_close(separate(scaled, parts=2), separate(x, parts=2))
+    assert not torch.allclose(mixed(scaled, parts=2)[4:], mixed(x, parts=2)[4:], atol=1e-3)
+    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])  # interleaved: two pairs per virtual batch of 4
+    torch.testing.assert_close(mixed(x, parts=2)[order], separate(x[order], parts=1))
+
+
+def test_mixed_norm_discriminator_normalises_generated_samples_with_real_ones(classifier_dir):
+    """The generator's phase passes real samples beside the generated ones; their logits are not G's."""
+    from distill.training.scratch_phases import RealBatch, generator_terms
+    from students.text import TextConditioning
+
+    d = _projected(classifier_dir, augment="", virtual_batch=4, mixed_norm=True).eval()
+    assert d.needs_reference and not _projected(classifier_dir).needs_reference
+    real = torch.rand(4, 3, 16, 16) * 2 - 1
+    batch = RealBatch(real, TextConditioning(_text(4)), [f"c{i}" for i in range(4)])
+
+    class G(torch.nn.Module):
+        def forward(self, noise, prompt_embeds, added_cond_kwargs=None, return_pyramid=False):
+            return noise, [noise]
+
+    noise = torch.rand(4, 3, 16, 16) * 0.1
+    _, terms = generator_terms(generator_model=G(), discriminator=d, batch=batch, noise=noise, objective=OBJECTIVES["hinge"],
+                               blur_sigma=0.0)
+    logits = d(torch.cat([noise, real]), torch.cat([batch.cond.prompt_embeds] * 2), parts=2)
+    torch.testing.assert_close(terms["g_adv"], objective_loss([l[:4] for l in logits], OBJECTIVES["hinge"].generator))
 
 
 def test_projected_discriminator_decodes_latents(classifier_dir, sd15_teacher):

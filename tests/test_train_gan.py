@@ -77,6 +77,7 @@ def test_training_moves_the_logits_apart_and_exports_a_pipeline(common, images, 
 
 @pytest.mark.parametrize("discriminator, extra", [
     ("projected", []),
+    ("projected", ["--d_norm", "mixed", "--gradient_accumulation_steps", 2]),  # the G phase normalises with real samples
     ("multiscale", ["--space", "pixel", "--d_channels", "8,16", "--r1_gamma", 1.0, "--r1_interval", 2, "--loss", "non_saturating",
                     "--mismatch_weight", 1.0]),
     ("unet", ["--teacher", "TEACHER", "--d_heads", "before,final", "--generator", "stylegan_t", "--gradient_accumulation_steps", 2]),

@@ -72,6 +72,7 @@ class MultiScaleDiscriminator(nn.Module):
     """
 
     uses_pyramid = True
+    needs_reference = False  # see ProjectedDiscriminator
 
     def __init__(self, *, in_channels: int, resolution: int, context_dim: int, pooled_dim: int = 0,
                  channels: tuple[int, ...] = (64, 128, 256), text_dim: int = 128, cmap_dim: int = 64,

@@ -33,13 +33,17 @@ class VirtualBatchNorm(nn.Module):
     (StyleGAN-T's BatchNormLocal; Hoffer et al. 2017): statistics over samples and tokens, no running averages.
     ``virtual_batch`` 0: no normalisation (the affine only).
 
-    ``parts``: the batch is that many equal parts (real | generated | mismatched, concatenated for one forward);
-    no virtual batch straddles two parts, so each part is normalised by its own statistics, as when they are
-    run separately."""
+    ``parts``: the batch is that many equal parts (real | generated, concatenated for one forward). Separately
+    (``mixed`` False, StyleGAN-T): no virtual batch straddles two parts, so each part is normalised by its own
+    statistics, as when they are run separately; a difference of mean or scale between real and generated
+    features (a blur is one) is then removed before D's heads can read it. ``mixed``: every virtual batch takes
+    the same number of samples from each part (sample i of each part together), so one set of statistics
+    normalises real and generated features alike and such differences survive; the generator's phase then
+    passes real samples beside its own (:attr:`ProjectedDiscriminator.needs_reference`)."""
 
-    def __init__(self, channels: int, virtual_batch: int = 8, eps: float = 1e-5):
+    def __init__(self, channels: int, virtual_batch: int = 8, eps: float = 1e-5, mixed: bool = False):
         super().__init__()
-        self.virtual_batch, self.eps = virtual_batch, eps
+        self.virtual_batch, self.eps, self.mixed = virtual_batch, eps, mixed
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
@@ -50,24 +54,30 @@ class VirtualBatchNorm(nn.Module):
         if n % parts:
             raise ValueError(f"batch {n} does not split into {parts} equal parts")
         per_part = n // parts
-        groups = math.ceil(per_part / self.virtual_batch)
+        interleave = self.mixed and parts > 1
+        if interleave:  # [part, i] -> [i, part]: a virtual batch then holds sample i of every part
+            x = x.view(parts, per_part, c, length).transpose(0, 1).reshape(n, c, length)
+        rows = max(1, self.virtual_batch // parts) if interleave else self.virtual_batch  # samples of one part per virtual batch
+        groups = math.ceil(per_part / rows)
         while per_part % groups:  # equal virtual batches of at most virtual_batch samples
             groups += 1
-        g = x.float().view(parts * groups, per_part // groups, c, length)
+        g = x.float().view(groups if interleave else parts * groups, -1, c, length)
         mean = g.mean(dim=(1, 3), keepdim=True)
         var = g.var(dim=(1, 3), keepdim=True, unbiased=False)
-        g = (g - mean) * torch.rsqrt(var + self.eps)
-        return (g.view(n, c, length) * self.weight[None, :, None] + self.bias[None, :, None]).to(x.dtype)
+        g = ((g - mean) * torch.rsqrt(var + self.eps)).view(n, c, length)
+        if interleave:  # back to [part, i]
+            g = g.view(per_part, parts, c, length).transpose(0, 1).reshape(n, c, length)
+        return (g * self.weight[None, :, None] + self.bias[None, :, None]).to(x.dtype)
 
 
 class _Block(nn.Module):
     """Spectral-norm 1-D conv -> virtual batch norm -> leaky ReLU; circular padding where the sequence allows."""
 
-    def __init__(self, channels: int, kernel_size: int, tokens: int, virtual_batch: int):
+    def __init__(self, channels: int, kernel_size: int, tokens: int, virtual_batch: int, mixed: bool):
         super().__init__()
         k = max(1, min(kernel_size, tokens if tokens % 2 else tokens - 1))  # odd, no longer than the sequence
         self.conv = spectral_norm(nn.Conv1d(channels, channels, k, padding=k // 2, padding_mode="circular"))
-        self.norm = VirtualBatchNorm(channels, virtual_batch)
+        self.norm = VirtualBatchNorm(channels, virtual_batch, mixed=mixed)
 
     def forward(self, x: torch.Tensor, parts: int) -> torch.Tensor:
         return F.leaky_relu(self.norm(self.conv(x), parts), 0.2)
@@ -77,10 +87,11 @@ class ProjectedHead(nn.Module):
     """One feature level's head: ``forward(tokens [N,C,L], text [N,T], parts, mismatched [K,T] | None) -> logits [N(+K),1,L]``
     (the first K samples again, under the ``mismatched`` text: only the projection depends on the text)."""
 
-    def __init__(self, channels: int, tokens: int, text_dim: int, *, cmap_dim: int, kernel_size: int, virtual_batch: int):
+    def __init__(self, channels: int, tokens: int, text_dim: int, *, cmap_dim: int, kernel_size: int, virtual_batch: int,
+                 mixed: bool = False):
         super().__init__()
-        self.block = _Block(channels, 1, tokens, virtual_batch)
-        self.residual = _Block(channels, kernel_size, tokens, virtual_batch)
+        self.block = _Block(channels, 1, tokens, virtual_batch, mixed)
+        self.residual = _Block(channels, kernel_size, tokens, virtual_batch, mixed)
         self.cls = spectral_norm(nn.Conv1d(channels, cmap_dim, 1))
         self.cmapper = nn.Linear(text_dim, cmap_dim)
         self.cmap_dim = cmap_dim
@@ -102,20 +113,26 @@ class ProjectedDiscriminator(nn.Module):
     differentiable) is given. ``mismatched``: other text for the first K samples (``{"prompt_embeds",
     "added_cond_kwargs"}``), whose logits follow the N others (the matching-aware term at the cost of a
     projection). ``pyramid`` is accepted for the common discriminator interface and ignored.
+
+    ``mixed_norm``: real and generated samples share the heads' batch statistics (:class:`VirtualBatchNorm`);
+    ``needs_reference`` is then True and a forward over generated samples alone (the generator's phase) must be
+    given real ones as a second part to normalise with, their logits dropped by the caller.
     """
 
     uses_pyramid = False
 
     def __init__(self, features: FeatureNetwork, *, context_dim: int, pooled_dim: int = 0, cmap_dim: int = 64,
                  text_dim: int = 256, kernel_size: int = 9, virtual_batch: int = 8, augment: str = DEFAULT_POLICY,
-                 decode: nn.Module | None = None):
+                 decode: nn.Module | None = None, mixed_norm: bool = False):
         super().__init__()
+        self.needs_reference = bool(mixed_norm and virtual_batch > 0)
         self.features = features
         self.decode = decode.requires_grad_(False) if decode is not None else None
         self.augment = DiffAugment(augment)
         self.text = TextPooling(context_dim, text_dim, pooled_dim=pooled_dim)
         self.heads = nn.ModuleList(
-            ProjectedHead(c, length, text_dim, cmap_dim=cmap_dim, kernel_size=kernel_size, virtual_batch=virtual_batch)
+            ProjectedHead(c, length, text_dim, cmap_dim=cmap_dim, kernel_size=kernel_size, virtual_batch=virtual_batch,
+                          mixed=mixed_norm)
             for c, length in features.shapes()
         )
 

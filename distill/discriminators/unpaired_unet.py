@@ -20,6 +20,7 @@ class UnpairedUNetDiscriminator(nn.Module):
     enters the backbone here, so ``mismatched`` (other text for the first K samples) runs them through it again."""
 
     uses_pyramid = False
+    needs_reference = False  # see ProjectedDiscriminator
 
     def __init__(self, unet: UNet2DConditionModel, *, timestep: int = 0, heads: tuple[str, ...] = ("before", "skip", "after", "final"),
                  augment: str = DEFAULT_POLICY):

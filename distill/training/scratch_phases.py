@@ -57,8 +57,14 @@ def generator_terms(*, generator_model, discriminator, batch: RealBatch, noise: 
     turns its gradients off); ``to_images`` maps samples to images in [-1, 1] for CLIP guidance."""
     fake, pyramid = generator_model(noise, batch.cond.prompt_embeds, added_cond_kwargs=batch.cond.added_cond_kwargs(),
                                     return_pyramid=True)
-    logits = discriminator(fake, **_text(batch.cond), pyramid=pyramid if discriminator.uses_pyramid else None,
-                           blur_sigma=blur_sigma)
+    if discriminator.needs_reference:  # D normalises generated samples together with real ones: the real part's logits are dropped
+        n = fake.shape[0]
+        logits = discriminator(torch.cat([fake, batch.samples.to(fake.dtype)]), **_text(_cat([batch.cond, batch.cond])), parts=2,
+                               blur_sigma=blur_sigma)
+        logits = [l[:n] for l in logits]
+    else:
+        logits = discriminator(fake, **_text(batch.cond), pyramid=pyramid if discriminator.uses_pyramid else None,
+                               blur_sigma=blur_sigma)
     terms = {"g_adv": objective_loss(logits, objective.generator)}
     if clip_guidance is not None and clip_weight > 0:
         terms["g_clip"] = clip_weight * clip_guidance(to_images(fake), batch.captions, generator=rng).mean()

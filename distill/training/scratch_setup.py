@@ -88,6 +88,7 @@ def build_parts(cfg, *, device) -> ScratchParts:
                                          resolution=cfg.d_feature_resolution)
         disc = ProjectedDiscriminator(features.to(device), context_dim=context_dim, pooled_dim=pooled_dim, cmap_dim=cfg.d_cmap_dim,
                                       text_dim=cfg.d_text_dim, virtual_batch=cfg.d_virtual_batch, augment=cfg.augment,
+                                      mixed_norm=cfg.d_norm == "mixed",
                                       decode=LatentDecoder(vae) if vae is not None else None)
     elif cfg.discriminator == "multiscale":
         widths = tuple(int(c) for c in cfg.d_channels.split(","))
