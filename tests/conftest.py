@@ -78,11 +78,16 @@ def run_script(script: str, args: list[str], capsys=None) -> tuple[int, str]:
     return code, err
 
 
-def accelerate_launch(script: str, args: list[str], *, num_processes: int = 1, timeout: int = 600, **kwargs):
-    """``accelerate launch`` on CPU; two processes use gloo via --multi_gpu with ACCELERATE_USE_CPU."""
+def accelerate_launch(script: str, args: list[str], *, num_processes: int = 1, timeout: int = 600, config_file: str | None = None,
+                      **kwargs):
+    """``accelerate launch`` on CPU; two processes use gloo via --multi_gpu with ACCELERATE_USE_CPU, or via a shipped
+    ``configs/accelerate`` file (``config_file``; its mixed precision overridden to none)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    if num_processes > 1:
+    if config_file is not None:
+        launch += ["--config_file", str(ROOT / config_file), "--num_processes", str(num_processes), "--mixed_precision", "no",
+                   "--main_process_port", str(_free_port())]
+    elif num_processes > 1:
         launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]
     else:
         launch += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

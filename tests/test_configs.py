@@ -162,3 +162,14 @@ def test_diffusers_flag_names_are_aliases(tmp_path):
 
     cfg = parse_config(GANConfig, ["--train_batch_size", "4", "--dataloader_num_workers", "2", "--tracker_project_name", "scratch1"])
     assert (cfg.batch_size, cfg.num_workers, cfg.tracker_project_name) == (4, 2, "scratch1")
+
+
+@pytest.mark.parametrize("name, distributed, machines", [("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 1),
+                                                         ("multi_node", "MULTI_GPU", 8)])
+def test_accelerate_configs_load(name, distributed, machines):
+    """configs/accelerate: the launch configs the README names load with accelerate's own reader."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.value == distributed and cfg.num_machines == machines
+    assert cfg.num_processes % cfg.num_machines == 0

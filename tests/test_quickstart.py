@@ -83,3 +83,20 @@ def test_reduced_quickstart_with_the_gan_students(tmp_path):
         assert [r["step"] for r in stats if "d_gan" in r] == list(range(9, 13))  # the GAN from step 8 on
         assert (out / f"teacher_vs_{name}.png").is_file() and (out / f"report-{name}.txt").is_file()
     assert len(list((out / "pairs" / "data").glob("*.parquet"))) == 2  # made once, reused
+
+
+@pytest.mark.slow  # a reduced quickstart: ~1 min on 2 idle cores
+def test_reduced_quickstart_with_the_flow_matching_teacher(tmp_path):
+    """bash scripts/quickstart.sh --family sd3: the committed SD3-form digits teacher, its pairs, the transformer student
+    (a few steps lower the held-out E-LatentLPIPS), and both evaluated with the same report as the UNet family."""
+    out = tmp_path / "qs-sd3"
+    run = _quickstart(out, "--family", "sd3", steps=6, num_samples=20,
+                      student_args="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
+                                   " --learning_rate_g 1e-4")
+    assert run.returncode == 0, run.stderr[-4000:]
+    metrics = json.loads((out / "metrics-student_sd3.json").read_text())
+    assert metrics["student_kind"] == "transformer" and metrics["speedup"] > 1
+    assert metrics["student"]["fid_to_teacher"] > 0 and metrics["teacher"]["fid_to_teacher_floor"] > 0
+    assert 0 <= metrics["student"]["prompt_accuracy"] <= 1
+    val = [json.loads(line) for line in (out / "student_sd3" / "stats.jsonl").read_text().splitlines() if "val_lpips" in line]
+    assert val[-1]["val_lpips"] < val[0]["val_lpips"]

@@ -396,14 +396,15 @@ def test_stored_prompt_embeds_train_like_the_text_encoder(pairs_dir, sd15_teache
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-12), key  # measured: 4e-6 at most
 
 
-@pytest.mark.parametrize("heads", ["before,skip,after,final", "before,skip,after"])
-def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path, heads):
+@pytest.mark.parametrize("heads, config_file", [("before,skip,after,final", None), ("before,skip,after", "configs/accelerate/multi_gpu.yaml")])
+def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path, heads, config_file):
     """Also with a head set that leaves the UNet's output layers unread: DDP (no find_unused_parameters)
-    raised "Expected to have finished reduction" at step 2 while they were still built."""
+    raised "Expected to have finished reduction" at step 2 while they were still built. The second run is
+    launched with the shipped multi-GPU DDP config (gloo on CPU here)."""
     run = tmp_path / "ddp"
     res = accelerate_launch("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
                                                  "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
-                                                 "--d_heads", heads], num_processes=2)
+                                                 "--d_heads", heads], num_processes=2, config_file=config_file)
     assert res.returncode == 0, res.stderr[-4000:]
     stats = [r for r in _stats(run) if "g_lpips" in r]
     assert [r["nimg"] for r in stats] == [8, 16]  # 2 processes x batch 4 per step
