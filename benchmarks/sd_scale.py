@@ -37,7 +37,7 @@ import torch
 from distill.discriminators import UNetDiscriminator
 from distill.training.ema import EMA
 from distill.training.phases import Batch, discriminator_terms, generator_terms
-from distill.training.setup import build_optimizer
+from distill.training.optimizers import build_optimizer
 from students import TextConditioning, UNetStudent
 from teachers.testing import _text_encoder, _vae  # the published text encoder / VAE shapes
 

@@ -63,7 +63,7 @@ def main() -> None:
 
 def run(cfg: CacheConfig, *, accelerator, out: Path) -> None:
     from distill.losses.latent_lpips_training import load_vae
-    from students.pipeline import scale_latents, vae_scale_factor
+    from students.latents import scale_latents, vae_scale_factor
 
     # 1. Load: the dataset (undecoded images), the VAE; refuse a folder made with other settings.
     ds = open_image_text(cfg.dataset, split=cfg.split, image_column=cfg.image_column, caption_column=cfg.caption_column,

@@ -25,7 +25,7 @@ from distill.lock import locked
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop, state_bytes
 from distill.training.scratch_setup import DISCRIMINATORS, build_parts, export_pipeline, sample_grid
-from distill.training.setup import STUDENTS
+from distill.training.student_registry import STUDENTS
 from distill.training.trackers import tracker_config
 
 GENERATORS = tuple(name for name, spec in STUDENTS.items() if spec.generator is not None)

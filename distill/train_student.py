@@ -34,10 +34,10 @@ from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discrimi
 from distill.training.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
-from distill.training.setup import (COND_DTYPE, FROZEN_DTYPES, OPTIMIZERS, STUDENTS, apply_student_defaults, apply_teacher_defaults,
-                                    build_optimizer, build_regression_lpips, build_student, export_pipeline, require_optimizer,
-                                    validate_and_sample,
+from distill.training.optimizers import OPTIMIZERS, build_optimizer, require_optimizer
+from distill.training.setup import (COND_DTYPE, FROZEN_DTYPES, build_regression_lpips, build_student, export_pipeline, validate_and_sample,
                                     validation_set)
+from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)

@@ -20,6 +20,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
+from .latents import decode_vae, vae_scale_factor
 from .text import TextConditioning, encode_sd3_text, encode_text, sdxl_time_ids
 
 logger = logging.get_logger(__name__)
@@ -60,43 +61,6 @@ EXAMPLE_DOC_STRING = """
         >>> latents = pipe("a photo of a cat", latents=noise, output_type="latent").images
         ```
 """
-
-
-# The VAE latent conventions, for the pipeline, the students and distill/ (teachers/loading.py keeps its own
-# vae_scale_factor: teachers/ and students/ do not import each other, and this file must stay self-contained).
-
-
-def vae_scale_factor(vae: AutoencoderKL | None) -> int:
-    """Image pixels per latent cell: 2 per VAE down-block after the first (1 without a VAE: pixel space)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-
-
-def scale_latents(raw: torch.Tensor, vae_config) -> torch.Tensor:
-    """VAE-encoder output -> VAE-scaled latents (what the UNet and the pipelines' ``output_type="latent"`` use)."""
-    return (raw - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
-
-
-def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
-    """VAE-scaled latents -> the VAE decoder's input (the inverse of :func:`scale_latents`)."""
-    return latents / vae_config.scaling_factor + (getattr(vae_config, "shift_factor", None) or 0.0)
-
-
-def decode_vae(vae: AutoencoderKL | None, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (no VAE: the input is already the image).
-
-    A float16 VAE whose config sets ``force_upcast`` (SDXL's: its fp16 activations overflow into NaN /
-    black images) decodes in float32 and is cast back afterwards, as diffusers' SDXL pipeline does.
-    """
-    if vae is None:  # a pixel-space generator: its output is the image
-        return latents.float()
-    raw = unscale_latents(latents.float(), vae.config)
-    if not (vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
-        return vae.decode(raw.to(vae.dtype)).sample
-    vae.to(torch.float32)
-    try:
-        return vae.decode(raw).sample
-    finally:
-        vae.to(torch.float16)
 
 
 class OneStepGANPipeline(DiffusionPipeline):

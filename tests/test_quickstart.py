@@ -13,8 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quickstart(out: Path, *args: str, steps: int, student_args: str, num_samples: int) -> subprocess.CompletedProcess:
-    """scripts/quickstart.sh OUT [STUDENT_CONFIG], reduced: 96 pairs solved in ``steps`` steps, a few training steps."""
+def _quickstart(out: Path, *args: str, steps: int, student_args: str, num_samples: int, family: str | None = None) -> subprocess.CompletedProcess:
+    """scripts/quickstart.sh [--family FAMILY] OUT [STUDENT_CONFIG], reduced: 96 pairs solved in ``steps`` steps, a few
+    training steps."""
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2",
         QUICKSTART_PAIRS_ARGS=f"--num_pairs 96 --shard_size 48 --batch_size 48 --num_inference_steps {steps}",
@@ -22,7 +23,8 @@ def _quickstart(out: Path, *args: str, steps: int, student_args: str, num_sample
         QUICKSTART_EVAL_ARGS=f"--num_samples {num_samples} --batch_size 20 --num_inference_steps {steps} --latency_batch_size 8"
                              " --latency_iterations 1 --latency_warmup 1 --latency_min_seconds 0 --fidelity_start -32",
     )
-    return subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh"), str(out), *args], cwd=ROOT, env=env,
+    family_args = ["--family", family] if family else []
+    return subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh"), *family_args, str(out), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -90,7 +92,7 @@ def test_reduced_quickstart_with_the_flow_matching_teacher(tmp_path):
     """bash scripts/quickstart.sh --family sd3: the committed SD3-form digits teacher, its pairs, the transformer student
     (a few steps lower the held-out E-LatentLPIPS), and both evaluated with the same report as the UNet family."""
     out = tmp_path / "qs-sd3"
-    run = _quickstart(out, "--family", "sd3", steps=6, num_samples=20,
+    run = _quickstart(out, family="sd3", steps=6, num_samples=20,
                       student_args="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
                                    " --learning_rate_g 1e-4")
     assert run.returncode == 0, run.stderr[-4000:]

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from distill.losses.diffaugment import DEFAULT_POLICY, DiffAugment
-from students.pipeline import decode_vae
+from students.latents import decode_vae
 
 from .features import FeatureNetwork
 from .inputs import TextPooling, blur, pooled_embeds

@@ -49,7 +49,7 @@ class PixelLPIPS(nn.Module):
         return self
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        from students.pipeline import unscale_latents  # students/ is imported only when this loss runs
+        from students.latents import unscale_latents  # students/ is imported only when this loss runs
 
         z = unscale_latents(latents.to(self.vae.dtype), self.vae.config)
         # No clamp to [-1, 1]: it would zero the gradient wherever the generator overshoots.

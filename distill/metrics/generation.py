@@ -64,7 +64,7 @@ class Sampler:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-scaled latents [N,C,h,w] -> images [N,3,H,W] in [-1, 1] (float32, CPU); an fp16 VAE with
         ``force_upcast`` (SDXL's) decodes in fp32, as diffusers' SDXL pipeline does."""
-        from students.pipeline import decode_vae
+        from students.latents import decode_vae
 
         vae = self.pipe.vae
         return decode_vae(vae, latents.to(vae.device) if vae is not None else latents).float().cpu()

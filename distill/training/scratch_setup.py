@@ -13,10 +13,10 @@ import torch
 from diffusers.utils import make_image_grid
 
 from distill.losses.clip_guidance import CLIPGuidance
-from distill.training.setup import STUDENTS
+from distill.training.student_registry import STUDENTS
 from students import OneStepGANPipeline, TextConditioning, encode_text
 from students.export import save_standalone
-from students.pipeline import scale_latents, vae_scale_factor
+from students.latents import scale_latents, vae_scale_factor
 from teachers.loading import load_components
 
 DISCRIMINATORS = ("projected", "multiscale", "unet")
@@ -37,7 +37,7 @@ class ScratchParts:
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Generator outputs -> images in [-1, 1] (differentiable: CLIP guidance backpropagates through it)."""
-        from students.pipeline import decode_vae
+        from students.latents import decode_vae
 
         return decode_vae(self.vae, samples).to(samples.dtype)
 

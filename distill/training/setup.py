@@ -1,17 +1,15 @@
 """Building the stage-two parts from a config, exporting the pipeline, validation + sample grids.
 
 Called by ``distill/train_student.py`` (it receives the resolved config and the Accelerator's device /
-process facts, never the Accelerator inside library code other than here); ``STUDENTS`` is the one registry
-of generators, also read by ``distill/train_gan.py``.
+process facts, never the Accelerator inside library code other than here); the generators come from the one
+registry in :mod:`.student_registry`, the optimisers from :mod:`.optimizers`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -21,12 +19,10 @@ from distill.training import validation as val
 from distill.training.curves import plot_run
 from distill.training.trackers import log_images
 from distill.training.validation import ValidationSet
-from students import (GigaGANGenerator, OneStepGANPipeline, SD3TransformerStudent, StyleGANTGenerator, TextConditioning, UNetStudent,
-                      encode_sd3_text, encode_text)
+from distill.training.student_registry import STUDENTS
+from students import OneStepGANPipeline, TextConditioning, encode_sd3_text, encode_text
 from students.export import save_standalone
-from students.gigagan import PRESETS as GIGAGAN_PRESETS
 from students.model_card import write_model_card
-from students.stylegan_t import PRESETS as STYLEGAN_T_PRESETS
 from teachers import Teacher, load_teacher
 
 
@@ -34,30 +30,6 @@ from teachers import Teacher, load_teacher
 # casts further); text encoders held in bf16 / fp16 (``frozen_dtype``) are cast back to it.
 COND_DTYPE = torch.float32
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-OPTIMIZERS = ("adam", "adam8bit")
-
-
-def require_optimizer(name: str) -> None:
-    """Fail early (before the teacher loads) when ``name``'s package is missing."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if name == "adam8bit":
-        try:
-            importlib.import_module("bitsandbytes")
-        except ImportError:
-            raise ValueError("optimizer adam8bit needs bitsandbytes: pip install bitsandbytes (or set optimizer: adam)") from None
-
-
-def build_optimizer(name: str, params, *, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    """Adam, or bitsandbytes' 8-bit Adam: block-wise quantised moments, 2 bytes of state per parameter instead of 8."""
-    require_optimizer(name)
-    if name == "adam8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.Adam8bit(params, lr=lr, betas=betas)
-    return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 @dataclass
@@ -138,80 +110,6 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
     resolution = manifest["config"]["resolution"]
     return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution,
                  max_sequence_length=manifest["config"].get("max_sequence_length"))
-
-
-def _unet_student(cfg, teacher: Teacher) -> torch.nn.Module:
-    """The teacher's UNet at a fixed timestep, initialised from its weights (Diffusion2GAN §3)."""
-    return UNetStudent.from_teacher(teacher.pipe.unet, teacher.pipe.scheduler, timestep=cfg.student_timestep)
-
-
-def _transformer_student(cfg, teacher: Teacher) -> torch.nn.Module:
-    """The teacher's MMDiT at sigma = 1 in the x0 parameterisation, initialised from its weights (§3, for SD3)."""
-    return SD3TransformerStudent.from_teacher(teacher.pipe.transformer, teacher.pipe.scheduler)
-
-
-def _style_student(cls) -> Callable:
-    def build(cfg, teacher: Teacher) -> torch.nn.Module:
-        """A GAN generator of preset ``student_size`` from scratch, sized for the teacher's latents and text."""
-        unet = teacher.pipe.unet
-        text_2 = getattr(teacher.pipe, "text_encoder_2", None)
-        overrides = {} if cfg.mapping_lr_mul is None else {"mapping_lr_mul": cfg.mapping_lr_mul}
-        return cls.for_latents(
-            latent_channels=teacher.latent_channels, sample_size=int(unet.config.sample_size),
-            cross_attention_dim=int(unet.config.cross_attention_dim),
-            pooled_dim=int(text_2.config.projection_dim) if text_2 is not None else 0,  # SDXL's pooled prompt
-            size=cfg.student_size, **overrides,
-        ).to(unet.dtype)
-
-    return build
-
-
-@dataclass(frozen=True)
-class StudentSpec:
-    """A generator: how stage two builds it from the teacher, the training settings that suit it (the values
-    of config keys a user leaves unset), and for the style-based GANs their class and size presets, from
-    which ``train_gan.py`` builds them without a teacher."""
-
-    build: Callable
-    defaults: dict = field(default_factory=dict)
-    generator: type | None = None  # None: needs a teacher (the UNet student)
-    presets: dict = field(default_factory=dict)
-    families: tuple[str, ...] = ("sd", "sdxl")  # teacher families whose text conditioning and denoiser it is built for
-
-
-# Defaults measured on the digits testbed (README, "GAN students"): the UNet starts from the teacher
-# and needs only a small step size; the GAN generators start from scratch, so they take StyleGAN-scale
-# learning rates on their equalised layers and learn the ODE map by regression before the GAN joins.
-STUDENTS = {
-    "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs")),
-    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
-                           generator=GigaGANGenerator, presets=GIGAGAN_PRESETS),
-    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
-                              generator=StyleGANTGenerator, presets=STYLEGAN_T_PRESETS),
-    # Like the UNet student: the teacher's own denoiser, read as x0 (its defaults; not yet measured on an SD3 digits teacher).
-    "transformer": StudentSpec(_transformer_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs"), families=("sd3",)),
-}
-
-# The discriminator's heads when d_heads is unset, by the teacher's denoiser.
-DEFAULT_D_HEADS = {"sd": "before,skip,after,final", "sdxl": "before,skip,after,final", "sd3": "early,middle,late"}
-
-
-def apply_student_defaults(cfg) -> None:
-    """Fill the config keys left unset (None) with the chosen student's defaults, in place."""
-    for key, value in STUDENTS[cfg.student].defaults.items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-
-
-def apply_teacher_defaults(cfg, *, family: str) -> None:
-    """Check the student fits the pairs' teacher ``family`` and fill ``d_heads`` when unset, in place."""
-    spec = STUDENTS[cfg.student]
-    if family not in spec.families:
-        fits = [name for name, s in STUDENTS.items() if family in s.families]
-        raise ValueError(f"student {cfg.student!r} is built for {'/'.join(spec.families)} teachers, but the pairs' teacher is "
-                         f"{family}: use --student {' or '.join(fits)}")
-    if cfg.d_heads is None:
-        cfg.d_heads = DEFAULT_D_HEADS[family]
 
 
 def _lpips_name(teacher: Teacher) -> str:

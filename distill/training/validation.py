@@ -16,7 +16,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from data_gen.noise import noise_for_seed
-from students.pipeline import decode_vae, vae_scale_factor
+from students.latents import decode_vae, vae_scale_factor
 from teachers.ode import solve_ode
 
 HOLDOUT_IMAGES = 8
