@@ -120,16 +120,21 @@ def save_digits_imagefolder(path: str | Path, *, split: str = "train", size: int
 
 
 def save_digits_reference(path: str | Path, *, split: str = "held_out", size: int = 32) -> Path:
-    """Write a split as numbered PNGs: the real-image reference folder of the testbed's FID."""
+    """Write a split as numbered PNGs: the real-image reference folder of the testbed's FID, with each image's
+    class in ``metadata.jsonl`` (``file_name``, ``label``; what the evaluation's ``diversity_real`` groups by)."""
+    import json
+
     from PIL import Image
 
     path = Path(path)
-    images, _ = load_digits_images(split=split, size=size)
+    images, labels = load_digits_images(split=split, size=size)
     pixels = _uint8(images)
     tmp = path.with_name(path.name + ".partial")  # a killed run leaves no half-written reference behind
     tmp.mkdir(parents=True, exist_ok=True)
-    for i, p in enumerate(pixels):
-        Image.fromarray(p).save(tmp / f"{i:04d}.png")
+    with open(tmp / "metadata.jsonl", "w") as fh:
+        for i, (p, label) in enumerate(zip(pixels, labels.tolist())):
+            Image.fromarray(p).save(tmp / f"{i:04d}.png")
+            fh.write(json.dumps({"file_name": f"{i:04d}.png", "label": label}) + "\n")
     tmp.replace(path)
     return path
 

@@ -4,8 +4,10 @@ Sources (``open_image_text``): anything ``datasets.load_dataset`` opens, by hub 
 ``imagefolder`` (images + ``metadata.jsonl`` / ``metadata.csv`` with a caption column), Parquet files,
 webdataset ``.tar`` shards; ``streaming=True`` for sets that do not fit on disk; or a latent cache written
 by ``distill/cache_latents.py`` (sharded Parquet of VAE latents + captions with ``latent_cache.json``).
-Images are centre-cropped and resized to a square ``resolution`` and returned in [-1, 1]; a caption cell
-holding a list (COCO style) gives one of its captions, drawn per use.
+Images of any size and mode are read as displayed (:func:`to_rgb`: EXIF orientation, transparency onto white,
+16-bit greys scaled), centre-cropped and resized to a square ``resolution`` and returned in [-1, 1]; a caption
+cell holding a list (COCO style) gives one of its captions, drawn per use. :func:`check_image_text` reads every
+caption and image header of a map-style set up front, so that a bad row stops a run before it writes anything.
 
 Which rows a process reads at which step is decided by the trainer (``distill/training/seeds.py``): a
 map-style set is indexed, a stream is split by rank (``datasets.distributed.split_dataset_by_node``) and
@@ -14,9 +16,11 @@ read through a :class:`StreamCursor` whose position is saved with each checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +75,24 @@ def open_image_text(source: str, *, split: str = "train", image_column: str = "i
         else:
             args = (str(path) if path.is_dir() else source,) + ((config_name,) if config_name else ())
         try:
-            ds = datasets.load_dataset(*args, **kwargs)
+            with _quiet_progress_bars():
+                ds = datasets.load_dataset(*args, **kwargs)
         except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if isinstance(exc, FileNotFoundError) and path.is_dir() and _metadata_files(path):
+                raise ValueError(f"dataset {source}: a file its metadata names is missing ({first}): add the file or drop its "
+                                 "line from the metadata") from None
             raise ValueError(
                 f"cannot open dataset {source!r} ({first}): pass a local folder (imagefolder with metadata.jsonl / csv, "
                 "Parquet, webdataset .tar) or a datasets hub name that is available offline"
             ) from None
     columns = list(ds.column_names or next(iter(ds)).keys())
+    if caption_column not in columns and path.is_dir() and image_column in columns and set(columns) <= {image_column, "label"}:
+        example = '{"file_name": "0001.png", "text": "a photo of ..."}'
+        fix = (f"add a caption column to its metadata, e.g. {example} per line" if _metadata_files(path) else
+               f"put a metadata.jsonl next to the images, one line per image such as {example} (or a metadata.csv with "
+               "file_name and text columns)")
+        raise ValueError(f"dataset {source} has images but no captions (columns: {', '.join(columns)}): {fix}")
     for kind, column in (("image", image_column), ("caption", caption_column)):
         if column not in columns:
             raise ValueError(f"{kind} column {column!r} is not in dataset {source} (columns: {', '.join(columns)}): "
@@ -89,24 +103,131 @@ def open_image_text(source: str, *, split: str = "train", image_column: str = "i
     return ds
 
 
-def load_image(value: Any, *, where: str):
-    """A dataset image cell (PIL image, ``{"path", "bytes"}`` or a file path) -> RGB PIL image; an unreadable one is
-    a one-line error naming ``where`` (the row) and the file."""
+def _quiet_progress_bars():
+    """``datasets``' progress bars only on a terminal: in a log (or a test) an error stays the one line on stderr."""
+    import datasets
+
+    if sys.stderr.isatty() or datasets.are_progress_bars_disabled():
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def quiet():
+        datasets.disable_progress_bars()
+        try:
+            yield
+        finally:
+            datasets.enable_progress_bars()
+
+    return quiet()
+
+
+def _metadata_files(folder: Path) -> list[Path]:
+    return [p for pattern in ("metadata.*", "*/metadata.*") for p in folder.glob(pattern) if p.suffix in (".jsonl", ".csv", ".parquet")]
+
+
+def to_rgb(image):
+    """A PIL image of any mode -> RGB, as a viewer shows it: EXIF orientation applied; transparency (an alpha band,
+    a palette's transparent entries, a tRNS colour) composited onto white rather than dropped (the colours under
+    alpha 0 are arbitrary); 16- and 32-bit greys (``I;16``, ``I``, ``F``) scaled to 8 bits rather than clipped;
+    CMYK, palette, bilevel and the rest through PIL's conversion."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    if image.getexif().get(0x0112, 1) != 1:  # an EXIF orientation (phone photos): turn the pixels as viewers do
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":  # I;16 (16-bit PNG), I;16B / L, I (32-bit), F (float)
+        values = np.asarray(image, dtype=np.float64)
+        key = image.info.get("transparency")
+        if image.mode.startswith("I;16"):
+            scale = 255 / 65535
+        elif image.mode == "F":
+            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        else:  # 32-bit integers: 16-bit data when above 255 (older PIL opened 16-bit PNGs as I)
+            scale = 255 / 65535 if values.size and values.max() > 255 else 1.0
+        grey = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+        if isinstance(key, (int, float)) and not isinstance(key, bool):
+            grey = Image.merge("LA", (grey, Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")))
+        image = grey
+    if "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")  # a palette or tRNS colour with transparency becomes alpha here
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_image(value: Any):
+    """A dataset image cell (``{"path", "bytes"}`` or a file path) -> (PIL image, opened lazily: header only; its path)."""
+    from PIL import Image
+
+    path = value.get("path") if isinstance(value, dict) else value
+    if isinstance(value, dict) and value.get("bytes"):
+        return Image.open(io.BytesIO(value["bytes"])), path
+    return Image.open(path), path
+
+
+def _unreadable(exc: BaseException, *, where: str, path) -> ValueError:
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return ValueError(f"image of {where} ({path or 'inline bytes'}) cannot be read ({type(exc).__name__}: {detail}): replace or remove it")
+
+
+def _read_errors():
     from PIL import Image, UnidentifiedImageError
 
+    return (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
+
+
+def load_image(value: Any, *, where: str):
+    """A dataset image cell (PIL image, ``{"path", "bytes"}`` or a file path) -> RGB PIL image (:func:`to_rgb`); an
+    unreadable one is a one-line error naming ``where`` (the row) and the file."""
+    from PIL import Image
+
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value)
     path = value.get("path") if isinstance(value, dict) else value
     try:
-        if isinstance(value, dict) and value.get("bytes"):
-            image = Image.open(io.BytesIO(value["bytes"]))
-        else:
-            image = Image.open(path)
+        image, path = _open_image(value)
         image.load()
-        return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"image of {where} ({path or 'inline bytes'}) cannot be read ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}): replace or remove it") from None
+        return to_rgb(image)
+    except _read_errors() as exc:
+        raise _unreadable(exc, where=where, path=path) from None
+
+
+def _caption_ok(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(v is not None and str(v).strip() for v in value)
+    return value is not None and bool(str(value).strip())
+
+
+def check_image_text(ds, *, source: str, image_column: str | None, caption_column: str, first_row: int = 0,
+                     chunk: int = 1024) -> None:
+    """Every row of a map-style set has a caption (a string, or a list with one, that is not blank) and an image
+    whose header reads (``image_column`` None: no images, e.g. a latent cache); else one line naming the first bad
+    row and its file, and how many more there are. Headers only (a few bytes per file): an image damaged past its
+    header is found when it is decoded (:func:`load_image`)."""
+    columns = [c for c in (image_column, caption_column) if c is not None]
+    empty, unreadable = [], []
+    first_error = None
+    row = first_row  # the number of ds's first row in the whole set (ds: a contiguous share of it)
+    for batch in ds.select_columns(columns).iter(batch_size=chunk):
+        images = batch[image_column] if image_column is not None else [None] * len(batch[caption_column])
+        for cell, caption in zip(images, batch[caption_column]):
+            path = (cell.get("path") if isinstance(cell, dict) else cell) if cell is not None else None
+            if not _caption_ok(caption):
+                empty.append((row, path))
+            if cell is not None:
+                try:
+                    image, _ = _open_image(cell)
+                    image.close()
+                except _read_errors() as exc:
+                    unreadable.append(row)
+                    first_error = first_error or _unreadable(exc, where=f"row {row}", path=path)
+            row += 1
+    if unreadable:
+        more = f" ({len(unreadable) - 1} more unreadable images)" if len(unreadable) > 1 else ""
+        raise ValueError(f"dataset {source}: {first_error}{more}")
+    if empty:
+        (row, path), more = empty[0], f" ({len(empty) - 1} more rows with an empty caption)" if len(empty) > 1 else ""
+        raise ValueError(f"dataset {source}: row {row}{f' ({path})' if path else ''} has an empty caption in column "
+                         f"{caption_column!r}{more}: fill it in or drop the row")
 
 
 def image_transform(resolution: int):
@@ -122,7 +243,7 @@ def image_transform(resolution: int):
 def pick_caption(value: Any, *, generator: torch.Generator | None, where: str) -> str:
     """A caption cell -> one caption: a string as it is, one of a list's captions drawn with ``generator``."""
     if isinstance(value, (list, tuple)):
-        value = [v for v in value if v] or [""]
+        value = [v for v in value if v is not None and str(v).strip()] or [""]
         value = value[int(torch.randint(len(value), (1,), generator=generator))]
     if value is None or not str(value).strip():
         raise ValueError(f"{where} has an empty caption: fill it in or drop the row")

@@ -1,4 +1,5 @@
-"""Evaluate a one-step student or a diffusion teacher: FID, CLIP score, fidelity to the teacher, latency.
+"""Evaluate a one-step student or a diffusion teacher: FID, precision/recall, diversity, CLIP score, fidelity to the
+teacher, latency.
 
     accelerate launch distill/evaluate.py --config configs/eval/sd15_coco2014_30k.yaml [--key value ...]
 
@@ -30,7 +31,7 @@ from distill.lock import locked
 from distill.metrics import TEST_ONLY
 from distill.metrics.generation import Sampler
 from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cache, folder_fingerprint, save_grid
-from distill.metrics.sample_scores import compute_clip_score, compute_fid
+from distill.metrics.sample_scores import compute_clip_score, compute_diversity, compute_fid, compute_precision_recall
 from distill.metrics.fidelity import PIXEL_LPIPS_CHOICES, check_heldout, compute_fidelity, elatentlpips_name
 
 # ------------------------------------------------------------------------------------------------
@@ -48,23 +49,77 @@ class MetricInputs:
     latent_shape: tuple
     device: torch.device
     cache_dir: Path
+    label_note: str = ""  # why `labels` is empty when diversity asked for them
 
 
-def fid_metrics(x: MetricInputs) -> tuple[dict, dict]:
-    """fid and fid_to_teacher in one pass: the samples' features are extracted once for both references."""
+def diversity_groups(prompts: list[str], labels: list[int], num_samples: int) -> tuple[list, str]:
+    """Sample i's group for `diversity` and the grouping: its prompt's label when the prompts are labelled
+    (every phrasing of a class together), else its prompt's text."""
+    if labels:
+        return [labels[i % len(labels)] for i in range(num_samples)], "label"
+    return [prompt_for_index(prompts, i) for i in range(num_samples)], "prompt"
+
+
+def feature_metrics(x: MetricInputs) -> tuple[dict, dict]:
+    """fid, fid_to_teacher, precision_recall and diversity in one pass, in the feature space of `fid_extractor`:
+    the extractor is loaded once, the samples' features extracted once for all of them, the real reference
+    images' features once for precision/recall and diversity_real (before FID, which then reads their
+    statistics from the cache)."""
+    from distill.metrics.fid import reference_features
+    from distill.metrics.image_io import folder_labels
+    from distill.metrics.sample_scores import load_extractor, sample_features
     from teachers.digits_classifier import DigitClassifier  # the classifier folders FID can read (the testbed's)
 
     cfg = x.cfg
+    common = dict(batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers, device=x.device)
+    extractor = load_extractor(extractor_name=cfg.fid_extractor, device=x.device, cache_dir=x.cache_dir,
+                               load_classifier=DigitClassifier.from_pretrained)
+    features = sample_features(samples_dir=x.samples_dir, num_samples=cfg.num_samples, extractor=extractor, **common)  # [N,D]
+    values, details = {}, {}
+
+    reference_is_folder = bool(cfg.reference) and Path(cfg.reference).is_dir()
+    real_diversity = "diversity" in x.metrics and bool(x.labels) and reference_is_folder
+    real = real_labels = None
+    if "precision_recall" in x.metrics or real_diversity:  # the same reference images and limit as fid
+        real, files, real_info = reference_features(cfg.reference, extractor=extractor, cache_dir=x.cache_dir,
+                                                    limit=cfg.reference_limit, center_crop=cfg.reference_center_crop, **common)
+        if real_diversity:
+            real_labels = folder_labels(cfg.reference, files, column=cfg.label_column)
+
     references = {}
     if "fid" in x.metrics:
         references["fid"] = dict(reference=cfg.reference, limit=cfg.reference_limit, center_crop=cfg.reference_center_crop)
     if "fid_to_teacher" in x.metrics:  # the teacher's own samples, as they are (same size and pipeline as ours)
         references["fid_to_teacher"] = dict(reference=cfg.teacher_reference, limit=cfg.num_samples, center_crop=False)
-    return compute_fid(
-        samples_dir=x.samples_dir, num_samples=cfg.num_samples, extractor_name=cfg.fid_extractor, references=references,
-        batch_size=cfg.metric_batch_size, num_workers=cfg.metric_workers, device=x.device, cache_dir=x.cache_dir,
-        load_classifier=DigitClassifier.from_pretrained,
-    )
+    if references:
+        more, more_details = compute_fid(samples_dir=x.samples_dir, num_samples=cfg.num_samples, extractor_name=cfg.fid_extractor,
+                                         references=references, cache_dir=x.cache_dir, extractor=extractor, features=features,
+                                         **common)
+        values.update(more)
+        details.update(more_details)
+    if "precision_recall" in x.metrics:
+        more, info = compute_precision_recall(features=features, real_features=real, k=cfg.pr_k, device=x.device)
+        values.update(more)
+        details["precision_recall"] = {**info, "reference": real_info["reference"], "set_sha256": real_info["set_sha256"],
+                                       "extractor_id": extractor.extractor_id}
+    if "diversity" in x.metrics:
+        groups, grouping = diversity_groups(x.prompts, x.labels, cfg.num_samples)
+        if not x.labels:
+            note = (f"the prompts have no `{cfg.label_column}` labels ({x.label_note}): samples grouped by prompt text; "
+                    "no real counterpart (diversity_real, diversity_ratio need labelled prompts and a labelled reference)")
+        elif not reference_is_folder:
+            note = "no reference image folder: no real counterpart (diversity_real, diversity_ratio)"
+        elif real_labels is None:
+            note = (f"the reference {cfg.reference} has no metadata.jsonl with `file_name` and `{cfg.label_column}`: "
+                    "no real counterpart (diversity_real, diversity_ratio)")
+        else:
+            note = ""
+        more, info = compute_diversity(features=features, groups=groups, grouping=grouping,
+                                       real_features=real if real_labels is not None else None, real_groups=real_labels,
+                                       device=x.device, note=note)
+        values.update(more)
+        details["diversity"] = {**info, "extractor_id": extractor.extractor_id}
+    return values, details
 
 
 def clip_score_metric(x: MetricInputs) -> tuple[dict, dict]:
@@ -122,8 +177,10 @@ class Metric(NamedTuple):
 
 # In the order the results are written; one function may serve several names (it runs once).
 METRICS = {
-    "fid": Metric(fid_metrics, needs_samples=True),
-    "fid_to_teacher": Metric(fid_metrics, needs_samples=True),
+    "fid": Metric(feature_metrics, needs_samples=True),
+    "fid_to_teacher": Metric(feature_metrics, needs_samples=True),
+    "precision_recall": Metric(feature_metrics, needs_samples=True),  # -> precision, recall
+    "diversity": Metric(feature_metrics, needs_samples=True),  # -> diversity [, diversity_real, diversity_ratio]
     "clip_score": Metric(clip_score_metric, needs_samples=True),
     "prompt_accuracy": Metric(prompt_accuracy_metric, needs_samples=True),
     "fidelity": Metric(fidelity_metric, needs_samples=False),
@@ -132,6 +189,7 @@ METRICS = {
 }
 METRIC_GROUPS = tuple(METRICS)
 SAMPLE_METRICS = tuple(name for name, metric in METRICS.items() if metric.needs_samples)
+FEATURE_METRICS = tuple(name for name, metric in METRICS.items() if metric.compute is feature_metrics)  # fid_extractor's
 
 
 def compute_metrics(x: MetricInputs) -> tuple[dict[str, float], dict[str, dict]]:
@@ -168,12 +226,13 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "sample i's noise comes from hash(seed, i)"})
     batch_size: int = field(default=8, metadata={"help": "images per generation call (the unit of caching and resumption)"})
     output_dir: str = field(default="runs/eval", metadata={"help": "metrics.json, samples_grid.png and samples/ go here"})
-    metrics: str = field(default="fid,clip_score,fidelity,latency", metadata={"help": f"comma-separated subset of {', '.join(METRIC_GROUPS)} (samples: only generate and cache the samples)"})
-    reference: str = field(default="", metadata={"help": "FID reference: a folder of images, or an .npz with mu/sigma"})
+    metrics: str = field(default="fid,clip_score,fidelity,latency", metadata={"help": f"comma-separated subset of {', '.join(METRIC_GROUPS)} (precision_recall: precision and recall; diversity: diversity, and diversity_real, diversity_ratio with labels; samples: only generate and cache the samples)"})
+    reference: str = field(default="", metadata={"help": "FID reference: a folder of images, or an .npz with mu/sigma; precision_recall and diversity_real need the folder (diversity_real: with a metadata.jsonl of file_name and label_column)"})
     reference_limit: int = field(default=0, metadata={"help": "use the first N reference images (sorted by path; 0: all)"})
     reference_center_crop: bool = field(default=True, metadata={"help": "center-crop reference images to a square before resizing"})
     teacher_reference: str = field(default="", metadata={"help": "fid_to_teacher: the teacher's samples drawn with another seed (the samples/ folder of an evaluate.py run on the teacher with a different `seed`)"})
-    fid_extractor: str = field(default="inception", metadata={"help": f"inception (weights in metrics_cache), a path to inception-2015-12-05.pt, a classifier folder (FID in its feature space), or {TEST_ONLY} (tests only)"})
+    fid_extractor: str = field(default="inception", metadata={"help": f"inception (weights in metrics_cache), a path to inception-2015-12-05.pt, a classifier folder (FID in its feature space), or {TEST_ONLY} (tests only); also the feature space of precision_recall and diversity"})
+    pr_k: int = field(default=3, metadata={"help": "precision_recall: k of the k-nearest-neighbour hyperspheres (Kynkäänniemi et al. 2019: 3)"})
     clip_model: str = field(default="ViT-g-14", metadata={"help": f"open_clip model name, or {TEST_ONLY} (tests only)"})
     clip_pretrained: str = field(default="laion2b_s34b_b88k", metadata={"help": "open_clip pretrained tag or a local weights file"})
     pairs: str = field(default="", metadata={"help": "pairs folder (generate_pairs.py) for the fidelity metrics"})
@@ -190,7 +249,7 @@ class EvalConfig:
     metric_batch_size: int = field(default=64, metadata={"help": "images per feature-extractor call"})
     metrics_cache: str = field(default="", metadata={"help": "Inception weights and reference statistics ($D2G_METRICS_HOME or ~/.cache/diffusion2gan/metrics)"})
     classifier: str = field(default="", metadata={"help": "prompt_accuracy: a classifier folder (e.g. teachers/assets/digits-classifier)"})
-    label_column: str = field(default="label", metadata={"help": "prompt_accuracy: column of the prompt table with each prompt's class"})
+    label_column: str = field(default="label", metadata={"help": "prompt_accuracy, diversity: column of the prompt table (and of the reference's metadata.jsonl) with each prompt's (image's) class"})
     grid_size: int = field(default=16, metadata={"help": "first N samples in samples_grid.png (0: none)"})
 
 
@@ -206,12 +265,18 @@ def validate(cfg: EvalConfig) -> list[str]:
     if not cfg.pipeline:
         raise ConfigError("no pipeline given: set `pipeline` to a OneStepGANPipeline folder or a teacher")
     require_positive(cfg, "num_samples", "batch_size", "latency_batch_size", "latency_iterations", "metric_batch_size",
-                     "num_inference_steps")
+                     "num_inference_steps", "pr_k")
     if min(cfg.resolution, cfg.latency_warmup, cfg.latency_min_seconds, cfg.grid_size, cfg.reference_limit, cfg.metric_workers) < 0:
         raise ConfigError("resolution, latency_warmup, latency_min_seconds, grid_size, reference_limit and metric_workers must not be negative")
     metrics = parse_metrics(cfg.metrics)
     if "fid" in metrics and not cfg.reference:
         raise ConfigError("FID needs `reference`: a folder of reference images (e.g. COCO val) or an .npz statistics file")
+    if "precision_recall" in metrics:
+        if not (cfg.reference and Path(cfg.reference).is_dir()):  # Path("") is "."
+            raise ConfigError(f"precision_recall needs `reference`, a folder of real images (the k-NN manifolds need the "
+                              f"points, not an .npz of statistics; got {cfg.reference!r})")
+        if cfg.num_samples <= cfg.pr_k:
+            raise ConfigError(f"precision_recall needs more than pr_k={cfg.pr_k} samples, got num_samples={cfg.num_samples}")
     if "fid_to_teacher" in metrics and not (cfg.teacher_reference and Path(cfg.teacher_reference).is_dir()):  # Path("") is "."
         raise ConfigError(
             f"fid_to_teacher needs `teacher_reference`, a folder of the teacher's samples drawn with another seed "
@@ -243,7 +308,7 @@ def warn_test_only(key: str) -> None:
 
 def preflight(cfg: EvalConfig, metrics: list[str], *, sampler: Sampler, cache_dir: Path) -> None:
     """Fail before hours of generation when metric weights are missing (file checks only, no model build)."""
-    if ("fid" in metrics or "fid_to_teacher" in metrics) and cfg.fid_extractor != TEST_ONLY:
+    if any(m in FEATURE_METRICS for m in metrics) and cfg.fid_extractor != TEST_ONLY:
         from distill.metrics.fid_features import inception_path, is_classifier_folder
 
         if not is_classifier_folder(cfg.fid_extractor):
@@ -290,8 +355,10 @@ def card_source(cfg: EvalConfig, metrics: list[str]) -> str:
     parts = [f"`distill/evaluate.py` ({', '.join(metrics)})"]
     if any(m in SAMPLE_METRICS for m in metrics):
         parts.append(f"{cfg.num_samples} samples of prompts `{cfg.prompts}`, seed {cfg.seed}")
-    if "fid" in metrics:
+    if "fid" in metrics or "precision_recall" in metrics:
         parts.append(f"FID reference `{cfg.reference}` ({cfg.fid_extractor})")
+    elif "diversity" in metrics:
+        parts.append(f"features of {cfg.fid_extractor}")
     if "fidelity" in metrics:
         parts.append(f"fidelity on held-out pairs of `{cfg.pairs}` from {cfg.fidelity_start}")
     if "latency" in metrics:
@@ -312,6 +379,18 @@ def main() -> None:
         evaluate(cfg, metrics, accelerator=accelerator)
 
 
+def optional_labels(cfg: EvalConfig, prompts: list[str]) -> tuple[list[int], str]:
+    """The prompts' `label_column` labels when the prompt source is a table that has them: (labels, "") or
+    ([], why not)."""
+    try:
+        labelled, labels = load_labelled_prompts(cfg.prompts, column=cfg.prompt_column, label_column=cfg.label_column)
+    except ValueError as exc:
+        return [], str(exc)
+    if labelled != prompts:
+        return [], "the labelled rows are not the prompts' rows"
+    return labels, ""
+
+
 def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     """Generate (or resume) the samples and compute ``metrics`` (``output_dir`` is locked)."""
     from distill.metrics.fid_features import default_cache_dir
@@ -325,10 +404,18 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
 
     # 1. Load: the prompts and the samples' identity; a cache of other samples is refused (before the model load).
     labels: list[int] = []
+    label_note = ""
     if "prompt_accuracy" in metrics:
         prompts, labels = load_labelled_prompts(cfg.prompts, column=cfg.prompt_column, label_column=cfg.label_column)
     else:
         prompts = load_prompts(cfg.prompts, column=cfg.prompt_column, split=cfg.prompt_split) if cfg.prompts else []
+        if "diversity" in metrics:  # labels when the prompt table has them; otherwise diversity groups by prompt text
+            labels, label_note = optional_labels(cfg, prompts)
+    if "diversity" in metrics:
+        groups, grouping = diversity_groups(prompts, labels, cfg.num_samples)
+        if len(set(groups)) == len(groups):
+            raise ConfigError(f"diversity needs at least 2 samples of one prompt {grouping}: num_samples={cfg.num_samples} "
+                              f"cycles {len(prompts)} prompts once; raise num_samples")
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     identity = {
         "pipeline": str(Path(cfg.pipeline).resolve()) if Path(cfg.pipeline).exists() else cfg.pipeline,
@@ -371,7 +458,7 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
     start = time.perf_counter()
     values, details = compute_metrics(MetricInputs(
         cfg=cfg, metrics=metrics, sampler=sampler, samples_dir=samples_dir, prompts=prompts, labels=labels,
-        latent_shape=latent_shape, device=device, cache_dir=cache_dir,
+        latent_shape=latent_shape, device=device, cache_dir=cache_dir, label_note=label_note,
     ))
 
     # 5. Save: metrics.json, the sample grid, the config, and the exported student's model card.

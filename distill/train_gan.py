@@ -57,6 +57,8 @@ class GANConfig:
     d_virtual_batch: int = field(default=8, metadata={"help": "projected D: samples per virtual batch of its batch norm (0 = no normalisation)"})
     d_norm: str = field(default="separate", metadata={"help": "projected D: batch statistics of real and generated samples separate (StyleGAN-T) or mixed (shared, so their mean / scale differences stay visible)", "choices": ("separate", "mixed")})
     d_channels: str = field(default="64,128,256", metadata={"help": "multiscale D: trunk widths, fine to coarse (one scale each)"})
+    d_mbstd_group: int = field(default=0, metadata={"help": "projected / multiscale D: minibatch-std group size (0 = off; 4 in StyleGAN2): D sees each group's spread, so a collapsed generator shows"})
+    d_pyramid: str = field(default="generator", metadata={"help": "multiscale D: the coarser scales of generated samples from the generator's own pyramid (GigaGAN) or area-downsampled from its output, as real ones", "choices": ("generator", "downsample")})
     d_text_dim: int = field(default=256, metadata={"help": "projected / multiscale D: width of the pooled text vector"})
     d_cmap_dim: int = field(default=64, metadata={"help": "projected / multiscale D: channels of the text projection"})
     teacher: str = field(default="", metadata={"help": "unet D: the diffusion pipeline whose UNet becomes D"})
@@ -112,7 +114,7 @@ def check(cfg: GANConfig) -> None:
                      "validation_steps", "learning_rate_g", "learning_rate_d", "d_text_dim", "d_cmap_dim")
     require_non_negative(cfg, "num_workers", "blur_sigma", "blur_fade_kimg", "mismatch_weight", "r1_gamma", "clip_guidance_weight",
                          "clip_crop", "lr_warmup_steps", "max_grad_norm", "ema_half_life_kimg", "ema_rampup", "validation_images",
-                         "validation_rows", "d_timestep", "d_feature_resolution", "d_virtual_batch")
+                         "validation_rows", "d_timestep", "d_feature_resolution", "d_virtual_batch", "d_mbstd_group")
     for key in ("adam_beta1", "adam_beta2"):
         require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
@@ -123,20 +125,24 @@ def main() -> None:
     cfg = parse_config(GANConfig, description=__doc__)
     check(cfg)
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from distill.training.scratch_data import check_real_data
 
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
                               project_dir=str(out))
     cfg.mixed_precision = accelerator.mixed_precision  # unset: the launcher's choice; the run records what it used
+    # The data before the output folder: no captions, a blank one or an unreadable image stop the run with nothing written.
+    ds = check_real_data(cfg, rank=accelerator.process_index, world=accelerator.num_processes, gather=gather_object)
     with locked(out, purpose="train_gan", is_main_process=accelerator.is_main_process, broadcast=lambda x: broadcast_object_list([x])[0]):
-        train(cfg, accelerator=accelerator)
+        train(cfg, accelerator=accelerator, ds=ds)
     accelerator.wait_for_everyone()  # leave together: a rank that tears down gloo while its peer still exports can abort
     accelerator.end_training()
 
 
-def train(cfg: GANConfig, *, accelerator) -> None:
-    """The training loop, with ``output_dir`` locked."""
+def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
+    """The training loop, with ``output_dir`` locked (``ds``: the dataset :func:`check_real_data` opened)."""
     from accelerate.utils import gather_object, set_seed
 
     from data_gen.prompts import load_prompts
@@ -154,7 +160,7 @@ def train(cfg: GANConfig, *, accelerator) -> None:
                     streaming=cfg.streaming, config_name=cfg.dataset_config, resolution=cfg.resolution, batch_size=cfg.batch_size,
                     seed=cfg.seed, rank=rank, world=world, num_workers=cfg.num_workers, latent_sampling=cfg.latent_sampling,
                     encode=parts.encode, to_samples=parts.to_samples, device=device, gather=gather_object,
-                    vae_config=parts.vae.config if parts.vae is not None else None)
+                    vae_config=parts.vae.config if parts.vae is not None else None, ds=ds)
     gen, disc = parts.generator, parts.discriminator
     ema = EMA(gen, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None)
     betas = (cfg.adam_beta1, cfg.adam_beta2)

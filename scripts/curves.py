@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 LABELS = {"val_lpips": "held-out E-LatentLPIPS to the teacher", "val_mse": "held-out MSE to the teacher",
-          "fid_to_teacher": "FID to the teacher's samples", "prompt_accuracy": "prompt accuracy", "fid": "FID to the reference"}
+          "fid_to_teacher": "FID to the teacher's samples", "prompt_accuracy": "prompt accuracy", "fid": "FID to the reference",
+          "recall": "recall vs the reference", "diversity_ratio": "within-prompt diversity / real"}
 
 
 def training_curve(run: Path) -> tuple[list[dict], dict[int, int]]:
@@ -62,7 +63,7 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("val_lpips", "fid_to_teacher", "fid", "prompt_accuracy")
+    metrics = [m for m in ("val_lpips", "fid_to_teacher", "fid", "prompt_accuracy", "recall", "diversity_ratio")
                if any(m in r for c in curves.values() for r in c["validation"] + c["evaluation"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -105,7 +106,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
     plot(curves, out / "curves.png")
-    lines = ["| run | kimg | held-out E-LatentLPIPS | FID to teacher | FID to the reference | prompt accuracy |", "|---|---|---|---|---|---|"]
+    lines = ["| run | kimg | held-out E-LatentLPIPS | FID to teacher | FID to the reference | prompt accuracy | recall | diversity / real |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, c in curves.items():
         by_nimg: dict[int, dict] = {}
         for r in c["validation"] + c["evaluation"]:
@@ -114,7 +116,8 @@ def main() -> None:
             if "fid_to_teacher" in r or "fid" in r or n == max(by_nimg):
                 cell = lambda k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
                 lines.append(f"| {name} | {n / 1000:.1f} | {cell('val_lpips', '{:.3f}')} | {cell('fid_to_teacher', '{:.1f}')} | "
-                             f"{cell('fid', '{:.1f}')} | {cell('prompt_accuracy', '{:.3f}')} |")
+                             f"{cell('fid', '{:.1f}')} | {cell('prompt_accuracy', '{:.3f}')} | {cell('recall', '{:.3f}')} | "
+                             f"{cell('diversity_ratio', '{:.2f}')} |")
     (out / "curves.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'curves.png'}")

@@ -18,6 +18,12 @@ from PIL import Image
 SOLVER_NAMES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++", "euler": "Euler", "flow_euler": "flow-matching Euler"}
 
 
+def _diversity(metrics: dict) -> str:
+    """A run's within-digit diversity, and its ratio to the real digits' when the reference was labelled."""
+    ratio = f" ({metrics['diversity_ratio']:.2f}x the real digits')" if "diversity_ratio" in metrics else ""
+    return f"{metrics['diversity']:.3g}{ratio}"
+
+
 def main(out: Path, name: str = "student") -> None:
     teacher = json.loads((out / "eval-teacher" / "metrics.json").read_text())["metrics"]
     student = json.loads((out / f"eval-{name}" / "metrics.json").read_text())["metrics"]
@@ -36,6 +42,8 @@ def main(out: Path, name: str = "student") -> None:
             "fid_ratio": student["fid"] / max(teacher["fid"], 1e-9),
         },
     }
+    if "diversity" in student and "diversity" in teacher:  # evaluations made before these metrics have none
+        result["student_vs_teacher"]["diversity_over_teacher"] = student["diversity"] / max(teacher["diversity"], 1e-12)
     stats = [json.loads(line) for line in (out / name / "stats.jsonl").read_text().splitlines()]
     val = [r for r in stats if "val_lpips" in r]
     if val:
@@ -63,6 +71,12 @@ def main(out: Path, name: str = "student") -> None:
         f"{student['seconds_per_image'] * 1000:.2f} ms/img  speedup {result['speedup']:.1f}x (goal >= 20)",
         f"FID to real digits (secondary: the 8 px originals reward blur)  teacher {teacher['fid']:.2f}  student {student['fid']:.2f}",
     ]
+    if "precision" in student and "precision" in teacher:  # mode collapse: realistic samples (precision) that miss the data's spread (recall)
+        lines.append(f"precision / recall vs real digits (k-NN manifolds, classifier features)  teacher {teacher['precision']:.3f} / "
+                     f"{teacher['recall']:.3f}  student {student['precision']:.3f} / {student['recall']:.3f}")
+    if "diversity_over_teacher" in ratios:
+        lines.append(f"diversity within a digit (mean pairwise feature distance)  teacher {_diversity(teacher)}  student "
+                     f"{_diversity(student)}  (student / teacher {ratios['diversity_over_teacher']:.2f}; near 0: mode collapse)")
     if "e_latent_lpips" in student:
         lines.append(f"fidelity to the teacher on held-out pairs: E-LatentLPIPS {student['e_latent_lpips']:.4f}, PSNR "
                      f"{student['psnr']:.1f} dB (the teacher against its own pairs: {teacher['e_latent_lpips']:.4f}, "

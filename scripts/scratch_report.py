@@ -11,7 +11,9 @@ import json
 import shutil
 from pathlib import Path
 
-TARGETS = {"prompt_accuracy": 0.90, "fid_ratio": 1.5}  # issue 11: accuracy >= 0.90, FID <= 1.5 x the teacher's
+# Issue 21: accuracy >= 0.90, FID <= 1.5 x the teacher's, recall >= 0.5 x the teacher's, within-digit diversity >= 0.5 x the
+# real digits' (mode collapse shows in the last two: one style per prompt keeps accuracy and precision but not them).
+TARGETS = {"prompt_accuracy": 0.90, "fid_ratio": 1.5, "recall_ratio": 0.5, "diversity_ratio": 0.5}
 
 
 def main() -> None:
@@ -30,7 +32,14 @@ def main() -> None:
         "train_steps": stats[-1]["step"], "train_images": stats[-1]["nimg"],
         "train_seconds": args.train_seconds, "total_seconds": args.total_seconds,
     }
-    result["targets_met"] = gan["prompt_accuracy"] >= TARGETS["prompt_accuracy"] and result["fid_ratio"] <= TARGETS["fid_ratio"]
+    if "recall" in gan and "recall" in teacher:
+        result["recall_ratio"] = gan["recall"] / max(teacher["recall"], 1e-9)
+    if "diversity_ratio" in gan:
+        result["diversity_ratio"] = gan["diversity_ratio"]
+    met = {"prompt_accuracy": gan["prompt_accuracy"] >= TARGETS["prompt_accuracy"], "fid_ratio": result["fid_ratio"] <= TARGETS["fid_ratio"],
+           **{k: result[k] >= TARGETS[k] for k in ("recall_ratio", "diversity_ratio") if k in result}}
+    result["targets"] = met
+    result["targets_met"] = all(met.values()) and len(met) == len(TARGETS)
     (out / f"metrics-{args.gen}.json").write_text(json.dumps(result, indent=2) + "\n")
     grids = sorted((out / args.gen / "samples").glob("step-*.png"))
     if grids:
@@ -42,8 +51,17 @@ def main() -> None:
         f"prompt accuracy  {gan['prompt_accuracy']:.3f}  (teacher {teacher['prompt_accuracy']:.3f}; goal >= {TARGETS['prompt_accuracy']})",
         f"FID vs held-out real digits (digits-classifier features)  {gan['fid']:.1f}  teacher {teacher['fid']:.1f}  "
         f"ratio {result['fid_ratio']:.2f} (goal <= {TARGETS['fid_ratio']})",
-        f"targets {'met' if result['targets_met'] else 'NOT met'}; grid: {out / f'grid-{args.gen}.png'} (row = digit 0..9)",
     ]
+    if "recall_ratio" in result:
+        lines.append(f"precision / recall vs real digits (k-NN manifolds, same features)  {gan['precision']:.3f} / {gan['recall']:.3f}  "
+                     f"teacher {teacher['precision']:.3f} / {teacher['recall']:.3f}  recall ratio {result['recall_ratio']:.2f} "
+                     f"(goal >= {TARGETS['recall_ratio']})")
+    if "diversity_ratio" in result:
+        lines.append(f"within-digit diversity (mean pairwise feature distance per prompt)  {gan['diversity']:.3g} = "
+                     f"{result['diversity_ratio']:.2f}x the real digits' (teacher {teacher.get('diversity_ratio', float('nan')):.2f}x; "
+                     f"goal >= {TARGETS['diversity_ratio']}; near 0: one style per prompt)")
+    missed = ", ".join(k for k, v in met.items() if not v) or "recall / diversity not evaluated"
+    lines.append(f"targets {'met' if result['targets_met'] else 'NOT met: ' + missed}; grid: {out / f'grid-{args.gen}.png'} (row = digit 0..9)")
     (out / f"report-{args.gen}.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

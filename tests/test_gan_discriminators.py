@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distill.discriminators import (LatentDecoder, MultiScaleDiscriminator, ProjectedDiscriminator, UnpairedUNetDiscriminator,
                                     build_feature_network)
@@ -150,6 +151,29 @@ def test_multiscale_discriminator_reads_the_pyramid_and_text():
     torch.testing.assert_close(both[0][3:], d(x[:1], _text(1, seed=1))[0])
 
 
+def test_multiscale_discriminator_can_downsample_generated_samples_as_real_ones():
+    """generator_pyramid=False: the phases pass no pyramid, and D reads a generated sample's coarse scales from its output."""
+    from distill.training.scratch_phases import RealBatch, discriminator_terms, generator_terms
+    from students import GigaGANGenerator
+    from students.text import TextConditioning
+
+    torch.manual_seed(0)
+    gen = GigaGANGenerator.for_latents(latent_channels=3, sample_size=16, cross_attention_dim=32, size="tiny")
+    d = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=8, augment="",
+                                generator_pyramid=False)
+    seen = []
+    d.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("pyramid")), with_kwargs=True)
+    batch = RealBatch(torch.rand(4, 3, 16, 16) * 2 - 1, TextConditioning(_text(4)), ["a", "b", "c", "d"])
+    (fake, pyramid), _ = generator_terms(generator_model=gen, discriminator=d, batch=batch, noise=torch.randn(4, 3, 16, 16),
+                                         objective=OBJECTIVES["non_saturating"], blur_sigma=0.0)
+    discriminator_terms(discriminator=d, discriminator_unwrapped=d, batch=batch, fake=fake.detach(), fake_pyramid=pyramid,
+                        objective=OBJECTIVES["non_saturating"], mismatch_weight=0.0, r1_gamma=0.0, r1_interval=1, do_r1=False,
+                        blur_sigma=0.0, generator=torch.Generator().manual_seed(0))
+    assert seen == [None, None]
+    x = torch.rand(2, 3, 16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(d(x, _text(2)), d(x, _text(2), pyramid=[F.interpolate(x, size=8, mode="area"), x])))
+
+
 def test_unpaired_unet_discriminator(sd15_teacher):
     from diffusers import UNet2DConditionModel
 
@@ -254,3 +278,47 @@ def test_diffaugment_sits_before_every_discriminator_read_in_both_phases(classif
     # D phase (real | generated in one forward) and R1 (real): every network input is an augmentation output.
     assert len(seen["network_in"]) >= 2 and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])
     assert seen["network_in"][0].shape[0] == 8  # real and generated together
+
+
+def test_minibatch_std_sees_a_collapsed_part_and_keeps_parts_apart():
+    from distill.discriminators.minibatch_std import minibatch_std
+
+    torch.manual_seed(0)
+    real = torch.randn(8, 3, 4, 4)
+    collapsed = torch.randn(1, 3, 4, 4).expand(8, -1, -1, -1)  # one image whatever the noise
+    out = minibatch_std(torch.cat([real, collapsed]), group_size=4, parts=2)
+    assert out.shape == (16, 4, 4, 4) and torch.equal(out[:, :3], torch.cat([real, collapsed]))
+    stat = out[:, 3, 0, 0]
+    assert (stat[:8] > 0.5).all() and (stat[8:] < 1e-3).all()  # no group mixes the parts
+    assert torch.equal(stat[:4], stat[:4].flip(0)) and not torch.equal(stat[0], stat[4])  # one value per group
+    # A part not divisible by the group size uses the largest group that divides it.
+    assert minibatch_std(torch.randn(6, 2, 3, 3), group_size=4, parts=1)[:, 2, 0, 0].unique().numel() == 2
+    with pytest.raises(ValueError, match="parts"):
+        minibatch_std(torch.randn(5, 2, 3, 3), group_size=4, parts=2)
+
+
+@pytest.mark.parametrize("kind", ["projected", "multiscale"])
+@pytest.mark.parametrize("mbstd_group", [4, 0])
+def test_minibatch_std_lets_d_separate_a_collapsed_batch(classifier_dir, kind, mbstd_group):
+    """Trained alone for a few steps, D with minibatch-std tells a varied batch from one repeated image per group of 4,
+    both drawn from the same distribution per sample; without it (a per-sample D: each image alone looks the same, and
+    the projected D's batch norm per part rescales a small spread away) it cannot."""
+    torch.manual_seed(0)
+    if kind == "projected":
+        d = _projected(classifier_dir, virtual_batch=8, augment="", mbstd_group=mbstd_group)
+    else:
+        d = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=4,
+                                    augment="", mbstd_group=mbstd_group)
+    opt = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=3e-3, betas=(0.0, 0.99))
+    text = _text(16).mean(dim=0, keepdim=True).expand(16, -1, -1)  # one prompt: only the spread tells the parts apart
+    draw = lambda: torch.cat([torch.rand(8, 3, 16, 16), torch.rand(2, 3, 16, 16).repeat_interleave(4, 0)]) * 2 - 1  # noqa: E731
+    for _ in range(60):
+        logits = d(draw(), text, parts=2)
+        loss = sum(torch.nn.functional.softplus(-l[:8]).mean() + torch.nn.functional.softplus(l[8:]).mean() for l in logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits = d(draw(), text, parts=2)
+    gap = torch.stack([l[:8].mean() - l[8:].mean() for l in logits]).mean()
+    assert (gap > 1.0) if mbstd_group else (gap < 0.5), gap

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from data_gen.image_text import StreamCursor, image_transform, open_image_text, read_rows
+from data_gen.image_text import StreamCursor, check_image_text, image_transform, load_image, open_image_text, read_rows
 from distill.training.scratch_data import RealData
 
 
@@ -22,6 +22,43 @@ def make_imagefolder(path, n=12, *, size=(24, 20), captions="list"):
             Image.new("RGB", size, (10 * i, 255 - 10 * i, 0)).save(path / f"{i:03d}.png")
             text = [f"image {i}", f"picture {i}"] if captions == "list" else f"image {i}"
             fh.write(json.dumps({"file_name": f"{i:03d}.png", "text": text}) + "\n")
+    return path
+
+
+MIXED_MODES = ("RGB", "L", "RGBA", "LA", "P", "P+transparency", "I;16", "CMYK", "1", "L+tRNS", "RGB+tRNS", "RGBA")
+
+
+def make_mixed_imagefolder(path, n=12):
+    """A user's folder: ``n`` images of sizes 20x28 .. 40x40 in the modes of :data:`MIXED_MODES` (CMYK as a JPEG, the
+    rest PNG; random RGB under the transparent pixels), captions "image I, MODE" in metadata.jsonl (``text``)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(20, 28), (28, 20), (40, 40), (24, 36), (36, 24), (32, 32), (20, 20), (40, 28), (28, 40), (33, 21), (21, 33), (30, 30)]
+    path.mkdir(parents=True)
+    with open(path / "metadata.jsonl", "w") as fh:
+        for i in range(n):
+            mode, (w, h) = MIXED_MODES[i % len(MIXED_MODES)], sizes[i % len(sizes)]
+            rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            alpha = np.where(rng.random((h, w)) < 0.3, 0, 255).astype(np.uint8)
+            name, options = f"{i:03d}.png", {}
+            if mode in ("RGBA", "LA"):
+                image = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+                image = image if mode == "RGBA" else Image.merge("LA", (image.convert("L"), image.getchannel("A")))
+            elif mode == "P+transparency":
+                image, options = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16), {"transparency": 0}
+            elif mode in ("L+tRNS", "RGB+tRNS"):
+                image = Image.fromarray(rgb).convert(mode[0] if mode[0] == "L" else "RGB")
+                options = {"transparency": image.getpixel((0, 0))}  # that colour is transparent
+            elif mode == "I;16":
+                image = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+            elif mode == "CMYK":
+                image, name = Image.fromarray(rgb).convert("CMYK"), f"{i:03d}.jpg"
+            else:
+                image = Image.fromarray(rgb).convert(mode)
+            image.save(path / name, **options)
+            fh.write(json.dumps({"file_name": name, "text": f"image {i}, {mode}"}) + "\n")
     return path
 
 
@@ -127,3 +164,92 @@ def test_bad_sources_are_one_line(tmp_path):
         read_rows(ds, [1, 2], image_column="image", caption_column="text", transform=image_transform(8), generator=None)
     with pytest.raises(ValueError, match="cannot open dataset"):
         open_image_text(str(tmp_path / "missing"))
+
+
+def test_every_image_mode_is_read_as_displayed(tmp_path):
+    """Transparent pixels are white (not the colour stored under alpha 0), a palette's transparent entry too,
+    16-bit greys are scaled (not clipped to white), CMYK is inverted to RGB, the EXIF orientation applied."""
+    import numpy as np
+    from PIL import Image
+
+    white, garbage = (255, 255, 255), (200, 0, 0)
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3], rgba[0, 0], rgba[0, 1] = garbage, (10, 20, 30, 255), (0, 0, 0, 128)
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([*garbage, 0, 255, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: shown 90 degrees clockwise
+    cases = {  # file: (image, save options, {(x, y): RGB as shown})
+        "rgba.png": (Image.fromarray(rgba, "RGBA"), {}, {(0, 0): (10, 20, 30), (1, 1): white, (1, 0): (127, 127, 127)}),
+        "la.png": (Image.fromarray(np.array([[[50, 255], [50, 0]]], np.uint8), "LA"), {}, {(0, 0): (50, 50, 50), (1, 0): white}),
+        "p-transparent.png": (palette, {"transparency": 0}, {(0, 0): white, (1, 0): (0, 255, 0)}),
+        "p.png": (palette, {}, {(0, 0): garbage, (1, 0): (0, 255, 0)}),
+        "l-trns.png": (Image.fromarray(np.array([[7, 100]], np.uint8)), {"transparency": 7}, {(0, 0): white, (1, 0): (100, 100, 100)}),
+        "i16.png": (Image.fromarray(np.array([[0, 65535], [32768, 1000]], np.uint16)), {},
+                    {(0, 0): (0, 0, 0), (1, 0): white, (0, 1): (128, 128, 128), (1, 1): (4, 4, 4)}),
+        "cmyk.tif": (Image.new("CMYK", (2, 2), (0, 255, 255, 0)), {}, {(0, 0): (255, 0, 0)}),
+        "bilevel.png": (Image.new("1", (2, 2), 1), {}, {(0, 0): white}),
+        "exif.png": (Image.new("RGB", (4, 2), garbage), {"exif": exif}, {}),
+    }
+    for name, (image, options, expected) in cases.items():
+        image.save(tmp_path / name, **options)
+        shown = load_image({"path": str(tmp_path / name), "bytes": None}, where="row 0")
+        assert shown.mode == "RGB", name
+        for xy, rgb in expected.items():
+            assert np.abs(np.subtract(shown.getpixel(xy), rgb)).max() <= 1, (name, xy, shown.getpixel(xy), rgb)
+    assert load_image(str(tmp_path / "exif.png"), where="row 0").size == (2, 4)
+    assert Image.open(tmp_path / "i16.png").mode == "I;16"  # what PIL opens a 16-bit PNG as
+
+
+def test_mixed_sizes_and_modes_make_one_batch(tmp_path):
+    folder = make_mixed_imagefolder(tmp_path / "mixed")
+    ds = open_image_text(str(folder))
+    check_image_text(ds, source=str(folder), image_column="image", caption_column="text")
+    images, captions = read_rows(ds, list(range(12)), image_column="image", caption_column="text", transform=image_transform(16),
+                                 generator=None)
+    assert images.shape == (12, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert captions == [f"image {i}, {MIXED_MODES[i]}" for i in range(12)]
+
+
+def test_bad_rows_are_found_up_front_in_one_line(tmp_path):
+    folder = make_imagefolder(tmp_path / "data", n=6, captions="string")
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines[2], lines[4] = json.dumps({"file_name": "002.png", "text": "  "}), json.dumps({"file_name": "004.png"})  # blank, missing
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"row 2 \(.*002.png\) has an empty caption in column 'text' \(1 more rows with an empty "
+                                         r"caption\): fill it in or drop the row$"):
+        check_image_text(open_image_text(str(folder)), source=str(folder), image_column="image", caption_column="text")
+    (folder / "003.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(ValueError, match=r"image of row 3 \(.*003.png\) cannot be read .*: replace or remove it$") as info:
+        check_image_text(open_image_text(str(folder)), source=str(folder), image_column="image", caption_column="text")
+    assert "\n" not in str(info.value)
+    import datasets  # a list cell needs one caption that is not blank; a latent cache (no image column) is checked too
+
+    lists = datasets.Dataset.from_dict({"caption": [["a cat", ""], ["", " "]]})
+    with pytest.raises(ValueError, match=r"^dataset cache: row 1 has an empty caption in column 'caption'"):
+        check_image_text(lists, source="cache", image_column=None, caption_column="caption")
+    # Rows numbered in the whole set when a process checks its share.
+    with pytest.raises(ValueError, match=r"row 3 \("):
+        check_image_text(open_image_text(str(folder)).select(range(3, 6)), source=str(folder), image_column="image",
+                         caption_column="text", first_row=3)
+
+
+def test_a_folder_without_captions_says_so(tmp_path):
+    folder = make_imagefolder(tmp_path / "data", n=3)
+    (folder / "metadata.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"has images but no captions \(columns: image\): put a metadata.jsonl next to the images"):
+        open_image_text(str(folder))
+
+
+def test_an_image_damaged_past_its_header_is_one_line_from_a_worker(tmp_path):
+    folder = make_imagefolder(tmp_path / "data", n=4, size=(16, 16))
+    data = (folder / "001.png").read_bytes()
+    (folder / "001.png").write_bytes(data[:45])  # the header reads, the pixels do not
+    check_image_text(open_image_text(str(folder)), source=str(folder), image_column="image", caption_column="text")
+    reader = _data(folder, batch_size=4, num_workers=1)
+    reader.start(0)
+    with pytest.raises(ValueError) as info:
+        reader.batch(0)
+    message = str(info.value)
+    assert "\n" not in message and "001.png) cannot be read" in message and "checkpoints written so far are kept" in message

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_script
-from test_image_text import make_imagefolder
+from conftest import ROOT, accelerate_launch, run_script
+from test_image_text import make_imagefolder, make_mixed_imagefolder
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +83,9 @@ def test_training_moves_the_logits_apart_and_exports_a_pipeline(common, images, 
 @pytest.mark.parametrize("discriminator, extra", [
     ("projected", []),
     ("projected", ["--d_norm", "mixed", "--gradient_accumulation_steps", 2]),  # the G phase normalises with real samples
+    ("projected", ["--space", "pixel", "--d_mbstd_group", 2, "--mismatch_weight", 1.0]),  # the digits recipe's D, minibatch-std on
     ("multiscale", ["--space", "pixel", "--d_channels", "8,16", "--r1_gamma", 1.0, "--r1_interval", 2, "--loss", "non_saturating",
-                    "--mismatch_weight", 1.0]),
+                    "--mismatch_weight", 1.0, "--d_mbstd_group", 2, "--d_pyramid", "downsample"]),
     ("unet", ["--teacher", "TEACHER", "--d_heads", "before,final", "--generator", "stylegan_t", "--gradient_accumulation_steps", 2]),
 ])
 def test_other_discriminators_train_and_export(common, sd15_teacher, tmp_path, capsys, discriminator, extra):
@@ -164,9 +170,10 @@ def test_bad_input_is_one_line(common, images, tmp_path, capsys):
     code, err = run_script("train_gan.py", [*common, "--dataset", broken, "--caption_column", "text", "--output_dir", tmp_path / "y",
                                             "--max_train_steps", 2], capsys)
     assert code == 2 and "005.png) cannot be read" in _last_line(err) and "replace or remove it" in _last_line(err)
+    assert not (tmp_path / "y").exists()  # found before the run takes its output folder
 
 
-@pytest.mark.parametrize("name", ["digits_gigagan", "digits_stylegan_t", "sd15_gigagan"])
+@pytest.mark.parametrize("name", ["digits_gigagan", "digits_gigagan_pixel", "digits_stylegan_t", "sd15_gigagan"])
 def test_shipped_configs_pass_the_checks(name):
     from conftest import ROOT
     from distill.config import parse_config
@@ -174,4 +181,125 @@ def test_shipped_configs_pass_the_checks(name):
 
     cfg = parse_config(GANConfig, ["--config", str(ROOT / "configs" / "scratch" / f"{name}.yaml")])
     check(cfg)
-    assert cfg.generator == name.split("_", 1)[1]
+    assert cfg.generator == name.split("_", 1)[1].removesuffix("_pixel")
+
+
+# A user's own folder (README "From scratch"): PNGs of mixed sizes and modes + metadata.jsonl, pixel or latent space,
+# the multiscale D (no pretrained network), through the CLI only.
+
+
+@pytest.fixture(scope="module")
+def own_images(tmp_path_factory):
+    """12 images of 20x28 .. 40x40 px in modes RGB, L, RGBA, LA, P (with and without transparency), I;16, CMYK (a JPEG),
+    bilevel, L / RGB with a tRNS colour; captions in metadata.jsonl's `text`."""
+    return make_mixed_imagefolder(tmp_path_factory.mktemp("own") / "my-images")
+
+
+@pytest.fixture
+def own(own_images, sd15_teacher):
+    return ["--dataset", own_images, "--text_encoder", sd15_teacher, "--space", "pixel", "--resolution", 16, "--generator_size", "tiny",
+            "--discriminator", "multiscale", "--d_channels", "8,16", "--d_text_dim", 16, "--d_cmap_dim", 8, "--loss", "non_saturating",
+            "--r1_gamma", 0.1, "--r1_interval", 2, "--mismatch_weight", 1.0, "--batch_size", 4, "--report_to", "none",
+            "--validation_images", 2, "--validation_rows", 2, "--validation_steps", 100, "--ema_half_life_kimg", 0.1]
+
+
+def test_own_folder_in_pixels_trains_and_resumes_exactly(own, tmp_path, capsys):
+    """4 steps straight vs 2 + resume to 4 (crossing an epoch of the 12 rows, R1 at steps 0 and 2): the same G, D and EMA."""
+    args = [*own, "--checkpointing_steps", 2]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run, steps in ((straight, 4), (resumed, 2), (resumed, 4)):
+        code, err = run_script("train_gan.py", [*args, "--output_dir", run, "--max_train_steps", steps], capsys)
+        assert code == 0, err
+    stats = _stats(straight)
+    assert [r["step"] for r in stats] == [1, 2, 3, 4] and [r["step"] for r in _stats(resumed)] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(list(r.values()), dtype=torch.float64)).all() for r in stats)
+    assert "d_r1" in stats[0] and "d_r1" in stats[2] and "d_r1" not in stats[1]
+    for name in ("model.safetensors", "model_1.safetensors"):  # G and D
+        a, b = (load_file(run / "checkpoints" / "checkpoint-4" / name) for run in (straight, resumed))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    from students import OneStepGANPipeline
+
+    pipes = [OneStepGANPipeline.from_pretrained(run / "pipeline") for run in (straight, resumed)]  # the EMA generator
+    for (k, a), b in zip(pipes[0].student.state_dict().items(), pipes[1].student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert pipes[0].vae is None
+    assert pipes[0]("image 3, LA", output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 16, 16)
+
+
+def test_own_folder_in_latent_space(own, sd15_teacher, tmp_path, capsys):
+    run = tmp_path / "latent"
+    code, err = run_script("train_gan.py", [*own, "--space", "latent", "--vae", sd15_teacher, "--output_dir", run, "--max_train_steps", 2,
+                                            "--checkpointing_steps", 2], capsys)
+    assert code == 0, err
+    assert len(_stats(run)) == 2
+    from students import OneStepGANPipeline
+
+    pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
+    assert pipe.vae is not None and pipe("a cat", output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 16, 16)
+
+
+def _cli(args, timeout=300):
+    """``python distill/train_gan.py ARGS`` as a user runs it (a process of its own)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "distill" / "train_gan.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("case", ["no_metadata", "unknown_caption_column", "empty_caption"])
+def test_a_bad_folder_is_one_line_and_writes_nothing(own, tmp_path, case):
+    folder = make_imagefolder(tmp_path / "my-images", n=8, size=(20, 28), captions="string")
+    extra = []
+    if case == "no_metadata":
+        (folder / "metadata.jsonl").unlink()
+        message = "has images but no captions (columns: image): put a metadata.jsonl next to the images"
+    elif case == "unknown_caption_column":
+        extra, message = ["--caption_column", "prompt"], "caption column 'prompt' is not in dataset"
+        message += f" {folder} (columns: image, text): set `caption_column` to one of them"
+    else:
+        lines = (folder / "metadata.jsonl").read_text().splitlines()
+        lines[5] = json.dumps({"file_name": "005.png", "text": ""})
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        message = "005.png) has an empty caption in column 'text': fill it in or drop the row"
+    out = tmp_path / "runs" / "mine"
+    res = _cli([*own, "--dataset", folder, "--output_dir", out, "--max_train_steps", 2, *extra])
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # no output folder, lock or config.yaml
+
+
+def test_an_image_damaged_past_its_header_stops_mid_run_keeping_the_checkpoints(own, tmp_path, capsys):
+    from data_gen.image_text import open_image_text
+    from distill.training.seeds import batch_indices
+
+    folder = make_imagefolder(tmp_path / "my-images", n=8, size=(16, 16), captions="string")
+    first, second = (batch_indices(seed=0, step=m, rank=0, world=1, batch_size=4, num_rows=8) for m in (0, 1))
+    row = next(r for r in second if r not in first)  # read at step 2 only
+    path = Path(open_image_text(str(folder))[row]["image"]["path"])
+    path.write_bytes(path.read_bytes()[:45])  # the header reads (the up-front check passes), the pixels do not
+    run = tmp_path / "run"
+    code, err = run_script("train_gan.py", [*own, "--dataset", folder, "--output_dir", run, "--max_train_steps", 3,
+                                            "--checkpointing_steps", 1, "--num_workers", 1], capsys)
+    line = _last_line(err)
+    assert code == 2 and f"image of row {row} ({path}) cannot be read" in line and "checkpoints written so far are kept" in line, err
+    assert (run / "checkpoints" / "checkpoint-1").is_dir() and not (run / "checkpoints" / "checkpoint-2").exists()
+    assert not (run / ".lock").exists()
+
+
+def test_my_dataset_config_parses_and_trains_with_tiny_parts(own_images, sd15_teacher, tmp_path, capsys):
+    from distill.config import parse_config
+    from distill.train_gan import GANConfig, check
+
+    config = ROOT / "configs" / "scratch" / "my_dataset.yaml"
+    cfg = parse_config(GANConfig, ["--config", str(config)])
+    check(cfg)
+    assert (cfg.space, cfg.discriminator, cfg.loss, cfg.vae, cfg.caption_column) == ("pixel", "multiscale", "non_saturating", "", "text")
+    assert cfg.r1_gamma > 0 and cfg.dataset.startswith("path/to/") and cfg.text_encoder.startswith("path/to/")  # placeholders
+    run = tmp_path / "my_dataset"
+    code, err = run_script("train_gan.py", ["--config", config, "--dataset", own_images, "--text_encoder", sd15_teacher,
+                                            "--output_dir", run, "--resolution", 16, "--generator_size", "tiny", "--d_channels", "8,16",
+                                            "--batch_size", 4, "--num_workers", 0, "--max_train_steps", 2, "--report_to", "none",
+                                            "--validation_rows", 2, "--validation_images", 2], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in _stats(run)] == [1, 2] and (run / "pipeline" / "model_index.json").is_file()

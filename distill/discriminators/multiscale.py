@@ -21,6 +21,7 @@ from torch import nn
 from distill.losses.diffaugment import DEFAULT_POLICY, DiffAugment
 
 from .inputs import TextPooling, blur, pooled_embeds
+from .minibatch_std import minibatch_std
 
 
 def _lrelu(x: torch.Tensor) -> torch.Tensor:
@@ -44,15 +45,19 @@ class DownBlock(nn.Module):
 class ProjectionHead(nn.Module):
     """``forward(features [N,C,h,w], text [N,T]) -> patch logits [N,1,h,w]``: unconditional + projection term."""
 
-    def __init__(self, channels: int, text_dim: int, cmap_dim: int):
+    def __init__(self, channels: int, text_dim: int, cmap_dim: int, mbstd_group: int = 0):
         super().__init__()
-        self.out = nn.Conv2d(channels, 1, 1)
-        self.proj = nn.Conv2d(channels, cmap_dim, 1)
+        self.mbstd_group = mbstd_group
+        extra = 1 if mbstd_group > 1 else 0  # the minibatch-std channel
+        self.out = nn.Conv2d(channels + extra, 1, 1)
+        self.proj = nn.Conv2d(channels + extra, cmap_dim, 1)
         self.cmapper = nn.Linear(text_dim, cmap_dim)
         self.cmap_dim = cmap_dim
 
-    def forward(self, h: torch.Tensor, text: torch.Tensor, mismatched: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, text: torch.Tensor, mismatched: torch.Tensor | None = None, parts: int = 1) -> torch.Tensor:
         h = _lrelu(h)
+        if self.mbstd_group > 1:
+            h = minibatch_std(h, group_size=self.mbstd_group, parts=parts)
         out, proj = self.out(h), self.proj(h)
         if mismatched is not None:  # the first K samples again under other text: only the projection changes
             k = mismatched.shape[0]
@@ -67,17 +72,21 @@ class MultiScaleDiscriminator(nn.Module):
     x: the sample at full resolution ``resolution`` (latents or images, ``in_channels`` channels). pyramid: the
     generator's outputs coarse -> fine (the last ``num_scales`` are used; the finest is ``x``); None builds it by
     area-downsampling ``x`` (real samples, R1). ``mismatched``: other text for the first K samples
-    (``{"prompt_embeds", "added_cond_kwargs"}``), whose logits follow the N others. ``parts`` is accepted for the
-    common interface and unused.
+    (``{"prompt_embeds", "added_cond_kwargs"}``), whose logits follow the N others. ``parts``: how many equal parts
+    (real | generated) the batch holds; with ``mbstd_group > 1`` every head also reads the minibatch standard
+    deviation of its features over groups of that many samples of one part (``minibatch_std.py``).
+    ``generator_pyramid`` False: every sample's pyramid is its area-downsampled output (the callers then pass none).
     """
 
-    uses_pyramid = True
     needs_reference = False  # see ProjectedDiscriminator
 
     def __init__(self, *, in_channels: int, resolution: int, context_dim: int, pooled_dim: int = 0,
                  channels: tuple[int, ...] = (64, 128, 256), text_dim: int = 128, cmap_dim: int = 64,
-                 augment: str = DEFAULT_POLICY):
+                 augment: str = DEFAULT_POLICY, mbstd_group: int = 0, generator_pyramid: bool = True):
         super().__init__()
+        # False: generated samples are area-downsampled like real ones instead of read from the generator's own
+        # pyramid, whose coarse levels it can then not shape apart from its output (measured on the digits, README).
+        self.uses_pyramid = generator_pyramid
         num_scales = len(channels)
         self.sizes = [resolution // 2 ** k for k in range(num_scales)]  # fine -> coarse
         if resolution % 2 ** num_scales or self.sizes[-1] < 2:
@@ -86,7 +95,7 @@ class MultiScaleDiscriminator(nn.Module):
         outs = [channels[min(k + 1, num_scales - 1)] for k in range(num_scales)]
         self.from_input = nn.ModuleList(nn.Conv2d(in_channels, c, 1) for c in channels)
         self.blocks = nn.ModuleList(DownBlock(c, o) for c, o in zip(channels, outs))
-        self.heads = nn.ModuleList(ProjectionHead(o, text_dim, cmap_dim) for o in outs)
+        self.heads = nn.ModuleList(ProjectionHead(o, text_dim, cmap_dim, mbstd_group=mbstd_group) for o in outs)
         self.text = TextPooling(context_dim, text_dim, pooled_dim=pooled_dim)
         self.augment = DiffAugment(augment)
 
@@ -112,5 +121,5 @@ class MultiScaleDiscriminator(nn.Module):
             h = self.from_input[k](level)
             for j in range(k, len(self.blocks)):
                 h = self.blocks[j](h)
-                logits.append(self.heads[j](h, text, other))
+                logits.append(self.heads[j](h, text, other, parts=parts))
         return logits

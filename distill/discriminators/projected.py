@@ -26,6 +26,7 @@ from students.latents import decode_vae
 
 from .features import FeatureNetwork
 from .inputs import TextPooling, blur, pooled_embeds
+from .minibatch_std import minibatch_std
 
 
 class VirtualBatchNorm(nn.Module):
@@ -88,17 +89,24 @@ class ProjectedHead(nn.Module):
     (the first K samples again, under the ``mismatched`` text: only the projection depends on the text)."""
 
     def __init__(self, channels: int, tokens: int, text_dim: int, *, cmap_dim: int, kernel_size: int, virtual_batch: int,
-                 mixed: bool = False):
+                 mixed: bool = False, mbstd_group: int = 0):
         super().__init__()
+        self.mbstd_group = mbstd_group
         self.block = _Block(channels, 1, tokens, virtual_batch, mixed)
         self.residual = _Block(channels, kernel_size, tokens, virtual_batch, mixed)
-        self.cls = spectral_norm(nn.Conv1d(channels, cmap_dim, 1))
+        self.cls = spectral_norm(nn.Conv1d(channels + (1 if mbstd_group > 1 else 0), cmap_dim, 1))
         self.cmapper = nn.Linear(text_dim, cmap_dim)
         self.cmap_dim = cmap_dim
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, parts: int, mismatched: torch.Tensor | None = None) -> torch.Tensor:
         h = self.block(x, parts)
-        h = self.cls((h + self.residual(h, parts)) / math.sqrt(2))
+        h = (h + self.residual(h, parts)) / math.sqrt(2)
+        if self.mbstd_group > 1:
+            # The spread of the frozen features themselves, measured before the virtual batch norm (which rescales each
+            # part to unit variance and so would hide a collapsed generator's small spread), joins the last layer.
+            spread = minibatch_std(x[..., None], group_size=self.mbstd_group, parts=parts)[:, -1:, :, 0]  # [N,1,L]
+            h = torch.cat([h, spread.to(h.dtype)], dim=1)
+        h = self.cls(h)
         if mismatched is not None:
             h, text = torch.cat([h, h[: mismatched.shape[0]]]), torch.cat([text, mismatched])
         # Projection conditioning: <features, projected text> per token, scaled to unit variance.
@@ -116,14 +124,15 @@ class ProjectedDiscriminator(nn.Module):
 
     ``mixed_norm``: real and generated samples share the heads' batch statistics (:class:`VirtualBatchNorm`);
     ``needs_reference`` is then True and a forward over generated samples alone (the generator's phase) must be
-    given real ones as a second part to normalise with, their logits dropped by the caller.
+    given real ones as a second part to normalise with, their logits dropped by the caller. ``mbstd_group > 1``: each
+    head also reads the minibatch standard deviation of its frozen features (``minibatch_std.py``).
     """
 
     uses_pyramid = False
 
     def __init__(self, features: FeatureNetwork, *, context_dim: int, pooled_dim: int = 0, cmap_dim: int = 64,
                  text_dim: int = 256, kernel_size: int = 9, virtual_batch: int = 8, augment: str = DEFAULT_POLICY,
-                 decode: nn.Module | None = None, mixed_norm: bool = False):
+                 decode: nn.Module | None = None, mixed_norm: bool = False, mbstd_group: int = 0):
         super().__init__()
         self.needs_reference = bool(mixed_norm and virtual_batch > 0)
         self.features = features
@@ -132,7 +141,7 @@ class ProjectedDiscriminator(nn.Module):
         self.text = TextPooling(context_dim, text_dim, pooled_dim=pooled_dim)
         self.heads = nn.ModuleList(
             ProjectedHead(c, length, text_dim, cmap_dim=cmap_dim, kernel_size=kernel_size, virtual_batch=virtual_batch,
-                          mixed=mixed_norm)
+                          mixed=mixed_norm, mbstd_group=mbstd_group)
             for c, length in features.shapes()
         )
 

@@ -2,6 +2,8 @@
 
 - :mod:`.fid`: FID with clean-fid's protocol: statistics, cached reference statistics, Frechet distance;
   :mod:`.fid_features` (extractors, the feature path) and :mod:`.image_io` (image files) under it.
+- :mod:`.precision_recall`: improved precision and recall (Kynkäänniemi et al. 2019), k-NN hyperspheres in
+  the FID features; :mod:`.diversity`: per-prompt mean pairwise feature distance (mode collapse in a number).
 - :mod:`.clip_score`: open_clip cosine similarity between images and prompts.
 - :mod:`.fidelity`: E-LatentLPIPS / LPIPS / PSNR between student outputs and teacher targets (held-out pairs).
 - :mod:`.latency`: seconds per image, images per second, peak memory.
@@ -28,6 +30,11 @@ _EXPORTS = {
     "load_inception": "fid_features",
     "inception_path": "fid_features",
     "reference_statistics": "fid",
+    "reference_features": "fid",
+    "knn_radii": "precision_recall",
+    "inside_manifold": "precision_recall",
+    "group_diversity": "diversity",
+    "mean_pairwise_distance": "diversity",
     "ClipModel": "clip_score",
     "build_random_tiny_clip": "clip_score",
     "clip_scores": "clip_score",

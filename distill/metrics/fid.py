@@ -106,6 +106,23 @@ def image_set_hash(files: Sequence[Path], *, root: str | os.PathLike, center_cro
     return h.hexdigest()
 
 
+def _reference_set(ref: Path, *, extractor_id: str, cache_dir, limit: int, center_crop: bool) -> tuple[list[Path], Path, dict]:
+    """The reference folder's files (first ``limit`` when > 0), its statistics cache file and provenance."""
+    files = list_images(ref)
+    if limit > 0:
+        files = files[:limit]
+    set_hash = image_set_hash(files, root=ref, center_crop=center_crop)
+    key = hashlib.sha256(f"{set_hash}\n{extractor_id}".encode()).hexdigest()[:20]
+    cache = Path(cache_dir) / f"fid-ref-{key}.npz"
+    info = {"reference": str(ref), "num_images": len(files), "set_sha256": set_hash, "extractor_id": extractor_id, "cache": str(cache)}
+    return files, cache, info
+
+
+def _save_statistics_cache(stats: FIDStats, cache: Path, info: dict) -> None:
+    stats.save(cache)
+    cache.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def reference_statistics(
     reference: str | os.PathLike,
     *,
@@ -132,21 +149,47 @@ def reference_statistics(
         return stats, {"reference": str(ref), "source": "statistics file"}
     if not extractor_id:
         raise ValueError("the FID extractor has no `extractor_id`, which names its weights in the reference-statistics cache")
-    files = list_images(ref)
-    if limit > 0:
-        files = files[:limit]
-    set_hash = image_set_hash(files, root=ref, center_crop=center_crop)
-    key = hashlib.sha256(f"{set_hash}\n{extractor_id}".encode()).hexdigest()[:20]
-    cache = Path(cache_dir) / f"fid-ref-{key}.npz"
-    info = {"reference": str(ref), "num_images": len(files), "set_sha256": set_hash, "extractor_id": extractor_id, "cache": str(cache)}
+    files, cache, info = _reference_set(ref, extractor_id=extractor_id, cache_dir=cache_dir, limit=limit, center_crop=center_crop)
     if cache.is_file():
         return FIDStats.load(cache), {**info, "source": "cache"}
     feats = extract_features_from_files(files, extractor=extractor, center_crop=center_crop, batch_size=batch_size,
                                         num_workers=num_workers, device=device, progress=progress)
     stats = FIDStats.from_features(feats, extractor_id=extractor_id)
-    stats.save(cache)
-    cache.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    _save_statistics_cache(stats, cache, info)
     return stats, {**info, "source": "computed"}
+
+
+def reference_features(
+    reference: str | os.PathLike,
+    *,
+    extractor: Callable[[torch.Tensor], torch.Tensor],
+    cache_dir: str | os.PathLike,
+    limit: int = 0,
+    center_crop: bool = True,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, list[Path], dict]:
+    """Features ``[N,D]`` of a reference image folder (the files and preprocessing of :func:`reference_statistics`),
+    for metrics that need the points, not only their Gaussian fit (precision/recall, diversity).
+
+    Returns (features, files, provenance). The features themselves are not cached (10k Inception features are
+    160 MB); their statistics are, so an FID against the same reference in the same run reads them from the cache.
+    """
+    extractor_id = getattr(extractor, "extractor_id", None)
+    ref = Path(reference)
+    if not ref.is_dir():
+        raise ValueError(f"reference {ref} is not an image folder: precision/recall and diversity need the real images, "
+                         "not an .npz of FID statistics")
+    if not extractor_id:
+        raise ValueError("the FID extractor has no `extractor_id`, which names its weights in the reference-statistics cache")
+    files, cache, info = _reference_set(ref, extractor_id=extractor_id, cache_dir=cache_dir, limit=limit, center_crop=center_crop)
+    feats = extract_features_from_files(files, extractor=extractor, center_crop=center_crop, batch_size=batch_size,
+                                        num_workers=num_workers, device=device, progress=progress)
+    if not cache.is_file() and len(files) >= 2:
+        _save_statistics_cache(FIDStats.from_features(feats, extractor_id=extractor_id), cache, info)
+    return feats, files, {**info, "source": "computed"}
 
 
 def _fid_of_features(features: np.ndarray, reference: FIDStats, *, extractor) -> float:

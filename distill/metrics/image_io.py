@@ -1,4 +1,4 @@
-"""Image files for the metrics: listing, decoding, clean-fid's resize, uint8 conversion, content hashes."""
+"""Image files for the metrics: listing, decoding, clean-fid's resize, uint8 conversion, content hashes, folder labels."""
 
 from __future__ import annotations
 
@@ -62,3 +62,28 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not files:
         raise ValueError(f"reference folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+def folder_labels(folder: str | os.PathLike, files: Sequence[Path], *, column: str = "label") -> list[int] | None:
+    """Integer labels ``[N]`` of ``files`` in an image folder from its ``metadata.jsonl`` (the ``imagefolder``
+    convention: one row per image with ``file_name``, relative to the folder, and ``column``); None when
+    the folder has no such file or its rows have no ``column``."""
+    import json
+
+    meta = Path(folder) / "metadata.jsonl"
+    if not meta.is_file():
+        return None
+    labels = {}
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if column not in row:
+            return None
+        if "file_name" not in row:
+            raise ValueError(f"{meta} line {n} has no `file_name`")
+        labels[Path(row["file_name"]).as_posix()] = int(row[column])
+    missing = [f for f in files if Path(f).relative_to(folder).as_posix() not in labels]
+    if missing:
+        raise ValueError(f"{meta} has no row for {Path(missing[0]).relative_to(folder)} ({len(missing)} images without a `{column}`)")
+    return [labels[Path(f).relative_to(folder).as_posix()] for f in files]

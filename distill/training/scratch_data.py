@@ -5,7 +5,8 @@ A map-style dataset (local folders, Parquet, latent caches, hub sets that fit on
 read disjoint rows, each epoch is a permutation, and a resumed run continues the same order with no
 bookkeeping. A streaming dataset is split by rank and read in order through a cursor whose position is
 saved with every checkpoint (all ranks' positions, gathered). Images are encoded with the VAE on the fly;
-a latent cache skips that.
+a latent cache skips that. :func:`check_real_data` reads every caption and image header of a map-style set
+before the run takes its output folder, so that a bad row stops it with nothing written.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from data_gen.image_text import (LATENT_COLUMN, StreamCursor, image_transform, is_latent_cache, open_image_text, read_latent_manifest,
-                                 read_rows, rows_to_batch)
+from data_gen.image_text import (CAPTION_COLUMN, LATENT_COLUMN, StreamCursor, check_image_text, image_transform, is_latent_cache,
+                                 open_image_text, read_latent_manifest, read_rows, rows_to_batch)
 from distill.training.prefetch import Prefetch
 from distill.training.scratch_phases import RealBatch
 from distill.training.seeds import batch_indices, step_generator
@@ -34,6 +35,39 @@ def check_cache(manifest: dict, *, dataset: str, resolution: int, vae_config) ->
                          f"{wanted[2]} channels): match them or cache again")
 
 
+KEPT = "the checkpoints written so far are kept: fix it and re-run the same command to resume"
+
+
+def check_real_data(cfg, *, rank: int = 0, world: int = 1, gather: Callable[[list], list] = lambda x: x):
+    """Open ``cfg.dataset`` and check its rows (:func:`data_gen.image_text.check_image_text`: captions not blank, image
+    headers readable), each process a contiguous share, the outcomes gathered (``accelerate.utils.gather_object``): a
+    bad set is one ValueError on every process, before the run writes anything. Returns the opened dataset, for
+    :class:`RealData`. A stream is only opened (its rows are checked as they are read)."""
+    reason, ds = None, None
+    try:
+        ds = open_image_text(cfg.dataset, split=cfg.split, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                             streaming=cfg.streaming, config_name=cfg.dataset_config)
+        if not cfg.streaming:
+            cached = is_latent_cache(cfg.dataset)
+            lo, hi = len(ds) * rank // world, len(ds) * (rank + 1) // world
+            check_image_text(ds.select(range(lo, hi)), source=cfg.dataset, image_column=None if cached else cfg.image_column,
+                             caption_column=CAPTION_COLUMN if cached else cfg.caption_column, first_row=lo)
+    except ValueError as exc:
+        reason = str(exc)
+    reasons = [r for r in gather([reason]) if r is not None]
+    if reasons:
+        raise ValueError(reasons[0])
+    return ds
+
+
+class _ReadError:
+    """A batch that could not be read in a DataLoader worker, carried to the training process as a value (re-raised
+    there as one line: a worker's own exception would arrive wrapped in its traceback)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class _MicroBatches(torch.utils.data.Dataset):
     """Micro-batch number -> (samples, captions) of this rank: what DataLoader workers prefetch."""
 
@@ -44,21 +78,25 @@ class _MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, micro: int):
         idx = batch_indices(seed=self.seed, step=micro, rank=self.rank, world=self.world, batch_size=self.batch_size,
                             num_rows=len(self.ds))
-        return read_rows(self.ds, idx, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
-                         generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="caption"))
+        try:
+            return read_rows(self.ds, idx, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
+                             generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="caption"))
+        except ValueError as exc:  # an image damaged past its header, found when decoded
+            return _ReadError(str(exc))
 
 
 class RealData:
     """``data.batch(micro) -> RealBatch`` for consecutive global micro-batch numbers from ``start``.
 
     ``encode``: captions -> text conditioning; ``to_samples``: images -> generator-space samples (VAE encode).
-    ``gather``: collects every rank's stream position at a checkpoint (``accelerate.utils.gather_object``)."""
+    ``gather``: collects every rank's stream position at a checkpoint (``accelerate.utils.gather_object``).
+    ``ds``: the set already opened (:func:`check_real_data`), else opened here."""
 
     def __init__(self, *, dataset: str, split: str, image_column: str, caption_column: str, streaming: bool, config_name: str | None,
                  resolution: int, batch_size: int, seed: int, rank: int, world: int, num_workers: int, latent_sampling: str,
-                 encode: Callable, to_samples: Callable, device, gather: Callable[[list], list], vae_config=None):
-        self.ds = open_image_text(dataset, split=split, image_column=image_column, caption_column=caption_column,
-                                  streaming=streaming, config_name=config_name)
+                 encode: Callable, to_samples: Callable, device, gather: Callable[[list], list], vae_config=None, ds=None):
+        self.ds = ds if ds is not None else open_image_text(dataset, split=split, image_column=image_column,
+                                                            caption_column=caption_column, streaming=streaming, config_name=config_name)
         self.cached = is_latent_cache(dataset)
         if self.cached:
             check_cache(read_latent_manifest(dataset), dataset=dataset, resolution=resolution, vae_config=vae_config)
@@ -84,10 +122,17 @@ class RealData:
         if self.cursor is not None:
             rows = self.cursor.take(self.batch_size)
             where = [f"streamed row {self.cursor.read - len(rows) + i} of pass {self.cursor.epoch} (rank {self.rank})" for i in range(len(rows))]
-            samples, captions = rows_to_batch(rows, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
-                                              generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="caption"), where=where)
+            try:
+                samples, captions = rows_to_batch(rows, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
+                                                  generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="caption"),
+                                                  where=where)
+            except ValueError as exc:
+                raise ValueError(f"{exc} ({KEPT})") from None
         else:
-            samples, captions = self.prefetch.read(micro)
+            read = self.prefetch.read(micro)
+            if isinstance(read, _ReadError):
+                raise ValueError(f"{read.message} ({KEPT})")
+            samples, captions = read
         samples = samples.to(self.device)
         if not self.cached:
             samples = self.to_samples(samples, sampling=self.latent_sampling,

@@ -88,12 +88,13 @@ def build_parts(cfg, *, device) -> ScratchParts:
                                          resolution=cfg.d_feature_resolution)
         disc = ProjectedDiscriminator(features.to(device), context_dim=context_dim, pooled_dim=pooled_dim, cmap_dim=cfg.d_cmap_dim,
                                       text_dim=cfg.d_text_dim, virtual_batch=cfg.d_virtual_batch, augment=cfg.augment,
-                                      mixed_norm=cfg.d_norm == "mixed",
+                                      mixed_norm=cfg.d_norm == "mixed", mbstd_group=cfg.d_mbstd_group,
                                       decode=LatentDecoder(vae) if vae is not None else None)
     elif cfg.discriminator == "multiscale":
         widths = tuple(int(c) for c in cfg.d_channels.split(","))
         disc = MultiScaleDiscriminator(in_channels=channels, resolution=side, context_dim=context_dim, pooled_dim=pooled_dim,
-                                       channels=widths, text_dim=cfg.d_text_dim, cmap_dim=cfg.d_cmap_dim, augment=cfg.augment)
+                                       channels=widths, text_dim=cfg.d_text_dim, cmap_dim=cfg.d_cmap_dim, augment=cfg.augment,
+                                       mbstd_group=cfg.d_mbstd_group, generator_pyramid=cfg.d_pyramid == "generator")
     else:
         unet = load_components(cfg.teacher, ("unet",), what="teacher")["unet"]
         if unet is None or vae is None or int(unet.config.in_channels) != channels:
