@@ -49,7 +49,7 @@ class GANConfig:
     generator: str = field(default="gigagan", metadata={"help": f"generator: {', '.join(GENERATORS)}"})
     generator_size: str = field(default="base", metadata={"help": "generator size preset: tiny, small, base"})
     mapping_lr_mul: Optional[float] = field(default=None, metadata={"help": "learning-rate multiplier of the mapping network (unset: 0.01)"})
-    discriminator: str = field(default="projected", metadata={"help": f"discriminator: {', '.join(DISCRIMINATORS)}"})
+    discriminator: str = field(default="projected", metadata={"help": f"discriminator: {', '.join(DISCRIMINATORS)} (both, judged as one: their heads' logits together)"})
     d_feature_network: str = field(default="timm:vit_small_patch16_224.dino", metadata={"help": "projected D: torchvision:NAME, timm:NAME, open_clip:MODEL/TAG or a classifier folder"})
     d_feature_layers: str = field(default="", metadata={"help": "projected D: hooked module names, comma-separated (empty: the network's default)"})
     d_feature_weights: str = field(default="", metadata={"help": "projected D: a local weights file for the feature network (random: tests only)"})

@@ -174,6 +174,23 @@ def test_multiscale_discriminator_can_downsample_generated_samples_as_real_ones(
     assert all(torch.equal(a, b) for a, b in zip(d(x, _text(2)), d(x, _text(2), pyramid=[F.interpolate(x, size=8, mode="area"), x])))
 
 
+def test_discriminator_ensemble_concatenates_its_members_logits(classifier_dir):
+    from distill.discriminators import DiscriminatorEnsemble
+
+    projected = _projected(classifier_dir, augment="").eval()
+    multiscale = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=8,
+                                         augment="", generator_pyramid=False, mbstd_group=2)
+    both = DiscriminatorEnsemble([projected, multiscale]).eval()
+    x, text = torch.rand(4, 3, 16, 16) * 2 - 1, _text(4)
+    got = both(x, text, parts=2, mismatched={"prompt_embeds": _text(2, seed=1)})
+    want = projected(x, text, parts=2, mismatched={"prompt_embeds": _text(2, seed=1)}) + multiscale(
+        x, text, parts=2, mismatched={"prompt_embeds": _text(2, seed=1)})
+    assert len(got) == len(want) == 3 + 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not both.uses_pyramid and not both.needs_reference
+    with pytest.raises(ValueError, match="d_pyramid downsample"):  # the phases pass one pyramid for all members: none
+        DiscriminatorEnsemble([projected, MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16))])
+
+
 def test_unpaired_unet_discriminator(sd15_teacher):
     from diffusers import UNet2DConditionModel
 

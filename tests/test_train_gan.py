@@ -86,6 +86,8 @@ def test_training_moves_the_logits_apart_and_exports_a_pipeline(common, images, 
     ("projected", ["--space", "pixel", "--d_mbstd_group", 2, "--mismatch_weight", 1.0]),  # the digits recipe's D, minibatch-std on
     ("multiscale", ["--space", "pixel", "--d_channels", "8,16", "--r1_gamma", 1.0, "--r1_interval", 2, "--loss", "non_saturating",
                     "--mismatch_weight", 1.0, "--d_mbstd_group", 2, "--d_pyramid", "downsample"]),
+    ("projected+multiscale", ["--d_channels", "8", "--d_pyramid", "downsample", "--d_mbstd_group", 2, "--r1_gamma", 1.0,
+                              "--r1_interval", 2, "--mismatch_weight", 1.0]),  # both Ds as one, in latent space
     ("unet", ["--teacher", "TEACHER", "--d_heads", "before,final", "--generator", "stylegan_t", "--gradient_accumulation_steps", 2]),
 ])
 def test_other_discriminators_train_and_export(common, sd15_teacher, tmp_path, capsys, discriminator, extra):
@@ -96,7 +98,7 @@ def test_other_discriminators_train_and_export(common, sd15_teacher, tmp_path, c
     assert code == 0, err
     stats = _stats(run)
     assert len(stats) == 3 and all(r["d_real"] == r["d_real"] for r in stats)
-    if discriminator == "multiscale":
+    if "multiscale" in discriminator:
         assert "d_r1" in stats[0] and "d_r1" not in stats[1]  # lazy R1, every r1_interval steps
         assert all("d_mismatch" in r for r in stats)  # the matching-aware term
     from students import OneStepGANPipeline
@@ -173,7 +175,7 @@ def test_bad_input_is_one_line(common, images, tmp_path, capsys):
     assert not (tmp_path / "y").exists()  # found before the run takes its output folder
 
 
-@pytest.mark.parametrize("name", ["digits_gigagan", "digits_gigagan_pixel", "digits_stylegan_t", "sd15_gigagan"])
+@pytest.mark.parametrize("name", ["digits_gigagan", "digits_gigagan_projected", "digits_gigagan_pixel", "digits_stylegan_t", "sd15_gigagan"])
 def test_shipped_configs_pass_the_checks(name):
     from conftest import ROOT
     from distill.config import parse_config
@@ -181,7 +183,7 @@ def test_shipped_configs_pass_the_checks(name):
 
     cfg = parse_config(GANConfig, ["--config", str(ROOT / "configs" / "scratch" / f"{name}.yaml")])
     check(cfg)
-    assert cfg.generator == name.split("_", 1)[1].removesuffix("_pixel")
+    assert cfg.generator == name.split("_", 1)[1].removesuffix("_pixel").removesuffix("_projected")
 
 
 # A user's own folder (README "From scratch"): PNGs of mixed sizes and modes + metadata.jsonl, pixel or latent space,

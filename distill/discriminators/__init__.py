@@ -1,6 +1,6 @@
 """Discriminators: the teacher-UNet D of stage two (unet.py); for from-scratch training also StyleGAN-T's
 projected D on a frozen feature network (projected.py, features.py), GigaGAN's multi-scale D (multiscale.py)
-and the teacher-UNet D without pairs (unpaired_unet.py). Imported lazily (PEP 562)."""
+the teacher-UNet D without pairs (unpaired_unet.py) and several of them as one (ensemble.py). Imported lazily (PEP 562)."""
 
 from distill._lazy import lazy_exports
 
@@ -11,6 +11,7 @@ _EXPORTS = {
     "ProjectedDiscriminator": "projected",
     "LatentDecoder": "projected",
     "MultiScaleDiscriminator": "multiscale",
+    "DiscriminatorEnsemble": "ensemble",
     "FeatureNetwork": "features",
     "build_feature_network": "features",
 }

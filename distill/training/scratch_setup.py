@@ -19,7 +19,7 @@ from students.export import save_standalone
 from students.latents import scale_latents, vae_scale_factor
 from teachers.loading import load_components
 
-DISCRIMINATORS = ("projected", "multiscale", "unet")
+DISCRIMINATORS = ("projected", "multiscale", "unet", "projected+multiscale")
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
 
@@ -64,8 +64,7 @@ def check_resolution(*, resolution: int, generator: str, size: str, factor: int)
 
 def build_parts(cfg, *, device) -> ScratchParts:
     """Text encoder(s) and VAE (frozen), generator and discriminator (trainable), CLIP guidance (optional)."""
-    from distill.discriminators import (LatentDecoder, MultiScaleDiscriminator, ProjectedDiscriminator, UnpairedUNetDiscriminator,
-                                        build_feature_network)
+    from distill.discriminators import DiscriminatorEnsemble
     from distill.losses.latent_lpips_training import load_vae
 
     text = {k: v.to(device) if isinstance(v, torch.nn.Module) else v
@@ -82,15 +81,34 @@ def build_parts(cfg, *, device) -> ScratchParts:
     overrides = {} if cfg.mapping_lr_mul is None else {"mapping_lr_mul": cfg.mapping_lr_mul}
     generator = spec.generator.for_latents(latent_channels=channels, sample_size=side, cross_attention_dim=context_dim,
                                            pooled_dim=pooled_dim, size=cfg.generator_size, **overrides).to(device)
-    if cfg.discriminator == "projected":
+    kinds = cfg.discriminator.split("+")
+    members = [_discriminator(kind, cfg, vae=vae, channels=channels, side=side, context_dim=context_dim, pooled_dim=pooled_dim)
+               for kind in kinds]
+    disc = members[0] if len(members) == 1 else DiscriminatorEnsemble(members)
+    clip = None
+    if cfg.clip_guidance_weight > 0:
+        try:
+            clip = load_clip_guidance(cfg.clip_model, cfg.clip_pretrained, crop=cfg.clip_crop, device=device)
+        except FileNotFoundError as exc:  # optional: train without it, saying why in one line
+            sys.stderr.write(f"warning: CLIP guidance is off: {exc}\n")
+    return ScratchParts(text=text, vae=vae, generator=generator, discriminator=disc.to(device), clip_guidance=clip,
+                        resolution=cfg.resolution)
+
+
+def _discriminator(kind: str, cfg, *, vae, channels: int, side: int, context_dim: int, pooled_dim: int) -> torch.nn.Module:
+    """One discriminator of ``kind`` (projected, multiscale or unet) from the config's ``d_*`` keys."""
+    from distill.discriminators import (LatentDecoder, MultiScaleDiscriminator, ProjectedDiscriminator, UnpairedUNetDiscriminator,
+                                        build_feature_network)
+
+    if kind == "projected":
         layers = tuple(x.strip() for x in cfg.d_feature_layers.split(",") if x.strip())
         features = build_feature_network(cfg.d_feature_network, layers=layers, weights=cfg.d_feature_weights,
                                          resolution=cfg.d_feature_resolution)
-        disc = ProjectedDiscriminator(features.to(device), context_dim=context_dim, pooled_dim=pooled_dim, cmap_dim=cfg.d_cmap_dim,
+        disc = ProjectedDiscriminator(features, context_dim=context_dim, pooled_dim=pooled_dim, cmap_dim=cfg.d_cmap_dim,
                                       text_dim=cfg.d_text_dim, virtual_batch=cfg.d_virtual_batch, augment=cfg.augment,
                                       mixed_norm=cfg.d_norm == "mixed", mbstd_group=cfg.d_mbstd_group,
                                       decode=LatentDecoder(vae) if vae is not None else None)
-    elif cfg.discriminator == "multiscale":
+    elif kind == "multiscale":
         widths = tuple(int(c) for c in cfg.d_channels.split(","))
         disc = MultiScaleDiscriminator(in_channels=channels, resolution=side, context_dim=context_dim, pooled_dim=pooled_dim,
                                        channels=widths, text_dim=cfg.d_text_dim, cmap_dim=cfg.d_cmap_dim, augment=cfg.augment,
@@ -102,14 +120,7 @@ def build_parts(cfg, *, device) -> ScratchParts:
                              f"{'no UNet' if unet is None else str(unet.config.in_channels) + '-channel latents'}, space {cfg.space!r}")
         heads = tuple(h.strip() for h in cfg.d_heads.split(",") if h.strip())
         disc = UnpairedUNetDiscriminator(unet, timestep=cfg.d_timestep, heads=heads, augment=cfg.augment)
-    clip = None
-    if cfg.clip_guidance_weight > 0:
-        try:
-            clip = load_clip_guidance(cfg.clip_model, cfg.clip_pretrained, crop=cfg.clip_crop, device=device)
-        except FileNotFoundError as exc:  # optional: train without it, saying why in one line
-            sys.stderr.write(f"warning: CLIP guidance is off: {exc}\n")
-    return ScratchParts(text=text, vae=vae, generator=generator, discriminator=disc.to(device), clip_guidance=clip,
-                        resolution=cfg.resolution)
+    return disc
 
 
 def load_clip_guidance(model_name: str, pretrained: str, *, crop: int, device) -> CLIPGuidance:
