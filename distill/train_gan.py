@@ -117,6 +117,8 @@ def check(cfg: GANConfig) -> None:
                          "validation_rows", "d_timestep", "d_feature_resolution", "d_virtual_batch", "d_mbstd_group")
     for key in ("adam_beta1", "adam_beta2"):
         require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
+    if "+" in cfg.discriminator and (cfg.d_pyramid != "downsample" or cfg.d_norm != "separate"):
+        raise ConfigError(f"discriminator {cfg.discriminator} judges both Ds on the same inputs: set d_pyramid downsample and d_norm separate")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError(f"checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
 

@@ -305,3 +305,9 @@ def test_my_dataset_config_parses_and_trains_with_tiny_parts(own_images, sd15_te
                                             "--validation_rows", 2, "--validation_images", 2], capsys)
     assert code == 0, err
     assert [r["step"] for r in _stats(run)] == [1, 2] and (run / "pipeline" / "model_index.json").is_file()
+
+
+def test_an_ensemble_that_would_read_the_generator_pyramid_is_refused_before_anything_is_written(common, tmp_path, capsys):
+    code, err = run_script("train_gan.py", [*common, "--output_dir", tmp_path / "ens", "--discriminator", "projected+multiscale",
+                                            "--max_train_steps", 1], capsys)
+    assert code == 2 and "set d_pyramid downsample" in _last_line(err) and not (tmp_path / "ens").exists()

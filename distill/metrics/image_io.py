@@ -82,6 +82,8 @@ def folder_labels(folder: str | os.PathLike, files: Sequence[Path], *, column: s
             return None
         if "file_name" not in row:
             raise ValueError(f"{meta} line {n} has no `file_name`")
+        if not isinstance(row[column], (int, float, str)) or str(row[column]).strip() == "":
+            raise ValueError(f"{meta} line {n} has `{column}` {row[column]!r}: give every image an integer label, or drop the column")
         labels[Path(row["file_name"]).as_posix()] = int(row[column])
     missing = [f for f in files if Path(f).relative_to(folder).as_posix() not in labels]
     if missing:
