@@ -1,20 +1,25 @@
-"""Stage two at SD1.5 and SDXL size: memory per lever combination, and step time / peak memory per lever on a GPU.
+"""Stage two at SD1.5 and SDXL size: memory per lever combination and per student, and step time / peak memory
+per lever and per student on a GPU.
 
 The UNet student and UNet discriminator are built from the published UNet2DConditionModel configs of
 runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0 (written below; random weights:
-speed and memory do not depend on them), with the library's classes (``UNetStudent``, ``UNetDiscriminator``,
-``EMA``, ``build_optimizer``) and loss phases (``generator_terms`` / ``discriminator_terms``).
+speed and memory do not depend on them), the GAN students from their ``paper`` size presets (the published
+generators' parameter counts), with the library's classes (``UNetStudent``, ``GigaGANGenerator``,
+``StyleGANTGenerator``, ``UNetDiscriminator``, ``EMA``, ``build_optimizer``) and loss phases
+(``generator_terms`` / ``discriminator_terms``).
 
-1. Memory table, any machine: exact bytes of the tensors a run keeps on the accelerator (weights, one model's
+1. Memory tables, any machine: exact bytes of the tensors a run keeps on the accelerator (weights, one model's
    gradients at a time, optimiser states, EMA, teacher UNet, frozen text encoders + VAE), built on the meta device
-   (no memory used). Activations are not in it. adam8bit states follow bitsandbytes' layout (uint8 moments, an
-   fp32 scale per 256-element block; tensors under 4096 elements keep fp32 moments).
-2. On CUDA: per lever, step time, images/s and torch.cuda.max_memory_allocated of a full step (G phase, D phase
-   with R1, both optimiser steps, EMA update; bf16 autocast, MSE regression) at SD1.5 512 px batch 16 / SDXL
-   1024 px batch 4, and the student's one-step latency at 512 / 1024 px.
+   (no memory used), one table per student. Activations are not in it. adam8bit states follow bitsandbytes' layout
+   (uint8 moments, an fp32 scale per 256-element block; tensors under 4096 elements keep fp32 moments).
+2. On CUDA: per lever (UNet student) and per student (default levers), step time, images/s and
+   torch.cuda.max_memory_allocated of a full step (G phase, D phase with R1, both optimiser steps, EMA update;
+   bf16 autocast, MSE regression; the GAN students make their fakes from fresh noise, their default) at SD1.5
+   512 px batch 16 / SDXL 1024 px batch 4, and each student's one-step latency at 512 / 1024 px.
    Without CUDA a reduced run: SD1.5 only (``--sdxl`` adds SDXL), 64 px, batch 1, the D phase with R1 (no
    optimiser step: student + D with Adam states would need 28 GB at SD1.5 size) with and without
-   d_gradient_checkpointing, and the one-step latency. The first printed line says which.
+   d_gradient_checkpointing, and each student's one-step latency at 64x64 latents (one image) with its ratio to
+   the UNet student's, measured side by side. The first printed line says which.
 
     python benchmarks/sd_scale.py            # CPU: memory table (both), reduced SD1.5 timing
     python benchmarks/sd_scale.py --sdxl     # GPU: the full measurements (SD1.5 and SDXL)
@@ -32,14 +37,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import diffusers
 import torch
 
 from distill.discriminators import UNetDiscriminator
 from distill.training.ema import EMA
 from distill.training.phases import Batch, discriminator_terms, generator_terms
 from distill.training.optimizers import build_optimizer
-from students import TextConditioning, UNetStudent
-from teachers.testing import _text_encoder, _vae  # the published text encoder / VAE shapes
+from diffusers import UNet2DConditionModel
+
+from students import GigaGANGenerator, StyleGANTGenerator, TextConditioning, UNetStudent
+from teachers.testing import random_text_encoder, random_vae  # the published text encoder / VAE shapes
 
 UNETS = {  # UNet2DConditionModel kwargs of the released unet/config.json files
     "sd15": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -52,9 +60,11 @@ UNETS = {  # UNet2DConditionModel kwargs of the released unet/config.json files
                  addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
                  norm_num_groups=32),
 }
-FROZEN = {"sd15": lambda: [_text_encoder(768, 12, 12), _vae("full", 0.18215)],
-          "sdxl": lambda: [_text_encoder(768, 12, 12), _text_encoder(1280, 32, 20, projection_dim=1280, act="gelu"), _vae("full", 0.13025)]}
+FROZEN = {"sd15": lambda: [random_text_encoder(768, 12, 12), random_vae("full", 0.18215)],
+          "sdxl": lambda: [random_text_encoder(768, 12, 12), random_text_encoder(1280, 32, 20, projection_dim=1280, act="gelu"), random_vae("full", 0.13025)]}
 GPU_RUNS = {"sd15": (512, 16), "sdxl": (1024, 4)}  # resolution, batch
+GAN_STUDENTS = {"gigagan": GigaGANGenerator, "stylegan_t": StyleGANTGenerator}
+STUDENT_NAMES = {"unet": "UNet student", "gigagan": "GigaGAN (paper)", "stylegan_t": "StyleGAN-T (paper)"}
 # Lever combinations of the memory table: (name, teacher held, ema_device, ema_dtype, frozen bytes/param, optimizer)
 COMBOS = [("before #12 (teacher UNet held)", True, "same", 4, 4, "adam"), ("default (teacher released)", False, "same", 4, 4, "adam"),
           ("ema_device cpu", False, "cpu", 4, 4, "adam"), ("ema_dtype bf16", False, "same", 2, 4, "adam"),
@@ -66,16 +76,32 @@ GPU_LEVERS = {"default": {}, "d_gradient_checkpointing": dict(d_ckpt=True), "gra
               "all": dict(d_ckpt=True, g_ckpt=True, ema_device="cpu", optimizer="adam8bit")}
 
 
-def build(arch: str, device, *, d_ckpt: bool = False, g_ckpt: bool = False):
-    """Student (the UNet at t=999, fp32 master weights) and D (a copy of it, all four head kinds), random weights."""
+def gan_student(kind: str, arch: str, size: str = "paper") -> torch.nn.Module:
+    """A GAN student as stage two sizes it for the teacher (``student_registry``): its latents, its text widths."""
+    unet = UNETS[arch]
+    return GAN_STUDENTS[kind].for_latents(latent_channels=unet["in_channels"], sample_size=unet["sample_size"],
+                                          cross_attention_dim=unet["cross_attention_dim"],
+                                          pooled_dim=1280 if arch == "sdxl" else 0, size=size)
+
+
+def build(arch: str, device, *, student: str = "unet", d_ckpt: bool = False, g_ckpt: bool = False):
+    """Student (the UNet at t=999, or a GAN generator of the ``paper`` preset; fp32 master weights) and D (the
+    teacher's UNet with all four head kinds: a copy of the UNet student, the teacher's own UNet for a GAN student),
+    random weights."""
+    heads = ("before", "skip", "after", "final")
     with torch.device(device):
-        student = UNetStudent(unet_config=UNETS[arch])
-        disc = UNetDiscriminator(student.unet, heads=("before", "skip", "after", "final"))
+        if student == "unet":
+            model = UNetStudent(unet_config=UNETS[arch])
+            disc = UNetDiscriminator(model.unet, heads=heads)
+        else:
+            model = gan_student(student, arch)
+            # Training copies the teacher's UNet and releases the teacher: the same tensors as taking it over.
+            disc = UNetDiscriminator(UNet2DConditionModel(**UNETS[arch]), heads=heads, copy_backbone=False)
     if g_ckpt:
-        student.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     if d_ckpt:
         disc.enable_gradient_checkpointing()
-    return student, disc
+    return model, disc
 
 
 def adam_bytes(params, optimizer: str) -> int:
@@ -84,16 +110,18 @@ def adam_bytes(params, optimizer: str) -> int:
     return sum(2 * p.numel() + 8 * -(-p.numel() // 256) if p.numel() >= 4096 else 8 * p.numel() for p in params)
 
 
-def memory_table(arch: str) -> None:
-    student, disc = build(arch, "meta")
+def memory_table(arch: str, student_kind: str = "unet") -> None:
+    student, disc = build(arch, "meta", student=student_kind)
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (student, disc))
     with torch.device("meta"):
         n_frozen = sum(p.numel() for m in FROZEN[arch]() for p in m.parameters())
     gb = lambda b: f"{b / 1e9:6.2f}"  # noqa: E731  decimal GB, as the issue quotes them
-    print(f"\n{arch}: student {n_g / 1e9:.3f} B params, D {n_d / 1e9:.3f} B, text encoders + VAE {n_frozen / 1e9:.3f} B "
-          "(GB on the accelerator; activations not included)")
+    print(f"\n{arch}, {STUDENT_NAMES[student_kind]}: student {n_g / 1e9:.3f} B params, D {n_d / 1e9:.3f} B, "
+          f"text encoders + VAE {n_frozen / 1e9:.3f} B (GB on the accelerator; activations not included)")
     print(f"{'levers':38s} {'weights':>7s} {'grads':>7s} {'optim':>7s} {'EMA':>7s} {'teacher':>7s} {'frozen':>7s} {'total':>7s}")
     for name, teacher, ema_device, ema_bytes, frozen_bytes, optimizer in COMBOS:
+        if teacher and student_kind != "unet":
+            continue  # the teacher-held row is the UNet student's history
         row = [4 * (n_g + n_d), 4 * max(n_g, n_d), adam_bytes([*student.parameters(), *disc.parameters()], optimizer),
                0 if ema_device == "cpu" else ema_bytes * n_g, 4 * n_g if teacher else 0, frozen_bytes * n_frozen]
         print(f"{name:38s} " + " ".join(gb(b) for b in row) + f" {gb(sum(row))}")
@@ -108,10 +136,11 @@ def conditioning(arch: str, n: int, res: int, device) -> TextConditioning:
                             torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device).repeat(n, 1))
 
 
-def batch(arch: str, n: int, res: int, device) -> Batch:
+def batch(arch: str, n: int, res: int, device, *, fresh_noise: bool = False) -> Batch:
+    """Pairs' noise and targets; ``fresh_noise``: GAN fakes from other noise (the GAN students' ``gan_noise: fresh``)."""
     g = torch.Generator().manual_seed(0)
-    noise, target = (torch.randn(n, 4, res // 8, res // 8, generator=g).to(device) for _ in range(2))
-    return Batch(noise, target, conditioning(arch, n, res, device))
+    noise, target, fresh = (torch.randn(n, 4, res // 8, res // 8, generator=g).to(device) for _ in range(3))
+    return Batch(noise, target, conditioning(arch, n, res, device), gan_noise=fresh if fresh_noise else None)
 
 
 def d_phase(disc, b: Batch, fake, *, r1: bool, device_type: str, per_term: bool = False) -> None:
@@ -156,12 +185,44 @@ def timed(fn, device_type: str) -> float:
     return time.perf_counter() - t
 
 
-@torch.no_grad()
-def latency(student, arch: str, res: int, device, repeats: int) -> float:
+def one_image(student, arch: str, res: int, device, dtype=torch.float32):
+    """A call of the student on one image's inputs (no grad), for timing."""
     b = batch(arch, 1, res, device)
-    run = lambda: student(b.noise, b.cond.prompt_embeds, added_cond_kwargs=b.cond.added_cond_kwargs())  # noqa: E731
+    cond = b.cond.added_cond_kwargs()
+    cond = {k: v.to(dtype) if k == "text_embeds" else v for k, v in cond.items()} if cond else cond
+    noise, embeds = b.noise.to(dtype), b.cond.prompt_embeds.to(dtype)
+
+    @torch.no_grad()
+    def run():
+        return student(noise, embeds, added_cond_kwargs=cond)
+
+    return run
+
+
+def latency(student, arch: str, res: int, device, repeats: int, dtype=torch.float32) -> float:
+    """Median seconds of one image's forward, after a warm-up call."""
+    run = one_image(student, arch, res, device, dtype)
     run()
     return statistics.median(timed(run, torch.device(device).type) for _ in range(repeats))
+
+
+def cpu_latency_ratios(arch: str, repeats: int) -> None:
+    """Each student's one-image latency at 64x64 latents (512 px) over the UNet student's, on the CPU, measured in
+    interleaved rounds (each model once per round) so that a machine's load drifts into every model alike."""
+    res = 512
+    runs = {}
+    for kind in STUDENT_NAMES:
+        student = (UNetStudent(unet_config=UNETS[arch]) if kind == "unet" else gan_student(kind, arch)).eval()
+        runs[kind] = one_image(student, arch, res, "cpu")
+        runs[kind]()  # warm-up
+    times = {kind: [] for kind in runs}
+    for _ in range(repeats):
+        for kind, run in runs.items():
+            times[kind].append(timed(run, "cpu"))
+    unet = statistics.median(times["unet"])
+    for kind in GAN_STUDENTS:
+        print(f"{kind}_over_unet_latency={statistics.median(times[kind]) / unet:.3f}  "
+              f"({STUDENT_NAMES[kind]} vs the UNet student, {res} px = {res // 8}x{res // 8} latents, one image, fp32)")
 
 
 def free() -> None:
@@ -170,13 +231,13 @@ def free() -> None:
         torch.cuda.empty_cache()
 
 
-def measure(arch: str, lever: dict, n: int, res: int, steps: int) -> tuple[float, float]:
+def measure(arch: str, lever: dict, n: int, res: int, steps: int, student_kind: str = "unet") -> tuple[float, float]:
     """Mean seconds per step (R1 off) and peak GB (the warm-up step runs R1) of one lever's full training step."""
     torch.cuda.reset_peak_memory_stats()
-    student, disc = build(arch, "cuda", d_ckpt=lever.get("d_ckpt", False), g_ckpt=lever.get("g_ckpt", False))
+    student, disc = build(arch, "cuda", student=student_kind, d_ckpt=lever.get("d_ckpt", False), g_ckpt=lever.get("g_ckpt", False))
     ema = EMA(student, half_life_kimg=500, device="cpu" if lever.get("ema_device") == "cpu" else None, dtype=lever.get("ema_dtype"))
     opt_g, opt_d = (build_optimizer(lever.get("optimizer", "adam"), m.parameters(), lr=1e-5, betas=(0.0, 0.99)) for m in (student, disc))
-    b = batch(arch, n, res, "cuda")
+    b = batch(arch, n, res, "cuda", fresh_noise=student_kind != "unet")
     times = [timed(lambda: train_step(student, disc, opt_g, opt_d, ema, b, r1=i == 0, nimg=(i + 1) * n), "cuda") for i in range(steps + 1)]
     return statistics.mean(times[1:]), torch.cuda.max_memory_allocated() / 1e9
 
@@ -188,17 +249,34 @@ def gpu_runs(arch: str, steps: int) -> None:
     print(f"{'lever':28s} {'s/step':>8s} {'img/s':>7s} {'peak GB':>8s}")
     for name, lever in GPU_LEVERS.items():
         if lever.get("optimizer") == "adam8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            print(f"{name:28s} skipped: pip install bitsandbytes")
-            continue
-        try:
-            step, peak = measure(arch, lever, n, res, steps)
-            print(f"{name:28s} {step:8.3f} {n / step:7.2f} {peak:8.2f}")
-        except torch.cuda.OutOfMemoryError:
-            print(f"{name:28s} out of memory (peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB)")
+            if name != "all":
+                print(f"{name:28s} skipped: pip install bitsandbytes")
+                continue
+            name, lever = "all but adam8bit (no bnb)", {**lever, "optimizer": "adam"}
+        gpu_row(name, arch, lever, n, res, steps)
+    for kind in GAN_STUDENTS:
+        gpu_row(f"{STUDENT_NAMES[kind]}, default", arch, {}, n, res, steps, student_kind=kind)
+    for kind in STUDENT_NAMES:
+        with torch.device("cuda"):
+            student = UNetStudent(unet_config=UNETS[arch]) if kind == "unet" else gan_student(kind, arch)
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                ms = latency(student.to(dtype).eval(), arch, res, "cuda", 10, dtype=dtype) * 1000
+                print(f"one-step latency {res} px, batch 1, {STUDENT_NAMES[kind]} in {str(dtype)[6:]}: {ms:.1f} ms")
+            except Exception as e:  # one failed measurement must not cost the rest of a GPU lease
+                print(f"one-step latency {res} px, {STUDENT_NAMES[kind]} in {str(dtype)[6:]}: failed: {type(e).__name__}: {e}"[:300])
+        del student
         free()
-    student, _ = build(arch, "cuda")
-    print(f"one-step latency {res} px, batch 1 (fp32 student): {latency(student.eval(), arch, res, 'cuda', 10) * 1000:.1f} ms")
-    del student
+
+
+def gpu_row(name: str, arch: str, lever: dict, n: int, res: int, steps: int, student_kind: str = "unet") -> None:
+    try:
+        step, peak = measure(arch, lever, n, res, steps, student_kind)
+        print(f"{name:28s} {step:8.3f} {n / step:7.2f} {peak:8.2f}")
+    except torch.cuda.OutOfMemoryError:
+        print(f"{name:28s} out of memory (peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB)")
+    except Exception as e:  # one failed measurement must not cost the rest of a GPU lease
+        print(f"{name:28s} failed: {type(e).__name__}: {e}"[:300])
     free()
 
 
@@ -226,6 +304,9 @@ def cpu_runs(arch: str, steps: int) -> None:
     student = UNetStudent(unet_config=UNETS[arch])
     print(f"one-step latency (fp32 student): {latency(student.eval(), arch, res, 'cpu', 3) * 1000:.0f} ms")
     print(f"d_gradient_checkpointing_over_default={results[True] / results[False]:.3f}")
+    del student
+    free()
+    cpu_latency_ratios(arch, repeats=steps)
 
 
 def main() -> None:
@@ -233,6 +314,7 @@ def main() -> None:
     p.add_argument("--sdxl", action="store_true", help="CPU: time SDXL too (about 3x the memory of SD1.5); a GPU always runs both")
     p.add_argument("--steps", type=int, default=None, help="timed steps per lever (default: 5 on a GPU, 2 on the CPU)")
     args = p.parse_args()
+    diffusers.utils.logging.set_verbosity_error()  # the latency runs cast models with .to(dtype) on purpose
     cuda = torch.cuda.is_available()
     archs = ["sd15", "sdxl"] if cuda or args.sdxl else ["sd15"]
     if cuda:
@@ -241,7 +323,8 @@ def main() -> None:
         print(f"device: CPU, no CUDA: reduced run (memory table; timing of {' and '.join(archs)} at 64 px, batch 1, "
               "D phase + R1 and one-step latency only; step time / peak memory per lever need a GPU)")
     for arch in ("sd15", "sdxl"):
-        memory_table(arch)
+        for kind in STUDENT_NAMES:
+            memory_table(arch, kind)
     for arch in archs:
         (gpu_runs if cuda else cpu_runs)(arch, args.steps or (5 if cuda else 2))
 

@@ -236,6 +236,17 @@ def write_shard(
     os.replace(tmp, path)
 
 
+def target_statistics(pairs, *, rows: int, max_rows: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the target latents of the first ``min(rows, max_rows)`` rows of a pairs
+    dataset (``load_pairs``): the scale a from-scratch student's output is set to (``StyleGenerator``'s
+    ``latent_mean`` / ``latent_std``). The same rows on every process, so the same numbers."""
+    n = min(int(rows), int(max_rows))
+    if n < 2:
+        raise ValueError(f"target statistics need at least 2 training pairs; got {n}")
+    targets = pairs.with_format("torch", columns=["target"])[:n]["target"].float()  # [n,C,H,W]
+    return targets.mean(dim=(0, 2, 3)).tolist(), targets.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+
+
 def load_pairs(output_dir: str | os.PathLike):
     """Open a finished pairs directory as a ``datasets.Dataset`` (split ``train``).
 

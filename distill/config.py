@@ -189,6 +189,15 @@ def require_positive(config: Any, *keys: str) -> None:
             raise ConfigError(f"{key} must be positive, got {getattr(config, key)}")
 
 
+def require_positive_or_null(config: Any, *keys: str) -> None:
+    """One-line error for the first of ``keys`` that is set but not >= 1 (null means no limit, e.g.
+    ``checkpoints_total_limit``: keep all)."""
+    for key in keys:
+        value = getattr(config, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be at least 1 (or null: keep all), got {value}")
+
+
 def require_non_negative(config: Any, *keys: str) -> None:
     """One-line error for the first of ``keys`` that is < 0."""
     for key in keys:

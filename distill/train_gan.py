@@ -20,10 +20,11 @@ from typing import Optional
 
 import torch
 
-from distill.config import ConfigError, parse_config, require_between, require_non_negative, require_positive, run_cli, save_config
+from distill.config import (ConfigError, parse_config, require_between, require_non_negative, require_positive, require_positive_or_null,
+                            run_cli, save_config)
 from distill.lock import locked
 from distill.training.ema import EMA
-from distill.training.loop import TrainLoop, state_bytes
+from distill.training.loop import TrainLoop, micro_batch_loss, state_bytes
 from distill.training.scratch_setup import DISCRIMINATORS, build_parts, export_pipeline, sample_grid
 from distill.training.student_registry import STUDENTS
 from distill.training.trackers import tracker_config
@@ -89,7 +90,8 @@ class GANConfig:
     ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (0 = off)"})
     mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice, else no", "choices": ("no", "fp16", "bf16")})
     seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
-    validation_prompts: str = field(default="", metadata={"help": "prompts of the sample grid: a file (as evaluate's `prompts`); empty: the first batch's captions"})
+    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts of the sample grid (a list, as in train_student.py and diffusers' examples); empty: validation_prompt_file, else the first rows' captions"})
+    validation_prompt_file: str = field(default="", metadata={"help": "prompts of the sample grid from a file (as evaluate's `prompts`), when validation_prompts is empty"})
     validation_images: int = field(default=4, metadata={"help": "sample-grid columns (fixed noise maps)"})
     validation_rows: int = field(default=10, metadata={"help": "sample-grid rows (prompts, spread over the file)"})
     checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N steps"})
@@ -119,8 +121,10 @@ def check(cfg: GANConfig) -> None:
         require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
     if "+" in cfg.discriminator and (cfg.d_pyramid != "downsample" or cfg.d_norm != "separate"):
         raise ConfigError(f"discriminator {cfg.discriminator} judges both Ds on the same inputs: set d_pyramid downsample and d_norm separate")
-    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        raise ConfigError(f"checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
+    require_positive_or_null(cfg, "checkpoints_total_limit")
+    if cfg.validation_prompt_file and not cfg.validation_prompts and not Path(cfg.validation_prompt_file).exists():
+        raise ConfigError(f"validation_prompt_file {cfg.validation_prompt_file} not found: pass an existing prompts file, "
+                          "or the prompts themselves as --validation_prompts")
 
 
 def main() -> None:
@@ -151,7 +155,7 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
     from distill.discriminators.inputs import blur_sigma
     from distill.losses.gan import OBJECTIVES
     from distill.training.scratch_data import RealData
-    from distill.training.scratch_phases import PER_STEP_TERMS, discriminator_terms, generator_terms, loss_of
+    from distill.training.scratch_phases import discriminator_terms, generator_terms
 
     # 1. Build: text encoder, VAE, G, D, CLIP guidance; the data; EMA and optimisers.
     out, device = Path(cfg.output_dir), accelerator.device
@@ -176,7 +180,8 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
     shape = accelerator.unwrap_model(gen).config
     grid_noise = torch.randn(cfg.validation_images, shape.latent_channels, shape.sample_size, shape.sample_size,
                              generator=torch.Generator().manual_seed(cfg.seed))
-    prompts = load_prompts(cfg.validation_prompts) if cfg.validation_prompts else data.some_captions(64)
+    prompts = (list(cfg.validation_prompts) or (load_prompts(cfg.validation_prompt_file) if cfg.validation_prompt_file else [])
+               or data.some_captions(64))
     rows = max(1, min(cfg.validation_rows, len(prompts)))
     grid_prompts = [prompts[i * len(prompts) // rows] for i in range(rows)]
 
@@ -218,7 +223,7 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
                 (fake, pyramid), terms = generator_terms(
                     generator_model=gen, discriminator=unwrap_d, batch=batches[m], noise=noise, objective=objective, blur_sigma=sigma,
                     clip_guidance=parts.clip_guidance, clip_weight=cfg.clip_guidance_weight, to_images=parts.to_images, rng=rng)
-                return (fake.detach(), [p.detach() for p in pyramid]), terms, loss_of(terms, num_micro_batches=m_count)
+                return (fake.detach(), [p.detach() for p in pyramid]), terms, micro_batch_loss(terms, num_micro_batches=m_count)
 
             for p in d_params:
                 p.requires_grad_(False)
@@ -234,10 +239,10 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
                                             r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
                                             do_r1=m == 0 and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0, blur_sigma=sigma,
                                             generator=rng)
-                return None, terms, loss_of(terms, num_micro_batches=m_count)
+                return None, terms, micro_batch_loss(terms, num_micro_batches=m_count)
 
             loop.phase(purpose="d", model=disc, optimizer=opt_d, params=d_params, micro_step=d_micro, logs=logs,
-                       max_grad_norm=cfg.max_grad_norm, per_step_terms=PER_STEP_TERMS)
+                       max_grad_norm=cfg.max_grad_norm)
             loop.end_step(logs, extra={"blur_sigma": sigma})
 
     # 4. Save: the EMA generator as a pipeline.

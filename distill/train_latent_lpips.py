@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data_gen.bapps import BAPPS2AFC
-from distill.config import ConfigError, parse_config, require_between, require_non_negative, require_positive, run_cli, save_config
+from distill.config import (ConfigError, parse_config, require_between, require_non_negative, require_positive, require_positive_or_null,
+                            run_cli, save_config)
 from distill.training import checkpoint as ckpt
 from distill.training.trackers import tracker_config
 from distill.losses.latent_lpips_training import (
@@ -326,8 +327,7 @@ def validate(cfg: TrainLatentLPIPSConfig) -> None:
     require_non_negative(cfg, "warmup_steps", "weight_decay", "num_workers", "checkpointing_steps", "max_train_samples")
     require_between(cfg, "crop_scale_min", 0.0, 1.0)
     require_between(cfg, "head_dropout", 0.0, 1.0, high_inclusive=False)
-    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        raise ConfigError(f"checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
+    require_positive_or_null(cfg, "checkpoints_total_limit")
     n = len(cfg.stage_channels)
     if not cfg.init_from and not (len(cfg.convs_per_stage) == len(cfg.pool_after_stage) == n):
         raise ConfigError("stage_channels, convs_per_stage and pool_after_stage need one entry per stage")

@@ -21,16 +21,16 @@ from typing import Optional
 import torch
 
 from data_gen.hub import push_folder
-from data_gen.pairs import load_pairs, read_manifest, stored_text_shapes
+from data_gen.pairs import load_pairs, read_manifest, stored_text_shapes, target_statistics
 from distill.config import (ConfigError, config_dict, parse_config, require_between, require_non_negative, require_positive,
-                            run_cli, save_config)
+                            require_positive_or_null, run_cli, save_config)
 from distill.lock import locked
 from distill.training import checkpoint as ckpt
 from distill.training import run_checks
 from distill.training.ema import EMA
-from distill.training.loop import TrainLoop, state_bytes
+from distill.training.loop import TrainLoop, micro_batch_loss, state_bytes
 from distill.training.pair_data import PairRows, stored_conditioning
-from distill.training.phases import PER_STEP_TERMS, REGRESSIONS, Batch, discriminator_terms, generator_terms, micro_batch_loss
+from distill.training.phases import REGRESSIONS, Batch, discriminator_terms, generator_terms
 from distill.training.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
@@ -63,6 +63,8 @@ class StudentConfig:
     student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
     student_size: str = field(default="base", metadata={"help": "preset of the gigagan / stylegan_t generators", "choices": STUDENT_SIZES})
     mapping_lr_mul: Optional[float] = field(default=None, metadata={"help": "gigagan / stylegan_t: learning-rate multiplier of the mapping network (unset: StyleGAN's 0.01)"})
+    output_latent_stats: bool = field(default=True, metadata={"help": "gigagan / stylegan_t: set the output to the training targets' measured per-channel mean / std (false: unit scale)"})
+    linear_lr_by_fan_in: bool = field(default=True, metadata={"help": "gigagan / stylegan_t: plain linear layers at learning_rate_g / sqrt(fan-in), as if equalised (false: learning_rate_g for every parameter)"})
     output_dir: str = field(default="runs/student", metadata={"help": "run directory"})
     max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step", "aliases": ["train_batch_size"]})
@@ -125,8 +127,7 @@ def check(cfg: StudentConfig) -> None:
     require_optimizer(cfg.optimizer)
     for key in ("adam_beta1", "adam_beta2"):
         require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
-    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        raise ConfigError(f"checkpoints_total_limit must be at least 1 (or null: keep all), got {cfg.checkpoints_total_limit}")
+    require_positive_or_null(cfg, "checkpoints_total_limit")
 
 
 def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
@@ -193,8 +194,11 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     n_train = split["train_indices"][1]
     holdout = pairs[n_train:]
 
-    # 2. Build: teacher, student, D, text encoder, losses, EMA, optimisers.
-    parts = build_student(cfg, manifest=manifest, device=accelerator.device)
+    # 2. Build: teacher, student, D, text encoder, losses, EMA, optimisers. A GAN student from scratch
+    # outputs at the training targets' measured scale (the defaults then hold on any teacher's latents).
+    style_student = STUDENTS[cfg.student].generator is not None
+    stats = target_statistics(pairs, rows=n_train) if style_student and cfg.output_latent_stats else None
+    parts = build_student(cfg, manifest=manifest, device=accelerator.device, latent_stats=stats)
     teacher, student, disc = parts.teacher, parts.student, parts.discriminator
     lpips_loss = build_regression_lpips(cfg, teacher=teacher, accelerator=accelerator) if cfg.regression == "elatentlpips" else None
     validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
@@ -203,7 +207,9 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None,
               device="cpu" if cfg.ema_device == "cpu" else None, dtype=EMA_DTYPES[cfg.ema_dtype])
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    opt_g = build_optimizer(cfg.optimizer, student.parameters(), lr=cfg.learning_rate_g, betas=betas)
+    # The GAN generators' plain layers learn at lr / sqrt(fan-in), as if equalised (StyleGenerator.optimizer_param_groups).
+    g_params = student.optimizer_param_groups(cfg.learning_rate_g) if style_student and cfg.linear_lr_by_fan_in else student.parameters()
+    opt_g = build_optimizer(cfg.optimizer, g_params, lr=cfg.learning_rate_g, betas=betas)
     d_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
     opt_d = build_optimizer(cfg.optimizer, d_params, lr=cfg.learning_rate_d, betas=betas) if disc is not None else None
 
@@ -290,7 +296,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
                 for p in d_params:
                     p.requires_grad_(True)
                 loop.phase(purpose="d", model=disc, optimizer=opt_d, params=d_params, micro_step=d_micro, logs=logs,
-                           max_grad_norm=cfg.max_grad_norm, per_step_terms=PER_STEP_TERMS)
+                           max_grad_norm=cfg.max_grad_norm)
             loop.end_step(logs)
 
     # 5. Save: the EMA student as a pipeline.

@@ -118,6 +118,48 @@ class StyleGenerator(ModelMixin, ConfigMixin):
         )
         return [sample_size // 2 ** (num_levels - 1 - i) for i in range(num_levels)]
 
+    def _init_latent_affine(self, latent_channels: int, mean, std) -> None:
+        """The output's per-channel scale and shift: the synthesis network works at unit scale and
+        ``latents = out * latent_std + latent_mean`` (the target latents' measured statistics, given at
+        construction; unset: 1 and 0). A teacher whose latents are not unit-scale then asks the last
+        layer for no larger weights than one whose latents are (cf. EDM's sigma_data, SD's
+        scaling_factor). Derived from the config, so not saved in the weights."""
+        for name, values, default in (("latent_mean", mean, 0.0), ("latent_std", std, 1.0)):
+            values = [default] * latent_channels if values is None else [float(v) for v in values]
+            if len(values) != latent_channels:
+                raise ValueError(f"{name} needs one value per latent channel ({latent_channels}); got {len(values)}")
+            if name == "latent_std" and min(values) <= 0:
+                raise ValueError(f"latent_std must be positive; got {values}")
+            self.register_buffer(f"_{name}", torch.tensor(values).view(1, -1, 1, 1), persistent=False)
+
+    def _to_latents(self, out: torch.Tensor) -> torch.Tensor:  # [N,C,H,W] at unit scale -> latents [N,C,H,W]
+        return out * self._latent_std.to(out.dtype) + self._latent_mean.to(out.dtype)
+
+    def optimizer_param_groups(self, lr: float) -> list[dict]:
+        """Adam parameter groups at ``lr`` in which the linear layers learn at the rate of the equalised ones.
+
+        Adam moves each stored weight by about ``lr`` a step. The equalised layers (StyleGAN2 §B: the mapping
+        network, the affines, the modulated convs) store unit-scale weights and scale them at run time, so
+        ``lr`` is a small relative step for them; the plain ``nn.Linear`` layers (text transformer, attention,
+        noise code) store He-scale weights, ~1/sqrt(fan-in), for which the same ``lr`` is 15 % of a weight per
+        step at fan-in 512. Those get ``lr / sqrt(fan_in)``, what equalising them would give. The noise
+        entry's convs keep ``lr``: zero-initialised, they carry the noise-to-latent map the regression learns
+        first. Measured on a tiny SD-form teacher (README, "GAN students at SD scale"): one ``lr`` for all
+        diverged (training MSE 20 -> 316 in 33 steps); the convs scaled too fell slower (held-out MSE 20.7 ->
+        10.5, against 2.9). Biases, norms, layer scales and learned maps keep ``lr``."""
+        by_fan_in: dict[int, list] = {}
+        rest = []
+        for module in self.modules():
+            plain = isinstance(module, nn.Linear)
+            for p in module.parameters(recurse=False):
+                if plain and p.ndim >= 2:
+                    by_fan_in.setdefault(p[0].numel(), []).append(p)
+                else:
+                    rest.append(p)
+        groups = [{"params": rest, "lr": lr}]
+        groups += [{"params": ps, "lr": lr / fan_in ** 0.5} for fan_in, ps in sorted(by_fan_in.items())]
+        return groups
+
     @property
     def latent_channels(self) -> int:
         return int(self.config.latent_channels)
@@ -159,7 +201,9 @@ class StyleGenerator(ModelMixin, ConfigMixin):
             x, y = level(x, codes.level_w(i), codes.t_local)
             out = y if out is None else upsample(out) + y
             pyramid.append(out)
-        return (out, pyramid) if return_pyramid else out
+        if return_pyramid:
+            return self._to_latents(out), [self._to_latents(level) for level in pyramid]
+        return self._to_latents(out)
 
     def forward(
         self,

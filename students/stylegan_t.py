@@ -30,7 +30,13 @@ PRESETS = {
                   noise_grid=4, text_dim=128, text_heads=4, mapping_layers=2, fourier_channels=128),
     "base": dict(block_out_channels=(512, 512, 256, 128), layers_per_block=2, attention_head_dim=64, w_dim=512,
                  z_dim=64, noise_grid=8, text_dim=512, text_heads=8, mapping_layers=2, fourier_channels=512),
+    # StyleGAN-T's full configuration (Table 4, "Full"): generator channel max 2048, 4 residual blocks per
+    # generator block, z dimension 64, 1.02B generator parameters. Here the widths fall from the channel max to
+    # 1024 over the four latent levels, which brings this generator to the published count (0.98B).
+    "paper": dict(block_out_channels=(2048, 2048, 1024, 1024), layers_per_block=4, attention_head_dim=64, w_dim=512,
+                  z_dim=64, noise_grid=8, text_dim=512, text_heads=8, mapping_layers=2, fourier_channels=512),
 }
+PAPER_PARAMETERS = 1.02e9  # the published count the "paper" preset is sized to (tests check it within 10%)
 
 
 class FourierInput(nn.Module):
@@ -40,12 +46,16 @@ class FourierInput(nn.Module):
 
     def __init__(self, channels: int, out_channels: int, grid: int, seed: int = 0):
         super().__init__()
+        # Drawn on the CPU whatever the default device (``with torch.device("cuda")`` building included), so
+        # the fixed frequencies are the same on every machine.
         gen = torch.Generator().manual_seed(seed)
-        angle = torch.rand(channels, generator=gen) * 2 * math.pi
+        angle = torch.rand(channels, generator=gen, device="cpu") * 2 * math.pi
         # Radii up to the coarse grid's Nyquist rate (grid / 2 cycles per unit), uniform over the disk.
-        radius = torch.rand(channels, generator=gen).sqrt() * grid / 2
-        self.register_buffer("freqs", torch.stack([angle.cos(), angle.sin()], dim=1) * radius[:, None])  # [F,2]
-        self.register_buffer("phases", torch.rand(channels, generator=gen))  # [F]
+        radius = torch.rand(channels, generator=gen, device="cpu").sqrt() * grid / 2
+        phases = torch.rand(channels, generator=gen, device="cpu")
+        device = torch.get_default_device()  # then onto the device the module is being built on
+        self.register_buffer("freqs", (torch.stack([angle.cos(), angle.sin()], dim=1) * radius[:, None]).to(device))  # [F,2]
+        self.register_buffer("phases", phases.to(device))  # [F]
         self.grid = grid
         self.proj = nn.Conv2d(channels, out_channels, 1)
 
@@ -130,8 +140,11 @@ class StyleGANTGenerator(StyleGenerator):
         fourier_channels: int = 256,
         layer_scale_init: float = 1e-5,
         out_gain: float = 0.1,
+        latent_mean: tuple[float, ...] | None = None,
+        latent_std: tuple[float, ...] | None = None,
     ):
         super().__init__()
+        self._init_latent_affine(latent_channels, latent_mean, latent_std)
         sides = self._init_noise_path(latent_channels=latent_channels, sample_size=sample_size,
                                       block_out_channels=block_out_channels, z_dim=z_dim, noise_grid=noise_grid)
         attend = [side <= attention_resolution for side in sides]
@@ -152,8 +165,8 @@ class StyleGANTGenerator(StyleGenerator):
     @classmethod
     def for_latents(cls, *, latent_channels: int, sample_size: int, cross_attention_dim: int, pooled_dim: int = 0,
                     size: str = "small", **overrides) -> "StyleGANTGenerator":
-        """Preset sizes: ``tiny`` (tests), ``small`` (digits testbed, CPU), ``base`` (SD-scale latents);
-        all cross-attend on the coarsest level only."""
+        """Preset sizes: ``tiny`` (tests), ``small`` (digits testbed, CPU), ``base`` (50 M parameters at SD
+        latents), ``paper`` (the published generator's size, 0.98 B); all cross-attend on the coarsest level only."""
         preset = {**size_preset(PRESETS, size), **overrides}
         coarsest = sample_size // 2 ** (len(preset["block_out_channels"]) - 1)
         return cls(latent_channels=latent_channels, sample_size=sample_size, cross_attention_dim=cross_attention_dim,

@@ -46,7 +46,9 @@ def _scheduler(prediction_type: str) -> DDIMScheduler:
     )
 
 
-def _text_encoder(hidden: int, layers: int, heads: int, projection_dim: int | None = None, act="quick_gelu"):
+def random_text_encoder(hidden: int, layers: int, heads: int, projection_dim: int | None = None, act="quick_gelu"):
+    """A random-weight CLIP text encoder of the given shape (with a projection: ``CLIPTextModelWithProjection``,
+    SDXL's second encoder); the published shapes give the published parameter counts."""
     cfg = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden,
@@ -63,7 +65,8 @@ def _text_encoder(hidden: int, layers: int, heads: int, projection_dim: int | No
     return CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
 
 
-def _vae(size: str, scaling_factor: float, *, latent_channels: int = 4, shift_factor: float | None = None) -> AutoencoderKL:
+def random_vae(size: str, scaling_factor: float, *, latent_channels: int = 4, shift_factor: float | None = None) -> AutoencoderKL:
+    """A random-weight ``AutoencoderKL``: ``tiny`` (factor 2, tests) or ``full`` (SD's shape, factor 8)."""
     if size == "tiny":
         # Two levels -> a VAE factor of 2, so a 32 px image is a Cx16x16 latent.
         return AutoencoderKL(
@@ -84,8 +87,8 @@ def _sd3_pipeline(size: str, *, t5: bool) -> StableDiffusion3Pipeline:
     """SD3: an MMDiT on 16-channel latents (VAE shift + scale), two CLIP encoders with projections (their
     pooled outputs concatenated), optionally T5, and the rectified-flow Euler sampler with shift 3."""
     tiny = size == "tiny"
-    te1 = _text_encoder(*((32, 2, 4) if tiny else (768, 12, 12)), projection_dim=32 if tiny else 768)
-    te2 = _text_encoder(*((32, 2, 4) if tiny else (1280, 32, 20)), projection_dim=32 if tiny else 1280, act="gelu")
+    te1 = random_text_encoder(*((32, 2, 4) if tiny else (768, 12, 12)), projection_dim=32 if tiny else 768)
+    te2 = random_text_encoder(*((32, 2, 4) if tiny else (1280, 32, 20)), projection_dim=32 if tiny else 1280, act="gelu")
     joint_dim = 64 if tiny else 4096  # >= the two CLIP widths together: SD3 pads their concatenation to it
     transformer = SD3Transformer2DModel(
         sample_size=16 if tiny else 128, patch_size=2, in_channels=16, out_channels=16,
@@ -105,7 +108,7 @@ def _sd3_pipeline(size: str, *, t5: bool) -> StableDiffusion3Pipeline:
     # SD3-medium's VAE factors; the sampler as released (FlowMatchEulerDiscreteScheduler, shift 3.0).
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=_vae(size, 1.5305, latent_channels=16, shift_factor=0.0609),
+        vae=random_vae(size, 1.5305, latent_channels=16, shift_factor=0.0609),
         text_encoder=te1, tokenizer=build_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=build_clip_tokenizer(pad_token="!"),
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
@@ -135,8 +138,8 @@ def build_random_teacher(
     if family.startswith("sd3"):
         pipe = _sd3_pipeline(size, t5=family == "sd3-t5")
     elif family == "sdxl":
-        te1 = _text_encoder(*((32, 2, 4) if tiny else (768, 12, 12)))
-        te2 = _text_encoder(*((32, 2, 4) if tiny else (1280, 32, 20)), projection_dim=32 if tiny else 1280, act="gelu")
+        te1 = random_text_encoder(*((32, 2, 4) if tiny else (768, 12, 12)))
+        te2 = random_text_encoder(*((32, 2, 4) if tiny else (1280, 32, 20)), projection_dim=32 if tiny else 1280, act="gelu")
         time_dim = 8 if tiny else 256
         pooled = te2.config.projection_dim
         unet_kwargs = dict(
@@ -157,13 +160,13 @@ def build_random_teacher(
             projection_class_embeddings_input_dim=6 * time_dim + pooled, **unet_kwargs,
         )
         pipe = StableDiffusionXLPipeline(
-            vae=_vae(size, 0.13025), text_encoder=te1, text_encoder_2=te2,
+            vae=random_vae(size, 0.13025), text_encoder=te1, text_encoder_2=te2,
             tokenizer=build_clip_tokenizer(), tokenizer_2=build_clip_tokenizer(pad_token="!"),
             unet=unet, scheduler=_scheduler("epsilon"), force_zeros_for_empty_prompt=True,
         )
     else:
         v = family == "sd2-v"
-        te = _text_encoder(*((32, 2, 4) if tiny else ((1024, 23, 16) if v else (768, 12, 12))), act="gelu" if v else "quick_gelu")
+        te = random_text_encoder(*((32, 2, 4) if tiny else ((1024, 23, 16) if v else (768, 12, 12))), act="gelu" if v else "quick_gelu")
         unet_kwargs = dict(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -179,7 +182,7 @@ def build_random_teacher(
             cross_attention_dim=te.config.hidden_size, use_linear_projection=v, **unet_kwargs,
         )
         pipe = StableDiffusionPipeline(
-            vae=_vae(size, 0.18215), text_encoder=te, tokenizer=build_clip_tokenizer(pad_token="!" if v else "<|endoftext|>"),
+            vae=random_vae(size, 0.18215), text_encoder=te, tokenizer=build_clip_tokenizer(pad_token="!" if v else "<|endoftext|>"),
             unet=unet, scheduler=_scheduler("v_prediction" if v else "epsilon"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )

@@ -60,6 +60,15 @@ def prompt_file(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_pairs(teacher, prompt_file, out: Path, *, steps: int) -> Path:
+    """24 pairs at 32 px from a tiny teacher, written by generate_pairs.py (a ``steps``-step sampler)."""
+    code, err = run_script("generate_pairs.py", ["--teacher", teacher, "--prompts", prompt_file, "--num_pairs", 24,
+                                                 "--resolution", 32, "--num_inference_steps", steps, "--batch_size", 8,
+                                                 "--output_dir", out])
+    assert code == 0, err
+    return out
+
+
 def run_script(script: str, args: list[str], capsys=None) -> tuple[int, str]:
     """Run ``distill/<script>`` in this process as ``python distill/<script> args`` would; (exit code, stderr)."""
     from accelerate.state import AcceleratorState

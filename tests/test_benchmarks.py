@@ -37,9 +37,13 @@ def test_sd_scale_memory_table_matches_the_published_architectures(capsys):
     sd_scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sd_scale)
     for arch in ("sd15", "sdxl"):
-        sd_scale.memory_table(arch)
+        for student in ("unet", "gigagan", "stylegan_t"):
+            sd_scale.memory_table(arch, student)
     out = capsys.readouterr().out
-    assert "sd15: student 0.860 B params" in out and "sdxl: student 2.567 B params" in out  # 859.5 M, 2567.5 M
-    for arch, expected in (("sd15", [32.70, 29.26, 14.81]), ("sdxl", [96.61, 86.34, 43.41])):  # before #12, default, all
-        table = out.split(f"{arch}: ")[1].split("\n\n")[0].splitlines()
+    assert "sd15, UNet student: student 0.860 B params" in out and "sdxl, UNet student: student 2.567 B params" in out
+    # before #12 (UNet only), default, all levers: the README's memory tables
+    for head, expected in (("sd15, UNet student", [32.70, 29.26, 14.81]), ("sdxl, UNet student", [96.61, 86.34, 43.41]),
+                           ("sd15, GigaGAN (paper)", [31.21, 15.67]), ("sdxl, GigaGAN (paper)", [60.82, 33.79]),
+                           ("sd15, StyleGAN-T (paper)", [31.50, 15.81]), ("sdxl, StyleGAN-T (paper)", [62.41, 34.39])):
+        table = out.split(f"{head}: ")[1].split("\n\n")[0].splitlines()
         assert [float(line.split()[-1]) for line in table if line.startswith(("before", "default", "all"))] == expected

@@ -409,7 +409,7 @@ def test_pixel_lpips_without_pretrained_trunk_offline_is_a_clear_error(monkeypat
     import torchvision.models._api as tv_api
     from urllib.error import URLError
 
-    from distill.losses import build_lpips
+    from distill.losses import build_pixel_lpips
 
     def offline(*args, **kwargs):
         raise URLError("no network")
@@ -417,7 +417,7 @@ def test_pixel_lpips_without_pretrained_trunk_offline_is_a_clear_error(monkeypat
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline, raising=False)
     with pytest.raises(OSError, match="pretrained_trunk=False"):
-        build_lpips(net="alex", pretrained_trunk=True)
+        build_pixel_lpips(net="alex", pretrained_trunk=True)
 
 
 def test_ensemble_metric_is_reproducible_and_less_noisy():

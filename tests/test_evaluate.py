@@ -181,7 +181,9 @@ def test_prompt_accuracy_of_the_digits_teacher(tmp_path, capsys):
     shuffled = tmp_path / "shuffled.jsonl"
     shuffled.write_text("".join(json.dumps({**r, "label": (r["label"] + 3) % 10}) + "\n" for r in rows))
     from data_gen.digits import load_digits_images
-    from distill.metrics.fid import images_to_uint8, load_classifier_extractor
+    from distill.metrics.fid import images_to_uint8
+    from distill.metrics.fid_features import load_classifier_extractor
+    from teachers.digits_classifier import DigitClassifier
 
     reference = tmp_path / "real"
     reference.mkdir()
@@ -197,7 +199,7 @@ def test_prompt_accuracy_of_the_digits_teacher(tmp_path, capsys):
     right = result["metrics"]["prompt_accuracy"]
     # FID in the classifier's feature space (the testbed's FID): finite, positive, keyed by that extractor.
     assert 0 < result["metrics"]["fid"] < 1e4
-    assert result["details"]["fid"]["extractor_id"] == load_classifier_extractor(classifier).extractor_id
+    assert result["details"]["fid"]["extractor_id"] == load_classifier_extractor(classifier, load_classifier=DigitClassifier.from_pretrained).extractor_id
     code, err = run_script("evaluate.py", [*common, "--prompts", shuffled, "--output_dir", tmp_path / "wrong",
                                            "--metrics", "prompt_accuracy"], capsys)
     assert code == 0, err

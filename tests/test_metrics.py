@@ -161,11 +161,11 @@ def _decode(latents: torch.Tensor) -> torch.Tensor:  # [N,4,h,w] -> [N,3,2h,2w] 
 
 
 def test_fidelity_is_zero_for_identical_latents():
-    from distill.losses import ELatentLPIPS, LatentLPIPSNet, build_lpips
+    from distill.losses import ELatentLPIPS, LatentLPIPSNet, build_pixel_lpips
 
     torch.manual_seed(0)
     latent_lpips = ELatentLPIPS(LatentLPIPSNet(latent_channels=4, stage_channels=(8, 8, 8, 8, 8)), augment=None, l1_weight=0.0)
-    pixel_lpips = build_lpips(pretrained_trunk=False)
+    pixel_lpips = build_pixel_lpips(pretrained_trunk=False)
     target = torch.randn(3, 4, 16, 16)  # [N,C,h,w]
     kw = dict(decode=_decode, latent_lpips=latent_lpips, pixel_lpips=pixel_lpips)
     same = fidelity.fidelity_metrics(target.clone(), target, **kw)

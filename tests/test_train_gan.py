@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +160,7 @@ def test_bad_input_is_one_line(common, images, tmp_path, capsys):
         (["--generator", "unet"], "unknown generator 'unet'; choose one of gigagan, stylegan_t; the UNet student needs a teacher"),
         (["--discriminator", "unet"], "set `teacher`"),
         (["--d_feature_network", "torchvision:resnet18"], "needs its weights"),
+        (["--validation_prompt_file", tmp_path / "none.txt"], "validation_prompt_file"),
     ]
     for args, message in cases:
         code, err = run_script("train_gan.py", [*common, "--output_dir", tmp_path / "x", *args], capsys)
@@ -311,3 +311,20 @@ def test_an_ensemble_that_would_read_the_generator_pyramid_is_refused_before_any
     code, err = run_script("train_gan.py", [*common, "--output_dir", tmp_path / "ens", "--discriminator", "projected+multiscale",
                                             "--max_train_steps", 1], capsys)
     assert code == 2 and "set d_pyramid downsample" in _last_line(err) and not (tmp_path / "ens").exists()
+
+
+def test_validation_prompts_is_a_list_as_in_train_student_and_a_file_is_its_own_key(common, tmp_path, capsys):
+    """One meaning of ``--validation_prompts`` in both trainers (diffusers': the prompts); the sample grid has a
+    row per prompt. ``validation_prompt_file`` reads a file when no prompts are given."""
+    from PIL import Image
+
+    prompt_file = tmp_path / "grid.txt"
+    prompt_file.write_text("red\nblue\n")
+    for name, args, rows in (("list", ["--validation_prompts", "red", "a blue square", "blue"], 3),
+                             ("file", ["--validation_prompt_file", prompt_file], 2)):
+        run = tmp_path / name
+        code, err = run_script("train_gan.py", [*common, "--output_dir", run, "--max_train_steps", 1, "--discriminator", "multiscale",
+                                                "--d_channels", "8,16", "--space", "pixel", "--validation_rows", 10, *args], capsys)
+        assert code == 0, err
+        grid = Image.open(run / "samples" / "step-000000.png")
+        assert grid.size == (2 * 16, rows * 16), (name, grid.size)  # 2 noise maps x one row per prompt

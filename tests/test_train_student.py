@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_script
+from conftest import accelerate_launch, run_script, tiny_pairs
 from distill.discriminators import UNetDiscriminator
 from distill.losses.gan import discriminator_loss, generator_loss, mismatched_condition, r1_penalty
 from students import OneStepGANPipeline, encode_text
@@ -183,12 +183,7 @@ def test_discriminator_builds_only_what_its_heads_read(sd15_teacher, heads, mode
 
 @pytest.fixture(scope="module")
 def pairs_dir(sd15_teacher, prompt_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pairs") / "pairs"
-    code, err = run_script("generate_pairs.py", ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 24,
-                                                 "--resolution", 32, "--num_inference_steps", 3, "--batch_size", 8,
-                                                 "--output_dir", out])
-    assert code == 0, err
-    return out
+    return tiny_pairs(sd15_teacher, prompt_file, tmp_path_factory.mktemp("pairs") / "pairs", steps=3)
 
 
 TRAIN = ["--lpips_network", "random", "--batch_size", 4, "--holdout", 8, "--r1_interval", 2, "--ema_half_life_kimg", 0,
@@ -604,9 +599,9 @@ def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
 
 def test_fp16_decode_upcasts_a_force_upcast_vae(sdxl_teacher, tmp_path):
     """An fp16 VAE with ``force_upcast`` (SDXL's) decodes in fp32, in the pipeline and in evaluate's
-    Generator, as diffusers' SDXL pipeline does; its weights stay fp16. The VAE here is made to overflow
+    Sampler, as diffusers' SDXL pipeline does; its weights stay fp16. The VAE here is made to overflow
     fp16 (large post-quant conv) the way SDXL's does at 1024 px: NaN without the upcast."""
-    from distill.metrics.generation import Generator
+    from distill.metrics.generation import Sampler
     from students import UNetStudent
 
     tp = load_teacher(str(sdxl_teacher)).pipe
@@ -617,7 +612,7 @@ def test_fp16_decode_upcasts_a_force_upcast_vae(sdxl_teacher, tmp_path):
     OneStepGANPipeline(student=UNetStudent.from_teacher(tp.unet, tp.scheduler), vae=tp.vae, text_encoder=tp.text_encoder,
                        tokenizer=tp.tokenizer, text_encoder_2=tp.text_encoder_2, tokenizer_2=tp.tokenizer_2).save_pretrained(tmp_path / "p")
     pipe = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)
-    gen = Generator(str(tmp_path / "p"), device=torch.device("cpu"), dtype=torch.float16, scheduler="ddim",
+    gen = Sampler(str(tmp_path / "p"), device=torch.device("cpu"), dtype=torch.float16, scheduler="ddim",
                     num_inference_steps=1, guidance_scale=1.0, negative_prompt="")
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     for vae, decode in ((pipe.vae, pipe.decode_latents), (gen.pipe.vae, gen.decode)):

@@ -18,6 +18,5 @@ _EXPORTS = {
     "load_reference_checkpoint": "elatentlpips_weights",
     "PixelLPIPS": "pixel_lpips",
     "build_pixel_lpips": "pixel_lpips",
-    "build_lpips": "pixel_lpips",  # the former name of build_pixel_lpips
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -66,4 +66,3 @@ class PixelLPIPS(nn.Module):
         return dist
 
 
-build_lpips = build_pixel_lpips  # its former name, for old imports

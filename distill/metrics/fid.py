@@ -32,7 +32,6 @@ from distill.metrics.fid_features import (  # noqa: F401  (re-exported: the metr
     load_fid_extractor,
     load_inception,
 )
-from distill.metrics.fid_features import load_classifier_extractor as _load_classifier_extractor
 from distill.metrics.image_io import (  # noqa: F401
     IMAGE_EXTENSIONS,
     clean_resize,
@@ -41,16 +40,6 @@ from distill.metrics.image_io import (  # noqa: F401
     load_image,
     update_hash_from_file,
 )
-
-
-def load_classifier_extractor(path: str | os.PathLike, *, device: str | torch.device = "cpu", load_classifier=None):
-    """:func:`.fid_features.load_classifier_extractor`; ``load_classifier`` defaults to the digits testbed's
-    classifier (the one classifier this toolkit ships)."""
-    if load_classifier is None:
-        from teachers.digits_classifier import DigitClassifier
-
-        load_classifier = DigitClassifier.from_pretrained
-    return _load_classifier_extractor(path, load_classifier=load_classifier, device=device)
 
 
 @dataclass

@@ -73,4 +73,3 @@ class Sampler:
         return self.decode(self.latents(prompts, noise))
 
 
-Generator = Sampler  # its former name (it clashed with the GAN generator and torch.Generator), for old imports

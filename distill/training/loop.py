@@ -24,6 +24,15 @@ from distill.training.seeds import step_generator
 
 # One micro-batch: (m, generator) -> (output kept for later phases, {term: weighted loss}, loss to backpropagate).
 MicroStep = Callable[[int, torch.Generator], "tuple[Any, dict[str, torch.Tensor], torch.Tensor]"]
+# Terms computed once per step rather than per micro-batch (lazy R1 on one sample of micro-batch 0).
+PER_STEP_TERMS = ("d_r1",)
+
+
+def micro_batch_loss(terms: dict[str, torch.Tensor], *, num_micro_batches: int) -> torch.Tensor:
+    """The loss one micro-batch backpropagates under gradient accumulation: batch-mean terms / M (summed over the
+    M micro-batches, the mean over the step's batch), per-step terms at full weight, so that R1's weight r1_gamma
+    does not shrink to r1_gamma / M. Terms named ``*_logit`` are logged means, not losses."""
+    return sum(v if k in PER_STEP_TERMS else v / num_micro_batches for k, v in terms.items() if not k.endswith("_logit"))
 
 
 class TrainState:
@@ -96,7 +105,7 @@ class TrainLoop:
             self.bar.close()  # ends the progress line, so an error message starts on its own line
 
     def phase(self, *, purpose: str, model, optimizer, params: Iterable[torch.nn.Parameter], micro_step: MicroStep,
-              logs: dict[str, torch.Tensor], max_grad_norm: float, per_step_terms: tuple[str, ...] = ()) -> list:
+              logs: dict[str, torch.Tensor], max_grad_norm: float, per_step_terms: tuple[str, ...] = PER_STEP_TERMS) -> list:
         """One optimiser step of ``model`` over this step's micro-batches: ``micro_step(m, generator)`` for each
         (``generator``: the (seed, rank, micro-batch, ``purpose``) stream), gradients synchronised across processes
         on the last one only, then clipping and the optimiser step, skipped (the run stops) when the gradient norm

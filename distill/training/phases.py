@@ -20,15 +20,6 @@ from distill.losses.gan import discriminator_loss, generator_loss, mismatch_loss
 from students.text import TextConditioning
 
 REGRESSIONS = ("elatentlpips", "mse", "none")
-# Terms computed once per step rather than per micro-batch (lazy R1 on one sample of micro-batch 0).
-PER_STEP_TERMS = ("d_r1",)
-
-
-def micro_batch_loss(terms: dict[str, torch.Tensor], *, num_micro_batches: int) -> torch.Tensor:
-    """The loss one micro-batch backpropagates under gradient accumulation: batch-mean terms / M (summed
-    over the M micro-batches, the mean over the step's batch), per-step terms at full weight, so that
-    R1's weight r1_gamma does not shrink to r1_gamma / M."""
-    return sum(v if k in PER_STEP_TERMS else v / num_micro_batches for k, v in terms.items())
 
 
 @dataclass

@@ -12,7 +12,8 @@ from pathlib import Path
 from data_gen.pairs import SPLIT_FILE, heldout_split, rows_fingerprint
 from teachers.identity import identity_changes, resolve_teacher_folder, teacher_identity
 # Keys that fix the shapes of the saved weights or the rows trained on: a resumed run must keep them.
-RESUME_KEYS = ("student", "student_size", "student_timestep", "d_heads", "d_lora_rank", "holdout")
+RESUME_KEYS = ("student", "student_size", "student_timestep", "d_heads", "d_lora_rank", "holdout", "output_latent_stats",
+               "linear_lr_by_fan_in")
 
 
 def check_teacher(*, teacher: str, revision: str | None, variant: str | None, manifest: dict, pairs: str,

@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from distill.losses.gan import Objective, mismatched_condition, objective_loss, r1_penalty
 from students.text import TextConditioning
 
-# Terms computed once per step rather than per micro-batch (lazy R1 on micro-batch 0).
-PER_STEP_TERMS = ("d_r1",)
 
 
 @dataclass
@@ -100,8 +98,3 @@ def discriminator_terms(*, discriminator, discriminator_unwrapped, batch: RealBa
     terms["d_real_logit"], terms["d_fake_logit"] = _mean_logit(part(0)), _mean_logit(part(1))
     return terms
 
-
-def loss_of(terms: dict[str, torch.Tensor], *, num_micro_batches: int) -> torch.Tensor:
-    """What one micro-batch backpropagates: the batch-mean terms / M, per-step terms (R1) at full weight; the logged
-    logit means are not losses."""
-    return sum(v if k in PER_STEP_TERMS else v / num_micro_batches for k, v in terms.items() if not k.endswith("_logit"))

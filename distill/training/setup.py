@@ -71,9 +71,10 @@ class Parts:
                 module.to(dtype)
 
 
-def build_student(cfg, *, manifest: dict, device) -> Parts:
+def build_student(cfg, *, manifest: dict, device, latent_stats: tuple[list[float], list[float]] | None = None) -> Parts:
     """Teacher (frozen, fp32 master weights), student initialised from it, and the discriminator built from the
-    teacher's denoiser (the UNet one, or the transformer one for SD3)."""
+    teacher's denoiser (the UNet one, or the transformer one for SD3). ``latent_stats``: the training targets'
+    per-channel (mean, std), read by the from-scratch GAN students (their output scale)."""
     name = cfg.teacher or manifest["teacher"]["name_or_path"]
     revision = cfg.revision or manifest["teacher"].get("revision")
     teacher = load_teacher(name, revision=revision, variant=cfg.variant, scheduler=manifest["config"]["scheduler"], device=device)
@@ -83,7 +84,7 @@ def build_student(cfg, *, manifest: dict, device) -> Parts:
             module.requires_grad_(False).eval()
     if tuple(manifest["latent_shape"])[0] != teacher.latent_channels:
         raise ValueError(f"pairs have {manifest['latent_shape'][0]} latent channels but teacher {name} has {teacher.latent_channels}")
-    student = STUDENTS[cfg.student].build(cfg, teacher).to(device)
+    student = STUDENTS[cfg.student].build(cfg, teacher, latent_stats).to(device)
     if cfg.gradient_checkpointing:
         if not student._supports_gradient_checkpointing:
             raise ValueError(f"student {cfg.student!r} does not support gradient_checkpointing; turn it off")

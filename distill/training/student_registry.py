@@ -15,22 +15,25 @@ from students.stylegan_t import PRESETS as STYLEGAN_T_PRESETS
 from teachers import Teacher
 
 
-def _unet_student(cfg, teacher: Teacher) -> torch.nn.Module:
+def _unet_student(cfg, teacher: Teacher, latent_stats=None) -> torch.nn.Module:
     """The teacher's UNet at a fixed timestep, initialised from its weights (Diffusion2GAN §3)."""
     return UNetStudent.from_teacher(teacher.pipe.unet, teacher.pipe.scheduler, timestep=cfg.student_timestep)
 
 
-def _transformer_student(cfg, teacher: Teacher) -> torch.nn.Module:
+def _transformer_student(cfg, teacher: Teacher, latent_stats=None) -> torch.nn.Module:
     """The teacher's MMDiT at sigma = 1 in the x0 parameterisation, initialised from its weights (§3, for SD3)."""
     return SD3TransformerStudent.from_teacher(teacher.pipe.transformer, teacher.pipe.scheduler)
 
 
 def _style_student(cls) -> Callable:
-    def build(cfg, teacher: Teacher) -> torch.nn.Module:
-        """A GAN generator of preset ``student_size`` from scratch, sized for the teacher's latents and text."""
+    def build(cfg, teacher: Teacher, latent_stats: tuple[list[float], list[float]] | None = None) -> torch.nn.Module:
+        """A GAN generator of preset ``student_size`` from scratch, sized for the teacher's latents and text;
+        ``latent_stats``: the target latents' per-channel (mean, std), the scale its output is set to."""
         unet = teacher.pipe.unet
         text_2 = getattr(teacher.pipe, "text_encoder_2", None)
         overrides = {} if cfg.mapping_lr_mul is None else {"mapping_lr_mul": cfg.mapping_lr_mul}
+        if latent_stats is not None:
+            overrides.update(latent_mean=tuple(latent_stats[0]), latent_std=tuple(latent_stats[1]))
         return cls.for_latents(
             latent_channels=teacher.latent_channels, sample_size=int(unet.config.sample_size),
             cross_attention_dim=int(unet.config.cross_attention_dim),
@@ -47,7 +50,7 @@ class StudentSpec:
     of config keys a user leaves unset), and for the style-based GANs their class and size presets, from
     which ``train_gan.py`` builds them without a teacher."""
 
-    build: Callable
+    build: Callable  # (cfg, teacher, latent_stats=None) -> student
     defaults: dict = field(default_factory=dict)
     generator: type | None = None  # None: needs a teacher (the UNet student)
     presets: dict = field(default_factory=dict)
