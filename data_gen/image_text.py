@@ -41,6 +41,39 @@ def read_latent_manifest(source: str | os.PathLike) -> dict:
     return json.loads((Path(source) / LATENT_MANIFEST).read_text())
 
 
+def open_dataset(source: str, *, split: str = "train", streaming: bool = False, config_name: str | None = None):
+    """A ``datasets`` split from a local folder (imagefolder with metadata, Parquet, webdataset, or a
+    ``save_to_disk`` directory), a single ``.parquet`` / ``.tar`` file, or a hub name available offline; a folder
+    or hub name that cannot be opened is one line saying what to pass. The one opener of image datasets
+    (:func:`open_image_text`, latent-LPIPS training's labelled images)."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(str(path))  # save_to_disk output (not streamable: it is already memory-mapped)
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    kwargs: dict[str, Any] = dict(split=split, streaming=streaming)
+    if path.is_file():  # a single Parquet file or webdataset shard
+        builder = {".parquet": "parquet", ".tar": "webdataset"}.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"dataset file {path} is neither .parquet nor a webdataset .tar: pass a folder or a hub name")
+        args, kwargs = (builder,), dict(kwargs, data_files={split: str(path)})
+    else:
+        args = (str(path) if path.is_dir() else source,) + ((config_name,) if config_name else ())
+    try:
+        with _quiet_progress_bars():
+            return datasets.load_dataset(*args, **kwargs)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, FileNotFoundError) and path.is_dir() and _metadata_files(path):
+            raise ValueError(f"dataset {source}: a file its metadata names is missing ({first}): add the file or drop its "
+                             "line from the metadata") from None
+        raise ValueError(
+            f"cannot open dataset {source!r} ({first}): pass a local folder (imagefolder with metadata.jsonl / csv, "
+            "Parquet, webdataset .tar) or a datasets hub name that is available offline"
+        ) from None
+
+
 def open_image_text(source: str, *, split: str = "train", image_column: str = "image", caption_column: str = "text",
                     streaming: bool = False, config_name: str | None = None):
     """A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) of (image, caption) rows.
@@ -66,26 +99,7 @@ def open_image_text(source: str, *, split: str = "train", image_column: str = "i
         ds = datasets.load_dataset("parquet", data_files={"train": files}, split="train", streaming=streaming)
         image_column, caption_column = LATENT_COLUMN, CAPTION_COLUMN
     else:
-        kwargs: dict[str, Any] = dict(split=split, streaming=streaming)
-        if path.is_file():  # a single Parquet file or webdataset shard
-            builder = {".parquet": "parquet", ".tar": "webdataset"}.get(path.suffix.lower())
-            if builder is None:
-                raise ValueError(f"dataset file {path} is neither .parquet nor a webdataset .tar: pass a folder or a hub name")
-            args, kwargs = (builder,), dict(kwargs, data_files={split: str(path)})
-        else:
-            args = (str(path) if path.is_dir() else source,) + ((config_name,) if config_name else ())
-        try:
-            with _quiet_progress_bars():
-                ds = datasets.load_dataset(*args, **kwargs)
-        except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if isinstance(exc, FileNotFoundError) and path.is_dir() and _metadata_files(path):
-                raise ValueError(f"dataset {source}: a file its metadata names is missing ({first}): add the file or drop its "
-                                 "line from the metadata") from None
-            raise ValueError(
-                f"cannot open dataset {source!r} ({first}): pass a local folder (imagefolder with metadata.jsonl / csv, "
-                "Parquet, webdataset .tar) or a datasets hub name that is available offline"
-            ) from None
+        ds = open_dataset(source, split=split, streaming=streaming, config_name=config_name)
     columns = list(ds.column_names or next(iter(ds)).keys())
     if caption_column not in columns and path.is_dir() and image_column in columns and set(columns) <= {image_column, "label"}:
         example = '{"file_name": "0001.png", "text": "a photo of ..."}'

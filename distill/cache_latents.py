@@ -62,7 +62,7 @@ def main() -> None:
 
 
 def run(cfg: CacheConfig, *, accelerator, out: Path) -> None:
-    from distill.losses.latent_lpips_training import load_vae
+    from distill.pretrained import load_vae
     from students.latents import scale_latents, vae_scale_factor
 
     # 1. Load: the dataset (undecoded images), the VAE; refuse a folder made with other settings.

@@ -314,7 +314,7 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, sampler: Sampler, cache_di
         if not is_classifier_folder(cfg.fid_extractor):
             inception_path(cache_dir if cfg.fid_extractor == "inception" else cfg.fid_extractor)
     if "clip_score" in metrics and cfg.clip_model != TEST_ONLY:
-        from distill.metrics.clip_score import resolve_clip_weights
+        from distill.pretrained import resolve_clip_weights
 
         resolve_clip_weights(cfg.clip_model, cfg.clip_pretrained, None)
     if "fidelity" in metrics and sampler.pipe.vae is None:

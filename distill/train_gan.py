@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from distill.config import (ConfigError, parse_config, require_between, require_non_negative, require_positive, require_positive_or_null,
-                            run_cli, save_config)
+from distill.config import (ConfigError, parse_config, require_between, require_non_negative, require_positive,
+                            require_positive_or_null, run_cli, save_config)
 from distill.lock import locked
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop, micro_batch_loss, state_bytes

@@ -30,14 +30,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data_gen.bapps import BAPPS2AFC
-from distill.config import (ConfigError, parse_config, require_between, require_non_negative, require_positive, require_positive_or_null,
-                            run_cli, save_config)
+from distill.config import (ConfigError, parse_config, require_between, require_non_negative, require_positive,
+                            require_positive_or_null, run_cli, save_config)
 from distill.training import checkpoint as ckpt
 from distill.training.trackers import tracker_config
 from distill.losses.latent_lpips_training import (
-    Dist2Logit, MetricsLog, TrunkClassifier, classifier_loader, cycle, encode, load_image_dataset, load_vae, lr_lambda,
-    score_2afc, vae_factors,
+    Dist2Logit, MetricsLog, TrunkClassifier, classifier_loader, cycle, encode, load_image_dataset, lr_lambda,
+    score_2afc,
 )
+from distill.pretrained import load_vae
+from students.latents import vae_factors
 
 if TYPE_CHECKING:
     from distill.losses.elatentlpips import LatentLPIPSNet
@@ -172,7 +174,7 @@ def train_classifier(run: Run) -> LatentLPIPSNet:
     # 1. Load: the labelled images; the trunk from init_from, or a new one recording the VAE's convention.
     ds, num_classes = load_image_dataset(cfg.dataset, split=cfg.dataset_split, image_column=cfg.image_column,
                                          label_column=cfg.label_column, max_samples=cfg.max_train_samples)
-    scale, shift = vae_factors(vae)
+    scale, shift = vae_factors(vae.config)
     if cfg.init_from:
         net = load_latent_lpips(cfg.init_from, fetch=FetchOptions.for_accelerator(acc))
     else:

@@ -16,14 +16,21 @@ def vae_scale_factor(vae: AutoencoderKL | None) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
 
 
+def vae_factors(vae_config) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a VAE config; unset: 1 and 0 (SD1.x/SDXL VAEs have no shift)."""
+    return float(getattr(vae_config, "scaling_factor", None) or 1.0), float(getattr(vae_config, "shift_factor", None) or 0.0)
+
+
 def scale_latents(raw: torch.Tensor, vae_config) -> torch.Tensor:
     """VAE-encoder output -> VAE-scaled latents (what the UNet and the pipelines' ``output_type="latent"`` use)."""
-    return (raw - (getattr(vae_config, "shift_factor", None) or 0.0)) * vae_config.scaling_factor
+    scale, shift = vae_factors(vae_config)
+    return (raw - shift) * scale
 
 
 def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """VAE-scaled latents -> the VAE decoder's input (the inverse of :func:`scale_latents`)."""
-    return latents / vae_config.scaling_factor + (getattr(vae_config, "shift_factor", None) or 0.0)
+    scale, shift = vae_factors(vae_config)
+    return latents / scale + shift
 
 
 def decode_vae(vae: AutoencoderKL | None, latents: torch.Tensor) -> torch.Tensor:

@@ -69,11 +69,17 @@ def tiny_pairs(teacher, prompt_file, out: Path, *, steps: int) -> Path:
     return out
 
 
+def fresh_accelerator_state() -> None:
+    """Forget the Accelerator singletons, as a new process would, through accelerate's own test case (public API:
+    ``accelerate.test_utils.AccelerateTestCase`` resets the state after each test that uses it)."""
+    from accelerate.test_utils import AccelerateTestCase
+
+    AccelerateTestCase().tearDown()
+
+
 def run_script(script: str, args: list[str], capsys=None) -> tuple[int, str]:
     """Run ``distill/<script>`` in this process as ``python distill/<script> args`` would; (exit code, stderr)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run is a fresh "process"
+    fresh_accelerator_state()  # each run is a fresh "process"
     argv = sys.argv
     sys.argv = [str(ROOT / "distill" / script), *map(str, args)]
     code = 0

@@ -131,7 +131,7 @@ def test_clip_guidance_term_and_its_absence(common, tmp_path, capsys, monkeypatc
     def absent(model, pretrained, cache_dir):  # what resolve_clip_weights raises offline without the weights
         raise FileNotFoundError(f"CLIP score needs the open_clip weights {model} / {pretrained}, which are not available locally")
 
-    monkeypatch.setattr("distill.metrics.clip_score.resolve_clip_weights", absent)
+    monkeypatch.setattr("distill.pretrained.resolve_clip_weights", absent)
     code, err = run_script("train_gan.py", [*common, "--output_dir", tmp_path / "noclip", "--max_train_steps", 1, "--checkpointing_steps", 1,
                                             "--validation_steps", 100, "--clip_guidance_weight", 0.2], capsys)
     assert code == 0, err

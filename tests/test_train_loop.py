@@ -11,6 +11,7 @@ import torch
 
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop
+from conftest import fresh_accelerator_state
 
 PROJECT = str(Path(__file__).resolve().parents[1] / "distill")
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")  # what makes the host wait for the device
@@ -18,9 +19,8 @@ READS = ("item", "tolist", "__bool__", "__float__", "__int__")  # what makes the
 
 def _loop(tmp_path, *, max_grad_norm: float, accumulation: int = 2):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    fresh_accelerator_state()
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
     g, d = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)

@@ -165,16 +165,12 @@ def _timm(name: str, weights: str):
 
 
 def _open_clip(name: str, weights: str):
-    import open_clip
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    model_name, _, tag = name.partition("/")
-    if weights == "random":
-        model = open_clip.create_model(model_name, pretrained=None)
-    else:
-        from distill.metrics.clip_score import resolve_clip_weights
+    from distill.pretrained import load_open_clip
 
-        model = open_clip.create_model(model_name, pretrained=resolve_clip_weights(model_name, weights or tag, None))
+    model_name, _, tag = name.partition("/")
+    model = load_open_clip(model_name, None if weights == "random" else weights or tag)
     visual = model.visual
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     if blocks is None:

@@ -15,47 +15,24 @@ if TYPE_CHECKING:
     from distill.losses.elatentlpips import LatentLPIPSNet
 
 
-def load_vae(vae: str, *, subfolder: str | None):
-    """Frozen AutoencoderKL from a diffusers path or Hub id (``subfolder`` None, empty or ``.``: the root)."""
-    from diffusers import AutoencoderKL
-
-    if not vae:
-        raise ValueError("set `vae` to a diffusers model path or Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)")
-    model = AutoencoderKL.from_pretrained(vae, subfolder=None if subfolder in (None, "", ".") else subfolder)
-    return model.eval().requires_grad_(False)
-
-
-def vae_factors(vae) -> tuple[float, float]:
-    scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
-    shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
-    return scale, shift
-
-
 @torch.no_grad()
 def encode(vae, pixels: torch.Tensor, sampling: str) -> torch.Tensor:
     """Pixels in [-1, 1] -> diffusers-scaled latents, the convention the metric is used with."""
-    scale, shift = vae_factors(vae)
+    from students.latents import scale_latents
+
     dist = vae.encode(pixels.to(vae.dtype)).latent_dist
     z = dist.sample() if sampling == "sample" else dist.mode()
-    return ((z - shift) * scale).float()
+    return scale_latents(z, vae.config).float()
 
 
 def load_image_dataset(dataset: str, *, split: str, image_column: str, label_column: str, max_samples: int):
-    """(dataset, num_classes) from a save_to_disk dir, parquet file/dir or datasets Hub name (``max_samples`` 0: all)."""
-    import datasets
+    """(dataset, num_classes) from a save_to_disk dir, parquet file/dir, image folder or datasets Hub name
+    (``max_samples`` 0: all); opened as every image dataset here is (``data_gen.image_text.open_dataset``)."""
+    from data_gen.image_text import open_dataset
 
     if not dataset:
         raise ValueError("set `dataset` (a save_to_disk dir, parquet file/dir, or a datasets Hub name)")
-    path = Path(dataset)
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-    elif path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
-        files = str(path) if path.is_file() else str(path / "*.parquet")
-        ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    else:
-        ds = datasets.load_dataset(dataset, split=split)
+    ds = open_dataset(dataset, split=split)
     for col in (image_column, label_column):
         if col not in ds.column_names:
             raise ValueError(f"column {col!r} not in dataset {dataset}; columns: {ds.column_names}")

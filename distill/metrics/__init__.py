@@ -40,7 +40,6 @@ _EXPORTS = {
     "clip_scores": "clip_score",
     "load_clip": "clip_score",
     "load_clip_model": "clip_score",
-    "resolve_clip_weights": "clip_score",
     "fidelity_metrics": "fidelity",
     "psnr": "fidelity",
     "LatencyResult": "latency",

@@ -32,30 +32,6 @@ class ClipModel:
     model_id: str
 
 
-def resolve_clip_weights(model_name: str, pretrained: str, cache_dir: str | None) -> str:
-    """A local weights file for (model, tag): cached or downloaded as open_clip does; offline and absent, a one-line fix."""
-    import open_clip
-    from open_clip.pretrained import download_pretrained
-
-    if Path(pretrained).is_file():
-        return pretrained
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not cfg:
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
-        raise ValueError(f"open_clip has no pretrained tag {pretrained!r} for {model_name} (tags: {tags}); or pass a weights file path")
-    source = cfg.get("hf_hub") or cfg.get("url", "")
-    repo = cfg.get("hf_hub", "").rstrip("/")
-    try:
-        return download_pretrained(cfg, cache_dir=cache_dir)
-    except Exception as exc:  # offline: huggingface_hub / urllib raise many types
-        where = f"`hf download {repo}` (Hugging Face cache; then run with HF_HUB_OFFLINE=1)" if repo else f"a download of {source}"
-        raise FileNotFoundError(
-            f"CLIP score needs the open_clip weights {model_name} / {pretrained}, which are not available locally "
-            f"({type(exc).__name__}): get them with {where}, or put the weights file anywhere and set "
-            f"clip_pretrained=/path/to/open_clip_pytorch_model.bin"
-        ) from None
-
-
 def load_clip(
     model_name: str = DEFAULT_MODEL,
     pretrained: str = DEFAULT_PRETRAINED,
@@ -66,9 +42,10 @@ def load_clip(
     """An open_clip model by name and pretrained tag (or local weights file); fails if the weights are absent."""
     import open_clip
 
-    # Resolve the file first: building ViT-g-14 (1.4B parameters) only to fail on the download is minutes lost.
-    weights = resolve_clip_weights(model_name, pretrained, str(cache_dir) if cache_dir else None)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device)
+    from distill.pretrained import load_open_clip
+
+    model, preprocess = load_open_clip(model_name, pretrained, cache_dir=str(cache_dir) if cache_dir else None, device=device,
+                                       transforms=True)
     model_id = f"open_clip/{model_name}/{pretrained if not Path(pretrained).is_file() else Path(pretrained).name}"
     return ClipModel(model=model.eval(), preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model_name), model_id=model_id)
 
