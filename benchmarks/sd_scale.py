@@ -42,7 +42,7 @@ import torch
 
 from distill.discriminators import UNetDiscriminator
 from distill.training.ema import EMA
-from distill.training.phases import Batch, discriminator_terms, generator_terms
+from distill.distillation.phases import Batch, discriminator_terms, generator_terms
 from distill.training.optimizers import build_optimizer
 from diffusers import UNet2DConditionModel
 

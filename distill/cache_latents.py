@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from data_gen.image_text import LATENT_MANIFEST, image_transform, latent_shard_path, open_image_text, read_rows, write_latent_manifest, write_latent_shard
-from distill.config import ConfigError, config_dict, parse_config, require_positive, run_cli
-from distill.lock import locked
+from distill.core.config import ConfigError, command, config_dict, parse_config, require_positive
+from distill.core.lock import locked
 
 
 @dataclass
@@ -43,6 +43,7 @@ class CacheConfig:
     output_dir: str = field(default="runs/latents", metadata={"help": "the cache folder"})
 
 
+@command
 def main() -> None:
     cfg = parse_config(CacheConfig, description=__doc__)
     if not cfg.dataset or not cfg.vae:
@@ -62,7 +63,7 @@ def main() -> None:
 
 
 def run(cfg: CacheConfig, *, accelerator, out: Path) -> None:
-    from distill.pretrained import load_vae
+    from distill.core.pretrained import load_vae
     from students.latents import scale_latents, vae_scale_factor
 
     # 1. Load: the dataset (undecoded images), the VAE; refuse a folder made with other settings.
@@ -116,4 +117,4 @@ def run(cfg: CacheConfig, *, accelerator, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from distill.config import ConfigError, parse_config, require_non_negative, require_positive, run_cli
+from distill.core.config import ConfigError, command, parse_config, require_non_negative, require_positive
 
 QUICKSTART_PIPELINE = "runs/quickstart/student/pipeline"
 EXAMPLE_PROMPT = "a handwritten digit seven"
@@ -178,6 +178,7 @@ def load_parts(cfg: DemoConfig):
     return pipe, teacher, sampler
 
 
+@command
 def main() -> None:
     cfg = parse_config(DemoConfig, description=__doc__)
     require_non_negative(cfg, "debounce")
@@ -190,7 +191,7 @@ def main() -> None:
 
     if not is_one_step_folder(cfg.pipeline):
         if cfg.pipeline == QUICKSTART_PIPELINE:
-            raise ConfigError(f"no student at {cfg.pipeline}: make the digits one with `bash scripts/quickstart.sh` "
+            raise ConfigError(f"no student at {cfg.pipeline}: make the digits one with `bash distill/digits/quickstart.sh` "
                               "(about 13 min on 2 CPU cores), or pass --pipeline DIR (a train_student.py output_dir/pipeline)")
         raise ConfigError(f"{cfg.pipeline} is not a one-step student folder: pass train_student.py's output_dir/pipeline")
 
@@ -212,4 +213,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

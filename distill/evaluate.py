@@ -26,8 +26,9 @@ import torch
 
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_labelled_prompts, load_prompts, prompt_for_index, prompts_fingerprint
-from distill.config import ConfigError, config_dict, package_versions, parse_config, require_positive, run_cli, save_config
-from distill.lock import locked
+from distill.core.config import (ConfigError, command, config_dict, package_versions, parse_config, require_positive,
+                                save_config)
+from distill.core.lock import locked
 from distill.metrics import TEST_ONLY
 from distill.metrics.generation import Sampler
 from distill.metrics.sample_cache import check_samples_manifest, fill_sample_cache, folder_fingerprint, save_grid
@@ -314,7 +315,7 @@ def preflight(cfg: EvalConfig, metrics: list[str], *, sampler: Sampler, cache_di
         if not is_classifier_folder(cfg.fid_extractor):
             inception_path(cache_dir if cfg.fid_extractor == "inception" else cfg.fid_extractor)
     if "clip_score" in metrics and cfg.clip_model != TEST_ONLY:
-        from distill.pretrained import resolve_clip_weights
+        from distill.core.pretrained import resolve_clip_weights
 
         resolve_clip_weights(cfg.clip_model, cfg.clip_pretrained, None)
     if "fidelity" in metrics and sampler.pipe.vae is None:
@@ -366,6 +367,7 @@ def card_source(cfg: EvalConfig, metrics: list[str]) -> str:
     return "; ".join(parts)
 
 
+@command
 def main() -> None:
     cfg = parse_config(EvalConfig, description=__doc__)
     metrics = validate(cfg)
@@ -489,4 +491,4 @@ def evaluate(cfg: EvalConfig, metrics: list[str], *, accelerator) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

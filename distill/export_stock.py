@@ -16,8 +16,8 @@ from typing import Optional
 
 
 from data_gen.pairs import SPLIT_FILE, read_manifest
-from distill.config import ConfigError, parse_config, run_cli
-from distill.training.run_checks import read_split
+from distill.core.config import ConfigError, command, parse_config
+from distill.distillation.run_checks import read_split
 from students import OneStepGANPipeline
 from students.stock import save_stock_pipeline
 
@@ -46,6 +46,7 @@ def scheduler_config(cfg: ExportStockConfig) -> dict:
         raise ConfigError(f"the student's pairs {split['pairs']} are gone: set `teacher` to the teacher's hub id or folder") from None
 
 
+@command
 def main() -> None:
     # 1. Load: the config, the student, the teacher's schedule.
     cfg = parse_config(ExportStockConfig, description=__doc__)
@@ -62,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

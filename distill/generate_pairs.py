@@ -25,8 +25,8 @@ from data_gen import pairs as pairs_io
 from data_gen.hub import push_folder
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
-from distill.config import ConfigError, package_versions, parse_config, require_positive, run_cli, save_config
-from distill.lock import locked
+from distill.core.config import ConfigError, command, package_versions, parse_config, require_positive, save_config
+from distill.core.lock import locked
 from students.text import encode_sd3_text, encode_text
 from teachers import SCHEDULERS, load_teacher, solve_ode
 from teachers.identity import identity_changes, resolve_teacher_folder, teacher_identity
@@ -127,6 +127,7 @@ def prompt_embeds(pipe, prompts: list[str], *, resolution: int, max_sequence_len
     return {k: v.to("cpu", getattr(torch, pairs_io.TEXT_DTYPE)) for k, v in columns.items() if v is not None}
 
 
+@command
 def main() -> None:
     cfg = parse_config(PairsConfig, description=__doc__)
     validate(cfg)
@@ -269,4 +270,4 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

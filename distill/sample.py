@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from data_gen.noise import noise_for_seed
 from data_gen.prompts import load_prompts
-from distill.config import ConfigError, parse_config, require_positive, run_cli
+from distill.core.config import ConfigError, command, parse_config, require_positive
 from students import OneStepGANPipeline
 from teachers.loading import dtype_from_name
 
@@ -70,6 +70,7 @@ def resolve_device(name: str) -> str:
     return name
 
 
+@command
 def main() -> None:
     cfg = parse_config(SampleConfig, description=__doc__)
     require_positive(cfg, "batch_size")
@@ -110,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -20,37 +20,44 @@ from typing import Optional
 
 import torch
 
-from distill.config import (ConfigError, parse_config, require_between, require_non_negative, require_positive,
-                            require_positive_or_null, run_cli, save_config)
-from distill.lock import locked
+from distill.core.config import (ConfigError, command, parse_config, require_non_negative, require_positive,
+                                save_config, with_default)
+from distill.core.lock import locked
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop, micro_batch_loss, state_bytes
-from distill.training.scratch_setup import DISCRIMINATORS, build_parts, export_pipeline, sample_grid
+from distill.scratch.setup import DISCRIMINATORS, build_parts, export_pipeline, sample_grid
 from distill.training.student_registry import STUDENTS
 from distill.training.trackers import tracker_config
+from distill.training.run_config import GANRunConfig, check_gan_keys
 
 GENERATORS = tuple(name for name, spec in STUDENTS.items() if spec.generator is not None)
 
 
 @dataclass
-class GANConfig:
+class GANConfig(GANRunConfig):
+    output_dir: str = with_default(GANRunConfig, "output_dir", "runs/gan")
+    batch_size: int = with_default(GANRunConfig, "batch_size", 32)
+    num_workers: int = with_default(GANRunConfig, "num_workers", 0, help="DataLoader workers decoding images (map-style datasets)")
+    tracker_project_name: str = with_default(GANRunConfig, "tracker_project_name", "train_gan")
+    learning_rate_g: float = with_default(GANRunConfig, "learning_rate_g", 2e-3, help="Adam lr of the generator (StyleGAN-T: 0.002)")
+    r1_gamma: float = with_default(GANRunConfig, "r1_gamma", 0.0, help="R1 weight (0 = off; the projected D needs none)")
+    validation_steps: int = with_default(GANRunConfig, "validation_steps", 500, help="sample grid every N steps")
+    validation_prompts: list[str] = with_default(GANRunConfig, "validation_prompts", default_factory=list, help="prompts of the sample grid (a list, as in train_student.py and diffusers' examples); empty: validation_prompt_file, else the first rows' captions")
     dataset: str = field(default="", metadata={"help": "datasets hub name, local folder (imagefolder + metadata.jsonl/csv, Parquet, webdataset .tar) or a latent cache"})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "hub dataset configuration name"})
     split: str = field(default="train", metadata={"help": "dataset split"})
     image_column: str = field(default="image", metadata={"help": "image column"})
     caption_column: str = field(default="text", metadata={"help": "caption column (a string, or a list: one drawn per use)"})
     streaming: bool = field(default=False, metadata={"help": "stream the dataset (sets that do not fit on disk); read in shard order"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding images (map-style datasets)", "aliases": ["dataloader_num_workers"]})
     resolution: int = field(default=256, metadata={"help": "image side in pixels (centre crop + resize)"})
-    space: str = field(default="latent", metadata={"help": "latent (a VAE's latent space) or pixel"})
+    space: str = field(default="latent", metadata={"help": "latent (a VAE's latent space) or pixel", "choices": ("latent", "pixel")})
     vae: str = field(default="", metadata={"help": "diffusers model path or hub id holding the AutoencoderKL (space latent)"})
     vae_subfolder: Optional[str] = field(default="vae", metadata={"help": "subfolder of `vae` (null / . for the root)"})
-    latent_sampling: str = field(default="sample", metadata={"help": "sample or mode of the VAE posterior (on-the-fly encoding)"})
+    latent_sampling: str = field(default="sample", metadata={"help": "sample or mode of the VAE posterior (on-the-fly encoding)", "choices": ("sample", "mode")})
     text_encoder: str = field(default="", metadata={"help": "diffusers pipeline (folder or hub id) whose text encoder(s) + tokenizer(s) read the prompts"})
-    generator: str = field(default="gigagan", metadata={"help": f"generator: {', '.join(GENERATORS)}"})
-    generator_size: str = field(default="base", metadata={"help": "generator size preset: tiny, small, base"})
-    mapping_lr_mul: Optional[float] = field(default=None, metadata={"help": "learning-rate multiplier of the mapping network (unset: 0.01)"})
-    discriminator: str = field(default="projected", metadata={"help": f"discriminator: {', '.join(DISCRIMINATORS)} (both, judged as one: their heads' logits together)"})
+    generator: str = field(default="gigagan", metadata={"help": "generator", "choices": GENERATORS, "hints": {"unet": "the UNet student needs a teacher: use distill/train_student.py"}})
+    generator_size: str = field(default="base", metadata={"help": "generator size preset", "choices": tuple(STUDENTS["gigagan"].presets)})
+    discriminator: str = field(default="projected", metadata={"help": "discriminator (a+b: both, judged as one: their heads' logits together)", "choices": DISCRIMINATORS})
     d_feature_network: str = field(default="timm:vit_small_patch16_224.dino", metadata={"help": "projected D: torchvision:NAME, timm:NAME, open_clip:MODEL/TAG or a classifier folder"})
     d_feature_layers: str = field(default="", metadata={"help": "projected D: hooked module names, comma-separated (empty: the network's default)"})
     d_feature_weights: str = field(default="", metadata={"help": "projected D: a local weights file for the feature network (random: tests only)"})
@@ -63,77 +70,45 @@ class GANConfig:
     d_text_dim: int = field(default=256, metadata={"help": "projected / multiscale D: width of the pooled text vector"})
     d_cmap_dim: int = field(default=64, metadata={"help": "projected / multiscale D: channels of the text projection"})
     teacher: str = field(default="", metadata={"help": "unet D: the diffusion pipeline whose UNet becomes D"})
-    d_timestep: int = field(default=0, metadata={"help": "unet D: fixed timestep"})
     d_heads: str = field(default="before,skip,after,final", metadata={"help": "unet D: heads"})
-    loss: str = field(default="hinge", metadata={"help": "hinge (StyleGAN-T) or non_saturating"})
+    loss: str = field(default="hinge", metadata={"help": "hinge (StyleGAN-T) or non_saturating", "choices": ("hinge", "non_saturating")})
     augment: str = field(default="color,translation,cutout", metadata={"help": "DiffAugment policy on everything D sees ('' = off)"})
     blur_sigma: float = field(default=2.0, metadata={"help": "D input blur at the start, in pixels of its input (0 = off)"})
     blur_fade_kimg: float = field(default=20.0, metadata={"help": "the blur fades to 0 over this many thousand images"})
     mismatch_weight: float = field(default=0.0, metadata={"help": "GigaGAN's matching-aware term: real images with another caption as fake (0 = off; with the projected D it stalls D early on)"})
-    r1_gamma: float = field(default=0.0, metadata={"help": "R1 weight (0 = off; the projected D needs none)"})
-    r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
     clip_guidance_weight: float = field(default=0.0, metadata={"help": "CLIP guidance weight (StyleGAN-T: 0.2; 0 = off; skipped with a warning if the weights are absent)"})
     clip_model: str = field(default="ViT-B-32", metadata={"help": "open_clip model for CLIP guidance"})
     clip_pretrained: str = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag or local weights file"})
     clip_crop: int = field(default=64, metadata={"help": "CLIP guidance on a random crop of this side when the image is larger"})
-    output_dir: str = field(default="runs/gan", metadata={"help": "run directory"})
-    max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=32, metadata={"help": "per-process batch per micro-step", "aliases": ["train_batch_size"]})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
-    learning_rate_g: float = field(default=2e-3, metadata={"help": "Adam lr of the generator (StyleGAN-T: 0.002)"})
-    learning_rate_d: float = field(default=2e-3, metadata={"help": "Adam lr of the discriminator"})
-    adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1"})
-    adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
     lr_warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up of both networks"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    ema_half_life_kimg: float = field(default=10.0, metadata={"help": "EMA half-life in thousands of images (0 = off)"})
-    ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (0 = off)"})
-    mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice, else no", "choices": ("no", "fp16", "bf16")})
-    seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
-    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts of the sample grid (a list, as in train_student.py and diffusers' examples); empty: validation_prompt_file, else the first rows' captions"})
     validation_prompt_file: str = field(default="", metadata={"help": "prompts of the sample grid from a file (as evaluate's `prompts`), when validation_prompts is empty"})
     validation_images: int = field(default=4, metadata={"help": "sample-grid columns (fixed noise maps)"})
     validation_rows: int = field(default=10, metadata={"help": "sample-grid rows (prompts, spread over the file)"})
-    checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N steps"})
-    checkpoints_total_limit: Optional[int] = field(default=3, metadata={"help": "keep at most N checkpoints (null: all)"})
-    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, or a checkpoint dir"})
-    validation_steps: int = field(default=500, metadata={"help": "sample grid every N steps"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
-    tracker_project_name: str = field(default="train_gan", metadata={"help": "project / run name given to the trackers"})
 
 
 def check(cfg: GANConfig) -> None:
-    for key, choices in (("generator", GENERATORS), ("discriminator", DISCRIMINATORS), ("space", ("latent", "pixel")),
-                         ("loss", ("hinge", "non_saturating")), ("latent_sampling", ("sample", "mode")),
-                         ("generator_size", tuple(STUDENTS["gigagan"].presets))):
-        if getattr(cfg, key) not in choices:
-            hint = "; the UNet student needs a teacher: use distill/train_student.py" if key == "generator" and cfg.generator in STUDENTS else ""
-            raise ConfigError(f"unknown {key} {getattr(cfg, key)!r}; choose one of {', '.join(choices)}{hint}")
     for key, needed in (("dataset", True), ("text_encoder", True), ("vae", cfg.space == "latent"), ("teacher", cfg.discriminator == "unet")):
         if needed and not getattr(cfg, key):
             raise ConfigError(f"set `{key}` (see --help)")
-    require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "resolution", "r1_interval", "checkpointing_steps",
-                     "validation_steps", "learning_rate_g", "learning_rate_d", "d_text_dim", "d_cmap_dim")
-    require_non_negative(cfg, "num_workers", "blur_sigma", "blur_fade_kimg", "mismatch_weight", "r1_gamma", "clip_guidance_weight",
-                         "clip_crop", "lr_warmup_steps", "max_grad_norm", "ema_half_life_kimg", "ema_rampup", "validation_images",
-                         "validation_rows", "d_timestep", "d_feature_resolution", "d_virtual_batch", "d_mbstd_group")
-    for key in ("adam_beta1", "adam_beta2"):
-        require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
+    check_gan_keys(cfg)
+    require_positive(cfg, "resolution", "d_text_dim", "d_cmap_dim")
+    require_non_negative(cfg, "blur_sigma", "blur_fade_kimg", "mismatch_weight", "clip_guidance_weight", "clip_crop", "lr_warmup_steps",
+                         "validation_images", "validation_rows", "d_feature_resolution", "d_virtual_batch", "d_mbstd_group")
     if "+" in cfg.discriminator and (cfg.d_pyramid != "downsample" or cfg.d_norm != "separate"):
         raise ConfigError(f"discriminator {cfg.discriminator} judges both Ds on the same inputs: set d_pyramid downsample and d_norm separate")
-    require_positive_or_null(cfg, "checkpoints_total_limit")
     if cfg.validation_prompt_file and not cfg.validation_prompts and not Path(cfg.validation_prompt_file).exists():
         raise ConfigError(f"validation_prompt_file {cfg.validation_prompt_file} not found: pass an existing prompts file, "
                           "or the prompts themselves as --validation_prompts")
 
 
+@command
 def main() -> None:
     cfg = parse_config(GANConfig, description=__doc__)
     check(cfg)
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, gather_object
 
-    from distill.training.scratch_data import check_real_data
+    from distill.scratch.data import check_real_data
 
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -154,8 +129,8 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
     from data_gen.prompts import load_prompts
     from distill.discriminators.inputs import blur_sigma
     from distill.losses.gan import OBJECTIVES
-    from distill.training.scratch_data import RealData
-    from distill.training.scratch_phases import discriminator_terms, generator_terms
+    from distill.scratch.data import RealData
+    from distill.scratch.phases import discriminator_terms, generator_terms
 
     # 1. Build: text encoder, VAE, G, D, CLIP guidance; the data; EMA and optimisers.
     out, device = Path(cfg.output_dir), accelerator.device
@@ -252,4 +227,4 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

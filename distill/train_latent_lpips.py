@@ -30,15 +30,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data_gen.bapps import BAPPS2AFC
-from distill.config import (ConfigError, parse_config, require_between, require_non_negative, require_positive,
-                            require_positive_or_null, run_cli, save_config)
+from distill.core.config import (ConfigError, command, parse_config, require_between, require_non_negative,
+                                require_positive, save_config, with_default)
 from distill.training import checkpoint as ckpt
 from distill.training.trackers import tracker_config
-from distill.losses.latent_lpips_training import (
+from distill.training.run_config import RunConfig, check_run_keys
+from distill.latent_lpips.training import (
     Dist2Logit, MetricsLog, TrunkClassifier, classifier_loader, cycle, encode, load_image_dataset, lr_lambda,
     score_2afc,
 )
-from distill.pretrained import load_vae
+from distill.core.pretrained import load_vae
 from students.latents import vae_factors
 
 if TYPE_CHECKING:
@@ -50,11 +51,15 @@ TRAINER_STATE = "trainer_state.json"  # stage and step of a checkpoint, read bef
 
 
 @dataclass
-class TrainLatentLPIPSConfig:
-    output_dir: str = field(default="runs/latent_lpips", metadata={"help": "run directory (config, metrics, checkpoints, weights)", "aliases": ["out_dir"]})
+class TrainLatentLPIPSConfig(RunConfig):
+    output_dir: str = with_default(RunConfig, "output_dir", "runs/latent_lpips", help="run directory (config, metrics, checkpoints, weights)", aliases=["out_dir"])
+    max_train_steps: int = with_default(RunConfig, "max_train_steps", 100000, help="stage-1 optimizer steps", aliases=["steps"])
+    batch_size: int = with_default(RunConfig, "batch_size", 64, help="stage-1 batch size per process")
+    num_workers: int = with_default(RunConfig, "num_workers", 4)
+    checkpointing_steps: int = with_default(RunConfig, "checkpointing_steps", 5000, help="save_state every N steps of either stage (0 = only at the end)", aliases=["save_every"])
+    checkpoints_total_limit: Optional[int] = with_default(RunConfig, "checkpoints_total_limit", 2)
+    tracker_project_name: str = with_default(RunConfig, "tracker_project_name", "train_latent_lpips")
     stage: str = field(default="classifier", metadata={"help": "classifier, calibrate or both", "choices": STAGES})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice, else no", "choices": ("no", "fp16", "bf16")})
     # VAE whose latent space the metric lives in.
     vae: str = field(default="", metadata={"help": "diffusers model path or Hub id holding the AutoencoderKL", "aliases": ["pretrained_model_name_or_path"]})
     vae_subfolder: Optional[str] = field(default="vae", metadata={"help": "subfolder of `vae` (empty / null / . for the root)"})
@@ -75,13 +80,10 @@ class TrainLatentLPIPSConfig:
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N rows (0 = all)"})
     resolution: int = field(default=256, metadata={"help": "pixel size fed to the VAE (latents are 8x smaller)"})
     crop_scale_min: float = field(default=0.35, metadata={"help": "RandomResizedCrop lower area bound (1 = no crop)"})
-    max_train_steps: int = field(default=100000, metadata={"help": "stage-1 optimizer steps", "aliases": ["steps"]})
-    batch_size: int = field(default=64, metadata={"help": "stage-1 batch size per process", "aliases": ["train_batch_size"]})
     optimizer: str = field(default="sgd", metadata={"help": "stage-1 optimizer", "choices": ("sgd", "adamw")})
     lr: float = field(default=0.02, metadata={"help": "stage-1 peak learning rate", "aliases": ["learning_rate"]})
     weight_decay: float = field(default=5e-4, metadata={"help": "stage-1 weight decay"})
     warmup_steps: int = field(default=1000, metadata={"help": "linear warmup, then cosine decay"})
-    num_workers: int = field(default=4, metadata={"help": "dataloader workers", "aliases": ["dataloader_num_workers"]})
     # Stage 2: 2AFC calibration of the heads.
     bapps_dir: str = field(default="", metadata={"help": "BAPPS-layout 2AFC train dir(s), comma-separated"})
     bapps_val_dir: str = field(default="", metadata={"help": "BAPPS-layout 2AFC val dir(s) for the 2AFC score"})
@@ -92,11 +94,6 @@ class TrainLatentLPIPSConfig:
     head_dropout: float = field(default=0.5, metadata={"help": "dropout on the heads' input while calibrating"})
     # Bookkeeping.
     log_every: int = field(default=50, metadata={"help": "log every N steps"})
-    checkpointing_steps: int = field(default=5000, metadata={"help": "save_state every N steps of either stage (0 = only at the end)", "aliases": ["save_every"]})
-    checkpoints_total_limit: Optional[int] = field(default=2, metadata={"help": "keep at most N checkpoints (null: all)"})
-    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, a checkpoint name in output_dir (checkpoint-500) or a checkpoint dir"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
-    tracker_project_name: str = field(default="train_latent_lpips", metadata={"help": "project / run name given to the trackers"})
 
 
 class StageState:
@@ -324,17 +321,17 @@ def validate(cfg: TrainLatentLPIPSConfig) -> None:
         raise ConfigError("stage calibrate needs `init_from` (a stage-1 run's latent_lpips dir, a .pth, or a published name)")
     if cfg.stage in ("calibrate", "both") and not cfg.bapps_dir:
         raise ConfigError("stage calibrate needs `bapps_dir` (BAPPS 2AFC layout: ref/ p0/ p1/ judge/)")
-    require_positive(cfg, "max_train_steps", "batch_size", "lr", "calib_steps", "calib_batch_size", "calib_lr", "resolution",
-                     "calib_resolution", "log_every")
-    require_non_negative(cfg, "warmup_steps", "weight_decay", "num_workers", "checkpointing_steps", "max_train_samples")
+    check_run_keys(cfg)
+    require_positive(cfg, "lr", "calib_steps", "calib_batch_size", "calib_lr", "resolution", "calib_resolution", "log_every")
+    require_non_negative(cfg, "warmup_steps", "weight_decay", "checkpointing_steps", "max_train_samples")
     require_between(cfg, "crop_scale_min", 0.0, 1.0)
     require_between(cfg, "head_dropout", 0.0, 1.0, high_inclusive=False)
-    require_positive_or_null(cfg, "checkpoints_total_limit")
     n = len(cfg.stage_channels)
     if not cfg.init_from and not (len(cfg.convs_per_stage) == len(cfg.pool_after_stage) == n):
         raise ConfigError("stage_channels, convs_per_stage and pool_after_stage need one entry per stage")
 
 
+@command
 def main() -> None:
     cfg = parse_config(TrainLatentLPIPSConfig, description=__doc__)
     validate(cfg)
@@ -393,4 +390,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -22,23 +22,24 @@ import torch
 
 from data_gen.hub import push_folder
 from data_gen.pairs import load_pairs, read_manifest, stored_text_shapes, target_statistics
-from distill.config import (ConfigError, config_dict, parse_config, require_between, require_non_negative, require_positive,
-                            require_positive_or_null, run_cli, save_config)
-from distill.lock import locked
+from distill.core.config import (ConfigError, command, config_dict, parse_config, require_between, require_non_negative,
+                                require_positive, save_config, with_default)
+from distill.core.lock import locked
 from distill.training import checkpoint as ckpt
-from distill.training import run_checks
+from distill.distillation import run_checks
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop, micro_batch_loss, state_bytes
-from distill.training.pair_data import PairRows, stored_conditioning
-from distill.training.phases import REGRESSIONS, Batch, discriminator_terms, generator_terms
-from distill.training.card import card_facts
+from distill.distillation.pair_data import PairRows, stored_conditioning
+from distill.distillation.phases import REGRESSIONS, Batch, discriminator_terms, generator_terms
+from distill.distillation.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
 from distill.training.optimizers import OPTIMIZERS, build_optimizer, require_optimizer
-from distill.training.setup import (COND_DTYPE, FROZEN_DTYPES, build_regression_lpips, build_student, export_pipeline, validate_and_sample,
+from distill.distillation.setup import (COND_DTYPE, FROZEN_DTYPES, build_regression_lpips, build_student, export_pipeline, validate_and_sample,
                                     validation_set)
 from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training.trackers import tracker_config
+from distill.training.run_config import GANRunConfig, check_gan_keys
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -52,7 +53,16 @@ def _per_student(key: str) -> str:
 
 
 @dataclass
-class StudentConfig:
+class StudentConfig(GANRunConfig):
+    output_dir: str = with_default(GANRunConfig, "output_dir", "runs/student")
+    num_workers: int = with_default(GANRunConfig, "num_workers", 0, help="DataLoader workers reading the next pair micro-batches ahead (0: read in the training process; the batches are the same either way)")
+    tracker_project_name: str = with_default(GANRunConfig, "tracker_project_name", "train_student")
+    learning_rate_g: Optional[float] = with_default(GANRunConfig, "learning_rate_g", None, help=f"Adam lr of the generator ({_per_student('learning_rate_g')})")
+    learning_rate_d: float = with_default(GANRunConfig, "learning_rate_d", 1e-5)
+    r1_gamma: float = with_default(GANRunConfig, "r1_gamma", 1e-5)
+    ema_half_life_kimg: float = with_default(GANRunConfig, "ema_half_life_kimg", 500.0, help="EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)")
+    validation_steps: int = with_default(GANRunConfig, "validation_steps", 500, help="held-out metrics, validation images (PNG grid + trackers) and curves.png every N steps")
+    validation_prompts: list[str] = with_default(GANRunConfig, "validation_prompts", default_factory=list, help="validation images: these prompts x num_validation_seeds fixed noise maps (the teacher's images solved once at the start); empty: the first 8 held-out pairs")
     teacher: str = field(default="", metadata={"help": "teacher hub id / folder; empty = the one in the pairs manifest",
                                                 "aliases": ["pretrained_model_name_or_path"]})
     revision: Optional[str] = field(default=None, metadata={"help": "teacher revision"})
@@ -62,19 +72,9 @@ class StudentConfig:
     student: str = field(default="unet", metadata={"help": "generator", "choices": tuple(STUDENTS)})
     student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
     student_size: str = field(default="base", metadata={"help": "preset of the gigagan / stylegan_t generators", "choices": STUDENT_SIZES})
-    mapping_lr_mul: Optional[float] = field(default=None, metadata={"help": "gigagan / stylegan_t: learning-rate multiplier of the mapping network (unset: StyleGAN's 0.01)"})
     output_latent_stats: bool = field(default=True, metadata={"help": "gigagan / stylegan_t: set the output to the training targets' measured per-channel mean / std (false: unit scale)"})
     linear_lr_by_fan_in: bool = field(default=True, metadata={"help": "gigagan / stylegan_t: plain linear layers at learning_rate_g / sqrt(fan-in), as if equalised (false: learning_rate_g for every parameter)"})
-    output_dir: str = field(default="runs/student", metadata={"help": "run directory"})
-    max_train_steps: int = field(default=10000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=8, metadata={"help": "per-process batch per micro-step", "aliases": ["train_batch_size"]})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per step"})
-    learning_rate_g: Optional[float] = field(default=None, metadata={"help": f"Adam lr of the generator ({_per_student('learning_rate_g')})"})
-    learning_rate_d: float = field(default=1e-5, metadata={"help": "Adam lr of the discriminator"})
     optimizer: str = field(default="adam", metadata={"help": "optimiser of G and D: adam, or adam8bit (bitsandbytes' 8-bit states: 2 instead of 8 bytes per parameter; needs pip install bitsandbytes)", "choices": OPTIMIZERS})
-    adam_beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (GAN practice: 0)"})
-    adam_beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
     regression: str = field(default="elatentlpips", metadata={"help": "regression loss", "choices": REGRESSIONS})
     lpips_weight: float = field(default=1.0, metadata={"help": "weight of the regression term"})
     lpips_network: str = field(default="official", metadata={"help": "latent LPIPS weights: a local path, 'official', or 'random' (tests only)"})
@@ -83,32 +83,16 @@ class StudentConfig:
     gan_weight: float = field(default=0.1, metadata={"help": "weight of the GAN term (0 = regression only)"})
     gan_noise: Optional[str] = field(default=None, metadata={"help": f"noise the GAN fakes are made from: the pairs' own (the paper) or fresh samples ({_per_student('gan_noise')})", "choices": ("pairs", "fresh")})
     gan_start_step: Optional[int] = field(default=None, metadata={"help": f"regression alone before this step, then + GAN ({_per_student('gan_start_step')})"})
-    d_timestep: int = field(default=0, metadata={"help": "fixed timestep embedding given to the discriminator's backbone"})
     d_heads: Optional[str] = field(default=None, metadata={"help": "discriminator heads; unset: before,skip,after,final (UNet D), early,middle,late (SD3 transformer D)"})
     frozen_dtype: str = field(default="fp32", metadata={"help": "dtype the frozen text encoder(s) and VAE are held in (bf16 / fp16 halve them; their outputs are cast back to fp32)", "choices": tuple(FROZEN_DTYPES)})
     d_gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the discriminator's UNet backbone (recomputed in the backward; R1's double backward included)"})
     d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
-    r1_gamma: float = field(default=1e-5, metadata={"help": "R1 weight (0 = off)"})
-    r1_interval: int = field(default=16, metadata={"help": "lazy R1 every N steps"})
-    ema_half_life_kimg: float = field(default=500.0, metadata={"help": "EMA half-life in thousands of images (0 = off; EDM's 500, capped early on by ema_rampup)"})
-    ema_rampup: float = field(default=0.05, metadata={"help": "EMA half-life at most this x images seen (StyleGAN2-ADA ramp-up; 0 = off)"})
     ema_device: str = field(default="same", metadata={"help": "where the EMA copy of the student lives: 'same' (the training device) or 'cpu' (saves its size in accelerator memory, costs a copy to the host per step)", "choices": EMA_DEVICES})
     ema_dtype: str = field(default="fp32", metadata={"help": "dtype of the EMA copy: bf16 halves it, but rounds away updates below ~1/256 of a weight (a long half-life then barely moves it; prefer ema_device cpu)", "choices": tuple(EMA_DTYPES)})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers reading the next pair micro-batches ahead (0: read in the training process; the batches are the same either way)",
-                                                  "aliases": ["dataloader_num_workers"]})
-    mixed_precision: Optional[str] = field(default=None, metadata={"help": "autocast dtype; unset: the accelerate launcher's choice (accelerate launch --mixed_precision / accelerate config), else no", "choices": MIXED_PRECISIONS})
-    seed: int = field(default=0, metadata={"help": "seed of the data order and every random stream"})
     holdout: int = field(default=16, metadata={"help": "pairs (the last indices) held out for validation"})
-    checkpointing_steps: int = field(default=500, metadata={"help": "save_state every N steps"})
-    checkpoints_total_limit: Optional[int] = field(default=3, metadata={"help": "keep at most N checkpoints"})
-    resume_from_checkpoint: str = field(default="latest", metadata={"help": "latest, none, a checkpoint name in output_dir (checkpoint-500) or a checkpoint dir"})
-    validation_steps: int = field(default=500, metadata={"help": "held-out metrics, validation images (PNG grid + trackers) and curves.png every N steps"})
-    validation_prompts: list[str] = field(default_factory=list, metadata={"help": "validation images: these prompts x num_validation_seeds fixed noise maps (the teacher's images solved once at the start); empty: the first 8 held-out pairs"})
     num_validation_seeds: int = field(default=2, metadata={"help": "noise maps (seeds 0..N-1) per validation prompt"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s): tensorboard, wandb, all, or 'none'"})
-    tracker_project_name: str = field(default="train_student", metadata={"help": "project / run name given to the trackers"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the final pipeline folder (model card included) to the Hub"})
     hub_model_id: str = field(default="", metadata={"help": "push_to_hub: the repo id (user/name); empty: the output_dir's name"})
     hub_token: Optional[str] = field(default=None, metadata={"help": "push_to_hub: a token (default: the one `hf auth login` stored)"})
@@ -119,15 +103,11 @@ def check(cfg: StudentConfig) -> None:
     if not cfg.pairs:
         raise ConfigError("no pairs given: set `pairs` to a directory written by distill/generate_pairs.py")
     apply_student_defaults(cfg)  # (student, student_size, regression, gan_noise, mixed_precision: choices checked by parse_config)
-    require_positive(cfg, "max_train_steps", "batch_size", "gradient_accumulation_steps", "r1_interval",
-                     "checkpointing_steps", "validation_steps", "learning_rate_g", "learning_rate_d", "num_validation_seeds")
-    require_non_negative(cfg, "gan_start_step", "holdout", "num_workers", "gan_weight", "lpips_weight", "lpips_l1_weight", "r1_gamma", "max_grad_norm",
-                         "ema_half_life_kimg", "ema_rampup", "d_lora_rank", "d_timestep")
+    check_gan_keys(cfg)
+    require_positive(cfg, "num_validation_seeds")
+    require_non_negative(cfg, "gan_start_step", "holdout", "gan_weight", "lpips_weight", "lpips_l1_weight", "d_lora_rank")
     require_between(cfg, "mix_fraction", 0.0, 1.0)
     require_optimizer(cfg.optimizer)
-    for key in ("adam_beta1", "adam_beta2"):
-        require_between(cfg, key, 0.0, 1.0, high_inclusive=False)
-    require_positive_or_null(cfg, "checkpoints_total_limit")
 
 
 def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
@@ -143,6 +123,7 @@ def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
                           f"need at least batch_size={cfg.batch_size}")
 
 
+@command
 def main() -> None:
     cfg = parse_config(StudentConfig, description=__doc__)
     check(cfg)
@@ -306,4 +287,4 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -1,4 +1,4 @@
-"""The README's front image: the teacher and a one-step student on the same noise and prompts, with the
+"""The front page's image: the teacher and a one-step student on the same noise and prompts, with the
 time each took per image.
 
     python scripts/front_image.py --pipeline runs/quickstart/student/pipeline [--output configs/digits/figures/teacher_vs_student.png]

@@ -144,7 +144,7 @@ class StyleGenerator(ModelMixin, ConfigMixin):
         noise code) store He-scale weights, ~1/sqrt(fan-in), for which the same ``lr`` is 15 % of a weight per
         step at fan-in 512. Those get ``lr / sqrt(fan_in)``, what equalising them would give. The noise
         entry's convs keep ``lr``: zero-initialised, they carry the noise-to-latent map the regression learns
-        first. Measured on a tiny SD-form teacher (README, "GAN students at SD scale"): one ``lr`` for all
+        first. Measured on a tiny SD-form teacher (docs/gan-students.md, "GAN students at SD scale"): one ``lr`` for all
         diverged (training MSE 20 -> 316 in 33 steps); the convs scaled too fell slower (held-out MSE 20.7 ->
         10.5, against 2.9). Biases, norms, layer scales and learned maps keep ``lr``."""
         by_fan_in: dict[int, list] = {}

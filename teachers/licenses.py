@@ -17,8 +17,8 @@ KNOWN_LICENSES = {
     "stabilityai/stable-diffusion-2-1-base": "openrail++",
     "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
 }
-# The digits testbed's teachers are this project's own (Apache-2.0), trained by distill/train_digits_teacher.py
-# and distill/train_digits_teacher_sd3.py.
+# The digits testbed's teachers are this project's own (Apache-2.0), trained by distill/digits/train_teacher.py
+# and distill/digits/train_teacher_sd3.py.
 DIGITS_TEACHER = Path(__file__).resolve().parent / "assets" / "digits-teacher"
 DIGITS_TEACHERS = (DIGITS_TEACHER, DIGITS_TEACHER.with_name("digits-teacher-sd3"))
 

@@ -3,7 +3,7 @@
 Supported: ``StableDiffusionPipeline`` (SD1.x, SD2.x with epsilon or v-prediction),
 ``StableDiffusionXLPipeline`` (two text encoders, pooled embeddings, added time ids) and
 ``StableDiffusion3Pipeline`` (SD3 / SD3.5: an MMDiT transformer on a rectified-flow ODE, two CLIP
-encoders and an optional T5). FLUX is not supported yet (README, "Flow-matching teachers").
+encoders and an optional T5). FLUX is not supported yet (docs/flow-matching-teachers.md).
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def tiny_pairs(teacher, prompt_file, out: Path, *, steps: int) -> Path:
 
 def fresh_accelerator_state() -> None:
     """Forget the Accelerator singletons, as a new process would, through accelerate's own test case (public API:
-    ``accelerate.test_utils.AccelerateTestCase`` resets the state after each test that uses it)."""
-    from accelerate.test_utils import AccelerateTestCase
+    ``accelerate.test_utils.testing.AccelerateTestCase`` resets the state after each test that uses it)."""
+    from accelerate.test_utils.testing import AccelerateTestCase
 
     AccelerateTestCase().tearDown()
 

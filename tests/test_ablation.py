@@ -1,4 +1,4 @@
-"""A reduced ablation (two variants, a few steps) through scripts/ablation.py, as a user runs it."""
+"""A reduced ablation (two variants, a few steps) through distill/digits/ablation.py, as a user runs it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_reduced_ablation_writes_one_table(tmp_path):
     out = tmp_path / "ablation"
-    cmd = [sys.executable, str(ROOT / "scripts" / "ablation.py"), str(out), "--variants", "unet-mse,gigagan-elatentlpips-gan",
+    cmd = [sys.executable, str(ROOT / "distill" / "digits" / "ablation.py"), str(out), "--variants", "unet-mse,gigagan-elatentlpips-gan",
            "--pairs_args", "--num_pairs 48 --shard_size 24 --batch_size 24 --num_inference_steps 4",
            "--student_args", "--max_train_steps 2 --batch_size 8 --holdout 16 --checkpointing_steps 2 --validation_steps 2",
            "--eval_args", "--num_samples 20 --batch_size 20 --num_inference_steps 4", "--seeds", "0,1"]

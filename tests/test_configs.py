@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import parse_config
+from distill.core.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_config_parses(path):
 
 
 def test_flags_override_yaml_and_types_are_checked(tmp_path):
-    from distill.config import ConfigError
+    from distill.core.config import ConfigError
     from distill.generate_pairs import PairsConfig
 
     cfg = parse_config(PairsConfig, ["--config", str(ROOT / "configs/pairs/sd15.yaml"), "--guidance_scale", "2.5"])
@@ -64,7 +64,7 @@ def test_negative_numbers_and_dash_text_are_values_and_bare_booleans_are_true():
     ("- a list\n- not a mapping\n", "must be a mapping of `key: value` lines"),
 ])
 def test_malformed_yaml_is_one_line_naming_the_file(tmp_path, text, message):
-    from distill.config import ConfigError
+    from distill.core.config import ConfigError
     from distill.generate_pairs import PairsConfig
 
     path = tmp_path / "bad.yaml"
@@ -105,7 +105,7 @@ def test_list_values_from_the_command_line():
     cfg = parse_config(StudentConfig, ["--validation_prompts", "a cat, sitting", "a dog", "--seed", "3"])
     assert cfg.validation_prompts == ["a cat, sitting", "a dog"] and cfg.seed == 3
     assert parse_config(StudentConfig, ["--validation_prompts", "[a cat, a dog]"]).validation_prompts == ["a cat", "a dog"]
-    from distill.config import ConfigError
+    from distill.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="stage_channels"):
         parse_config(TrainLatentLPIPSConfig, ["--stage_channels", "64,wide"])
@@ -134,7 +134,7 @@ def test_help_shows_choices_and_keeps_the_usage_examples(capsys):
 
 @pytest.mark.parametrize("source", ["flag", "file"])
 def test_choices_are_checked_in_flags_and_files_in_one_line(tmp_path, source):
-    from distill.config import ConfigError
+    from distill.core.config import ConfigError
     from distill.train_student import StudentConfig
 
     argv = ["--student", "biggan"]
@@ -147,7 +147,7 @@ def test_choices_are_checked_in_flags_and_files_in_one_line(tmp_path, source):
 
 
 def test_diffusers_flag_names_are_aliases(tmp_path):
-    from distill.config import ConfigError
+    from distill.core.config import ConfigError
     from distill.train_student import StudentConfig
 
     cfg = parse_config(StudentConfig, ["--pretrained_model_name_or_path", "some/teacher", "--train_batch_size", "4",

@@ -44,7 +44,7 @@ def test_demo_without_a_student_tells_the_command(tmp_path):
     run = subprocess.run([sys.executable, "-m", "distill.demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
-        "error: no student at runs/quickstart/student/pipeline: make the digits one with `bash scripts/quickstart.sh` "
+        "error: no student at runs/quickstart/student/pipeline: make the digits one with `bash distill/digits/quickstart.sh` "
         "(about 13 min on 2 CPU cores), or pass --pipeline DIR (a train_student.py output_dir/pipeline)")
 
 

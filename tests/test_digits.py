@@ -75,7 +75,7 @@ def test_teacher_script_end_to_end(tmp_path):
     out = tmp_path / "teacher"
     common = ["--config", str(REPO / "configs/digits/teacher.yaml"), "--output_dir", str(out)]
     small = ["--vae_steps", "2", "--vae_batch_size", "4", "--batch_size", "4", "--unet_steps", "3", "--checkpoint_every", "2"]
-    _run("train_digits_teacher.py", *common, *small)
+    _run("digits/train_teacher.py", *common, *small)
     assert (out / "train_state.pt").is_file() and (out / "config.yaml").is_file()
     assert (out / "checkpoints" / "step-000002" / "model_index.json").is_file()
 
@@ -94,7 +94,7 @@ def test_teacher_script_end_to_end(tmp_path):
 
     # Resume (resume is on by default): the state loads with weights_only=True and training continues to the new total.
     before = torch.load(out / "train_state.pt", weights_only=True)
-    log = _run("train_digits_teacher.py", *common, *small[:-2], "--unet_steps", "4")
+    log = _run("digits/train_teacher.py", *common, *small[:-2], "--unet_steps", "4")
     assert "resumed from" in log and "at step 3" in log
     after = torch.load(out / "train_state.pt", weights_only=True)
     assert before["step"] == 3 and after["step"] == 4
@@ -105,7 +105,7 @@ def test_classifier_script_runs(tmp_path):
     from teachers.digits_classifier import DigitClassifier
 
     out = tmp_path / "clf"
-    log = _run("train_digits_classifier.py", "--output_dir", str(out), "--steps", "3")
+    log = _run("digits/train_classifier.py", "--output_dir", str(out), "--steps", "3")
     assert "held-out accuracy" in log
     model = DigitClassifier.from_pretrained(out / "model")
     x = torch.zeros(2, 3, 32, 32)

@@ -1,4 +1,4 @@
-"""README.md and docs/: every relative link and image resolves, every anchor names a heading of its page, and every
+"""README.md, docs/ and the READMEs under configs/: every relative link and image resolves, every anchor names a heading of its page, and every
 script / config path in their command blocks exists (a moved file breaks this test, not a reader's first try)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md")), *sorted((ROOT / "configs").glob("**/*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^\s*```[^\n]*\n(.*?)^\s*```", re.S | re.M)
 # Repository paths a command names: scripts and configs (outputs such as runs/... are made by the commands).

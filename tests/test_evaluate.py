@@ -164,7 +164,7 @@ def test_fid_to_teacher_needs_a_reference_drawn_from_other_noise(setup, capsys):
 @pytest.mark.parametrize("name", ["sd15_coco2014_30k", "sdxl_coco2017_5k", "teacher_sd15_coco2014_30k"])
 def test_shipped_configs_parse(name):
     from conftest import ROOT
-    from distill.config import parse_config
+    from distill.core.config import parse_config
     from distill.evaluate import EvalConfig, validate
 
     cfg = parse_config(EvalConfig, ["--config", str(ROOT / "configs" / "eval" / f"{name}.yaml")])

@@ -49,7 +49,7 @@ def test_projected_discriminator_shapes_conditioning_and_frozen_features(classif
 def test_projected_discriminator_learns_real_from_generated(classifier_dir, virtual_batch, augment, mixed):
     """A few hinge steps on fixed real / generated images (squares vs blurry noise) separate their logits. (With
     virtual batch norm per part and DiffAugment on, 30 steps are not enough here; with shared statistics they are.)"""
-    from distill.training.scratch_phases import RealBatch, discriminator_terms
+    from distill.scratch.phases import RealBatch, discriminator_terms
     from students.text import TextConditioning
 
     d = _projected(classifier_dir, virtual_batch=virtual_batch, augment=augment, mixed_norm=mixed)
@@ -99,7 +99,7 @@ def test_mixed_virtual_batch_norm_shares_the_statistics_of_the_parts():
 
 def test_mixed_norm_discriminator_normalises_generated_samples_with_real_ones(classifier_dir):
     """The generator's phase passes real samples beside the generated ones; their logits are not G's."""
-    from distill.training.scratch_phases import RealBatch, generator_terms
+    from distill.scratch.phases import RealBatch, generator_terms
     from students.text import TextConditioning
 
     d = _projected(classifier_dir, augment="", virtual_batch=4, mixed_norm=True).eval()
@@ -153,7 +153,7 @@ def test_multiscale_discriminator_reads_the_pyramid_and_text():
 
 def test_multiscale_discriminator_can_downsample_generated_samples_as_real_ones():
     """generator_pyramid=False: the phases pass no pyramid, and D reads a generated sample's coarse scales from its output."""
-    from distill.training.scratch_phases import RealBatch, discriminator_terms, generator_terms
+    from distill.scratch.phases import RealBatch, discriminator_terms, generator_terms
     from students import GigaGANGenerator
     from students.text import TextConditioning
 
@@ -266,7 +266,7 @@ def test_torchvision_and_timm_feature_layers_with_random_weights():
 def test_diffaugment_sits_before_every_discriminator_read_in_both_phases(classifier_dir, kind):
     """What D's network reads is always the DiffAugmented sample: generated ones in the G phase (with G's gradient
     passing through the augmentation), real and generated ones in the D phase; nothing reaches D un-augmented."""
-    from distill.training.scratch_phases import RealBatch, discriminator_terms, generator_terms
+    from distill.scratch.phases import RealBatch, discriminator_terms, generator_terms
     from students import GigaGANGenerator
     from students.text import TextConditioning
 

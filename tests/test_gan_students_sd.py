@@ -39,7 +39,7 @@ def test_paper_presets_are_within_ten_percent_of_the_published_generators(cls, p
 def test_sd_gan_student_configs_parse_and_build_on_a_teacher_of_their_family(config, family, tiny_teacher_factory):
     """Each shipped SD GAN-student config builds its generator for a (tiny, random) teacher of its family, the way
     train_student.py does (registry, latent statistics), and the generator maps that teacher's noise and text."""
-    from distill.config import parse_config
+    from distill.core.config import parse_config
     from distill.train_student import StudentConfig
     from distill.training.student_registry import STUDENTS, apply_student_defaults
     from teachers import load_teacher

@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_script
 from data_gen.image_text import StreamCursor, check_image_text, image_transform, load_image, open_image_text, read_rows
-from distill.training.scratch_data import RealData
+from distill.scratch.data import RealData
 
 
 def make_imagefolder(path, n=12, *, size=(24, 20), captions="list"):
@@ -134,7 +134,7 @@ def test_latent_cache_round_trip(tmp_path, sd15_teacher, capsys):
     assert ds.column_names == ["index", "latents", "caption"] and ds["index"] == list(range(5))
     from diffusers import AutoencoderKL
 
-    from distill.training.scratch_setup import ScratchParts
+    from distill.scratch.setup import ScratchParts
 
     vae = AutoencoderKL.from_pretrained(sd15_teacher, subfolder="vae")
     parts = ScratchParts(text={}, vae=vae, generator=None, discriminator=None, clip_guidance=None, resolution=16)

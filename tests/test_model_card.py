@@ -83,7 +83,7 @@ def test_teacher_license_from_a_local_card(tmp_path):
 
 
 def test_published_lpips_weights_are_flagged():
-    from distill.training.card import uses_published_lpips
+    from distill.distillation.card import uses_published_lpips
 
     assert uses_published_lpips(regression="elatentlpips", lpips_network="official")
     assert uses_published_lpips(regression="elatentlpips", lpips_network="sd15")

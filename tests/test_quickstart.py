@@ -1,4 +1,4 @@
-"""A reduced quickstart (fewer pairs, steps and samples) through scripts/quickstart.sh, as a user runs it."""
+"""A reduced quickstart (fewer pairs, steps and samples) through distill/digits/quickstart.sh, as a user runs it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _quickstart(out: Path, *args: str, steps: int, student_args: str, num_samples: int, family: str | None = None) -> subprocess.CompletedProcess:
-    """scripts/quickstart.sh [--family FAMILY] OUT [STUDENT_CONFIG], reduced: 96 pairs solved in ``steps`` steps, a few
+    """distill/digits/quickstart.sh [--family FAMILY] OUT [STUDENT_CONFIG], reduced: 96 pairs solved in ``steps`` steps, a few
     training steps."""
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2",
@@ -24,7 +24,7 @@ def _quickstart(out: Path, *args: str, steps: int, student_args: str, num_sample
                              " --latency_iterations 1 --latency_warmup 1 --latency_min_seconds 0 --fidelity_start -32",
     )
     family_args = ["--family", family] if family else []
-    return subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh"), *family_args, str(out), *args], cwd=ROOT, env=env,
+    return subprocess.run(["bash", str(ROOT / "distill" / "digits" / "quickstart.sh"), *family_args, str(out), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -89,7 +89,7 @@ def test_reduced_quickstart_with_the_gan_students(tmp_path):
 
 @pytest.mark.slow  # a reduced quickstart: ~1 min on 2 idle cores
 def test_reduced_quickstart_with_the_flow_matching_teacher(tmp_path):
-    """bash scripts/quickstart.sh --family sd3: the committed SD3-form digits teacher, its pairs, the transformer student
+    """bash distill/digits/quickstart.sh --family sd3: the committed SD3-form digits teacher, its pairs, the transformer student
     (a few steps lower the held-out E-LatentLPIPS), and both evaluated with the same report as the UNet family."""
     out = tmp_path / "qs-sd3"
     run = _quickstart(out, family="sd3", steps=6, num_samples=20,

@@ -1,4 +1,4 @@
-"""scripts/scratch_report.py: the from-scratch digits report judges the four targets of the from-scratch work."""
+"""distill/digits/scratch_report.py: the from-scratch digits report judges the four targets of the from-scratch work."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ TEACHER = {"fid": 80.0, "prompt_accuracy": 1.0, "precision": 0.9, "recall": 0.5,
 ])
 def test_scratch_report_judges_the_four_targets(tmp_path, gan, missed):
     _write(tmp_path, TEACHER, gan)
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "scratch_report.py"), str(tmp_path), "gigagan",
+    done = subprocess.run([sys.executable, str(ROOT / "distill" / "digits" / "scratch_report.py"), str(tmp_path), "gigagan",
                            "--train_seconds", "600", "--total_seconds", "700"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "metrics-gigagan.json").read_text())

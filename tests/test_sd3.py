@@ -408,14 +408,14 @@ def test_sd3_digits_teacher_script_trains_saves_and_resumes(tmp_path, capsys):
     out = tmp_path / "teacher"
     common = ["--config", "configs/digits/teacher_sd3.yaml", "--output_dir", out, "--batch_size", "2", "--num_layers", "1",
               "--checkpoint_every", "2", "--warmup_steps", "1"]
-    code, err = run_script("train_digits_teacher_sd3.py", [*common, "--steps", "3"], capsys)
+    code, err = run_script("digits/train_teacher_sd3.py", [*common, "--steps", "3"], capsys)
     assert code == 0, err[-2000:]
     assert (out / "checkpoints" / "step-000002" / "model_index.json").is_file()
     pipe = StableDiffusion3Pipeline.from_pretrained(out / "pipeline", text_encoder_3=None, tokenizer_3=None)
     assert pipe.transformer.dtype == torch.float32  # stored as fp16, loaded as fp32
     before = torch.load(out / "train_state.pt", weights_only=True)
 
-    code, err = run_script("train_digits_teacher_sd3.py", [*common, "--steps", "4"], capsys)
+    code, err = run_script("digits/train_teacher_sd3.py", [*common, "--steps", "4"], capsys)
     assert code == 0, err[-2000:]
     after = torch.load(out / "train_state.pt", weights_only=True)
     assert before["step"] == 3 and after["step"] == 4

@@ -131,7 +131,7 @@ def test_clip_guidance_term_and_its_absence(common, tmp_path, capsys, monkeypatc
     def absent(model, pretrained, cache_dir):  # what resolve_clip_weights raises offline without the weights
         raise FileNotFoundError(f"CLIP score needs the open_clip weights {model} / {pretrained}, which are not available locally")
 
-    monkeypatch.setattr("distill.pretrained.resolve_clip_weights", absent)
+    monkeypatch.setattr("distill.core.pretrained.resolve_clip_weights", absent)
     code, err = run_script("train_gan.py", [*common, "--output_dir", tmp_path / "noclip", "--max_train_steps", 1, "--checkpointing_steps", 1,
                                             "--validation_steps", 100, "--clip_guidance_weight", 0.2], capsys)
     assert code == 0, err
@@ -178,7 +178,7 @@ def test_bad_input_is_one_line(common, images, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["digits_gigagan", "digits_gigagan_projected", "digits_gigagan_pixel", "digits_stylegan_t", "sd15_gigagan"])
 def test_shipped_configs_pass_the_checks(name):
     from conftest import ROOT
-    from distill.config import parse_config
+    from distill.core.config import parse_config
     from distill.train_gan import GANConfig, check
 
     cfg = parse_config(GANConfig, ["--config", str(ROOT / "configs" / "scratch" / f"{name}.yaml")])
@@ -290,7 +290,7 @@ def test_an_image_damaged_past_its_header_stops_mid_run_keeping_the_checkpoints(
 
 
 def test_my_dataset_config_parses_and_trains_with_tiny_parts(own_images, sd15_teacher, tmp_path, capsys):
-    from distill.config import parse_config
+    from distill.core.config import parse_config
     from distill.train_gan import GANConfig, check
 
     config = ROOT / "configs" / "scratch" / "my_dataset.yaml"

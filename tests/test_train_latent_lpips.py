@@ -114,7 +114,7 @@ def test_two_processes_follow_the_one_process_learning_rate_schedule(tiny_data, 
     import math
 
     from conftest import accelerate_launch
-    from distill.losses.latent_lpips_training import lr_lambda
+    from distill.latent_lpips.training import lr_lambda
 
     out = tmp_path / "two"
     res = accelerate_launch("train_latent_lpips.py", [
@@ -149,7 +149,7 @@ def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path)
     import math
     import shutil
 
-    from distill.losses.latent_lpips_training import lr_lambda
+    from distill.latent_lpips.training import lr_lambda
 
     out = tmp_path / "run"
     args = ["--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"), "--output_dir", str(out),
@@ -194,7 +194,7 @@ def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path)
 def test_old_and_diffusers_names_are_aliases(tiny_data, tmp_path):
     """--out_dir / --steps / --save_every (older names) and --train_batch_size, --dataloader_num_workers,
     --pretrained_model_name_or_path (diffusers') set the same keys, in a file too."""
-    from distill.config import parse_config
+    from distill.core.config import parse_config
     from distill.train_latent_lpips import TrainLatentLPIPSConfig
 
     cfg = parse_config(TrainLatentLPIPSConfig, ["--out_dir", "x", "--steps", "5", "--save_every", "2", "--train_batch_size", "3",

@@ -66,7 +66,7 @@ def test_mix_and_match_shuffles_noise_and_prompt_independently_into_its_own_term
     (noise-only mismatch) or another's; their loss is a third term, not averaged into the fake one."""
     import torch.nn.functional as F
 
-    from distill.training.phases import Batch, discriminator_terms
+    from distill.distillation.phases import Batch, discriminator_terms
     from students import TextConditioning
 
     n = 16
@@ -121,7 +121,7 @@ def test_r1_penalty_is_fp32_under_autocast(sd15_teacher, dtype):
 def test_discriminator_gradient_checkpointing_keeps_d_loss_and_r1_gradients(sd15_teacher, monkeypatch):
     """Checkpointing the D backbone recomputes its blocks in the backward, R1's double backward included: the loss
     terms and every gradient equal those without it."""
-    from distill.training.phases import Batch, discriminator_terms
+    from distill.distillation.phases import Batch, discriminator_terms
 
     teacher = load_teacher(str(sd15_teacher))
     plain = UNetDiscriminator(teacher.pipe.unet)
@@ -330,7 +330,7 @@ def test_ema_on_cpu_and_in_bf16_resumes_identically_and_exports(pairs_dir, tmp_p
 
 def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
     from data_gen.pairs import load_pairs
-    from distill.training.pair_data import PairRows
+    from distill.distillation.pair_data import PairRows
     from distill.training.prefetch import Prefetch
 
     pairs = load_pairs(pairs_dir).with_format("torch")
@@ -361,7 +361,7 @@ def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
 def test_stored_prompt_embeds_train_like_the_text_encoder(pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
     """Pairs made with --store_prompt_embeds: the steps condition on the stored embeddings (the text encoder runs only
     for validation) and give the losses of encoding the prompts, to float16 rounding; the rows count as the same."""
-    from distill.training.setup import Parts
+    from distill.distillation.setup import Parts
 
     stored = tmp_path / "pairs-embeds"
     code, err = run_script("generate_pairs.py", ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 24,
@@ -432,7 +432,7 @@ def test_bad_input(pairs_dir, tmp_path, capsys, args, message):
 
 def _spy_parts(monkeypatch) -> list:
     """The Parts every train_student run in this test builds (``setup.build_student`` wrapped)."""
-    from distill.training import setup
+    from distill.distillation import setup
 
     built, build = [], setup.build_student
     monkeypatch.setattr(setup, "build_student", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
@@ -442,7 +442,7 @@ def _spy_parts(monkeypatch) -> list:
 def test_adam_is_the_default_and_adam8bit_without_bitsandbytes_is_one_line(pairs_dir, tmp_path, capsys, monkeypatch):
     import sys
 
-    from distill.config import parse_config
+    from distill.core.config import parse_config
     from distill.train_student import StudentConfig
 
     assert parse_config(StudentConfig, []).optimizer == "adam"
@@ -474,7 +474,7 @@ def test_teacher_unet_is_released_after_setup(pairs_dir, tmp_path, capsys, monke
     import gc
     import weakref
 
-    from distill.training import setup
+    from distill.distillation import setup
     from distill.training.loop import TrainLoop
 
     built, refs, alive = [], [], []
@@ -504,7 +504,7 @@ def test_teacher_unet_is_released_after_setup(pairs_dir, tmp_path, capsys, monke
 def test_frozen_text_encoder_and_vae_in_half_precision(pairs_dir, tmp_path, capsys, monkeypatch, frozen_dtype):
     """frozen_dtype holds the text encoder and VAE in bf16 / fp16 (after the teacher solved the validation prompts in
     fp32); the conditioning reaches the student and D in fp32; validation, export and the pipeline work."""
-    from distill.training import setup
+    from distill.distillation import setup
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype]
     built = _spy_parts(monkeypatch)
@@ -529,7 +529,7 @@ def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path,
     while the batch-mean terms are divided by M."""
     import accelerate
 
-    from distill.training import phases
+    from distill.distillation import phases
 
     events = []
     terms_fn, backward = phases.discriminator_terms, accelerate.Accelerator.backward
@@ -566,7 +566,7 @@ def test_ema_defaults_average_over_many_steps_at_paper_scale(config):
     keeps its half-life within 5 % of the images seen (0.5 kimg gave beta 0.24 at batch 1024)."""
     from pathlib import Path
 
-    from distill.config import parse_config
+    from distill.core.config import parse_config
     from distill.train_student import StudentConfig
     from distill.training.ema import EMA
 
@@ -716,7 +716,7 @@ def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, ca
     assert code == 0, err
     if store_prompt_embeds:
         from data_gen.pairs import load_pairs
-        from distill.training.pair_data import stored_conditioning
+        from distill.distillation.pair_data import stored_conditioning
 
         rows = load_pairs(pairs).with_format("torch")[:4]
         got = stored_conditioning(rows, resolution=32, device="cpu", dtype=torch.float32)
@@ -764,7 +764,7 @@ def test_ema_copy_is_made_on_its_own_device_and_dtype():
 def test_student_defaults_fill_only_unset_keys():
     """``--student gigagan`` with no other flag gets the GAN students' learning rate and GAN warm-up,
     not the UNet's; explicit values win; the resolved values are what the run saves."""
-    from distill.config import parse_config
+    from distill.core.config import parse_config
     from distill.train_student import StudentConfig, check
 
     def resolved(*argv):
@@ -796,7 +796,7 @@ def _last_line(err: str) -> str:
     (["--learning_rate_d", "-0.5"], "learning_rate_d must be positive, got -0.5"),
 ])
 def test_out_of_range_values_are_one_line_before_the_teacher_loads(pairs_dir, tmp_path, capsys, monkeypatch, args, message):
-    import distill.training.setup as setup
+    import distill.distillation.setup as setup
 
     def no_teacher(*a, **k):
         raise AssertionError("the teacher must not load before the config is checked")
@@ -947,7 +947,7 @@ def test_evaluation_refuses_fidelity_rows_the_student_trained_on(pairs_dir, tmp_
 def test_gan_fakes_from_fresh_noise_are_conditioned_on_that_noise():
     """``gan_noise: fresh``: regression reads the pair's noise, the GAN fake is G(fresh noise) and both
     D phases see it conditioned on the fresh noise; real pairs keep their own noise."""
-    from distill.training.phases import Batch, discriminator_terms, generator_terms
+    from distill.distillation.phases import Batch, discriminator_terms, generator_terms
     from students.text import TextConditioning
 
     seen = []

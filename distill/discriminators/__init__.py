@@ -2,7 +2,7 @@
 projected D on a frozen feature network (projected.py, features.py), GigaGAN's multi-scale D (multiscale.py)
 the teacher-UNet D without pairs (unpaired_unet.py) and several of them as one (ensemble.py). Imported lazily (PEP 562)."""
 
-from distill._lazy import lazy_exports
+from distill.core.lazy import lazy_exports
 
 _EXPORTS = {
     "UNetDiscriminator": "unet",

@@ -167,7 +167,7 @@ def _timm(name: str, weights: str):
 def _open_clip(name: str, weights: str):
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    from distill.pretrained import load_open_clip
+    from distill.core.pretrained import load_open_clip
 
     model_name, _, tag = name.partition("/")
     model = load_open_clip(model_name, None if weights == "random" else weights or tag)

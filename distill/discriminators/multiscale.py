@@ -85,7 +85,7 @@ class MultiScaleDiscriminator(nn.Module):
                  augment: str = DEFAULT_POLICY, mbstd_group: int = 0, generator_pyramid: bool = True):
         super().__init__()
         # False: generated samples are area-downsampled like real ones instead of read from the generator's own
-        # pyramid, whose coarse levels it can then not shape apart from its output (measured on the digits, README).
+        # pyramid, whose coarse levels it can then not shape apart from its output (measured on the digits, docs/from-scratch.md).
         self.uses_pyramid = generator_pyramid
         num_scales = len(channels)
         self.sizes = [resolution // 2 ** k for k in range(num_scales)]  # fine -> coarse

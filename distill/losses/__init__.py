@@ -3,7 +3,7 @@
 Attributes are imported lazily (PEP 562) so that entry scripts do not pay for kornia / lpips at start-up.
 """
 
-from distill._lazy import lazy_exports
+from distill.core.lazy import lazy_exports
 
 _EXPORTS = {
     "SharedAugment": "augment",

@@ -11,7 +11,7 @@
 Attributes are imported lazily (PEP 562) so importing one metric does not import open_clip or clean-fid.
 """
 
-from distill._lazy import lazy_exports
+from distill.core.lazy import lazy_exports
 
 # The model name that selects seeded random-weight models for any metric (tests only: the numbers mean nothing).
 TEST_ONLY = "random-tiny"

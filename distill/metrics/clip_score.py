@@ -42,7 +42,7 @@ def load_clip(
     """An open_clip model by name and pretrained tag (or local weights file); fails if the weights are absent."""
     import open_clip
 
-    from distill.pretrained import load_open_clip
+    from distill.core.pretrained import load_open_clip
 
     model, preprocess = load_open_clip(model_name, pretrained, cache_dir=str(cache_dir) if cache_dir else None, device=device,
                                        transforms=True)
@@ -52,20 +52,10 @@ def load_clip(
 
 def build_random_tiny_clip(seed: int = 0, *, device: str | torch.device = "cpu") -> ClipModel:
     """FOR TESTS ONLY: an open_clip ViT with random weights (32 px, 1 layer); its scores mean nothing."""
-    import open_clip
-    from open_clip.model import CLIP
-    from open_clip.transform import image_transform
+    from distill.core.pretrained import random_tiny_open_clip
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIP(
-            embed_dim=16,
-            vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
-            text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
-        )
-    preprocess = image_transform(32, is_train=False)
-    return ClipModel(model=model.to(device).eval(), preprocess=preprocess,
-                     tokenizer=open_clip.get_tokenizer("ViT-B-32"), model_id=f"random-tiny/seed{seed}")
+    model, preprocess, tokenizer = random_tiny_open_clip(seed, device=device)
+    return ClipModel(model=model, preprocess=preprocess, tokenizer=tokenizer, model_id=f"random-tiny/seed{seed}")
 
 
 def load_clip_model(name: str, pretrained: str, *, cache_dir=None, device="cpu") -> ClipModel:

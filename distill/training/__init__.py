@@ -1,1 +1,1 @@
-"""Training machinery shared by the trainers: the loop (loop.py), EMA, per-step seeds and data order, checkpoints."""
+"""The shared training loop: steps, checkpoints and exact resume, EMA, seeds, trackers, prefetch, curves, student registry."""

@@ -57,7 +57,7 @@ class StudentSpec:
     families: tuple[str, ...] = ("sd", "sdxl")  # teacher families whose text conditioning and denoiser it is built for
 
 
-# Defaults measured on the digits testbed (README, "GAN students"): the UNet starts from the teacher
+# Defaults measured on the digits testbed (docs/gan-students.md): the UNet starts from the teacher
 # and needs only a small step size; the GAN generators start from scratch, so they take StyleGAN-scale
 # learning rates on their equalised layers and learn the ODE map by regression before the GAN joins.
 STUDENTS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.config import config_dict
+from distill.core.config import config_dict
 
 
 def tracker_config(config) -> dict:

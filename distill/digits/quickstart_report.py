@@ -3,7 +3,7 @@ for a student other than the default), a side-by-side grid and a short report (r
 report.md embedding the grid and the run's curves.png). Both evaluations use the same prompts and seed,
 so sample i of each was made from the same prompt and noise.
 
-    python scripts/quickstart_report.py OUT [NAME]      # NAME: the student's run folder (default: student)
+    python distill/digits/quickstart_report.py OUT [NAME]      # NAME: the student's run folder (default: student)
 """
 
 from __future__ import annotations

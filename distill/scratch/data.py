@@ -19,7 +19,7 @@ import torch
 from data_gen.image_text import (CAPTION_COLUMN, LATENT_COLUMN, StreamCursor, check_image_text, image_transform, is_latent_cache,
                                  open_image_text, read_latent_manifest, read_rows, rows_to_batch)
 from distill.training.prefetch import Prefetch
-from distill.training.scratch_phases import RealBatch
+from distill.scratch.phases import RealBatch
 from distill.training.seeds import batch_indices, step_generator
 
 

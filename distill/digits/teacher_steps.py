@@ -1,5 +1,5 @@
-"""The optimiser loop shared by the two digits-teacher trainers (``distill/train_digits_teacher.py``, UNet /
-DDPM; ``distill/train_digits_teacher_sd3.py``, MMDiT / flow matching): linear learning-rate warm-up, gradient
+"""The optimiser loop shared by the two digits-teacher trainers (``distill/digits/train_teacher.py``, UNet /
+DDPM; ``distill/digits/train_teacher_sd3.py``, MMDiT / flow matching): linear learning-rate warm-up, gradient
 clipping, an EMA of the trained parameters with the ``(1 + step) / (10 + step)`` ramp, a checkpoint every N
 steps and a wall-clock budget. The scripts own the data, the loss and what a checkpoint writes.
 

@@ -64,8 +64,8 @@ def check_resolution(*, resolution: int, generator: str, size: str, factor: int)
 
 def build_parts(cfg, *, device) -> ScratchParts:
     """Text encoder(s) and VAE (frozen), generator and discriminator (trainable), CLIP guidance (optional)."""
+    from distill.core.pretrained import load_vae
     from distill.discriminators import DiscriminatorEnsemble
-    from distill.pretrained import load_vae
 
     text = {k: v.to(device) if isinstance(v, torch.nn.Module) else v
             for k, v in load_components(cfg.text_encoder, TEXT_COMPONENTS, what="text_encoder").items()}
@@ -128,12 +128,11 @@ def load_clip_guidance(model_name: str, pretrained: str, *, crop: int, device) -
     weights, tests only); weights absent locally raise FileNotFoundError naming how to get them."""
     import open_clip
 
-    from distill.metrics.clip_score import build_random_tiny_clip
-    from distill.pretrained import load_open_clip
+    from distill.core.pretrained import load_open_clip, random_tiny_open_clip
 
     if model_name == "random-tiny":
-        clip = build_random_tiny_clip(device=device)
-        return CLIPGuidance(clip.model, clip.tokenizer, crop=crop).to(device)
+        model, _, tokenizer = random_tiny_open_clip(device=device)
+        return CLIPGuidance(model, tokenizer, crop=crop).to(device)
     model = load_open_clip(model_name, pretrained, device=device)
     return CLIPGuidance(model, open_clip.get_tokenizer(model_name), crop=crop).to(device)
 

@@ -1,6 +1,6 @@
 """The regression-loss / GAN / generator ablation on the digits testbed, as one table.
 
-    python scripts/ablation.py [OUTPUT_DIR]        # default runs/ablation
+    python distill/digits/ablation.py [OUTPUT_DIR]        # default runs/ablation
 
 Every variant of ``configs/digits/ablation.yaml`` trains with the public entry point
 (``accelerate launch distill/train_student.py --config configs/digits/student.yaml <variant args>``)
@@ -23,8 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a plain file from a checkout
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no"]
 

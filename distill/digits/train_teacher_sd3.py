@@ -9,7 +9,7 @@ is followed late); prompts go through ``students.text.encode_sd3_text``, the pip
 (zeros in place of T5, ``max_sequence_length`` of them). Captions are dropped to "" 10 % of the time
 for classifier-free guidance.
 
-    nice -n 19 python distill/train_digits_teacher_sd3.py --config configs/digits/teacher_sd3.yaml \
+    nice -n 19 python distill/digits/train_teacher_sd3.py --config configs/digits/teacher_sd3.yaml \
         --output_dir runs/digits-teacher-sd3
 
 Writes OUTPUT_DIR/pipeline (final, EMA weights), OUTPUT_DIR/checkpoints/step-N (EMA pipelines),
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, captions_for_label, load_digits_images
-from distill.config import ConfigError, parse_config, run_cli, save_config
-from distill.training.teacher_steps import TeacherSteps, prepare_run, with_weights
+from distill.core.config import ConfigError, command, parse_config, save_config
+from distill.digits.teacher_steps import TeacherSteps, prepare_run, with_weights
 from students.text import encode_sd3_text
 from teachers.digits import count_parameters, save_pipeline
 from teachers.digits_sd3 import assemble_pipeline, build_text_encoder, build_transformer, load_digits_vae
@@ -79,6 +79,7 @@ def sample_sigmas(n: int, *, how: str, generator: torch.Generator) -> torch.Tens
     return torch.sigmoid(torch.randn(n, generator=generator))
 
 
+@command
 def main() -> None:
     cfg = parse_config(TeacherSD3Config, description=__doc__.split("\n\n")[0])
     if cfg.sigma_sampling not in SIGMA_SAMPLING:
@@ -164,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

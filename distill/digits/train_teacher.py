@@ -6,7 +6,7 @@ small CLIP text encoder jointly with epsilon prediction on the frozen VAE's late
 encoder is trainable because with a frozen random one the UNet follows the prompt only after a long
 time. Captions are dropped to "" 10 % of the time so classifier-free guidance works.
 
-    nice -n 19 python distill/train_digits_teacher.py --config configs/digits/teacher.yaml \
+    nice -n 19 python distill/digits/train_teacher.py --config configs/digits/teacher.yaml \
         --output_dir runs/digits-teacher
 
 Writes OUTPUT_DIR/pipeline (final, EMA weights), OUTPUT_DIR/checkpoints/step-N (EMA pipelines),
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, NUM_CLASSES, captions_for_label, load_digits_images
-from distill.config import parse_config, run_cli, save_config
-from distill.training.teacher_steps import TeacherSteps, prepare_run, with_weights
+from distill.core.config import command, parse_config, save_config
+from distill.digits.teacher_steps import TeacherSteps, prepare_run, with_weights
 from teachers.digits import (
     assemble_pipeline,
     build_text_encoder,
@@ -95,6 +95,7 @@ def train_vae(cfg: TeacherConfig, images: torch.Tensor, generator: torch.Generat
     return vae.eval()
 
 
+@command
 def main() -> None:
     cfg = parse_config(TeacherConfig, description=__doc__.split("\n\n")[0])
     out, generator = prepare_run(output_dir=cfg.output_dir, seed=cfg.seed, num_threads=cfg.num_threads)
@@ -211,4 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

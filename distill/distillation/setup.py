@@ -15,10 +15,10 @@ import torch
 
 from data_gen.pairs import SPLIT_FILE
 from distill.discriminators import TransformerDiscriminator, UNetDiscriminator
-from distill.training import validation as val
+from distill.distillation import validation as val
 from distill.training.curves import plot_run
 from distill.training.trackers import log_images
-from distill.training.validation import ValidationSet
+from distill.distillation.validation import ValidationSet
 from distill.training.student_registry import STUDENTS
 from students import OneStepGANPipeline, TextConditioning, encode_sd3_text, encode_text
 from students.export import save_standalone
@@ -143,7 +143,7 @@ def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path, *, split
     """Save ``student`` with the teacher's VAE and text encoder(s) as a self-contained ``OneStepGANPipeline``
     folder (its code next to the weights: ``students/export.py``), with the run's held-out split
     (``pairs_split.json``) so that evaluation can refuse the rows the student trained on, and, given the
-    run's ``card`` facts (``distill/training/card.py``), a model card with a teacher-vs-student grid of ``validation``."""
+    run's ``card`` facts (``distill/distillation/card.py``), a model card with a teacher-vs-student grid of ``validation``."""
     p = parts.teacher.pipe
     sd3 = {}
     if parts.teacher.family == "sd3":

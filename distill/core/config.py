@@ -1,6 +1,6 @@
 """Entry-script configuration: dataclass defaults <- optional YAML file <- ``--key value`` flags.
 
-Only the scripts in ``distill/`` call this (and ``distill/training/card.py``, which records their resolved
+Only the scripts in ``distill/`` call this (and ``distill/distillation/card.py``, which records their resolved
 config); library code takes explicit keyword arguments and raises ``ValueError``, which
 :func:`run_cli` reports in one line as it does :class:`ConfigError` (a ``ValueError``).
 OmegaConf's structured configs do the merging, type coercion and unknown-key rejection; this
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import traceback
@@ -37,7 +38,8 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
     """Build ``schema`` (a dataclass) from defaults, ``--config FILE.yaml`` and ``--key value`` flags.
 
     Unknown keys, in the file or on the command line, are an error naming the key. Field metadata:
-    ``help``; ``choices`` (shown in ``--help``, checked for file and flag values alike); ``aliases``
+    ``help``; ``choices`` (shown in ``--help``, checked for file and flag values alike; ``hints``: value -> the
+    fix, appended to the error for a value that is not a choice); ``aliases``
     (more flag names, e.g. diffusers' ``--pretrained_model_name_or_path``). Boolean keys may be given
     bare (``--gradient_checkpointing``); list keys take ``--key 1,2,3``, ``--key [1,2,3]`` or ``--key 1 2 3``
     (a list of strings splits on spaces only: ``--validation_prompts "a cat, sitting" "a dog"``).
@@ -92,7 +94,8 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
     for name, field in fields.items():
         choices, value = field.metadata.get("choices"), getattr(config, name)
         if choices and value is not None and value not in choices:
-            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+            hint = field.metadata.get("hints", {}).get(value)  # a value that belongs to another command, say
+            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}{'; ' + hint if hint else ''}")
     return config  # type: ignore[return-value]
 
 
@@ -182,6 +185,15 @@ def _flag_value(raw, field: dataclasses.Field):
     return raw
 
 
+def with_default(schema: type, name: str, default: Any = dataclasses.MISSING, *,
+                 default_factory: Callable[[], Any] | Any = dataclasses.MISSING, **metadata: Any) -> Any:
+    """The key ``name`` of a base schema, redeclared in a command's schema with its own default; ``metadata``
+    (``help``, ``aliases``) replaces the base's entries, the rest (e.g. ``choices``) stays. A redeclared key keeps
+    the base's place in ``--help``."""
+    base = {f.name: f for f in dataclasses.fields(schema)}[name]
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={**base.metadata, **metadata})
+
+
 def require_positive(config: Any, *keys: str) -> None:
     """One-line error for the first of ``keys`` that is not > 0."""
     for key in keys:
@@ -257,3 +269,14 @@ def run_cli(main: Callable[[], Any]) -> None:
             sys.exit(1)
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
+
+
+def command(main: Callable[[], Any]) -> Callable[[], None]:
+    """Mark an entry script's ``main``: called by ``python distill/X.py``, ``accelerate launch distill/X.py`` and the
+    console script of ``[project.scripts]`` alike, it ends user errors in one line (:func:`run_cli`)."""
+
+    @functools.wraps(main)
+    def entry_point() -> None:
+        run_cli(main)
+
+    return entry_point

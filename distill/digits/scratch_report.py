@@ -1,7 +1,7 @@
-"""Summarise a from-scratch digits run (scripts/scratch_digits.sh): OUT/metrics-GEN.json, OUT/report-GEN.txt and
+"""Summarise a from-scratch digits run (distill/digits/scratch.sh): OUT/metrics-GEN.json, OUT/report-GEN.txt and
 OUT/grid-GEN.png (the run's last sample grid: one row per digit class, one column per noise map).
 
-    python scripts/scratch_report.py OUT GEN [--train_seconds S] [--total_seconds S]
+    python distill/digits/scratch_report.py OUT GEN [--train_seconds S] [--total_seconds S]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from data_gen.pairs import DATA_DIR
-from distill.config import config_dict
+from distill.core.config import config_dict
 from teachers.licenses import teacher_license
 
 

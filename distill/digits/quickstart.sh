@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole method on the offline digits testbed: pairs -> one-step student -> evaluation of both.
-#   bash scripts/quickstart.sh [--family unet|sd3] [OUTPUT_DIR] [STUDENT_CONFIG]
+#   bash distill/digits/quickstart.sh [--family unet|sd3] [OUTPUT_DIR] [STUDENT_CONFIG]
 #     --family        the teacher: unet (default; teachers/assets/digits-teacher, SD1.x form, 25 DDIM steps)
 #                     or sd3 (teachers/assets/digits-teacher-sd3, a rectified-flow MMDiT, 25 flow-Euler steps)
 #     OUTPUT_DIR      default runs/quickstart (runs/quickstart-sd3); pairs, reference sets and the teacher's
@@ -10,7 +10,7 @@
 #                     with --family sd3: configs/digits/student_sd3.yaml (the transformer student)
 # Extra --key value overrides per stage: QUICKSTART_PAIRS_ARGS, QUICKSTART_STUDENT_ARGS, QUICKSTART_EVAL_ARGS.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 FAMILY=unet
 if [ "${1:-}" = "--family" ]; then FAMILY=${2:-}; shift 2 || shift $#; fi
 case "$FAMILY" in
@@ -22,8 +22,8 @@ case "$FAMILY" in
         TEACHER_ARGS="--scheduler flow_euler --max_sequence_length 4" ;;
   *) echo "error: unknown --family '$FAMILY': choose unet or sd3" >&2; exit 2 ;;
 esac
-if [ ! -d "$TEACHER" ]; then  # the SD3-form digits teacher is not committed yet (README, "Flow-matching teachers")
-  echo "error: no teacher at $TEACHER: train it with python distill/train_digits_teacher_sd3.py --config" \
+if [ ! -d "$TEACHER" ]; then  # the SD3-form digits teacher is not committed yet (docs/flow-matching-teachers.md)
+  echo "error: no teacher at $TEACHER: train it with python distill/digits/train_teacher_sd3.py --config" \
        "configs/digits/teacher_sd3.yaml --output_dir runs/digits-teacher-sd3, then copy runs/digits-teacher-sd3/pipeline to $TEACHER" >&2
   exit 2
 fi
@@ -47,5 +47,5 @@ $EVAL --pipeline $TEACHER $TEACHER_ARGS --metrics samples --seed 2 --output_dir 
 $LAUNCH distill/train_student.py --config "$STUDENT_CONFIG" --pairs "$OUT/pairs" --output_dir "$OUT/$NAME" ${QUICKSTART_STUDENT_ARGS:-}
 $EVAL --pipeline $TEACHER $TEACHER_ARGS --output_dir "$OUT/eval-teacher" ${QUICKSTART_EVAL_ARGS:-}
 $EVAL --pipeline "$OUT/$NAME/pipeline" --output_dir "$OUT/eval-$NAME" ${QUICKSTART_EVAL_ARGS:-}
-python scripts/quickstart_report.py "$OUT" "$NAME"
+python distill/digits/quickstart_report.py "$OUT" "$NAME"
 echo "quickstart finished in $(( $(date +%s) - start )) s; results in $OUT"

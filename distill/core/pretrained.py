@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 
 def load_vae(vae: str, *, subfolder: str | None):
     """Frozen AutoencoderKL from a diffusers path or Hub id (``subfolder`` None, empty or ``.``: the root)."""
@@ -53,3 +55,19 @@ def load_open_clip(model_name: str, pretrained: str | None, *, cache_dir: str | 
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device)
         return model, preprocess
     return open_clip.create_model(model_name, pretrained=weights, device=device)
+
+
+def random_tiny_open_clip(seed: int = 0, *, device: str | torch.device = "cpu"):
+    """FOR TESTS ONLY: an open_clip ViT with random weights (32 px, 1 layer), ``(model, preprocess, tokenizer)``."""
+    import open_clip
+    from open_clip.model import CLIP
+    from open_clip.transform import image_transform
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(
+            embed_dim=16,
+            vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+        )
+    return model.to(device).eval(), image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-B-32")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A text-to-image GAN trained from scratch on the offline digits testbed, then evaluated like the distilled students.
-#   bash scripts/scratch_digits.sh [OUTPUT_DIR] [GENERATOR]
+#   bash distill/digits/scratch.sh [OUTPUT_DIR] [GENERATOR]
 #     OUTPUT_DIR  default runs/scratch_digits; the dataset, latent cache, reference and teacher evaluation are made once
 #     GENERATOR   gigagan (default), gigagan_projected, gigagan_pixel or stylegan_t: the recipe configs/scratch/digits_<GENERATOR>.yaml
 # Steps: digits train split as an imagefolder (captions: the five phrasings of each class) -> (space latent only: latents
@@ -9,7 +9,7 @@
 # once, for the teacher -> OUTPUT_DIR/report-GENERATOR.txt.
 # Extra --key value overrides: SCRATCH_TRAIN_ARGS (train_gan.py), SCRATCH_EVAL_ARGS (evaluate.py).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${1:-runs/scratch_digits}
 GEN=${2:-gigagan}
 [ -f "configs/scratch/digits_$GEN.yaml" ] || { echo "error: no configs/scratch/digits_$GEN.yaml: use gigagan, gigagan_projected, gigagan_pixel or stylegan_t" >&2; exit 2; }
@@ -38,4 +38,4 @@ $LAUNCH distill/train_gan.py --config "configs/scratch/digits_$GEN.yaml" --datas
 train_seconds=$(( $(date +%s) - train_start ))
 $EVAL --pipeline "$OUT/$GEN/pipeline" --output_dir "$OUT/eval-$GEN" ${SCRATCH_EVAL_ARGS:-}
 grep -q '"recall"' "$OUT/eval-teacher/metrics.json" 2>/dev/null || $EVAL --pipeline teachers/assets/digits-teacher --output_dir "$OUT/eval-teacher" ${SCRATCH_EVAL_ARGS:-}
-python scripts/scratch_report.py "$OUT" "$GEN" --train_seconds "$train_seconds" --total_seconds "$(( $(date +%s) - start ))"
+python distill/digits/scratch_report.py "$OUT" "$GEN" --train_seconds "$train_seconds" --total_seconds "$(( $(date +%s) - start ))"

@@ -1,6 +1,6 @@
 """Train the evaluation-only digit classifier (pixels) on the digits train split.
 
-    python distill/train_digits_classifier.py --config configs/digits/classifier.yaml \
+    python distill/digits/train_classifier.py --config configs/digits/classifier.yaml \
         --output_dir runs/digits-classifier
 
 Writes OUTPUT_DIR/model (``DigitClassifier.from_pretrained``-loadable), OUTPUT_DIR/config.yaml and
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # see train_digits_teacher.py
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # see train_teacher.py
     os.environ.setdefault(_var, "1")
 
 import json
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_gen.digits import load_digits_images
-from distill.config import parse_config, run_cli, save_config
+from distill.core.config import command, parse_config, save_config
 from teachers.digits_classifier import DigitClassifier
 
 
@@ -54,6 +54,7 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
     return (model.predict(images) == labels).float().mean().item()
 
 
+@command
 def main() -> None:
     cfg = parse_config(ClassifierConfig, description=__doc__.split("\n\n")[0])
     torch.set_num_threads(cfg.num_threads)
@@ -85,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

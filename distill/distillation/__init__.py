@@ -1,0 +1,1 @@
+"""Stage two, distillation: the student, teacher-built discriminator, pair data, G / D / Dreg phases, validation and model card."""
