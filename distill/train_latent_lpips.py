@@ -12,13 +12,12 @@ ranking loss. ``stage=both`` runs one after the other. Weights are saved with ``
 Like the other training scripts: ``output_dir``, ``max_train_steps`` (stage 1; ``calib_steps`` for stage 2),
 ``checkpointing_steps`` (accelerate ``save_state`` in ``output_dir/checkpoints/checkpoint-N``, N counting
 the steps of both stages), ``--resume_from_checkpoint latest`` (the default) after a kill, a progress bar,
-``report_to`` trackers; ``metrics.jsonl`` holds one row per logged step.
+``report_to`` trackers; ``stats.jsonl`` holds one row per step. Both stages run on the trainers' shared loop
+(distill/training/loop.py: NaN stop, checkpoint cadence, exact counters), one after the other.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -27,16 +26,16 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from data_gen.bapps import BAPPS2AFC
 from distill.core.config import (ConfigError, command, parse_config, require_between, require_non_negative,
                                 require_positive, save_config, with_default)
 from distill.training import checkpoint as ckpt
+from distill.training.loop import TrainLoop, read_position
 from distill.training.trackers import tracker_config
 from distill.training.run_config import RunConfig, check_run_keys
 from distill.latent_lpips.training import (
-    Dist2Logit, MetricsLog, TrunkClassifier, classifier_loader, cycle, encode, load_image_dataset, lr_lambda,
+    Dist2Logit, TrunkClassifier, classifier_loader, cycle, encode, load_image_dataset, lr_lambda,
     score_2afc,
 )
 from distill.core.pretrained import load_vae
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
 
 
 STAGES = ("classifier", "calibrate", "both")
-TRAINER_STATE = "trainer_state.json"  # stage and step of a checkpoint, read before anything is prepared
 
 
 @dataclass
@@ -92,82 +90,39 @@ class TrainLatentLPIPSConfig(RunConfig):
     calib_batch_size: int = field(default=50, metadata={"help": "stage-2 batch size per process"})
     calib_lr: float = field(default=1e-4, metadata={"help": "stage-2 Adam learning rate (LPIPS used 1e-4)"})
     head_dropout: float = field(default=0.5, metadata={"help": "dropout on the heads' input while calibrating"})
-    # Bookkeeping.
-    log_every: int = field(default=50, metadata={"help": "log every N steps"})
-
-
-class StageState:
-    """Where the run is (stage, its step, the global step) and the unprepared LR scheduler's state; registered
-    with accelerate once, so every checkpoint carries it (accelerate steps a prepared scheduler once per process)."""
-
-    def __init__(self):
-        self.stage, self.step, self.global_step, self.scheduler = "classifier", 0, 0, None
-
-    def state_dict(self):
-        return {"stage": self.stage, "step": self.step, "global_step": self.global_step,
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
-
-    def load_state_dict(self, state):
-        self.stage, self.step, self.global_step = state["stage"], int(state["step"]), int(state["global_step"])
-        self._scheduler_state = state.get("scheduler")
-
-    def attach(self, scheduler, *, resumed: bool) -> None:
-        """Track ``scheduler`` from now on; on a resumed stage, restore its saved state."""
-        self.scheduler = scheduler
-        if resumed and getattr(self, "_scheduler_state", None) is not None:
-            scheduler.load_state_dict(self._scheduler_state)
 
 
 # ------------------------------------------------------------------------------------------- stages
 
 
-class Run:
-    """What both stages share: the config, accelerator, VAE, metrics log, run directory and the resumable state."""
+@dataclass
+class Stage:
+    """What both stages are given: the config, accelerator, frozen VAE and the shared loop."""
 
-    def __init__(self, cfg, acc, vae, log: MetricsLog, out: Path, state: StageState, resume: Path | None):
-        self.cfg, self.acc, self.vae, self.log, self.out, self.state, self.resume = cfg, acc, vae, log, out, state, resume
-
-    def resuming(self, stage: str) -> bool:
-        return self.resume is not None and self.state.stage == stage
-
-    def start(self, stage: str, total: int, *, offset: int):
-        """Load the checkpoint into the objects just prepared when it belongs to ``stage``; the progress bar."""
-        if self.resuming(stage):
-            self.acc.load_state(str(self.resume))
-            self.acc.print(f"resumed {stage} from {self.resume} at step {self.state.step}")
-        else:
-            self.state.stage, self.state.step, self.state.global_step = stage, 0, offset
-        return tqdm(total=total, initial=self.state.step, desc=stage, disable=not self.acc.is_main_process, dynamic_ncols=True)
-
-    def advance(self, net_fn, *, last: bool) -> None:
-        """One optimiser step done: count it, and checkpoint every ``checkpointing_steps`` steps."""
-        self.state.step += 1
-        self.state.global_step += 1
-        every = self.cfg.checkpointing_steps
-        if every and self.state.global_step % every == 0 and not last:
-            save_checkpoint(self, net_fn())
+    cfg: TrainLatentLPIPSConfig
+    acc: object
+    vae: torch.nn.Module
+    loop: TrainLoop
+    resume: Optional[Path]  # the checkpoint to load when it belongs to the stage being started
 
 
-def save_checkpoint(run: Run, net: LatentLPIPSNet) -> None:
-    """accelerate ``save_state`` (models, optimisers, RNG, the stage state) + the net's weights, written atomically."""
-    acc, out, step = run.acc, run.out, run.state.global_step
-    tmp = ckpt.temporary_dir(out, step, clear=acc.is_main_process)
-    acc.wait_for_everyone()
-    with ckpt.partial_save(out, tmp, estimate_bytes=lambda: sum(t.numel() * t.element_size() for t in net.state_dict().values()) * 4):
-        acc.save_state(str(tmp))
-        if acc.is_main_process:
-            net.save_pretrained(tmp / "latent_lpips")  # a checkpoint's network loads on its own, too
-            position = {k: v for k, v in run.state.state_dict().items() if k != "scheduler"}
-            (tmp / TRAINER_STATE).write_text(json.dumps(position) + "\n")
-            ckpt.finalize(out, tmp, step, total_limit=run.cfg.checkpoints_total_limit)
-    acc.wait_for_everyone()
+def start_stage(run: Stage, name: str, *, steps: int, batch_size: int, model, export, checkpoint_bytes) -> None:
+    """Begin ``name`` on the loop with its prepared ``model``; load the checkpoint when it belongs to this stage."""
+    run.loop.begin_stage(name, max_train_steps=steps, batch_size=batch_size, model=model, export=export,
+                         checkpoint_bytes=checkpoint_bytes)
+    if run.resume is not None and read_position(run.resume)["stage"] == name:
+        run.loop.resume(str(run.resume))
 
 
-def train_classifier(run: Run) -> LatentLPIPSNet:
+def _weights_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values()) * 4  # + optimiser states, roughly
+
+
+def train_classifier(run: Stage) -> LatentLPIPSNet:
     from distill.losses.elatentlpips import LatentLPIPSNet
     from distill.losses.elatentlpips_weights import FetchOptions, load_latent_lpips
 
-    cfg, acc, vae, log = run.cfg, run.acc, run.vae, run.log
+    cfg, acc, vae, loop = run.cfg, run.acc, run.vae, run.loop
     # 1. Load: the labelled images; the trunk from init_from, or a new one recording the VAE's convention.
     ds, num_classes = load_image_dataset(cfg.dataset, split=cfg.dataset_split, image_column=cfg.image_column,
                                          label_column=cfg.label_column, max_samples=cfg.max_train_samples)
@@ -197,50 +152,46 @@ def train_classifier(run: Run) -> LatentLPIPSNet:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_train_steps))
 
-    # 3. Prepare: DDP, the stage's progress and resumed schedule.
-    # The scheduler is not prepared: accelerate would step it once per process per optimiser step.
-    model, opt, loader = acc.prepare(model, opt, loader)
-    bar = run.start("classifier", cfg.max_train_steps, offset=0)
-    run.state.attach(sched, resumed=run.resuming("classifier"))
+    # 3. Prepare: DDP (the scheduler steps once per optimiser step: step_scheduler_with_optimizer=False), the
+    # stage on the loop, resumed when the checkpoint is this stage's.
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    trunk = lambda: acc.unwrap_model(model).net  # noqa: E731
+    start_stage(run, "classifier", steps=cfg.max_train_steps, batch_size=cfg.batch_size, model=model,
+                export=lambda path: trunk().save_pretrained(path), checkpoint_bytes=lambda: _weights_bytes(model))
     vae.to(acc.device)
     model.train()
 
-    # 4. Loop: images -> latents -> classify; logs and checkpoints.
-    t0 = time.time()
+    # 4. Loop: images -> latents (the VAE outside autocast) -> classify.
     batches = cycle(loader)
-    for step in range(run.state.step + 1, cfg.max_train_steps + 1):
-        batch = next(batches)
-        latents = encode(vae, batch["pixels"], cfg.latent_sampling)
-        with acc.autocast():
-            logits = model(latents)
-            loss = F.cross_entropy(logits.float(), batch["label"])
-        acc.backward(loss)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % cfg.log_every == 0 or step == 1 or step == cfg.max_train_steps:
-            top1 = (logits.argmax(1) == batch["label"]).float().mean()
-            loss_m, top1_m = acc.reduce(torch.stack([loss.detach(), top1]), reduction="mean").tolist()
-            log.write(stage="classifier", step=step, global_step=run.state.global_step + 1, loss=loss_m, top1=top1_m,
-                      lr=sched.get_last_lr()[0], sec=time.time() - t0)
-            bar.set_postfix(loss=f"{loss_m:.3g}", top1=f"{top1_m:.3f}", refresh=False)
-        bar.update(1)
-        run.advance(lambda: acc.unwrap_model(model).net, last=step == cfg.max_train_steps and cfg.stage == "classifier")
-    bar.close()
+
+    def micro_step(m, generator, latents, labels):
+        logits = model(latents)
+        loss = F.cross_entropy(logits.float(), labels)
+        return None, {"loss": loss, "top1": (logits.argmax(1) == labels).float().mean()}, loss
+
+    with loop.progress():
+        while not loop.done:
+            batch = next(batches)
+            latents = encode(vae, batch["pixels"], cfg.latent_sampling)
+            logs: dict[str, torch.Tensor] = {}
+            loop.phase(purpose="classifier", model=model, optimizer=opt, params=model.parameters(), logs=logs, max_grad_norm=0.0,
+                       micro_step=lambda m, g: micro_step(m, g, latents, batch["label"]))
+            sched.step()
+            loop.end_step(logs, extra={"lr": sched.get_last_lr()[0]})
 
     # 5. Save: the classifier head next to the run (the trunk is saved by the caller).
     acc.wait_for_everyone()
-    net = acc.unwrap_model(model).net
+    net = trunk()
     if acc.is_main_process:
         from safetensors.torch import save_file
 
-        save_file(acc.unwrap_model(model).fc.state_dict(), str(run.out / "classifier_head.safetensors"))
+        save_file(acc.unwrap_model(model).fc.state_dict(), str(Path(cfg.output_dir) / "classifier_head.safetensors"))
     acc.free_memory()  # stage 2 prepares (and checkpoints) its own objects only
     return net
 
 
-def calibrate_heads(run: Run, net: LatentLPIPSNet) -> LatentLPIPSNet:
-    cfg, acc, vae, log = run.cfg, run.acc, run.vae, run.log
+def calibrate_heads(run: Stage, net: LatentLPIPSNet) -> LatentLPIPSNet:
+    cfg, acc, vae, loop = run.cfg, run.acc, run.vae, run.loop
     # 1. Load: BAPPS 2AFC triplets.
     if not cfg.bapps_dir:
         raise ValueError("stage calibrate needs `bapps_dir` (BAPPS 2AFC layout: ref/ p0/ p1/ judge/)")
@@ -261,47 +212,45 @@ def calibrate_heads(run: Run, net: LatentLPIPSNet) -> LatentLPIPSNet:
     # Linear decay over the second half, as LPIPS's schedule (nepoch + nepoch_decay).
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, min(1.0, 2.0 * (1 - s / max(1, cfg.calib_steps)))))
 
-    # 3. Prepare: DDP, the stage's progress and resumed schedule; the trunk's BN statistics fixed.
-    net, rank, opt, loader = acc.prepare(net, rank, opt, loader)  # scheduler unprepared, as in stage 1
-    bar = run.start("calibrate", cfg.calib_steps, offset=cfg.max_train_steps if cfg.stage == "both" else 0)
-    run.state.attach(sched, resumed=run.resuming("calibrate"))
-    vae.to(acc.device)
+    # 3. Prepare: DDP, the stage on the loop (resumed when the checkpoint is this stage's); the trunk's BN statistics fixed.
+    net, rank, opt, loader, sched = acc.prepare(net, rank, opt, loader, sched)
     raw_net = acc.unwrap_model(net)
+    start_stage(run, "calibrate", steps=cfg.calib_steps, batch_size=cfg.calib_batch_size, model=net,
+                export=lambda path: raw_net.save_pretrained(path), checkpoint_bytes=lambda: _weights_bytes(raw_net))
+    vae.to(acc.device)
     raw_net.eval()  # BN statistics of the trunk stay fixed ...
     raw_net.dropout.train()  # ... while the heads see dropout, as in LPIPS training
 
     # 4. Loop: which of two distortions is closer to the reference; heads kept non-negative.
-    t0 = time.time()
     batches = cycle(loader)
-    for step in range(run.state.step + 1, cfg.calib_steps + 1):
-        ref, p0, p1, judge = next(batches)
-        ref, p0, p1 = (encode(vae, t, cfg.latent_sampling) for t in (ref, p0, p1))
-        with acc.autocast():
-            # One forward for both pairs: DDP allows one forward per backward.
-            d0, d1 = net(torch.cat([ref, ref]), torch.cat([p0, p1])).chunk(2)
-            loss = F.binary_cross_entropy_with_logits(rank(d0.float(), d1.float()), judge.float())
-        acc.backward(loss)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        raw_net.clamp_heads_()  # heads stay non-negative (projected gradient), as LPIPS does
-        if step % cfg.log_every == 0 or step == 1 or step == cfg.calib_steps:
-            agree = ((d0 < d1).float() * (1 - judge) + (d1 < d0).float() * judge).mean()
-            loss_m, agree_m = acc.reduce(torch.stack([loss.detach(), agree]), reduction="mean").tolist()
-            log.write(stage="calibrate", step=step, global_step=run.state.global_step + 1, loss=loss_m, train_2afc=agree_m,
-                      lr=sched.get_last_lr()[0], sec=time.time() - t0)
-            bar.set_postfix(loss=f"{loss_m:.3g}", agree=f"{agree_m:.3f}", refresh=False)
-        bar.update(1)
-        run.advance(lambda: raw_net, last=step == cfg.calib_steps)
-    bar.close()
+
+    def micro_step(m, generator, ref, p0, p1, judge):
+        # One forward for both pairs: DDP allows one forward per backward.
+        d0, d1 = net(torch.cat([ref, ref]), torch.cat([p0, p1])).chunk(2)
+        loss = F.binary_cross_entropy_with_logits(rank(d0.float(), d1.float()), judge.float())
+        agree = ((d0 < d1).float() * (1 - judge) + (d1 < d0).float() * judge).mean()
+        return None, {"loss": loss, "train_2afc": agree}, loss
+
+    with loop.progress():
+        while not loop.done:
+            ref, p0, p1, judge = next(batches)
+            ref, p0, p1 = (encode(vae, t, cfg.latent_sampling) for t in (ref, p0, p1))
+            logs: dict[str, torch.Tensor] = {}
+            loop.phase(purpose="calibrate", model=net, optimizer=opt, params=params, logs=logs, max_grad_norm=0.0,
+                       micro_step=lambda m, g: micro_step(m, g, ref, p0, p1, judge))
+            sched.step()
+            raw_net.clamp_heads_()  # heads stay non-negative (projected gradient), as LPIPS does
+            loop.end_step(logs, extra={"lr": sched.get_last_lr()[0]})
 
     # 5. Finish: no dropout in the saved metric; the held-out 2AFC score, when given.
     raw_net.dropout = nn.Identity()
     raw_net.register_to_config(head_dropout=0.0)
-    if cfg.bapps_val_dir and acc.is_main_process:
-        val = torch.utils.data.DataLoader(BAPPS2AFC(cfg.bapps_val_dir, cfg.calib_resolution), batch_size=cfg.calib_batch_size)
-        log.write(stage="calibrate", step=cfg.calib_steps, global_step=run.state.global_step,
-                  val_2afc=score_2afc(raw_net, vae, val, "mode", acc.device))
+    if cfg.bapps_val_dir:
+        score = None
+        if acc.is_main_process:
+            val = torch.utils.data.DataLoader(BAPPS2AFC(cfg.bapps_val_dir, cfg.calib_resolution), batch_size=cfg.calib_batch_size)
+            score = score_2afc(raw_net, vae, val, "mode", acc.device)
+        loop.record({"val_2afc": score} if score is not None else {})
     return raw_net
 
 
@@ -322,7 +271,7 @@ def validate(cfg: TrainLatentLPIPSConfig) -> None:
     if cfg.stage in ("calibrate", "both") and not cfg.bapps_dir:
         raise ConfigError("stage calibrate needs `bapps_dir` (BAPPS 2AFC layout: ref/ p0/ p1/ judge/)")
     check_run_keys(cfg)
-    require_positive(cfg, "lr", "calib_steps", "calib_batch_size", "calib_lr", "resolution", "calib_resolution", "log_every")
+    require_positive(cfg, "lr", "calib_steps", "calib_batch_size", "calib_lr", "resolution", "calib_resolution")
     require_non_negative(cfg, "warmup_steps", "weight_decay", "checkpointing_steps", "max_train_samples")
     require_between(cfg, "crop_scale_min", 0.0, 1.0)
     require_between(cfg, "head_dropout", 0.0, 1.0, high_inclusive=False)
@@ -338,37 +287,37 @@ def main() -> None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    # 1. Prepare: the accelerator, seeds, the resumed stage, logs and trackers; a finished run stops here.
+    # 1. Prepare: the accelerator, seeds, the checkpoint to resume and its stage, trackers; a finished run stops here.
     out = Path(cfg.output_dir)
     resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
+    position = read_position(resume) if resume is not None else None  # which stage to build, before anything is prepared
+    # step_scheduler_with_optimizer=False: a prepared LR scheduler steps once per optimiser step on any number of processes.
     acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
-                      project_dir=str(out))
+                      project_dir=str(out), step_scheduler_with_optimizer=False)
     cfg.mixed_precision = acc.mixed_precision  # the launcher's choice when unset: printed and saved with the run
     acc.print(f"mixed precision: {cfg.mixed_precision}")
     set_seed(cfg.seed, device_specific=True)
-    state = StageState()
-    acc.register_for_checkpointing(state)
-    if resume is not None:
-        # Which stage to rebuild is needed before anything is prepared; accelerate restores the rest later.
-        state.load_state_dict(json.loads((resume / TRAINER_STATE).read_text()))
-    log = MetricsLog(out / "metrics.jsonl", acc.is_main_process, track=acc.log)
+    last = ("classifier", cfg.max_train_steps) if cfg.stage == "classifier" else ("calibrate", cfg.calib_steps)
+    if position is not None and (position["stage"], position["step"]) == last:
+        acc.print(f"{out} is finished ({resume.name}, {position['stage']} step {position['step']}): weights in {out / 'latent_lpips'}")
+        return
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        log.truncate(global_step=state.global_step if resume is not None else 0)
         acc.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
-    last = ("classifier", cfg.max_train_steps) if cfg.stage == "classifier" else ("calibrate", cfg.calib_steps)
-    if resume is not None and (state.stage, state.step) == last:
-        acc.print(f"{out} is finished ({resume.name}, {state.stage} step {state.step}): weights in {out / 'latent_lpips'}")
-        acc.end_training()
-        return
+    loop = TrainLoop(acc, output_dir=out, seed=cfg.seed, max_train_steps=cfg.max_train_steps, gradient_accumulation_steps=1,
+                     batch_size=cfg.batch_size, checkpointing_steps=cfg.checkpointing_steps, validation_steps=0,
+                     checkpoints_total_limit=cfg.checkpoints_total_limit, ema=None, model=None, export=None, validate=None,
+                     checkpoint_bytes=lambda: 0, export_name="latent_lpips")
+    if resume is None:
+        loop.resume("none")  # a fresh run: stats.jsonl starts empty
+    run = Stage(cfg, acc, load_vae(cfg.vae, subfolder=cfg.vae_subfolder), loop, resume)
 
     # 2. Stage 1: the trunk, trained as a latent classifier here, restored for calibration, or loaded.
-    run = Run(cfg, acc, load_vae(cfg.vae, subfolder=cfg.vae_subfolder), log, out, state, resume)
-    net = None
-    if cfg.stage in ("classifier", "both") and not run.resuming("calibrate"):
+    resuming_calibration = position is not None and position["stage"] == "calibrate"
+    if cfg.stage in ("classifier", "both") and not resuming_calibration:
         net = train_classifier(run)
-    elif run.resuming("calibrate"):
+    elif resuming_calibration:
         from distill.losses.elatentlpips import LatentLPIPSNet
 
         net = LatentLPIPSNet.from_pretrained(resume / "latent_lpips")  # the weights load_state then restores
@@ -381,9 +330,8 @@ def main() -> None:
     if cfg.stage in ("calibrate", "both"):
         net = calibrate_heads(run, net)
 
-    # 4. Save: the network, and a final checkpoint.
+    # 4. Save: the network (the last stage's final step is a checkpoint too: a rerun does nothing more).
     save_net(acc, net.eval(), out)
-    save_checkpoint(run, net)  # the finished run, resumable (a rerun of the same command does nothing more)
     if acc.is_main_process:
         print(f"saved {out / 'latent_lpips'}", flush=True)
     acc.end_training()

@@ -80,7 +80,7 @@ def test_recipe_runs_both_stages_and_classifier_loss_falls(tiny_data, tmp_path):
         "--bapps_val_dir", str(tiny_data / "bapps" / "val"),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     cls = [r["loss"] for r in rows if r["stage"] == "classifier"]
     assert len(cls) >= 4 and all(np.isfinite(cls))
     first, last = np.mean(cls[:2]), np.mean(cls[-2:])
@@ -122,11 +122,11 @@ def test_two_processes_follow_the_one_process_learning_rate_schedule(tiny_data, 
         "--vae", tiny_data / "model", "--bapps_dir", tiny_data / "bapps" / "train", "--warmup_steps", 4,
     ], num_processes=2)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     # The 1-process schedule: LambdaLR stepped once per optimiser step.
     stage1, stage2 = lr_lambda(4, 30), lambda s: max(0.0, min(1.0, 2.0 * (1 - s / 24)))
-    cls = [(r["step"], r["lr"]) for r in rows if r["stage"] == "classifier"]
-    cal = [(r["step"], r["lr"]) for r in rows if r["stage"] == "calibrate" and "lr" in r]
+    cls = [(r["stage_step"], r["lr"]) for r in rows if r["stage"] == "classifier"]
+    cal = [(r["stage_step"], r["lr"]) for r in rows if r["stage"] == "calibrate" and "lr" in r]
     assert len(cls) >= 5 and len(cal) >= 4
     for step, lr in cls:
         assert math.isclose(lr, 0.003 * stage1(step), rel_tol=1e-6, abs_tol=1e-12), (step, lr)
@@ -140,6 +140,19 @@ def test_negative_learning_rate_is_one_line(tiny_data, tmp_path):
                      "--lr", "-1e-3")
     assert res.returncode == 2 and res.stderr.strip() == "error: lr must be positive, got -0.001"
     assert not (tmp_path / "r").exists()
+
+
+def test_a_non_finite_loss_stops_in_one_line_as_in_the_other_trainers(tiny_data, tmp_path):
+    """The shared loop's NaN stop: an absurd learning rate blows the classifier up; the run ends in one line naming
+    the step and the term, exit 2, and the checkpoint written before it stays."""
+    out = tmp_path / "nan"
+    res = run_script("--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"), "--output_dir", str(out),
+                     "--dataset", str(tiny_data / "digits"), "--vae", str(tiny_data / "model"), "--stage", "classifier",
+                     "--optimizer", "sgd", "--lr", "1e30", "--warmup_steps", "0", "--checkpointing_steps", "1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    message = res.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite ") and "stopped; last good checkpoint: " in message, message
+    assert any((out / "checkpoints").iterdir())
 
 
 def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path):
@@ -158,12 +171,13 @@ def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path)
     first = run_script(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["checkpoint-20", "checkpoint-40", "checkpoint-54"]  # 30 classifier + 24 calibration steps
-    assert json.loads((out / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text()) == {
-        "stage": "calibrate", "step": 10, "global_step": 40}
+    # 30 classifier + 24 calibration steps: every 20 steps of the run, and at the end of each stage.
+    assert names == ["checkpoint-20", "checkpoint-30", "checkpoint-40", "checkpoint-54"]
+    position = json.loads((out / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text())
+    assert {k: position[k] for k in ("stage", "step", "global_step")} == {"stage": "calibrate", "step": 10, "global_step": 40}
     assert "classifier: 100%" in first.stderr and "calibrate: 100%" in first.stderr  # tqdm progress bars
     assert list((out / "train_latent_lpips").glob("events.out.tfevents.*"))  # tensorboard tracker
-    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    before = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
 
     # Killed after checkpoint-40 (stage 2, step 10): the same command resumes there.
     shutil.rmtree(out / "checkpoints" / "checkpoint-54")
@@ -172,14 +186,15 @@ def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed calibrate from {out / 'checkpoints' / 'checkpoint-40'} at step 10" in again.stdout
     assert "resumed classifier" not in again.stdout and (out / "latent_lpips" / "config.json").is_file()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in rows] == [(r["stage"], r["step"]) for r in before]  # no step twice or missing
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["stage_step"], r["step"]) for r in rows] == [(r["stage"], r["stage_step"], r["step"]) for r in before]
+    assert [r["step"] for r in rows] == list(range(1, 55))  # no step twice or missing
     schedule = lambda s: max(0.0, min(1.0, 2.0 * (1 - s / 24)))  # noqa: E731
     for r in rows:
         if r["stage"] == "calibrate" and "lr" in r:
-            assert math.isclose(r["lr"], 0.001 * schedule(r["step"]), rel_tol=1e-6, abs_tol=1e-12), r
+            assert math.isclose(r["lr"], 0.001 * schedule(r["stage_step"]), rel_tol=1e-6, abs_tol=1e-12), r
         if r["stage"] == "classifier":
-            assert math.isclose(r["lr"], 0.003 * lr_lambda(1, 30)(r["step"]), rel_tol=1e-6, abs_tol=1e-12), r
+            assert math.isclose(r["lr"], 0.003 * lr_lambda(1, 30)(r["stage_step"]), rel_tol=1e-6, abs_tol=1e-12), r
 
     # A finished run does nothing more; a bare checkpoint name resumes that checkpoint of output_dir.
     done = run_script(*args)
@@ -211,10 +226,10 @@ def test_recipe_runs_on_a_16_channel_sd3_vae(tiny_data, tiny_teacher_factory, tm
     res = run_script(
         "--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"), "--output_dir", str(out),
         "--dataset", str(tiny_data / "digits"), "--vae", str(tiny_teacher_factory("sd3")), "--stage", "classifier",
-        "--max_train_steps", "12", "--log_every", "2",
+        "--max_train_steps", "12",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     cls = [r["loss"] for r in rows if r["stage"] == "classifier"]
     assert len(cls) >= 5 and all(np.isfinite(cls)) and np.mean(cls[-2:]) < np.mean(cls[:2]), cls
     from distill.losses import ELatentLPIPS

@@ -1,11 +1,9 @@
 """Pieces for training a latent LPIPS net: VAE encoding, the labelled image dataset and its loader, the stage-1
-classifier head, LPIPS's 2AFC ranking head and score, the LR schedule and the JSONL metrics log."""
+classifier head, LPIPS's 2AFC ranking head and score, the LR schedule."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -126,41 +124,3 @@ def lr_lambda(warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return f
-
-
-class MetricsLog:
-    """Appends one JSON row per call to ``path``, prints it above the progress bar and hands its numbers to
-    ``track(values, step)`` (accelerate's ``log``: the trackers) as ``stage/key`` at the row's ``global_step``;
-    a no-op where ``enabled`` is false (non-main ranks)."""
-
-    def __init__(self, path: Path, enabled: bool, track=None):
-        self.path, self.enabled, self.track = path, enabled, track
-
-    def write(self, **row) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        from tqdm.auto import tqdm
-
-        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if self.track is not None:
-            numbers = {f"{row.get('stage', 'train')}/{k}": v for k, v in row.items()
-                       if isinstance(v, (int, float)) and k not in ("step", "global_step")}
-            self.track(numbers, step=row.get("global_step", row.get("step")))
-
-    def truncate(self, *, global_step: int) -> None:
-        """Drop the rows past ``global_step`` (a resumed run writes those steps again)."""
-        if not self.enabled or not self.path.is_file():
-            return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [line for line in rows if _global_step(line) <= global_step]
-        if keep != rows:
-            self.path.write_text("".join(line + "\n" for line in keep))
-
-
-def _global_step(line: str) -> float:
-    try:
-        return json.loads(line).get("global_step", 0)
-    except ValueError:
-        return float("inf")  # a line cut short by a kill: dropped

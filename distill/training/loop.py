@@ -1,11 +1,13 @@
-"""The training loop shared by the trainers (``train_student.py``, ``train_gan.py``).
+"""The training loop shared by the trainers (``train_student.py``, ``train_gan.py``, ``train_latent_lpips.py``).
 
 :class:`TrainLoop` owns what every GAN trainer repeats: the counters saved with each checkpoint
 (:class:`TrainState`: steps and images seen), resuming, one optimiser step of a loss phase over
 gradient-accumulation micro-batches (:meth:`TrainLoop.phase`; the same micro-batch numbering keys the
 data order and the random streams, so a resumed run continues them), the NaN/inf stop, the per-step
 ``stats.jsonl`` record, the EMA update, and the checkpoint / validation cadence. What a step computes
-stays in the trainer, as callbacks.
+stays in the trainer, as callbacks. A run may have stages (E-LatentLPIPS: classifier, then calibration), each
+with its own model, optimiser and step count (:meth:`TrainLoop.begin_stage`); checkpoints and ``stats.jsonl``
+count the steps of the whole run.
 """
 
 from __future__ import annotations
@@ -35,17 +37,31 @@ def micro_batch_loss(terms: dict[str, torch.Tensor], *, num_micro_batches: int) 
     return sum(v if k in PER_STEP_TERMS else v / num_micro_batches for k, v in terms.items() if not k.endswith("_logit"))
 
 
+POSITION_FILE = "trainer_state.json"  # in each checkpoint: where the run was, readable before anything is prepared
+
+
 class TrainState:
-    """Counters saved with every checkpoint (registered with accelerate)."""
+    """Counters saved with every checkpoint (registered with accelerate): the step of the current stage, images
+    seen, and for a run with stages the stage's name and the steps of the stages before it (``offset``)."""
 
     def __init__(self):
-        self.step, self.nimg = 0, 0
+        self.step, self.nimg, self.stage, self.offset = 0, 0, "", 0
+
+    @property
+    def global_step(self) -> int:
+        return self.offset + self.step
 
     def state_dict(self):
-        return {"step": self.step, "nimg": self.nimg}
+        return {"step": self.step, "nimg": self.nimg, "stage": self.stage, "offset": self.offset}
 
     def load_state_dict(self, state):
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
+        self.stage, self.offset = str(state.get("stage", "")), int(state.get("offset", 0))
+
+
+def read_position(checkpoint: Path) -> dict:
+    """``{"stage", "step", "global_step", "nimg"}`` of a checkpoint: which stage to build before it is loaded."""
+    return json.loads((Path(checkpoint) / POSITION_FILE).read_text())
 
 
 def micro_steps(step: int, accumulation: int) -> range:
@@ -55,14 +71,15 @@ def micro_steps(step: int, accumulation: int) -> range:
 
 class TrainLoop:
     """``loop = TrainLoop(accelerator, ...)``; ``loop.resume(...)``; then per step: the trainer's phases through
-    :meth:`phase`, then :meth:`end_step`. ``export(path)`` writes the EMA model where a checkpoint keeps it
-    (main process); ``validate(step)`` scores and draws samples; ``checkpoint_bytes()`` estimates a checkpoint's
-    size before the first one exists (for the disk-full message)."""
+    :meth:`phase`, then :meth:`end_step`. ``export(path)`` writes the EMA model (or the model, without EMA) where a
+    checkpoint keeps it, ``OUT/checkpoints/checkpoint-N/<export_name>`` (main process); ``validate(step)`` scores
+    and draws samples (None: no validation); ``checkpoint_bytes()`` estimates a checkpoint's size before the first
+    one exists (for the disk-full message). ``checkpointing_steps`` 0: at the end of each stage only."""
 
     def __init__(self, accelerator, *, output_dir: str | Path, seed: int, max_train_steps: int, gradient_accumulation_steps: int,
                  batch_size: int, checkpointing_steps: int, validation_steps: int, checkpoints_total_limit: int | None,
-                 ema, model, export: Callable[[Path], None], validate: Callable[[int], None],
-                 checkpoint_bytes: Callable[[], int]):
+                 ema, model, export: Callable[[Path], None], validate: Callable[[int], None] | None,
+                 checkpoint_bytes: Callable[[], int], export_name: str = "pipeline"):
         self.accelerator = accelerator
         self.out = Path(output_dir)
         self.stats_path = self.out / "stats.jsonl"
@@ -72,10 +89,21 @@ class TrainLoop:
         self.checkpointing_steps, self.validation_steps = checkpointing_steps, validation_steps
         self.total_limit = checkpoints_total_limit
         self.ema, self.model = ema, model  # model: the prepared (DDP) module the EMA follows
-        self.export, self.validate, self.checkpoint_bytes = export, validate, checkpoint_bytes
+        self.export, self.validate, self.checkpoint_bytes, self.export_name = export, validate, checkpoint_bytes, export_name
         self.state = TrainState()
         self.bar = None
-        accelerator.register_for_checkpointing(ema, self.state)
+        accelerator.register_for_checkpointing(*([ema] if ema is not None else []), self.state)
+
+    def begin_stage(self, name: str, *, max_train_steps: int, batch_size: int, model, export: Callable[[Path], None],
+                    checkpoint_bytes: Callable[[], int]) -> None:
+        """Start stage ``name`` with its own (prepared) model and step count, after the stages already run here; a
+        checkpoint of this stage loaded next by :meth:`resume` puts the counters back where they were."""
+        if self.state.stage and self.state.stage != name:
+            self.state.offset += self.state.step
+            self.state.step = 0
+        self.state.stage = name
+        self.max_train_steps, self.model, self.export, self.checkpoint_bytes = max_train_steps, model, export, checkpoint_bytes
+        self.images_per_step = batch_size * self.accelerator.num_processes * self.accumulation
 
     @property
     def done(self) -> bool:
@@ -90,14 +118,15 @@ class TrainLoop:
         resume = ckpt.resolve_resume(self.out, resume_from_checkpoint)
         if resume is not None:
             self.accelerator.load_state(str(resume))
-            self.accelerator.print(f"resumed from {resume} at step {self.state.step} ({self.state.nimg} images)")
+            stage = f"{self.state.stage} " if self.state.stage else ""
+            self.accelerator.print(f"resumed {stage}from {resume} at step {self.state.step} ({self.state.nimg} images)")
         if self.accelerator.is_main_process:
-            ckpt.truncate_stats(self.stats_path, step=self.state.step if resume is not None else -1)
+            ckpt.truncate_stats(self.stats_path, step=self.state.global_step if resume is not None else -1)
         return resume
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[None]:
-        self.bar = tqdm(total=self.max_train_steps, initial=self.state.step, desc="train",
+        self.bar = tqdm(total=self.max_train_steps, initial=self.state.step, desc=self.state.stage or "train",
                         disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         try:
             yield
@@ -160,28 +189,37 @@ class TrainLoop:
             self._stop(logs, reduced=True)
         state.step += 1
         state.nimg += self.images_per_step
-        self.ema.update(acc.unwrap_model(self.model), self.images_per_step, nimg=state.nimg)
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.model), self.images_per_step, nimg=state.nimg)
         logs.update(extra or {})
-        acc.log({**logs, "nimg": state.nimg}, step=state.step)
-        if acc.is_main_process:
-            with open(self.stats_path, "a") as fh:
-                fh.write(json.dumps({"step": state.step, "nimg": state.nimg, **logs}) + "\n")
+        self.record(logs)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
             self.bar.update(1)
         if self._due(self.checkpointing_steps):
             self.save_checkpoint()
-        if self._due(self.validation_steps):
+        if self.validate is not None and self._due(self.validation_steps):
             self.validate(state.step)
         return logs
 
+    def record(self, values: dict[str, float]) -> None:
+        """``values`` (global numbers) to the trackers and a ``stats.jsonl`` row at the current step (the stage's
+        name and step beside the run's, in a run with stages)."""
+        state = self.state
+        where = {"stage": state.stage, "stage_step": state.step} if state.stage else {}
+        prefix = f"{state.stage}/" if state.stage else ""
+        self.accelerator.log({**{prefix + k: v for k, v in values.items()}, "nimg": state.nimg}, step=state.global_step)
+        if self.accelerator.is_main_process:
+            with open(self.stats_path, "a") as fh:
+                fh.write(json.dumps({"step": state.global_step, "nimg": state.nimg, **where, **values}) + "\n")
+
     def _due(self, every: int) -> bool:
-        return self.state.step % every == 0 or self.state.step == self.max_train_steps
+        return (every > 0 and self.state.global_step % every == 0) or self.state.step == self.max_train_steps
 
     def save_checkpoint(self) -> None:
         """``checkpoints/checkpoint-<step>``: accelerate's state (models, optimisers, RNGs, EMA, counters) and the EMA
         model exported beside it; written to a temporary folder and renamed when complete."""
-        acc, step = self.accelerator, self.state.step
+        acc, step = self.accelerator, self.state.global_step
         tmp = ckpt.temporary_dir(self.out, step, clear=acc.is_main_process)
         acc.wait_for_everyone()
         # A failed or interrupted save removes its partial directory; earlier checkpoints stay as they are.
@@ -189,7 +227,9 @@ class TrainLoop:
             acc.save_state(str(tmp))
             check_replicas(acc, self.model, step)
             if acc.is_main_process:
-                self.export(tmp / "pipeline")
+                self.export(tmp / self.export_name)
+                position = {"stage": self.state.stage, "step": self.state.step, "global_step": step, "nimg": self.state.nimg}
+                (tmp / POSITION_FILE).write_text(json.dumps(position) + "\n")
                 ckpt.finalize(self.out, tmp, step, total_limit=self.total_limit)
         acc.wait_for_everyone()
 
