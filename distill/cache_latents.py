@@ -36,7 +36,7 @@ class CacheConfig:
     resolution: int = field(default=256, metadata={"help": "image side in pixels (centre crop + resize)"})
     vae: str = field(default="", metadata={"help": "diffusers model path or hub id holding the AutoencoderKL"})
     vae_subfolder: Optional[str] = field(default="vae", metadata={"help": "subfolder of `vae` (null / . for the root)"})
-    latent_sampling: str = field(default="mode", metadata={"help": "mode or sample (seeded per row) of the VAE posterior"})
+    latent_sampling: str = field(default="mode", metadata={"help": "mode or sample (seeded per row) of the VAE posterior", "choices": ("mode", "sample")})
     seed: int = field(default=0, metadata={"help": "seed of latent_sampling=sample"})
     batch_size: int = field(default=32, metadata={"help": "images per VAE call"})
     shard_size: int = field(default=4096, metadata={"help": "rows per Parquet shard (the unit of resumption)"})
@@ -49,8 +49,6 @@ def main() -> None:
     if not cfg.dataset or not cfg.vae:
         raise ConfigError("set `dataset` and `vae` (see --help)")
     require_positive(cfg, "resolution", "batch_size", "shard_size")
-    if cfg.latent_sampling not in ("mode", "sample"):
-        raise ConfigError(f"unknown latent_sampling {cfg.latent_sampling!r}; choose mode or sample")
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 

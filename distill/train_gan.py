@@ -55,7 +55,7 @@ class GANConfig(GANRunConfig):
     vae_subfolder: Optional[str] = field(default="vae", metadata={"help": "subfolder of `vae` (null / . for the root)"})
     latent_sampling: str = field(default="sample", metadata={"help": "sample or mode of the VAE posterior (on-the-fly encoding)", "choices": ("sample", "mode")})
     text_encoder: str = field(default="", metadata={"help": "diffusers pipeline (folder or hub id) whose text encoder(s) + tokenizer(s) read the prompts"})
-    generator: str = field(default="gigagan", metadata={"help": "generator", "choices": GENERATORS, "hints": {"unet": "the UNet student needs a teacher: use distill/train_student.py"}})
+    generator: str = field(default="gigagan", metadata={"help": "generator", "choices": GENERATORS, "hints": {name: f"the {name} student needs a teacher: use distill/train_student.py" for name in STUDENTS if name not in GENERATORS}})
     generator_size: str = field(default="base", metadata={"help": "generator size preset", "choices": tuple(STUDENTS["gigagan"].presets)})
     discriminator: str = field(default="projected", metadata={"help": "discriminator (a+b: both, judged as one: their heads' logits together)", "choices": DISCRIMINATORS})
     d_feature_network: str = field(default="timm:vit_small_patch16_224.dino", metadata={"help": "projected D: torchvision:NAME, timm:NAME, open_clip:MODEL/TAG or a classifier folder"})

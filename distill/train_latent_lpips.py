@@ -54,7 +54,7 @@ class TrainLatentLPIPSConfig(RunConfig):
     max_train_steps: int = with_default(RunConfig, "max_train_steps", 100000, help="stage-1 optimizer steps", aliases=["steps"])
     batch_size: int = with_default(RunConfig, "batch_size", 64, help="stage-1 batch size per process")
     num_workers: int = with_default(RunConfig, "num_workers", 4)
-    checkpointing_steps: int = with_default(RunConfig, "checkpointing_steps", 5000, help="save_state every N steps of either stage (0 = only at the end)", aliases=["save_every"])
+    checkpointing_steps: int = with_default(RunConfig, "checkpointing_steps", 5000, help="save_state every N steps of the run (both stages counted), and at the end of each stage (0 = only there)", aliases=["save_every"])
     checkpoints_total_limit: Optional[int] = with_default(RunConfig, "checkpoints_total_limit", 2)
     tracker_project_name: str = with_default(RunConfig, "tracker_project_name", "train_latent_lpips")
     stage: str = field(default="classifier", metadata={"help": "classifier, calibrate or both", "choices": STAGES})
@@ -297,8 +297,16 @@ def main() -> None:
     cfg.mixed_precision = acc.mixed_precision  # the launcher's choice when unset: printed and saved with the run
     acc.print(f"mixed precision: {cfg.mixed_precision}")
     set_seed(cfg.seed, device_specific=True)
-    last = ("classifier", cfg.max_train_steps) if cfg.stage == "classifier" else ("calibrate", cfg.calib_steps)
-    if position is not None and (position["stage"], position["step"]) == last:
+    stages = {"classifier": ("classifier",), "calibrate": ("calibrate",), "both": ("classifier", "calibrate")}[cfg.stage]
+    if position is not None and "nimg" not in position:
+        raise ConfigError(f"{resume} was written by train_latent_lpips.py before it ran on the shared loop and cannot be "
+                          "resumed: use a new output_dir, or --resume_from_checkpoint none to start over in this one")
+    if position is not None and position["stage"] not in stages:
+        raise ConfigError(f"{resume} is a checkpoint of stage {position['stage']}, which stage {cfg.stage} does not run: "
+                          "use a new output_dir, or --resume_from_checkpoint none to start over in this one")
+    last = (stages[-1], cfg.max_train_steps if stages[-1] == "classifier" else cfg.calib_steps)
+    # Finished: the last step's checkpoint and the saved network (a kill between the two finishes the run again).
+    if position is not None and (position["stage"], position["step"]) == last and (out / "latent_lpips" / "config.json").is_file():
         acc.print(f"{out} is finished ({resume.name}, {position['stage']} step {position['step']}): weights in {out / 'latent_lpips'}")
         return
     if acc.is_main_process:

@@ -42,7 +42,6 @@ from distill.training.trackers import tracker_config
 from distill.training.run_config import GANRunConfig, check_gan_keys
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 EMA_DEVICES = ("same", "cpu")
 EMA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -259,7 +258,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
                 fake, terms = generator_terms(
                     student=student, discriminator=unwrap_d if gan_on else None, lpips_loss=lpips_loss, batch=batches[m],
                     regression=cfg.regression, lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight, generator=gen)
-                return fake.detach(), terms, sum(terms.values()) / len(batches)
+                return fake.detach(), terms, micro_batch_loss(terms, num_micro_batches=len(batches))
 
             for p in d_params:
                 p.requires_grad_(False)

@@ -30,7 +30,7 @@ def test_latent_lpips_speed_exits_with_the_code_of_a_killed_worker():
 
 def test_sd_scale_memory_table_matches_the_published_architectures(capsys):
     """The memory table (meta tensors: no memory, seconds) counts the real SD1.5 / SDXL parameter numbers, and the
-    levers save what the README's "Memory levers" table says."""
+    levers save what docs/scale-and-memory.md's "Memory levers" table says."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sd_scale", ROOT / "benchmarks" / "sd_scale.py")
@@ -41,7 +41,7 @@ def test_sd_scale_memory_table_matches_the_published_architectures(capsys):
             sd_scale.memory_table(arch, student)
     out = capsys.readouterr().out
     assert "sd15, UNet student: student 0.860 B params" in out and "sdxl, UNet student: student 2.567 B params" in out
-    # before #12 (UNet only), default, all levers: the README's memory tables
+    # before #12 (UNet only), default, all levers: the memory tables of docs/scale-and-memory.md
     for head, expected in (("sd15, UNet student", [32.70, 29.26, 14.81]), ("sdxl, UNet student", [96.61, 86.34, 43.41]),
                            ("sd15, GigaGAN (paper)", [31.21, 15.67]), ("sdxl, GigaGAN (paper)", [60.82, 33.79]),
                            ("sd15, StyleGAN-T (paper)", [31.50, 15.81]), ("sdxl, StyleGAN-T (paper)", [62.41, 34.39])):

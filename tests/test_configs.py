@@ -167,7 +167,7 @@ def test_diffusers_flag_names_are_aliases(tmp_path):
 @pytest.mark.parametrize("name, distributed, machines", [("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 1),
                                                          ("multi_node", "MULTI_GPU", 8)])
 def test_accelerate_configs_load(name, distributed, machines):
-    """configs/accelerate: the launch configs the README names load with accelerate's own reader."""
+    """configs/accelerate: the launch configs docs/training-a-student.md names load with accelerate's own reader."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))

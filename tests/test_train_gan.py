@@ -157,7 +157,7 @@ def test_bad_input_is_one_line(common, images, tmp_path, capsys):
     cases = [
         (["--caption_column", "text"], "caption column 'text' is not in dataset"),
         (["--resolution", 18], "resolution 18 is not a multiple of 4 (VAE factor 2 x 2**1 for the 2 levels of gigagan tiny): use 16 or 20"),
-        (["--generator", "unet"], "unknown generator 'unet'; choose one of gigagan, stylegan_t; the UNet student needs a teacher"),
+        (["--generator", "unet"], "unknown generator 'unet'; choose one of gigagan, stylegan_t; the unet student needs a teacher"),
         (["--discriminator", "unet"], "set `teacher`"),
         (["--d_feature_network", "torchvision:resnet18"], "needs its weights"),
         (["--validation_prompt_file", tmp_path / "none.txt"], "validation_prompt_file"),
@@ -186,7 +186,7 @@ def test_shipped_configs_pass_the_checks(name):
     assert cfg.generator == name.split("_", 1)[1].removesuffix("_pixel").removesuffix("_projected")
 
 
-# A user's own folder (README "From scratch"): PNGs of mixed sizes and modes + metadata.jsonl, pixel or latent space,
+# A user's own folder (docs/from-scratch.md): PNGs of mixed sizes and modes + metadata.jsonl, pixel or latent space,
 # the multiscale D (no pretrained network), through the CLI only.
 
 

@@ -199,6 +199,16 @@ def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path)
     # A finished run does nothing more; a bare checkpoint name resumes that checkpoint of output_dir.
     done = run_script(*args)
     assert done.returncode == 0 and "is finished" in done.stdout
+    # Killed after the last checkpoint but before the network was saved: the rerun finishes it (no step again).
+    shutil.rmtree(out / "latent_lpips")
+    finish = run_script(*args)
+    assert finish.returncode == 0 and "resumed calibrate" in finish.stdout and "at step 24" in finish.stdout, finish.stderr[-2000:]
+    assert (out / "latent_lpips" / "config.json").is_file()
+    assert [r["step"] for r in map(json.loads, (out / "stats.jsonl").read_text().splitlines())] == list(range(1, 55))
+    # A checkpoint of a stage the command does not run is refused in one line, nothing changed.
+    other = run_script(*args, "--stage", "classifier")
+    assert other.returncode == 2 and other.stderr.strip().count("\n") == 0, other.stderr[-2000:]
+    assert "is a checkpoint of stage calibrate, which stage classifier does not run" in other.stderr
     named = run_script(*args, "--resume_from_checkpoint", "checkpoint-20", "--output_dir", str(out))
     assert named.returncode == 0, named.stderr[-3000:]
     assert f"resumed classifier from {out / 'checkpoints' / 'checkpoint-20'} at step 20" in named.stdout

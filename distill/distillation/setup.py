@@ -2,7 +2,7 @@
 
 Called by ``distill/train_student.py`` (it receives the resolved config and the Accelerator's device /
 process facts, never the Accelerator inside library code other than here); the generators come from the one
-registry in :mod:`.student_registry`, the optimisers from :mod:`.optimizers`.
+registry in :mod:`distill.training.student_registry`, the optimisers from :mod:`distill.training.optimizers`.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class TrainState:
         return {"step": self.step, "nimg": self.nimg, "stage": self.stage, "offset": self.offset}
 
     def load_state_dict(self, state):
-        self.step, self.nimg = int(state["step"]), int(state["nimg"])
+        self.step, self.nimg = int(state["step"]), int(state.get("nimg", 0))
         self.stage, self.offset = str(state.get("stage", "")), int(state.get("offset", 0))
 
 
@@ -173,8 +173,9 @@ class TrainLoop:
             flags = torch.stack([~torch.isfinite(logs[k]) for k in keys]).float() if keys else torch.zeros(0)
             bad = [k for k, f in zip(keys, self.accelerator.reduce(flags, "max").tolist()) if f > 0]
         last = ckpt.checkpoint_dirs(self.out)
-        where = f"non-finite loss at step {self.state.step} in term {', '.join(bad)}" if bad else \
-            f"non-finite gradient norm at step {self.state.step} (every loss term finite)"
+        step = f"{self.state.global_step}" + (f" ({self.state.stage} step {self.state.step})" if self.state.stage else "")
+        where = f"non-finite loss at step {step} in term {', '.join(bad)}" if bad else \
+            f"non-finite gradient norm at step {step} (every loss term finite)"
         raise ValueError(f"{where}: stopped; last good checkpoint: {last[-1] if last else 'none yet'} "
                          "(lower the learning rates or the term's weight, then resume)")
 

@@ -1,6 +1,6 @@
 """The one registry of generators (``STUDENTS``): how stage two builds each from the teacher, the training
 settings that suit it, the teacher families it fits; read by ``distill/train_student.py`` (through
-:mod:`.setup`) and ``distill/train_gan.py`` (the style generators' classes and size presets)."""
+:mod:`distill.distillation.setup`) and ``distill/train_gan.py`` (the style generators' classes and size presets)."""
 
 from __future__ import annotations
 
