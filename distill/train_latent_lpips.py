@@ -104,13 +104,14 @@ class Stage:
     vae: torch.nn.Module
     loop: TrainLoop
     resume: Optional[Path]  # the checkpoint to load when it belongs to the stage being started
+    resume_stage: Optional[str]  # its stage (read once, before anything was prepared)
 
 
 def start_stage(run: Stage, name: str, *, steps: int, batch_size: int, model, export, checkpoint_bytes) -> None:
     """Begin ``name`` on the loop with its prepared ``model``; load the checkpoint when it belongs to this stage."""
     run.loop.begin_stage(name, max_train_steps=steps, batch_size=batch_size, model=model, export=export,
                          checkpoint_bytes=checkpoint_bytes)
-    if run.resume is not None and read_position(run.resume)["stage"] == name:
+    if run.resume is not None and run.resume_stage == name:
         run.loop.resume(str(run.resume))
 
 
@@ -319,10 +320,10 @@ def main() -> None:
                      checkpoint_bytes=lambda: 0, export_name="latent_lpips")
     if resume is None:
         loop.resume("none")  # a fresh run: stats.jsonl starts empty
-    run = Stage(cfg, acc, load_vae(cfg.vae, subfolder=cfg.vae_subfolder), loop, resume)
+    run = Stage(cfg, acc, load_vae(cfg.vae, subfolder=cfg.vae_subfolder), loop, resume, position["stage"] if position else None)
 
     # 2. Stage 1: the trunk, trained as a latent classifier here, restored for calibration, or loaded.
-    resuming_calibration = position is not None and position["stage"] == "calibrate"
+    resuming_calibration = run.resume_stage == "calibrate"
     if cfg.stage in ("classifier", "both") and not resuming_calibration:
         net = train_classifier(run)
     elif resuming_calibration:

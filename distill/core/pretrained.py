@@ -37,7 +37,7 @@ def resolve_clip_weights(model_name: str, pretrained: str, cache_dir: str | None
     except Exception as exc:  # offline: huggingface_hub / urllib raise many types
         where = f"`hf download {repo}` (Hugging Face cache; then run with HF_HUB_OFFLINE=1)" if repo else f"a download of {source}"
         raise FileNotFoundError(
-            f"CLIP score needs the open_clip weights {model_name} / {pretrained}, which are not available locally "
+            f"the open_clip weights {model_name} / {pretrained} (CLIP score, CLIP guidance or CLIP features) are not available locally "
             f"({type(exc).__name__}): get them with {where}, or put the weights file anywhere and set "
             f"clip_pretrained=/path/to/open_clip_pytorch_model.bin"
         ) from None
