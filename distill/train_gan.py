@@ -23,9 +23,9 @@ import torch
 from distill.core.config import (ConfigError, command, parse_config, require_non_negative, require_positive,
                                 save_config, with_default)
 from distill.core.lock import locked
-from distill.training.ema import EMA
-from distill.training.loop import TrainLoop, micro_batch_loss, state_bytes
-from distill.scratch.setup import DISCRIMINATORS, build_parts, export_pipeline, sample_grid
+from distill.training.gan_step import GANStep, build_ema, build_gan_optimizers
+from distill.training.loop import TrainLoop, state_bytes
+from distill.scratch.setup import DISCRIMINATORS, add_networks, caption_bytes, export_pipeline, load_frozen, sample_grid
 from distill.training.student_registry import STUDENTS
 from distill.training.trackers import tracker_config
 from distill.training.run_config import GANRunConfig, check_gan_keys
@@ -40,6 +40,7 @@ class GANConfig(GANRunConfig):
     num_workers: int = with_default(GANRunConfig, "num_workers", 0, help="DataLoader workers decoding images (map-style datasets)")
     tracker_project_name: str = with_default(GANRunConfig, "tracker_project_name", "train_gan")
     learning_rate_g: float = with_default(GANRunConfig, "learning_rate_g", 2e-3, help="Adam lr of the generator (StyleGAN-T: 0.002)")
+    loss: str = with_default(GANRunConfig, "loss", "hinge")
     r1_gamma: float = with_default(GANRunConfig, "r1_gamma", 0.0, help="R1 weight (0 = off; the projected D needs none)")
     validation_steps: int = with_default(GANRunConfig, "validation_steps", 500, help="sample grid every N steps")
     validation_prompts: list[str] = with_default(GANRunConfig, "validation_prompts", default_factory=list, help="prompts of the sample grid (a list, as in train_student.py and diffusers' examples); empty: validation_prompt_file, else the first rows' captions")
@@ -67,11 +68,11 @@ class GANConfig(GANRunConfig):
     d_channels: str = field(default="64,128,256", metadata={"help": "multiscale D: trunk widths, fine to coarse (one scale each)"})
     d_mbstd_group: int = field(default=0, metadata={"help": "projected / multiscale D: minibatch-std group size (0 = off; 4 in StyleGAN2): D sees each group's spread, so a collapsed generator shows"})
     d_pyramid: str = field(default="generator", metadata={"help": "multiscale D: the coarser scales of generated samples from the generator's own pyramid (GigaGAN) or area-downsampled from its output, as real ones", "choices": ("generator", "downsample")})
+    d_lr_by_fan_in: bool = field(default=True, metadata={"help": "every conv / linear weight of D at learning_rate_d / sqrt(fan-in), as StyleGAN2's equalised D (the multiscale D's He-scale weights; false: one rate)"})
     d_text_dim: int = field(default=256, metadata={"help": "projected / multiscale D: width of the pooled text vector"})
     d_cmap_dim: int = field(default=64, metadata={"help": "projected / multiscale D: channels of the text projection"})
     teacher: str = field(default="", metadata={"help": "unet D: the diffusion pipeline whose UNet becomes D"})
     d_heads: str = field(default="before,skip,after,final", metadata={"help": "unet D: heads"})
-    loss: str = field(default="hinge", metadata={"help": "hinge (StyleGAN-T) or non_saturating", "choices": ("hinge", "non_saturating")})
     augment: str = field(default="color,translation,cutout", metadata={"help": "DiffAugment policy on everything D sees ('' = off)"})
     blur_sigma: float = field(default=2.0, metadata={"help": "D input blur at the start, in pixels of its input (0 = off)"})
     blur_fade_kimg: float = field(default=20.0, metadata={"help": "the blur fades to 0 over this many thousand images"})
@@ -80,7 +81,7 @@ class GANConfig(GANRunConfig):
     clip_model: str = field(default="ViT-B-32", metadata={"help": "open_clip model for CLIP guidance"})
     clip_pretrained: str = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag or local weights file"})
     clip_crop: int = field(default=64, metadata={"help": "CLIP guidance on a random crop of this side when the image is larger"})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "linear learning-rate warm-up of both networks"})
+    text_cache_mb: int = field(default=1024, metadata={"help": "encode every distinct caption of a map-style set once and keep it, if they fit in this many MB (0 = encode each batch's captions)"})
     validation_prompt_file: str = field(default="", metadata={"help": "prompts of the sample grid from a file (as evaluate's `prompts`), when validation_prompts is empty"})
     validation_images: int = field(default=4, metadata={"help": "sample-grid columns (fixed noise maps)"})
     validation_rows: int = field(default=10, metadata={"help": "sample-grid rows (prompts, spread over the file)"})
@@ -92,8 +93,9 @@ def check(cfg: GANConfig) -> None:
             raise ConfigError(f"set `{key}` (see --help)")
     check_gan_keys(cfg)
     require_positive(cfg, "resolution", "d_text_dim", "d_cmap_dim")
-    require_non_negative(cfg, "blur_sigma", "blur_fade_kimg", "mismatch_weight", "clip_guidance_weight", "clip_crop", "lr_warmup_steps",
-                         "validation_images", "validation_rows", "d_feature_resolution", "d_virtual_batch", "d_mbstd_group")
+    require_non_negative(cfg, "blur_sigma", "blur_fade_kimg", "mismatch_weight", "clip_guidance_weight", "clip_crop",
+                         "validation_images", "validation_rows", "d_feature_resolution", "d_virtual_batch", "d_mbstd_group",
+                         "text_cache_mb")
     if "+" in cfg.discriminator and (cfg.d_pyramid != "downsample" or cfg.d_norm != "separate"):
         raise ConfigError(f"discriminator {cfg.discriminator} judges both Ds on the same inputs: set d_pyramid downsample and d_norm separate")
     if cfg.validation_prompt_file and not cfg.validation_prompts and not Path(cfg.validation_prompt_file).exists():
@@ -128,33 +130,34 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
 
     from data_gen.prompts import load_prompts
     from distill.discriminators.inputs import blur_sigma
-    from distill.losses.gan import OBJECTIVES
     from distill.scratch.data import RealData
-    from distill.scratch.phases import discriminator_terms, generator_terms
+    from distill.scratch.phases import RealImagesView
 
-    # 1. Build: text encoder, VAE, G, D, CLIP guidance; the data; EMA and optimisers.
+    # 1. Build: text encoder(s) and VAE; the data (its captions encoded once, its statistics); G, D, CLIP guidance;
+    # EMA and optimisers.
     out, device = Path(cfg.output_dir), accelerator.device
     set_seed(cfg.seed)  # same initial weights on every rank
-    parts = build_parts(cfg, device=device)
+    parts = load_frozen(cfg, device=device)
     rank, world = accelerator.process_index, accelerator.num_processes
     data = RealData(dataset=cfg.dataset, split=cfg.split, image_column=cfg.image_column, caption_column=cfg.caption_column,
                     streaming=cfg.streaming, config_name=cfg.dataset_config, resolution=cfg.resolution, batch_size=cfg.batch_size,
                     seed=cfg.seed, rank=rank, world=world, num_workers=cfg.num_workers, latent_sampling=cfg.latent_sampling,
                     encode=parts.encode, to_samples=parts.to_samples, device=device, gather=gather_object,
                     vae_config=parts.vae.config if parts.vae is not None else None, ds=ds)
+    parts.tabulate(data.distinct_captions(limit=cfg.text_cache_mb * 2**20 // caption_bytes(parts)))
+    add_networks(parts, cfg, device=device, latent_stats=data.sample_statistics() if cfg.output_latent_stats else None)
     gen, disc = parts.generator, parts.discriminator
-    ema = EMA(gen, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None)
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
-    d_params = [p for p in disc.parameters() if p.requires_grad]
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.learning_rate_g, betas=betas)
-    opt_d = torch.optim.Adam(d_params, lr=cfg.learning_rate_d, betas=betas)
+    ema = build_ema(gen, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup, device=cfg.ema_device, dtype=cfg.ema_dtype)
+    opt_g, opt_d = build_gan_optimizers(generator=gen, discriminator=disc, optimizer=cfg.optimizer, learning_rate_g=cfg.learning_rate_g,
+                                        learning_rate_d=cfg.learning_rate_d, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                        linear_lr_by_fan_in=cfg.linear_lr_by_fan_in, d_lr_by_fan_in=cfg.d_lr_by_fan_in)
 
     # 2. Prepare: DDP, the shared loop (checkpoints, EMA, logs), resume; the validation grid's prompts and noise.
     gen, disc, opt_g, opt_d = accelerator.prepare(gen, disc, opt_g, opt_d)
     unwrap_d = accelerator.unwrap_model(disc)
     shape = accelerator.unwrap_model(gen).config
-    grid_noise = torch.randn(cfg.validation_images, shape.latent_channels, shape.sample_size, shape.sample_size,
-                             generator=torch.Generator().manual_seed(cfg.seed))
+    noise_shape = (shape.latent_channels, shape.sample_size, shape.sample_size)
+    grid_noise = torch.randn(cfg.validation_images, *noise_shape, generator=torch.Generator().manual_seed(cfg.seed))
     prompts = (list(cfg.validation_prompts) or (load_prompts(cfg.validation_prompt_file) if cfg.validation_prompt_file else [])
                or data.some_captions(64))
     rows = max(1, min(cfg.validation_rows, len(prompts)))
@@ -178,47 +181,19 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
     if loop.state.step == 0:
         validate(0)
     data.start(loop.micro_steps().start)
-    objective = OBJECTIVES[cfg.loss]
 
-    # 3. Loop: phase G (D frozen), phase D (+ lazy R1); EMA, logs, checkpoints, sample grids.
+    # 3. Loop: the shared GAN step (distill/training/gan_step.py: G phase, D phase + lazy R1) on real samples; EMA, logs,
+    # checkpoints, sample grids.
+    view = RealImagesView(generator=gen, discriminator=disc, discriminator_unwrapped=unwrap_d, noise_shape=noise_shape,
+                          mismatch=cfg.mismatch_weight > 0, clip_guidance=parts.clip_guidance, clip_weight=cfg.clip_guidance_weight,
+                          to_images=parts.to_images)
+    engine = GANStep(loop, view=view, generator=gen, discriminator=disc, discriminator_unwrapped=unwrap_d, opt_g=opt_g, opt_d=opt_d,
+                     loss=cfg.loss, mismatch_weight=cfg.mismatch_weight, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
+                     max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=cfg.lr_warmup_steps)
     with loop.progress():
         while not loop.done:
-            step, m_count = loop.state.step, cfg.gradient_accumulation_steps
-            for opt, lr in ((opt_g, cfg.learning_rate_g), (opt_d, cfg.learning_rate_d)):
-                for group in opt.param_groups:  # linear warm-up, a function of the step (nothing to checkpoint)
-                    group["lr"] = lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else lr
-            sigma = blur_sigma(nimg=loop.state.nimg, init_sigma=cfg.blur_sigma, fade_kimg=cfg.blur_fade_kimg)
-            batches = [data.batch(micro) for micro in loop.micro_steps()]
-            logs: dict[str, torch.Tensor] = {}
-
-            def g_micro(m, rng):
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=rng)))  # DiffAugment draws from the global RNG (kornia)
-                noise = torch.randn(batches[m].samples.shape[0], shape.latent_channels, shape.sample_size, shape.sample_size,
-                                    generator=rng).to(device)
-                (fake, pyramid), terms = generator_terms(
-                    generator_model=gen, discriminator=unwrap_d, batch=batches[m], noise=noise, objective=objective, blur_sigma=sigma,
-                    clip_guidance=parts.clip_guidance, clip_weight=cfg.clip_guidance_weight, to_images=parts.to_images, rng=rng)
-                return (fake.detach(), [p.detach() for p in pyramid]), terms, micro_batch_loss(terms, num_micro_batches=m_count)
-
-            for p in d_params:
-                p.requires_grad_(False)
-            fakes = loop.phase(purpose="g", model=gen, optimizer=opt_g, params=gen.parameters(), micro_step=g_micro, logs=logs,
-                               max_grad_norm=cfg.max_grad_norm)
-            for p in d_params:
-                p.requires_grad_(True)
-
-            def d_micro(m, rng):
-                torch.manual_seed(int(torch.randint(2**62, (1,), generator=rng)))
-                terms = discriminator_terms(discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batches[m], fake=fakes[m][0],
-                                            fake_pyramid=fakes[m][1], objective=objective, mismatch_weight=cfg.mismatch_weight,
-                                            r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
-                                            do_r1=m == 0 and cfg.r1_gamma > 0 and step % cfg.r1_interval == 0, blur_sigma=sigma,
-                                            generator=rng)
-                return None, terms, micro_batch_loss(terms, num_micro_batches=m_count)
-
-            loop.phase(purpose="d", model=disc, optimizer=opt_d, params=d_params, micro_step=d_micro, logs=logs,
-                       max_grad_norm=cfg.max_grad_norm)
-            loop.end_step(logs, extra={"blur_sigma": sigma})
+            view.blur_sigma = blur_sigma(nimg=loop.state.nimg, init_sigma=cfg.blur_sigma, fade_kimg=cfg.blur_fade_kimg)
+            engine.run([data.batch(micro) for micro in loop.micro_steps()], extra={"blur_sigma": view.blur_sigma})
 
     # 4. Save: the EMA generator as a pipeline.
     if accelerator.is_main_process:

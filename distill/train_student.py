@@ -27,14 +27,13 @@ from distill.core.config import (ConfigError, command, config_dict, parse_config
 from distill.core.lock import locked
 from distill.training import checkpoint as ckpt
 from distill.distillation import run_checks
-from distill.training.ema import EMA
-from distill.training.loop import TrainLoop, micro_batch_loss, state_bytes
+from distill.training.gan_step import GANStep, build_ema, build_gan_optimizers
+from distill.training.loop import TrainLoop, state_bytes
 from distill.distillation.pair_data import PairRows, stored_conditioning
-from distill.distillation.phases import REGRESSIONS, Batch, discriminator_terms, generator_terms
+from distill.distillation.phases import REGRESSIONS, Batch, PairsView
 from distill.distillation.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
-from distill.training.optimizers import OPTIMIZERS, build_optimizer, require_optimizer
 from distill.distillation.setup import (COND_DTYPE, FROZEN_DTYPES, build_regression_lpips, build_student, export_pipeline, validate_and_sample,
                                     validation_set)
 from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
@@ -42,8 +41,6 @@ from distill.training.trackers import tracker_config
 from distill.training.run_config import GANRunConfig, check_gan_keys
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
-EMA_DEVICES = ("same", "cpu")
-EMA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _per_student(key: str) -> str:
@@ -71,9 +68,6 @@ class StudentConfig(GANRunConfig):
     student: str = field(default="unet", metadata={"help": "generator", "choices": tuple(STUDENTS)})
     student_timestep: int = field(default=999, metadata={"help": "fixed timestep of the UNet student"})
     student_size: str = field(default="base", metadata={"help": "preset of the gigagan / stylegan_t generators", "choices": STUDENT_SIZES})
-    output_latent_stats: bool = field(default=True, metadata={"help": "gigagan / stylegan_t: set the output to the training targets' measured per-channel mean / std (false: unit scale)"})
-    linear_lr_by_fan_in: bool = field(default=True, metadata={"help": "gigagan / stylegan_t: plain linear layers at learning_rate_g / sqrt(fan-in), as if equalised (false: learning_rate_g for every parameter)"})
-    optimizer: str = field(default="adam", metadata={"help": "optimiser of G and D: adam, or adam8bit (bitsandbytes' 8-bit states: 2 instead of 8 bytes per parameter; needs pip install bitsandbytes)", "choices": OPTIMIZERS})
     regression: str = field(default="elatentlpips", metadata={"help": "regression loss", "choices": REGRESSIONS})
     lpips_weight: float = field(default=1.0, metadata={"help": "weight of the regression term"})
     lpips_network: str = field(default="official", metadata={"help": "latent LPIPS weights: a local path, 'official', or 'random' (tests only)"})
@@ -87,8 +81,6 @@ class StudentConfig(GANRunConfig):
     d_gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the discriminator's UNet backbone (recomputed in the backward; R1's double backward included)"})
     d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
-    ema_device: str = field(default="same", metadata={"help": "where the EMA copy of the student lives: 'same' (the training device) or 'cpu' (saves its size in accelerator memory, costs a copy to the host per step)", "choices": EMA_DEVICES})
-    ema_dtype: str = field(default="fp32", metadata={"help": "dtype of the EMA copy: bf16 halves it, but rounds away updates below ~1/256 of a weight (a long half-life then barely moves it; prefer ema_device cpu)", "choices": tuple(EMA_DTYPES)})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
     holdout: int = field(default=16, metadata={"help": "pairs (the last indices) held out for validation"})
     num_validation_seeds: int = field(default=2, metadata={"help": "noise maps (seeds 0..N-1) per validation prompt"})
@@ -106,7 +98,6 @@ def check(cfg: StudentConfig) -> None:
     require_positive(cfg, "num_validation_seeds")
     require_non_negative(cfg, "gan_start_step", "holdout", "gan_weight", "lpips_weight", "lpips_l1_weight", "d_lora_rank")
     require_between(cfg, "mix_fraction", 0.0, 1.0)
-    require_optimizer(cfg.optimizer)
 
 
 def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
@@ -184,14 +175,11 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     validation = validation_set(cfg, parts, holdout=holdout, manifest=manifest) if accelerator.is_main_process else None
     parts.release_teacher_unet()
     parts.hold_frozen_in(FROZEN_DTYPES[cfg.frozen_dtype])
-    ema = EMA(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup or None,
-              device="cpu" if cfg.ema_device == "cpu" else None, dtype=EMA_DTYPES[cfg.ema_dtype])
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    ema = build_ema(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup, device=cfg.ema_device, dtype=cfg.ema_dtype)
     # The GAN generators' plain layers learn at lr / sqrt(fan-in), as if equalised (StyleGenerator.optimizer_param_groups).
-    g_params = student.optimizer_param_groups(cfg.learning_rate_g) if style_student and cfg.linear_lr_by_fan_in else student.parameters()
-    opt_g = build_optimizer(cfg.optimizer, g_params, lr=cfg.learning_rate_g, betas=betas)
-    d_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
-    opt_d = build_optimizer(cfg.optimizer, d_params, lr=cfg.learning_rate_d, betas=betas) if disc is not None else None
+    opt_g, opt_d = build_gan_optimizers(generator=student, discriminator=disc, optimizer=cfg.optimizer, learning_rate_g=cfg.learning_rate_g,
+                                        learning_rate_d=cfg.learning_rate_d, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                        linear_lr_by_fan_in=style_student and cfg.linear_lr_by_fan_in)
 
     # 3. Prepare: DDP wrapping, the loop (checkpoints, EMA, logging), resume.
     if disc is not None:
@@ -232,52 +220,30 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
                     num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda")
     data.start(loop.micro_steps().start)
 
-    # 4. Loop: phase G (D frozen), phase D (+ lazy R1 on one real sample); EMA, logs, checkpoints, validation.
+    def read_batch(micro: int, gan_on: bool) -> Batch:
+        rows = data.read(micro)
+        noise = rows["noise"].to(accelerator.device, torch.float32, non_blocking=True)
+        fresh = None
+        if gan_on and cfg.gan_noise == "fresh":  # fakes for D from new noise (a from-scratch G memorises the pairs)
+            z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
+            fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
+        target = rows["target"].to(accelerator.device, torch.float32, non_blocking=True)
+        cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=COND_DTYPE,
+                                    family=teacher.family) if stored_text
+                else parts.encode(rows["prompt"]))
+        return Batch(noise, target, cond, gan_noise=fresh)
+
+    # 4. Loop: the shared GAN step (distill/training/gan_step.py: G phase, then D with lazy R1 on one real pair) on
+    # this step's pairs; EMA, logs, checkpoints, validation.
+    view = PairsView(student=student, discriminator=disc, discriminator_unwrapped=unwrap_d, lpips_loss=lpips_loss,
+                     regression=cfg.regression, lpips_weight=cfg.lpips_weight, mix_fraction=cfg.mix_fraction)
+    engine = GANStep(loop, view=view, generator=student, discriminator=disc, discriminator_unwrapped=unwrap_d, opt_g=opt_g, opt_d=opt_d,
+                     loss=cfg.loss, gan_weight=cfg.gan_weight, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
+                     max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=cfg.lr_warmup_steps)
     with loop.progress():
         while not loop.done:
-            step = loop.state.step
-            gan_on = disc is not None and cfg.gan_weight > 0 and step >= cfg.gan_start_step
-            do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
-            batches = []
-            for micro in loop.micro_steps():
-                rows = data.read(micro)
-                noise = rows["noise"].to(accelerator.device, torch.float32, non_blocking=True)
-                fresh = None
-                if gan_on and cfg.gan_noise == "fresh":  # fakes for D from new noise (a from-scratch G memorises the pairs)
-                    z_gen = step_generator(seed=cfg.seed, rank=rank, step=micro, purpose="z")
-                    fresh = torch.randn(noise.shape, generator=z_gen).to(accelerator.device)
-                target = rows["target"].to(accelerator.device, torch.float32, non_blocking=True)
-                cond = (stored_conditioning(rows, resolution=parts.resolution, device=accelerator.device, dtype=COND_DTYPE,
-                                            family=teacher.family) if stored_text
-                        else parts.encode(rows["prompt"]))
-                batches.append(Batch(noise, target, cond, gan_noise=fresh))
-            logs: dict[str, torch.Tensor] = {}
-
-            def g_micro(m, gen):
-                # D frozen; its forward is the unwrapped module, so no DDP reduction is expected.
-                fake, terms = generator_terms(
-                    student=student, discriminator=unwrap_d if gan_on else None, lpips_loss=lpips_loss, batch=batches[m],
-                    regression=cfg.regression, lpips_weight=cfg.lpips_weight, gan_weight=cfg.gan_weight, generator=gen)
-                return fake.detach(), terms, micro_batch_loss(terms, num_micro_batches=len(batches))
-
-            for p in d_params:
-                p.requires_grad_(False)
-            fakes = loop.phase(purpose="g", model=student, optimizer=opt_g, params=student.parameters(), micro_step=g_micro,
-                               logs=logs, max_grad_norm=cfg.max_grad_norm)
-            if gan_on:
-                def d_micro(m, gen):
-                    d_stats: dict = {}
-                    terms = discriminator_terms(
-                        discriminator=disc, discriminator_unwrapped=unwrap_d, batch=batches[m], fake=fakes[m],
-                        mix_fraction=cfg.mix_fraction, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
-                        do_r1=do_r1 and m == 0, generator=gen, stats=d_stats)
-                    return None, {**terms, **d_stats}, micro_batch_loss(terms, num_micro_batches=len(batches))
-
-                for p in d_params:
-                    p.requires_grad_(True)
-                loop.phase(purpose="d", model=disc, optimizer=opt_d, params=d_params, micro_step=d_micro, logs=logs,
-                           max_grad_norm=cfg.max_grad_norm)
-            loop.end_step(logs)
+            gan_on = disc is not None and cfg.gan_weight > 0 and loop.state.step >= cfg.gan_start_step
+            engine.run([read_batch(micro, gan_on) for micro in loop.micro_steps()], adversarial=gan_on)
 
     # 5. Save: the EMA student as a pipeline.
     if accelerator.is_main_process:

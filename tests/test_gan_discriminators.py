@@ -13,6 +13,18 @@ from distill.losses.diffaugment import DiffAugment
 from distill.losses.gan import OBJECTIVES, objective_loss
 
 
+def _engine(d, generator=None, *, loss="hinge", mismatch_weight=0.0, r1_gamma=0.0, blur_sigma=0.0, side=16):
+    """The shared GAN step over the from-scratch view of ``d`` (the prepared and unwrapped module alike), as train_gan builds it."""
+    from distill.scratch.phases import RealImagesView
+    from distill.training.gan_step import GANStep
+
+    view = RealImagesView(generator=generator, discriminator=d, discriminator_unwrapped=d, noise_shape=(3, side, side),
+                          mismatch=mismatch_weight > 0)
+    view.blur_sigma = blur_sigma
+    return GANStep(None, view=view, generator=generator, discriminator=None, discriminator_unwrapped=d, opt_g=None, opt_d=None,
+                   loss=loss, mismatch_weight=mismatch_weight, r1_gamma=r1_gamma, r1_interval=1, max_grad_norm=0.0)
+
+
 def _text(n, *, seed=0, dim=32):
     return torch.randn(n, 7, dim, generator=torch.Generator().manual_seed(seed))
 
@@ -49,7 +61,7 @@ def test_projected_discriminator_shapes_conditioning_and_frozen_features(classif
 def test_projected_discriminator_learns_real_from_generated(classifier_dir, virtual_batch, augment, mixed):
     """A few hinge steps on fixed real / generated images (squares vs blurry noise) separate their logits. (With
     virtual batch norm per part and DiffAugment on, 30 steps are not enough here; with shared statistics they are.)"""
-    from distill.scratch.phases import RealBatch, discriminator_terms
+    from distill.scratch.phases import RealBatch
     from students.text import TextConditioning
 
     d = _projected(classifier_dir, virtual_batch=virtual_batch, augment=augment, mixed_norm=mixed)
@@ -61,9 +73,7 @@ def test_projected_discriminator_learns_real_from_generated(classifier_dir, virt
     opt = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=2e-3, betas=(0.0, 0.99))
     gaps = []
     for step in range(30):
-        terms = discriminator_terms(discriminator=d, discriminator_unwrapped=d, batch=batch, fake=fake, fake_pyramid=[fake],
-                                    objective=OBJECTIVES["hinge"], mismatch_weight=0.0, r1_gamma=0.0, r1_interval=1, do_r1=False,
-                                    blur_sigma=0.0, generator=torch.Generator().manual_seed(step))
+        terms = _engine(d).d_terms(batch, (fake, [fake]), torch.Generator().manual_seed(step))
         opt.zero_grad()
         (terms["d_real"] + terms["d_fake"]).backward()
         opt.step()
@@ -99,7 +109,7 @@ def test_mixed_virtual_batch_norm_shares_the_statistics_of_the_parts():
 
 def test_mixed_norm_discriminator_normalises_generated_samples_with_real_ones(classifier_dir):
     """The generator's phase passes real samples beside the generated ones; their logits are not G's."""
-    from distill.scratch.phases import RealBatch, generator_terms
+    from distill.scratch.phases import RealBatch
     from students.text import TextConditioning
 
     d = _projected(classifier_dir, augment="", virtual_batch=4, mixed_norm=True).eval()
@@ -111,9 +121,7 @@ def test_mixed_norm_discriminator_normalises_generated_samples_with_real_ones(cl
         def forward(self, noise, prompt_embeds, added_cond_kwargs=None, return_pyramid=False):
             return noise, [noise]
 
-    noise = torch.rand(4, 3, 16, 16) * 0.1
-    _, terms = generator_terms(generator_model=G(), discriminator=d, batch=batch, noise=noise, objective=OBJECTIVES["hinge"],
-                               blur_sigma=0.0)
+    (noise, _), terms = _engine(d, G()).g_terms(batch, torch.Generator().manual_seed(0))
     logits = d(torch.cat([noise, real]), torch.cat([batch.cond.prompt_embeds] * 2), parts=2)
     torch.testing.assert_close(terms["g_adv"], objective_loss([l[:4] for l in logits], OBJECTIVES["hinge"].generator))
 
@@ -153,7 +161,7 @@ def test_multiscale_discriminator_reads_the_pyramid_and_text():
 
 def test_multiscale_discriminator_can_downsample_generated_samples_as_real_ones():
     """generator_pyramid=False: the phases pass no pyramid, and D reads a generated sample's coarse scales from its output."""
-    from distill.scratch.phases import RealBatch, discriminator_terms, generator_terms
+    from distill.scratch.phases import RealBatch
     from students import GigaGANGenerator
     from students.text import TextConditioning
 
@@ -164,11 +172,9 @@ def test_multiscale_discriminator_can_downsample_generated_samples_as_real_ones(
     seen = []
     d.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("pyramid")), with_kwargs=True)
     batch = RealBatch(torch.rand(4, 3, 16, 16) * 2 - 1, TextConditioning(_text(4)), ["a", "b", "c", "d"])
-    (fake, pyramid), _ = generator_terms(generator_model=gen, discriminator=d, batch=batch, noise=torch.randn(4, 3, 16, 16),
-                                         objective=OBJECTIVES["non_saturating"], blur_sigma=0.0)
-    discriminator_terms(discriminator=d, discriminator_unwrapped=d, batch=batch, fake=fake.detach(), fake_pyramid=pyramid,
-                        objective=OBJECTIVES["non_saturating"], mismatch_weight=0.0, r1_gamma=0.0, r1_interval=1, do_r1=False,
-                        blur_sigma=0.0, generator=torch.Generator().manual_seed(0))
+    engine = _engine(d, gen, loss="non_saturating")
+    (fake, pyramid), _ = engine.g_terms(batch, torch.Generator().manual_seed(0))
+    engine.d_terms(batch, (fake.detach(), pyramid), torch.Generator().manual_seed(0))
     assert seen == [None, None]
     x = torch.rand(2, 3, 16, 16)
     assert all(torch.equal(a, b) for a, b in zip(d(x, _text(2)), d(x, _text(2), pyramid=[F.interpolate(x, size=8, mode="area"), x])))
@@ -266,7 +272,7 @@ def test_torchvision_and_timm_feature_layers_with_random_weights():
 def test_diffaugment_sits_before_every_discriminator_read_in_both_phases(classifier_dir, kind):
     """What D's network reads is always the DiffAugmented sample: generated ones in the G phase (with G's gradient
     passing through the augmentation), real and generated ones in the D phase; nothing reaches D un-augmented."""
-    from distill.scratch.phases import RealBatch, discriminator_terms, generator_terms
+    from distill.scratch.phases import RealBatch
     from students import GigaGANGenerator
     from students.text import TextConditioning
 
@@ -282,16 +288,14 @@ def test_diffaugment_sits_before_every_discriminator_read_in_both_phases(classif
     d.augment.register_forward_hook(lambda m, args, out: seen["augment_out"].append(out))
     network.register_forward_pre_hook(lambda m, args: seen["network_in"].append(args[0]))
     batch = RealBatch(torch.rand(4, 3, 16, 16) * 2 - 1, TextConditioning(_text(4)), ["a", "b", "c", "d"])
-    (fake, pyramid), terms = generator_terms(generator_model=gen, discriminator=d, batch=batch, noise=torch.randn(4, 3, 16, 16),
-                                             objective=OBJECTIVES["hinge"], blur_sigma=0.0)
+    (fake, pyramid), terms = _engine(d, gen).g_terms(batch, torch.Generator().manual_seed(0))
     assert seen["network_in"] and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])
     assert not any(a.shape == fake.shape and torch.allclose(a, fake) for a in seen["augment_out"])  # augmented, not the raw sample
     terms["g_adv"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())  # through the augmentation
     seen["augment_out"].clear(), seen["network_in"].clear()
-    discriminator_terms(discriminator=d, discriminator_unwrapped=d, batch=batch, fake=fake, fake_pyramid=pyramid,
-                        objective=OBJECTIVES["hinge"], mismatch_weight=1.0, r1_gamma=1.0, r1_interval=1, do_r1=True,
-                        blur_sigma=0.5, generator=torch.Generator().manual_seed(0))
+    _engine(d, gen, mismatch_weight=1.0, r1_gamma=1.0, blur_sigma=0.5).d_terms(batch, (fake.detach(), pyramid),
+                                                                              torch.Generator().manual_seed(0), r1=True)
     # D phase (real | generated in one forward) and R1 (real): every network input is an augmentation output.
     assert len(seen["network_in"]) >= 2 and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])
     assert seen["network_in"][0].shape[0] == 8  # real and generated together

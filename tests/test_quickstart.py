@@ -82,7 +82,7 @@ def test_reduced_quickstart_with_the_gan_students(tmp_path):
         assert metrics["student_kind"] == name.removeprefix("student_")
         assert metrics["student_training"]["val_lpips_final"] < metrics["student_training"]["val_lpips_init"]
         stats = [json.loads(line) for line in (out / name / "stats.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in stats if "d_gan" in r] == list(range(9, 13))  # the GAN from step 8 on
+        assert [r["step"] for r in stats if "d_real" in r] == list(range(9, 13))  # the GAN from step 8 on
         assert (out / f"teacher_vs_{name}.png").is_file() and (out / f"report-{name}.txt").is_file()
     assert len(list((out / "pairs" / "data").glob("*.parquet"))) == 2  # made once, reused
 

@@ -299,7 +299,7 @@ def test_training_lowers_heldout_lpips_and_the_export_reproduces_the_student(sd3
     val = [r for r in _stats(run) if "val_lpips" in r]
     assert [r["step"] for r in val] == [0, 8] and val[-1]["val_lpips"] < val[0]["val_lpips"]
     train = [r for r in _stats(run) if "g_lpips" in r]
-    assert len(train) == 8 and all(k in train[0] for k in ("g_gan", "d_gan", "d_mix", "d_r1"))
+    assert len(train) == 8 and all(k in train[0] for k in ("g_adv", "d_real", "d_fake", "d_mismatch", "d_r1"))
     assert "d_heads: early,middle,late" in (run / "config.yaml").read_text()  # the transformer D's default heads
     # The export reloads (with this project, and with diffusers alone) and reproduces the trained EMA student.
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
@@ -333,7 +333,7 @@ def test_t5_teacher_trains_with_lora_and_exports_its_t5(tiny_teacher_factory, pr
                                                 "--validation_steps", 100, *TRAIN, "--d_lora_rank", 2, "--gradient_checkpointing",
                                                 "--mixed_precision", "bf16", "--d_heads", "early,late"], capsys)
     assert code == 0, err
-    assert all("d_gan" in r for r in _stats(run) if "g_lpips" in r)
+    assert all("d_real" in r for r in _stats(run) if "g_lpips" in r)
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
     assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel" and type(pipe.tokenizer_3).__name__ == "T5Tokenizer"
     z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -369,7 +369,7 @@ def test_stored_prompt_embeds_are_sd3_conditioning_and_train_like_encoding(tiny_
     assert len(stats["stored"]) == len(stats["encoded"]) == 2
     for a, b in zip(stats["encoded"], stats["stored"]):
         assert a.keys() == b.keys()
-        for key in a:
+        for key in a.keys() - {"step_time"}:  # (the steps' wall-clock seconds differ)
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-9), key
 
 

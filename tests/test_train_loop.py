@@ -90,7 +90,8 @@ def test_one_collective_and_few_host_reads_per_step(tmp_path, monkeypatch, max_g
     stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stats] == [1, 2, 3, 4] and stats[-1]["nimg"] == 4 * 2 * 2
     for logged, expected in zip(stats, seen):
-        assert logged.keys() - {"step", "nimg"} == expected.keys() == {"a", "b", "c", "s"}
+        assert logged.keys() - {"step", "nimg", "step_time"} == expected.keys() == {"a", "b", "c", "s"}
+        assert logged["step_time"] > 0  # the step's wall-clock seconds
         for k, v in expected.items():
             assert logged[k] == pytest.approx(v, rel=1e-6)
 

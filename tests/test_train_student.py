@@ -13,9 +13,20 @@ from safetensors.torch import load_file
 
 from conftest import accelerate_launch, run_script, tiny_pairs
 from distill.discriminators import UNetDiscriminator
-from distill.losses.gan import discriminator_loss, generator_loss, mismatched_condition, r1_penalty
+from distill.losses.gan import OBJECTIVES, mismatched_condition, objective_loss, r1_penalty
 from students import OneStepGANPipeline, encode_text
 from teachers import load_teacher
+
+
+def _engine(disc, *, mix_fraction=0.0, r1_gamma=0.0, student=None, loss="non_saturating", regression="mse"):
+    """The shared GAN step over stage two's view of ``disc`` (the prepared and unwrapped module alike), as train_student builds it."""
+    from distill.distillation.phases import PairsView
+    from distill.training.gan_step import GANStep
+
+    view = PairsView(student=student, discriminator=disc, discriminator_unwrapped=disc, lpips_loss=None, regression=regression,
+                     lpips_weight=1.0, mix_fraction=mix_fraction)
+    return GANStep(None, view=view, generator=student, discriminator=None, discriminator_unwrapped=disc, opt_g=None, opt_d=None,
+                   loss=loss, gan_weight=0.5, r1_gamma=r1_gamma, r1_interval=1, max_grad_norm=0.0)
 
 
 def _cond(teacher, prompts):
@@ -55,8 +66,10 @@ def test_gan_terms(sd15_teacher):
     r1.backward()  # differentiable w.r.t. the discriminator's weights (double backward)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.heads.parameters())
     good, bad = [torch.full((2, 1, 4, 4), 5.0)], [torch.full((2, 1, 4, 4), -5.0)]
-    assert discriminator_loss(good, bad) < 0.02 < discriminator_loss(bad, good)
-    assert generator_loss(good) < generator_loss(bad)
+    for name, objective in OBJECTIVES.items():
+        d_loss = lambda real, fake: objective_loss(real, objective.real) + objective_loss(fake, objective.fake)  # noqa: E731
+        assert d_loss(good, bad) < 0.02 < d_loss(bad, good), name
+        assert objective_loss(good, objective.generator) < objective_loss(bad, objective.generator), name
     perm = mismatched_condition(5, generator=torch.Generator().manual_seed(0))
     assert sorted(perm.tolist()) == list(range(5)) and all(perm[i] != i for i in range(5))
 
@@ -66,7 +79,8 @@ def test_mix_and_match_shuffles_noise_and_prompt_independently_into_its_own_term
     (noise-only mismatch) or another's; their loss is a third term, not averaged into the fake one."""
     import torch.nn.functional as F
 
-    from distill.distillation.phases import Batch, discriminator_terms
+    from distill.distillation.phases import Batch, PairsView
+    from distill.training.gan_step import GANStep
     from students import TextConditioning
 
     n = 16
@@ -83,13 +97,15 @@ def test_mix_and_match_shuffles_noise_and_prompt_independently_into_its_own_term
         mismatched.extend((int(a), int(b), int(d)) for a, b, d in zip(lat, z, c) if a > 0 and (b != a or d != a))
         return [logits.view(-1, 1, 1, 1)]
 
+    view = PairsView(student=None, discriminator=spy, discriminator_unwrapped=None, lpips_loss=None, regression="none",
+                     lpips_weight=0.0, mix_fraction=0.5)
+    engine = GANStep(None, view=view, generator=None, discriminator=None, discriminator_unwrapped=None, opt_g=None, opt_d=None,
+                     loss="non_saturating", r1_gamma=0.0, r1_interval=1, max_grad_norm=0.0)
     for seed in range(4):
-        terms = discriminator_terms(discriminator=spy, discriminator_unwrapped=None, batch=batch, fake=-batch.target,
-                                    mix_fraction=0.5, r1_gamma=0, r1_interval=1, do_r1=False,
-                                    generator=torch.Generator().manual_seed(seed))
+        terms = engine.discriminator_terms(view.discriminator_logits(batch, -batch.target, torch.Generator().manual_seed(seed)))
         sp = lambda x: F.softplus(torch.tensor(x)).item()  # noqa: E731
-        assert terms["d_gan"].item() == pytest.approx(sp(-2.0) + sp(-1.0))
-        assert terms["d_mix"].item() == pytest.approx(sp(0.5))
+        assert terms["d_real"].item() + terms["d_fake"].item() == pytest.approx(sp(-2.0) + sp(-1.0))
+        assert terms["d_mismatch"].item() == pytest.approx(sp(0.5))
     assert len(mismatched) == 4 * n // 2
     assert all(z != lat for lat, z, _ in mismatched)  # the noise is always another sample's
     noise_only = [m for m in mismatched if m[2] == m[0]]
@@ -121,7 +137,7 @@ def test_r1_penalty_is_fp32_under_autocast(sd15_teacher, dtype):
 def test_discriminator_gradient_checkpointing_keeps_d_loss_and_r1_gradients(sd15_teacher, monkeypatch):
     """Checkpointing the D backbone recomputes its blocks in the backward, R1's double backward included: the loss
     terms and every gradient equal those without it."""
-    from distill.distillation.phases import Batch, discriminator_terms
+    from distill.distillation.phases import Batch
 
     teacher = load_teacher(str(sd15_teacher))
     plain = UNetDiscriminator(teacher.pipe.unet)
@@ -139,9 +155,8 @@ def test_discriminator_gradient_checkpointing_keeps_d_loss_and_r1_gradients(sd15
     fake = torch.randn(4, 4, 16, 16, generator=gen)
     results = []
     for disc in (plain, checkpointed):
-        terms = discriminator_terms(discriminator=disc, discriminator_unwrapped=disc, batch=batch, fake=fake, mix_fraction=0.5,
-                                    r1_gamma=1.0, r1_interval=1, do_r1=True, generator=torch.Generator().manual_seed(1))
-        sum(terms.values()).backward()
+        terms = _engine(disc, mix_fraction=0.5, r1_gamma=1.0).d_terms(batch, fake, torch.Generator().manual_seed(1), r1=True)
+        sum(v for k, v in terms.items() if not k.endswith("_logit")).backward()
         results.append((terms, {n: p.grad for n, p in disc.named_parameters() if p.grad is not None}))
     assert calls and results[0][0]["d_r1"] > 0  # checkpointing ran (and only in the second D)
     for k in results[0][0]:
@@ -203,7 +218,7 @@ def test_training_lowers_heldout_lpips_and_exports_pipeline(pairs_dir, tmp_path,
     assert [r["step"] for r in val] == [0, 8]
     assert val[-1]["val_lpips"] < val[0]["val_lpips"]
     train = [r for r in _stats(run) if "g_lpips" in r]
-    assert len(train) == 8 and all(k in train[0] for k in ("g_gan", "d_gan", "d_r1", "nimg"))
+    assert len(train) == 8 and all(k in train[0] for k in ("g_adv", "d_real", "d_fake", "d_mismatch", "d_r1", "nimg"))
     assert (run / "samples" / "step-000008.png").is_file() and (run / "config.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
     assert all("d_real_logit" in r and "d_fake_logit" in r for r in train)  # for curves.png's D panel
@@ -267,7 +282,7 @@ def test_gan_generator_students_train_and_export(pairs_dir, tmp_path, capsys, st
     assert val[-1]["val_lpips"] < val[0]["val_lpips"]
     # Regression alone for steps 0-2 (logged as steps 1-3), then the GAN joins: D trains and G gets its term.
     steps = {r["step"]: r for r in _stats(run) if "g_lpips" in r}
-    assert [s for s, r in sorted(steps.items()) if "d_gan" in r and "g_gan" in r] == [4, 5, 6]
+    assert [s for s, r in sorted(steps.items()) if "d_real" in r and "g_adv" in r] == [4, 5, 6]
     assert "gan_start_step: 3" in (run / "config.yaml").read_text()
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
     assert type(pipe.student).__name__ == {"gigagan": "GigaGANGenerator", "stylegan_t": "StyleGANTGenerator"}[student]
@@ -387,7 +402,7 @@ def test_stored_prompt_embeds_train_like_the_text_encoder(pairs_dir, sd15_teache
     assert len(stored_stats) == len(encoded_stats) == 3
     for a, b in zip(encoded_stats, stored_stats):
         assert a.keys() == b.keys()
-        for key in a:
+        for key in a.keys() - {"step_time"}:  # (the steps' wall-clock seconds differ)
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-12), key  # measured: 4e-6 at most
 
 
@@ -465,7 +480,7 @@ def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys, monkeypat
     assert code == 0, err
     assert built[0].student.is_gradient_checkpointing and built[0].discriminator.unet.is_gradient_checkpointing
     stats = [r for r in _stats(run) if "g_mse" in r]
-    assert [r["nimg"] for r in stats] == [8, 16] and all("d_gan" in r for r in stats)
+    assert [r["nimg"] for r in stats] == [8, 16] and all("d_real" in r for r in stats)
 
 
 def test_teacher_unet_is_released_after_setup(pairs_dir, tmp_path, capsys, monkeypatch):
@@ -529,21 +544,21 @@ def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path,
     while the batch-mean terms are divided by M."""
     import accelerate
 
-    from distill.distillation import phases
+    from distill.training.gan_step import GANStep
 
     events = []
-    terms_fn, backward = phases.discriminator_terms, accelerate.Accelerator.backward
+    terms_fn, backward = GANStep.d_terms, accelerate.Accelerator.backward
 
-    def spy_terms(**kwargs):
-        terms = terms_fn(**kwargs)
-        events.append(("terms", {k: v.item() for k, v in terms.items()}))
+    def spy_terms(self, *args, **kwargs):
+        terms = terms_fn(self, *args, **kwargs)
+        events.append(("terms", {k: v.item() for k, v in terms.items() if not k.endswith("_logit")}))
         return terms
 
     def spy_backward(self, loss, **kwargs):
         events.append(("backward", loss.item()))
         return backward(self, loss, **kwargs)
 
-    monkeypatch.setattr(phases, "discriminator_terms", spy_terms)
+    monkeypatch.setattr(GANStep, "d_terms", spy_terms)
     monkeypatch.setattr(accelerate.Accelerator, "backward", spy_backward)
     run = tmp_path / "accum"
     code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1,
@@ -947,7 +962,7 @@ def test_evaluation_refuses_fidelity_rows_the_student_trained_on(pairs_dir, tmp_
 def test_gan_fakes_from_fresh_noise_are_conditioned_on_that_noise():
     """``gan_noise: fresh``: regression reads the pair's noise, the GAN fake is G(fresh noise) and both
     D phases see it conditioned on the fresh noise; real pairs keep their own noise."""
-    from distill.distillation.phases import Batch, discriminator_terms, generator_terms
+    from distill.distillation.phases import Batch
     from students.text import TextConditioning
 
     seen = []
@@ -963,20 +978,18 @@ def test_gan_fakes_from_fresh_noise_are_conditioned_on_that_noise():
     pair_noise, fresh = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
     target = torch.randn(4, 4, 8, 8, generator=gen)
     batch = Batch(pair_noise, target, TextConditioning(torch.randn(4, 7, 8, generator=gen)), gan_noise=fresh)
-    fake, terms = generator_terms(student=student, discriminator=disc, lpips_loss=None, batch=batch, regression="mse",
-                                  lpips_weight=1.0, gan_weight=0.5, generator=gen)
+    engine = _engine(disc, student=student)
+    fake, terms = engine.g_terms(batch, gen)
     torch.testing.assert_close(fake, 2 * fresh)
     torch.testing.assert_close(terms["g_mse"], torch.nn.functional.mse_loss(2 * pair_noise, target))
-    assert torch.equal(seen[-1][1], fresh) and "g_gan" in terms
-    discriminator_terms(discriminator=disc, discriminator_unwrapped=disc, batch=batch, fake=fake, mix_fraction=0.0,
-                        r1_gamma=0.0, r1_interval=1, do_r1=False, generator=gen)
+    assert torch.equal(seen[-1][1], fresh) and "g_adv" in terms
+    engine.d_terms(batch, fake.detach(), gen)
     latents, noise = seen[-1]
     assert torch.equal(latents[:4], target) and torch.equal(noise[:4], pair_noise)  # real pairs with their noise
     assert torch.equal(latents[4:], 2 * fresh) and torch.equal(noise[4:], fresh)  # fakes with the noise they came from
     # Without fresh noise (the paper, and the UNet student's default) the fake is G(pair noise).
     paired = Batch(pair_noise, target, batch.cond)
-    fake, _ = generator_terms(student=student, discriminator=disc, lpips_loss=None, batch=paired, regression="mse",
-                              lpips_weight=1.0, gan_weight=0.5, generator=gen)
+    fake, _ = engine.g_terms(paired, gen)
     torch.testing.assert_close(fake, 2 * pair_noise)
 
 def test_resume_from_a_named_checkpoint(pairs_dir, tmp_path, capsys):

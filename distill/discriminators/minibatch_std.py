@@ -23,6 +23,9 @@ def minibatch_std(x: torch.Tensor, *, group_size: int, parts: int = 1, eps: floa
     while per_part % g:  # the largest group size <= group_size that divides the part
         g -= 1
     y = x.float().reshape(parts * (per_part // g), g, c, h, w)  # [P*G', g, C, H, W]
-    std = (y.var(dim=1, unbiased=False) + eps).sqrt().mean(dim=(1, 2, 3))  # [P*G']
+    # The variance by hand: torch's CPU var() over a middle dimension is ~20x slower (0.50 s against 0.025 s for
+    # [16,4,129,32,32] on 2 cores; it was 30 % of a multiscale D's step).
+    var = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1)  # [P*G',C,H,W]
+    std = (var + eps).sqrt().mean(dim=(1, 2, 3))  # [P*G']
     stat = std.repeat_interleave(g).view(n, 1, 1, 1).expand(n, 1, h, w).to(x.dtype)  # [N,1,H,W]
     return torch.cat([x, stat], dim=1)

@@ -25,7 +25,20 @@ from .minibatch_std import minibatch_std
 
 
 def _lrelu(x: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu(x, 0.2)
+    # The sqrt(2) gain keeps unit second moment through the activation (StyleGAN2's D): with unit-variance weights the
+    # logits start at O(1) scale, not shrunk layer by layer as with PyTorch's default init.
+    return F.leaky_relu(x, 0.2) * math.sqrt(2.0)
+
+
+def _he_init(module: nn.Module) -> None:
+    """Weights N(0, 1 / fan-in), biases 0, for every conv and linear layer below ``module``: with :func:`_lrelu`'s gain
+    every layer keeps its input's scale, and per-layer Adam rates of lr / sqrt(fan-in) (``d_lr_by_fan_in``) then move
+    each layer at the same relative rate, as StyleGAN2's equalised learning rate does."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(layer.weight, std=layer.weight[0].numel() ** -0.5)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 class DownBlock(nn.Module):
@@ -98,6 +111,8 @@ class MultiScaleDiscriminator(nn.Module):
         self.heads = nn.ModuleList(ProjectionHead(o, text_dim, cmap_dim, mbstd_group=mbstd_group) for o in outs)
         self.text = TextPooling(context_dim, text_dim, pooled_dim=pooled_dim)
         self.augment = DiffAugment(augment)
+        for part in (self.from_input, self.blocks, self.heads):
+            _he_init(part)
 
     def levels(self, x: torch.Tensor, pyramid: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """The inputs fine -> coarse: ``x`` and the pyramid's coarser levels (or ``x`` area-downsampled)."""

@@ -1,6 +1,7 @@
-"""GAN objectives of Diffusion2GAN §3.3: non-saturating loss over multi-scale heads, lazy
-single-sample R1, and mix-and-match (real pairs with a wrong condition count as fake); the hinge loss
-of StyleGAN-T §3.2 (Lim & Ye 2017) as the other choice of the from-scratch trainer (``OBJECTIVES``)."""
+"""GAN objectives over multi-scale heads (``OBJECTIVES``): the non-saturating loss of Diffusion2GAN §3.3 and GigaGAN,
+the hinge loss of StyleGAN-T §3.2 (Lim & Ye 2017); R1 (the paper's lazy single-sample R1 and the from-scratch Ds'
+per-batch one); the mismatched conditions of mix-and-match (real pairs with a wrong condition count as fake) and of
+the matching-aware term. The phases that use them: :mod:`distill.training.gan_step`."""
 
 from __future__ import annotations
 
@@ -10,21 +11,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-
-def _mean_over_heads(logits: list[torch.Tensor], fn) -> torch.Tensor:
-    """Average a per-element loss over every head's patch logits: one number per head, then the mean."""
-    return torch.stack([fn(x.float()).mean() for x in logits]).mean()
-
-
-def generator_loss(fake_logits: list[torch.Tensor]) -> torch.Tensor:
-    """Non-saturating G loss: softplus(-D(G(z)))."""
-    return _mean_over_heads(fake_logits, lambda x: F.softplus(-x))
-
-
-def discriminator_loss(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
-    """softplus(-D(real)) + softplus(D(fake)), each averaged over heads."""
-    return _mean_over_heads(real_logits, lambda x: F.softplus(-x)) + _mean_over_heads(fake_logits, F.softplus)
 
 
 @dataclass(frozen=True)
@@ -45,8 +31,9 @@ OBJECTIVES = {
 
 
 def objective_loss(logits: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``fn`` (one of an :class:`Objective`'s functions) averaged per head, then over heads."""
-    return _mean_over_heads(logits, fn)
+    """``fn`` (one of an :class:`Objective`'s functions) averaged over every head's patch logits: one number per head,
+    then the mean over heads."""
+    return torch.stack([fn(x.float()).mean() for x in logits]).mean()
 
 
 def mismatched_condition(n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -67,12 +54,6 @@ def mix_and_match(n: int, k: int, *, generator: torch.Generator | None = None) -
     other_prompt = mismatched_condition(n, generator=generator)[:k]
     own_prompt = torch.rand(k, generator=generator) < 0.5
     return noise_index, torch.where(own_prompt, torch.arange(k), other_prompt)
-
-
-def mismatch_loss(mismatched_logits: list[torch.Tensor]) -> torch.Tensor:
-    """softplus(D(x | z', c')): a real latent under another sample's condition counts as fake; its own
-    term, so that it does not dilute the generated-fake term."""
-    return _mean_over_heads(mismatched_logits, F.softplus)
 
 
 def _float32(value):

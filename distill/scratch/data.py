@@ -139,6 +139,38 @@ class RealData:
                                       generator=step_generator(seed=self.seed, rank=self.rank, step=micro, purpose="vae"))
         return RealBatch(samples=samples.float(), cond=self.encode(captions), captions=list(captions))
 
+    def sample_statistics(self, rows: int = 256) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, std) of the first ``rows`` samples in the generator's space (VAE latents drawn with a fixed
+        stream), the same on every process and on resume: what ``output_latent_stats`` sets the generator's output to."""
+        try:
+            if self.cursor is not None:
+                taken = list(itertools.islice(iter(self.ds), rows))
+                samples, _ = rows_to_batch(taken, image_column=self.columns[0], caption_column=self.columns[1], transform=self.transform,
+                                           generator=torch.Generator(), where=[f"streamed row {i}" for i in range(len(taken))])
+            else:
+                samples, _ = read_rows(self.ds, list(range(min(rows, len(self.ds)))), image_column=self.columns[0],
+                                       caption_column=self.columns[1], transform=self.transform, generator=torch.Generator())
+        except ValueError as exc:  # an image damaged past its header, found when decoded
+            raise ValueError(f"{exc} ({KEPT})") from None
+        if not self.cached:
+            rng = step_generator(seed=self.seed, rank=0, step=0, purpose="statistics")
+            samples = torch.cat([self.to_samples(chunk.to(self.device), sampling=self.latent_sampling, generator=rng)
+                                 for chunk in samples.split(self.batch_size)])
+        per_channel = samples.float().transpose(0, 1).flatten(1)  # [C, rows*H*W]
+        return per_channel.mean(dim=1).tolist(), per_channel.std(dim=1).clamp(min=1e-3).tolist()
+
+    def distinct_captions(self, limit: int) -> list[str] | None:
+        """Every distinct caption of a map-style set (each of a list cell's), or None when there are more than ``limit``
+        or the set is streamed (its captions are not known ahead)."""
+        if self.cursor is not None or limit <= 0:
+            return None
+        found: set[str] = set()
+        for value in self.ds[self.columns[1]]:
+            found.update(str(v) for v in value) if isinstance(value, (list, tuple)) else found.add(str(value))
+            if len(found) > limit:
+                return None
+        return sorted(found)
+
     def some_captions(self, k: int) -> list[str]:
         """The distinct captions of the first ``k`` rows (a list cell: its first), in order; reads nothing this
         process's stream position depends on."""

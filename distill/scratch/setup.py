@@ -1,6 +1,7 @@
 """Building the from-scratch GAN's parts from a config (``distill/train_gan.py``): the frozen text encoder(s)
-and VAE, the generator (from the student registry), the chosen discriminator, CLIP guidance; exporting
-the pipeline and drawing the validation grid.
+and VAE (:func:`load_frozen`; a fixed caption set is encoded once, :class:`CaptionTable`), then the generator (from
+the student registry, its output set to the data's statistics), the chosen discriminator and CLIP guidance
+(:func:`add_networks`); exporting the pipeline and drawing the validation grid.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers.utils import make_image_grid
@@ -23,17 +25,45 @@ DISCRIMINATORS = ("projected", "multiscale", "unet", "projected+multiscale")
 TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
 
+class CaptionTable:
+    """The text conditioning of a fixed caption set, encoded once (``chunk`` captions a call, in sorted order) and read
+    back by caption: the frozen text encoder then runs once per distinct caption instead of once per sample and step.
+    Every caption's rows come from the same call whatever the batch, so a resumed run reads the same numbers."""
+
+    def __init__(self, captions: list[str], *, encode: Callable[[list[str]], TextConditioning], chunk: int = 64):
+        ordered = sorted(set(captions))
+        self.index = {c: i for i, c in enumerate(ordered)}
+        parts = [encode(ordered[i:i + chunk]) for i in range(0, len(ordered), chunk)]
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        self.cond = TextConditioning(cat([c.prompt_embeds for c in parts]), cat([c.pooled_prompt_embeds for c in parts]),
+                                     cat([c.time_ids for c in parts]))
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self.index
+
+    def __call__(self, captions: list[str]) -> TextConditioning:
+        return self.cond.index(torch.tensor([self.index[c] for c in captions], device=self.cond.prompt_embeds.device))
+
+
 @dataclass
 class ScratchParts:
     text: dict  # tokenizer, text_encoder (+ tokenizer_2, text_encoder_2 for SDXL's two encoders)
     vae: torch.nn.Module | None  # None: pixel space
-    generator: torch.nn.Module
-    discriminator: torch.nn.Module
+    generator: torch.nn.Module | None  # None until add_networks
+    discriminator: torch.nn.Module | None
     clip_guidance: torch.nn.Module | None
     resolution: int  # image side in pixels
+    captions: CaptionTable | None = None  # the dataset's captions encoded once (None: encoded per batch)
 
     def encode(self, prompts: list[str]) -> TextConditioning:
-        return encode_text(list(prompts), resolution=(self.resolution, self.resolution), **self.text)
+        prompts = list(prompts)
+        if self.captions is not None and all(p in self.captions for p in prompts):
+            return self.captions(prompts)
+        return encode_text(prompts, resolution=(self.resolution, self.resolution), **self.text)
+
+    def tabulate(self, captions: list[str] | None) -> None:
+        """Encode ``captions`` (every distinct caption of the data set; None: too many to hold) once, from now on read back."""
+        self.captions = CaptionTable(captions, encode=self.encode) if captions else None
 
     def to_images(self, samples: torch.Tensor) -> torch.Tensor:
         """Generator outputs -> images in [-1, 1] (differentiable: CLIP guidance backpropagates through it)."""
@@ -51,6 +81,15 @@ class ScratchParts:
         return scale_latents(raw, self.vae.config).float()
 
 
+def caption_bytes(parts: ScratchParts) -> int:
+    """The bytes one caption's conditioning takes (tokens x width of every encoder, a pooled vector): sizes the caption table."""
+    per = 0
+    for tok, enc in ((parts.text["tokenizer"], parts.text["text_encoder"]), (parts.text["tokenizer_2"], parts.text["text_encoder_2"])):
+        if enc is not None:
+            per += int(tok.model_max_length) * int(enc.config.hidden_size) + int(getattr(enc.config, "projection_dim", 0))
+    return 4 * per + 4 * 6  # float32, + SDXL's time ids
+
+
 def check_resolution(*, resolution: int, generator: str, size: str, factor: int) -> int:
     """The generator's sample size for images of ``resolution`` px; one line when it does not fit."""
     levels = len(STUDENTS[generator].presets[size]["block_out_channels"])
@@ -62,23 +101,35 @@ def check_resolution(*, resolution: int, generator: str, size: str, factor: int)
     return resolution // factor
 
 
-def build_parts(cfg, *, device) -> ScratchParts:
-    """Text encoder(s) and VAE (frozen), generator and discriminator (trainable), CLIP guidance (optional)."""
+def load_frozen(cfg, *, device) -> ScratchParts:
+    """The frozen text encoder(s) and VAE (none in pixel space), and a check that the generator fits the resolution; the
+    networks that train are added by :func:`add_networks`."""
     from distill.core.pretrained import load_vae
-    from distill.discriminators import DiscriminatorEnsemble
 
     text = {k: v.to(device) if isinstance(v, torch.nn.Module) else v
             for k, v in load_components(cfg.text_encoder, TEXT_COMPONENTS, what="text_encoder").items()}
     if text["text_encoder"] is None:
         raise ValueError(f"{cfg.text_encoder} has no text_encoder component: pass a diffusers text-to-image pipeline (folder or hub id)")
     vae = load_vae(cfg.vae, subfolder=cfg.vae_subfolder).to(device) if cfg.space == "latent" else None
-    side = check_resolution(resolution=cfg.resolution, generator=cfg.generator, size=cfg.generator_size, factor=vae_scale_factor(vae))
+    check_resolution(resolution=cfg.resolution, generator=cfg.generator, size=cfg.generator_size, factor=vae_scale_factor(vae))
+    return ScratchParts(text=text, vae=vae, generator=None, discriminator=None, clip_guidance=None, resolution=cfg.resolution)
+
+
+def add_networks(parts: ScratchParts, cfg, *, device, latent_stats: tuple[list[float], list[float]] | None = None) -> ScratchParts:
+    """The generator and discriminator (trainable) and CLIP guidance (optional), in place. ``latent_stats``: the real
+    samples' per-channel (mean, std), which the generator's output is set to (``output_latent_stats``)."""
+    from distill.discriminators import DiscriminatorEnsemble
+
+    vae, text = parts.vae, parts.text
+    side = cfg.resolution // vae_scale_factor(vae)
     channels = int(vae.config.latent_channels) if vae is not None else 3
     te2 = text["text_encoder_2"]
     context_dim = int(text["text_encoder"].config.hidden_size) + (int(te2.config.hidden_size) if te2 is not None else 0)
     pooled_dim = int(te2.config.projection_dim) if te2 is not None else 0
     spec = STUDENTS[cfg.generator]
     overrides = {} if cfg.mapping_lr_mul is None else {"mapping_lr_mul": cfg.mapping_lr_mul}
+    if latent_stats is not None:
+        overrides.update(latent_mean=tuple(latent_stats[0]), latent_std=tuple(latent_stats[1]))
     generator = spec.generator.for_latents(latent_channels=channels, sample_size=side, cross_attention_dim=context_dim,
                                            pooled_dim=pooled_dim, size=cfg.generator_size, **overrides).to(device)
     kinds = cfg.discriminator.split("+")
@@ -91,8 +142,8 @@ def build_parts(cfg, *, device) -> ScratchParts:
             clip = load_clip_guidance(cfg.clip_model, cfg.clip_pretrained, crop=cfg.clip_crop, device=device)
         except FileNotFoundError as exc:  # optional: train without it, saying why in one line
             sys.stderr.write(f"warning: CLIP guidance is off: {exc}\n")
-    return ScratchParts(text=text, vae=vae, generator=generator, discriminator=disc.to(device), clip_guidance=clip,
-                        resolution=cfg.resolution)
+    parts.generator, parts.discriminator, parts.clip_guidance = generator, disc.to(device), clip
+    return parts
 
 
 def _discriminator(kind: str, cfg, *, vae, channels: int, side: int, context_dim: int, pooled_dim: int) -> torch.nn.Module:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -92,6 +93,7 @@ class TrainLoop:
         self.export, self.validate, self.checkpoint_bytes, self.export_name = export, validate, checkpoint_bytes, export_name
         self.state = TrainState()
         self.bar = None
+        self._step_start = time.perf_counter()
         accelerator.register_for_checkpointing(*([ema] if ema is not None else []), self.state)
 
     def begin_stage(self, name: str, *, max_train_steps: int, batch_size: int, model, export: Callable[[Path], None],
@@ -128,6 +130,7 @@ class TrainLoop:
     def progress(self) -> Iterator[None]:
         self.bar = tqdm(total=self.max_train_steps, initial=self.state.step, desc=self.state.stage or "train",
                         disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        self._step_start = time.perf_counter()
         try:
             yield
         finally:
@@ -180,7 +183,8 @@ class TrainLoop:
                          "(lower the learning rates or the term's weight, then resume)")
 
     def end_step(self, logs: dict[str, torch.Tensor], *, extra: dict[str, float] | None = None) -> dict[str, float]:
-        """Count the step, update the EMA, log the process-mean terms (+ ``extra``, already global) to the trackers and
+        """Count the step, update the EMA, log the process-mean terms (+ ``extra``, already global, and ``step_time``: this
+        step's wall-clock seconds, reading its data included, checkpoints and validation not) to the trackers and
         ``stats.jsonl`` (a non-finite one stops the run), then checkpoint and validate when due. Returns the logged terms."""
         acc, state = self.accelerator, self.state
         keys = sorted(logs)  # one collective and one read of the device for all terms
@@ -193,6 +197,7 @@ class TrainLoop:
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.model), self.images_per_step, nimg=state.nimg)
         logs.update(extra or {})
+        logs["step_time"] = time.perf_counter() - self._step_start
         self.record(logs)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
@@ -201,6 +206,7 @@ class TrainLoop:
             self.save_checkpoint()
         if self.validate is not None and self._due(self.validation_steps):
             self.validate(state.step)
+        self._step_start = time.perf_counter()
         return logs
 
     def record(self, values: dict[str, float]) -> None:

@@ -1,0 +1,145 @@
+"""Images per second of the from-scratch GAN step on the digits, side by side in one run: ``train_gan.py``'s step at the
+recipe against a bare PyTorch loop of the same modules and losses, and the recipe against the previous one.
+
+    python benchmarks/gan_step.py [--steps 40] [--warmup 8]
+
+1. ``train_gan.py`` as a user runs it (a process of its own) with ``--recipe`` for ``--steps`` steps; its images/s from
+   the ``step_time`` of stats.jsonl after ``--warmup`` steps (a step's data reading, phases, EMA and logs; checkpoints
+   and sample grids are not steps).
+2. A bare loop in this process: the generator, discriminator and optimisers made by the same builders from the same
+   config, the same losses (distill.losses.gan), on real images already in memory with their captions encoded once:
+   G step, D step, R1 at its interval; no checkpoints, EMA, logs or data reading. Its top operations (torch.profiler)
+   are printed: docs/from-scratch.md quotes them.
+3. ``train_gan.py`` with ``--previous`` (the recipe before the from-scratch redesign: a projected D on the digits
+   classifier beside a multiscale D, in the digits VAE's latent space; its latent cache is made first), as in 1.
+Last line: ``overhead_ratio=<train_gan / bare> recipe_over_previous=<images per minute, recipe / previous>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_train_gan(config: str, dataset: Path, out: Path, *, steps: int, warmup: int, threads: int) -> float:
+    """Images per second of train_gan.py's steps after ``warmup`` (median step time)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, str(ROOT / "distill" / "train_gan.py"), "--config", config, "--dataset", str(dataset),
+           "--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
+           "--validation_steps", str(steps), "--report_to", "none", "--resume_from_checkpoint", "none"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"error: train_gan.py failed ({config}):\n{res.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step_time" in r][warmup:]
+    return rows[0]["nimg"] / rows[0]["step"] / statistics.median(r["step_time"] for r in rows)
+
+
+def bare_loop(config: str, dataset: Path, *, steps: int, warmup: int, profile_steps: int) -> float:
+    """Images per second of the same modules and losses in a plain loop (see the module docstring)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from data_gen.image_text import open_image_text, read_rows, image_transform
+    from distill.core.config import parse_config
+    from distill.losses.gan import OBJECTIVES, objective_loss, r1_penalty
+    from distill.scratch.setup import add_networks, load_frozen
+    from distill.train_gan import GANConfig
+    from distill.training.gan_step import build_gan_optimizers
+
+    cfg = parse_config(GANConfig, ["--config", config, "--dataset", str(dataset)])
+    torch.manual_seed(cfg.seed)
+    parts = load_frozen(cfg, device=torch.device("cpu"))
+    ds = open_image_text(str(dataset), caption_column=cfg.caption_column)
+    images, captions = read_rows(ds, list(range(len(ds))), image_column=cfg.image_column, caption_column=cfg.caption_column,
+                                 transform=image_transform(cfg.resolution), generator=torch.Generator().manual_seed(0))
+    parts.tabulate(captions)
+    flat = images.transpose(0, 1).flatten(1)
+    add_networks(parts, cfg, device=torch.device("cpu"), latent_stats=(flat.mean(1).tolist(), flat.std(1).tolist()))
+    gen, disc = parts.generator, parts.discriminator
+    opt_g, opt_d = build_gan_optimizers(generator=gen, discriminator=disc, optimizer=cfg.optimizer, learning_rate_g=cfg.learning_rate_g,
+                                        learning_rate_d=cfg.learning_rate_d, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                        linear_lr_by_fan_in=cfg.linear_lr_by_fan_in, d_lr_by_fan_in=cfg.d_lr_by_fan_in)
+    obj, n = OBJECTIVES[cfg.loss], cfg.batch_size
+    d_params = [p for p in disc.parameters() if p.requires_grad]
+    shape = (gen.config.latent_channels, gen.config.sample_size, gen.config.sample_size)
+
+    def step(i: int) -> None:
+        rows = torch.randint(len(images), (n,))
+        real, cond = images[rows], parts.encode([captions[int(r)] for r in rows])
+        text = {"prompt_embeds": cond.prompt_embeds, "added_cond_kwargs": cond.added_cond_kwargs()}
+        fake = gen(torch.randn(n, *shape), cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs())
+        for p in d_params:
+            p.requires_grad_(False)
+        loss = objective_loss(disc(fake, **text), obj.generator)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        for p in d_params:
+            p.requires_grad_(True)
+        twice = {k: (torch.cat([v, v]) if torch.is_tensor(v) else v) for k, v in text.items()}
+        logits = disc(torch.cat([real, fake.detach()]), **twice, parts=2)
+        loss = objective_loss([l[:n] for l in logits], obj.real) + objective_loss([l[n:] for l in logits], obj.fake)
+        if cfg.r1_gamma > 0 and i % cfg.r1_interval == 0:
+            loss = loss + cfg.r1_gamma / 2 * cfg.r1_interval * r1_penalty(disc, real, **text)
+        opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_d.step()
+
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(profile_steps):
+            step(i)
+    print(f"bare loop: top operations over {profile_steps} steps (self CPU time)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return n / statistics.median(times[warmup:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=str(ROOT / "configs" / "scratch" / "digits_gigagan.yaml"))
+    p.add_argument("--previous", default=str(ROOT / "configs" / "scratch" / "digits_gigagan_projected.yaml"))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from data_gen.digits import save_digits_imagefolder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        digits = save_digits_imagefolder(tmp / "digits-train")
+        recipe = run_train_gan(args.recipe, digits, tmp / "recipe", steps=args.steps, warmup=args.warmup, threads=args.threads)
+        print(f"train_gan.py, recipe ({Path(args.recipe).name}): {recipe:.1f} images/s", flush=True)
+        bare = bare_loop(args.recipe, digits, steps=args.steps, warmup=args.warmup, profile_steps=5)
+        print(f"bare loop, same modules and losses: {bare:.1f} images/s", flush=True)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+        res = subprocess.run([sys.executable, str(ROOT / "distill" / "cache_latents.py"), "--dataset", str(digits), "--vae",
+                              str(ROOT / "teachers" / "assets" / "digits-teacher"), "--resolution", "32", "--output_dir",
+                              str(tmp / "latents")], cwd=ROOT, env=env, capture_output=True, text=True)
+        if res.returncode:
+            sys.exit(f"error: cache_latents.py failed:\n{res.stderr[-3000:]}")
+        previous = run_train_gan(args.previous, tmp / "latents", tmp / "previous", steps=args.steps, warmup=args.warmup,
+                                 threads=args.threads)
+        print(f"train_gan.py, previous recipe ({Path(args.previous).name}): {previous:.1f} images/s", flush=True)
+    print(f"overhead_ratio={recipe / bare:.3f} recipe_over_previous={recipe / previous:.2f}")
+
+
+if __name__ == "__main__":
+    main()
