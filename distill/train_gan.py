@@ -77,6 +77,7 @@ class GANConfig(GANRunConfig):
     blur_sigma: float = field(default=2.0, metadata={"help": "D input blur at the start, in pixels of its input (0 = off)"})
     blur_fade_kimg: float = field(default=20.0, metadata={"help": "the blur fades to 0 over this many thousand images"})
     mismatch_weight: float = field(default=0.0, metadata={"help": "GigaGAN's matching-aware term: real images with another caption as fake (0 = off; with the projected D it stalls D early on)"})
+    mode_seeking_weight: float = field(default=0.0, metadata={"help": "MSGAN's mode-seeking term (G: 1 / (image distance / noise distance) between two samples of one caption; 0 = off): keeps a caption from drawing one image whatever the noise"})
     clip_guidance_weight: float = field(default=0.0, metadata={"help": "CLIP guidance weight (StyleGAN-T: 0.2; 0 = off; skipped with a warning if the weights are absent)"})
     clip_model: str = field(default="ViT-B-32", metadata={"help": "open_clip model for CLIP guidance"})
     clip_pretrained: str = field(default="laion2b_s34b_b79k", metadata={"help": "open_clip pretrained tag or local weights file"})
@@ -93,7 +94,7 @@ def check(cfg: GANConfig) -> None:
             raise ConfigError(f"set `{key}` (see --help)")
     check_gan_keys(cfg)
     require_positive(cfg, "resolution", "d_text_dim", "d_cmap_dim")
-    require_non_negative(cfg, "blur_sigma", "blur_fade_kimg", "mismatch_weight", "clip_guidance_weight", "clip_crop",
+    require_non_negative(cfg, "blur_sigma", "blur_fade_kimg", "mismatch_weight", "mode_seeking_weight", "clip_guidance_weight", "clip_crop",
                          "validation_images", "validation_rows", "d_feature_resolution", "d_virtual_batch", "d_mbstd_group",
                          "text_cache_mb")
     if "+" in cfg.discriminator and (cfg.d_pyramid != "downsample" or cfg.d_norm != "separate"):
@@ -186,7 +187,7 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
     # checkpoints, sample grids.
     view = RealImagesView(generator=gen, discriminator=disc, discriminator_unwrapped=unwrap_d, noise_shape=noise_shape,
                           mismatch=cfg.mismatch_weight > 0, clip_guidance=parts.clip_guidance, clip_weight=cfg.clip_guidance_weight,
-                          to_images=parts.to_images)
+                          to_images=parts.to_images, mode_seeking_weight=cfg.mode_seeking_weight)
     engine = GANStep(loop, view=view, generator=gen, discriminator=disc, discriminator_unwrapped=unwrap_d, opt_g=opt_g, opt_d=opt_d,
                      loss=cfg.loss, mismatch_weight=cfg.mismatch_weight, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
                      max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=cfg.lr_warmup_steps)

@@ -24,6 +24,11 @@ from ._layers import CrossAttention, MappingNetwork, StyledConv, TextTransformer
 PRESETS = {
     "tiny": dict(block_out_channels=(32, 16), layers_per_block=1, num_kernels=2, attention_head_dim=16, w_dim=32,
                  z_dim=16, noise_grid=2, text_dim=32, text_heads=2, text_layers=1, mapping_layers=2, attention_levels=1),
+    # Small images from scratch on a CPU (the digits' from-scratch recipe, 32-64 px in pixels): a 4x4 start, one kernel per
+    # conv and no attention. Measured on 2 cores at 32 px (benchmarks/gan_step.py, docs/from-scratch.md): the kernel bank's
+    # per-sample kernels and the attention took ~60 % of `small`'s step there without a gain the samples showed.
+    "lite": dict(block_out_channels=(128, 64, 32, 16), layers_per_block=2, num_kernels=1, attention_head_dim=32, w_dim=256,
+                 z_dim=64, noise_grid=4, text_dim=128, text_heads=4, text_layers=2, mapping_layers=2, attention_levels=0),
     "small": dict(block_out_channels=(128, 64, 32), layers_per_block=2, num_kernels=4, attention_head_dim=32,
                   w_dim=256, z_dim=64, noise_grid=4, text_dim=128, text_heads=4, text_layers=2, mapping_layers=2,
                   attention_levels=2),
@@ -154,8 +159,8 @@ class GigaGANGenerator(StyleGenerator):
     @classmethod
     def for_latents(cls, *, latent_channels: int, sample_size: int, cross_attention_dim: int, pooled_dim: int = 0,
                     size: str = "small", **overrides) -> "GigaGANGenerator":
-        """Preset sizes: ``tiny`` (tests), ``small`` (digits testbed, CPU), ``base`` (72 M parameters at SD
-        latents), ``paper`` (the published generator's size, 0.97 B)."""
+        """Preset sizes: ``tiny`` (tests), ``lite`` (small images from scratch on a CPU), ``small`` (digits testbed, CPU),
+        ``base`` (72 M parameters at SD latents), ``paper`` (the published generator's size, 0.97 B)."""
         preset = {**size_preset(PRESETS, size), **overrides}
         levels = len(preset["block_out_channels"])
         # Attention on the coarsest ``attention_levels`` levels, whatever the latent size.

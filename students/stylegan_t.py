@@ -26,6 +26,9 @@ from ._layers import CrossAttention, MappingNetwork, StyledConv, TextConditioner
 PRESETS = {
     "tiny": dict(block_out_channels=(32, 16), layers_per_block=1, attention_head_dim=16, w_dim=32, z_dim=16,
                  noise_grid=2, text_dim=32, text_heads=2, mapping_layers=2, fourier_channels=32),
+    # Small images from scratch on a CPU (32-64 px in pixels): a 4x4 start, as GigaGAN's `lite`.
+    "lite": dict(block_out_channels=(128, 64, 32, 16), layers_per_block=1, attention_head_dim=32, w_dim=128, z_dim=64,
+                 noise_grid=4, text_dim=128, text_heads=4, mapping_layers=2, fourier_channels=128),
     "small": dict(block_out_channels=(128, 64, 32), layers_per_block=2, attention_head_dim=32, w_dim=128, z_dim=64,
                   noise_grid=4, text_dim=128, text_heads=4, mapping_layers=2, fourier_channels=128),
     "base": dict(block_out_channels=(512, 512, 256, 128), layers_per_block=2, attention_head_dim=64, w_dim=512,
@@ -165,8 +168,9 @@ class StyleGANTGenerator(StyleGenerator):
     @classmethod
     def for_latents(cls, *, latent_channels: int, sample_size: int, cross_attention_dim: int, pooled_dim: int = 0,
                     size: str = "small", **overrides) -> "StyleGANTGenerator":
-        """Preset sizes: ``tiny`` (tests), ``small`` (digits testbed, CPU), ``base`` (50 M parameters at SD
-        latents), ``paper`` (the published generator's size, 0.98 B); all cross-attend on the coarsest level only."""
+        """Preset sizes: ``tiny`` (tests), ``lite`` (small images from scratch on a CPU), ``small`` (digits testbed, CPU),
+        ``base`` (50 M parameters at SD latents), ``paper`` (the published generator's size, 0.98 B); all cross-attend on
+        the coarsest level only."""
         preset = {**size_preset(PRESETS, size), **overrides}
         coarsest = sample_size // 2 ** (len(preset["block_out_channels"]) - 1)
         return cls(latent_channels=latent_channels, sample_size=sample_size, cross_attention_dim=cross_attention_dim,

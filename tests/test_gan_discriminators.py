@@ -73,7 +73,7 @@ def test_projected_discriminator_learns_real_from_generated(classifier_dir, virt
     opt = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=2e-3, betas=(0.0, 0.99))
     gaps = []
     for step in range(30):
-        terms = _engine(d).d_terms(batch, (fake, [fake]), torch.Generator().manual_seed(step))
+        terms = _engine(d).d_terms(batch, (fake, [fake], batch.cond), torch.Generator().manual_seed(step))
         opt.zero_grad()
         (terms["d_real"] + terms["d_fake"]).backward()
         opt.step()
@@ -121,7 +121,7 @@ def test_mixed_norm_discriminator_normalises_generated_samples_with_real_ones(cl
         def forward(self, noise, prompt_embeds, added_cond_kwargs=None, return_pyramid=False):
             return noise, [noise]
 
-    (noise, _), terms = _engine(d, G()).g_terms(batch, torch.Generator().manual_seed(0))
+    (noise, _, _), terms = _engine(d, G()).g_terms(batch, torch.Generator().manual_seed(0))
     logits = d(torch.cat([noise, real]), torch.cat([batch.cond.prompt_embeds] * 2), parts=2)
     torch.testing.assert_close(terms["g_adv"], objective_loss([l[:4] for l in logits], OBJECTIVES["hinge"].generator))
 
@@ -173,8 +173,8 @@ def test_multiscale_discriminator_can_downsample_generated_samples_as_real_ones(
     d.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("pyramid")), with_kwargs=True)
     batch = RealBatch(torch.rand(4, 3, 16, 16) * 2 - 1, TextConditioning(_text(4)), ["a", "b", "c", "d"])
     engine = _engine(d, gen, loss="non_saturating")
-    (fake, pyramid), _ = engine.g_terms(batch, torch.Generator().manual_seed(0))
-    engine.d_terms(batch, (fake.detach(), pyramid), torch.Generator().manual_seed(0))
+    (fake, pyramid, cond), _ = engine.g_terms(batch, torch.Generator().manual_seed(0))
+    engine.d_terms(batch, (fake.detach(), pyramid, cond), torch.Generator().manual_seed(0))
     assert seen == [None, None]
     x = torch.rand(2, 3, 16, 16)
     assert all(torch.equal(a, b) for a, b in zip(d(x, _text(2)), d(x, _text(2), pyramid=[F.interpolate(x, size=8, mode="area"), x])))
@@ -288,13 +288,13 @@ def test_diffaugment_sits_before_every_discriminator_read_in_both_phases(classif
     d.augment.register_forward_hook(lambda m, args, out: seen["augment_out"].append(out))
     network.register_forward_pre_hook(lambda m, args: seen["network_in"].append(args[0]))
     batch = RealBatch(torch.rand(4, 3, 16, 16) * 2 - 1, TextConditioning(_text(4)), ["a", "b", "c", "d"])
-    (fake, pyramid), terms = _engine(d, gen).g_terms(batch, torch.Generator().manual_seed(0))
+    (fake, pyramid, cond), terms = _engine(d, gen).g_terms(batch, torch.Generator().manual_seed(0))
     assert seen["network_in"] and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])
     assert not any(a.shape == fake.shape and torch.allclose(a, fake) for a in seen["augment_out"])  # augmented, not the raw sample
     terms["g_adv"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())  # through the augmentation
     seen["augment_out"].clear(), seen["network_in"].clear()
-    _engine(d, gen, mismatch_weight=1.0, r1_gamma=1.0, blur_sigma=0.5).d_terms(batch, (fake.detach(), pyramid),
+    _engine(d, gen, mismatch_weight=1.0, r1_gamma=1.0, blur_sigma=0.5).d_terms(batch, (fake.detach(), pyramid, cond),
                                                                               torch.Generator().manual_seed(0), r1=True)
     # D phase (real | generated in one forward) and R1 (real): every network input is an augmentation output.
     assert len(seen["network_in"]) >= 2 and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])

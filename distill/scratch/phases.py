@@ -2,6 +2,8 @@
 view the shared GAN step runs (:mod:`distill.training.gan_step`, where the phases and the objective live).
 
 G:    objective.generator(D(G(z, c) | c))  [g_adv]  + clip_weight * arccos^2(CLIP(G(z, c)), CLIP(c))  [g_clip, StyleGAN-T §3.3]
+      + mode_seeking_weight / (mean|G(z1, c) - G(z2, c)| / mean|z1 - z2| + 1e-5)  [g_mode_seeking: MSGAN, Mao et al. 2019, Eq. 3;
+      the second half of the generated batch repeats the first half's captions with other noise]
 D:    objective.real(D(x | c))  [d_real]  + objective.fake(D(G(z, c) | c))  [d_fake]
       + mismatch_weight * objective.fake(D(x | c'))  [d_mismatch: GigaGAN's matching-aware term, c' another sample's caption;
       the discriminators reuse the real samples' image features for it (``mismatched=``)]
@@ -37,10 +39,11 @@ def _text(cond: TextConditioning) -> dict:
     return {"prompt_embeds": cond.prompt_embeds, "added_cond_kwargs": cond.added_cond_kwargs()}
 
 
-def _twice(cond: TextConditioning) -> TextConditioning:
-    """The conditioning of a real | generated batch (both parts under the same captions)."""
-    cat = lambda t: None if t is None else torch.cat([t, t])  # noqa: E731
-    return TextConditioning(cat(cond.prompt_embeds), cat(cond.pooled_prompt_embeds), cat(cond.time_ids))
+def _cat(a: TextConditioning, b: TextConditioning) -> TextConditioning:
+    """The conditioning of a two-part batch (real | generated)."""
+    cat = lambda x, y: None if x is None else torch.cat([x, y])  # noqa: E731
+    return TextConditioning(cat(a.prompt_embeds, b.prompt_embeds), cat(a.pooled_prompt_embeds, b.pooled_prompt_embeds),
+                            cat(a.time_ids, b.time_ids))
 
 
 def _seed_global(rng: torch.Generator) -> None:
@@ -55,38 +58,47 @@ class RealImagesView:
     step (the fading blur on D's input). ``clip_guidance`` / ``to_images``: StyleGAN-T's CLIP term on G's images."""
 
     def __init__(self, *, generator, discriminator, discriminator_unwrapped, noise_shape: tuple[int, int, int], mismatch: bool,
-                 clip_guidance=None, clip_weight: float = 0.0, to_images: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 clip_guidance=None, clip_weight: float = 0.0, to_images: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 mode_seeking_weight: float = 0.0):
         self.generator, self.discriminator, self.d_unwrapped = generator, discriminator, discriminator_unwrapped
-        self.noise_shape, self.mismatch = tuple(noise_shape), mismatch
+        self.noise_shape, self.mismatch, self.mode_seeking_weight = tuple(noise_shape), mismatch, mode_seeking_weight
         self.clip_guidance, self.clip_weight, self.to_images = clip_guidance, clip_weight, to_images
         self.blur_sigma = 0.0
 
     def generate(self, batch: RealBatch, rng: torch.Generator):
-        """((generated [N,C,H,W], its pyramid coarse -> fine), the weighted CLIP term)."""
+        """((generated [N,C,H,W], its pyramid coarse -> fine, the captions' conditioning it was made with), the weighted
+        CLIP and mode-seeking terms)."""
         _seed_global(rng)
-        device = batch.samples.device
-        noise = torch.randn(batch.samples.shape[0], *self.noise_shape, generator=rng).to(device)
-        fake, pyramid = self.generator(noise, batch.cond.prompt_embeds, added_cond_kwargs=batch.cond.added_cond_kwargs(),
-                                       return_pyramid=True)
+        n, device = batch.samples.shape[0], batch.samples.device
+        noise = torch.randn(n, *self.noise_shape, generator=rng).to(device)
+        half = n // 2 if self.mode_seeking_weight > 0 else 0
+        # Mode seeking compares two samples of one caption: samples half.. 2*half-1 take the first half's captions.
+        rows = torch.cat([torch.arange(half), torch.arange(half), torch.arange(2 * half, n)]) if half else torch.arange(n)
+        cond = batch.cond.index(rows.to(device)) if half else batch.cond
+        fake, pyramid = self.generator(noise, cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs(), return_pyramid=True)
         terms = {}
+        if half:
+            ratio = (fake[:half] - fake[half:2 * half]).abs().mean() / (noise[:half] - noise[half:2 * half]).abs().mean()
+            terms["g_mode_seeking"] = self.mode_seeking_weight / (ratio + 1e-5)
         if self.clip_guidance is not None and self.clip_weight > 0:
-            terms["g_clip"] = self.clip_weight * self.clip_guidance(self.to_images(fake), batch.captions, generator=rng).mean()
-        return (fake, pyramid), terms
+            captions = [batch.captions[int(i)] for i in rows]
+            terms["g_clip"] = self.clip_weight * self.clip_guidance(self.to_images(fake), captions, generator=rng).mean()
+        return (fake, pyramid, cond), terms
 
     def fake_logits(self, batch: RealBatch, generated) -> list[torch.Tensor]:
-        fake, pyramid = generated
+        fake, pyramid, cond = generated
         d = self.d_unwrapped
         if d.needs_reference:  # D normalises generated samples together with real ones: the real part's logits are dropped
             n = fake.shape[0]
-            logits = d(torch.cat([fake, batch.samples.to(fake.dtype)]), **_text(_twice(batch.cond)), parts=2,
+            logits = d(torch.cat([fake, batch.samples.to(fake.dtype)]), **_text(_cat(cond, batch.cond)), parts=2,
                        blur_sigma=self.blur_sigma)
             return [l[:n] for l in logits]
-        return d(fake, **_text(batch.cond), pyramid=pyramid if d.uses_pyramid else None, blur_sigma=self.blur_sigma)
+        return d(fake, **_text(cond), pyramid=pyramid if d.uses_pyramid else None, blur_sigma=self.blur_sigma)
 
     def discriminator_logits(self, batch: RealBatch, generated, rng: torch.Generator) -> DLogits:
         """real | generated | (matching-aware) the real samples under another sample's caption, one forward."""
         _seed_global(rng)
-        fake, fake_pyramid = generated
+        fake, fake_pyramid, fake_cond = generated
         real, n = batch.samples, batch.samples.shape[0]
         mismatched, keep = None, None
         if self.mismatch and n >= 2:
@@ -98,7 +110,7 @@ class RealImagesView:
         if self.d_unwrapped.uses_pyramid:
             # Real samples' pyramid: area-downsampled to the generator's level sizes.
             pyramid = [torch.cat([F.interpolate(real, size=p.shape[-2:], mode="area"), p]) for p in fake_pyramid]
-        logits = self.discriminator(torch.cat([real, fake]), **_text(_twice(batch.cond)), pyramid=pyramid, parts=2,
+        logits = self.discriminator(torch.cat([real, fake]), **_text(_cat(batch.cond, fake_cond)), pyramid=pyramid, parts=2,
                                     blur_sigma=self.blur_sigma, mismatched=mismatched)
         return DLogits(logits, n, keep)
 
