@@ -173,7 +173,7 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
                      checkpoints_total_limit=cfg.checkpoints_total_limit, ema=ema, model=gen,
                      export=lambda path: export_pipeline(parts, ema.model, path), validate=validate,
                      checkpoint_bytes=lambda: state_bytes(models=[gen, disc, ema.model, ema.model], optimizers=[opt_g, opt_d]))
-    accelerator.register_for_checkpointing(data)  # the stream positions (map-style data needs none)
+    loop.keep("data_streams", data)  # the stream positions (map-style data needs none)
     loop.resume(cfg.resume_from_checkpoint)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
@@ -197,7 +197,7 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
 
     # 4. Save: the EMA generator as a pipeline.
     if accelerator.is_main_process:
-        export_pipeline(parts, ema.model, out / "pipeline")
+        loop.export_final(out / "pipeline")
         accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
 
 

@@ -247,7 +247,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
 
     # 5. Save: the EMA student as a pipeline.
     if accelerator.is_main_process:
-        export(out / "pipeline")
+        loop.export_final(out / "pipeline")
         accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
 
 
