@@ -181,7 +181,7 @@ def load_parts(cfg: DemoConfig):
 @command
 def main() -> None:
     cfg = parse_config(DemoConfig, description=__doc__)
-    require_non_negative(cfg, "debounce")
+    require_non_negative(cfg, "debounce", "teacher_guidance_scale")
     require_positive(cfg, "port")
     import importlib.util
 

@@ -809,6 +809,8 @@ def _last_line(err: str) -> str:
     (["--gan_weight=-1"], "gan_weight must not be negative, got -1.0"),
     (["--learning_rate_g", "-1e-4"], "learning_rate_g must be positive, got -0.0001"),  # a negative value, not a flag
     (["--learning_rate_d", "-0.5"], "learning_rate_d must be positive, got -0.5"),
+    (["--learning_rate_g", "nan"], "learning_rate_g must be a finite number, got nan"),  # named before anything loads
+    (["--gan_weight", "inf"], "gan_weight must be a finite number, got inf"),
 ])
 def test_out_of_range_values_are_one_line_before_the_teacher_loads(pairs_dir, tmp_path, capsys, monkeypatch, args, message):
     import distill.distillation.setup as setup
