@@ -324,3 +324,59 @@ def test_stored_prompt_embeds_are_the_pipelines(tiny_teacher_factory, prompt_fil
     for key, value in expected.items():
         assert getattr(ds.features[key], "feature", ds.features[key]).dtype == "float16"  # as stored (read as float32)
         torch.testing.assert_close(rows[key], value.half().float())
+
+
+@pytest.mark.parametrize("value, message", [
+    ("nan", "guidance_scale must be a finite number, got nan"),
+    ("inf", "guidance_scale must be a finite number, got inf"),
+    ("-5", "guidance_scale must not be negative, got -5.0"),
+])
+def test_guidance_scale_must_be_finite_and_not_negative(sd15_teacher, prompt_file, tmp_path, capsys, value, message):
+    """Refused before anything is written (diffusers takes NaN as CFG off): the corrected run then starts cleanly."""
+    out = tmp_path / "pairs"
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", value), capsys)
+    assert code == 2 and message in _one_error_line(err) and not out.exists()
+
+
+def test_a_run_that_wrote_no_shard_does_not_block_the_next(sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
+    """A teacher that overflows in float32 is named as such (not 'try float32'); the manifest its run left binds nothing."""
+    import teachers
+
+    real = teachers.solve_ode
+    monkeypatch.setattr(teachers, "solve_ode", lambda *a, **k: real(*a, **k) * float("inf"))
+    out = tmp_path / "pairs"
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", "9"), capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "although it runs in float32 (guidance_scale 9)" in line and "try teacher_dtype float32" not in line
+    assert (out / "manifest.json").is_file()
+    monkeypatch.setattr(teachers, "solve_ode", real)
+    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", "4"), capsys)[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["guidance_scale"] == 4.0
+
+
+def test_a_full_disk_is_one_line_and_the_config_record_is_rewritten(sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from data_gen import pairs as pairs_io
+
+    out = tmp_path / "pairs"
+    real, written = pairs_io.write_shard, []
+
+    def full_after_one(path, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real(path, **kwargs)
+
+    monkeypatch.setattr(pairs_io, "write_shard", full_after_one)
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith(f"error: no space left in {out}, need ≈ ") and "for the 2 pairs still to write" in line
+    assert "the 1 finished shard(s) are kept and the same command resumes" in line
+    (out / "generate_pairs.yaml").write_text("")  # as an older version left it when the disk filled during its write
+    monkeypatch.setattr(pairs_io, "write_shard", real)
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    assert code == 0, err
+    record = (out / "generate_pairs.yaml").read_text()
+    assert "num_pairs: 4" in record and "shard_size: 2" in record
+    assert sorted(load_pairs(out)["index"]) == [0, 1, 2, 3]
