@@ -122,6 +122,24 @@ def test_resume_continues_identically(common, tmp_path, capsys):
     assert [r["step"] for r in _stats(resumed)] == [1, 2, 3, 4]
 
 
+def test_resume_refuses_another_dataset_or_generator_and_records_allowed_changes(common, own_images, tmp_path, capsys):
+    """The same rule as train_student.py's (distill/training/run_record.py): a changed dataset or generator size is one
+    line before anything loads (not a size-mismatch traceback), config.yaml untouched; a longer run is recorded."""
+    run = tmp_path / "run"
+    args = [*common, "--output_dir", run, "--checkpointing_steps", 1, "--validation_steps", 100]
+    assert run_script("train_gan.py", [*args, "--max_train_steps", 1], capsys)[0] == 0
+    before = (run / "config.yaml").read_text()
+    for changed, expected in ((["--dataset", own_images], f"dataset: '{common[1]}' -> '{own_images}'"),
+                              (["--generator_size", "small"], "generator_size: 'tiny' -> 'small'")):
+        code, err = run_script("train_gan.py", [*args, "--max_train_steps", 2, *changed], capsys)
+        line = _last_line(err)
+        assert code == 2 and f"{run} holds a run made with another config ({expected}" in line, err[-3000:]
+        assert (run / "config.yaml").read_text() == before
+    assert run_script("train_gan.py", [*args, "--max_train_steps", 2], capsys)[0] == 0
+    record = json.loads((run / "config_changes.jsonl").read_text())
+    assert record["step"] == 1 and record["changes"] == {"max_train_steps": [1, 2]}
+
+
 def test_clip_guidance_term_and_its_absence(common, tmp_path, capsys, monkeypatch):
     run = tmp_path / "clip"
     code, err = run_script("train_gan.py", [*common, "--output_dir", run, "--max_train_steps", 1, "--checkpointing_steps", 1,

@@ -930,6 +930,28 @@ def test_a_corrupt_checkpoint_is_one_line_naming_it_and_the_fix(pairs_dir, finis
     assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3]
 
 
+def test_resume_refuses_a_changed_run_and_records_the_allowed_changes(pairs_dir, finished_run, tmp_path, capsys):
+    """Batch, seed, learning rate, regression, GAN weight define the run: a resume that changes them is one line and
+    writes nothing; a longer run (max_train_steps) and other cadences are allowed and recorded in config_changes.jsonl."""
+    run, args = _copy_run(finished_run, pairs_dir, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    changed = ["--batch_size", 2, "--seed", 7, "--learning_rate_g", "3e-4", "--regression", "mse", "--gan_weight", "0.5"]
+    code, err = run_script("train_student.py", [*args, *changed], capsys)
+    line = _last_line(err)
+    assert code == 2 and line.startswith(f"error: {run} holds a run made with another config ("), line
+    for key in ("batch_size: 4 -> 2", "seed: 0 -> 7", "learning_rate_g: 0.0001 -> 0.0003", "regression: 'elatentlpips' -> 'mse'",
+                "gan_weight: 0.1 -> 0.5"):
+        assert key in line, (key, line)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml not rewritten
+    code, err = run_script("train_student.py", [*args, "--validation_steps", 50, "--checkpoints_total_limit", 5], capsys)
+    assert code == 0, err[-3000:]
+    records = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 2 and records[0]["changes"] == {
+        "output_dir": [str(finished_run), str(run)],  # the copy: a moved folder resumes too
+        "max_train_steps": [2, 3], "checkpoints_total_limit": [3, 5], "validation_steps": [100, 50]}
+    assert "max_train_steps: 3" in (run / "config.yaml").read_text()
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(pairs_dir, tmp_path, capsys, monkeypatch):
     import errno
 
