@@ -278,9 +278,9 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
 
         my_rows = sum(len(pairs_io.shard_indices(k, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)) for k in todo)
         if accelerator.is_main_process:  # on stdout too: a log that keeps only stdout still shows the stage started
-            resumed_from = f", {len(done)} of {total} shards already there (checked)" if done else ""
-            print(f"pairs: {my_rows} to solve on rank 0 of {accelerator.num_processes} ({cfg.num_inference_steps} {cfg.scheduler} "
-                  f"steps each) into {out}{resumed_from}", flush=True)
+            resuming = f"resuming with {len(done)} of {total} shards already in {out} (checked); " if done else ""
+            print(f"pairs: {resuming}{my_rows} to solve on rank 0 of {accelerator.num_processes} ({cfg.num_inference_steps} "
+                  f"{cfg.scheduler} steps each) into {out}", flush=True)
         bar = tqdm(total=my_rows, unit="pair", desc=f"pairs (rank 0 of {accelerator.num_processes})",
                    disable=not accelerator.is_main_process or my_rows == 0, dynamic_ncols=True)
         start = time.perf_counter()
