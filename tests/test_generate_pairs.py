@@ -411,3 +411,18 @@ def test_a_full_disk_is_one_line_and_the_config_record_is_rewritten(sd15_teacher
     record = (out / "generate_pairs.yaml").read_text()
     assert "num_pairs: 4" in record and "shard_size: 2" in record
     assert sorted(load_pairs(out)["index"]) == [0, 1, 2, 3]
+
+
+def test_a_long_prompt_is_warned_about_once_and_the_stage_shows_one_bar(sd15_teacher, tmp_path):
+    """CLIP's truncation warning quotes the cut-off text of every batch (130 KB of log for a 10,000-character prompt):
+    said once, shortened; no library loading bars, the stage's own bar with its rate, its start and end on stdout."""
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("a cat " + "and a very long description " * 360 + "\nshort\n")
+    out = tmp_path / "pairs"
+    run = subprocess.run([sys.executable, str(ROOT / "distill" / "generate_pairs.py"), *map(str, _gen(sd15_teacher, prompts, out)),
+                          "--batch_size", "1"], env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("was truncated") == 1 and "(said once" in run.stderr and len(run.stderr) < 6000, len(run.stderr)
+    assert "Loading pipeline components" not in run.stderr and "pair/s" in run.stderr
+    assert run.stdout.startswith("pairs: 4 to solve") and "pairs/s on rank 0" in run.stdout

@@ -267,7 +267,7 @@ def _cli(args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("case", ["no_metadata", "unknown_caption_column", "empty_caption"])
+@pytest.mark.parametrize("case", ["no_metadata", "unknown_caption_column", "empty_caption", "number_caption", "number_column"])
 def test_a_bad_folder_is_one_line_and_writes_nothing(own, tmp_path, case):
     folder = make_imagefolder(tmp_path / "my-images", n=8, size=(20, 28), captions="string")
     extra = []
@@ -277,11 +277,21 @@ def test_a_bad_folder_is_one_line_and_writes_nothing(own, tmp_path, case):
     elif case == "unknown_caption_column":
         extra, message = ["--caption_column", "prompt"], "caption column 'prompt' is not in dataset"
         message += f" {folder} (columns: image, text): set `caption_column` to one of them"
-    else:
+    elif case == "empty_caption":
         lines = (folder / "metadata.jsonl").read_text().splitlines()
         lines[5] = json.dumps({"file_name": "005.png", "text": ""})
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         message = "005.png) has an empty caption in column 'text': fill it in or drop the row"
+    elif case == "number_caption":  # not "cannot open dataset ... JSON parse error ... pass a local folder"
+        lines = (folder / "metadata.jsonl").read_text().splitlines()
+        lines[5] = json.dumps({"file_name": "005.png", "text": 5})
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        message = (f"column 'text' of {folder / 'metadata.jsonl'} holds a number at row 5 where the rows before hold a string: "
+                   "a caption must be text")
+    else:
+        lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        (folder / "metadata.jsonl").write_text("".join(json.dumps({**row, "text": i}) + "\n" for i, row in enumerate(lines)))
+        message = "000.png) has a caption of type int in column 'text' (0): a caption must be text"
     out = tmp_path / "runs" / "mine"
     res = _cli([*own, "--dataset", folder, "--output_dir", out, "--max_train_steps", 2, *extra])
     lines = [line for line in res.stderr.splitlines() if line.strip()]

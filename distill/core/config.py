@@ -275,6 +275,9 @@ def run_cli(main: Callable[[], Any]) -> None:
 
     Set ``D2G_DEBUG=1`` to see the traceback instead.
     """
+    from distill.core.quiet import quiet_libraries
+
+    quiet_libraries()
     try:
         main()
     except KeyboardInterrupt:
@@ -287,7 +290,22 @@ def run_cli(main: Callable[[], Any]) -> None:
             traceback.print_exc()
             sys.exit(1)
         sys.stderr.write(f"error: {exc}\n")
+        _tell_the_launcher(f"error: {exc}")
         sys.exit(2)
+
+
+def _tell_the_launcher(line: str) -> None:
+    """Under torchrun (``accelerate launch`` of several processes) the summary printed last names each failed process's
+    error file as its root cause, else a link to a traceback: write the user's line there, so the summary ends with it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        try:
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        except OSError:
+            pass  # the line is on stderr already
 
 
 def command(main: Callable[[], Any]) -> Callable[[], None]:
