@@ -87,6 +87,8 @@ def test_evaluation_is_resumable_from_cached_images(setup, single, capsys):
     assert "resuming: 4 of 8 samples" in stdout.getvalue()
     assert (out / "samples" / "0000000.png").stat().st_mtime_ns == first
     assert len(list((out / "samples").glob("*.png"))) == 8
+    code, err = run_script("evaluate.py", [*args, "--num_samples", 8, "--metrics", "fid", "--output_dir", out], capsys)
+    assert code == 0 and "samples (rank 0" not in err  # every sample cached: no bar stuck at 0 img
     # Samples made with another config are refused rather than mixed in.
     code, err = run_script("evaluate.py", [*args, "--seed", 1, "--metrics", "fid", "--output_dir", out], capsys)
     assert code == 2 and "different config" in err and "seed" in err

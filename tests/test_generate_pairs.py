@@ -411,6 +411,14 @@ def test_a_full_disk_is_one_line_and_the_config_record_is_rewritten(sd15_teacher
     record = (out / "generate_pairs.yaml").read_text()
     assert "num_pairs: 4" in record and "shard_size: 2" in record
     assert sorted(load_pairs(out)["index"]) == [0, 1, 2, 3]
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # a rerun of finished pairs: no "0.00 pairs/s", no empty bar
+        code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    assert code == 0 and "nothing left to solve" in stdout.getvalue() and "pairs/s" not in stdout.getvalue()
+    assert "pairs (rank 0" not in err
 
 
 def test_a_long_prompt_is_warned_about_once_and_the_stage_shows_one_bar(sd15_teacher, tmp_path):
