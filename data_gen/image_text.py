@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,12 @@ def open_dataset(source: str, *, split: str = "train", streaming: bool = False, 
         if isinstance(exc, FileNotFoundError) and path.is_dir() and _metadata_files(path):
             raise ValueError(f"dataset {source}: a file its metadata names is missing ({first}): add the file or drop its "
                              "line from the metadata") from None
+        mixed = re.search(r"Column\(/([^)]*)\) changed from (\w+) to (\w+) in row (\d+)", first)
+        if mixed and path.is_dir():  # a caption written as a number (or a list) among strings, in metadata.jsonl
+            column, was, now, row = mixed.groups()
+            files = ", ".join(str(p) for p in _metadata_files(path)) or str(path)
+            raise ValueError(f"dataset {source}: column {column!r} of {files} holds a {now} at row {row} where the rows before "
+                             f"hold a {was}: a caption must be text (a string, or a list of strings): write it in quotes") from None
         raise ValueError(
             f"cannot open dataset {source!r} ({first}): pass a local folder (imagefolder with metadata.jsonl / csv, "
             "Parquet, webdataset .tar) or a datasets hub name that is available offline"
@@ -205,6 +212,10 @@ def load_image(value: Any, *, where: str):
         raise _unreadable(exc, where=where, path=path) from None
 
 
+def _caption_text(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value if v is not None))
+
+
 def _caption_ok(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return any(v is not None and str(v).strip() for v in value)
@@ -225,6 +236,10 @@ def check_image_text(ds, *, source: str, image_column: str | None, caption_colum
         images = batch[image_column] if image_column is not None else [None] * len(batch[caption_column])
         for cell, caption in zip(images, batch[caption_column]):
             path = (cell.get("path") if isinstance(cell, dict) else cell) if cell is not None else None
+            if caption is not None and not _caption_text(caption):
+                raise ValueError(f"dataset {source}: row {row}{f' ({path})' if path else ''} has a caption of type "
+                                 f"{type(caption).__name__} in column {caption_column!r} ({caption!r:.40}): a caption must be text "
+                                 "(a string, or a list of strings); is caption_column the right column?")
             if not _caption_ok(caption):
                 empty.append((row, path))
             if cell is not None:

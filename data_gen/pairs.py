@@ -75,8 +75,11 @@ def stored_text_shapes(manifest: dict[str, Any]) -> dict[str, list[int]] | None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def ensure_writable(output_dir: str | os.PathLike) -> None:
@@ -92,13 +95,22 @@ def ensure_writable(output_dir: str | os.PathLike) -> None:
         ) from None
 
 
+def holds_rows(output_dir: str | os.PathLike) -> bool:
+    """Whether a finished shard exists in ``output_dir`` (a manifest without one binds nothing: a run that stopped before
+    its first shard, refused or failed, leaves no rows a later run with other settings could mix with)."""
+    return any((Path(output_dir) / DATA_DIR).glob("train-*.parquet"))
+
+
 def check_manifest(output_dir: str | os.PathLike, *, config: dict[str, Any]) -> bool:
     """Refuse a directory made with another ``config`` (the manifest's row-defining keys), or shards without a manifest.
 
-    True when the directory holds pairs of the same config (a resumed run).
+    True when the directory holds pairs of the same config (a resumed run); False for a new one, or a manifest whose
+    run wrote no shard (it is replaced).
     """
     out = Path(output_dir)
     path = out / MANIFEST
+    if path.exists() and not holds_rows(out):
+        return False
     if not path.exists():
         orphans = sorted((out / DATA_DIR).glob("*.parquet"))
         if orphans:

@@ -22,6 +22,7 @@ from typing import Optional
 
 
 from distill.core.config import ConfigError, command, parse_config, require_non_negative, require_positive
+from distill.core.folders import describe
 
 QUICKSTART_PIPELINE = "runs/quickstart/student/pipeline"
 EXAMPLE_PROMPT = "a handwritten digit seven"
@@ -181,7 +182,7 @@ def load_parts(cfg: DemoConfig):
 @command
 def main() -> None:
     cfg = parse_config(DemoConfig, description=__doc__)
-    require_non_negative(cfg, "debounce")
+    require_non_negative(cfg, "debounce", "teacher_guidance_scale")
     require_positive(cfg, "port")
     import importlib.util
 
@@ -193,7 +194,8 @@ def main() -> None:
         if cfg.pipeline == QUICKSTART_PIPELINE:
             raise ConfigError(f"no student at {cfg.pipeline}: make the digits one with `bash distill/digits/quickstart.sh` "
                               "(about 13 min on 2 CPU cores), or pass --pipeline DIR (a train_student.py output_dir/pipeline)")
-        raise ConfigError(f"{cfg.pipeline} is not a one-step student folder: pass train_student.py's output_dir/pipeline")
+        raise ConfigError(f"{cfg.pipeline} {describe(cfg.pipeline)}: pass a student's pipeline folder (train_student.py's "
+                          "output_dir/pipeline)")
 
     # 1. Load: the student pipeline and, for the comparison, its teacher.
     pipe, teacher, sampler = load_parts(cfg)

@@ -26,8 +26,8 @@ import torch
 
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_labelled_prompts, load_prompts, prompt_for_index, prompts_fingerprint
-from distill.core.config import (ConfigError, command, config_dict, package_versions, parse_config, require_positive,
-                                save_config)
+from distill.core.config import (ConfigError, command, config_dict, package_versions, parse_config, require_non_negative,
+                                require_positive, save_config)
 from distill.core.lock import locked
 from distill.metrics import TEST_ONLY
 from distill.metrics.generation import Sampler
@@ -267,6 +267,7 @@ def validate(cfg: EvalConfig) -> list[str]:
         raise ConfigError("no pipeline given: set `pipeline` to a OneStepGANPipeline folder or a teacher")
     require_positive(cfg, "num_samples", "batch_size", "latency_batch_size", "latency_iterations", "metric_batch_size",
                      "num_inference_steps", "pr_k")
+    require_non_negative(cfg, "guidance_scale")
     if min(cfg.resolution, cfg.latency_warmup, cfg.latency_min_seconds, cfg.grid_size, cfg.reference_limit, cfg.metric_workers) < 0:
         raise ConfigError("resolution, latency_warmup, latency_min_seconds, grid_size, reference_limit and metric_workers must not be negative")
     metrics = parse_metrics(cfg.metrics)

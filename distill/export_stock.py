@@ -6,6 +6,8 @@ The folder then runs anywhere diffusers does, without this project and without `
 ``AutoPipelineForText2Image.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=0.0)``.
 The one-step DDIM scheduler is built from the teacher's noise schedule: by default the teacher named in
 the pairs the student trained on (``pipeline/pairs_split.json`` -> the pairs' ``manifest.json``), or ``teacher``.
+The folder is written under a temporary name beside ``output_dir`` and renamed into place when complete: a kill or a
+full disk leaves the earlier folder (or none), never a mix of old and new files.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Optional
 
 
 from data_gen.pairs import SPLIT_FILE, read_manifest
+from distill.core.atomic import atomic_folder, folder_bytes
 from distill.core.config import ConfigError, command, parse_config
 from distill.distillation.run_checks import read_split
-from students import OneStepGANPipeline
+from students import OneStepGANPipeline, UNetStudent
 from students.stock import save_stock_pipeline
 
 
@@ -54,10 +57,16 @@ def main() -> None:
         raise ConfigError("set `pipeline` (a UNet student's pipeline folder) and `output_dir`")
     if Path(cfg.output_dir).resolve() == Path(cfg.pipeline).resolve():
         raise ConfigError("output_dir must differ from pipeline: the stock folder is a second copy, not a rewrite")
-    schedule = scheduler_config(cfg)
     pipe = OneStepGANPipeline.from_pretrained(cfg.pipeline)
-    # 2. Save: the stock folder (refused for GAN students and students the one-step DDIM cannot reproduce).
-    out = save_stock_pipeline(pipe, cfg.output_dir, scheduler_config=schedule, safe_serialization=cfg.safe_serialization)
+    if not isinstance(pipe.student, UNetStudent):  # before asking for a teacher it would not need
+        raise ConfigError(f"{cfg.pipeline} holds a {type(pipe.student).__name__} student: only UNet students export to a stock "
+                          "StableDiffusion(XL)Pipeline; load this folder as it is (DiffusionPipeline.from_pretrained(folder, "
+                          "trust_remote_code=True)) or with distill/sample.py")
+    schedule = scheduler_config(cfg)
+    # 2. Save: the stock folder (refused for students the one-step DDIM cannot reproduce), whole or not at all.
+    out = Path(cfg.output_dir)
+    with atomic_folder(out, need_bytes=lambda: folder_bytes(cfg.pipeline), what="the stock pipeline") as tmp:
+        save_stock_pipeline(pipe, tmp, scheduler_config=schedule, safe_serialization=cfg.safe_serialization)
     print(f"stock pipeline in {out.resolve()}: AutoPipelineForText2Image.from_pretrained(...)(prompt, num_inference_steps=1, "
           "guidance_scale=0.0)")
 

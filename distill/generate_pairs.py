@@ -11,11 +11,12 @@ and every finished shard is checked against its recorded SHA-256. Diffusion2GAN 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 
 import torch
@@ -25,7 +26,9 @@ from data_gen import pairs as pairs_io
 from data_gen.hub import push_folder
 from data_gen.noise import noise_for_indices
 from data_gen.prompts import load_prompts, prompt_for_index, prompts_fingerprint
-from distill.core.config import ConfigError, command, package_versions, parse_config, require_positive, save_config
+from distill.core.atomic import is_disk_full, no_space
+from distill.core.config import (ConfigError, command, package_versions, parse_config, require_non_negative, require_positive,
+                                 save_config)
 from distill.core.lock import locked
 from students.text import encode_sd3_text, encode_text
 from teachers import SCHEDULERS, load_teacher, solve_ode
@@ -66,6 +69,7 @@ class PairsConfig:
 
 def validate(cfg: PairsConfig) -> None:
     require_positive(cfg, "num_pairs", "num_inference_steps", "resolution", "batch_size", "shard_size")
+    require_non_negative(cfg, "guidance_scale")  # diffusers reads any value <= 1 as CFG off; a negative one is a typo
     if cfg.max_sequence_length is not None and not 0 <= cfg.max_sequence_length <= 512:
         raise ConfigError(f"max_sequence_length must be in [0, 512] (SD3's T5 limit), got {cfg.max_sequence_length}")
     if cfg.teacher_dtype != "auto":
@@ -93,7 +97,7 @@ def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: li
                 negative_prompt=cfg.negative_prompt, max_sequence_length=cfg.max_sequence_length,
             )
             if not torch.isfinite(target).all():
-                raise ValueError(f"teacher produced non-finite latents for rows {batch[0]}..{batch[-1]}: try teacher_dtype float32")
+                raise ValueError(non_finite_message(teacher.pipe.dtype, rows=(batch[0], batch[-1]), guidance_scale=cfg.guidance_scale))
             noises.append(noise)
             targets.append(target.to("cpu", storage))
             seeds += batch_seeds
@@ -105,6 +109,41 @@ def generate_shards(teacher, *, cfg: PairsConfig, prompts: list[str], shards: li
             noise=torch.cat(noises).numpy(), target=torch.cat(targets).numpy(), dtype=cfg.dtype,
             text={k: torch.cat([t[k] for t in texts]).numpy() for k in texts[0]} if texts else None,
         )
+
+
+def non_finite_message(dtype: torch.dtype, *, rows: tuple[int, int], guidance_scale: float) -> str:
+    """Why rows came out non-finite and what to try: half precision overflowing, else the teacher or its settings."""
+    where = f"teacher produced non-finite latents for rows {rows[0]}..{rows[1]}"
+    if dtype != torch.float32:
+        return f"{where} in {str(dtype).removeprefix('torch.')}: try teacher_dtype float32"
+    return (f"{where} although it runs in float32 (guidance_scale {guidance_scale:g}): check the teacher's weights (its own "
+            "pipeline gives the same), or lower guidance_scale; nothing of these rows was written")
+
+
+def row_bytes(manifest: dict) -> int:
+    """Bytes one row takes in a shard (noise and target, stored prompt embeddings), for the full-disk message."""
+    import numpy as np
+
+    cells = 2 * int(np.prod(manifest["latent_shape"])) * np.dtype(manifest["config"]["dtype"]).itemsize
+    text = (manifest.get("prompt_embeds") or {}).get("columns", {})
+    return cells + sum(int(np.prod(shape)) * np.dtype(pairs_io.TEXT_DTYPE).itemsize for shape in text.values())
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line(out: Path, *, manifest: dict, num_pairs: int, shard_size: int) -> Iterator[None]:
+    """A write that does not fit (a shard, the manifest, the config record) becomes one line naming the folder and the
+    room the missing shards need; the finished shards stay, and the same command resumes from them."""
+    try:
+        yield
+    except BaseException as exc:
+        if not is_disk_full(exc):
+            raise
+        total = pairs_io.num_shards(num_pairs=num_pairs, shard_size=shard_size)
+        written = {p.name for p in (out / pairs_io.DATA_DIR).glob("train-*.parquet")}
+        rows = sum(len(pairs_io.shard_indices(k, num_pairs=num_pairs, shard_size=shard_size)) for k in range(total)
+                   if pairs_io.shard_path(out, k, total).name not in written)
+        raise no_space(out, need_bytes=rows * row_bytes(manifest), what=f"the {rows} pairs still to write",
+                       kept=f"the {len(written)} finished shard(s) are kept and the same command resumes from them") from None
 
 
 def prompt_embeds(pipe, prompts: list[str], *, resolution: int, max_sequence_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -158,7 +197,7 @@ def resolve_sampler(cfg: PairsConfig, *, family: str) -> None:
 def check_teacher(out: Path, identity: dict) -> None:
     """Name the teacher files that changed since the pairs in ``out`` were made (before the generic config check)."""
     path = out / pairs_io.MANIFEST
-    if not path.exists():
+    if not path.exists() or not pairs_io.holds_rows(out):  # a run that wrote no shard binds no teacher
         return
     try:
         old = pairs_io.read_manifest(out).get("teacher", {}).get("identity")
@@ -227,41 +266,46 @@ def run(cfg: PairsConfig, *, accelerator, out: Path, prompts: list[str]) -> None
         "shards": dict(old_checksums),
         "versions": package_versions("diffusion2gan-toolkit", "torch", "diffusers", "transformers", "accelerate", "datasets"),
     }
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not resumed:
-        pairs_io.write_manifest(out, manifest)
-        save_config(cfg, out / "generate_pairs.yaml")
-    total = pairs_io.num_shards(num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
-    done = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size, checksums=old_checksums)
-    accelerator.wait_for_everyone()  # everyone sees the same `done` before anyone writes a shard
-    todo = [k for k in range(total) if k not in done][accelerator.process_index :: accelerator.num_processes]
+    with full_disk_is_one_line(out, manifest=manifest, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size):
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and not resumed:
+            pairs_io.write_manifest(out, manifest)
+            save_config(cfg, out / "generate_pairs.yaml")
+        total = pairs_io.num_shards(num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)
+        done = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size, checksums=old_checksums)
+        accelerator.wait_for_everyone()  # everyone sees the same `done` before anyone writes a shard
+        todo = [k for k in range(total) if k not in done][accelerator.process_index :: accelerator.num_processes]
 
-    my_rows = sum(len(pairs_io.shard_indices(k, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)) for k in todo)
-    if accelerator.is_main_process and done:
-        print(f"resuming: {len(done)} of {total} shards already in {out} (checked)")
-    bar = tqdm(total=my_rows, unit="pair", desc=f"pairs (rank 0 of {accelerator.num_processes})",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
-    start = time.perf_counter()
-    # 4. Loop: noise -> ODE -> one Parquet shard at a time (each written atomically).
-    try:
-        generate_shards(teacher, cfg=cfg, prompts=prompts, shards=todo, out=out, latent_shape=latent_shape, progress=bar)
-    finally:
-        bar.close()  # ends the progress line, so an error message starts on its own line
+        my_rows = sum(len(pairs_io.shard_indices(k, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size)) for k in todo)
+        if accelerator.is_main_process:  # on stdout too: a log that keeps only stdout still shows the stage started
+            resuming = f"resuming with {len(done)} of {total} shards already in {out} (checked); " if done else ""
+            print(f"pairs: {resuming}{my_rows} to solve on rank 0 of {accelerator.num_processes} ({cfg.num_inference_steps} "
+                  f"{cfg.scheduler} steps each) into {out}", flush=True)
+        bar = tqdm(total=my_rows, unit="pair", desc=f"pairs (rank 0 of {accelerator.num_processes})",
+                   disable=not accelerator.is_main_process or my_rows == 0, dynamic_ncols=True)
+        start = time.perf_counter()
+        # 4. Loop: noise -> ODE -> one Parquet shard at a time (each written atomically).
+        try:
+            generate_shards(teacher, cfg=cfg, prompts=prompts, shards=todo, out=out, latent_shape=latent_shape, progress=bar)
+        finally:
+            bar.close()  # ends the progress line, so an error message starts on its own line
 
-    # 5. Save: the manifest with every shard's checksum, complete once all shards exist.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        finished = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size, checksums=old_checksums)
-        manifest["complete"] = len(finished) == total
-        pairs_io.record_checksums(out, manifest)
-        pairs_io.write_manifest(out, manifest)
-        rate = my_rows / max(time.perf_counter() - start, 1e-9)
-        print(f"{cfg.num_pairs} pairs in {out.resolve()} ({rate:.2f} pairs/s on rank 0); "
-              f"open with datasets.load_dataset({str(out)!r}, split='train')")
-        if cfg.push_to_hub and manifest["complete"]:
-            url = push_folder(out, repo_id=cfg.hub_dataset_id or out.resolve().name, repo_type="dataset", token=cfg.hub_token,
-                              private=cfg.hub_private_repo, commit_message=f"{cfg.num_pairs} teacher pairs")
-            print(f"pushed to the Hub: {url}")
+        # 5. Save: the manifest with every shard's checksum, complete once all shards exist.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            finished = pairs_io.completed_shards(out, num_pairs=cfg.num_pairs, shard_size=cfg.shard_size, checksums=old_checksums)
+            manifest["complete"] = len(finished) == total
+            pairs_io.record_checksums(out, manifest)
+            pairs_io.write_manifest(out, manifest)
+            if manifest["complete"]:  # the record of the run that finished the folder (also after a failed first run)
+                save_config(cfg, out / "generate_pairs.yaml")
+            seconds = time.perf_counter() - start
+            rate = f"{my_rows / max(seconds, 1e-9):.2f} pairs/s on rank 0" if my_rows else "nothing left to solve"
+            print(f"{cfg.num_pairs} pairs in {out.resolve()} ({rate}); open with datasets.load_dataset({str(out)!r}, split='train')")
+            if cfg.push_to_hub and manifest["complete"]:
+                url = push_folder(out, repo_id=cfg.hub_dataset_id or out.resolve().name, repo_type="dataset", token=cfg.hub_token,
+                                  private=cfg.hub_private_repo, commit_message=f"{cfg.num_pairs} teacher pairs")
+                print(f"pushed to the Hub: {url}")
     accelerator.wait_for_everyone()  # nobody leaves (and the lock is not released) before the manifest is final
 
 

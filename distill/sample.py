@@ -21,8 +21,13 @@ from tqdm.auto import tqdm
 from data_gen.noise import noise_for_seed
 from data_gen.prompts import load_prompts
 from distill.core.config import ConfigError, command, parse_config, require_positive
+from distill.core.folders import describe
 from students import OneStepGANPipeline
+from students.export import is_one_step_folder
 from teachers.loading import dtype_from_name
+
+
+QUICKSTART_PIPELINE = "runs/quickstart/student/pipeline"  # where distill/digits/quickstart.sh puts its student
 
 
 @dataclass
@@ -79,8 +84,10 @@ def main() -> None:
     device = resolve_device(cfg.device)
 
     # 1. Load: the prompts, the seeds and the pipeline.
-    if not cfg.pipeline or not (Path(cfg.pipeline) / "model_index.json").is_file():
-        raise FileNotFoundError(f"pipeline {cfg.pipeline!r} not found: pass a directory written by train_student.py (e.g. runs/student/pipeline)")
+    if not cfg.pipeline or not is_one_step_folder(cfg.pipeline):
+        what = describe(cfg.pipeline) if cfg.pipeline else "is not set"
+        raise ConfigError(f"pipeline {cfg.pipeline!r} {what}: pass a student's pipeline folder (train_student.py / train_gan.py: "
+                          f"OUTPUT_DIR/pipeline; the quickstart's: {QUICKSTART_PIPELINE})")
     prompts = [cfg.prompt] if cfg.prompt else load_prompts(cfg.prompts, column=cfg.prompt_column)
     seeds = parse_seeds(cfg.seeds)
     pipe = OneStepGANPipeline.from_pretrained(cfg.pipeline, dtype=dtype_from_name(cfg.dtype)).to(device)

@@ -20,15 +20,17 @@ from typing import Optional
 
 import torch
 
-from distill.core.config import (ConfigError, command, parse_config, require_non_negative, require_positive,
-                                save_config, with_default)
+from distill.core.config import (ConfigError, command, config_dict, parse_config, require_non_negative, require_positive,
+                                with_default)
 from distill.core.lock import locked
 from distill.training.gan_step import GANStep, build_ema, build_gan_optimizers
 from distill.training.loop import TrainLoop, state_bytes
 from distill.scratch.setup import DISCRIMINATORS, add_networks, caption_bytes, export_pipeline, load_frozen, sample_grid
 from distill.training.student_registry import STUDENTS
 from distill.training.trackers import tracker_config
+from distill.training.checkpoint import resolve_resume
 from distill.training.run_config import GANRunConfig, check_gan_keys
+from distill.training.run_record import check_resume, save_run_config
 
 GENERATORS = tuple(name for name, spec in STUDENTS.items() if spec.generator is not None)
 
@@ -117,6 +119,8 @@ def main() -> None:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
                               project_dir=str(out))
     cfg.mixed_precision = accelerator.mixed_precision  # unset: the launcher's choice; the run records what it used
+    if resolve_resume(out, cfg.resume_from_checkpoint) is not None:  # a changed run is refused before anything loads
+        check_resume(out, config=config_dict(cfg))
     # The data before the output folder: no captions, a blank one or an unreadable image stop the run with nothing written.
     ds = check_real_data(cfg, rank=accelerator.process_index, world=accelerator.num_processes, gather=gather_object)
     with locked(out, purpose="train_gan", is_main_process=accelerator.is_main_process, broadcast=lambda x: broadcast_object_list([x])[0]):
@@ -174,10 +178,10 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
                      checkpoints_total_limit=cfg.checkpoints_total_limit, ema=ema, model=gen,
                      export=lambda path: export_pipeline(parts, ema.model, path), validate=validate,
                      checkpoint_bytes=lambda: state_bytes(models=[gen, disc, ema.model, ema.model], optimizers=[opt_g, opt_d]))
-    accelerator.register_for_checkpointing(data)  # the stream positions (map-style data needs none)
+    loop.keep("data_streams", data)  # the stream positions (map-style data needs none)
     loop.resume(cfg.resume_from_checkpoint)
     if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+        save_run_config(cfg, out, step=loop.state.global_step)
         accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
     if loop.state.step == 0:
         validate(0)
@@ -198,7 +202,7 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
 
     # 4. Save: the EMA generator as a pipeline.
     if accelerator.is_main_process:
-        export_pipeline(parts, ema.model, out / "pipeline")
+        loop.export_final(out / "pipeline")
         accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
 
 

@@ -23,7 +23,7 @@ import torch
 from data_gen.hub import push_folder
 from data_gen.pairs import load_pairs, read_manifest, stored_text_shapes, target_statistics
 from distill.core.config import (ConfigError, command, config_dict, parse_config, require_between, require_non_negative,
-                                require_positive, save_config, with_default)
+                                require_positive, with_default)
 from distill.core.lock import locked
 from distill.training import checkpoint as ckpt
 from distill.distillation import run_checks
@@ -39,6 +39,7 @@ from distill.distillation.setup import (COND_DTYPE, FROZEN_DTYPES, build_regress
 from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training.trackers import tracker_config
 from distill.training.run_config import GANRunConfig, check_gan_keys
+from distill.training.run_record import save_run_config
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)
 
@@ -124,7 +125,12 @@ def main() -> None:
     check_with_pairs(cfg, manifest)
     out = Path(cfg.output_dir)
     split = run_checks.split_record(pairs=cfg.pairs, manifest=manifest, holdout=cfg.holdout)
-    if ckpt.resolve_resume(out, cfg.resume_from_checkpoint) is not None:
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out)
+    )
+    # Unset, the launcher's choice (`accelerate launch --mixed_precision bf16`) applies; the run records what it used.
+    cfg.mixed_precision = accelerator.mixed_precision
+    if ckpt.resolve_resume(out, cfg.resume_from_checkpoint) is not None:  # (the precision too: resolved first)
         run_checks.check_resume(out, config=config_dict(cfg), split=split)
     same_teacher = run_checks.check_teacher(teacher=cfg.teacher or manifest["teacher"]["name_or_path"],
                                             revision=cfg.revision or manifest["teacher"].get("revision"), variant=cfg.variant,
@@ -133,11 +139,6 @@ def main() -> None:
     if stored_text and not same_teacher:
         sys.stderr.write(f"warning: the prompt embeddings stored in {cfg.pairs} are another teacher's: this teacher's text encoder "
                          "encodes the prompts instead\n")
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(out)
-    )
-    # Unset, the launcher's choice (`accelerate launch --mixed_precision bf16`) applies; the run records what it used.
-    cfg.mixed_precision = accelerator.mixed_precision
     accelerator.print(f"mixed precision: {cfg.mixed_precision}")
     with locked(out, purpose="train_student", is_main_process=accelerator.is_main_process,
                 broadcast=lambda x: broadcast_object_list([x])[0]):
@@ -211,7 +212,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
                      validate=validate, checkpoint_bytes=lambda: state_bytes(models=size_models, optimizers=[opt_g, opt_d]))
     loop.resume(cfg.resume_from_checkpoint)
     if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+        save_run_config(cfg, out, step=loop.state.global_step)
         run_checks.write_split(out / run_checks.SPLIT_FILE, split)
         accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
     if loop.state.step == 0:
@@ -247,7 +248,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
 
     # 5. Save: the EMA student as a pipeline.
     if accelerator.is_main_process:
-        export(out / "pipeline")
+        loop.export_final(out / "pipeline")
         accelerator.print(f"done: {loop.state.step} steps, {loop.state.nimg} images; one-step pipeline in {(out / 'pipeline').resolve()}")
 
 

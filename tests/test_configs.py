@@ -173,3 +173,37 @@ def test_accelerate_configs_load(name, distributed, machines):
     cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert cfg.distributed_type.value == distributed and cfg.num_machines == machines
     assert cfg.num_processes % cfg.num_machines == 0
+
+
+def _command_schemas():
+    """Every command's config schema: the dataclasses named *Config in distill/*.py and distill/digits/*.py."""
+    import dataclasses
+    import importlib
+
+    found = {}
+    for path in [*(ROOT / "distill").glob("*.py"), *(ROOT / "distill" / "digits").glob("*.py")]:
+        if "@command\ndef main" not in path.read_text():
+            continue
+        module = importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        for name, obj in vars(module).items():
+            if name.endswith("Config") and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__:
+                found[f"{module.__name__}.{name}"] = obj
+    return found
+
+
+def test_no_float_key_of_any_command_takes_nan_or_inf():
+    """nan / inf are refused for every float key, in one line naming it, before a command does anything."""
+    import dataclasses
+
+    from distill.core.config import ConfigError
+
+    checked = 0
+    for where, schema in _command_schemas().items():
+        for field in dataclasses.fields(schema):
+            if "float" not in str(field.type):
+                continue
+            for value in ("nan", "inf", "-inf"):
+                with pytest.raises(ConfigError, match=rf"^{field.name} must be a finite number, got {value}:"):
+                    parse_config(schema, [f"--{field.name}", value])
+            checked += 1
+    assert checked >= 40, checked

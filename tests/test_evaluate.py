@@ -87,6 +87,8 @@ def test_evaluation_is_resumable_from_cached_images(setup, single, capsys):
     assert "resuming: 4 of 8 samples" in stdout.getvalue()
     assert (out / "samples" / "0000000.png").stat().st_mtime_ns == first
     assert len(list((out / "samples").glob("*.png"))) == 8
+    code, err = run_script("evaluate.py", [*args, "--num_samples", 8, "--metrics", "fid", "--output_dir", out], capsys)
+    assert code == 0 and "samples (rank 0" not in err  # every sample cached: no bar stuck at 0 img
     # Samples made with another config are refused rather than mixed in.
     code, err = run_script("evaluate.py", [*args, "--seed", 1, "--metrics", "fid", "--output_dir", out], capsys)
     assert code == 2 and "different config" in err and "seed" in err
@@ -106,6 +108,9 @@ def test_two_processes_give_the_same_numbers(setup, single):
     run = accelerate_launch("evaluate.py", [*args, "--metrics", "fid,clip_score,fidelity", "--output_dir", root / "two"],
                             num_processes=2)
     assert run.returncode == 0, run.stderr[-3000:]
+    # What every evaluation printed and no user acts on: library loading bars, pyarrow's and clean-fid's warnings.
+    for noise in ("Loading pipeline components", "FutureWarning", "LinAlgWarning", "Matrix is singular"):
+        assert noise not in run.stderr, (noise, run.stderr[-3000:])
     two = json.loads((root / "two" / "metrics.json").read_text())
     assert two["num_processes"] == 2
     for name in QUALITY:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,8 +152,45 @@ def test_unet_student_runs_in_the_stock_pipeline(tiny_teacher_factory, tmp_path,
     (tmp_path / "pairs").mkdir()
     (tmp_path / "pairs" / "manifest.json").write_text(json.dumps({"scheduler_config": dict(stock.scheduler.config)}))
     assert run_script("export_stock.py", ["--pipeline", tmp_path / "pipeline", "--output_dir", tmp_path / "stock2"], capsys)[0] == 0
-    if family == "sd15":
+    if family == "sd15":  # a GAN student is refused as such, before a teacher is asked for
         _pipeline("gigagan", DiffusionPipeline.from_pretrained(teacher_dir)).save_pretrained(tmp_path / "gan")
-        code, err = run_script("export_stock.py", ["--pipeline", tmp_path / "gan", "--output_dir", tmp_path / "x",
-                                                   "--teacher", teacher_dir], capsys)
-        assert code == 2 and "only the UNet student is an SD UNet" in err.strip().splitlines()[-1]
+        code, err = run_script("export_stock.py", ["--pipeline", tmp_path / "gan", "--output_dir", tmp_path / "x"], capsys)
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and "holds a GigaGANGenerator student: only UNet students export to a stock" in line, err[-2000:]
+        assert not (tmp_path / "x").exists()
+
+
+def test_export_stock_writes_the_folder_whole_or_not_at_all(tiny_teacher_factory, tmp_path, capsys, monkeypatch):
+    """A failed or killed re-export leaves the earlier folder as it was (no mix of old and new files), a full disk is
+    one line, and a killed writer's temporary folder is cleared by the next export."""
+    import errno
+
+    from diffusers import DiffusionPipeline
+
+    import students.stock
+    from conftest import run_script
+
+    teacher_dir = tiny_teacher_factory("sd15")
+    _pipeline("unet", DiffusionPipeline.from_pretrained(teacher_dir)).save_pretrained(tmp_path / "pipeline")
+    args = ["--pipeline", tmp_path / "pipeline", "--output_dir", tmp_path / "stock", "--teacher", teacher_dir]
+    killed = tmp_path / ".stock.tmp-999999"  # left by a writer killed with -9 (no such process now)
+    killed.mkdir()
+    (killed / "model_index.json").write_text("{}")
+    assert run_script("export_stock.py", args, capsys)[0] == 0
+    assert not killed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "stock"]
+    before = {p: p.read_bytes() for p in (tmp_path / "stock").rglob("*") if p.is_file()}
+    real = students.stock.save_stock_pipeline
+
+    def fills_the_disk(pipe, save_directory, **kwargs):
+        real(pipe, save_directory, **kwargs)
+        (Path(save_directory) / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(students.stock, "save_stock_pipeline", fills_the_disk)
+    code, err = run_script("export_stock.py", args, capsys)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith(f"error: no space left in {tmp_path}, need ≈ ") and "(the earlier one is kept)" in line, err
+    assert {p: p.read_bytes() for p in (tmp_path / "stock").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "stock"]
+    code, err = run_script("export_stock.py", [*args[:-4], "--output_dir", tmp_path / "new", *args[-2:]], capsys)
+    assert code == 2 and not (tmp_path / "new").exists()

@@ -94,13 +94,11 @@ def test_kill_and_resume_finishes_exactly_the_missing_rows(sd15_teacher, prompt_
     before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("train-*.parquet")}
     with pytest.raises(ValueError, match="incomplete"):
         load_pairs(out)
-    # kill -9 leaves the run's lock: the rerun names it and the command that clears it.
-    refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert refused.returncode == 2 and f"no longer alive (pid {proc.pid}" in _one_error_line(refused.stderr)
-    (out / ".lock").unlink()
+    # kill -9 leaves the run's lock: the same command takes it over (its holder is dead) and resumes, no hand step.
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming" in rerun.stdout
+    assert f"took over the lock of {out} from a run that is no longer alive (pid {proc.pid}" in rerun.stderr
+    assert "resuming with" in rerun.stdout
     # Shards written before the kill are kept as they were, not rewritten.
     assert {p: (out / "data" / p).stat().st_mtime_ns for p in before} == before
     ds = load_pairs(out)
@@ -200,7 +198,8 @@ def test_a_second_run_into_a_locked_folder_is_refused(sd15_teacher, prompt_file,
     assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 0  # the refused run changed nothing
 
 
-def test_a_stale_lock_is_reported_with_the_command_to_clear_it(sd15_teacher, prompt_file, tmp_path, capsys):
+def test_a_lock_left_by_a_killed_run_on_this_host_is_taken_over(sd15_teacher, prompt_file, tmp_path, capsys):
+    """A preempted job resumes by itself: the dead holder's lock (pid and start time checked) is taken over, in a line."""
     import socket
 
     out = tmp_path / "pairs"
@@ -209,12 +208,44 @@ def test_a_stale_lock_is_reported_with_the_command_to_clear_it(sd15_teacher, pro
     dead.wait()  # a pid that no longer runs: the run that held the lock was killed
     (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "yesterday"}))
     code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
-    assert code == 2
-    line = _one_error_line(err)
-    assert "no longer alive" in line and f"rm {out / '.lock'}" in line
-    (out / ".lock").unlink()
-    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)[0] == 0
-    assert not (out / ".lock").exists()
+    assert code == 0, err[-2000:]
+    assert f"took over the lock of {out} from a run that is no longer alive (pid {dead.pid} on {socket.gethostname()}" in err
+    assert not (out / ".lock").exists() and sorted(load_pairs(out)["index"]) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("minutes_since_beat", [11, 1])
+def test_a_lock_of_another_host_is_taken_over_once_its_heartbeat_stops(sd15_teacher, prompt_file, tmp_path, capsys,
+                                                                       minutes_since_beat):
+    """A job requeued on another node: the lock of the node it ran on, not renewed for 10 min, is taken over; one
+    renewed a minute ago belongs to a run that may still write there."""
+    out = tmp_path / "pairs"
+    out.mkdir()
+    lock = out / ".lock"
+    lock.write_text(json.dumps({"host": "preempted-node", "pid": 4242, "since": "earlier", "heartbeat": 60.0}))
+    beat = time.time() - 60 * minutes_since_beat
+    os.utime(lock, (beat, beat))
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    if minutes_since_beat > 10:
+        assert code == 0 and "from a run whose lock has not been renewed for 11 min (pid 4242 on preempted-node" in err, err[-2000:]
+    else:
+        line = _one_error_line(err)
+        assert code == 2 and "is in use by another run (pid 4242 on preempted-node" in line and "renewed 60 s ago" in line, line
+        assert lock.exists() and not (out / "manifest.json").exists()
+
+
+def test_a_held_lock_is_renewed_by_its_heartbeat(tmp_path, monkeypatch):
+    import distill.core.lock as lock_module
+
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    with lock_module.locked(tmp_path / "run", purpose="test", is_main_process=True):
+        lock = tmp_path / "run" / ".lock"
+        old = time.time() - 3600
+        os.utime(lock, (old, old))
+        deadline = time.time() + 10
+        while time.time() < deadline and lock.stat().st_mtime == old:
+            time.sleep(0.05)
+        assert time.time() - lock.stat().st_mtime < 10 and json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
 
 
 def test_resume_compares_the_teacher_by_content_not_by_path(sd15_teacher, prompt_file, tmp_path, capsys):
@@ -324,3 +355,82 @@ def test_stored_prompt_embeds_are_the_pipelines(tiny_teacher_factory, prompt_fil
     for key, value in expected.items():
         assert getattr(ds.features[key], "feature", ds.features[key]).dtype == "float16"  # as stored (read as float32)
         torch.testing.assert_close(rows[key], value.half().float())
+
+
+@pytest.mark.parametrize("value, message", [
+    ("nan", "guidance_scale must be a finite number, got nan"),
+    ("inf", "guidance_scale must be a finite number, got inf"),
+    ("-5", "guidance_scale must not be negative, got -5.0"),
+])
+def test_guidance_scale_must_be_finite_and_not_negative(sd15_teacher, prompt_file, tmp_path, capsys, value, message):
+    """Refused before anything is written (diffusers takes NaN as CFG off): the corrected run then starts cleanly."""
+    out = tmp_path / "pairs"
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", value), capsys)
+    assert code == 2 and message in _one_error_line(err) and not out.exists()
+
+
+def test_a_run_that_wrote_no_shard_does_not_block_the_next(sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
+    """A teacher that overflows in float32 is named as such (not 'try float32'); the manifest its run left binds nothing."""
+    import teachers
+
+    real = teachers.solve_ode
+    monkeypatch.setattr(teachers, "solve_ode", lambda *a, **k: real(*a, **k) * float("inf"))
+    out = tmp_path / "pairs"
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", "9"), capsys)
+    line = _one_error_line(err)
+    assert code == 2 and "although it runs in float32 (guidance_scale 9)" in line and "try teacher_dtype float32" not in line
+    assert (out / "manifest.json").is_file()
+    monkeypatch.setattr(teachers, "solve_ode", real)
+    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", "4"), capsys)[0] == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["guidance_scale"] == 4.0
+
+
+def test_a_full_disk_is_one_line_and_the_config_record_is_rewritten(sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from data_gen import pairs as pairs_io
+
+    out = tmp_path / "pairs"
+    real, written = pairs_io.write_shard, []
+
+    def full_after_one(path, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real(path, **kwargs)
+
+    monkeypatch.setattr(pairs_io, "write_shard", full_after_one)
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith(f"error: no space left in {out}, need ≈ ") and "for the 2 pairs still to write" in line
+    assert "the 1 finished shard(s) are kept and the same command resumes" in line
+    (out / "generate_pairs.yaml").write_text("")  # as an older version left it when the disk filled during its write
+    monkeypatch.setattr(pairs_io, "write_shard", real)
+    code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    assert code == 0, err
+    record = (out / "generate_pairs.yaml").read_text()
+    assert "num_pairs: 4" in record and "shard_size: 2" in record
+    assert sorted(load_pairs(out)["index"]) == [0, 1, 2, 3]
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # a rerun of finished pairs: no "0.00 pairs/s", no empty bar
+        code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
+    assert code == 0 and "nothing left to solve" in stdout.getvalue() and "pairs/s" not in stdout.getvalue()
+    assert "pairs (rank 0" not in err
+
+
+def test_a_long_prompt_is_warned_about_once_and_the_stage_shows_one_bar(sd15_teacher, tmp_path):
+    """CLIP's truncation warning quotes the cut-off text of every batch (130 KB of log for a 10,000-character prompt):
+    said once, shortened; no library loading bars, the stage's own bar with its rate, its start and end on stdout."""
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("a cat " + "and a very long description " * 360 + "\nshort\n")
+    out = tmp_path / "pairs"
+    run = subprocess.run([sys.executable, str(ROOT / "distill" / "generate_pairs.py"), *map(str, _gen(sd15_teacher, prompts, out)),
+                          "--batch_size", "1"], env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("was truncated") == 1 and "(said once" in run.stderr and len(run.stderr) < 6000, len(run.stderr)
+    assert "Loading pipeline components" not in run.stderr and "pair/s" in run.stderr
+    assert run.stdout.startswith("pairs: 4 to solve") and "pairs/s on rank 0" in run.stdout

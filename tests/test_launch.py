@@ -69,3 +69,26 @@ def test_accelerate_launch_of_a_file_and_of_a_console_script():
 def test_a_console_script_ends_a_user_error_in_one_line(tmp_path):
     done = _run(["d2g-sample", "--pipeline", str(tmp_path / "missing"), "--prompt", "a cat"], cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_under_accelerate_launch_a_user_error_is_the_line_the_launcher_ends_with(tmp_path, processes):
+    """`accelerate launch -q`: one process, the command's `error:` line is the last line; several (torchrun), the
+    summary printed last gives that line as its root cause (`traceback : error: ...`), not a link to a traceback.
+    The launcher's own status is 1; the command's 2 shows in the summary (`exitcode  : 2`)."""
+    from conftest import _free_port
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--num_processes", str(processes)]
+    if processes > 1:
+        launch += ["--multi_gpu", "--main_process_port", str(_free_port())]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    done = subprocess.run([*launch, str(ROOT / "distill" / "sample.py"), "--pipeline", str(tmp_path / "missing"), "--prompt", "a"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    line = f"error: pipeline '{tmp_path / 'missing'}' does not exist"
+    lines = [x for x in done.stderr.splitlines() if x.strip() and set(x.strip()) != {"="}]
+    assert done.returncode == 1 and "Traceback (most recent call last)" not in done.stderr, done.stderr[-3000:]
+    if processes == 1:
+        assert lines[-1].startswith(line), done.stderr[-3000:]
+    else:
+        assert lines[-1].strip().startswith(f"traceback : {line}") and "exitcode  : 2" in done.stderr, done.stderr[-3000:]

@@ -49,6 +49,13 @@ def test_reduced_quickstart(tmp_path):
     report = (out / "report.md").read_text()  # the pictures: teacher row vs student row, and the run's curves
     assert "](teacher_vs_student.png)" in report and "](student/curves.png)" in report and (out / "student" / "curves.png").is_file()
     assert (out / "student" / "pipeline" / "README.md").is_file() and (out / "student" / "pipeline" / "samples.png").is_file()
+    # It says where the student lands, and how long each stage took, for the next run to say at its start.
+    assert f"the student lands in {out / 'student' / 'pipeline'}" in run.stdout and "expected about 13 min" in run.stdout
+    times = [line.split("\t") for line in (out / "stage_times.tsv").read_text().splitlines()]
+    assert [t[0] for t in times] == ["reference", "pairs", "teacher-reference", "training-student", "eval-teacher", "eval-student"]
+    assert all(int(t[1]) >= 0 for t in times)
+    config = (out / "student" / "config.yaml").read_text()
+    assert "checkpointing_steps: 6" in config  # the test's override wins over the script's 20
 
     # The trained student beats a random-init one on fidelity to the teacher (held-out pairs).
     from data_gen.pairs import load_pairs

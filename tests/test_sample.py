@@ -40,3 +40,18 @@ def test_bad_values_are_one_line(pipeline_dir, tmp_path, capsys, args, message):
     assert code == 2
     assert "Traceback" not in err and message in err.strip().splitlines()[-1]
     assert not (tmp_path / "s").exists()
+
+
+def test_a_folder_that_is_not_a_student_is_named_for_what_it_is(pipeline_dir, tmp_path, capsys):
+    """Not "not found" for a folder that exists: what it is (pairs, a run, a checkpoint) and what to pass instead."""
+    pairs, run = tmp_path / "pairs", tmp_path / "run"
+    (pairs / "data").mkdir(parents=True)
+    (pairs / "manifest.json").write_text("{}")
+    (run / "pipeline").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    for folder, what in ((pairs, "is a pairs folder (written by generate_pairs.py), not a student"),
+                         (run, f"is a training run folder; its student pipeline is {run / 'pipeline'}"),
+                         (tmp_path / "missing", "does not exist")):
+        code, err = run_script("sample.py", ["--pipeline", folder, "--prompt", "a cat", "--output_dir", tmp_path / "s"], capsys)
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and line.startswith(f"error: pipeline '{folder}' {what}: pass a student's pipeline folder"), line

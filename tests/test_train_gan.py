@@ -122,6 +122,24 @@ def test_resume_continues_identically(common, tmp_path, capsys):
     assert [r["step"] for r in _stats(resumed)] == [1, 2, 3, 4]
 
 
+def test_resume_refuses_another_dataset_or_generator_and_records_allowed_changes(common, own_images, tmp_path, capsys):
+    """The same rule as train_student.py's (distill/training/run_record.py): a changed dataset or generator size is one
+    line before anything loads (not a size-mismatch traceback), config.yaml untouched; a longer run is recorded."""
+    run = tmp_path / "run"
+    args = [*common, "--output_dir", run, "--checkpointing_steps", 1, "--validation_steps", 100]
+    assert run_script("train_gan.py", [*args, "--max_train_steps", 1], capsys)[0] == 0
+    before = (run / "config.yaml").read_text()
+    for changed, expected in ((["--dataset", own_images], f"dataset: '{common[1]}' -> '{own_images}'"),
+                              (["--generator_size", "small"], "generator_size: 'tiny' -> 'small'")):
+        code, err = run_script("train_gan.py", [*args, "--max_train_steps", 2, *changed], capsys)
+        line = _last_line(err)
+        assert code == 2 and f"{run} holds a run made with another config ({expected}" in line, err[-3000:]
+        assert (run / "config.yaml").read_text() == before
+    assert run_script("train_gan.py", [*args, "--max_train_steps", 2], capsys)[0] == 0
+    record = json.loads((run / "config_changes.jsonl").read_text())
+    assert record["step"] == 1 and record["changes"] == {"max_train_steps": [1, 2]}
+
+
 def test_clip_guidance_term_and_its_absence(common, tmp_path, capsys, monkeypatch):
     run = tmp_path / "clip"
     code, err = run_script("train_gan.py", [*common, "--output_dir", run, "--max_train_steps", 1, "--checkpointing_steps", 1,
@@ -249,7 +267,7 @@ def _cli(args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("case", ["no_metadata", "unknown_caption_column", "empty_caption"])
+@pytest.mark.parametrize("case", ["no_metadata", "unknown_caption_column", "empty_caption", "number_caption", "number_column"])
 def test_a_bad_folder_is_one_line_and_writes_nothing(own, tmp_path, case):
     folder = make_imagefolder(tmp_path / "my-images", n=8, size=(20, 28), captions="string")
     extra = []
@@ -259,11 +277,21 @@ def test_a_bad_folder_is_one_line_and_writes_nothing(own, tmp_path, case):
     elif case == "unknown_caption_column":
         extra, message = ["--caption_column", "prompt"], "caption column 'prompt' is not in dataset"
         message += f" {folder} (columns: image, text): set `caption_column` to one of them"
-    else:
+    elif case == "empty_caption":
         lines = (folder / "metadata.jsonl").read_text().splitlines()
         lines[5] = json.dumps({"file_name": "005.png", "text": ""})
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         message = "005.png) has an empty caption in column 'text': fill it in or drop the row"
+    elif case == "number_caption":  # not "cannot open dataset ... JSON parse error ... pass a local folder"
+        lines = (folder / "metadata.jsonl").read_text().splitlines()
+        lines[5] = json.dumps({"file_name": "005.png", "text": 5})
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        message = (f"column 'text' of {folder / 'metadata.jsonl'} holds a number at row 5 where the rows before hold a string: "
+                   "a caption must be text")
+    else:
+        lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        (folder / "metadata.jsonl").write_text("".join(json.dumps({**row, "text": i}) + "\n" for i, row in enumerate(lines)))
+        message = "000.png) has a caption of type int in column 'text' (0): a caption must be text"
     out = tmp_path / "runs" / "mine"
     res = _cli([*own, "--dataset", folder, "--output_dir", out, "--max_train_steps", 2, *extra])
     lines = [line for line in res.stderr.splitlines() if line.strip()]

@@ -124,3 +124,88 @@ def test_a_non_finite_statistic_stops_at_the_end_of_the_step(tmp_path):
     with pytest.raises(ValueError, match="non-finite loss at step 1 in term s: stopped"):
         step(bad="s")
     assert loop.state.step == 1 and len((tmp_path / "stats.jsonl").read_text().splitlines()) == 1
+
+
+def _checkpointing_loop(tmp_path, export):
+    from accelerate import Accelerator
+
+    fresh_accelerator_state()
+    acc = Accelerator(cpu=True)
+    g = acc.prepare(torch.nn.Linear(3, 1))
+    loop = TrainLoop(acc, output_dir=tmp_path, seed=0, max_train_steps=100, gradient_accumulation_steps=1, batch_size=2,
+                     checkpointing_steps=100, validation_steps=100, checkpoints_total_limit=None, ema=EMA(g, half_life_kimg=0),
+                     model=g, export=export, validate=None, checkpoint_bytes=lambda: 5 * 2**20)
+    return acc, loop
+
+
+def _exported(path: Path) -> None:
+    path.mkdir(parents=True)
+    (path / "weights.safetensors").write_bytes(b"w" * 1000)
+
+
+WRITE_FAILURES = {  # how the writers in use report a full disk
+    "torch zip writer": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1664 vs 1553"),
+    "C++ stream": RuntimeError("basic_ios::clear: iostream error"),
+    "OSError": OSError(28, "No space left on device"),
+    "safetensors": __import__("safetensors").SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(WRITE_FAILURES))
+@pytest.mark.parametrize("where", ["accelerate state", "export"])
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, failure, where):
+    fail = {"now": False}
+
+    def export(path):
+        _exported(path)
+        if fail["now"] and where == "export":
+            raise WRITE_FAILURES[failure]
+
+    acc, loop = _checkpointing_loop(tmp_path, export)
+    loop.state.step = 1
+    loop.save_checkpoint()
+    real = acc.save_state
+
+    def save_state(output_dir, **kwargs):
+        real(output_dir, **kwargs)
+        if where == "accelerate state":
+            raise WRITE_FAILURES[failure]
+
+    monkeypatch.setattr(acc, "save_state", save_state)
+    fail["now"] = True
+    loop.state.step = 2
+    with pytest.raises(OSError) as err:
+        loop.save_checkpoint()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"no space left in {tmp_path / 'checkpoints'}, need ≈ "), message
+    assert "checkpoint-1 and older are kept" in message
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-1"]
+
+
+def test_the_final_export_appears_whole_or_not_at_all(tmp_path):
+    """export_final writes beside the destination and renames: a full disk is one line and leaves the earlier folder
+    (or none), never a half-written one."""
+    from safetensors import SafetensorError
+
+    full = {"disk": True}
+
+    def export(path):
+        _exported(path)
+        if full["disk"]:
+            (path / "weights.safetensors").write_bytes(b"half")
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })')
+
+    acc, loop = _checkpointing_loop(tmp_path, export)
+    final = tmp_path / "pipeline"
+    with pytest.raises(OSError) as err:
+        loop.export_final(final)
+    assert str(err.value).startswith(f"no space left in {tmp_path}, need ≈ 5 MB for the final pipeline: nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no pipeline/, no temporary folder
+    full["disk"] = False
+    loop.export_final(final)
+    assert (final / "weights.safetensors").read_bytes() == b"w" * 1000
+    full["disk"] = True  # a second export that fails keeps the first one whole
+    with pytest.raises(OSError, match=r"\(the earlier one is kept\)"):
+        loop.export_final(final)
+    assert (final / "weights.safetensors").read_bytes() == b"w" * 1000 and sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]

@@ -328,7 +328,7 @@ def test_ema_on_cpu_and_in_bf16_resumes_identically_and_exports(pairs_dir, tmp_p
     assert code == 0, err
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ema_dtype]
     a, b = (run / "checkpoints" / "checkpoint-4" for run in (straight, resumed))
-    ema_a, ema_b = (torch.load(c / "custom_checkpoint_0.pkl", weights_only=False) for c in (a, b))
+    ema_a, ema_b = (load_file(c / "ema.safetensors") for c in (a, b))  # the EMA as safetensors, no pickle
     student = load_file(a / "model.safetensors")
     assert ema_a.keys() == ema_b.keys() and {v.dtype for v in ema_a.values()} == {dtype}
     assert any(not torch.equal(ema_a[k].float(), student[k].float()) for k in student)  # an average, not a copy
@@ -809,6 +809,8 @@ def _last_line(err: str) -> str:
     (["--gan_weight=-1"], "gan_weight must not be negative, got -1.0"),
     (["--learning_rate_g", "-1e-4"], "learning_rate_g must be positive, got -0.0001"),  # a negative value, not a flag
     (["--learning_rate_d", "-0.5"], "learning_rate_d must be positive, got -0.5"),
+    (["--learning_rate_g", "nan"], "learning_rate_g must be a finite number, got nan"),  # named before anything loads
+    (["--gan_weight", "inf"], "gan_weight must be a finite number, got inf"),
 ])
 def test_out_of_range_values_are_one_line_before_the_teacher_loads(pairs_dir, tmp_path, capsys, monkeypatch, args, message):
     import distill.distillation.setup as setup
@@ -862,6 +864,92 @@ def test_resuming_with_another_student_or_other_pairs_is_refused(pairs_dir, sd15
     code, err = run_script("train_student.py", [*args, "--max_train_steps", 2, "--pairs", other], capsys)
     assert code == 2 and "another config (pairs:" in _last_line(err)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(pairs_dir, tmp_path_factory):
+    """A 2-step run with checkpoint-1 and checkpoint-2 (tests copy it before changing it)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
+                                                "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN])
+    assert code == 0, err
+    return run
+
+
+def _copy_run(finished_run, pairs_dir, tmp_path) -> tuple[Path, list]:
+    """A copy of the finished run and the arguments that resume it for one more step."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    return run, ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 3, "--checkpointing_steps", 1,
+                 "--validation_steps", 100, *TRAIN]
+
+
+class _WritesAFile:
+    """A pickle that creates ``path`` when it is loaded: what a crafted checkpoint file would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("target", ["custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"])
+def test_resume_runs_no_code_from_a_crafted_checkpoint_file(pairs_dir, finished_run, tmp_path, capsys, target):
+    """The loop's states are safetensors / JSON; every file of a checkpoint is checked against the record written with
+    it before accelerate opens any, so a pickle put there (or one swapped for accelerate's own) is refused in one line."""
+    run, args = _copy_run(finished_run, pairs_dir, tmp_path)
+    marker = tmp_path / "code-ran"
+    torch.save(_WritesAFile(marker), run / "checkpoints" / "checkpoint-2" / target)
+    code, err = run_script("train_student.py", args, capsys)
+    assert code == 2 and not marker.exists(), err[-3000:]
+    line = _last_line(err)
+    assert f"checkpoint {run / 'checkpoints' / 'checkpoint-2'}" in line and target in line, line
+    assert "--resume_from_checkpoint checkpoint-1" in line
+    saved = sorted(p.name for p in (run / "checkpoints" / "checkpoint-1").iterdir())
+    assert not [name for name in saved if name.startswith("custom_checkpoint")], saved  # the loop's states are no pickles
+
+
+def test_a_corrupt_checkpoint_is_one_line_naming_it_and_the_fix(pairs_dir, finished_run, tmp_path, capsys):
+    run, args = _copy_run(finished_run, pairs_dir, tmp_path)
+    weights = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # cut short, as by a full disk or a copy that stopped
+    code, err = run_script("train_student.py", args, capsys)
+    line = _last_line(err)
+    assert code == 2 and f"checkpoint {weights.parent} is damaged (model.safetensors: {len(data) // 2} bytes" in line, line
+    assert "--resume_from_checkpoint checkpoint-1" in line and f"rm -r {weights.parent}" in line
+    weights.write_bytes(b"\xff" * len(data))  # the recorded size, but not safetensors any more
+    code, err = run_script("train_student.py", args, capsys)
+    line = _last_line(err)
+    assert code == 2 and f"checkpoint {weights.parent} cannot be loaded (SafetensorError" in line, line
+    code, err = run_script("train_student.py", [*args, "--resume_from_checkpoint", "checkpoint-1"], capsys)  # the fix
+    assert code == 0, err[-3000:]
+    assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_run_and_records_the_allowed_changes(pairs_dir, finished_run, tmp_path, capsys):
+    """Batch, seed, learning rate, regression, GAN weight define the run: a resume that changes them is one line and
+    writes nothing; a longer run (max_train_steps) and other cadences are allowed and recorded in config_changes.jsonl."""
+    run, args = _copy_run(finished_run, pairs_dir, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    changed = ["--batch_size", 2, "--seed", 7, "--learning_rate_g", "3e-4", "--regression", "mse", "--gan_weight", "0.5"]
+    code, err = run_script("train_student.py", [*args, *changed], capsys)
+    line = _last_line(err)
+    assert code == 2 and line.startswith(f"error: {run} holds a run made with another config ("), line
+    for key in ("batch_size: 4 -> 2", "seed: 0 -> 7", "learning_rate_g: 0.0001 -> 0.0003", "regression: 'elatentlpips' -> 'mse'",
+                "gan_weight: 0.1 -> 0.5"):
+        assert key in line, (key, line)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml not rewritten
+    code, err = run_script("train_student.py", [*args, "--validation_steps", 50, "--checkpoints_total_limit", 5], capsys)
+    assert code == 0, err[-3000:]
+    records = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 2 and records[0]["changes"] == {
+        "output_dir": [str(finished_run), str(run)],  # the copy: a moved folder resumes too
+        "max_train_steps": [2, 3], "checkpoints_total_limit": [3, 5], "validation_steps": [100, 50]}
+    assert "max_train_steps: 3" in (run / "config.yaml").read_text()
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(pairs_dir, tmp_path, capsys, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import sys
 import traceback
@@ -96,7 +97,18 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
         if choices and value is not None and value not in choices:
             hint = field.metadata.get("hints", {}).get(value)  # a value that belongs to another command, say
             raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}{'; ' + hint if hint else ''}")
+    require_finite(config)
     return config  # type: ignore[return-value]
+
+
+def require_finite(config: Any) -> None:
+    """One-line error for the first float key (or float in a list key) that is nan or +-inf: no key of any command
+    means anything by them, and diffusers or torch would take some silently (a NaN guidance scale turns CFG off)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{field.name} must be a finite number, got {item}: pass a real value (see --help for its meaning)")
 
 
 def _canonical_keys(loaded, fields: dict, path: Path):
@@ -195,9 +207,9 @@ def with_default(schema: type, name: str, default: Any = dataclasses.MISSING, *,
 
 
 def require_positive(config: Any, *keys: str) -> None:
-    """One-line error for the first of ``keys`` that is not > 0."""
+    """One-line error for the first of ``keys`` that is not > 0 (an unset optional key, None, passes)."""
     for key in keys:
-        if getattr(config, key) <= 0:
+        if getattr(config, key) is not None and getattr(config, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(config, key)}")
 
 
@@ -211,9 +223,9 @@ def require_positive_or_null(config: Any, *keys: str) -> None:
 
 
 def require_non_negative(config: Any, *keys: str) -> None:
-    """One-line error for the first of ``keys`` that is < 0."""
+    """One-line error for the first of ``keys`` that is < 0 (an unset optional key, None, passes)."""
     for key in keys:
-        if getattr(config, key) < 0:
+        if getattr(config, key) is not None and getattr(config, key) < 0:
             raise ConfigError(f"{key} must not be negative, got {getattr(config, key)}")
 
 
@@ -238,9 +250,16 @@ def package_versions(*names: str) -> dict[str, str]:
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (the run directory's record of what ran), secrets left out."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict(config))))
+    """Write the resolved config as YAML (the run directory's record of what ran), secrets left out; written to a
+    temporary name and renamed, so that a full disk leaves the previous record (or none), never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict(config))))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def config_dict(config: Any) -> dict:
@@ -256,6 +275,9 @@ def run_cli(main: Callable[[], Any]) -> None:
 
     Set ``D2G_DEBUG=1`` to see the traceback instead.
     """
+    from distill.core.quiet import quiet_libraries
+
+    quiet_libraries()
     try:
         main()
     except KeyboardInterrupt:
@@ -268,7 +290,22 @@ def run_cli(main: Callable[[], Any]) -> None:
             traceback.print_exc()
             sys.exit(1)
         sys.stderr.write(f"error: {exc}\n")
+        _tell_the_launcher(f"error: {exc}")
         sys.exit(2)
+
+
+def _tell_the_launcher(line: str) -> None:
+    """Under torchrun (``accelerate launch`` of several processes) the summary printed last names each failed process's
+    error file as its root cause, else a link to a traceback: write the user's line there, so the summary ends with it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        try:
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        except OSError:
+            pass  # the line is on stderr already
 
 
 def command(main: Callable[[], Any]) -> Callable[[], None]:

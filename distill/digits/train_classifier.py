@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_gen.digits import load_digits_images
-from distill.core.config import command, parse_config, save_config
+from distill.core.config import command, parse_config, require_positive, save_config
 from teachers.digits_classifier import DigitClassifier
 
 
@@ -57,6 +57,7 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor)
 @command
 def main() -> None:
     cfg = parse_config(ClassifierConfig, description=__doc__.split("\n\n")[0])
+    require_positive(cfg, "lr")
     torch.set_num_threads(cfg.num_threads)
     torch.set_flush_denormal(True)
     out = Path(cfg.output_dir)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, NUM_CLASSES, captions_for_label, load_digits_images
-from distill.core.config import command, parse_config, save_config
+from distill.core.config import command, parse_config, require_between, require_non_negative, require_positive, save_config
 from distill.digits.teacher_steps import TeacherSteps, prepare_run, with_weights
 from teachers.digits import (
     assemble_pipeline,
@@ -98,6 +98,10 @@ def train_vae(cfg: TeacherConfig, images: torch.Tensor, generator: torch.Generat
 @command
 def main() -> None:
     cfg = parse_config(TeacherConfig, description=__doc__.split("\n\n")[0])
+    require_positive(cfg, "vae_lr", "unet_lr", "text_encoder_lr")
+    require_non_negative(cfg, "vae_kl_weight", "max_minutes", "snr_gamma")
+    require_between(cfg, "caption_dropout", 0.0, 1.0)
+    require_between(cfg, "ema_decay", 0.0, 1.0)
     out, generator = prepare_run(output_dir=cfg.output_dir, seed=cfg.seed, num_threads=cfg.num_threads)
     save_config(cfg, out / "config.yaml")
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, captions_for_label, load_digits_images
-from distill.core.config import command, parse_config, save_config
+from distill.core.config import command, parse_config, require_between, require_non_negative, require_positive, save_config
 from distill.digits.teacher_steps import TeacherSteps, prepare_run, with_weights
 from students.text import encode_sd3_text
 from teachers.digits import count_parameters, save_pipeline
@@ -82,6 +82,10 @@ def sample_sigmas(n: int, *, how: str, generator: torch.Generator) -> torch.Tens
 @command
 def main() -> None:
     cfg = parse_config(TeacherSD3Config, description=__doc__.split("\n\n")[0])
+    require_positive(cfg, "lr", "text_encoder_lr", "scheduler_shift")
+    require_non_negative(cfg, "max_minutes")
+    require_between(cfg, "caption_dropout", 0.0, 1.0)
+    require_between(cfg, "ema_decay", 0.0, 1.0)
     out, generator = prepare_run(output_dir=cfg.output_dir, seed=cfg.seed, num_threads=cfg.num_threads)
     save_config(cfg, out / "config.yaml")
 

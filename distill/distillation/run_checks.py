@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 from data_gen.pairs import SPLIT_FILE, heldout_split, rows_fingerprint
+from distill.training.run_record import check_resume as check_config
 from teachers.identity import identity_changes, resolve_teacher_folder, teacher_identity
-# Keys that fix the shapes of the saved weights or the rows trained on: a resumed run must keep them.
-RESUME_KEYS = ("student", "student_size", "student_timestep", "d_heads", "d_lora_rank", "holdout", "output_latent_stats",
-               "linear_lr_by_fan_in")
 
 
 def check_teacher(*, teacher: str, revision: str | None, variant: str | None, manifest: dict, pairs: str,
@@ -54,24 +52,13 @@ def read_split(folder: str | os.PathLike) -> dict | None:
 
 
 def check_resume(output_dir: str | os.PathLike, *, config: dict, split: dict) -> None:
-    """Refuse to resume ``output_dir`` with another student, discriminator or pairs than its saved run used."""
+    """Refuse to resume ``output_dir`` with a changed run (:func:`distill.training.run_record.check_resume`: any key that
+    defines it) or with other pairs than its saved run used (by the rows' content, wherever the folder now is)."""
     out = Path(output_dir)
-    saved_config, saved_split = out / "config.yaml", read_split(out)
-    diffs = []
-    if saved_config.is_file():
-        from omegaconf import OmegaConf
-
-        old = OmegaConf.to_container(OmegaConf.load(saved_config))
-        diffs += [f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in RESUME_KEYS if k in old and old.get(k) != config[k]]
-        if "gan_weight" in old and (old["gan_weight"] > 0) != (config["gan_weight"] > 0):
-            diffs.append(f"gan_weight: {old['gan_weight']!r} -> {config['gan_weight']!r} (adds or drops the discriminator)")
+    saved_split = read_split(out)
     if saved_split is not None:
         for key in ("rows_fingerprint", "num_pairs"):
             if saved_split.get(key) != split[key]:
-                diffs.append(f"pairs: {saved_split['pairs']} -> {split['pairs']} ({key} differs)")
-                break
-    if diffs:
-        raise ValueError(
-            f"{out} holds a run made with another config ({'; '.join(diffs)}): resume with the original values, "
-            "or choose a new output_dir"
-        )
+                raise ValueError(f"{out} holds a run made with another config (pairs: {saved_split['pairs']} -> {split['pairs']}, "
+                                 f"{key} differs): resume with the original pairs, or choose a new output_dir")
+    check_config(out, config=config)

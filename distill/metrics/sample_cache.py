@@ -92,8 +92,9 @@ def fill_sample_cache(sampler: Sampler, *, samples_dir: Path, identity: dict, nu
     mine = todo[process_index::num_processes]
     if is_main_process and cached:
         print(f"resuming: {cached} of {num_samples} samples already in {samples_dir}")
+    # No bar when every sample is cached (a resumed run): one stuck at 0 img would say work is pending.
     bar = tqdm(total=sum(len(c) for c in mine), unit="img", desc=f"samples (rank 0 of {num_processes})",
-               disable=not is_main_process, dynamic_ncols=True)
+               disable=not is_main_process or not mine, dynamic_ncols=True)
     generate_samples(sampler, chunks=mine, prompts=prompts, seed=seed, latent_shape=latent_shape,
                      samples_dir=samples_dir, progress=bar)
     bar.close()

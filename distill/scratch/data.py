@@ -183,7 +183,7 @@ class RealData:
                 found.append(caption)
         return found
 
-    # Checkpointed with the run (registered with accelerate; called on every process).
+    # Checkpointed with the run as JSON (TrainLoop.keep; state_dict is called on every process: it gathers).
     def state_dict(self) -> dict:
         return {"streams": self.gather([self.cursor.state_dict()]) if self.cursor is not None else None}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from typing import Iterator
 
 import torch
@@ -77,3 +78,18 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The averaged weights as safetensors (a checkpoint's ``ema.safetensors``: loading it runs no code)."""
+        from safetensors.torch import save_model
+
+        save_model(self.model, str(path))
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Weights :meth:`save` wrote, into the copy where it lives (its device and dtype kept)."""
+        from safetensors.torch import load_model
+
+        missing, unexpected = load_model(self.model, str(path), strict=False, device=str(self.device or "cpu"))
+        if missing or unexpected:
+            raise RuntimeError(f"{path} does not hold this EMA model's weights (missing {sorted(missing)[:3]}, "
+                               f"unexpected {sorted(unexpected)[:3]})")

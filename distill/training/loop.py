@@ -4,7 +4,9 @@
 (:class:`TrainState`: steps and images seen), resuming, one optimiser step of a loss phase over
 gradient-accumulation micro-batches (:meth:`TrainLoop.phase`; the same micro-batch numbering keys the
 data order and the random streams, so a resumed run continues them), the NaN/inf stop, the per-step
-``stats.jsonl`` record, the EMA update, and the checkpoint / validation cadence. What a step computes
+``stats.jsonl`` record, the EMA update, and the checkpoint / validation cadence. Its own states go into each checkpoint
+as safetensors (the EMA) and JSON (the counters, states a trainer adds with :meth:`TrainLoop.keep`), never as pickles:
+resuming runs no code from a checkpoint (``distill/training/checkpoint.py`` verifies its files first). What a step computes
 stays in the trainer, as callbacks. A run may have stages (E-LatentLPIPS: classifier, then calibration), each
 with its own model, optimiser and step count (:meth:`TrainLoop.begin_stage`); checkpoints and ``stats.jsonl``
 count the steps of the whole run.
@@ -15,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from distill.core.atomic import atomic_folder, folder_bytes
 from distill.training import checkpoint as ckpt
 from distill.training.seeds import step_generator
 
@@ -39,11 +44,12 @@ def micro_batch_loss(terms: dict[str, torch.Tensor], *, num_micro_batches: int) 
 
 
 POSITION_FILE = "trainer_state.json"  # in each checkpoint: where the run was, readable before anything is prepared
+EMA_FILE = "ema.safetensors"  # in each checkpoint with an EMA: its weights
 
 
 class TrainState:
-    """Counters saved with every checkpoint (registered with accelerate): the step of the current stage, images
-    seen, and for a run with stages the stage's name and the steps of the stages before it (``offset``)."""
+    """Counters saved with every checkpoint (``trainer_state.json``): the step of the current stage, images seen, and
+    for a run with stages the stage's name and the steps of the stages before it (``offset``)."""
 
     def __init__(self):
         self.step, self.nimg, self.stage, self.offset = 0, 0, "", 0
@@ -58,6 +64,10 @@ class TrainState:
     def load_state_dict(self, state):
         self.step, self.nimg = int(state["step"]), int(state.get("nimg", 0))
         self.stage, self.offset = str(state.get("stage", "")), int(state.get("offset", 0))
+
+    def position(self) -> dict:
+        """What ``trainer_state.json`` holds (:func:`read_position`)."""
+        return {"stage": self.stage, "step": self.step, "global_step": self.global_step, "nimg": self.nimg}
 
 
 def read_position(checkpoint: Path) -> dict:
@@ -92,9 +102,14 @@ class TrainLoop:
         self.ema, self.model = ema, model  # model: the prepared (DDP) module the EMA follows
         self.export, self.validate, self.checkpoint_bytes, self.export_name = export, validate, checkpoint_bytes, export_name
         self.state = TrainState()
+        self.kept: dict[str, Any] = {}
         self.bar = None
         self._step_start = time.perf_counter()
-        accelerator.register_for_checkpointing(*([ema] if ema is not None else []), self.state)
+
+    def keep(self, name: str, obj) -> None:
+        """Save ``obj.state_dict()`` (JSON-able; called on every process, so it may gather) as ``<name>.json`` in each
+        checkpoint and give it back to ``obj.load_state_dict`` on resume: a trainer's own state, such as stream positions."""
+        self.kept[name] = obj
 
     def begin_stage(self, name: str, *, max_train_steps: int, batch_size: int, model, export: Callable[[Path], None],
                     checkpoint_bytes: Callable[[], int]) -> None:
@@ -119,12 +134,35 @@ class TrainLoop:
         ``stats.jsonl`` back to it (the steps past it are about to run again)."""
         resume = ckpt.resolve_resume(self.out, resume_from_checkpoint)
         if resume is not None:
-            self.accelerator.load_state(str(resume))
+            self._load(resume)
             stage = f"{self.state.stage} " if self.state.stage else ""
             self.accelerator.print(f"resumed {stage}from {resume} at step {self.state.step} ({self.state.nimg} images)")
         if self.accelerator.is_main_process:
             ckpt.truncate_stats(self.stats_path, step=self.state.global_step if resume is not None else -1)
         return resume
+
+    def _load(self, resume: Path) -> None:
+        """accelerate's state, then the loop's own, from a checkpoint whose files are the ones recorded when it was saved
+        (checked by the main process before anything is opened; every process stops on its verdict)."""
+        acc = self.accelerator
+        reason = ckpt.verify_files(resume) if acc.is_main_process else None
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            reason = broadcast_object_list([reason])[0]
+        if reason is not None:
+            raise ValueError(reason)
+        try:
+            acc.load_state(str(resume))
+            position = read_position(resume)
+            self.state.load_state_dict({**position, "offset": position["global_step"] - position["step"]})
+            if self.ema is not None:
+                self.ema.load(resume / EMA_FILE)
+            for name, obj in self.kept.items():
+                obj.load_state_dict(json.loads((resume / f"{name}.json").read_text()))
+        except (SafetensorError, pickle.UnpicklingError, EOFError, KeyError, ValueError, RuntimeError, OSError) as exc:
+            # Damaged past what its record shows (bytes changed in a safetensors file), or not this run's shapes.
+            raise ValueError(ckpt.unloadable(resume, exc)) from None
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[None]:
@@ -224,21 +262,35 @@ class TrainLoop:
         return (every > 0 and self.state.global_step % every == 0) or self.state.step == self.max_train_steps
 
     def save_checkpoint(self) -> None:
-        """``checkpoints/checkpoint-<step>``: accelerate's state (models, optimisers, RNGs, EMA, counters) and the EMA
-        model exported beside it; written to a temporary folder and renamed when complete."""
+        """``checkpoints/checkpoint-<step>``: accelerate's state (models, optimisers, RNGs), the loop's (EMA weights,
+        counters, kept states) and the EMA model exported beside it, the record of its files last; written to a
+        temporary folder and renamed when complete."""
         acc, step = self.accelerator, self.state.global_step
         tmp = ckpt.temporary_dir(self.out, step, clear=acc.is_main_process)
         acc.wait_for_everyone()
         # A failed or interrupted save removes its partial directory; earlier checkpoints stay as they are.
         with ckpt.partial_save(self.out, tmp, estimate_bytes=self.checkpoint_bytes):
             acc.save_state(str(tmp))
-            check_replicas(acc, self.model, step)
+            check_replicas(acc, self.model, step)  # also the barrier after every process's random-state file
+            kept = {name: obj.state_dict() for name, obj in self.kept.items()}
             if acc.is_main_process:
                 self.export(tmp / self.export_name)
-                position = {"stage": self.state.stage, "step": self.state.step, "global_step": step, "nimg": self.state.nimg}
-                (tmp / POSITION_FILE).write_text(json.dumps(position) + "\n")
+                if self.ema is not None:
+                    self.ema.save(tmp / EMA_FILE)
+                (tmp / POSITION_FILE).write_text(json.dumps(self.state.position()) + "\n")
+                for name, state in kept.items():
+                    (tmp / f"{name}.json").write_text(json.dumps(state) + "\n")
+                ckpt.record_files(tmp)
                 ckpt.finalize(self.out, tmp, step, total_limit=self.total_limit)
         acc.wait_for_everyone()
+
+    def export_final(self, path: Path) -> None:
+        """The run's result, ``export(path)``, written to a temporary folder beside ``path`` and renamed into place when
+        complete (main process): a kill or a full disk leaves no half-written folder, a full disk one line."""
+        done = ckpt.checkpoint_dirs(self.out)
+        need = lambda: folder_bytes(done[-1] / self.export_name) if done else self.checkpoint_bytes()  # noqa: E731
+        with atomic_folder(path, need_bytes=need, what=f"the final {Path(path).name}") as tmp:
+            self.export(tmp)
 
 
 def state_bytes(*, models: list, optimizers: list) -> int:

@@ -67,7 +67,7 @@ def check_gan_keys(cfg: GANRunConfig) -> None:
     """The shared keys' checks plus the GAN optimiser / EMA / R1 ones (``learning_rate_g`` resolved first)."""
     check_run_keys(cfg)
     require_positive(cfg, "gradient_accumulation_steps", "r1_interval", "checkpointing_steps", "validation_steps",
-                     "learning_rate_g", "learning_rate_d")
+                     "learning_rate_g", "learning_rate_d", "mapping_lr_mul")
     require_non_negative(cfg, "max_grad_norm", "ema_half_life_kimg", "ema_rampup", "r1_gamma", "d_timestep", "lr_warmup_steps")
     require_optimizer(cfg.optimizer)  # before anything loads: a missing bitsandbytes is one line
     for key in ("adam_beta1", "adam_beta2"):
