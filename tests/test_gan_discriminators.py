@@ -343,3 +343,35 @@ def test_minibatch_std_lets_d_separate_a_collapsed_batch(classifier_dir, kind, m
         logits = d(draw(), text, parts=2)
     gap = torch.stack([l[:8].mean() - l[8:].mean() for l in logits]).mean()
     assert (gap > 1.0) if mbstd_group else (gap < 0.5), gap
+
+
+def test_mode_seeking_pairs_two_noise_maps_of_one_caption():
+    """MSGAN's term: the second half of the generated batch takes the first half's captions with other noise; the term is
+    weight / (mean image distance / mean noise distance + 1e-5), by hand here; D judges each sample under its own caption."""
+    from distill.scratch.phases import RealBatch
+    from students.text import TextConditioning
+
+    class G(torch.nn.Module):
+        def forward(self, noise, prompt_embeds, added_cond_kwargs=None, return_pyramid=False):
+            out = 0.5 * noise + prompt_embeds.mean(dim=(1, 2))[:, None, None, None]
+            return out, [out]
+
+    d = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8,), text_dim=16, cmap_dim=8, augment="",
+                                generator_pyramid=False)
+    text = _text(5)
+    batch = RealBatch(torch.rand(5, 3, 16, 16), TextConditioning(text), [f"c{i}" for i in range(5)])
+    engine = _engine(d, G())
+    engine.view.mode_seeking_weight = 0.1
+    (fake, _, cond), terms = engine.g_terms(batch, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cond.prompt_embeds, text[[0, 1, 0, 1, 4]])  # pairs (0, 2) and (1, 3); an odd sample keeps its own
+    noise = (fake - cond.prompt_embeds.mean(dim=(1, 2))[:, None, None, None]) / 0.5
+    ratio = (fake[:2] - fake[2:4]).abs().mean() / (noise[:2] - noise[2:4]).abs().mean()
+    torch.testing.assert_close(terms["g_mode_seeking"], 0.1 / (ratio + 1e-5))
+    assert ratio.item() == pytest.approx(0.5, rel=1e-4)
+    seen = []
+    d.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["prompt_embeds"]), with_kwargs=True)
+    engine.d_terms(batch, (fake.detach(), [fake.detach()], cond), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen[-1], torch.cat([text, text[[0, 1, 0, 1, 4]]]))  # real | generated, each its caption
+    engine.view.mode_seeking_weight = 0.0
+    (_, _, cond), terms = engine.g_terms(batch, torch.Generator().manual_seed(0))
+    assert "g_mode_seeking" not in terms and torch.equal(cond.prompt_embeds, text)

@@ -2,7 +2,7 @@
 # A text-to-image GAN trained from scratch on the offline digits testbed, then evaluated like the distilled students.
 #   bash distill/digits/scratch.sh [OUTPUT_DIR] [GENERATOR]
 #     OUTPUT_DIR  default runs/scratch_digits; the dataset, latent cache, reference and teacher evaluation are made once
-#     GENERATOR   gigagan (default), gigagan_projected, gigagan_pixel or stylegan_t: the recipe configs/scratch/digits_<GENERATOR>.yaml
+#     GENERATOR   gigagan (default), gigagan_projected or stylegan_t: the recipe configs/scratch/digits_<GENERATOR>.yaml
 # Steps: digits train split as an imagefolder (captions: the five phrasings of each class) -> (space latent only: latents
 # cached once with the digits VAE) -> distill/train_gan.py -> distill/evaluate.py (prompt accuracy, FID, precision / recall
 # and within-digit diversity vs held-out real digits, all in the digits classifier's features) for the generator and,
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/scratch_digits}
 GEN=${2:-gigagan}
-[ -f "configs/scratch/digits_$GEN.yaml" ] || { echo "error: no configs/scratch/digits_$GEN.yaml: use gigagan, gigagan_projected, gigagan_pixel or stylegan_t" >&2; exit 2; }
+[ -f "configs/scratch/digits_$GEN.yaml" ] || { echo "error: no configs/scratch/digits_$GEN.yaml: use gigagan, gigagan_projected or stylegan_t" >&2; exit 2; }
 export HF_HUB_OFFLINE=1 OPENBLAS_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 # accelerate launch would set OMP_NUM_THREADS=1 for its one process: use every core instead.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
