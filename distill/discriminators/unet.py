@@ -11,6 +11,9 @@ The UNet's sub-modules are called directly; ``UNet2DConditionModel.forward`` is 
 patched. The backbone is a deep copy: the teacher itself stays frozen. Layers that no head reads (the
 output convs without ``final``, the last up block without ``after``, ...) are dropped from the copy:
 DDP without ``find_unused_parameters`` fails on parameters that get no gradient, and they cost memory.
+Or the backbone is a shared frozen base (``students/lora.py``: the LoRA student's, or the teacher's UNet held once for
+a GAN student's D): D then trains its ``disc`` LoRA adapter on it, with its heads and zero convs, and holds none of
+the base's weights as its own.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from students.lora import DISC_ADAPTER, DISC_LORA_TARGETS, AdapterTensors, SharedBase
 
 
 def _zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -88,6 +93,10 @@ class UNetDiscriminator(nn.Module):
     copy_backbone: False uses ``unet`` itself as the backbone; the layers no head reads are then frozen
     (``requires_grad`` False) and skipped instead of dropped.
     noise_condition: False for training without pairs (from scratch): no z-conditioning conv; pass ``noise=None``.
+    shared_base: a :class:`students.lora.SharedBase` whose frozen UNet is the backbone (``unet`` is ignored), trained
+    through a LoRA adapter of ``lora_rank`` (named ``disc``) on its attention projections: the module's parameters
+    are that adapter (the layers some head reads) and its own heads and convs, never the base's weights. Its forward
+    activates the adapter (and, with the base held in bf16, runs under bf16 autocast).
     """
 
     def __init__(
@@ -98,6 +107,8 @@ class UNetDiscriminator(nn.Module):
         heads: tuple[str, ...] = ("before", "skip", "after", "final"),
         copy_backbone: bool = True,
         noise_condition: bool = True,
+        shared_base: SharedBase | None = None,
+        lora_rank: int = 0,
     ):
         super().__init__()
         unknown = set(heads) - {"before", "skip", "after", "final"}
@@ -105,8 +116,12 @@ class UNetDiscriminator(nn.Module):
             raise ValueError(f"unknown discriminator heads {sorted(unknown)}; choose from before, skip, after, final")
         if not heads:
             raise ValueError("no discriminator heads given; choose some of before, skip, after, final")
-        self.unet = copy.deepcopy(unet) if copy_backbone else unet
-        self.unet.requires_grad_(True)
+        self._shared = shared_base  # a plain attribute: the base is no submodule (its weights are not D's parameters)
+        if shared_base is None:
+            self.unet = copy.deepcopy(unet) if copy_backbone else unet
+            self.unet.requires_grad_(True)
+        elif lora_rank <= 0:
+            raise ValueError(f"a discriminator on a shared frozen base trains through LoRA: lora_rank must be positive, got {lora_rank}")
         self.timestep = int(timestep)
         self.head_kinds = tuple(heads)
         cfg = self.unet.config
@@ -129,14 +144,38 @@ class UNetDiscriminator(nn.Module):
                 self.heads[f"up{i}_after"] = _Head(rev[i], groups)
         if "final" in heads:
             self.heads["final"] = _Head(cfg.out_channels, 1)
-        self._prune(set(heads), drop=copy_backbone)
+        unused = self._prune(set(heads), drop=copy_backbone and shared_base is None, freeze=shared_base is None)
+        self.adapter = None
+        if shared_base is not None:
+            params = shared_base.add_adapter(DISC_ADAPTER, rank=lora_rank, targets=DISC_LORA_TARGETS)
+            # The adapter's tensors in layers no head reads get no gradient: kept out of D (and out of DDP), frozen.
+            idle = {id(p) for module in unused for p in module.parameters()}
+            for p in params.values():
+                if id(p) in idle:
+                    p.requires_grad_(False)
+            self.adapter = AdapterTensors(shared_base, DISC_ADAPTER, {n: p for n, p in params.items() if id(p) not in idle})
+
+    def __getattr__(self, name: str):
+        if name == "unet" and self.__dict__.get("_shared") is not None:
+            return self.__dict__["_shared"].unet  # the shared base, not registered as a submodule
+        return super().__getattr__(name)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute the backbone's blocks in the backward (they check their own flag, so D's direct calls reach it)."""
+        """Recompute the backbone's blocks in the backward (they check their own flag, so D's direct calls reach it). On a
+        shared base only D's forwards are checkpointed, each block recomputed under D's adapter and attention kernels."""
+        if self._shared is not None:
+            self._shared.checkpoint_role(DISC_ADAPTER, recompute_context=lambda: _SdpaKernels(_enabled_sdpa_backends()))
+            return
         self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_keeping_sdpa)
 
-    def _prune(self, kinds: set[str], *, drop: bool) -> None:
-        """Decide how far the decoder runs for these heads; drop (or freeze) the layers beyond that.
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._shared.is_checkpointed(DISC_ADAPTER) if self._shared is not None else self.unet.is_gradient_checkpointing
+
+    def _prune(self, kinds: set[str], *, drop: bool, freeze: bool = True) -> list[nn.Module]:
+        """Decide how far the decoder runs for these heads; drop (or freeze) the layers beyond that; returns them
+        (empty when dropped). ``freeze`` False leaves them as they are (a shared base: frozen already, and other roles
+        run them).
 
         ``before`` of up block i reads its input (blocks < i run), ``after`` its output (blocks <= i),
         ``skip`` only the encoder's skips (no decoder block needed), ``final`` the UNet's output.
@@ -153,14 +192,15 @@ class UNetDiscriminator(nn.Module):
         if not self._run_out:
             unused += [m for m in (unet.conv_norm_out, unet.conv_out) if m is not None]
         if not drop:
-            for module in unused:
+            for module in unused if freeze else ():
                 module.requires_grad_(False)
-            return
+            return unused
         del unet.up_blocks[self._n_up:]
         if not self._run_mid:
             unet.mid_block = None
         if not self._run_out:
             unet.conv_norm_out = unet.conv_act = unet.conv_out = None
+        return []
 
     def _skip_channels(self, up_index: int) -> int:
         # The first skip an up block consumes (popped from the end) is the deepest of its level.
@@ -188,6 +228,16 @@ class UNetDiscriminator(nn.Module):
         added_cond_kwargs: dict | None = None,
         return_features: bool = False,
     ):
+        shared = self._shared
+        if shared is None:
+            return self._forward(latents, noise, prompt_embeds, added_cond_kwargs, return_features)
+        shared.activate(DISC_ADAPTER)
+        # A base held in bf16 runs under autocast (R1 turns autocast off for an fp32 D: bf16 weights cannot run in fp32).
+        low = shared.dtype != torch.float32 and not torch.is_autocast_enabled(latents.device.type)
+        with torch.autocast(latents.device.type, dtype=shared.dtype) if low else contextlib.nullcontext():
+            return self._forward(latents, noise, prompt_embeds, added_cond_kwargs, return_features)
+
+    def _forward(self, latents, noise, prompt_embeds, added_cond_kwargs, return_features):
         unet = self.unet
         emb = self._embeddings(latents, prompt_embeds, added_cond_kwargs)
         ctx = prompt_embeds
