@@ -34,8 +34,9 @@ from distill.distillation.phases import REGRESSIONS, Batch, PairsView
 from distill.distillation.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
-from distill.distillation.setup import (COND_DTYPE, FROZEN_DTYPES, build_regression_lpips, build_student, export_pipeline, validate_and_sample,
-                                    validation_set)
+from distill.distillation.setup import (COND_DTYPE, FROZEN_DTYPES, LORA_BASE_DTYPES, build_regression_lpips, build_student,
+                                       check_shared_base, check_shared_base_family, export_pipeline, validate_and_sample,
+                                       validation_set)
 from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training.trackers import tracker_config
 from distill.training.run_config import GANRunConfig, check_gan_keys
@@ -81,6 +82,9 @@ class StudentConfig(GANRunConfig):
     frozen_dtype: str = field(default="fp32", metadata={"help": "dtype the frozen text encoder(s) and VAE are held in (bf16 / fp16 halve them; their outputs are cast back to fp32)", "choices": tuple(FROZEN_DTYPES)})
     d_gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the discriminator's UNet backbone (recomputed in the backward; R1's double backward included)"})
     d_lora_rank: int = field(default=0, metadata={"help": "train the D backbone through LoRA of this rank (0 = full)"})
+    student_lora_rank: int = field(default=0, metadata={"help": "the UNet student as the frozen teacher UNet + a LoRA adapter of this rank (alpha = rank; LCM-LoRA's targets: attention, feed-forward, resnet convs and time projections, resamplers), D as the same UNet with its own adapter (d_lora_rank > 0): the UNet held once; learning_rate_g unset: 1e-4 (0 = the full UNet student)"})
+    d_shared_base: Optional[bool] = field(default=None, metadata={"help": "D's backbone is the teacher UNet itself, frozen, trained through its d_lora_rank adapter (not a copy); unset: true with student_lora_rank, else false (a GAN student may set it)"})
+    lora_base_dtype: str = field(default="fp32", metadata={"help": "dtype of the shared frozen UNet (student_lora_rank / d_shared_base): bf16 halves it, but the LoRA student then runs in bf16 (its x0 amplifies the rounding 14.6x) and D under bf16 autocast", "choices": tuple(LORA_BASE_DTYPES)})
     mix_fraction: float = field(default=0.25, metadata={"help": "fraction of real pairs shown with a wrong condition as fake"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory in the student"})
     holdout: int = field(default=16, metadata={"help": "pairs (the last indices) held out for validation"})
@@ -94,6 +98,7 @@ class StudentConfig(GANRunConfig):
 def check(cfg: StudentConfig) -> None:
     if not cfg.pairs:
         raise ConfigError("no pairs given: set `pairs` to a directory written by distill/generate_pairs.py")
+    check_shared_base(cfg)  # (before the per-student defaults: a LoRA student's own learning_rate_g)
     apply_student_defaults(cfg)  # (student, student_size, regression, gan_noise, mixed_precision: choices checked by parse_config)
     check_gan_keys(cfg)
     require_positive(cfg, "num_validation_seeds")
@@ -104,6 +109,7 @@ def check(cfg: StudentConfig) -> None:
 def check_with_pairs(cfg: StudentConfig, manifest: dict) -> None:
     """Keys whose valid range depends on the pairs (their teacher, scheduler and size)."""
     apply_teacher_defaults(cfg, family=manifest["teacher"].get("family", "sd"))
+    check_shared_base_family(cfg, family=manifest["teacher"].get("family", "sd"))
     steps = int(manifest.get("scheduler_config", {}).get("num_train_timesteps", 1000))
     if cfg.student == "unet" and not 0 <= cfg.student_timestep < steps:
         raise ConfigError(f"student_timestep must be in [0, {steps - 1}] (the teacher scheduler's num_train_timesteps is {steps}), "
@@ -189,9 +195,10 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
         student, opt_g = accelerator.prepare(student, opt_g)
     unwrap_d = accelerator.unwrap_model(disc) if disc is not None else None
     pipe = teacher.pipe
-    # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline.
+    # The EMA student is saved twice: in the accelerate state and as the checkpoint's pipeline (a LoRA student's: merged
+    # into a copy of the shared base).
     size_models = [student, disc, ema.model, ema.model, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
-                   getattr(pipe, "text_encoder_3", None)]
+                   getattr(pipe, "text_encoder_3", None), parts.shared.unet if cfg.student_lora_rank > 0 else None]
 
     def validate(step: int) -> None:
         if not accelerator.is_main_process:  # validation runs on the main process only

@@ -7,6 +7,7 @@ registry in :mod:`distill.training.student_registry`, the optimisers from :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from distill.distillation.validation import ValidationSet
 from distill.training.student_registry import STUDENTS
 from students import OneStepGANPipeline, TextConditioning, encode_sd3_text, encode_text
 from students.export import save_standalone
+from students.lora import LORA_WEIGHT_NAME, LoRAStudent, SharedBase, save_lora
 from students.model_card import write_model_card
 from teachers import Teacher, load_teacher
 
@@ -30,6 +32,49 @@ from teachers import Teacher, load_teacher
 # casts further); text encoders held in bf16 / fp16 (``frozen_dtype``) are cast back to it.
 COND_DTYPE = torch.float32
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The shared frozen UNet of a LoRA student / a D on the shared base (lora_base_dtype); no fp16: R1 turns autocast off, and
+# a D on a half-precision base then runs under autocast in that dtype, where fp16 input gradients underflow.
+LORA_BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LORA_LEARNING_RATE_G = 1e-4  # learning_rate_g's default for a LoRA student (the full UNet student's: 1e-5)
+LORA_DIR = "lora"  # in an exported LoRA student's pipeline folder: the adapter as a diffusers LoRA file + one-step scheduler
+
+
+def check_shared_base(cfg) -> None:
+    """One-line errors (before anything loads) for the LoRA keys, and their resolved defaults: ``d_shared_base`` unset is
+    true with a LoRA student; a LoRA student's ``learning_rate_g`` unset is :data:`LORA_LEARNING_RATE_G`."""
+    from distill.core.config import ConfigError
+
+    rank = cfg.student_lora_rank
+    if rank < 0:
+        raise ConfigError(f"student_lora_rank must not be negative, got {rank} (0: the full UNet student)")
+    if rank > 0 and cfg.student != "unet":
+        raise ConfigError(f"student_lora_rank is for the UNet student (a LoRA on the teacher's UNet); the {cfg.student} student "
+                          "is a generator of its own: set student_lora_rank 0 (its D can still be LoRA on the frozen teacher "
+                          "UNet: d_lora_rank N with d_shared_base true)")
+    if cfg.d_shared_base is None:
+        cfg.d_shared_base = rank > 0
+    gan = cfg.gan_weight > 0
+    if rank > 0 and not cfg.d_shared_base and gan:
+        raise ConfigError("student_lora_rank puts the discriminator on the student's frozen base: d_shared_base must be true "
+                          "(or unset)")
+    if gan and cfg.d_shared_base and cfg.d_lora_rank <= 0:
+        need = "student_lora_rank" if rank > 0 else "d_shared_base"
+        raise ConfigError(f"{need} needs d_lora_rank > 0, got {cfg.d_lora_rank}: the discriminator on the shared frozen UNet "
+                          "trains through its own LoRA adapter (e.g. d_lora_rank 64)")
+    if cfg.lora_base_dtype != "fp32" and not (rank > 0 or (gan and cfg.d_shared_base)):
+        raise ConfigError(f"lora_base_dtype {cfg.lora_base_dtype} is the dtype of the shared frozen UNet: set student_lora_rank "
+                          "(or d_lora_rank with d_shared_base true), or leave lora_base_dtype fp32")
+    if rank > 0 and cfg.learning_rate_g is None:
+        cfg.learning_rate_g = LORA_LEARNING_RATE_G
+
+
+def check_shared_base_family(cfg, *, family: str) -> None:
+    """The LoRA keys against the pairs' teacher family (SD3's transformer D has no shared-base form yet)."""
+    from distill.core.config import ConfigError
+
+    if family == "sd3" and cfg.gan_weight > 0 and cfg.d_shared_base:
+        raise ConfigError("d_shared_base is implemented for UNet teachers: for an SD3 teacher set d_shared_base false "
+                          "(d_lora_rank still trains its transformer D through LoRA, on a copy)")
 
 
 @dataclass
@@ -39,6 +84,8 @@ class Parts:
     discriminator: torch.nn.Module | None
     resolution: int
     max_sequence_length: int | None = None  # SD3: the pairs' T5 length (zero tokens without T5)
+    shared: SharedBase | None = None  # the frozen UNet the LoRA student and / or D share (their adapters on it)
+    base_dtype: torch.dtype = torch.float32  # what hold_frozen_in casts the shared UNet to (lora_base_dtype)
 
     def encode(self, prompts: list[str]) -> TextConditioning:
         p = self.teacher.pipe
@@ -58,13 +105,17 @@ class Parts:
         """Drop the teacher's UNet (SDXL: 10 GB in fp32): the student and D hold copies of it, and what follows the
         setup needs only its scheduler, VAE and text encoders. After the LPIPS network and the validation set (the
         teacher solves the validation prompts); ``teacher.latent_channels`` is unavailable from here on. An SD3 teacher
-        keeps its transformer (its config serves the text encoding; releasing it is not done yet)."""
+        keeps its transformer (its config serves the text encoding; releasing it is not done yet). On a shared base the
+        UNet is the base itself, held once by ``shared``: the teacher's reference to it goes."""
         if self.teacher.family != "sd3":
             self.teacher.pipe.unet = None
 
     def hold_frozen_in(self, dtype: torch.dtype) -> None:
-        """The VAE and text encoder(s) (frozen: no optimiser state, no master copy needed) cast to ``dtype``. After the
-        validation set: the teacher's own ODE solve needs its text encoder in the UNet's dtype."""
+        """The VAE and text encoder(s) (frozen: no optimiser state, no master copy needed) cast to ``dtype``, and a shared
+        UNet's frozen weights to ``base_dtype`` (its adapters stay fp32). After the validation set: the teacher's own ODE
+        solve needs its text encoder in the UNet's dtype."""
+        if self.shared is not None:
+            self.shared.hold_in(self.base_dtype)
         p = self.teacher.pipe
         for module in (p.vae, p.text_encoder, getattr(p, "text_encoder_2", None), getattr(p, "text_encoder_3", None)):
             if module is not None:
@@ -84,7 +135,13 @@ def build_student(cfg, *, manifest: dict, device, latent_stats: tuple[list[float
             module.requires_grad_(False).eval()
     if tuple(manifest["latent_shape"])[0] != teacher.latent_channels:
         raise ValueError(f"pairs have {manifest['latent_shape'][0]} latent channels but teacher {name} has {teacher.latent_channels}")
-    student = STUDENTS[cfg.student].build(cfg, teacher, latent_stats).to(device)
+    # A LoRA student and / or a D on the shared base: the teacher's UNet itself, frozen, with their adapters (not copied).
+    d_on_base = cfg.gan_weight > 0 and bool(cfg.d_shared_base)
+    shared = SharedBase(teacher.pipe.unet) if cfg.student_lora_rank > 0 or d_on_base else None
+    if cfg.student_lora_rank > 0:
+        student = LoRAStudent.from_teacher(shared, p.scheduler, rank=cfg.student_lora_rank, timestep=cfg.student_timestep).to(device)
+    else:
+        student = STUDENTS[cfg.student].build(cfg, teacher, latent_stats).to(device)
     if cfg.gradient_checkpointing:
         if not student._supports_gradient_checkpointing:
             raise ValueError(f"student {cfg.student!r} does not support gradient_checkpointing; turn it off")
@@ -98,6 +155,10 @@ def build_student(cfg, *, manifest: dict, device, latent_stats: tuple[list[float
             disc = TransformerDiscriminator(p.transformer, timestep=cfg.d_timestep, heads=heads).to(device)
             if cfg.d_lora_rank > 0:
                 disc.add_lora(cfg.d_lora_rank)
+        elif d_on_base:
+            disc = UNetDiscriminator(None, timestep=cfg.d_timestep, heads=heads, shared_base=shared, lora_rank=cfg.d_lora_rank).to(device)
+            if cfg.d_gradient_checkpointing:
+                disc.enable_gradient_checkpointing()
         else:
             disc = UNetDiscriminator(teacher.pipe.unet, timestep=cfg.d_timestep, heads=heads).to(device)
             if cfg.d_gradient_checkpointing:
@@ -110,7 +171,8 @@ def build_student(cfg, *, manifest: dict, device, latent_stats: tuple[list[float
                                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     resolution = manifest["config"]["resolution"]
     return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution,
-                 max_sequence_length=manifest["config"].get("max_sequence_length"))
+                 max_sequence_length=manifest["config"].get("max_sequence_length"), shared=shared,
+                 base_dtype=LORA_BASE_DTYPES[cfg.lora_base_dtype])
 
 
 def _lpips_name(teacher: Teacher) -> str:
@@ -145,15 +207,20 @@ def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path, *, split
     (``pairs_split.json``) so that evaluation can refuse the rows the student trained on, and, given the
     run's ``card`` facts (``distill/distillation/card.py``), a model card with a teacher-vs-student grid of ``validation``."""
     p = parts.teacher.pipe
+    lora = isinstance(student, LoRAStudent)
     sd3 = {}
     if parts.teacher.family == "sd3":
         sd3 = dict(text_encoder_3=p.text_encoder_3, tokenizer_3=p.tokenizer_3, text_conditioning="sd3",
                    max_sequence_length=parts.max_sequence_length, joint_attention_dim=p.transformer.config.joint_attention_dim)
     pipe = OneStepGANPipeline(
-        student=student, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
+        # A LoRA student is exported as today's UNet student: its adapter merged into a copy of the base, on the CPU.
+        student=student.merged("cpu") if lora else student, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
         text_encoder_2=getattr(p, "text_encoder_2", None), tokenizer_2=getattr(p, "tokenizer_2", None), **sd3,
     )
     save_standalone(pipe, path)
+    del pipe
+    if lora:  # and the adapter alone, for a stock pipeline of the teacher (load_lora_weights + the one-step scheduler)
+        save_lora(student, Path(path) / LORA_DIR, sdxl=parts.teacher.family == "sdxl", scheduler_config=dict(p.scheduler.config))
     (Path(path) / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n")
     if card is None:
         return
@@ -164,6 +231,28 @@ def export_pipeline(parts: Parts, student: torch.nn.Module, path: Path, *, split
         val.teacher_over_student(val.teacher_grid(p.vae, validation), student_grid).save(Path(path) / CARD_GRID)
         grid = CARD_GRID
     write_model_card(path, **card, sample_grid=grid)
+    if lora:
+        with open(Path(path) / "README.md", "a") as fh:
+            fh.write(LORA_CARD.format(dir=LORA_DIR, weights=LORA_WEIGHT_NAME, rank=student.config.rank, teacher=card["teacher"],
+                                      pipeline="StableDiffusionXLPipeline" if parts.teacher.family == "sdxl" else "StableDiffusionPipeline"))
+
+
+LORA_CARD = """
+## As a LoRA of the teacher
+
+This student is the teacher's UNet plus a LoRA adapter (rank {rank}), merged into the UNet above. `{dir}/{weights}` holds
+the adapter alone in the diffusers LoRA format and `{dir}/scheduler` the one-step DDIM scheduler (trailing spacing, final
+alpha 1) with which a stock pipeline of the teacher reproduces this student (`STUDENT`: this folder or its hub id):
+
+```python
+from diffusers import DDIMScheduler, {pipeline}
+
+pipe = {pipeline}.from_pretrained("{teacher}")
+pipe.load_lora_weights(STUDENT, subfolder="{dir}")
+pipe.scheduler = DDIMScheduler.from_pretrained(STUDENT, subfolder="{dir}/scheduler")
+image = pipe(prompt, num_inference_steps=1, guidance_scale=0.0).images[0]
+```
+"""
 
 
 def validation_set(cfg, parts: Parts, *, holdout: dict, manifest: dict) -> ValidationSet:
@@ -172,10 +261,11 @@ def validation_set(cfg, parts: Parts, *, holdout: dict, manifest: dict) -> Valid
     if not cfg.validation_prompts:
         return val.from_holdout(holdout)
     sampler = manifest["config"]
-    return val.from_prompts(list(cfg.validation_prompts), num_seeds=cfg.num_validation_seeds, teacher_pipe=parts.teacher.pipe,
-                            latent_shape=tuple(manifest["latent_shape"]), num_inference_steps=sampler["num_inference_steps"],
-                            guidance_scale=sampler["guidance_scale"], negative_prompt=sampler.get("negative_prompt"),
-                            max_sequence_length=sampler.get("max_sequence_length"))
+    with parts.shared.plain() if parts.shared is not None else contextlib.nullcontext():  # the teacher: no adapter
+        return val.from_prompts(list(cfg.validation_prompts), num_seeds=cfg.num_validation_seeds, teacher_pipe=parts.teacher.pipe,
+                                latent_shape=tuple(manifest["latent_shape"]), num_inference_steps=sampler["num_inference_steps"],
+                                guidance_scale=sampler["guidance_scale"], negative_prompt=sampler.get("negative_prompt"),
+                                max_sequence_length=sampler.get("max_sequence_length"))
 
 
 CARD_GRID = "samples.png"
