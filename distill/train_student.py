@@ -27,16 +27,16 @@ from distill.core.config import (ConfigError, command, config_dict, parse_config
 from distill.core.lock import locked
 from distill.training import checkpoint as ckpt
 from distill.distillation import run_checks
-from distill.training.gan_step import GANStep, build_ema, build_gan_optimizers
+from distill.training.gan_step import build_ema
 from distill.training.loop import TrainLoop, state_bytes
 from distill.distillation.pair_data import PairRows, stored_conditioning
-from distill.distillation.phases import REGRESSIONS, Batch, PairsView
+from distill.distillation.phases import REGRESSIONS, Batch
 from distill.distillation.card import card_facts
 from distill.training.prefetch import Prefetch
 from distill.training.seeds import step_generator
-from distill.distillation.setup import (COND_DTYPE, FROZEN_DTYPES, LORA_BASE_DTYPES, build_regression_lpips, build_student,
-                                       check_shared_base, check_shared_base_family, export_pipeline, validate_and_sample,
-                                       validation_set)
+from distill.distillation.setup import (COND_DTYPE, FROZEN_DTYPES, LORA_BASE_DTYPES, build_optimizers, build_regression_lpips,
+                                       build_step, build_student, check_shared_base, check_shared_base_family, export_pipeline,
+                                       validate_and_sample, validation_set)
 from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training.trackers import tracker_config
 from distill.training.run_config import GANRunConfig, check_gan_keys
@@ -183,10 +183,7 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
     parts.release_teacher_unet()
     parts.hold_frozen_in(FROZEN_DTYPES[cfg.frozen_dtype])
     ema = build_ema(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup, device=cfg.ema_device, dtype=cfg.ema_dtype)
-    # The GAN generators' plain layers learn at lr / sqrt(fan-in), as if equalised (StyleGenerator.optimizer_param_groups).
-    opt_g, opt_d = build_gan_optimizers(generator=student, discriminator=disc, optimizer=cfg.optimizer, learning_rate_g=cfg.learning_rate_g,
-                                        learning_rate_d=cfg.learning_rate_d, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                        linear_lr_by_fan_in=style_student and cfg.linear_lr_by_fan_in)
+    opt_g, opt_d = build_optimizers(cfg, student=student, discriminator=disc)
 
     # 3. Prepare: DDP wrapping, the loop (checkpoints, EMA, logging), resume.
     if disc is not None:
@@ -243,11 +240,8 @@ def train(cfg: StudentConfig, *, accelerator, manifest: dict, split: dict, store
 
     # 4. Loop: the shared GAN step (distill/training/gan_step.py: G phase, then D with lazy R1 on one real pair) on
     # this step's pairs; EMA, logs, checkpoints, validation.
-    view = PairsView(student=student, discriminator=disc, discriminator_unwrapped=unwrap_d, lpips_loss=lpips_loss,
-                     regression=cfg.regression, lpips_weight=cfg.lpips_weight, mix_fraction=cfg.mix_fraction)
-    engine = GANStep(loop, view=view, generator=student, discriminator=disc, discriminator_unwrapped=unwrap_d, opt_g=opt_g, opt_d=opt_d,
-                     loss=cfg.loss, gan_weight=cfg.gan_weight, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
-                     max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=cfg.lr_warmup_steps)
+    engine = build_step(cfg, loop, student=student, discriminator=disc, discriminator_unwrapped=unwrap_d, lpips_loss=lpips_loss,
+                        opt_g=opt_g, opt_d=opt_d)
     with loop.progress():
         while not loop.done:
             gan_on = disc is not None and cfg.gan_weight > 0 and loop.state.step >= cfg.gan_start_step

@@ -121,19 +121,26 @@ def build_random_teacher(
     size: str = "tiny",
     seed: int = 0,
 ) -> Path:
-    """Build a random-weight SD-family pipeline and ``save_pretrained`` it to ``save_dir``.
+    """Build a random-weight SD-family pipeline (:func:`random_pipeline`) and ``save_pretrained`` it to ``save_dir``.
 
     family: ``sd15`` (epsilon, one CLIP encoder), ``sd2-v`` (v-prediction, SD2.x layout),
     ``sdxl`` (two encoders, pooled embeddings, added time ids), ``sd3`` (MMDiT, flow matching, two CLIP
     encoders, no T5: it reloads with ``from_pretrained(dir, text_encoder_3=None, tokenizer_3=None)``),
     ``sd3-t5`` (the same with a T5 encoder). Returns ``save_dir``.
     """
+    torch.manual_seed(seed)
+    save_dir = Path(save_dir)
+    random_pipeline(family, size).save_pretrained(save_dir)
+    return save_dir
+
+
+def random_pipeline(family: str = "sd15", size: str = "tiny"):
+    """The random-weight pipeline of :func:`build_random_teacher`, in memory (built under torch's FakeTensorMode or
+    on the meta device it allocates no weights: the memory planner's full-size teachers)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown teacher family {family!r}; choose one of {', '.join(FAMILIES)}")
     if size not in ("tiny", "full"):
         raise ValueError(f"unknown size {size!r}; choose 'tiny' or 'full'")
-    torch.manual_seed(seed)
-    save_dir = Path(save_dir)
     tiny = size == "tiny"
     if family.startswith("sd3"):
         pipe = _sd3_pipeline(size, t5=family == "sd3-t5")
@@ -186,5 +193,4 @@ def build_random_teacher(
             unet=unet, scheduler=_scheduler("v_prediction" if v else "epsilon"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-    pipe.save_pretrained(save_dir)
-    return save_dir
+    return pipe

@@ -17,7 +17,9 @@ import torch
 from data_gen.pairs import SPLIT_FILE
 from distill.discriminators import TransformerDiscriminator, UNetDiscriminator
 from distill.distillation import validation as val
+from distill.distillation.phases import PairsView
 from distill.training.curves import plot_run
+from distill.training.gan_step import GANStep, build_gan_optimizers
 from distill.training.trackers import log_images
 from distill.distillation.validation import ValidationSet
 from distill.training.student_registry import STUDENTS
@@ -129,12 +131,22 @@ def build_student(cfg, *, manifest: dict, device, latent_stats: tuple[list[float
     name = cfg.teacher or manifest["teacher"]["name_or_path"]
     revision = cfg.revision or manifest["teacher"].get("revision")
     teacher = load_teacher(name, revision=revision, variant=cfg.variant, scheduler=manifest["config"]["scheduler"], device=device)
+    if tuple(manifest["latent_shape"])[0] != teacher.latent_channels:
+        raise ValueError(f"pairs have {manifest['latent_shape'][0]} latent channels but teacher {name} has {teacher.latent_channels}")
+    student, disc, shared = build_networks(cfg, teacher, device=device, latent_stats=latent_stats)
+    resolution = manifest["config"]["resolution"]
+    return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution,
+                 max_sequence_length=manifest["config"].get("max_sequence_length"), shared=shared,
+                 base_dtype=LORA_BASE_DTYPES[cfg.lora_base_dtype])
+
+
+def build_networks(cfg, teacher: Teacher, *, device, latent_stats: tuple[list[float], list[float]] | None = None):
+    """(student, discriminator or None, shared base or None) of the config, from the loaded ``teacher`` (frozen here); shared by the trainer
+    and the memory planner (``distill/plan_memory.py``, on a teacher built from its config)."""
     p = teacher.pipe
     for module in (teacher.denoiser, p.vae, p.text_encoder, getattr(p, "text_encoder_2", None), getattr(p, "text_encoder_3", None)):
         if module is not None:
             module.requires_grad_(False).eval()
-    if tuple(manifest["latent_shape"])[0] != teacher.latent_channels:
-        raise ValueError(f"pairs have {manifest['latent_shape'][0]} latent channels but teacher {name} has {teacher.latent_channels}")
     # A LoRA student and / or a D on the shared base: the teacher's UNet itself, frozen, with their adapters (not copied).
     d_on_base = cfg.gan_weight > 0 and bool(cfg.d_shared_base)
     shared = SharedBase(teacher.pipe.unet) if cfg.student_lora_rank > 0 or d_on_base else None
@@ -169,10 +181,26 @@ def build_student(cfg, *, manifest: dict, device, latent_stats: tuple[list[float
                 disc.unet.requires_grad_(False)
                 disc.unet.add_adapter(LoraConfig(r=cfg.d_lora_rank, lora_alpha=cfg.d_lora_rank, init_lora_weights="gaussian",
                                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    resolution = manifest["config"]["resolution"]
-    return Parts(teacher=teacher, student=student, discriminator=disc, resolution=resolution,
-                 max_sequence_length=manifest["config"].get("max_sequence_length"), shared=shared,
-                 base_dtype=LORA_BASE_DTYPES[cfg.lora_base_dtype])
+    return student, disc, shared
+
+
+def build_optimizers(cfg, *, student, discriminator, optimizer: str | None = None):
+    """(opt_g, opt_d) of the config (``optimizer`` overrides its key). The GAN generators' plain layers learn at
+    lr / sqrt(fan-in), as if equalised (``StyleGenerator.optimizer_param_groups``)."""
+    style_student = STUDENTS[cfg.student].generator is not None
+    return build_gan_optimizers(generator=student, discriminator=discriminator, optimizer=optimizer or cfg.optimizer,
+                                learning_rate_g=cfg.learning_rate_g, learning_rate_d=cfg.learning_rate_d,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), linear_lr_by_fan_in=style_student and cfg.linear_lr_by_fan_in)
+
+
+def build_step(cfg, loop, *, student, discriminator, discriminator_unwrapped, lpips_loss, opt_g, opt_d) -> GANStep:
+    """The shared GAN step (:mod:`distill.training.gan_step`) on stage two's pairs: G phase with the regression term,
+    then D with lazy R1; used by the trainer and the memory planner."""
+    view = PairsView(student=student, discriminator=discriminator, discriminator_unwrapped=discriminator_unwrapped,
+                     lpips_loss=lpips_loss, regression=cfg.regression, lpips_weight=cfg.lpips_weight, mix_fraction=cfg.mix_fraction)
+    return GANStep(loop, view=view, generator=student, discriminator=discriminator, discriminator_unwrapped=discriminator_unwrapped,
+                   opt_g=opt_g, opt_d=opt_d, loss=cfg.loss, gan_weight=cfg.gan_weight, r1_gamma=cfg.r1_gamma,
+                   r1_interval=cfg.r1_interval, max_grad_norm=cfg.max_grad_norm, lr_warmup_steps=cfg.lr_warmup_steps)
 
 
 def _lpips_name(teacher: Teacher) -> str:
