@@ -7,8 +7,9 @@ recipe against a bare PyTorch loop of the same modules and losses, and the recip
    the ``step_time`` of stats.jsonl after ``--warmup`` steps (a step's data reading, phases, EMA and logs; checkpoints
    and sample grids are not steps).
 2. A bare loop in this process: the generator, discriminator and optimisers made by the same builders from the same
-   config, the same losses (distill.losses.gan), on real images already in memory with their captions encoded once:
-   G step, D step, R1 at its interval; no checkpoints, EMA, logs or data reading. Its top operations (torch.profiler)
+   config, the same terms (the trainer's view and GAN step: augmentation, mismatch, mode seeking, lazy R1), on real
+   images already in memory with their captions encoded once: G step, D step; no TrainLoop, checkpoints, EMA, logs or
+   data reading. Its top operations (torch.profiler)
    are printed: docs/from-scratch.md quotes them.
 3. ``train_gan.py`` with ``--previous`` (the recipe before the from-scratch redesign: a projected D on the digits
    classifier beside a multiscale D, in the digits VAE's latent space; its latent cache is made first), as in 1.
@@ -50,12 +51,12 @@ def bare_loop(config: str, dataset: Path, *, steps: int, warmup: int, profile_st
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from data_gen.image_text import open_image_text, read_rows, image_transform
+    from data_gen.image_text import image_transform, open_image_text, read_rows
     from distill.core.config import parse_config
-    from distill.losses.gan import OBJECTIVES, objective_loss, r1_penalty
+    from distill.scratch.phases import RealBatch, RealImagesView
     from distill.scratch.setup import add_networks, load_frozen
     from distill.train_gan import GANConfig
-    from distill.training.gan_step import build_gan_optimizers
+    from distill.training.gan_step import GANStep, build_gan_optimizers
 
     cfg = parse_config(GANConfig, ["--config", config, "--dataset", str(dataset)])
     torch.manual_seed(cfg.seed)
@@ -70,30 +71,36 @@ def bare_loop(config: str, dataset: Path, *, steps: int, warmup: int, profile_st
     opt_g, opt_d = build_gan_optimizers(generator=gen, discriminator=disc, optimizer=cfg.optimizer, learning_rate_g=cfg.learning_rate_g,
                                         learning_rate_d=cfg.learning_rate_d, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                         linear_lr_by_fan_in=cfg.linear_lr_by_fan_in, d_lr_by_fan_in=cfg.d_lr_by_fan_in)
-    obj, n = OBJECTIVES[cfg.loss], cfg.batch_size
-    d_params = [p for p in disc.parameters() if p.requires_grad]
     shape = (gen.config.latent_channels, gen.config.sample_size, gen.config.sample_size)
+    # The trainer's own terms (augmentation, mismatch, mode seeking, R1 weight) without its loop: no TrainLoop phases,
+    # per-micro-batch streams, gradient clipping, EMA, logs, checkpoints or data reading.
+    view = RealImagesView(generator=gen, discriminator=disc, discriminator_unwrapped=disc, noise_shape=shape,
+                          mismatch=cfg.mismatch_weight > 0, mode_seeking_weight=cfg.mode_seeking_weight)
+    terms = GANStep(None, view=view, generator=gen, discriminator=disc, discriminator_unwrapped=disc, opt_g=opt_g, opt_d=opt_d,
+                    loss=cfg.loss, mismatch_weight=cfg.mismatch_weight, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
+                    max_grad_norm=0.0)
+    d_params = [p for p in disc.parameters() if p.requires_grad]
+    rng = torch.Generator().manual_seed(cfg.seed)
+
+    def loss_of(t: dict) -> torch.Tensor:
+        return sum(v for k, v in t.items() if not k.endswith("_logit"))  # the mean logits are logged only
 
     def step(i: int) -> None:
-        rows = torch.randint(len(images), (n,))
-        real, cond = images[rows], parts.encode([captions[int(r)] for r in rows])
-        text = {"prompt_embeds": cond.prompt_embeds, "added_cond_kwargs": cond.added_cond_kwargs()}
-        fake = gen(torch.randn(n, *shape), cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs())
+        rows = torch.randint(len(images), (cfg.batch_size,), generator=rng)
+        picked = [captions[int(r)] for r in rows]
+        batch = RealBatch(images[rows], parts.encode(picked), picked)
         for p in d_params:
             p.requires_grad_(False)
-        loss = objective_loss(disc(fake, **text), obj.generator)
+        generated, g = terms.g_terms(batch, rng)
         opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_of(g).backward()
         opt_g.step()
         for p in d_params:
             p.requires_grad_(True)
-        twice = {k: (torch.cat([v, v]) if torch.is_tensor(v) else v) for k, v in text.items()}
-        logits = disc(torch.cat([real, fake.detach()]), **twice, parts=2)
-        loss = objective_loss([l[:n] for l in logits], obj.real) + objective_loss([l[n:] for l in logits], obj.fake)
-        if cfg.r1_gamma > 0 and i % cfg.r1_interval == 0:
-            loss = loss + cfg.r1_gamma / 2 * cfg.r1_interval * r1_penalty(disc, real, **text)
+        fake, pyramid, cond = generated
+        d = terms.d_terms(batch, (fake.detach(), [x.detach() for x in pyramid], cond), rng, r1=terms.r1_due(i))
         opt_d.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_of(d).backward()
         opt_d.step()
 
     times = []
@@ -106,7 +113,7 @@ def bare_loop(config: str, dataset: Path, *, steps: int, warmup: int, profile_st
             step(i)
     print(f"bare loop: top operations over {profile_steps} steps (self CPU time)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-    return n / statistics.median(times[warmup:])
+    return cfg.batch_size / statistics.median(times[warmup:])
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0 (wri
 speed and memory do not depend on them), the GAN students from their ``paper`` size presets (the published
 generators' parameter counts), with the library's classes (``UNetStudent``, ``GigaGANGenerator``,
 ``StyleGANTGenerator``, ``UNetDiscriminator``, ``EMA``, ``build_optimizer``) and loss phases
-(``generator_terms`` / ``discriminator_terms``).
+(the shared GAN step's ``g_terms`` / ``d_terms`` on stage two's ``PairsView``).
 
 1. Memory tables, any machine: exact bytes of the tensors a run keeps on the accelerator (weights, one model's
    gradients at a time, optimiser states, EMA, teacher UNet, frozen text encoders + VAE), built on the meta device
@@ -42,7 +42,8 @@ import torch
 
 from distill.discriminators import UNetDiscriminator
 from distill.training.ema import EMA
-from distill.distillation.phases import Batch, discriminator_terms, generator_terms
+from distill.distillation.phases import Batch, PairsView
+from distill.training.gan_step import GANStep
 from distill.training.optimizers import build_optimizer
 from diffusers import UNet2DConditionModel
 
@@ -143,13 +144,21 @@ def batch(arch: str, n: int, res: int, device, *, fresh_noise: bool = False) -> 
     return Batch(noise, target, conditioning(arch, n, res, device), gan_noise=fresh if fresh_noise else None)
 
 
+def engine(student, disc, *, regression: str) -> GANStep:
+    """The trainer's GAN step on stage two's pairs (its terms only: no loop, optimisers or logs)."""
+    view = PairsView(student=student, discriminator=disc, discriminator_unwrapped=disc, lpips_loss=None,
+                     regression=regression, lpips_weight=1.0, mix_fraction=0.25)
+    return GANStep(None, view=view, generator=student, discriminator=disc, discriminator_unwrapped=disc, opt_g=None,
+                   opt_d=None, loss="non_saturating", gan_weight=0.1, r1_gamma=1e-5, r1_interval=16, max_grad_norm=1.0)
+
+
 def d_phase(disc, b: Batch, fake, *, r1: bool, device_type: str, per_term: bool = False) -> None:
     """D's loss terms and their backward; ``per_term``: one backward per term (the same gradients; on the CPU the
     backward then buffers fewer partial weight gradients at once, which keeps SD1.5 under 12 GiB)."""
     # bf16 autocast on CUDA as in training; fp32 on the CPU, where autocast's bf16 weight copies would cost 2 GB more.
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-        terms = discriminator_terms(discriminator=disc, discriminator_unwrapped=disc, batch=b, fake=fake, mix_fraction=0.25,
-                                    r1_gamma=1e-5, r1_interval=16, do_r1=r1, generator=torch.Generator().manual_seed(2))
+        terms = engine(None, disc, regression="mse").d_terms(b, fake, torch.Generator().manual_seed(2), r1=r1)
+    terms = {k: v for k, v in terms.items() if not k.endswith("_logit")}  # logged only, no gradient
     if not per_term:
         sum(terms.values()).backward()
         return
@@ -161,8 +170,7 @@ def train_step(student, disc, opt_g, opt_d, ema, b: Batch, *, r1: bool, nimg: in
     """One stage-two step as train_student.py runs it: G (D frozen), D (+ R1), EMA."""
     disc.requires_grad_(False)
     with torch.autocast(device_type, dtype=torch.bfloat16):
-        fake, terms = generator_terms(student=student, discriminator=disc, lpips_loss=None, batch=b, regression="mse",
-                                      lpips_weight=1.0, gan_weight=0.1, generator=torch.Generator().manual_seed(3))
+        fake, terms = engine(student, disc, regression="mse").g_terms(b, torch.Generator().manual_seed(3))
     sum(terms.values()).backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
     opt_g.step()
