@@ -35,9 +35,26 @@ sys.path.insert(0, str(ROOT))
 def run_train_gan(config: str, dataset: Path, out: Path, *, steps: int, warmup: int, threads: int) -> float:
     """Images per second of train_gan.py's steps after ``warmup`` (median step time)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(ROOT / "distill" / "train_gan.py"), "--config", config, "--dataset", str(dataset),
-           "--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
-           "--validation_steps", str(steps), "--report_to", "none", "--resume_from_checkpoint", "none"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "distill" / "train_gan.py"),
+        "--config",
+        config,
+        "--dataset",
+        str(dataset),
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        str(steps),
+        "--validation_steps",
+        str(steps),
+        "--report_to",
+        "none",
+        "--resume_from_checkpoint",
+        "none",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode:
         sys.exit(f"error: train_gan.py failed ({config}):\n{res.stderr[-3000:]}")
@@ -62,23 +79,53 @@ def bare_loop(config: str, dataset: Path, *, steps: int, warmup: int, profile_st
     torch.manual_seed(cfg.seed)
     parts = load_frozen(cfg, device=torch.device("cpu"))
     ds = open_image_text(str(dataset), caption_column=cfg.caption_column)
-    images, captions = read_rows(ds, list(range(len(ds))), image_column=cfg.image_column, caption_column=cfg.caption_column,
-                                 transform=image_transform(cfg.resolution), generator=torch.Generator().manual_seed(0))
+    images, captions = read_rows(
+        ds,
+        list(range(len(ds))),
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column,
+        transform=image_transform(cfg.resolution),
+        generator=torch.Generator().manual_seed(0),
+    )
     parts.tabulate(captions)
     flat = images.transpose(0, 1).flatten(1)
     add_networks(parts, cfg, device=torch.device("cpu"), latent_stats=(flat.mean(1).tolist(), flat.std(1).tolist()))
     gen, disc = parts.generator, parts.discriminator
-    opt_g, opt_d = build_gan_optimizers(generator=gen, discriminator=disc, optimizer=cfg.optimizer, learning_rate_g=cfg.learning_rate_g,
-                                        learning_rate_d=cfg.learning_rate_d, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                        linear_lr_by_fan_in=cfg.linear_lr_by_fan_in, d_lr_by_fan_in=cfg.d_lr_by_fan_in)
+    opt_g, opt_d = build_gan_optimizers(
+        generator=gen,
+        discriminator=disc,
+        optimizer=cfg.optimizer,
+        learning_rate_g=cfg.learning_rate_g,
+        learning_rate_d=cfg.learning_rate_d,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        linear_lr_by_fan_in=cfg.linear_lr_by_fan_in,
+        d_lr_by_fan_in=cfg.d_lr_by_fan_in,
+    )
     shape = (gen.config.latent_channels, gen.config.sample_size, gen.config.sample_size)
     # The trainer's own terms (augmentation, mismatch, mode seeking, R1 weight) without its loop: no TrainLoop phases,
     # per-micro-batch streams, gradient clipping, EMA, logs, checkpoints or data reading.
-    view = RealImagesView(generator=gen, discriminator=disc, discriminator_unwrapped=disc, noise_shape=shape,
-                          mismatch=cfg.mismatch_weight > 0, mode_seeking_weight=cfg.mode_seeking_weight)
-    terms = GANStep(None, view=view, generator=gen, discriminator=disc, discriminator_unwrapped=disc, opt_g=opt_g, opt_d=opt_d,
-                    loss=cfg.loss, mismatch_weight=cfg.mismatch_weight, r1_gamma=cfg.r1_gamma, r1_interval=cfg.r1_interval,
-                    max_grad_norm=0.0)
+    view = RealImagesView(
+        generator=gen,
+        discriminator=disc,
+        discriminator_unwrapped=disc,
+        noise_shape=shape,
+        mismatch=cfg.mismatch_weight > 0,
+        mode_seeking_weight=cfg.mode_seeking_weight,
+    )
+    terms = GANStep(
+        None,
+        view=view,
+        generator=gen,
+        discriminator=disc,
+        discriminator_unwrapped=disc,
+        opt_g=opt_g,
+        opt_d=opt_d,
+        loss=cfg.loss,
+        mismatch_weight=cfg.mismatch_weight,
+        r1_gamma=cfg.r1_gamma,
+        r1_interval=cfg.r1_interval,
+        max_grad_norm=0.0,
+    )
     d_params = [p for p in disc.parameters() if p.requires_grad]
     rng = torch.Generator().manual_seed(cfg.seed)
 
@@ -132,18 +179,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         digits = save_digits_imagefolder(tmp / "digits-train")
-        recipe = run_train_gan(args.recipe, digits, tmp / "recipe", steps=args.steps, warmup=args.warmup, threads=args.threads)
+        recipe = run_train_gan(
+            args.recipe, digits, tmp / "recipe", steps=args.steps, warmup=args.warmup, threads=args.threads
+        )
         print(f"train_gan.py, recipe ({Path(args.recipe).name}): {recipe:.1f} images/s", flush=True)
         bare = bare_loop(args.recipe, digits, steps=args.steps, warmup=args.warmup, profile_steps=5)
         print(f"bare loop, same modules and losses: {bare:.1f} images/s", flush=True)
         env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
-        res = subprocess.run([sys.executable, str(ROOT / "distill" / "cache_latents.py"), "--dataset", str(digits), "--vae",
-                              str(ROOT / "teachers" / "assets" / "digits-teacher"), "--resolution", "32", "--output_dir",
-                              str(tmp / "latents")], cwd=ROOT, env=env, capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "distill" / "cache_latents.py"),
+                "--dataset",
+                str(digits),
+                "--vae",
+                str(ROOT / "teachers" / "assets" / "digits-teacher"),
+                "--resolution",
+                "32",
+                "--output_dir",
+                str(tmp / "latents"),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if res.returncode:
             sys.exit(f"error: cache_latents.py failed:\n{res.stderr[-3000:]}")
-        previous = run_train_gan(args.previous, tmp / "latents", tmp / "previous", steps=args.steps, warmup=args.warmup,
-                                 threads=args.threads)
+        previous = run_train_gan(
+            args.previous, tmp / "latents", tmp / "previous", steps=args.steps, warmup=args.warmup, threads=args.threads
+        )
         print(f"train_gan.py, previous recipe ({Path(args.previous).name}): {previous:.1f} images/s", flush=True)
     print(f"overhead_ratio={recipe / bare:.3f} recipe_over_previous={recipe / previous:.2f}")
 

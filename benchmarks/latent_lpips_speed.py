@@ -125,14 +125,18 @@ def _run_worker(ctx, method: str, args) -> tuple[float, int]:
                 code = proc.exitcode
                 status = 128 - code if code is not None and code < 0 else (code or 1)
                 how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-                sys.stderr.write(f"error: the {method} worker (pid {proc.pid}) {how} before reporting: "
-                                 "out of memory? try --small or a smaller --resolution / --batch\n")
+                sys.stderr.write(
+                    f"error: the {method} worker (pid {proc.pid}) {how} before reporting: "
+                    "out of memory? try --small or a smaller --resolution / --batch\n"
+                )
                 sys.exit(status)
             if time.monotonic() > deadline:
                 proc.kill()
                 proc.join()
-                sys.stderr.write(f"error: the {method} worker took over --timeout {args.timeout:.0f} s: "
-                                 "try --small or a smaller --resolution / --batch\n")
+                sys.stderr.write(
+                    f"error: the {method} worker took over --timeout {args.timeout:.0f} s: "
+                    "try --small or a smaller --resolution / --batch\n"
+                )
                 sys.exit(124)
     proc.join()
     return sec, mem
@@ -142,7 +146,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="small run: 128 px (16x16 latents), batch 2 (the CPU default)")
-    p.add_argument("--resolution", type=int, default=None, help="pixel size (latents are 8x smaller); default 512 on GPU")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="pixel size (latents are 8x smaller); default 512 on GPU"
+    )
     p.add_argument("--batch", type=int, default=None, help="batch size; default 8 on GPU (2 with --small)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations; default 20 (3 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations; default 5 (1 with --small)")
@@ -152,8 +158,11 @@ def main() -> None:
     args = p.parse_args()
     if args.device == "cpu" and not args.small and args.resolution is None and args.batch is None:
         args.small = True
-        print("CPU: using the small setting (128 px, batch 2; the GPU default of 512 px, batch 8 needs over 20 GB and "
-              "5 minutes here); pass --resolution / --batch to override", flush=True)
+        print(
+            "CPU: using the small setting (128 px, batch 2; the GPU default of 512 px, batch 8 needs over 20 GB and "
+            "5 minutes here); pass --resolution / --batch to override",
+            flush=True,
+        )
     args.resolution = args.resolution or (128 if args.small else 512)
     args.batch = args.batch or (2 if args.small else 8)
     args.iters = args.iters or (3 if args.small else 20)

@@ -46,9 +46,15 @@ def main() -> None:
         teacher = load_teacher(path, torch_dtype=dtype, device=device)
         shape = teacher.latent_shape(args.resolution)
         prompts = [f"a photo of object number {i}" for i in range(args.rows)]
-        cfg = PairsConfig(teacher=path, num_pairs=args.rows, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance_scale, resolution=args.resolution,
-                          batch_size=args.batch_size, shard_size=args.rows)
+        cfg = PairsConfig(
+            teacher=path,
+            num_pairs=args.rows,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            shard_size=args.rows,
+        )
 
         def sync():
             if device == "cuda":
@@ -70,8 +76,13 @@ def main() -> None:
             for b in range(0, args.rows, args.batch_size):
                 n = min(args.batch_size, args.rows - b)
                 noise = torch.randn((n, *shape), generator=gen).to(device, dtype)
-                teacher.pipe(prompt=prompts[b : b + n], latents=noise, num_inference_steps=args.steps,
-                             guidance_scale=args.guidance_scale, output_type="latent").images.cpu()
+                teacher.pipe(
+                    prompt=prompts[b : b + n],
+                    latents=noise,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance_scale,
+                    output_type="latent",
+                ).images.cpu()
             sync()
             return time.perf_counter() - t
 
@@ -82,8 +93,10 @@ def main() -> None:
             t_bare.append(bare(r))
     ours_rate = args.rows / statistics.median(t_ours)
     bare_rate = args.rows / statistics.median(t_bare)
-    print(f"device={device} teacher={'random-' + args.family + '-' + args.size if not args.teacher else args.teacher} "
-          f"resolution={args.resolution} steps={args.steps} batch={args.batch_size} rows={args.rows}")
+    print(
+        f"device={device} teacher={'random-' + args.family + '-' + args.size if not args.teacher else args.teacher} "
+        f"resolution={args.resolution} steps={args.steps} batch={args.batch_size} rows={args.rows}"
+    )
     print(f"ours={ours_rate:.3f} pairs/s bare={bare_rate:.3f} pairs/s")
     print(f"ratio={ours_rate / bare_rate:.3f}")
 

@@ -24,8 +24,24 @@ from distill.distillation import memory_plan as mp  # noqa: E402
 from distill.plan_memory import PlanConfig, check  # noqa: E402
 from distill.training.student_registry import apply_teacher_defaults  # noqa: E402
 
-BENCHMARK = ["--mixed_precision", "bf16", "--regression", "mse", "--lpips_weight", "1", "--gan_weight", "0.1",
-             "--mix_fraction", "0.25", "--r1_gamma", "1e-5", "--r1_interval", "16", "--student_size", "paper"]
+BENCHMARK = [
+    "--mixed_precision",
+    "bf16",
+    "--regression",
+    "mse",
+    "--lpips_weight",
+    "1",
+    "--gan_weight",
+    "0.1",
+    "--mix_fraction",
+    "0.25",
+    "--r1_gamma",
+    "1e-5",
+    "--r1_interval",
+    "16",
+    "--student_size",
+    "paper",
+]
 GPU_RUNS = {"sd15": ["--batch_size", "16"], "sdxl": ["--batch_size", "4"]}  # 512 px / 1024 px: the native resolutions
 ALL_BUT_8BIT = ["--gradient_checkpointing", "--d_gradient_checkpointing", "--ema_device", "cpu"]
 # (architecture, row, overrides, measured peak GB on the H200; None: out of memory, above 143 GB)
@@ -72,8 +88,9 @@ def main() -> None:
         trace_levers, size_levers = mp.levers_of(cfg)
         key = (arch, cfg.student, trace_levers)
         if key not in traces:
-            traces[key] = mp.trace(cfg, teacher=arch, architecture=arch, resolution=mp.NATIVE_RESOLUTION[arch],
-                                   levers=trace_levers)
+            traces[key] = mp.trace(
+                cfg, teacher=arch, architecture=arch, resolution=mp.NATIVE_RESOLUTION[arch], levers=trace_levers
+            )
         t = traces[key]
         frozen = t.sizes["frozen_fp32"]  # the benchmark held no text encoder or VAE on the device
         planned = (t.measured_peak(size_levers).total - frozen) / 1e9

@@ -39,50 +39,89 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers
 import torch
-
-from distill.discriminators import UNetDiscriminator
-from distill.training.ema import EMA
-from distill.distillation.phases import Batch, PairsView
-from distill.training.gan_step import GANStep
-from distill.training.optimizers import build_optimizer
 from diffusers import UNet2DConditionModel
 
+from distill.discriminators import UNetDiscriminator
+from distill.distillation.phases import Batch, PairsView
+from distill.training.ema import EMA
+from distill.training.gan_step import GANStep
+from distill.training.optimizers import build_optimizer
 from students import GigaGANGenerator, StyleGANTGenerator, TextConditioning, UNetStudent
 from teachers.testing import random_text_encoder, random_vae  # the published text encoder / VAE shapes
 
 UNETS = {  # UNet2DConditionModel kwargs of the released unet/config.json files
-    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
-    "sdxl": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
-                 attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-                 norm_num_groups=32),
+    "sd15": dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    "sdxl": dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32,
+    ),
 }
-FROZEN = {"sd15": lambda: [random_text_encoder(768, 12, 12), random_vae("full", 0.18215)],
-          "sdxl": lambda: [random_text_encoder(768, 12, 12), random_text_encoder(1280, 32, 20, projection_dim=1280, act="gelu"), random_vae("full", 0.13025)]}
+FROZEN = {
+    "sd15": lambda: [random_text_encoder(768, 12, 12), random_vae("full", 0.18215)],
+    "sdxl": lambda: [
+        random_text_encoder(768, 12, 12),
+        random_text_encoder(1280, 32, 20, projection_dim=1280, act="gelu"),
+        random_vae("full", 0.13025),
+    ],
+}
 GPU_RUNS = {"sd15": (512, 16), "sdxl": (1024, 4)}  # resolution, batch
 GAN_STUDENTS = {"gigagan": GigaGANGenerator, "stylegan_t": StyleGANTGenerator}
 STUDENT_NAMES = {"unet": "UNet student", "gigagan": "GigaGAN (paper)", "stylegan_t": "StyleGAN-T (paper)"}
 # Lever combinations of the memory table: (name, teacher held, ema_device, ema_dtype, frozen bytes/param, optimizer)
-COMBOS = [("before #12 (teacher UNet held)", True, "same", 4, 4, "adam"), ("default (teacher released)", False, "same", 4, 4, "adam"),
-          ("ema_device cpu", False, "cpu", 4, 4, "adam"), ("ema_dtype bf16", False, "same", 2, 4, "adam"),
-          ("frozen_dtype bf16", False, "same", 4, 2, "adam"), ("optimizer adam8bit", False, "same", 4, 4, "adam8bit"),
-          ("all (cpu EMA, bf16 frozen, adam8bit)", False, "cpu", 4, 2, "adam8bit")]
-GPU_LEVERS = {"default": {}, "d_gradient_checkpointing": dict(d_ckpt=True), "gradient_checkpointing (G)": dict(g_ckpt=True),
-              "ema_device cpu": dict(ema_device="cpu"), "ema_dtype bf16": dict(ema_dtype=torch.bfloat16),
-              "optimizer adam8bit": dict(optimizer="adam8bit"),
-              "all": dict(d_ckpt=True, g_ckpt=True, ema_device="cpu", optimizer="adam8bit")}
+COMBOS = [
+    ("before #12 (teacher UNet held)", True, "same", 4, 4, "adam"),
+    ("default (teacher released)", False, "same", 4, 4, "adam"),
+    ("ema_device cpu", False, "cpu", 4, 4, "adam"),
+    ("ema_dtype bf16", False, "same", 2, 4, "adam"),
+    ("frozen_dtype bf16", False, "same", 4, 2, "adam"),
+    ("optimizer adam8bit", False, "same", 4, 4, "adam8bit"),
+    ("all (cpu EMA, bf16 frozen, adam8bit)", False, "cpu", 4, 2, "adam8bit"),
+]
+GPU_LEVERS = {
+    "default": {},
+    "d_gradient_checkpointing": dict(d_ckpt=True),
+    "gradient_checkpointing (G)": dict(g_ckpt=True),
+    "ema_device cpu": dict(ema_device="cpu"),
+    "ema_dtype bf16": dict(ema_dtype=torch.bfloat16),
+    "optimizer adam8bit": dict(optimizer="adam8bit"),
+    "all": dict(d_ckpt=True, g_ckpt=True, ema_device="cpu", optimizer="adam8bit"),
+}
 
 
 def gan_student(kind: str, arch: str, size: str = "paper") -> torch.nn.Module:
     """A GAN student as stage two sizes it for the teacher (``student_registry``): its latents, its text widths."""
     unet = UNETS[arch]
-    return GAN_STUDENTS[kind].for_latents(latent_channels=unet["in_channels"], sample_size=unet["sample_size"],
-                                          cross_attention_dim=unet["cross_attention_dim"],
-                                          pooled_dim=1280 if arch == "sdxl" else 0, size=size)
+    return GAN_STUDENTS[kind].for_latents(
+        latent_channels=unet["in_channels"],
+        sample_size=unet["sample_size"],
+        cross_attention_dim=unet["cross_attention_dim"],
+        pooled_dim=1280 if arch == "sdxl" else 0,
+        size=size,
+    )
 
 
 def build(arch: str, device, *, student: str = "unet", d_ckpt: bool = False, g_ckpt: bool = False):
@@ -117,14 +156,25 @@ def memory_table(arch: str, student_kind: str = "unet") -> None:
     with torch.device("meta"):
         n_frozen = sum(p.numel() for m in FROZEN[arch]() for p in m.parameters())
     gb = lambda b: f"{b / 1e9:6.2f}"  # noqa: E731  decimal GB, as the issue quotes them
-    print(f"\n{arch}, {STUDENT_NAMES[student_kind]}: student {n_g / 1e9:.3f} B params, D {n_d / 1e9:.3f} B, "
-          f"text encoders + VAE {n_frozen / 1e9:.3f} B (GB on the accelerator; activations not included)")
-    print(f"{'levers':38s} {'weights':>7s} {'grads':>7s} {'optim':>7s} {'EMA':>7s} {'teacher':>7s} {'frozen':>7s} {'total':>7s}")
+    print(
+        f"\n{arch}, {STUDENT_NAMES[student_kind]}: student {n_g / 1e9:.3f} B params, D {n_d / 1e9:.3f} B, "
+        f"text encoders + VAE {n_frozen / 1e9:.3f} B (GB on the accelerator; activations not included)"
+    )
+    print(
+        f"{'levers':38s} {'weights':>7s} {'grads':>7s} {'optim':>7s} {'EMA':>7s} {'teacher':>7s} {'frozen':>7s} "
+        f"{'total':>7s}"
+    )
     for name, teacher, ema_device, ema_bytes, frozen_bytes, optimizer in COMBOS:
         if teacher and student_kind != "unet":
             continue  # the teacher-held row is the UNet student's history
-        row = [4 * (n_g + n_d), 4 * max(n_g, n_d), adam_bytes([*student.parameters(), *disc.parameters()], optimizer),
-               0 if ema_device == "cpu" else ema_bytes * n_g, 4 * n_g if teacher else 0, frozen_bytes * n_frozen]
+        row = [
+            4 * (n_g + n_d),
+            4 * max(n_g, n_d),
+            adam_bytes([*student.parameters(), *disc.parameters()], optimizer),
+            0 if ema_device == "cpu" else ema_bytes * n_g,
+            4 * n_g if teacher else 0,
+            frozen_bytes * n_frozen,
+        ]
         print(f"{name:38s} " + " ".join(gb(b) for b in row) + f" {gb(sum(row))}")
 
 
@@ -133,12 +183,16 @@ def conditioning(arch: str, n: int, res: int, device) -> TextConditioning:
     embeds = torch.randn(n, 77, UNETS[arch]["cross_attention_dim"], generator=g).to(device)
     if arch != "sdxl":
         return TextConditioning(embeds)
-    return TextConditioning(embeds, torch.randn(n, 1280, generator=g).to(device),
-                            torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device).repeat(n, 1))
+    return TextConditioning(
+        embeds,
+        torch.randn(n, 1280, generator=g).to(device),
+        torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device).repeat(n, 1),
+    )
 
 
 def batch(arch: str, n: int, res: int, device, *, fresh_noise: bool = False) -> Batch:
-    """Pairs' noise and targets; ``fresh_noise``: GAN fakes from other noise (the GAN students' ``gan_noise: fresh``)."""
+    """Pairs' noise and targets; ``fresh_noise``: GAN fakes from other noise (the GAN students' ``gan_noise:
+    fresh``)."""
     g = torch.Generator().manual_seed(0)
     noise, target, fresh = (torch.randn(n, 4, res // 8, res // 8, generator=g).to(device) for _ in range(3))
     return Batch(noise, target, conditioning(arch, n, res, device), gan_noise=fresh if fresh_noise else None)
@@ -146,10 +200,29 @@ def batch(arch: str, n: int, res: int, device, *, fresh_noise: bool = False) -> 
 
 def engine(student, disc, *, regression: str) -> GANStep:
     """The trainer's GAN step on stage two's pairs (its terms only: no loop, optimisers or logs)."""
-    view = PairsView(student=student, discriminator=disc, discriminator_unwrapped=disc, lpips_loss=None,
-                     regression=regression, lpips_weight=1.0, mix_fraction=0.25)
-    return GANStep(None, view=view, generator=student, discriminator=disc, discriminator_unwrapped=disc, opt_g=None,
-                   opt_d=None, loss="non_saturating", gan_weight=0.1, r1_gamma=1e-5, r1_interval=16, max_grad_norm=1.0)
+    view = PairsView(
+        student=student,
+        discriminator=disc,
+        discriminator_unwrapped=disc,
+        lpips_loss=None,
+        regression=regression,
+        lpips_weight=1.0,
+        mix_fraction=0.25,
+    )
+    return GANStep(
+        None,
+        view=view,
+        generator=student,
+        discriminator=disc,
+        discriminator_unwrapped=disc,
+        opt_g=None,
+        opt_d=None,
+        loss="non_saturating",
+        gan_weight=0.1,
+        r1_gamma=1e-5,
+        r1_interval=16,
+        max_grad_norm=1.0,
+    )
 
 
 def d_phase(disc, b: Batch, fake, *, r1: bool, device_type: str, per_term: bool = False) -> None:
@@ -229,8 +302,10 @@ def cpu_latency_ratios(arch: str, repeats: int) -> None:
             times[kind].append(timed(run, "cpu"))
     unet = statistics.median(times["unet"])
     for kind in GAN_STUDENTS:
-        print(f"{kind}_over_unet_latency={statistics.median(times[kind]) / unet:.3f}  "
-              f"({STUDENT_NAMES[kind]} vs the UNet student, {res} px = {res // 8}x{res // 8} latents, one image, fp32)")
+        print(
+            f"{kind}_over_unet_latency={statistics.median(times[kind]) / unet:.3f}  "
+            f"({STUDENT_NAMES[kind]} vs the UNet student, {res} px = {res // 8}x{res // 8} latents, one image, fp32)"
+        )
 
 
 def free() -> None:
@@ -242,18 +317,34 @@ def free() -> None:
 def measure(arch: str, lever: dict, n: int, res: int, steps: int, student_kind: str = "unet") -> tuple[float, float]:
     """Mean seconds per step (R1 off) and peak GB (the warm-up step runs R1) of one lever's full training step."""
     torch.cuda.reset_peak_memory_stats()
-    student, disc = build(arch, "cuda", student=student_kind, d_ckpt=lever.get("d_ckpt", False), g_ckpt=lever.get("g_ckpt", False))
-    ema = EMA(student, half_life_kimg=500, device="cpu" if lever.get("ema_device") == "cpu" else None, dtype=lever.get("ema_dtype"))
-    opt_g, opt_d = (build_optimizer(lever.get("optimizer", "adam"), m.parameters(), lr=1e-5, betas=(0.0, 0.99)) for m in (student, disc))
+    student, disc = build(
+        arch, "cuda", student=student_kind, d_ckpt=lever.get("d_ckpt", False), g_ckpt=lever.get("g_ckpt", False)
+    )
+    ema = EMA(
+        student,
+        half_life_kimg=500,
+        device="cpu" if lever.get("ema_device") == "cpu" else None,
+        dtype=lever.get("ema_dtype"),
+    )
+    opt_g, opt_d = (
+        build_optimizer(lever.get("optimizer", "adam"), m.parameters(), lr=1e-5, betas=(0.0, 0.99))
+        for m in (student, disc)
+    )
     b = batch(arch, n, res, "cuda", fresh_noise=student_kind != "unet")
-    times = [timed(lambda: train_step(student, disc, opt_g, opt_d, ema, b, r1=i == 0, nimg=(i + 1) * n), "cuda") for i in range(steps + 1)]
+    times = [
+        timed(lambda: train_step(student, disc, opt_g, opt_d, ema, b, r1=i == 0, nimg=(i + 1) * n), "cuda")
+        for i in range(steps + 1)
+    ]
     return statistics.mean(times[1:]), torch.cuda.max_memory_allocated() / 1e9
 
 
 def gpu_runs(arch: str, steps: int) -> None:
     res, n = GPU_RUNS[arch]
-    print(f"\n{arch} on {torch.cuda.get_device_name()}: {res} px, batch {n}, mean of {steps} steps after a warm-up step with R1 "
-          "(peak includes it)")
+    print(
+        f"\n{arch} on {torch.cuda.get_device_name()}: {res} px, batch {n}, mean of {steps} steps after a warm-up "
+        "step with R1 "
+        "(peak includes it)"
+    )
     print(f"{'lever':28s} {'s/step':>8s} {'img/s':>7s} {'peak GB':>8s}")
     for name, lever in GPU_LEVERS.items():
         if lever.get("optimizer") == "adam8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -272,7 +363,10 @@ def gpu_runs(arch: str, steps: int) -> None:
                 ms = latency(student.to(dtype).eval(), arch, res, "cuda", 10, dtype=dtype) * 1000
                 print(f"one-step latency {res} px, batch 1, {STUDENT_NAMES[kind]} in {str(dtype)[6:]}: {ms:.1f} ms")
             except Exception as e:  # one failed measurement must not cost the rest of a GPU lease
-                print(f"one-step latency {res} px, {STUDENT_NAMES[kind]} in {str(dtype)[6:]}: failed: {type(e).__name__}: {e}"[:300])
+                print(
+                    f"one-step latency {res} px, {STUDENT_NAMES[kind]} in {str(dtype)[6:]}: failed: "
+                    f"{type(e).__name__}: {e}"[:300]
+                )
         del student
         free()
 
@@ -302,11 +396,17 @@ def cpu_runs(arch: str, steps: int) -> None:
         if ckpt:
             disc.enable_gradient_checkpointing()
         # R1 at every timed step: the double backward is where checkpointing's recompute could break.
-        times = [timed(lambda: d_phase(disc, b, fake, r1=True, device_type="cpu", per_term=True), "cpu") for _ in range(steps + 1)][1:]
+        times = [
+            timed(lambda: d_phase(disc, b, fake, r1=True, device_type="cpu", per_term=True), "cpu")
+            for _ in range(steps + 1)
+        ][1:]
         disc.zero_grad(set_to_none=True)
         results[ckpt] = statistics.mean(times)
-        print(f"D phase + R1 (fp32, forward, backward per term; no optimiser step), d_gradient_checkpointing={str(ckpt).lower():5s}: "
-              f"{results[ckpt]:.2f} s")
+        print(
+            "D phase + R1 (fp32, forward, backward per term; no optimiser step), "
+            f"d_gradient_checkpointing={str(ckpt).lower():5s}: "
+            f"{results[ckpt]:.2f} s"
+        )
     disc = None  # freed before the student is built
     free()
     student = UNetStudent(unet_config=UNETS[arch])
@@ -319,7 +419,9 @@ def cpu_runs(arch: str, steps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sdxl", action="store_true", help="CPU: time SDXL too (about 3x the memory of SD1.5); a GPU always runs both")
+    p.add_argument(
+        "--sdxl", action="store_true", help="CPU: time SDXL too (about 3x the memory of SD1.5); a GPU always runs both"
+    )
     p.add_argument("--steps", type=int, default=None, help="timed steps per lever (default: 5 on a GPU, 2 on the CPU)")
     args = p.parse_args()
     diffusers.utils.logging.set_verbosity_error()  # the latency runs cast models with .to(dtype) on purpose
@@ -328,8 +430,10 @@ def main() -> None:
     if cuda:
         print(f"device: {torch.cuda.get_device_name()} (CUDA): memory table, full step per lever, one-step latency")
     else:
-        print(f"device: CPU, no CUDA: reduced run (memory table; timing of {' and '.join(archs)} at 64 px, batch 1, "
-              "D phase + R1 and one-step latency only; step time / peak memory per lever need a GPU)")
+        print(
+            f"device: CPU, no CUDA: reduced run (memory table; timing of {' and '.join(archs)} at 64 px, batch 1, "
+            "D phase + R1 and one-step latency only; step time / peak memory per lever need a GPU)"
+        )
     for arch in ("sd15", "sdxl"):
         for kind in STUDENT_NAMES:
             memory_table(arch, kind)

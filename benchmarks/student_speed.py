@@ -39,9 +39,12 @@ def main() -> None:
     teacher = load_teacher(args.teacher, torch_dtype=dtype, device=device)
     tp = teacher.pipe
     unet = tp.unet
-    shape = dict(latent_channels=teacher.latent_channels, sample_size=int(unet.config.sample_size),
-                 cross_attention_dim=int(unet.config.cross_attention_dim),
-                 pooled_dim=int(tp.text_encoder_2.config.projection_dim) if getattr(tp, "text_encoder_2", None) else 0)
+    shape = dict(
+        latent_channels=teacher.latent_channels,
+        sample_size=int(unet.config.sample_size),
+        cross_attention_dim=int(unet.config.cross_attention_dim),
+        pooled_dim=int(tp.text_encoder_2.config.projection_dim) if getattr(tp, "text_encoder_2", None) else 0,
+    )
     torch.manual_seed(0)
     students = {
         "unet": UNetStudent.from_teacher(unet, tp.scheduler),
@@ -50,12 +53,20 @@ def main() -> None:
     }
     pipes = {}
     for name, student in students.items():
-        pipes[name] = OneStepGANPipeline(student=student.to(device, dtype).eval(), vae=tp.vae, text_encoder=tp.text_encoder,
-                                         tokenizer=tp.tokenizer, text_encoder_2=getattr(tp, "text_encoder_2", None),
-                                         tokenizer_2=getattr(tp, "tokenizer_2", None))
+        pipes[name] = OneStepGANPipeline(
+            student=student.to(device, dtype).eval(),
+            vae=tp.vae,
+            text_encoder=tp.text_encoder,
+            tokenizer=tp.tokenizer,
+            text_encoder_2=getattr(tp, "text_encoder_2", None),
+            tokenizer_2=getattr(tp, "tokenizer_2", None),
+        )
         pipes[name].set_progress_bar_config(disable=True)
-    noise = torch.randn(args.batch_size, *teacher.latent_shape(int(unet.config.sample_size) * tp.vae_scale_factor),
-                        generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    noise = torch.randn(
+        args.batch_size,
+        *teacher.latent_shape(int(unet.config.sample_size) * tp.vae_scale_factor),
+        generator=torch.Generator().manual_seed(0),
+    ).to(device, dtype)
     prompts = [f"a handwritten digit {i % 10}" for i in range(args.batch_size)]
 
     def timed(pipe) -> float:
@@ -74,12 +85,17 @@ def main() -> None:
         for k, pipe in pipes.items():
             times[k].append(timed(pipe))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"device={device} teacher={args.teacher} batch={args.batch_size} student_size={args.student_size} "
-          f"latent={tuple(noise.shape[1:])} (prompt encoding and VAE decode included; medians of {args.repeats})")
+    print(
+        f"device={device} teacher={args.teacher} batch={args.batch_size} student_size={args.student_size} "
+        f"latent={tuple(noise.shape[1:])} (prompt encoding and VAE decode included; medians of {args.repeats})"
+    )
     for k, v in med.items():
         params = sum(q.numel() for q in students[k].parameters()) / 1e6
         print(f"{k:11s} {params:7.2f} M params  {v * 1000:8.1f} ms/batch  {v / args.batch_size * 1000:7.2f} ms/image")
-    print(f"gigagan_over_unet={med['gigagan'] / med['unet']:.3f} stylegan_t_over_unet={med['stylegan_t'] / med['unet']:.3f}")
+    print(
+        f"gigagan_over_unet={med['gigagan'] / med['unet']:.3f} "
+        f"stylegan_t_over_unet={med['stylegan_t'] / med['unet']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def captions_for_label(*, label: int) -> list[str]:
     return [t.format(name=DIGIT_NAMES[int(label)], digit=int(label)) for t in CAPTION_TEMPLATES]
 
 
-def sample_captions(*, labels: torch.Tensor | np.ndarray | list[int], generator: torch.Generator | None = None) -> list[str]:
+def sample_captions(
+    *, labels: torch.Tensor | np.ndarray | list[int], generator: torch.Generator | None = None
+) -> list[str]:
     """One randomly chosen phrasing per label (labels: [N] ints)."""
     labels = [int(x) for x in labels]
     choice = torch.randint(len(CAPTION_TEMPLATES), (len(labels),), generator=generator).tolist()
@@ -50,7 +52,9 @@ def pixels_to_images(*, pixels: np.ndarray, size: int = 32) -> torch.Tensor:
     return (x.clamp(0, 1) * 2 - 1).repeat(1, 3, 1, 1).contiguous()  # [N,3,size,size]
 
 
-def split_indices(*, labels: np.ndarray, held_out_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    *, labels: np.ndarray, held_out_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split: per class, a seeded ``held_out_fraction`` goes to held-out."""
     rng = np.random.RandomState(seed)
     train, held = [], []
@@ -114,7 +118,10 @@ def save_digits_imagefolder(path: str | Path, *, split: str = "train", size: int
     with open(tmp / "metadata.jsonl", "w") as fh:
         for i, (pixels, label) in enumerate(zip(_uint8(images), labels.tolist())):
             Image.fromarray(pixels).save(tmp / f"{i:04d}.png")
-            fh.write(json.dumps({"file_name": f"{i:04d}.png", "text": captions_for_label(label=label), "label": label}) + "\n")
+            fh.write(
+                json.dumps({"file_name": f"{i:04d}.png", "text": captions_for_label(label=label), "label": label})
+                + "\n"
+            )
     tmp.replace(path)
     return path
 

@@ -13,8 +13,15 @@ import os
 LOCAL_ONLY = [".lock", ".tmp-*", "**/.tmp-*", ".*.tmp-*", ".arrow-cache/**"]
 
 
-def push_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "model", token: str | None = None,
-                private: bool = False, commit_message: str = "Upload with diffusion2gan-toolkit") -> str:
+def push_folder(
+    folder: str | os.PathLike,
+    *,
+    repo_id: str,
+    repo_type: str = "model",
+    token: str | None = None,
+    private: bool = False,
+    commit_message: str = "Upload with diffusion2gan-toolkit",
+) -> str:
     """Create ``repo_id`` if needed (``repo_type`` model or dataset) and upload ``folder``; returns the commit URL."""
     from huggingface_hub import HfApi
 
@@ -22,6 +29,11 @@ def push_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
         raise ValueError(f"repo_type must be model or dataset, got {repo_type!r}")
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type, commit_message=commit_message,
-                             ignore_patterns=LOCAL_ONLY)
+    info = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type=repo_type,
+        commit_message=commit_message,
+        ignore_patterns=LOCAL_ONLY,
+    )
     return str(getattr(info, "commit_url", info))

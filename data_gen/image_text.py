@@ -57,7 +57,9 @@ def open_dataset(source: str, *, split: str = "train", streaming: bool = False, 
     if path.is_file():  # a single Parquet file or webdataset shard
         builder = {".parquet": "parquet", ".tar": "webdataset"}.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"dataset file {path} is neither .parquet nor a webdataset .tar: pass a folder or a hub name")
+            raise ValueError(
+                f"dataset file {path} is neither .parquet nor a webdataset .tar: pass a folder or a hub name"
+            )
         args, kwargs = (builder,), dict(kwargs, data_files={split: str(path)})
     else:
         args = (str(path) if path.is_dir() else source,) + ((config_name,) if config_name else ())
@@ -67,22 +69,33 @@ def open_dataset(source: str, *, split: str = "train", streaming: bool = False, 
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if isinstance(exc, FileNotFoundError) and path.is_dir() and _metadata_files(path):
-            raise ValueError(f"dataset {source}: a file its metadata names is missing ({first}): add the file or drop its "
-                             "line from the metadata") from None
+            raise ValueError(
+                f"dataset {source}: a file its metadata names is missing ({first}): add the file or drop its "
+                "line from the metadata"
+            ) from None
         mixed = re.search(r"Column\(/([^)]*)\) changed from (\w+) to (\w+) in row (\d+)", first)
         if mixed and path.is_dir():  # a caption written as a number (or a list) among strings, in metadata.jsonl
             column, was, now, row = mixed.groups()
             files = ", ".join(str(p) for p in _metadata_files(path)) or str(path)
-            raise ValueError(f"dataset {source}: column {column!r} of {files} holds a {now} at row {row} where the rows before "
-                             f"hold a {was}: a caption must be text (a string, or a list of strings): write it in quotes") from None
+            raise ValueError(
+                f"dataset {source}: column {column!r} of {files} holds a {now} at row {row} where the rows before "
+                f"hold a {was}: a caption must be text (a string, or a list of strings): write it in quotes"
+            ) from None
         raise ValueError(
             f"cannot open dataset {source!r} ({first}): pass a local folder (imagefolder with metadata.jsonl / csv, "
             "Parquet, webdataset .tar) or a datasets hub name that is available offline"
         ) from None
 
 
-def open_image_text(source: str, *, split: str = "train", image_column: str = "image", caption_column: str = "text",
-                    streaming: bool = False, config_name: str | None = None):
+def open_image_text(
+    source: str,
+    *,
+    split: str = "train",
+    image_column: str = "image",
+    caption_column: str = "text",
+    streaming: bool = False,
+    config_name: str | None = None,
+):
     """A ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) of (image, caption) rows.
 
     Images stay undecoded (``{"path", "bytes"}``) so that :func:`load_image` can name the file that fails.
@@ -92,32 +105,50 @@ def open_image_text(source: str, *, split: str = "train", image_column: str = "i
     import datasets
 
     if not source:
-        raise ValueError("no dataset given: set `dataset` to a hub name, an imagefolder / Parquet / webdataset folder, "
-                         "or a latent cache from distill/cache_latents.py")
+        raise ValueError(
+            "no dataset given: set `dataset` to a hub name, an imagefolder / Parquet / webdataset folder, "
+            "or a latent cache from distill/cache_latents.py"
+        )
     path = Path(source)
     if is_latent_cache(path):
         manifest = read_latent_manifest(path)
         if manifest.get("format") != LATENT_FORMAT:
-            raise ValueError(f"{path} is not a latent cache of this version ({manifest.get('format')!r}): re-run distill/cache_latents.py")
+            raise ValueError(
+                f"{path} is not a latent cache of this version ({manifest.get('format')!r}): re-run "
+                "distill/cache_latents.py"
+            )
         files = sorted(str(p) for p in (path / DATA_DIR).glob("train-*.parquet"))
         if len(files) != manifest["num_shards"]:
-            raise ValueError(f"latent cache {path} is incomplete ({len(files)} of {manifest['num_shards']} shards): "
-                             "re-run distill/cache_latents.py with the same arguments to finish it")
+            raise ValueError(
+                f"latent cache {path} is incomplete ({len(files)} of {manifest['num_shards']} shards): "
+                "re-run distill/cache_latents.py with the same arguments to finish it"
+            )
         ds = datasets.load_dataset("parquet", data_files={"train": files}, split="train", streaming=streaming)
         image_column, caption_column = LATENT_COLUMN, CAPTION_COLUMN
     else:
         ds = open_dataset(source, split=split, streaming=streaming, config_name=config_name)
     columns = list(ds.column_names or next(iter(ds)).keys())
-    if caption_column not in columns and path.is_dir() and image_column in columns and set(columns) <= {image_column, "label"}:
+    if (
+        caption_column not in columns
+        and path.is_dir()
+        and image_column in columns
+        and set(columns) <= {image_column, "label"}
+    ):
         example = '{"file_name": "0001.png", "text": "a photo of ..."}'
-        fix = (f"add a caption column to its metadata, e.g. {example} per line" if _metadata_files(path) else
-               f"put a metadata.jsonl next to the images, one line per image such as {example} (or a metadata.csv with "
-               "file_name and text columns)")
+        fix = (
+            f"add a caption column to its metadata, e.g. {example} per line"
+            if _metadata_files(path)
+            else f"put a metadata.jsonl next to the images, one line per image such as {example} (or a metadata.csv "
+            "with "
+            "file_name and text columns)"
+        )
         raise ValueError(f"dataset {source} has images but no captions (columns: {', '.join(columns)}): {fix}")
     for kind, column in (("image", image_column), ("caption", caption_column)):
         if column not in columns:
-            raise ValueError(f"{kind} column {column!r} is not in dataset {source} (columns: {', '.join(columns)}): "
-                             f"set `{kind}_column` to one of them")
+            raise ValueError(
+                f"{kind} column {column!r} is not in dataset {source} (columns: {', '.join(columns)}): "
+                f"set `{kind}_column` to one of them"
+            )
     feature = (ds.features or {}).get(image_column)
     if isinstance(feature, datasets.Image) and feature.decode:
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
@@ -143,7 +174,12 @@ def _quiet_progress_bars():
 
 
 def _metadata_files(folder: Path) -> list[Path]:
-    return [p for pattern in ("metadata.*", "*/metadata.*") for p in folder.glob(pattern) if p.suffix in (".jsonl", ".csv", ".parquet")]
+    return [
+        p
+        for pattern in ("metadata.*", "*/metadata.*")
+        for p in folder.glob(pattern)
+        if p.suffix in (".jsonl", ".csv", ".parquet")
+    ]
 
 
 def to_rgb(image):
@@ -176,7 +212,8 @@ def to_rgb(image):
 
 
 def _open_image(value: Any):
-    """A dataset image cell (``{"path", "bytes"}`` or a file path) -> (PIL image, opened lazily: header only; its path)."""
+    """A dataset image cell (``{"path", "bytes"}`` or a file path) -> (PIL image, opened lazily: header only; its
+    path)."""
     from PIL import Image
 
     path = value.get("path") if isinstance(value, dict) else value
@@ -187,7 +224,10 @@ def _open_image(value: Any):
 
 def _unreadable(exc: BaseException, *, where: str, path) -> ValueError:
     detail = str(exc).splitlines()[0] if str(exc) else ""
-    return ValueError(f"image of {where} ({path or 'inline bytes'}) cannot be read ({type(exc).__name__}: {detail}): replace or remove it")
+    return ValueError(
+        f"image of {where} ({path or 'inline bytes'}) cannot be read ({type(exc).__name__}: {detail}): replace or "
+        "remove it"
+    )
 
 
 def _read_errors():
@@ -213,7 +253,9 @@ def load_image(value: Any, *, where: str):
 
 
 def _caption_text(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value if v is not None))
+    return isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value if v is not None)
+    )
 
 
 def _caption_ok(value: Any) -> bool:
@@ -222,8 +264,9 @@ def _caption_ok(value: Any) -> bool:
     return value is not None and bool(str(value).strip())
 
 
-def check_image_text(ds, *, source: str, image_column: str | None, caption_column: str, first_row: int = 0,
-                     chunk: int = 1024) -> None:
+def check_image_text(
+    ds, *, source: str, image_column: str | None, caption_column: str, first_row: int = 0, chunk: int = 1024
+) -> None:
     """Every row of a map-style set has a caption (a string, or a list with one, that is not blank) and an image
     whose header reads (``image_column`` None: no images, e.g. a latent cache); else one line naming the first bad
     row and its file, and how many more there are. Headers only (a few bytes per file): an image damaged past its
@@ -237,9 +280,11 @@ def check_image_text(ds, *, source: str, image_column: str | None, caption_colum
         for cell, caption in zip(images, batch[caption_column]):
             path = (cell.get("path") if isinstance(cell, dict) else cell) if cell is not None else None
             if caption is not None and not _caption_text(caption):
-                raise ValueError(f"dataset {source}: row {row}{f' ({path})' if path else ''} has a caption of type "
-                                 f"{type(caption).__name__} in column {caption_column!r} ({caption!r:.40}): a caption must be text "
-                                 "(a string, or a list of strings); is caption_column the right column?")
+                raise ValueError(
+                    f"dataset {source}: row {row}{f' ({path})' if path else ''} has a caption of type "
+                    f"{type(caption).__name__} in column {caption_column!r} ({caption!r:.40}): a caption must be text "
+                    "(a string, or a list of strings); is caption_column the right column?"
+                )
             if not _caption_ok(caption):
                 empty.append((row, path))
             if cell is not None:
@@ -255,18 +300,25 @@ def check_image_text(ds, *, source: str, image_column: str | None, caption_colum
         raise ValueError(f"dataset {source}: {first_error}{more}")
     if empty:
         (row, path), more = empty[0], f" ({len(empty) - 1} more rows with an empty caption)" if len(empty) > 1 else ""
-        raise ValueError(f"dataset {source}: row {row}{f' ({path})' if path else ''} has an empty caption in column "
-                         f"{caption_column!r}{more}: fill it in or drop the row")
+        raise ValueError(
+            f"dataset {source}: row {row}{f' ({path})' if path else ''} has an empty caption in column "
+            f"{caption_column!r}{more}: fill it in or drop the row"
+        )
 
 
 def image_transform(resolution: int):
     """PIL image -> [3, resolution, resolution] float in [-1, 1]: shorter side resized (antialiased), centre crop."""
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.ToImage(), v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(resolution), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(resolution),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5] * 3, [0.5] * 3),
+        ]
+    )
 
 
 def pick_caption(value: Any, *, generator: torch.Generator | None, where: str) -> str:
@@ -279,8 +331,15 @@ def pick_caption(value: Any, *, generator: torch.Generator | None, where: str) -
     return str(value)
 
 
-def rows_to_batch(rows: list[dict], *, image_column: str, caption_column: str, transform, generator: torch.Generator | None,
-                  where: list[str]) -> tuple[torch.Tensor, list[str]]:
+def rows_to_batch(
+    rows: list[dict],
+    *,
+    image_column: str,
+    caption_column: str,
+    transform,
+    generator: torch.Generator | None,
+    where: list[str],
+) -> tuple[torch.Tensor, list[str]]:
     """Rows -> (samples [N,...] float32, captions). Samples are images through ``transform`` or, from a latent
     cache, the stored latents."""
     if image_column == LATENT_COLUMN:
@@ -291,13 +350,23 @@ def rows_to_batch(rows: list[dict], *, image_column: str, caption_column: str, t
     return samples, captions
 
 
-def read_rows(ds, indices: list[int], *, image_column: str, caption_column: str, transform,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, list[str]]:
+def read_rows(
+    ds, indices: list[int], *, image_column: str, caption_column: str, transform, generator: torch.Generator | None
+) -> tuple[torch.Tensor, list[str]]:
     """Rows ``indices`` of a map-style dataset as a batch (see :func:`rows_to_batch`)."""
     columns = ds[list(indices)] if image_column != LATENT_COLUMN else ds.with_format("numpy")[list(indices)]
-    rows = [{image_column: columns[image_column][j], caption_column: columns[caption_column][j]} for j in range(len(indices))]
-    return rows_to_batch(rows, image_column=image_column, caption_column=caption_column, transform=transform,
-                         generator=generator, where=[f"row {i}" for i in indices])
+    rows = [
+        {image_column: columns[image_column][j], caption_column: columns[caption_column][j]}
+        for j in range(len(indices))
+    ]
+    return rows_to_batch(
+        rows,
+        image_column=image_column,
+        caption_column=caption_column,
+        transform=transform,
+        generator=generator,
+        where=[f"row {i}" for i in indices],
+    )
 
 
 class StreamCursor:
@@ -323,7 +392,9 @@ class StreamCursor:
                 self.read += 1
             except StopIteration:
                 if self.read == 0:
-                    raise ValueError("the streaming dataset has no rows for this process: use fewer processes or more shards") from None
+                    raise ValueError(
+                        "the streaming dataset has no rows for this process: use fewer processes or more shards"
+                    ) from None
                 self.epoch += 1
                 self.read = 0
                 self.ds.set_epoch(self.epoch)
@@ -356,11 +427,21 @@ def write_latent_shard(path: str | os.PathLike, *, indices: list[int], latents, 
     import pyarrow.parquet as pq
 
     latents = np.asarray(latents, dtype=np.float16)
-    caption_feature = datasets.Sequence(datasets.Value("string")) if isinstance(captions[0], (list, tuple)) else datasets.Value("string")
-    features = datasets.Features({"index": datasets.Value("int64"), LATENT_COLUMN: datasets.Array3D(shape=latents.shape[1:], dtype="float16"),
-                                  CAPTION_COLUMN: caption_feature})
-    ds = datasets.Dataset.from_dict({"index": list(map(int, indices)), LATENT_COLUMN: latents, CAPTION_COLUMN: list(captions)},
-                                    features=features)
+    caption_feature = (
+        datasets.Sequence(datasets.Value("string"))
+        if isinstance(captions[0], (list, tuple))
+        else datasets.Value("string")
+    )
+    features = datasets.Features(
+        {
+            "index": datasets.Value("int64"),
+            LATENT_COLUMN: datasets.Array3D(shape=latents.shape[1:], dtype="float16"),
+            CAPTION_COLUMN: caption_feature,
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"index": list(map(int, indices)), LATENT_COLUMN: latents, CAPTION_COLUMN: list(captions)}, features=features
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")

@@ -34,7 +34,6 @@ TEXT_DTYPE = "float16"  # stored prompt embeddings
 SPLIT_FILE = "pairs_split.json"  # a training run's held-out split, in its run folder and exported pipeline
 
 
-
 def num_shards(*, num_pairs: int, shard_size: int) -> int:
     return (num_pairs + shard_size - 1) // shard_size
 
@@ -62,7 +61,11 @@ def pair_features(latent_shape: tuple[int, int, int], dtype: str, text_shapes: d
         "target": Array3D(shape=tuple(latent_shape), dtype=dtype),
     }
     for name, shape in (text_shapes or {}).items():
-        features[name] = Array2D(shape=tuple(shape), dtype=TEXT_DTYPE) if len(shape) == 2 else List(Value(TEXT_DTYPE), length=shape[0])
+        features[name] = (
+            Array2D(shape=tuple(shape), dtype=TEXT_DTYPE)
+            if len(shape) == 2
+            else List(Value(TEXT_DTYPE), length=shape[0])
+        )
     return Features(features)
 
 
@@ -96,7 +99,8 @@ def ensure_writable(output_dir: str | os.PathLike) -> None:
 
 
 def holds_rows(output_dir: str | os.PathLike) -> bool:
-    """Whether a finished shard exists in ``output_dir`` (a manifest without one binds nothing: a run that stopped before
+    """Whether a finished shard exists in ``output_dir`` (a manifest without one binds nothing: a run that stopped
+    before
     its first shard, refused or failed, leaves no rows a later run with other settings could mix with)."""
     return any((Path(output_dir) / DATA_DIR).glob("train-*.parquet"))
 
@@ -115,7 +119,8 @@ def check_manifest(output_dir: str | os.PathLike, *, config: dict[str, Any]) -> 
         orphans = sorted((out / DATA_DIR).glob("*.parquet"))
         if orphans:
             raise ValueError(
-                f"{out} holds {len(orphans)} shard(s) ({orphans[0].name}, ...) but no {MANIFEST}: nothing says which teacher "
+                f"{out} holds {len(orphans)} shard(s) ({orphans[0].name}, ...) but no {MANIFEST}: nothing says which "
+                "teacher "
                 f"and config made them; delete {out / DATA_DIR} (or move it away) or choose a new output_dir"
             )
         return False
@@ -131,7 +136,8 @@ def check_manifest(output_dir: str | os.PathLike, *, config: dict[str, Any]) -> 
     ]
     if old.get("format") != FORMAT or diffs:
         raise ValueError(
-            f"{out} already holds pairs made with a different config ({'; '.join(diffs) or 'format ' + str(old.get('format'))}); "
+            f"{out} already holds pairs made with a different config "
+            f"({'; '.join(diffs) or 'format ' + str(old.get('format'))}); "
             "re-run with the original config to finish it, or choose a new output_dir"
         )
     return True
@@ -145,7 +151,9 @@ def write_manifest(output_dir: str | os.PathLike, manifest: dict[str, Any]) -> N
 def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(output_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{output_dir} is not a pairs directory (no {MANIFEST}): run distill/generate_pairs.py first")
+        raise FileNotFoundError(
+            f"{output_dir} is not a pairs directory (no {MANIFEST}): run distill/generate_pairs.py first"
+        )
     return json.loads(path.read_text())
 
 
@@ -163,8 +171,9 @@ def shard_checksum(path: str | os.PathLike) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def completed_shards(output_dir: str | os.PathLike, *, num_pairs: int, shard_size: int,
-                     checksums: dict[str, str] | None = None) -> set[int]:
+def completed_shards(
+    output_dir: str | os.PathLike, *, num_pairs: int, shard_size: int, checksums: dict[str, str] | None = None
+) -> set[int]:
     """Shards already on disk, each verified: against its recorded SHA-256 in ``checksums`` (file name -> digest)
     when there is one, else by reading it whole (a shard left by a killed run, not yet in the manifest)."""
     import pyarrow.parquet as pq
@@ -184,7 +193,9 @@ def completed_shards(output_dir: str | os.PathLike, *, num_pairs: int, shard_siz
         try:
             rows = pq.read_metadata(path).num_rows if recorded is not None else pq.read_table(path).num_rows
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError subclasses
-            raise ValueError(f"shard {path} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): {fix}") from None
+            raise ValueError(
+                f"shard {path} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): {fix}"
+            ) from None
         if rows != expected:
             raise ValueError(f"shard {path} has {rows} rows, expected {expected}: {fix}")
         done.add(k)
@@ -202,12 +213,17 @@ def record_checksums(output_dir: str | os.PathLike, manifest: dict[str, Any]) ->
 def rows_fingerprint(manifest: dict[str, Any]) -> str:
     """Hash of what decides row ``i``'s content (not how many rows or shards there are, nor whether the prompt
     embeddings are stored too): pairs folders with the same fingerprint hold the same row at the same index."""
-    cfg = {k: v for k, v in manifest.get("config", {}).items() if k not in ("num_pairs", "shard_size", "store_prompt_embeds")}
+    cfg = {
+        k: v
+        for k, v in manifest.get("config", {}).items()
+        if k not in ("num_pairs", "shard_size", "store_prompt_embeds")
+    }
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def heldout_split(num_pairs: int, *, holdout: int) -> tuple[range, range]:
-    """The one definition of the held-out split: (training indices, held-out indices); the last ``holdout`` are held out."""
+    """The one definition of the held-out split: (training indices, held-out indices); the last ``holdout`` are held
+    out."""
     if not 0 <= holdout <= num_pairs:
         raise ValueError(f"holdout {holdout} must be between 0 and the {num_pairs} pairs")
     return range(0, num_pairs - holdout), range(num_pairs - holdout, num_pairs)
@@ -269,16 +285,23 @@ def load_pairs(output_dir: str | os.PathLike):
     manifest = read_manifest(output_dir)
     cfg = manifest["config"]
     total = num_shards(num_pairs=cfg["num_pairs"], shard_size=cfg["shard_size"])
-    done = completed_shards(output_dir, num_pairs=cfg["num_pairs"], shard_size=cfg["shard_size"],
-                            checksums=manifest.get("shards"))
+    done = completed_shards(
+        output_dir, num_pairs=cfg["num_pairs"], shard_size=cfg["shard_size"], checksums=manifest.get("shards")
+    )
     if len(done) != total:
         raise ValueError(
-            f"pairs in {output_dir} are incomplete ({len(done)} of {total} shards): re-run generate_pairs with the same config to finish"
+            f"pairs in {output_dir} are incomplete ({len(done)} of {total} shards): re-run generate_pairs with the "
+            "same config to finish"
         )
     files = [str(shard_path(output_dir, k, total)) for k in range(total)]
     # datasets turns Parquet into a memory-mapped Arrow file once; keep that copy beside the shards (reused by
     # every later load, deleted with the folder) rather than as another hidden copy in ~/.cache per pairs folder.
     cache = Path(output_dir) / ARROW_CACHE
     cache_dir = str(cache) if os.access(output_dir, os.W_OK) else None  # a read-only folder: the default cache
-    return datasets.load_dataset("parquet", data_files={"train": files}, split="train", cache_dir=cache_dir,
-                                 features=pair_features(tuple(manifest["latent_shape"]), cfg["dtype"], stored_text_shapes(manifest)))
+    return datasets.load_dataset(
+        "parquet",
+        data_files={"train": files},
+        split="train",
+        cache_dir=cache_dir,
+        features=pair_features(tuple(manifest["latent_shape"]), cfg["dtype"], stored_text_shapes(manifest)),
+    )

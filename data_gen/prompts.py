@@ -75,14 +75,17 @@ def load_prompts(source: str, *, column: str = "prompt", split: str = "train") -
     prompts = [p.strip() for p in map(_as_text, raw)]
     prompts = [p for p in prompts if p]
     if not prompts:
-        raise ValueError(f"prompt source {source} contains no prompts: add one prompt per line (or rows with a `{column}` column)")
+        raise ValueError(
+            f"prompt source {source} contains no prompts: add one prompt per line (or rows with a `{column}` column)"
+        )
     return prompts
 
 
 def _column(ds, column: str, source: str):
     if column not in ds.column_names:
         raise ValueError(
-            f"prompt source {source} has no column {column!r} (columns: {', '.join(ds.column_names)}); set `prompt_column`"
+            f"prompt source {source} has no column {column!r} (columns: {', '.join(ds.column_names)}); set "
+            "`prompt_column`"
         )
     return ds[column]
 
@@ -104,7 +107,9 @@ def prompts_fingerprint(prompts: list[str]) -> str:
 __all__ = ["load_prompts", "prompt_for_index", "prompts_fingerprint"]
 
 
-def load_labelled_prompts(source: str, *, column: str = "prompt", label_column: str = "label") -> tuple[list[str], list[int]]:
+def load_labelled_prompts(
+    source: str, *, column: str = "prompt", label_column: str = "label"
+) -> tuple[list[str], list[int]]:
     """Prompts and their integer class labels from a ``.jsonl/.json/.csv/.tsv/.parquet`` table.
 
     Rows with a blank prompt are skipped exactly as :func:`load_prompts` skips them, so position ``i``
@@ -113,7 +118,10 @@ def load_labelled_prompts(source: str, *, column: str = "prompt", label_column: 
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix not in _FILE_TYPES or suffix == ".txt":
-        raise ValueError(f"labelled prompts need a table file (.jsonl/.csv/.parquet) with `{column}` and `{label_column}` columns, got {source!r}")
+        raise ValueError(
+            f"labelled prompts need a table file (.jsonl/.csv/.parquet) with `{column}` and `{label_column}` "
+            f"columns, got {source!r}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {source} not found: pass an existing file to `prompts`")
     import datasets

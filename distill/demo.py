@@ -20,25 +20,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-
 from distill.core.config import ConfigError, command, parse_config, require_non_negative, require_positive
 from distill.core.folders import describe
 
 QUICKSTART_PIPELINE = "runs/quickstart/student/pipeline"
 EXAMPLE_PROMPT = "a handwritten digit seven"
-CSS = "#student img, #teacher img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;}"  # small testbed images, enlarged crisp
+# small testbed images, enlarged crisp
+CSS = "#student img, #teacher img {image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain;}"
 
 
 @dataclass
 class DemoConfig:
-    pipeline: str = field(default=QUICKSTART_PIPELINE, metadata={"help": "an exported student folder (train_student.py's output_dir/pipeline); default: the quickstart's digits student"})
-    teacher: str = field(default="auto", metadata={"help": "teacher shown beside the student on request: auto (the one that made the student's pairs), none, or a hub id / folder"})
-    teacher_steps: Optional[int] = field(default=None, metadata={"help": "teacher ODE steps (default: as in the student's pairs, else 25)"})
-    teacher_guidance_scale: Optional[float] = field(default=None, metadata={"help": "teacher CFG scale (default: as in the student's pairs, else 7.5)"})
+    pipeline: str = field(
+        default=QUICKSTART_PIPELINE,
+        metadata={
+            "help": "an exported student folder (train_student.py's output_dir/pipeline); default: the quickstart's "
+            "digits student"
+        },
+    )
+    teacher: str = field(
+        default="auto",
+        metadata={
+            "help": "teacher shown beside the student on request: auto (the one that made the student's pairs), "
+            "none, or a hub id / folder"
+        },
+    )
+    teacher_steps: Optional[int] = field(
+        default=None, metadata={"help": "teacher ODE steps (default: as in the student's pairs, else 25)"}
+    )
+    teacher_guidance_scale: Optional[float] = field(
+        default=None, metadata={"help": "teacher CFG scale (default: as in the student's pairs, else 7.5)"}
+    )
     prompt: str = field(default=EXAMPLE_PROMPT, metadata={"help": "the prompt the page opens with"})
     debounce: float = field(default=0.25, metadata={"help": "seconds of quiet typing before an image is made"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16"}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "address to serve on (0.0.0.0: every interface)"})
     port: int = field(default=7860, metadata={"help": "port to serve on"})
 
@@ -52,9 +70,14 @@ def pairs_teacher(pipeline: str) -> dict | None:
     if not manifest.is_file():
         return None
     m = json.loads(manifest.read_text())
-    return {"teacher": m["teacher"]["name_or_path"], "scheduler": m["config"]["scheduler"],
-            "steps": m["config"]["num_inference_steps"], "guidance_scale": m["config"]["guidance_scale"],
-            "negative_prompt": m["config"].get("negative_prompt"), "max_sequence_length": m["config"].get("max_sequence_length")}
+    return {
+        "teacher": m["teacher"]["name_or_path"],
+        "scheduler": m["config"]["scheduler"],
+        "steps": m["config"]["num_inference_steps"],
+        "guidance_scale": m["config"]["guidance_scale"],
+        "negative_prompt": m["config"].get("negative_prompt"),
+        "max_sequence_length": m["config"].get("max_sequence_length"),
+    }
 
 
 class Painter:
@@ -98,12 +121,17 @@ class Painter:
                 t0 = time.perf_counter()
                 denoiser = getattr(self.teacher, "transformer", None) or self.teacher.unet  # SD3 / SD, SDXL
                 length = self.sampler.get("max_sequence_length")  # SD3: the pairs' T5 length
-                teacher = self.teacher(prompt or "", latents=noise.to(self.teacher.device, denoiser.dtype),
-                                       num_inference_steps=self.sampler["steps"], guidance_scale=self.sampler["guidance_scale"],
-                                       negative_prompt=self.sampler.get("negative_prompt"),
-                                       **({"max_sequence_length": length} if length is not None else {})).images[0]
+                teacher = self.teacher(
+                    prompt or "",
+                    latents=noise.to(self.teacher.device, denoiser.dtype),
+                    num_inference_steps=self.sampler["steps"],
+                    guidance_scale=self.sampler["guidance_scale"],
+                    negative_prompt=self.sampler.get("negative_prompt"),
+                    **({"max_sequence_length": length} if length is not None else {}),
+                ).images[0]
                 teacher_ms = (time.perf_counter() - t0) * 1000
-                text += f" · teacher ({self.sampler['steps']} steps): **{teacher_ms:.0f} ms** ({teacher_ms / student_ms:.0f}x)"
+                steps = self.sampler["steps"]
+                text += f" · teacher ({steps} steps): **{teacher_ms:.0f} ms** ({teacher_ms / student_ms:.0f}x)"
         return student, teacher, text
 
 
@@ -116,19 +144,41 @@ def build_page(painter: Painter, *, prompt: str, teacher_label: str | None):
         with gr.Row():
             box = gr.Textbox(label="prompt", value=prompt, elem_id="prompt", scale=4)
             seed = gr.Slider(0, 9999, value=0, step=1, label="seed", elem_id="seed", scale=2)
-            psi = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="truncation ψ (1 = none)", elem_id="psi",
-                            visible=painter.has_truncation, scale=2)
-        compare = gr.Checkbox(label=f"show the teacher beside it ({teacher_label})" if teacher_label else "teacher",
-                              value=False, visible=teacher_label is not None, elem_id="compare")
+            psi = gr.Slider(
+                0.0,
+                1.0,
+                value=1.0,
+                step=0.05,
+                label="truncation ψ (1 = none)",
+                elem_id="psi",
+                visible=painter.has_truncation,
+                scale=2,
+            )
+        compare = gr.Checkbox(
+            label=f"show the teacher beside it ({teacher_label})" if teacher_label else "teacher",
+            value=False,
+            visible=teacher_label is not None,
+            elem_id="compare",
+        )
         with gr.Row():
-            student = gr.Image(label="one-step student", type="pil", format="png", elem_id="student", height=320,
-                               interactive=False)
-            teacher = gr.Image(label="teacher", type="pil", format="png", elem_id="teacher", height=320, interactive=False,
-                               visible=False)
+            student = gr.Image(
+                label="one-step student", type="pil", format="png", elem_id="student", height=320, interactive=False
+            )
+            teacher = gr.Image(
+                label="teacher",
+                type="pil",
+                format="png",
+                elem_id="teacher",
+                height=320,
+                interactive=False,
+                visible=False,
+            )
         timing = gr.Markdown(elem_id="timing")
 
         def redraw(text, seed_value, psi_value, with_teacher, request):
-            out = painter.paint(text, seed_value, psi_value, bool(with_teacher), session=getattr(request, "session_hash", "") or "")
+            out = painter.paint(
+                text, seed_value, psi_value, bool(with_teacher), session=getattr(request, "session_hash", "") or ""
+            )
             if out is None:
                 return gr.skip(), gr.skip(), gr.skip()
             image, teacher_image, text_out = out
@@ -140,8 +190,15 @@ def build_page(painter: Painter, *, prompt: str, teacher_label: str | None):
 
         inputs, outputs = [box, seed, psi, compare], [student, teacher, timing]
         # "multiple": every keystroke reaches the server, where the debounce keeps only the newest.
-        gr.on([box.input, seed.change, psi.change, compare.change], redraw, inputs, outputs, trigger_mode="multiple",
-              concurrency_limit=None, show_progress="hidden")
+        gr.on(
+            [box.input, seed.change, psi.change, compare.change],
+            redraw,
+            inputs,
+            outputs,
+            trigger_mode="multiple",
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
         page.load(redraw, inputs, outputs, show_progress="hidden")
     return page
 
@@ -163,19 +220,27 @@ def load_parts(cfg: DemoConfig):
         from teachers import load_teacher
 
         try:
-            teacher = load_teacher(name, scheduler=(sampler or {}).get("scheduler", "auto"), device=device,
-                                   torch_dtype=dtype_from_name(dtype_name)).pipe
+            teacher = load_teacher(
+                name,
+                scheduler=(sampler or {}).get("scheduler", "auto"),
+                device=device,
+                torch_dtype=dtype_from_name(dtype_name),
+            ).pipe
         except (ValueError, OSError) as exc:
             if cfg.teacher != "auto":
                 raise
             # The pairs' teacher is optional here: the demo runs without the comparison.
-            sys.stderr.write(f"warning: the student's teacher {name} did not load ({str(exc).splitlines()[0]}): no teacher "
-                             "comparison; pass --teacher\n")
+            sys.stderr.write(
+                f"warning: the student's teacher {name} did not load ({str(exc).splitlines()[0]}): no teacher "
+                "comparison; pass --teacher\n"
+            )
             return pipe, None, None
         teacher.set_progress_bar_config(disable=True)
-        sampler = {**(sampler or {"steps": 25, "guidance_scale": 7.5}),
-                   **({"steps": cfg.teacher_steps} if cfg.teacher_steps else {}),
-                   **({"guidance_scale": cfg.teacher_guidance_scale} if cfg.teacher_guidance_scale is not None else {})}
+        sampler = {
+            **(sampler or {"steps": 25, "guidance_scale": 7.5}),
+            **({"steps": cfg.teacher_steps} if cfg.teacher_steps else {}),
+            **({"guidance_scale": cfg.teacher_guidance_scale} if cfg.teacher_guidance_scale is not None else {}),
+        }
     return pipe, teacher, sampler
 
 
@@ -192,10 +257,14 @@ def main() -> None:
 
     if not is_one_step_folder(cfg.pipeline):
         if cfg.pipeline == QUICKSTART_PIPELINE:
-            raise ConfigError(f"no student at {cfg.pipeline}: make the digits one with `bash distill/digits/quickstart.sh` "
-                              "(about 13 min on 2 CPU cores), or pass --pipeline DIR (a train_student.py output_dir/pipeline)")
-        raise ConfigError(f"{cfg.pipeline} {describe(cfg.pipeline)}: pass a student's pipeline folder (train_student.py's "
-                          "output_dir/pipeline)")
+            raise ConfigError(
+                f"no student at {cfg.pipeline}: make the digits one with `bash distill/digits/quickstart.sh` "
+                "(about 13 min on 2 CPU cores), or pass --pipeline DIR (a train_student.py output_dir/pipeline)"
+            )
+        raise ConfigError(
+            f"{cfg.pipeline} {describe(cfg.pipeline)}: pass a student's pipeline folder (train_student.py's "
+            "output_dir/pipeline)"
+        )
 
     # 1. Load: the student pipeline and, for the comparison, its teacher.
     pipe, teacher, sampler = load_parts(cfg)
@@ -210,8 +279,16 @@ def main() -> None:
 
     # No web fonts: the page must not reach out to the internet (offline machines, tests).
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    page.queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, ssr_mode=False, theme=theme, css=CSS,
-                        footer_links=[], quiet=False)
+    page.queue().launch(
+        server_name=cfg.host,
+        server_port=cfg.port,
+        share=False,
+        ssr_mode=False,
+        theme=theme,
+        css=CSS,
+        footer_links=[],
+        quiet=False,
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 --gpu_memory which memory levers bring it under a card's size.
 
     python distill/plan_memory.py --config configs/student/sd15_unet.yaml --architecture sd15 --batch_size 16
-    d2g-plan-memory --config configs/student/sdxl_unet.yaml --teacher stabilityai/stable-diffusion-xl-base-1.0 --gpu_memory 80
+    d2g-plan-memory --config configs/student/sdxl_unet.yaml --teacher stabilityai/stable-diffusion-xl-base-1.0
+    --gpu_memory 80
 
 Takes train_student.py's config (the same file and --key value overrides) plus the teacher's architecture (sd15, sd21,
 sdxl, sd3; or a known hub id; or a local pipeline folder, whose config files are read) and the resolution. The
@@ -27,12 +28,45 @@ ARCHITECTURE_CHOICES = ("sd15", "sd21", "sdxl", "sd3")
 
 @dataclass
 class PlanConfig(StudentConfig):
-    architecture: Optional[str] = field(default=None, metadata={"help": "the teacher's architecture, built from its published config (unset: from a known hub id in `teacher`, or the config files of a local teacher folder)", "choices": ARCHITECTURE_CHOICES})
-    resolution: int = field(default=0, metadata={"help": "image side in pixels the pairs were made at (0: the architecture's native one: 512 sd15, 768 sd21, 1024 sdxl / sd3; a folder: its sample size)"})
-    gpu_memory: float = field(default=0.0, metadata={"help": "the card's memory in GB (decimal): list which levers, alone and combined, bring the peak under it (0: only the plan of the config)"})
-    memory_margin: float = field(default=0.05, metadata={"help": "share of gpu_memory kept free (the CUDA context, the allocator's fragmentation): a plan fits when its peak is at most (1 - margin) x gpu_memory"})
-    lever_d_lora_rank: int = field(default=64, metadata={"help": "the LoRA rank on D tried as a lever when d_lora_rank is 0 (0: not tried)"})
-    num_processes: int = field(default=1, metadata={"help": "processes (GPUs) of the run: above 1, DDP's gradient buckets (one copy of the trained weights' size) are added"})
+    architecture: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "the teacher's architecture, built from its published config (unset: from a known hub id in "
+            "`teacher`, or the config files of a local teacher folder)",
+            "choices": ARCHITECTURE_CHOICES,
+        },
+    )
+    resolution: int = field(
+        default=0,
+        metadata={
+            "help": "image side in pixels the pairs were made at (0: the architecture's native one: 512 sd15, 768 "
+            "sd21, 1024 sdxl / sd3; a folder: its sample size)"
+        },
+    )
+    gpu_memory: float = field(
+        default=0.0,
+        metadata={
+            "help": "the card's memory in GB (decimal): list which levers, alone and combined, bring the peak under "
+            "it (0: only the plan of the config)"
+        },
+    )
+    memory_margin: float = field(
+        default=0.05,
+        metadata={
+            "help": "share of gpu_memory kept free (the CUDA context, the allocator's fragmentation): a plan fits "
+            "when its peak is at most (1 - margin) x gpu_memory"
+        },
+    )
+    lever_d_lora_rank: int = field(
+        default=64, metadata={"help": "the LoRA rank on D tried as a lever when d_lora_rank is 0 (0: not tried)"}
+    )
+    num_processes: int = field(
+        default=1,
+        metadata={
+            "help": "processes (GPUs) of the run: above 1, DDP's gradient buckets (one copy of the trained weights' "
+            "size) are added"
+        },
+    )
 
 
 def check(cfg: PlanConfig) -> None:
@@ -40,7 +74,10 @@ def check(cfg: PlanConfig) -> None:
     from distill.training.student_registry import apply_student_defaults
 
     apply_student_defaults(cfg)
-    optimizer, cfg.optimizer = cfg.optimizer, "adam"  # 8-bit Adam is planned from its state layout: bitsandbytes not needed
+    optimizer, cfg.optimizer = (
+        cfg.optimizer,
+        "adam",
+    )  # 8-bit Adam is planned from its state layout: bitsandbytes not needed
     try:
         check_gan_keys(cfg)
     finally:
@@ -67,20 +104,31 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     architecture = mp.resolve_architecture(cfg.teacher, cfg.architecture or "")
-    resolution = cfg.resolution or (mp.NATIVE_RESOLUTION[architecture] if architecture else _folder_resolution(cfg.teacher))
+    resolution = cfg.resolution or (
+        mp.NATIVE_RESOLUTION[architecture] if architecture else _folder_resolution(cfg.teacher)
+    )
     family = mp.FAMILY[architecture] if architecture else _folder_family(cfg.teacher)
     from distill.training.student_registry import apply_teacher_defaults
 
     apply_teacher_defaults(cfg, family=family)
     if cfg.d_gradient_checkpointing and family == "sd3":
-        raise ConfigError("d_gradient_checkpointing is implemented for the UNet discriminator only: turn it off for an SD3 teacher")
+        raise ConfigError(
+            "d_gradient_checkpointing is implemented for the UNet discriminator only: turn it off for an SD3 teacher"
+        )
     if cfg.gradient_checkpointing and cfg.student in ("gigagan", "stylegan_t"):
         raise ConfigError(f"student {cfg.student!r} does not support gradient_checkpointing; turn it off")
     started = time.perf_counter()
     base_trace, base_size = mp.levers_of(cfg)
     teacher = cfg.teacher if architecture is None else (cfg.teacher or architecture)
-    run = lambda levers, steps: mp.trace(cfg, teacher=teacher, architecture=architecture, resolution=resolution,  # noqa: E731
-                                         levers=levers, num_processes=cfg.num_processes, steps=steps)
+    run = lambda levers, steps: mp.trace(
+        cfg,
+        teacher=teacher,
+        architecture=architecture,
+        resolution=resolution,  # noqa: E731
+        levers=levers,
+        num_processes=cfg.num_processes,
+        steps=steps,
+    )
     traces = {base_trace: run(base_trace, "all")}
     base = traces[base_trace]
     _print_plan(cfg, base, base_size, architecture=architecture or cfg.teacher, resolution=resolution)
@@ -93,8 +141,10 @@ def main() -> None:
             if t not in traces:
                 traces[t] = run(t, "peak")  # the run's peak only: a step with R1, every state present
         _print_levers(cfg, traces, levers, sets)
-    print(f"planned in {time.perf_counter() - started:.0f} s ({len(traces)} trace{'s' if len(traces) > 1 else ''}, "
-          f"{base.seconds:.0f} s for the config's own; {torch.get_num_threads()} CPU threads)")
+    print(
+        f"planned in {time.perf_counter() - started:.0f} s ({len(traces)} trace{'s' if len(traces) > 1 else ''}, "
+        f"{base.seconds:.0f} s for the config's own; {torch.get_num_threads()} CPU threads)"
+    )
 
 
 def _folder_resolution(folder: str) -> int:
@@ -130,17 +180,27 @@ def _print_plan(cfg, trace, size_levers, *, architecture: str, resolution: int) 
     from distill.distillation.memory_plan import KINDS, ROWS
 
     s = trace.sizes
-    micro = f"{cfg.gradient_accumulation_steps} micro-batches" if cfg.gradient_accumulation_steps > 1 else "1 micro-batch"
+    micro = (
+        f"{cfg.gradient_accumulation_steps} micro-batches" if cfg.gradient_accumulation_steps > 1 else "1 micro-batch"
+    )
     size = f" ({cfg.student_size})" if cfg.student in ("gigagan", "stylegan_t") else ""
-    print(f"plan: {architecture} teacher, {cfg.student} student{size}, {resolution} px, batch {cfg.batch_size} x {micro}"
-          f"{f' x {cfg.num_processes} processes (DDP)' if cfg.num_processes > 1 else ''}, mixed precision {cfg.mixed_precision or 'no'}"
-          f", regression {cfg.regression}{', no GAN term' if cfg.gan_weight <= 0 else ''}")
-    print(f"networks: student {s['n_params_g'] / 1e9:.3f} B parameters, D {s['n_params_d'] / 1e9:.3f} B "
-          f"(trained {s['n_trainable_d'] / 1e9:.3f} B), frozen text encoder(s) + VAE {s['n_frozen'] / 1e9:.3f} B")
+    print(
+        f"plan: {architecture} teacher, {cfg.student} student{size}, {resolution} px, batch {cfg.batch_size} x {micro}"
+        f"{f' x {cfg.num_processes} processes (DDP)' if cfg.num_processes > 1 else ''}, mixed precision "
+        f"{cfg.mixed_precision or 'no'}"
+        f", regression {cfg.regression}{', no GAN term' if cfg.gan_weight <= 0 else ''}"
+    )
+    print(
+        f"networks: student {s['n_params_g'] / 1e9:.3f} B parameters, D {s['n_params_d'] / 1e9:.3f} B "
+        f"(trained {s['n_trainable_d'] / 1e9:.3f} B), frozen text encoder(s) + VAE {s['n_frozen'] / 1e9:.3f} B"
+    )
     levers = trace.levers
-    print(f"levers: gradient_checkpointing {str(levers.gradient_checkpointing).lower()}, d_gradient_checkpointing "
-          f"{str(levers.d_gradient_checkpointing).lower()}, d_lora_rank {levers.d_lora_rank}, ema_device {size_levers.ema_device}, "
-          f"ema_dtype {size_levers.ema_dtype}, frozen_dtype {size_levers.frozen_dtype}, optimizer {size_levers.optimizer}")
+    print(
+        f"levers: gradient_checkpointing {str(levers.gradient_checkpointing).lower()}, d_gradient_checkpointing "
+        f"{str(levers.d_gradient_checkpointing).lower()}, d_lora_rank {levers.d_lora_rank}, ema_device "
+        f"{size_levers.ema_device}, "
+        f"ema_dtype {size_levers.ema_dtype}, frozen_dtype {size_levers.frozen_dtype}, optimizer {size_levers.optimizer}"
+    )
     peak = trace.peak(size_levers)
     print(f"\npeak {gb(peak.total)} GB (decimal), at {peak.where}; by kind:")
     rows = dict.fromkeys(ROWS, 0.0)
@@ -169,11 +229,17 @@ def _print_levers(cfg, traces, levers: dict, sets: list) -> None:
     from distill.distillation import memory_plan as mp
 
     usable = cfg.gpu_memory * 1e9 * (1 - cfg.memory_margin)
-    print(f"\nbudget: {cfg.gpu_memory:g} GB card, planned peak at most {gb(usable)} GB ({100 * (1 - cfg.memory_margin):.0f} %; "
-          "accuracy: docs/scale-and-memory.md#planned-vs-measured)")
+    print(
+        f"\nbudget: {cfg.gpu_memory:g} GB card, planned peak at most {gb(usable)} GB "
+        f"({100 * (1 - cfg.memory_margin):.0f} %; "
+        "accuracy: docs/scale-and-memory.md#planned-vs-measured)"
+    )
     if cfg.student == "unet":
-        print("  caveat: with d_gradient_checkpointing an H200 held up to 34 GB more than planned for SD1.5's float32 UNet "
-              "student at 512 px, batch 16 (its G phase; not yet explained): take such a plan as a lower bound")
+        print(
+            "  caveat: with d_gradient_checkpointing an H200 held up to 34 GB more than planned for SD1.5's float32 "
+            "UNet "
+            "student at 512 px, batch 16 (its G phase; not yet explained): take such a plan as a lower bound"
+        )
 
     def peak(combo) -> float:
         keys = {k: v for name in combo for k, v in levers[name].items()}
@@ -199,9 +265,12 @@ def _print_levers(cfg, traces, levers: dict, sets: list) -> None:
             print(line("+ " + ", ".join(combo), peak(combo)))
     else:
         lowest = min(sets, key=peak)
-        print(f"no combination of these levers fits; the lowest: {gb(peak(lowest))} GB with "
-              f"{', '.join(lowest) if lowest else 'none'} (smaller batch_size with gradient_accumulation_steps: the activations "
-              "scale with the micro-batch)")
+        print(
+            f"no combination of these levers fits; the lowest: {gb(peak(lowest))} GB with "
+            f"{', '.join(lowest) if lowest else 'none'} (smaller batch_size with gradient_accumulation_steps: the "
+            "activations "
+            "scale with the micro-batch)"
+        )
     if everything and everything not in minimal:
         print(line("all levers: + " + ", ".join(everything), peak(everything)))
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-
 import torch
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
@@ -25,7 +24,6 @@ from distill.core.folders import describe
 from students import OneStepGANPipeline
 from students.export import is_one_step_folder
 from teachers.loading import dtype_from_name
-
 
 QUICKSTART_PIPELINE = "runs/quickstart/student/pipeline"  # where distill/digits/quickstart.sh puts its student
 
@@ -69,7 +67,10 @@ def resolve_device(name: str) -> str:
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__}): use --device cpu or auto")
+        raise ConfigError(
+            f"device {name!r} asked for, but CUDA is not available here (torch {torch.__version__}): use --device "
+            "cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return name
@@ -86,8 +87,10 @@ def main() -> None:
     # 1. Load: the prompts, the seeds and the pipeline.
     if not cfg.pipeline or not is_one_step_folder(cfg.pipeline):
         what = describe(cfg.pipeline) if cfg.pipeline else "is not set"
-        raise ConfigError(f"pipeline {cfg.pipeline!r} {what}: pass a student's pipeline folder (train_student.py / train_gan.py: "
-                          f"OUTPUT_DIR/pipeline; the quickstart's: {QUICKSTART_PIPELINE})")
+        raise ConfigError(
+            f"pipeline {cfg.pipeline!r} {what}: pass a student's pipeline folder (train_student.py / train_gan.py: "
+            f"OUTPUT_DIR/pipeline; the quickstart's: {QUICKSTART_PIPELINE})"
+        )
     prompts = [cfg.prompt] if cfg.prompt else load_prompts(cfg.prompts, column=cfg.prompt_column)
     seeds = parse_seeds(cfg.seeds)
     pipe = OneStepGANPipeline.from_pretrained(cfg.pipeline, dtype=dtype_from_name(cfg.dtype)).to(device)

@@ -22,23 +22,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from data_gen.bapps import BAPPS2AFC
-from distill.core.config import (ConfigError, command, parse_config, require_between, require_non_negative,
-                                require_positive, save_config, with_default)
-from distill.training import checkpoint as ckpt
-from distill.training.loop import TrainLoop, read_position
-from distill.training.trackers import tracker_config
-from distill.training.run_config import RunConfig, check_run_keys
-from distill.latent_lpips.training import (
-    Dist2Logit, TrunkClassifier, classifier_loader, cycle, encode, load_image_dataset, lr_lambda,
-    score_2afc,
+from distill.core.config import (
+    ConfigError,
+    command,
+    parse_config,
+    require_between,
+    require_non_negative,
+    require_positive,
+    save_config,
+    with_default,
 )
 from distill.core.pretrained import load_vae
+from distill.latent_lpips.training import (
+    Dist2Logit,
+    TrunkClassifier,
+    classifier_loader,
+    cycle,
+    encode,
+    load_image_dataset,
+    lr_lambda,
+    score_2afc,
+)
+from distill.training import checkpoint as ckpt
+from distill.training.loop import TrainLoop, read_position
+from distill.training.run_config import RunConfig, check_run_keys
+from distill.training.trackers import tracker_config
 from students.latents import vae_factors
 
 if TYPE_CHECKING:
@@ -50,21 +63,47 @@ STAGES = ("classifier", "calibrate", "both")
 
 @dataclass
 class TrainLatentLPIPSConfig(RunConfig):
-    output_dir: str = with_default(RunConfig, "output_dir", "runs/latent_lpips", help="run directory (config, metrics, checkpoints, weights)", aliases=["out_dir"])
-    max_train_steps: int = with_default(RunConfig, "max_train_steps", 100000, help="stage-1 optimizer steps", aliases=["steps"])
+    output_dir: str = with_default(
+        RunConfig,
+        "output_dir",
+        "runs/latent_lpips",
+        help="run directory (config, metrics, checkpoints, weights)",
+        aliases=["out_dir"],
+    )
+    max_train_steps: int = with_default(
+        RunConfig, "max_train_steps", 100000, help="stage-1 optimizer steps", aliases=["steps"]
+    )
     batch_size: int = with_default(RunConfig, "batch_size", 64, help="stage-1 batch size per process")
     num_workers: int = with_default(RunConfig, "num_workers", 4)
-    checkpointing_steps: int = with_default(RunConfig, "checkpointing_steps", 5000, help="save_state every N steps of the run (both stages counted), and at the end of each stage (0 = only there)", aliases=["save_every"])
+    checkpointing_steps: int = with_default(
+        RunConfig,
+        "checkpointing_steps",
+        5000,
+        help="save_state every N steps of the run (both stages counted), and at the end of each stage (0 = only there)",
+        aliases=["save_every"],
+    )
     checkpoints_total_limit: Optional[int] = with_default(RunConfig, "checkpoints_total_limit", 2)
     tracker_project_name: str = with_default(RunConfig, "tracker_project_name", "train_latent_lpips")
     stage: str = field(default="classifier", metadata={"help": "classifier, calibrate or both", "choices": STAGES})
     # VAE whose latent space the metric lives in.
-    vae: str = field(default="", metadata={"help": "diffusers model path or Hub id holding the AutoencoderKL", "aliases": ["pretrained_model_name_or_path"]})
-    vae_subfolder: Optional[str] = field(default="vae", metadata={"help": "subfolder of `vae` (empty / null / . for the root)"})
-    latent_sampling: str = field(default="sample", metadata={"help": "latents from the VAE posterior", "choices": ("sample", "mode")})
+    vae: str = field(
+        default="",
+        metadata={
+            "help": "diffusers model path or Hub id holding the AutoencoderKL",
+            "aliases": ["pretrained_model_name_or_path"],
+        },
+    )
+    vae_subfolder: Optional[str] = field(
+        default="vae", metadata={"help": "subfolder of `vae` (empty / null / . for the root)"}
+    )
+    latent_sampling: str = field(
+        default="sample", metadata={"help": "latents from the VAE posterior", "choices": ("sample", "mode")}
+    )
     # Network (stage 1 builds it from these; `init_from` loads one instead).
     init_from: str = field(default="", metadata={"help": "start from a save_pretrained dir, a published .pth or name"})
-    stage_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 512], metadata={"help": "trunk widths"})
+    stage_channels: list[int] = field(
+        default_factory=lambda: [64, 128, 256, 512, 512], metadata={"help": "trunk widths"}
+    )
     convs_per_stage: list[int] = field(default_factory=lambda: [2, 2, 3, 3, 3], metadata={"help": "convs per stage"})
     pool_after_stage: list[bool] = field(
         default_factory=lambda: [False, False, False, True, True],
@@ -109,8 +148,14 @@ class Stage:
 
 def start_stage(run: Stage, name: str, *, steps: int, batch_size: int, model, export, checkpoint_bytes) -> None:
     """Begin ``name`` on the loop with its prepared ``model``; load the checkpoint when it belongs to this stage."""
-    run.loop.begin_stage(name, max_train_steps=steps, batch_size=batch_size, model=model, export=export,
-                         checkpoint_bytes=checkpoint_bytes)
+    run.loop.begin_stage(
+        name,
+        max_train_steps=steps,
+        batch_size=batch_size,
+        model=model,
+        export=export,
+        checkpoint_bytes=checkpoint_bytes,
+    )
     if run.resume is not None and run.resume_stage == name:
         run.loop.resume(str(run.resume))
 
@@ -125,8 +170,13 @@ def train_classifier(run: Stage) -> LatentLPIPSNet:
 
     cfg, acc, vae, loop = run.cfg, run.acc, run.vae, run.loop
     # 1. Load: the labelled images; the trunk from init_from, or a new one recording the VAE's convention.
-    ds, num_classes = load_image_dataset(cfg.dataset, split=cfg.dataset_split, image_column=cfg.image_column,
-                                         label_column=cfg.label_column, max_samples=cfg.max_train_samples)
+    ds, num_classes = load_image_dataset(
+        cfg.dataset,
+        split=cfg.dataset_split,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        max_samples=cfg.max_train_samples,
+    )
     scale, shift = vae_factors(vae.config)
     if cfg.init_from:
         net = load_latent_lpips(cfg.init_from, fetch=FetchOptions.for_accelerator(acc))
@@ -140,11 +190,20 @@ def train_classifier(run: Stage) -> LatentLPIPSNet:
             shift_factor=shift,
         )
     if net.config.latent_channels != vae.config.latent_channels:
-        raise ValueError(f"network takes {net.config.latent_channels} channels but the VAE has {vae.config.latent_channels}")
+        raise ValueError(
+            f"network takes {net.config.latent_channels} channels but the VAE has {vae.config.latent_channels}"
+        )
 
     # 2. Build: the data loader, the trunk + linear classifier, the optimiser and its schedule.
-    loader = classifier_loader(ds, image_column=cfg.image_column, label_column=cfg.label_column, resolution=cfg.resolution,
-                               crop_scale_min=cfg.crop_scale_min, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    loader = classifier_loader(
+        ds,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        resolution=cfg.resolution,
+        crop_scale_min=cfg.crop_scale_min,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+    )
     net.heads.requires_grad_(False)  # unused by the classifier; frozen so DDP does not wait for their grads
     model = TrunkClassifier(net, num_classes)
     if cfg.optimizer == "sgd":
@@ -157,8 +216,15 @@ def train_classifier(run: Stage) -> LatentLPIPSNet:
     # stage on the loop, resumed when the checkpoint is this stage's.
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     trunk = lambda: acc.unwrap_model(model).net  # noqa: E731
-    start_stage(run, "classifier", steps=cfg.max_train_steps, batch_size=cfg.batch_size, model=model,
-                export=lambda path: trunk().save_pretrained(path), checkpoint_bytes=lambda: _weights_bytes(model))
+    start_stage(
+        run,
+        "classifier",
+        steps=cfg.max_train_steps,
+        batch_size=cfg.batch_size,
+        model=model,
+        export=lambda path: trunk().save_pretrained(path),
+        checkpoint_bytes=lambda: _weights_bytes(model),
+    )
     vae.to(acc.device)
     model.train()
 
@@ -175,8 +241,15 @@ def train_classifier(run: Stage) -> LatentLPIPSNet:
             batch = next(batches)
             latents = encode(vae, batch["pixels"], cfg.latent_sampling)
             logs: dict[str, torch.Tensor] = {}
-            loop.phase(purpose="classifier", model=model, optimizer=opt, params=model.parameters(), logs=logs, max_grad_norm=0.0,
-                       micro_step=lambda m, g: micro_step(m, g, latents, batch["label"]))
+            loop.phase(
+                purpose="classifier",
+                model=model,
+                optimizer=opt,
+                params=model.parameters(),
+                logs=logs,
+                max_grad_norm=0.0,
+                micro_step=lambda m, g: micro_step(m, g, latents, batch["label"]),
+            )
             sched.step()
             loop.end_step(logs, extra={"lr": sched.get_last_lr()[0]})
 
@@ -211,13 +284,23 @@ def calibrate_heads(run: Stage, net: LatentLPIPSNet) -> LatentLPIPSNet:
     params = [h.weight for h in net.heads] + list(rank.parameters())
     opt = torch.optim.Adam(params, lr=cfg.calib_lr, betas=(0.5, 0.999))
     # Linear decay over the second half, as LPIPS's schedule (nepoch + nepoch_decay).
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, min(1.0, 2.0 * (1 - s / max(1, cfg.calib_steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: max(0.0, min(1.0, 2.0 * (1 - s / max(1, cfg.calib_steps))))
+    )
 
-    # 3. Prepare: DDP, the stage on the loop (resumed when the checkpoint is this stage's); the trunk's BN statistics fixed.
+    # 3. Prepare: DDP, the stage on the loop (resumed when the checkpoint is this stage's); the trunk's BN statistics
+    # fixed.
     net, rank, opt, loader, sched = acc.prepare(net, rank, opt, loader, sched)
     raw_net = acc.unwrap_model(net)
-    start_stage(run, "calibrate", steps=cfg.calib_steps, batch_size=cfg.calib_batch_size, model=net,
-                export=lambda path: raw_net.save_pretrained(path), checkpoint_bytes=lambda: _weights_bytes(raw_net))
+    start_stage(
+        run,
+        "calibrate",
+        steps=cfg.calib_steps,
+        batch_size=cfg.calib_batch_size,
+        model=net,
+        export=lambda path: raw_net.save_pretrained(path),
+        checkpoint_bytes=lambda: _weights_bytes(raw_net),
+    )
     vae.to(acc.device)
     raw_net.eval()  # BN statistics of the trunk stay fixed ...
     raw_net.dropout.train()  # ... while the heads see dropout, as in LPIPS training
@@ -237,8 +320,15 @@ def calibrate_heads(run: Stage, net: LatentLPIPSNet) -> LatentLPIPSNet:
             ref, p0, p1, judge = next(batches)
             ref, p0, p1 = (encode(vae, t, cfg.latent_sampling) for t in (ref, p0, p1))
             logs: dict[str, torch.Tensor] = {}
-            loop.phase(purpose="calibrate", model=net, optimizer=opt, params=params, logs=logs, max_grad_norm=0.0,
-                       micro_step=lambda m, g: micro_step(m, g, ref, p0, p1, judge))
+            loop.phase(
+                purpose="calibrate",
+                model=net,
+                optimizer=opt,
+                params=params,
+                logs=logs,
+                max_grad_norm=0.0,
+                micro_step=lambda m, g: micro_step(m, g, ref, p0, p1, judge),
+            )
             sched.step()
             raw_net.clamp_heads_()  # heads stay non-negative (projected gradient), as LPIPS does
             loop.end_step(logs, extra={"lr": sched.get_last_lr()[0]})
@@ -249,7 +339,9 @@ def calibrate_heads(run: Stage, net: LatentLPIPSNet) -> LatentLPIPSNet:
     if cfg.bapps_val_dir:
         score = None
         if acc.is_main_process:
-            val = torch.utils.data.DataLoader(BAPPS2AFC(cfg.bapps_val_dir, cfg.calib_resolution), batch_size=cfg.calib_batch_size)
+            val = torch.utils.data.DataLoader(
+                BAPPS2AFC(cfg.bapps_val_dir, cfg.calib_resolution), batch_size=cfg.calib_batch_size
+            )
             score = score_2afc(raw_net, vae, val, "mode", acc.device)
         loop.record({"val_2afc": score} if score is not None else {})
     return raw_net
@@ -264,11 +356,17 @@ def save_net(acc, net: LatentLPIPSNet, out: Path) -> None:
 def validate(cfg: TrainLatentLPIPSConfig) -> None:
     """Fail on a bad combination of keys before anything heavy is loaded (choices: parse_config)."""
     if not cfg.vae:
-        raise ConfigError("set `vae` to a diffusers model path or Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)")
+        raise ConfigError(
+            "set `vae` to a diffusers model path or Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+        )
     if cfg.stage in ("classifier", "both") and not cfg.dataset:
-        raise ConfigError("stage classifier needs `dataset` (a save_to_disk dir, parquet file/dir, or datasets Hub name)")
+        raise ConfigError(
+            "stage classifier needs `dataset` (a save_to_disk dir, parquet file/dir, or datasets Hub name)"
+        )
     if cfg.stage == "calibrate" and not cfg.init_from:
-        raise ConfigError("stage calibrate needs `init_from` (a stage-1 run's latent_lpips dir, a .pth, or a published name)")
+        raise ConfigError(
+            "stage calibrate needs `init_from` (a stage-1 run's latent_lpips dir, a .pth, or a published name)"
+        )
     if cfg.stage in ("calibrate", "both") and not cfg.bapps_dir:
         raise ConfigError("stage calibrate needs `bapps_dir` (BAPPS 2AFC layout: ref/ p0/ p1/ judge/)")
     check_run_keys(cfg)
@@ -291,36 +389,71 @@ def main() -> None:
     # 1. Prepare: the accelerator, seeds, the checkpoint to resume and its stage, trackers; a finished run stops here.
     out = Path(cfg.output_dir)
     resume = ckpt.resolve_resume(out, cfg.resume_from_checkpoint)
-    position = read_position(resume) if resume is not None else None  # which stage to build, before anything is prepared
-    # step_scheduler_with_optimizer=False: a prepared LR scheduler steps once per optimiser step on any number of processes.
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=None if cfg.report_to == "none" else cfg.report_to,
-                      project_dir=str(out), step_scheduler_with_optimizer=False)
+    position = (
+        read_position(resume) if resume is not None else None
+    )  # which stage to build, before anything is prepared
+    # step_scheduler_with_optimizer=False: a prepared LR scheduler steps once per optimiser step on any number of
+    # processes.
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(out),
+        step_scheduler_with_optimizer=False,
+    )
     cfg.mixed_precision = acc.mixed_precision  # the launcher's choice when unset: printed and saved with the run
     acc.print(f"mixed precision: {cfg.mixed_precision}")
     set_seed(cfg.seed, device_specific=True)
-    stages = {"classifier": ("classifier",), "calibrate": ("calibrate",), "both": ("classifier", "calibrate")}[cfg.stage]
+    stages = {"classifier": ("classifier",), "calibrate": ("calibrate",), "both": ("classifier", "calibrate")}[
+        cfg.stage
+    ]
     if position is not None and "nimg" not in position:
-        raise ConfigError(f"{resume} was written by train_latent_lpips.py before it ran on the shared loop and cannot be "
-                          "resumed: use a new output_dir, or --resume_from_checkpoint none to start over in this one")
+        raise ConfigError(
+            f"{resume} was written by train_latent_lpips.py before it ran on the shared loop and cannot be "
+            "resumed: use a new output_dir, or --resume_from_checkpoint none to start over in this one"
+        )
     if position is not None and position["stage"] not in stages:
-        raise ConfigError(f"{resume} is a checkpoint of stage {position['stage']}, which stage {cfg.stage} does not run: "
-                          "use a new output_dir, or --resume_from_checkpoint none to start over in this one")
+        raise ConfigError(
+            f"{resume} is a checkpoint of stage {position['stage']}, which stage {cfg.stage} does not run: "
+            "use a new output_dir, or --resume_from_checkpoint none to start over in this one"
+        )
     last = (stages[-1], cfg.max_train_steps if stages[-1] == "classifier" else cfg.calib_steps)
     # Finished: the last step's checkpoint and the saved network (a kill between the two finishes the run again).
-    if position is not None and (position["stage"], position["step"]) == last and (out / "latent_lpips" / "config.json").is_file():
-        acc.print(f"{out} is finished ({resume.name}, {position['stage']} step {position['step']}): weights in {out / 'latent_lpips'}")
+    if (
+        position is not None
+        and (position["stage"], position["step"]) == last
+        and (out / "latent_lpips" / "config.json").is_file()
+    ):
+        acc.print(
+            f"{out} is finished ({resume.name}, {position['stage']} step {position['step']}): weights in "
+            f"{out / 'latent_lpips'}"
+        )
         return
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         acc.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
-    loop = TrainLoop(acc, output_dir=out, seed=cfg.seed, max_train_steps=cfg.max_train_steps, gradient_accumulation_steps=1,
-                     batch_size=cfg.batch_size, checkpointing_steps=cfg.checkpointing_steps, validation_steps=0,
-                     checkpoints_total_limit=cfg.checkpoints_total_limit, ema=None, model=None, export=None, validate=None,
-                     checkpoint_bytes=lambda: 0, export_name="latent_lpips")
+    loop = TrainLoop(
+        acc,
+        output_dir=out,
+        seed=cfg.seed,
+        max_train_steps=cfg.max_train_steps,
+        gradient_accumulation_steps=1,
+        batch_size=cfg.batch_size,
+        checkpointing_steps=cfg.checkpointing_steps,
+        validation_steps=0,
+        checkpoints_total_limit=cfg.checkpoints_total_limit,
+        ema=None,
+        model=None,
+        export=None,
+        validate=None,
+        checkpoint_bytes=lambda: 0,
+        export_name="latent_lpips",
+    )
     if resume is None:
         loop.resume("none")  # a fresh run: stats.jsonl starts empty
-    run = Stage(cfg, acc, load_vae(cfg.vae, subfolder=cfg.vae_subfolder), loop, resume, position["stage"] if position else None)
+    run = Stage(
+        cfg, acc, load_vae(cfg.vae, subfolder=cfg.vae_subfolder), loop, resume, position["stage"] if position else None
+    )
 
     # 2. Stage 1: the trunk, trained as a latent classifier here, restored for calibration, or loaded.
     resuming_calibration = run.resume_stage == "calibrate"

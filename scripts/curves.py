@@ -22,9 +22,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-LABELS = {"val_lpips": "held-out E-LatentLPIPS to the teacher", "val_mse": "held-out MSE to the teacher",
-          "fid_to_teacher": "FID to the teacher's samples", "prompt_accuracy": "prompt accuracy", "fid": "FID to the reference",
-          "recall": "recall vs the reference", "diversity_ratio": "within-prompt diversity / real"}
+LABELS = {
+    "val_lpips": "held-out E-LatentLPIPS to the teacher",
+    "val_mse": "held-out MSE to the teacher",
+    "fid_to_teacher": "FID to the teacher's samples",
+    "prompt_accuracy": "prompt accuracy",
+    "fid": "FID to the reference",
+    "recall": "recall vs the reference",
+    "diversity_ratio": "within-prompt diversity / real",
+}
 
 
 def training_curve(run: Path) -> tuple[list[dict], dict[int, int]]:
@@ -34,26 +40,46 @@ def training_curve(run: Path) -> tuple[list[dict], dict[int, int]]:
 
     train, val = read_stats(run / "stats.jsonl")
     nimg = {0: 0, **{r["step"]: r["nimg"] for r in train}}
-    return [{"nimg": r["nimg"], **{k: r[k] for k in ("val_lpips", "val_mse") if k in r}} for r in val if "val_mse" in r], nimg
+    return [
+        {"nimg": r["nimg"], **{k: r[k] for k in ("val_lpips", "val_mse") if k in r}} for r in val if "val_mse" in r
+    ], nimg
 
 
-def evaluated_curve(run: Path, nimg: dict[int, int], *, eval_config: str, eval_args: list[str], every: int = 1) -> list[dict]:
+def evaluated_curve(
+    run: Path, nimg: dict[int, int], *, eval_config: str, eval_args: list[str], every: int = 1
+) -> list[dict]:
     """Score the kept checkpoints' pipelines whose step is a multiple of ``every``, and the final one (cached);
     [{nimg, metric: value}]."""
-    pipelines = {int(m.group(1)): p / "pipeline" for p in (run / "checkpoints").glob("checkpoint-*")
-                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "pipeline").is_dir() and int(m.group(1)) % every == 0}
+    pipelines = {
+        int(m.group(1)): p / "pipeline"
+        for p in (run / "checkpoints").glob("checkpoint-*")
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+        and (p / "pipeline").is_dir()
+        and int(m.group(1)) % every == 0
+    }
     if (run / "pipeline").is_dir():
         pipelines.setdefault(max(nimg), run / "pipeline")
     out = []
     for step, pipeline in sorted(pipelines.items()):
         dest = run / "curve-eval" / f"step-{step:07d}"
         if not (dest / "metrics.json").is_file():
-            cmd = [sys.executable, "distill/evaluate.py", "--config", eval_config, "--pipeline", str(pipeline),
-                   "--output_dir", str(dest), *eval_args]
+            cmd = [
+                sys.executable,
+                "distill/evaluate.py",
+                "--config",
+                eval_config,
+                "--pipeline",
+                str(pipeline),
+                "--output_dir",
+                str(dest),
+                *eval_args,
+            ]
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"error: evaluating {pipeline} failed: {done.stderr.strip().splitlines()[-1:]}")
-        out.append({"nimg": nimg.get(step, 0), "step": step, **json.loads((dest / "metrics.json").read_text())["metrics"]})
+        out.append(
+            {"nimg": nimg.get(step, 0), "step": step, **json.loads((dest / "metrics.json").read_text())["metrics"]}
+        )
     return out
 
 
@@ -63,8 +89,11 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("val_lpips", "fid_to_teacher", "fid", "prompt_accuracy", "recall", "diversity_ratio")
-               if any(m in r for c in curves.values() for r in c["validation"] + c["evaluation"])]
+    metrics = [
+        m
+        for m in ("val_lpips", "fid_to_teacher", "fid", "prompt_accuracy", "recall", "diversity_ratio")
+        if any(m in r for c in curves.values() for r in c["validation"] + c["evaluation"])
+    ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, c in curves.items():
@@ -83,14 +112,24 @@ def plot(curves: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("runs", nargs="+", help="train_student.py output folders; NAME=DIR to label one")
     parser.add_argument("--output", default="runs/curves")
     parser.add_argument("--eval", action="store_true", help="also score every kept checkpoint with evaluate.py")
-    parser.add_argument("--eval_every", type=int, default=1, help="--eval: only checkpoints whose step is a multiple of this (+ the final pipeline)")
+    parser.add_argument(
+        "--eval_every",
+        type=int,
+        default=1,
+        help="--eval: only checkpoints whose step is a multiple of this (+ the final pipeline)",
+    )
     parser.add_argument("--eval_config", default="configs/digits/eval.yaml")
-    parser.add_argument("--eval_args", default="--metrics fid_to_teacher,prompt_accuracy",
-                        help="extra evaluate.py overrides for the checkpoint scores")
+    parser.add_argument(
+        "--eval_args",
+        default="--metrics fid_to_teacher,prompt_accuracy",
+        help="extra evaluate.py overrides for the checkpoint scores",
+    )
     args = parser.parse_args()
     curves = {}
     for spec in args.runs:
@@ -99,15 +138,23 @@ def main() -> None:
         if not (run / "stats.jsonl").is_file():
             sys.exit(f"error: {run} has no stats.jsonl: pass train_student.py output folders")
         validation, nimg = training_curve(run)
-        evaluation = evaluated_curve(run, nimg, eval_config=args.eval_config, eval_args=shlex.split(args.eval_args),
-                                     every=args.eval_every) if args.eval else []
+        evaluation = (
+            evaluated_curve(
+                run, nimg, eval_config=args.eval_config, eval_args=shlex.split(args.eval_args), every=args.eval_every
+            )
+            if args.eval
+            else []
+        )
         curves[name or run.name] = {"run": str(run), "validation": validation, "evaluation": evaluation}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
     plot(curves, out / "curves.png")
-    lines = ["| run | kimg | held-out E-LatentLPIPS | FID to teacher | FID to the reference | prompt accuracy | recall | diversity / real |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | kimg | held-out E-LatentLPIPS | FID to teacher | FID to the reference | prompt accuracy | recall | "
+        "diversity / real |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, c in curves.items():
         by_nimg: dict[int, dict] = {}
         for r in c["validation"] + c["evaluation"]:
@@ -115,9 +162,11 @@ def main() -> None:
         for n, r in sorted(by_nimg.items()):
             if "fid_to_teacher" in r or "fid" in r or n == max(by_nimg):
                 cell = lambda k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
-                lines.append(f"| {name} | {n / 1000:.1f} | {cell('val_lpips', '{:.3f}')} | {cell('fid_to_teacher', '{:.1f}')} | "
-                             f"{cell('fid', '{:.1f}')} | {cell('prompt_accuracy', '{:.3f}')} | {cell('recall', '{:.3f}')} | "
-                             f"{cell('diversity_ratio', '{:.2f}')} |")
+                lines.append(
+                    f"| {name} | {n / 1000:.1f} | {cell('val_lpips', '{:.3f}')} | {cell('fid_to_teacher', '{:.1f}')} | "
+                    f"{cell('fid', '{:.1f}')} | {cell('prompt_accuracy', '{:.3f}')} | {cell('recall', '{:.3f}')} | "
+                    f"{cell('diversity_ratio', '{:.2f}')} |"
+                )
     (out / "curves.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out / 'curves.png'}")

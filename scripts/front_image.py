@@ -1,7 +1,8 @@
 """The front page's image: the teacher and a one-step student on the same noise and prompts, with the
 time each took per image.
 
-    python scripts/front_image.py --pipeline runs/quickstart/student/pipeline [--output configs/digits/figures/teacher_vs_student.png]
+    python scripts/front_image.py --pipeline runs/quickstart/student/pipeline [--output
+    configs/digits/figures/teacher_vs_student.png]
 
 Top row: the teacher (its ODE sampler as in the student's pairs: DDIM, steps and CFG from the pairs'
 manifest); bottom row: the student, one generator step. Image i uses the noise of a pairs row with
@@ -38,7 +39,9 @@ def timed(fn, repeats: int) -> tuple[list[Image.Image], float]:
     return images, statistics.median(times)
 
 
-def render(teacher: list[Image.Image], student: list[Image.Image], *, labels: tuple[str, str], scale: int) -> Image.Image:
+def render(
+    teacher: list[Image.Image], student: list[Image.Image], *, labels: tuple[str, str], scale: int
+) -> Image.Image:
     side = teacher[0].width * scale
     pad, label_h = 6, 26
     width = len(teacher) * (side + pad) + pad
@@ -54,7 +57,9 @@ def render(teacher: list[Image.Image], student: list[Image.Image], *, labels: tu
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--pipeline", required=True, help="an exported one-step student folder")
     parser.add_argument("--output", default="configs/digits/figures/teacher_vs_student.png")
     parser.add_argument("--prompts", nargs="+", default=[f"a handwritten digit {d}" for d in DIGITS])
@@ -71,21 +76,42 @@ def main() -> None:
     student = OneStepGANPipeline.from_pretrained(args.pipeline)
     sampler = pairs_teacher(args.pipeline)
     if sampler is None:
-        sys.exit(f"error: {args.pipeline} names no readable pairs folder (pairs_split.json): the teacher and its sampler are unknown")
+        sys.exit(
+            f"error: {args.pipeline} names no readable pairs folder (pairs_split.json): the teacher and its sampler "
+            "are unknown"
+        )
     teacher = load_teacher(sampler["teacher"], scheduler=sampler["scheduler"]).pipe
     side = student.default_resolution() // student.vae_scale_factor
-    noise = torch.stack([noise_for_seed(i, (student.student.latent_channels, side, side)) for i in range(len(args.prompts))])
-    teacher_images, teacher_s = timed(lambda: teacher(args.prompts, latents=noise, num_inference_steps=sampler["steps"],
-                                                      guidance_scale=sampler["guidance_scale"]).images, args.repeats)
+    noise = torch.stack(
+        [noise_for_seed(i, (student.student.latent_channels, side, side)) for i in range(len(args.prompts))]
+    )
+    teacher_images, teacher_s = timed(
+        lambda: (
+            teacher(
+                args.prompts,
+                latents=noise,
+                num_inference_steps=sampler["steps"],
+                guidance_scale=sampler["guidance_scale"],
+            ).images
+        ),
+        args.repeats,
+    )
     student_images, student_s = timed(lambda: student(args.prompts, latents=noise).images, args.repeats)
     n = len(args.prompts)
-    labels = (f"teacher: {sampler['steps']} {sampler['scheduler'].upper()} steps, CFG {sampler['guidance_scale']:g} "
-              f"- {teacher_s / n * 1000:.1f} ms per image",
-              f"one-step student - {student_s / n * 1000:.2f} ms per image ({teacher_s / student_s:.0f}x faster)")
+    labels = (
+        f"teacher: {sampler['steps']} {sampler['scheduler'].upper()} steps, CFG {sampler['guidance_scale']:g} "
+        f"- {teacher_s / n * 1000:.1f} ms per image",
+        f"one-step student - {student_s / n * 1000:.2f} ms per image ({teacher_s / student_s:.0f}x faster)",
+    )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     render(teacher_images, student_images, labels=labels, scale=args.scale).save(out, optimize=True)
-    diff = np.mean([np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).mean() for a, b in zip(teacher_images, student_images)])
+    diff = np.mean(
+        [
+            np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).mean()
+            for a, b in zip(teacher_images, student_images)
+        ]
+    )
     print(f"{labels[0]}\n{labels[1]}\nmean |teacher - student| = {diff:.1f} / 255\nwrote {out}")
 
 

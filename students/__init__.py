@@ -12,6 +12,12 @@ from .text import TextConditioning, encode_sd3_text, encode_text
 from .unet_student import UNetStudent
 
 __all__ = [
-    "GigaGANGenerator", "OneStepGANPipeline", "SD3TransformerStudent", "StyleGANTGenerator", "TextConditioning", "UNetStudent",
-    "encode_sd3_text", "encode_text",
+    "GigaGANGenerator",
+    "OneStepGANPipeline",
+    "SD3TransformerStudent",
+    "StyleGANTGenerator",
+    "TextConditioning",
+    "UNetStudent",
+    "encode_sd3_text",
+    "encode_text",
 ]

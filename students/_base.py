@@ -33,7 +33,11 @@ def check_inputs(model, noise: torch.Tensor, prompt_embeds: torch.Tensor) -> Non
             f"noise height and width must be divisible by {multiple} (2**(levels-1) for {num_levels} "
             f"levels); got {noise.shape[-2]}x{noise.shape[-1]}: use a latent side that is a multiple of {multiple}"
         )
-    if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.cross_attention_dim or prompt_embeds.shape[0] != noise.shape[0]:
+    if (
+        prompt_embeds.ndim != 3
+        or prompt_embeds.shape[-1] != cfg.cross_attention_dim
+        or prompt_embeds.shape[0] != noise.shape[0]
+    ):
         raise ValueError(
             f"prompt_embeds must be [N={noise.shape[0]},L,{cfg.cross_attention_dim}]; got {tuple(prompt_embeds.shape)}"
         )
@@ -48,7 +52,8 @@ def pooled_from(model, added_cond_kwargs: dict | None, batch: int) -> torch.Tens
     if pooled is None or tuple(pooled.shape) != (batch, pooled_dim):
         got = None if pooled is None else tuple(pooled.shape)
         raise ValueError(
-            f"this generator has pooled_dim={pooled_dim}: pass added_cond_kwargs={{'text_embeds': [N={batch},{pooled_dim}]}}; "
+            f"this generator has pooled_dim={pooled_dim}: pass added_cond_kwargs={{'text_embeds': "
+            f"[N={batch},{pooled_dim}]}}; "
             f"got {got}"
         )
     return pooled
@@ -88,8 +93,11 @@ class StyleCodes:
         if not 0 <= crossover <= num_levels:
             raise ValueError(f"crossover must be in [0, {num_levels}] (the number of levels); got {crossover}")
         pick = [self if i < crossover else other for i in range(num_levels)]
-        return replace(self, w=torch.stack([c.level_w(i) for i, c in enumerate(pick)], dim=1),
-                       noise=[c.level_noise(i) for i, c in enumerate(pick)])
+        return replace(
+            self,
+            w=torch.stack([c.level_w(i) for i, c in enumerate(pick)], dim=1),
+            noise=[c.level_noise(i) for i, c in enumerate(pick)],
+        )
 
 
 class StyleGenerator(ModelMixin, ConfigMixin):
@@ -104,8 +112,9 @@ class StyleGenerator(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = False
 
-    def _init_noise_path(self, *, latent_channels: int, sample_size: int, block_out_channels, z_dim: int,
-                         noise_grid: int) -> list[int]:
+    def _init_noise_path(
+        self, *, latent_channels: int, sample_size: int, block_out_channels, z_dim: int, noise_grid: int
+    ) -> list[int]:
         """The noise code and the per-level injections; returns each level's side at ``sample_size``."""
         num_levels = len(block_out_channels)
         if sample_size % 2 ** (num_levels - 1):
@@ -114,7 +123,8 @@ class StyleGenerator(ModelMixin, ConfigMixin):
         # Level i's input has level i-1's channels; the first injection is the network input with the
         # learned constant, so it must not start at zero.
         self.injections = nn.ModuleList(
-            NoiseInjection(latent_channels, block_out_channels[max(i - 1, 0)], zero_init=i > 0) for i in range(num_levels)
+            NoiseInjection(latent_channels, block_out_channels[max(i - 1, 0)], zero_init=i > 0)
+            for i in range(num_levels)
         )
         return [sample_size // 2 ** (num_levels - 1 - i) for i in range(num_levels)]
 
@@ -157,7 +167,7 @@ class StyleGenerator(ModelMixin, ConfigMixin):
                 else:
                     rest.append(p)
         groups = [{"params": rest, "lr": lr}]
-        groups += [{"params": ps, "lr": lr / fan_in ** 0.5} for fan_in, ps in sorted(by_fan_in.items())]
+        groups += [{"params": ps, "lr": lr / fan_in**0.5} for fan_in, ps in sorted(by_fan_in.items())]
         return groups
 
     @property

@@ -53,8 +53,9 @@ class EqualLinear(nn.Module):
     ``lr_mul``: StyleGAN trains its mapping network at ``lr_mul = 0.01``.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, bias_init: float = 0.0,
-                 lr_mul: float = 1.0):
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool = True, bias_init: float = 0.0, lr_mul: float = 1.0
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init) / lr_mul)) if bias else None
@@ -78,13 +79,22 @@ class ModulatedConv2d(nn.Module):
 
     per_sample_min_pixels = 64
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, num_kernels: int = 1,
-                 demodulate: bool = True, init_gain: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        num_kernels: int = 1,
+        demodulate: bool = True,
+        init_gain: float = 1.0,
+    ):
         super().__init__()
         self.demodulate = demodulate
         self.padding = kernel_size // 2
         # Equalised learning rate (ProGAN §4.1): unit-variance storage, fan-in scale at run time.
-        self.weight = nn.Parameter(torch.randn(num_kernels, out_channels, in_channels, kernel_size, kernel_size) * init_gain)
+        self.weight = nn.Parameter(
+            torch.randn(num_kernels, out_channels, in_channels, kernel_size, kernel_size) * init_gain
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.scale = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
 
@@ -123,8 +133,18 @@ class StyledConv(nn.Module):
     The affines are equalised (StyleGAN2), so Adam moves them at the rate of the convs they modulate.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 3, *, num_kernels: int = 1,
-                 style_order: int = 1, demodulate: bool = True, init_gain: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        kernel_size: int = 3,
+        *,
+        num_kernels: int = 1,
+        style_order: int = 1,
+        demodulate: bool = True,
+        init_gain: float = 1.0,
+    ):
         super().__init__()
         if style_order not in (1, 2):
             raise ValueError(f"style_order must be 1 or 2; got {style_order}")
@@ -134,7 +154,7 @@ class StyledConv(nn.Module):
         self.affine = EqualLinear(w_dim, in_channels * (3 if style_order == 2 else 1), bias_init=1.0)
         if style_order == 2:
             with torch.no_grad():
-                self.affine.bias[2 * in_channels:] = 0.0
+                self.affine.bias[2 * in_channels :] = 0.0
         self.select = EqualLinear(w_dim, num_kernels) if num_kernels > 1 else None
         self.conv = ModulatedConv2d(in_channels, out_channels, kernel_size, num_kernels, demodulate, init_gain)
 

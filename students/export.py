@@ -24,7 +24,8 @@ STOCK_LIBRARIES = ("diffusers", "transformers")
 
 
 def is_one_step_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` holds a saved ``OneStepGANPipeline`` (plain or exported: ``_class_name`` a name or ``[module, name]``)."""
+    """Whether ``folder`` holds a saved ``OneStepGANPipeline`` (plain or exported: ``_class_name`` a name or ``[module,
+    name]``)."""
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         return False
@@ -48,7 +49,9 @@ def _internal_imports(tree: ast.Module, module: str, root: str) -> list[tuple[as
             continue
         if node.level:
             if not node.module:
-                raise ValueError(f"{module}: `from {'.' * node.level} import ...` cannot be flattened; import names from a module")
+                raise ValueError(
+                    f"{module}: `from {'.' * node.level} import ...` cannot be flattened; import names from a module"
+                )
             target = importlib.util.resolve_name("." * node.level + node.module, package)
         elif (node.module or "").split(".")[0] == root:
             target = node.module
@@ -94,7 +97,9 @@ def flatten_module(module: str) -> str:
     for name in order:
         for defined in _defined_names(parsed[name][1]):
             if defined in owner and not defined.startswith("__"):
-                raise ValueError(f"cannot flatten {module}: {defined!r} is defined in both {owner[defined]} and {name}; rename one")
+                raise ValueError(
+                    f"cannot flatten {module}: {defined!r} is defined in both {owner[defined]} and {name}; rename one"
+                )
             owner[defined] = name
 
     try:
@@ -103,7 +108,7 @@ def flatten_module(module: str) -> str:
         version = "unknown"
     parts = [
         f'"""{module}, flattened by diffusion2gan-toolkit {version} from '
-        f'{", ".join(n.replace(".", "/") + ".py" for n in order)}.\n\n'
+        f"{', '.join(n.replace('.', '/') + '.py' for n in order)}.\n\n"
         "Self-contained (it imports torch, diffusers and transformers only), so that\n"
         '``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` runs it without that project.\n"""\n',
         "from __future__ import annotations\n",
@@ -118,8 +123,12 @@ def _stripped(name: str, text: str, tree: ast.Module, origin: str, *, root: str)
     drop: set[int] = set()
     header: list[str] = [f"# ---- {name.replace('.', '/')}.py " + "-" * max(4, 80 - len(name))]
     body = tree.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-            and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(getattr(body[0], "value", None), ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         header += [f"# {line}".rstrip() for line in body[0].value.value.strip().splitlines()]
         drop |= set(range(body[0].lineno - 1, body[0].end_lineno))
     aliases = []

@@ -19,29 +19,97 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from ._base import StyleGenerator, size_preset
-from ._layers import CrossAttention, MappingNetwork, StyledConv, TextTransformer, attention_heads, lrelu, norm_groups, pixel_norm
+from ._layers import (
+    CrossAttention,
+    MappingNetwork,
+    StyledConv,
+    TextTransformer,
+    attention_heads,
+    lrelu,
+    norm_groups,
+    pixel_norm,
+)
 
 PRESETS = {
-    "tiny": dict(block_out_channels=(32, 16), layers_per_block=1, num_kernels=2, attention_head_dim=16, w_dim=32,
-                 z_dim=16, noise_grid=2, text_dim=32, text_heads=2, text_layers=1, mapping_layers=2, attention_levels=1),
-    # Small images from scratch on a CPU (the digits' from-scratch recipe, 32-64 px in pixels): a 4x4 start, one kernel per
-    # conv and no attention. Measured on 2 cores at 32 px (benchmarks/gan_step.py, docs/from-scratch.md): the kernel bank's
+    "tiny": dict(
+        block_out_channels=(32, 16),
+        layers_per_block=1,
+        num_kernels=2,
+        attention_head_dim=16,
+        w_dim=32,
+        z_dim=16,
+        noise_grid=2,
+        text_dim=32,
+        text_heads=2,
+        text_layers=1,
+        mapping_layers=2,
+        attention_levels=1,
+    ),
+    # Small images from scratch on a CPU (the digits' from-scratch recipe, 32-64 px in pixels): a 4x4 start, one kernel
+    # per
+    # conv and no attention. Measured on 2 cores at 32 px (benchmarks/gan_step.py, docs/from-scratch.md): the kernel
+    # bank's
     # per-sample kernels and the attention took ~60 % of `small`'s step there without a gain the samples showed.
-    "lite": dict(block_out_channels=(128, 64, 32, 16), layers_per_block=2, num_kernels=1, attention_head_dim=32, w_dim=256,
-                 z_dim=64, noise_grid=4, text_dim=128, text_heads=4, text_layers=2, mapping_layers=2, attention_levels=0),
-    "small": dict(block_out_channels=(128, 64, 32), layers_per_block=2, num_kernels=4, attention_head_dim=32,
-                  w_dim=256, z_dim=64, noise_grid=4, text_dim=128, text_heads=4, text_layers=2, mapping_layers=2,
-                  attention_levels=2),
-    "base": dict(block_out_channels=(512, 512, 256, 128), layers_per_block=2, num_kernels=4, attention_head_dim=64,
-                 w_dim=512, z_dim=128, noise_grid=8, text_dim=512, text_heads=8, text_layers=4, mapping_layers=4,
-                 attention_levels=2),
+    "lite": dict(
+        block_out_channels=(128, 64, 32, 16),
+        layers_per_block=2,
+        num_kernels=1,
+        attention_head_dim=32,
+        w_dim=256,
+        z_dim=64,
+        noise_grid=4,
+        text_dim=128,
+        text_heads=4,
+        text_layers=2,
+        mapping_layers=2,
+        attention_levels=0,
+    ),
+    "small": dict(
+        block_out_channels=(128, 64, 32),
+        layers_per_block=2,
+        num_kernels=4,
+        attention_head_dim=32,
+        w_dim=256,
+        z_dim=64,
+        noise_grid=4,
+        text_dim=128,
+        text_heads=4,
+        text_layers=2,
+        mapping_layers=2,
+        attention_levels=2,
+    ),
+    "base": dict(
+        block_out_channels=(512, 512, 256, 128),
+        layers_per_block=2,
+        num_kernels=4,
+        attention_head_dim=64,
+        w_dim=512,
+        z_dim=128,
+        noise_grid=8,
+        text_dim=512,
+        text_heads=8,
+        text_layers=4,
+        mapping_layers=4,
+        attention_levels=2,
+    ),
     # GigaGAN's published text-to-image generator: 1.0B parameters (GigaGAN, Table 2 and abstract: the
     # "1B-parameter GigaGAN"); 0.97B here. The paper's design kept: a bank of 8 kernels per conv (§3.2: most of
     # the parameters, little of the compute), self- and cross-attention at every level but the finest (§3.2),
     # a 4-layer text transformer (§3.1). The split into widths and depth is ours, sized for SD's latents.
-    "paper": dict(block_out_channels=(1024, 1024, 1024, 768), layers_per_block=3, num_kernels=8, attention_head_dim=64,
-                  w_dim=1024, z_dim=128, noise_grid=8, text_dim=1024, text_heads=16, text_layers=4, mapping_layers=4,
-                  attention_levels=3),
+    "paper": dict(
+        block_out_channels=(1024, 1024, 1024, 768),
+        layers_per_block=3,
+        num_kernels=8,
+        attention_head_dim=64,
+        w_dim=1024,
+        z_dim=128,
+        noise_grid=8,
+        text_dim=1024,
+        text_heads=16,
+        text_layers=4,
+        mapping_layers=4,
+        attention_levels=3,
+    ),
 }
 PAPER_PARAMETERS = 1.0e9  # the published count the "paper" preset is sized to (tests check it within 10%)
 
@@ -79,15 +147,31 @@ class GigaGANLevel(nn.Module):
     """One resolution: ``layers`` x [adaptive-kernel styled conv (+ self- and cross-attention when
     ``attend``)], and this level's to-latent output."""
 
-    def __init__(self, in_channels: int, channels: int, *, latent_channels: int, w_dim: int, text_dim: int,
-                 layers: int, num_kernels: int, attend: bool, head_dim: int, out_gain: float):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        *,
+        latent_channels: int,
+        w_dim: int,
+        text_dim: int,
+        layers: int,
+        num_kernels: int,
+        attend: bool,
+        head_dim: int,
+        out_gain: float,
+    ):
         super().__init__()
         self.convs = nn.ModuleList(
             StyledConv(in_channels if j == 0 else channels, channels, w_dim, 3, num_kernels=num_kernels)
             for j in range(layers)
         )
-        self.self_attn = nn.ModuleList(StyledSelfAttention(channels, w_dim, head_dim) for _ in range(layers if attend else 0))
-        self.cross_attn = nn.ModuleList(CrossAttention(channels, text_dim, head_dim) for _ in range(layers if attend else 0))
+        self.self_attn = nn.ModuleList(
+            StyledSelfAttention(channels, w_dim, head_dim) for _ in range(layers if attend else 0)
+        )
+        self.cross_attn = nn.ModuleList(
+            CrossAttention(channels, text_dim, head_dim) for _ in range(layers if attend else 0)
+        )
         self.to_latent = StyledConv(channels, latent_channels, w_dim, 1, demodulate=False, init_gain=out_gain)
 
     def forward(self, x, w, t_local):
@@ -141,32 +225,58 @@ class GigaGANGenerator(StyleGenerator):
     ):
         super().__init__()
         self._init_latent_affine(latent_channels, latent_mean, latent_std)
-        sides = self._init_noise_path(latent_channels=latent_channels, sample_size=sample_size,
-                                      block_out_channels=block_out_channels, z_dim=z_dim, noise_grid=noise_grid)
+        sides = self._init_noise_path(
+            latent_channels=latent_channels,
+            sample_size=sample_size,
+            block_out_channels=block_out_channels,
+            z_dim=z_dim,
+            noise_grid=noise_grid,
+        )
         attend = [side <= attention_resolution for side in sides]
         self.text = TextTransformer(cross_attention_dim, text_dim, text_heads, text_layers, pooled_dim)
         self.mapping = MappingNetwork(z_dim + self.text.global_dim, w_dim, mapping_layers, lr_mul=mapping_lr_mul)
         self.const = nn.Parameter(torch.randn(block_out_channels[0], sides[0], sides[0]))
         self.levels = nn.ModuleList(
             GigaGANLevel(
-                block_out_channels[max(i - 1, 0)], ch, latent_channels=latent_channels, w_dim=w_dim, text_dim=text_dim,
-                layers=layers_per_block, num_kernels=num_kernels, attend=attend[i], head_dim=attention_head_dim,
+                block_out_channels[max(i - 1, 0)],
+                ch,
+                latent_channels=latent_channels,
+                w_dim=w_dim,
+                text_dim=text_dim,
+                layers=layers_per_block,
+                num_kernels=num_kernels,
+                attend=attend[i],
+                head_dim=attention_head_dim,
                 out_gain=out_gain,
             )
             for i, ch in enumerate(block_out_channels)
         )
 
     @classmethod
-    def for_latents(cls, *, latent_channels: int, sample_size: int, cross_attention_dim: int, pooled_dim: int = 0,
-                    size: str = "small", **overrides) -> "GigaGANGenerator":
-        """Preset sizes: ``tiny`` (tests), ``lite`` (small images from scratch on a CPU), ``small`` (digits testbed, CPU),
+    def for_latents(
+        cls,
+        *,
+        latent_channels: int,
+        sample_size: int,
+        cross_attention_dim: int,
+        pooled_dim: int = 0,
+        size: str = "small",
+        **overrides,
+    ) -> "GigaGANGenerator":
+        """Preset sizes: ``tiny`` (tests), ``lite`` (small images from scratch on a CPU), ``small`` (digits testbed,
+        CPU),
         ``base`` (72 M parameters at SD latents), ``paper`` (the published generator's size, 0.97 B)."""
         preset = {**size_preset(PRESETS, size), **overrides}
         levels = len(preset["block_out_channels"])
         # Attention on the coarsest ``attention_levels`` levels, whatever the latent size.
         preset["attention_resolution"] = sample_size // 2 ** (levels - preset.pop("attention_levels"))
-        return cls(latent_channels=latent_channels, sample_size=sample_size, cross_attention_dim=cross_attention_dim,
-                   pooled_dim=pooled_dim, **preset)
+        return cls(
+            latent_channels=latent_channels,
+            sample_size=sample_size,
+            cross_attention_dim=cross_attention_dim,
+            pooled_dim=pooled_dim,
+            **preset,
+        )
 
     def _style(self, z: torch.Tensor, t_global: torch.Tensor, psi: float) -> torch.Tensor:
         # z [N,Z], t_global [N,G] -> w [N,W]; GigaGAN feeds M the concatenated codes, each normalised.

@@ -18,7 +18,9 @@ def vae_scale_factor(vae: AutoencoderKL | None) -> int:
 
 def vae_factors(vae_config) -> tuple[float, float]:
     """(scaling_factor, shift_factor) of a VAE config; unset: 1 and 0 (SD1.x/SDXL VAEs have no shift)."""
-    return float(getattr(vae_config, "scaling_factor", None) or 1.0), float(getattr(vae_config, "shift_factor", None) or 0.0)
+    return float(getattr(vae_config, "scaling_factor", None) or 1.0), float(
+        getattr(vae_config, "shift_factor", None) or 0.0
+    )
 
 
 def scale_latents(raw: torch.Tensor, vae_config) -> torch.Tensor:

@@ -1,14 +1,19 @@
 """LoRA on one shared frozen UNet (peft): the UNet student as the teacher's UNet plus a LoRA adapter, trained beside a
 discriminator that is the same UNet with its own adapter, so that the UNet's weights are held once.
 
-:class:`SharedBase` holds the frozen UNet and its named adapters (``student``, ``disc``: ``unet.add_adapter(LoraConfig(...),
-adapter_name=...)``). A role is a module that registers only its own trainable tensors (its adapter's LoRA weights, a D's
+:class:`SharedBase` holds the frozen UNet and its named adapters (``student``, ``disc``:
+``unet.add_adapter(LoraConfig(...),
+adapter_name=...)``). A role is a module that registers only its own trainable tensors (its adapter's LoRA weights, a
+D's
 heads) and holds the base as a plain attribute, so that its ``parameters()``, ``state_dict()``, optimiser, EMA and DDP
 wrapper see the role alone (DDP syncs only what trains; a checkpoint holds the adapters, not the UNet). A role's forward
 first makes its adapter the active one (:meth:`SharedBase.activate`). peft's ``set_adapter`` also turns the inactive
-adapters' ``requires_grad`` off and the active one's on, which would undo what the trainer decided (D frozen in the G phase,
-while G's gradient flows through D's forward): :meth:`SharedBase.activate` puts every adapter's ``requires_grad`` back as it
-was, so one backward reaches exactly the tensors the trainer left trainable. A gradient-checkpointed block recomputes under
+adapters' ``requires_grad`` off and the active one's on, which would undo what the trainer decided (D frozen in the G
+phase,
+while G's gradient flows through D's forward): :meth:`SharedBase.activate` puts every adapter's ``requires_grad`` back
+as it
+was, so one backward reaches exactly the tensors the trainer left trainable. A gradient-checkpointed block recomputes
+under
 the adapter it ran with (:meth:`SharedBase.checkpoint_role`): the backward of G's loss recomputes D's blocks, then G's.
 
 :class:`LoRAStudent` is the UNet student on the shared base; :meth:`LoRAStudent.merged` gives today's ``UNetStudent``
@@ -37,8 +42,22 @@ DISC_ADAPTER = "disc"
 # The student's adapter: LCM-LoRA's targets (diffusers' train_lcm_distill_lora_sd*.py), every attention projection, the
 # transformers' projections and feed-forwards, the resnets' convs and time projections, the resamplers' convs: a
 # one-step student moves the whole UNet away from a denoiser at t = 999, not only its attention.
-STUDENT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-                        "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+STUDENT_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
 # The discriminator's adapter: the attention projections, as d_lora_rank on a copied backbone has always done.
 DISC_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name (what load_lora_weights(dir) reads)
@@ -69,7 +88,8 @@ class _Recompute:
 
 
 class SharedBase:
-    """One frozen diffusers UNet with named LoRA adapters (peft), one per role. Never copied: ``copy.deepcopy`` of a role
+    """One frozen diffusers UNet with named LoRA adapters (peft), one per role. Never copied: ``copy.deepcopy`` of a
+    role
     (the EMA student) shares it. ``dtype``: the frozen weights' (``hold_in``); the adapters stay fp32."""
 
     def __init__(self, unet):
@@ -92,11 +112,15 @@ class SharedBase:
         from peft import LoraConfig
 
         if self.dtype != torch.float32:
-            raise ValueError("add the adapters before holding the base in a lower precision (hold_in): they train in fp32")
+            raise ValueError(
+                "add the adapters before holding the base in a lower precision (hold_in): they train in fp32"
+            )
         with warnings.catch_warnings():  # peft's note that a second adapter joins the first: here by design
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=init, target_modules=list(targets)),
-                                  adapter_name=name)
+            self.unet.add_adapter(
+                LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=init, target_modules=list(targets)),
+                adapter_name=name,
+            )
         marks = (f".lora_A.{name}.", f".lora_B.{name}.")
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -121,7 +145,8 @@ class SharedBase:
         return [p for params in self.params.values() for p in params.values()]
 
     def activate(self, name: str) -> None:
-        """Make adapter ``name`` the one the UNet's forward applies, leaving every adapter's ``requires_grad`` as it was."""
+        """Make adapter ``name`` the one the UNet's forward applies, leaving every adapter's ``requires_grad`` as it
+        was."""
         if self.active == name:
             return
         saved = [(p, p.requires_grad) for p in self._lora_tensors()]
@@ -161,8 +186,9 @@ class SharedBase:
             return module(*args)
         make = self._checkpointed[role]
         recompute = _Recompute(self, role, make() if make is not None else None)
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
-                                                 context_fn=lambda: (contextlib.nullcontext(), recompute))
+        return torch.utils.checkpoint.checkpoint(
+            module.__call__, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), recompute)
+        )
 
 
 def _key(name: str, adapter: str) -> str:
@@ -171,7 +197,8 @@ def _key(name: str, adapter: str) -> str:
 
 
 class AdapterTensors(nn.Module):
-    """A role's LoRA tensors of adapter ``adapter`` as its own parameters (``self.lora``), by peft state-dict name. The live
+    """A role's LoRA tensors of adapter ``adapter`` as its own parameters (``self.lora``), by peft state-dict name. The
+    live
     role registers the base's tensors themselves; a deep copy (the EMA) holds copies, which its forward substitutes for
     the base's (``torch.func.functional_call``)."""
 
@@ -195,30 +222,56 @@ class AdapterTensors(nn.Module):
         return torch.func.functional_call(self.base.unet, tensors, args, kwargs, strict=False)
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter as ``peft.get_peft_model_state_dict(unet, adapter_name=...)`` gives it (the adapter name dropped)."""
+        """The adapter as ``peft.get_peft_model_state_dict(unet, adapter_name=...)`` gives it (the adapter name
+        dropped)."""
         return {k.replace("/", "."): p.detach() for k, p in self.lora.items()}
 
 
 class LoRAStudent(nn.Module):
     """The UNet student on a :class:`SharedBase`: the frozen teacher UNet + the ``student`` adapter, evaluated once at
-    ``timestep`` on the noise and read as x0, as ``UNetStudent`` (at initialisation the adapter is zero: the teacher's own
+    ``timestep`` on the noise and read as x0, as ``UNetStudent`` (at initialisation the adapter is zero: the teacher's
+    own
     one-step estimate). Its parameters are the adapter's alone."""
 
     _supports_gradient_checkpointing = True
 
-    def __init__(self, base: SharedBase, *, rank: int, timestep: int, alpha_cumprod: float, prediction_type: str,
-                 precision: str = "fp32", targets=STUDENT_LORA_TARGETS, adapter: str = STUDENT_ADAPTER):
+    def __init__(
+        self,
+        base: SharedBase,
+        *,
+        rank: int,
+        timestep: int,
+        alpha_cumprod: float,
+        prediction_type: str,
+        precision: str = "fp32",
+        targets=STUDENT_LORA_TARGETS,
+        adapter: str = STUDENT_ADAPTER,
+    ):
         super().__init__()
         params = base.add_adapter(adapter, rank=rank, targets=targets, init=True)
         self.adapter = AdapterTensors(base, adapter, params)
-        self.config = SimpleNamespace(timestep=int(timestep), alpha_cumprod=float(alpha_cumprod), prediction_type=prediction_type,
-                                      precision=precision, rank=int(rank))
+        self.config = SimpleNamespace(
+            timestep=int(timestep),
+            alpha_cumprod=float(alpha_cumprod),
+            prediction_type=prediction_type,
+            precision=precision,
+            rank=int(rank),
+        )
 
     @classmethod
-    def from_teacher(cls, base: SharedBase, scheduler, *, rank: int, timestep: int = 999, precision: str = "fp32") -> "LoRAStudent":
-        """The student adapter on ``base`` (the teacher's UNet); ``scheduler`` gives alpha-bar(t), as ``UNetStudent.from_teacher``."""
-        return cls(base, rank=rank, timestep=timestep, alpha_cumprod=float(scheduler.alphas_cumprod[timestep]),
-                   prediction_type=scheduler.config.get("prediction_type", "epsilon"), precision=precision)
+    def from_teacher(
+        cls, base: SharedBase, scheduler, *, rank: int, timestep: int = 999, precision: str = "fp32"
+    ) -> "LoRAStudent":
+        """The student adapter on ``base`` (the teacher's UNet); ``scheduler`` gives alpha-bar(t), as
+        ``UNetStudent.from_teacher``."""
+        return cls(
+            base,
+            rank=rank,
+            timestep=timestep,
+            alpha_cumprod=float(scheduler.alphas_cumprod[timestep]),
+            prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+            precision=precision,
+        )
 
     @property
     def base(self) -> SharedBase:
@@ -239,8 +292,12 @@ class LoRAStudent(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         self.base.checkpoint_role(self.adapter.name)
 
-    def forward(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None) -> torch.Tensor:
-        return unet_x0(self.adapter.run_base, noise, prompt_embeds, added_cond_kwargs, config=self.config, dtype=self.base.dtype)
+    def forward(
+        self, noise: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None
+    ) -> torch.Tensor:
+        return unet_x0(
+            self.adapter.run_base, noise, prompt_embeds, added_cond_kwargs, config=self.config, dtype=self.base.dtype
+        )
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """This student's adapter in peft's state-dict format (the EMA copy's values when this is the EMA)."""
@@ -263,12 +320,20 @@ class LoRAStudent(nn.Module):
         copied.unload_lora()
         copied.disable_gradient_checkpointing()
         cfg = self.config
-        return UNetStudent.around(copied.requires_grad_(False), timestep=cfg.timestep, alpha_cumprod=cfg.alpha_cumprod,
-                                  prediction_type=cfg.prediction_type, precision=cfg.precision)
+        return UNetStudent.around(
+            copied.requires_grad_(False),
+            timestep=cfg.timestep,
+            alpha_cumprod=cfg.alpha_cumprod,
+            prediction_type=cfg.prediction_type,
+            precision=cfg.precision,
+        )
 
 
-def save_lora(student: LoRAStudent, directory: str | os.PathLike, *, sdxl: bool, scheduler_config: dict | None = None) -> Path:
-    """The student's adapter alone as a diffusers LoRA file (``directory/pytorch_lora_weights.safetensors``, the format of
+def save_lora(
+    student: LoRAStudent, directory: str | os.PathLike, *, sdxl: bool, scheduler_config: dict | None = None
+) -> Path:
+    """The student's adapter alone as a diffusers LoRA file (``directory/pytorch_lora_weights.safetensors``, the format
+    of
     ``StableDiffusion(XL)Pipeline.save_lora_weights``) and, with the teacher's ``scheduler_config``, the one-step DDIM
     scheduler that reproduces the student in a stock pipeline (``directory/scheduler``; left out, with a warning, for a
     student the stock step cannot reproduce):

@@ -44,7 +44,10 @@ def write_model_card(
     file in ``folder`` (teacher row above, student row below); ``metrics``: held-out numbers from
     ``distill/evaluate.py`` (it adds them itself when run on the folder)."""
     data = ModelCardData(
-        base_model=base_model, license=license, library_name="diffusers", pipeline_tag="text-to-image",
+        base_model=base_model,
+        license=license,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
         tags=[*TAGS, f"student-{student}"],
     )
     revision = f" (revision `{teacher_revision}`)" if teacher_revision else ""
@@ -69,8 +72,14 @@ def write_model_card(
         "",
     ]
     if sample_grid:
-        lines += ["## Samples", "", f"![teacher (top) and one-step student (bottom), same noise and prompts]({sample_grid})",
-                  "", "Top: the teacher; bottom: this student, on the same noise and prompts.", ""]
+        lines += [
+            "## Samples",
+            "",
+            f"![teacher (top) and one-step student (bottom), same noise and prompts]({sample_grid})",
+            "",
+            "Top: the teacher; bottom: this student, on the same noise and prompts.",
+            "",
+        ]
     lines += [
         "## Training",
         "",
@@ -127,7 +136,9 @@ def update_model_card_metrics(folder: str | os.PathLike, metrics: dict, *, sourc
     head, rest = text.split(METRICS_START, 1)
     old, tail = rest.split(METRICS_END, 1)
     merged = {**_read_metrics(old), **{k: float(v) for k, v in metrics.items()}}
-    path.write_text(head + METRICS_START + "\n" + "\n".join(_metrics_lines(merged, source=source)) + "\n" + METRICS_END + tail)
+    path.write_text(
+        head + METRICS_START + "\n" + "\n".join(_metrics_lines(merged, source=source)) + "\n" + METRICS_END + tail
+    )
     return path
 
 

@@ -32,17 +32,42 @@ _NO_SAMPLER = "there is no sampler: the student makes the image in one generator
 _NO_CFG = "a one-step GAN student has no classifier-free guidance (the teacher's guidance is distilled into it)"
 UNSUPPORTED_ARGUMENTS = {
     **dict.fromkeys(("timesteps", "sigmas", "eta", "denoising_end", "guidance_rescale", "strength"), _NO_SAMPLER),
-    **dict.fromkeys(("callback", "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs"),
-                    "there are no denoising steps to call back on"),
-    **dict.fromkeys(("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_2", "negative_prompt_3",
-                     "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
-                     "skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
-                     "skip_layer_guidance_stop"), _NO_CFG),
-    **dict.fromkeys(("prompt_2", "prompt_3", "original_size", "crops_coords_top_left", "target_size", "clip_skip",
-                     "max_sequence_length"),
-                    "the student was trained with the teacher's default text conditioning only"),
-    **dict.fromkeys(("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "joint_attention_kwargs", "image"),
-                    "the student has no adapters or image inputs"),
+    **dict.fromkeys(
+        ("callback", "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs"),
+        "there are no denoising steps to call back on",
+    ),
+    **dict.fromkeys(
+        (
+            "negative_prompt_embeds",
+            "negative_pooled_prompt_embeds",
+            "negative_prompt_2",
+            "negative_prompt_3",
+            "negative_original_size",
+            "negative_crops_coords_top_left",
+            "negative_target_size",
+            "skip_guidance_layers",
+            "skip_layer_guidance_scale",
+            "skip_layer_guidance_start",
+            "skip_layer_guidance_stop",
+        ),
+        _NO_CFG,
+    ),
+    **dict.fromkeys(
+        (
+            "prompt_2",
+            "prompt_3",
+            "original_size",
+            "crops_coords_top_left",
+            "target_size",
+            "clip_skip",
+            "max_sequence_length",
+        ),
+        "the student was trained with the teacher's default text conditioning only",
+    ),
+    **dict.fromkeys(
+        ("ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "joint_attention_kwargs", "image"),
+        "the student has no adapters or image inputs",
+    ),
     "mu": _NO_SAMPLER,
 }
 
@@ -67,7 +92,8 @@ class OneStepGANPipeline(DiffusionPipeline):
     """Components: ``student`` (any generator with ``forward(noise, prompt_embeds, added_cond_kwargs)``),
     ``vae``, ``text_encoder``, ``tokenizer`` and, for SDXL and SD3 students, ``text_encoder_2``, ``tokenizer_2``
     (SD3: also ``text_encoder_3``, ``tokenizer_3`` when the teacher has T5).
-    ``vae`` is None for a pixel-space generator (trained from scratch on images): its output is the image. ``text_conditioning="sd3"`` marks an
+    ``vae`` is None for a pixel-space generator (trained from scratch on images): its output is the image.
+    ``text_conditioning="sd3"`` marks an
     SD3 student, whose prompts are encoded as ``StableDiffusion3Pipeline.encode_prompt`` does with
     ``max_sequence_length`` T5 tokens (zeros of width ``joint_attention_dim`` without T5).
 
@@ -78,19 +104,41 @@ class OneStepGANPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->student->vae"
     _optional_components = ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "vae"]
 
-    def __init__(self, student, vae: AutoencoderKL, text_encoder, tokenizer, text_encoder_2=None, tokenizer_2=None,
-                 text_encoder_3=None, tokenizer_3=None, text_conditioning: str | None = None,
-                 max_sequence_length: int | None = None, joint_attention_dim: int | None = None):
+    def __init__(
+        self,
+        student,
+        vae: AutoencoderKL,
+        text_encoder,
+        tokenizer,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        text_conditioning: str | None = None,
+        max_sequence_length: int | None = None,
+        joint_attention_dim: int | None = None,
+    ):
         super().__init__()
         self.register_modules(
-            student=student, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+            student=student,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
         )
         if text_conditioning not in (None, "sd3"):
-            raise ValueError(f"unknown text_conditioning {text_conditioning!r}; choose sd3 (or None: SD / SDXL by the encoders)")
+            raise ValueError(
+                f"unknown text_conditioning {text_conditioning!r}; choose sd3 (or None: SD / SDXL by the encoders)"
+            )
         if text_conditioning is not None:  # SD / SDXL folders keep their model_index.json as it was
-            self.register_to_config(text_conditioning=text_conditioning, max_sequence_length=max_sequence_length,
-                                    joint_attention_dim=joint_attention_dim)
+            self.register_to_config(
+                text_conditioning=text_conditioning,
+                max_sequence_length=max_sequence_length,
+                joint_attention_dim=joint_attention_dim,
+            )
         self.vae_scale_factor = vae_scale_factor(vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -125,13 +173,23 @@ class OneStepGANPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: list[str], resolution: tuple[int, int]) -> TextConditioning:
         if self.is_sd3:
             return encode_sd3_text(
-                prompts, tokenizer=self.tokenizer, text_encoder=self.text_encoder, tokenizer_2=self.tokenizer_2,
-                text_encoder_2=self.text_encoder_2, tokenizer_3=self.tokenizer_3, text_encoder_3=self.text_encoder_3,
-                max_sequence_length=self.config.max_sequence_length, joint_attention_dim=self.config.joint_attention_dim,
+                prompts,
+                tokenizer=self.tokenizer,
+                text_encoder=self.text_encoder,
+                tokenizer_2=self.tokenizer_2,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer_3=self.tokenizer_3,
+                text_encoder_3=self.text_encoder_3,
+                max_sequence_length=self.config.max_sequence_length,
+                joint_attention_dim=self.config.joint_attention_dim,
             )
         return encode_text(
-            prompts, tokenizer=self.tokenizer, text_encoder=self.text_encoder,
-            tokenizer_2=self.tokenizer_2, text_encoder_2=self.text_encoder_2, resolution=resolution,
+            prompts,
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            tokenizer_2=self.tokenizer_2,
+            text_encoder_2=self.text_encoder_2,
+            resolution=resolution,
         )
 
     def check_inputs(
@@ -156,29 +214,48 @@ class OneStepGANPipeline(DiffusionPipeline):
         if negative_prompt is not None:
             raise ValueError(f"negative_prompt is not supported: {_NO_CFG}; rephrase the prompt instead")
         if num_inference_steps != 1:
-            raise ValueError(f"num_inference_steps must be 1 for a one-step GAN student (got {num_inference_steps}): {_NO_SAMPLER}")
+            raise ValueError(
+                f"num_inference_steps must be 1 for a one-step GAN student (got {num_inference_steps}): {_NO_SAMPLER}"
+            )
         if guidance_scale > 1.0:
-            logger.warning(f"guidance_scale={guidance_scale} is ignored: the teacher's guidance is distilled into the "
-                           "student; pass guidance_scale=0.0")
+            logger.warning(
+                f"guidance_scale={guidance_scale} is ignored: the teacher's guidance is distilled into the "
+                "student; pass guidance_scale=0.0"
+            )
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either prompt or prompt_embeds (exactly one of them)")
-        if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))
+        ):
             raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         if prompt_embeds is not None:
             if prompt_embeds.ndim != 3:
                 raise ValueError(f"prompt_embeds must be [N,L,D]; got {tuple(prompt_embeds.shape)}")
             if (self.is_sdxl or self.is_sd3) and pooled_prompt_embeds is None:
                 family = "SD3" if self.is_sd3 else "SDXL"
-                raise ValueError(f"this is an {family} student: pass pooled_prompt_embeds [N,P] with prompt_embeds "
-                                 f"(both from StableDiffusion{'3' if self.is_sd3 else 'XL'}Pipeline.encode_prompt)")
+                raise ValueError(
+                    f"this is an {family} student: pass pooled_prompt_embeds [N,P] with prompt_embeds "
+                    f"(both from StableDiffusion{'3' if self.is_sd3 else 'XL'}Pipeline.encode_prompt)"
+                )
         if pooled_prompt_embeds is not None:
             if not (self.is_sdxl or self.is_sd3):
-                raise ValueError("pooled_prompt_embeds is for SDXL students and SD3 ones; this student has one text encoder: pass prompt_embeds only")
-            if prompt_embeds is None or pooled_prompt_embeds.ndim != 2 or pooled_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
-                raise ValueError(f"pooled_prompt_embeds must be [N,P] with prompt_embeds' N; got {tuple(pooled_prompt_embeds.shape)}")
+                raise ValueError(
+                    "pooled_prompt_embeds is for SDXL students and SD3 ones; this student has one text encoder: pass "
+                    "prompt_embeds only"
+                )
+            if (
+                prompt_embeds is None
+                or pooled_prompt_embeds.ndim != 2
+                or pooled_prompt_embeds.shape[0] != prompt_embeds.shape[0]
+            ):
+                raise ValueError(
+                    f"pooled_prompt_embeds must be [N,P] with prompt_embeds' N; got {tuple(pooled_prompt_embeds.shape)}"
+                )
         for name, side in (("height", height), ("width", width)):
             if side is not None and (side <= 0 or side % self.vae_scale_factor):
-                raise ValueError(f"{name} must be a positive multiple of the VAE factor {self.vae_scale_factor}; got {side}")
+                raise ValueError(
+                    f"{name} must be a positive multiple of the VAE factor {self.vae_scale_factor}; got {side}"
+                )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose {', '.join(OUTPUT_TYPES)}")
         if num_images_per_prompt < 1:
@@ -199,44 +276,69 @@ class OneStepGANPipeline(DiffusionPipeline):
         (one per image when a list). No ``init_noise_sigma`` scaling: the student reads the teacher's noise as is."""
         shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for {batch_size} images: pass one per image (prompts x num_images_per_prompt)")
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images: pass one per image (prompts x "
+                "num_images_per_prompt)"
+            )
         if latents is None:
             # Drawn in float32 whatever the student's dtype, so that a seed gives the same image in fp16 and fp32.
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must be {list(shape)} (prompts x num_images_per_prompt, channels, height and "
-                             f"width / {self.vae_scale_factor}); got {list(latents.shape)}")
+            raise ValueError(
+                f"latents must be {list(shape)} (prompts x num_images_per_prompt, channels, height and "
+                f"width / {self.vae_scale_factor}); got {list(latents.shape)}"
+            )
         return latents.to(device=device, dtype=dtype)
 
     def _noise(self, latents, batch: int, generator, height=None, width=None) -> torch.Tensor:
         if latents is not None:  # the noise decides the size
             height, width = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
         side = self.default_resolution()
-        return self.prepare_latents(batch, self.student.latent_channels, height or side, width or side,
-                                    self.student.dtype, self._execution_device, generator, latents)
+        return self.prepare_latents(
+            batch,
+            self.student.latent_channels,
+            height or side,
+            width or side,
+            self.student.dtype,
+            self._execution_device,
+            generator,
+            latents,
+        )
 
     def _conditioning(self, prompts: list[str], noise: torch.Tensor) -> TextConditioning:
         size = (noise.shape[-2] * self.vae_scale_factor, noise.shape[-1] * self.vae_scale_factor)
         return self.encode_prompt(prompts, size).to(device=noise.device, dtype=noise.dtype)
 
-    def _given_conditioning(self, prompt_embeds, pooled_prompt_embeds, repeat: int, noise: torch.Tensor) -> TextConditioning:
+    def _given_conditioning(
+        self, prompt_embeds, pooled_prompt_embeds, repeat: int, noise: torch.Tensor
+    ) -> TextConditioning:
         """``prompt_embeds`` (+ pooled, with the default SDXL time ids) repeated per image."""
         rep = lambda t: None if t is None else t.repeat_interleave(repeat, dim=0)  # noqa: E731
         size = (noise.shape[-2] * self.vae_scale_factor, noise.shape[-1] * self.vae_scale_factor)
         pooled = rep(pooled_prompt_embeds)
-        time_ids = None if pooled is None or self.is_sd3 else sdxl_time_ids(size, batch=pooled.shape[0], dtype=pooled.dtype, device=pooled.device)
+        time_ids = (
+            None
+            if pooled is None or self.is_sd3
+            else sdxl_time_ids(size, batch=pooled.shape[0], dtype=pooled.dtype, device=pooled.device)
+        )
         return TextConditioning(rep(prompt_embeds), pooled, time_ids).to(device=noise.device, dtype=noise.dtype)
 
     def _style_student(self, feature: str):
         if not hasattr(self.student, "encode"):
-            raise ValueError(f"{feature} needs a style-based student (gigagan, stylegan_t); "
-                             f"{type(self.student).__name__} maps noise to latents directly")
+            raise ValueError(
+                f"{feature} needs a style-based student (gigagan, stylegan_t); "
+                f"{type(self.student).__name__} maps noise to latents directly"
+            )
         return self.student
 
     def _finish(self, out: torch.Tensor, output_type: str, return_dict: bool):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose {', '.join(OUTPUT_TYPES)}")
-        images = out if output_type == "latent" else self.image_processor.postprocess(self.decode_latents(out), output_type=output_type)
+        images = (
+            out
+            if output_type == "latent"
+            else self.image_processor.postprocess(self.decode_latents(out), output_type=output_type)
+        )
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -281,8 +383,19 @@ class OneStepGANPipeline(DiffusionPipeline):
 
         Returns: ``ImagePipelineOutput`` (``images``), or ``(images,)`` when ``return_dict`` is False.
         """
-        self.check_inputs(prompt, height, width, num_inference_steps, guidance_scale, negative_prompt, prompt_embeds,
-                          pooled_prompt_embeds, output_type, num_images_per_prompt, unsupported=kwargs)
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            output_type,
+            num_images_per_prompt,
+            unsupported=kwargs,
+        )
         if prompt_embeds is not None:
             batch = prompt_embeds.shape[0] * num_images_per_prompt
         else:
@@ -292,7 +405,10 @@ class OneStepGANPipeline(DiffusionPipeline):
         if latents is not None and (height or width):
             given = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
             if (height or given[0], width or given[1]) != given:
-                raise ValueError(f"height x width {height}x{width} disagrees with latents of {given[0]}x{given[1]} px: pass one of them")
+                raise ValueError(
+                    f"height x width {height}x{width} disagrees with latents of {given[0]}x{given[1]} px: pass one "
+                    "of them"
+                )
         noise = self._noise(latents, batch, generator, height, width)  # [N,C,h,w]
         if prompt_embeds is not None:
             cond = self._given_conditioning(prompt_embeds, pooled_prompt_embeds, num_images_per_prompt, noise)
@@ -353,7 +469,10 @@ class OneStepGANPipeline(DiffusionPipeline):
         student = self._style_student("style_mix")
         prompts = [prompt] * coarse_latents.shape[0] if isinstance(prompt, str) else list(prompt)
         if tuple(coarse_latents.shape) != tuple(fine_latents.shape):
-            raise ValueError(f"coarse_latents {tuple(coarse_latents.shape)} and fine_latents {tuple(fine_latents.shape)} must have one shape")
+            raise ValueError(
+                f"coarse_latents {tuple(coarse_latents.shape)} and fine_latents {tuple(fine_latents.shape)} must "
+                "have one shape"
+            )
         coarse = self._noise(coarse_latents, len(prompts), None)
         fine = self._noise(fine_latents, len(prompts), None)
         cond = self._conditioning(prompts, coarse)

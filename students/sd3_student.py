@@ -30,14 +30,22 @@ class SD3TransformerStudent(ModelMixin, ConfigMixin):
     def __init__(self, transformer_config: dict | None = None, sigma: float = 1.0, num_train_timesteps: int = 1000):
         super().__init__()
         if not 0.0 < sigma <= 1.0:
-            raise ValueError(f"sigma must be in (0, 1] (1: the ODE's start, where the noise is the teacher's input), got {sigma}")
+            raise ValueError(
+                f"sigma must be in (0, 1] (1: the ODE's start, where the noise is the teacher's input), got {sigma}"
+            )
         self.transformer = SD3Transformer2DModel.from_config(transformer_config or {})
 
     @classmethod
-    def from_teacher(cls, transformer: SD3Transformer2DModel, scheduler, *, sigma: float = 1.0) -> "SD3TransformerStudent":
-        """A student whose weights are a copy of the teacher ``transformer``; ``scheduler`` gives num_train_timesteps."""
-        student = cls(transformer_config=dict(transformer.config), sigma=sigma,
-                      num_train_timesteps=int(scheduler.config.num_train_timesteps))
+    def from_teacher(
+        cls, transformer: SD3Transformer2DModel, scheduler, *, sigma: float = 1.0
+    ) -> "SD3TransformerStudent":
+        """A student whose weights are a copy of the teacher ``transformer``; ``scheduler`` gives
+        num_train_timesteps."""
+        student = cls(
+            transformer_config=dict(transformer.config),
+            sigma=sigma,
+            num_train_timesteps=int(scheduler.config.num_train_timesteps),
+        )
         student.transformer.load_state_dict(transformer.state_dict())
         return student if transformer.dtype == torch.float32 else student.to(transformer.dtype)
 
@@ -57,13 +65,19 @@ class SD3TransformerStudent(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         pooled = (added_cond_kwargs or {}).get("text_embeds")
         if pooled is None:
-            raise ValueError("an SD3 student needs the pooled prompt embedding: pass added_cond_kwargs={'text_embeds': [N,P]}")
+            raise ValueError(
+                "an SD3 student needs the pooled prompt embedding: pass added_cond_kwargs={'text_embeds': [N,P]}"
+            )
         cfg = self.config
         dtype = self.transformer.dtype
         # A float timestep sigma x num_train_timesteps, as StableDiffusion3Pipeline passes the scheduler's.
         t = torch.full((noise.shape[0],), cfg.sigma * cfg.num_train_timesteps, device=noise.device, dtype=torch.float32)
-        v = self.transformer(hidden_states=noise.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype),
-                             pooled_projections=pooled.to(dtype), timestep=t).sample
+        v = self.transformer(
+            hidden_states=noise.to(dtype),
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            timestep=t,
+        ).sample
         # Reading the noise as x_sigma: x0 = x_sigma - sigma v (exact at sigma = 1, where x_1 is the noise).
         x0 = noise.float() - cfg.sigma * v.float()
         return x0.to(noise.dtype)

@@ -24,20 +24,70 @@ from ._base import StyleGenerator, size_preset
 from ._layers import CrossAttention, MappingNetwork, StyledConv, TextConditioner, lrelu, norm_groups, pixel_norm
 
 PRESETS = {
-    "tiny": dict(block_out_channels=(32, 16), layers_per_block=1, attention_head_dim=16, w_dim=32, z_dim=16,
-                 noise_grid=2, text_dim=32, text_heads=2, mapping_layers=2, fourier_channels=32),
+    "tiny": dict(
+        block_out_channels=(32, 16),
+        layers_per_block=1,
+        attention_head_dim=16,
+        w_dim=32,
+        z_dim=16,
+        noise_grid=2,
+        text_dim=32,
+        text_heads=2,
+        mapping_layers=2,
+        fourier_channels=32,
+    ),
     # Small images from scratch on a CPU (32-64 px in pixels): a 4x4 start, as GigaGAN's `lite`.
-    "lite": dict(block_out_channels=(128, 64, 32, 16), layers_per_block=1, attention_head_dim=32, w_dim=128, z_dim=64,
-                 noise_grid=4, text_dim=128, text_heads=4, mapping_layers=2, fourier_channels=128),
-    "small": dict(block_out_channels=(128, 64, 32), layers_per_block=2, attention_head_dim=32, w_dim=128, z_dim=64,
-                  noise_grid=4, text_dim=128, text_heads=4, mapping_layers=2, fourier_channels=128),
-    "base": dict(block_out_channels=(512, 512, 256, 128), layers_per_block=2, attention_head_dim=64, w_dim=512,
-                 z_dim=64, noise_grid=8, text_dim=512, text_heads=8, mapping_layers=2, fourier_channels=512),
+    "lite": dict(
+        block_out_channels=(128, 64, 32, 16),
+        layers_per_block=1,
+        attention_head_dim=32,
+        w_dim=128,
+        z_dim=64,
+        noise_grid=4,
+        text_dim=128,
+        text_heads=4,
+        mapping_layers=2,
+        fourier_channels=128,
+    ),
+    "small": dict(
+        block_out_channels=(128, 64, 32),
+        layers_per_block=2,
+        attention_head_dim=32,
+        w_dim=128,
+        z_dim=64,
+        noise_grid=4,
+        text_dim=128,
+        text_heads=4,
+        mapping_layers=2,
+        fourier_channels=128,
+    ),
+    "base": dict(
+        block_out_channels=(512, 512, 256, 128),
+        layers_per_block=2,
+        attention_head_dim=64,
+        w_dim=512,
+        z_dim=64,
+        noise_grid=8,
+        text_dim=512,
+        text_heads=8,
+        mapping_layers=2,
+        fourier_channels=512,
+    ),
     # StyleGAN-T's full configuration (Table 4, "Full"): generator channel max 2048, 4 residual blocks per
     # generator block, z dimension 64, 1.02B generator parameters. Here the widths fall from the channel max to
     # 1024 over the four latent levels, which brings this generator to the published count (0.98B).
-    "paper": dict(block_out_channels=(2048, 2048, 1024, 1024), layers_per_block=4, attention_head_dim=64, w_dim=512,
-                  z_dim=64, noise_grid=8, text_dim=512, text_heads=8, mapping_layers=2, fourier_channels=512),
+    "paper": dict(
+        block_out_channels=(2048, 2048, 1024, 1024),
+        layers_per_block=4,
+        attention_head_dim=64,
+        w_dim=512,
+        z_dim=64,
+        noise_grid=8,
+        text_dim=512,
+        text_heads=8,
+        mapping_layers=2,
+        fourier_channels=512,
+    ),
 }
 PAPER_PARAMETERS = 1.02e9  # the published count the "paper" preset is sized to (tests check it within 10%)
 
@@ -57,7 +107,9 @@ class FourierInput(nn.Module):
         radius = torch.rand(channels, generator=gen, device="cpu").sqrt() * grid / 2
         phases = torch.rand(channels, generator=gen, device="cpu")
         device = torch.get_default_device()  # then onto the device the module is being built on
-        self.register_buffer("freqs", (torch.stack([angle.cos(), angle.sin()], dim=1) * radius[:, None]).to(device))  # [F,2]
+        self.register_buffer(
+            "freqs", (torch.stack([angle.cos(), angle.sin()], dim=1) * radius[:, None]).to(device)
+        )  # [F,2]
         self.register_buffer("phases", phases.to(device))  # [F]
         self.grid = grid
         self.proj = nn.Conv2d(channels, out_channels, 1)
@@ -90,15 +142,31 @@ class StyleGANTLevel(nn.Module):
     """One resolution (Fig. 3b): ``layers`` x (plain styled conv, residual styled
     conv [, cross-attention]), and this resolution's to-latent output."""
 
-    def __init__(self, in_channels: int, channels: int, *, latent_channels: int, w_dim: int, text_dim: int, layers: int,
-                 attend: bool, head_dim: int, layer_scale_init: float, out_gain: float):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        *,
+        latent_channels: int,
+        w_dim: int,
+        text_dim: int,
+        layers: int,
+        attend: bool,
+        head_dim: int,
+        layer_scale_init: float,
+        out_gain: float,
+    ):
         super().__init__()
         self.convs = nn.ModuleList(
             StyledConv(in_channels if j == 0 else channels, channels, w_dim, 3, style_order=2) for j in range(layers)
         )
         self.residuals = nn.ModuleList(ResidualStyledConv(channels, w_dim, layer_scale_init) for _ in range(layers))
-        self.cross_attn = nn.ModuleList(CrossAttention(channels, text_dim, head_dim) for _ in range(layers if attend else 0))
-        self.to_latent = StyledConv(channels, latent_channels, w_dim, 1, style_order=2, demodulate=False, init_gain=out_gain)
+        self.cross_attn = nn.ModuleList(
+            CrossAttention(channels, text_dim, head_dim) for _ in range(layers if attend else 0)
+        )
+        self.to_latent = StyledConv(
+            channels, latent_channels, w_dim, 1, style_order=2, demodulate=False, init_gain=out_gain
+        )
 
     def forward(self, x, w, t_local):
         # x [N,I,h,w], w [N,W], t_local [N,L,T] | None -> features [N,O,h,w], latent [N,C,h,w]
@@ -148,33 +216,63 @@ class StyleGANTGenerator(StyleGenerator):
     ):
         super().__init__()
         self._init_latent_affine(latent_channels, latent_mean, latent_std)
-        sides = self._init_noise_path(latent_channels=latent_channels, sample_size=sample_size,
-                                      block_out_channels=block_out_channels, z_dim=z_dim, noise_grid=noise_grid)
+        sides = self._init_noise_path(
+            latent_channels=latent_channels,
+            sample_size=sample_size,
+            block_out_channels=block_out_channels,
+            z_dim=z_dim,
+            noise_grid=noise_grid,
+        )
         attend = [side <= attention_resolution for side in sides]
         self.text = TextConditioner(cross_attention_dim, text_dim, text_heads, pooled_dim, local=any(attend))
-        self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, lr_mul=mapping_lr_mul)  # f(z): the text bypasses it (§3.1)
+        self.mapping = MappingNetwork(
+            z_dim, w_dim, mapping_layers, lr_mul=mapping_lr_mul
+        )  # f(z): the text bypasses it (§3.1)
         self.register_buffer("w_avg", torch.zeros(w_dim))
         style_dim = w_dim + self.text.global_dim
         self.input = FourierInput(fourier_channels, block_out_channels[0], sides[0])
         self.levels = nn.ModuleList(
             StyleGANTLevel(
-                block_out_channels[max(i - 1, 0)], ch, latent_channels=latent_channels, w_dim=style_dim,
-                text_dim=text_dim, layers=layers_per_block, attend=attend[i], head_dim=attention_head_dim,
-                layer_scale_init=layer_scale_init, out_gain=out_gain,
+                block_out_channels[max(i - 1, 0)],
+                ch,
+                latent_channels=latent_channels,
+                w_dim=style_dim,
+                text_dim=text_dim,
+                layers=layers_per_block,
+                attend=attend[i],
+                head_dim=attention_head_dim,
+                layer_scale_init=layer_scale_init,
+                out_gain=out_gain,
             )
             for i, ch in enumerate(block_out_channels)
         )
 
     @classmethod
-    def for_latents(cls, *, latent_channels: int, sample_size: int, cross_attention_dim: int, pooled_dim: int = 0,
-                    size: str = "small", **overrides) -> "StyleGANTGenerator":
-        """Preset sizes: ``tiny`` (tests), ``lite`` (small images from scratch on a CPU), ``small`` (digits testbed, CPU),
-        ``base`` (50 M parameters at SD latents), ``paper`` (the published generator's size, 0.98 B); all cross-attend on
+    def for_latents(
+        cls,
+        *,
+        latent_channels: int,
+        sample_size: int,
+        cross_attention_dim: int,
+        pooled_dim: int = 0,
+        size: str = "small",
+        **overrides,
+    ) -> "StyleGANTGenerator":
+        """Preset sizes: ``tiny`` (tests), ``lite`` (small images from scratch on a CPU), ``small`` (digits testbed,
+        CPU),
+        ``base`` (50 M parameters at SD latents), ``paper`` (the published generator's size, 0.98 B); all cross-attend
+        on
         the coarsest level only."""
         preset = {**size_preset(PRESETS, size), **overrides}
         coarsest = sample_size // 2 ** (len(preset["block_out_channels"]) - 1)
-        return cls(latent_channels=latent_channels, sample_size=sample_size, cross_attention_dim=cross_attention_dim,
-                   pooled_dim=pooled_dim, attention_resolution=coarsest, **preset)
+        return cls(
+            latent_channels=latent_channels,
+            sample_size=sample_size,
+            cross_attention_dim=cross_attention_dim,
+            pooled_dim=pooled_dim,
+            attention_resolution=coarsest,
+            **preset,
+        )
 
     def _style(self, z: torch.Tensor, c_text: torch.Tensor, psi: float) -> torch.Tensor:
         # z [N,Z], c_text [N,G] -> w = [f(z), c_text] [N,W+G]

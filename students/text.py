@@ -62,7 +62,9 @@ def encode_text(
     pooled = out_2[0].to(device)
     if resolution is None:
         raise ValueError("SDXL conditioning needs the output resolution for its time ids")
-    return TextConditioning(embeds, pooled, sdxl_time_ids(resolution, batch=len(prompts), dtype=embeds.dtype, device=device))
+    return TextConditioning(
+        embeds, pooled, sdxl_time_ids(resolution, batch=len(prompts), dtype=embeds.dtype, device=device)
+    )
 
 
 def encode_sd3_text(
@@ -80,7 +82,8 @@ def encode_sd3_text(
     """SD3's conditioning (``StableDiffusion3Pipeline.encode_prompt`` without CFG, clip_skip or LoRA scale):
     the penultimate hidden states of both CLIP encoders concatenated and zero-padded to the T5 width, then
     the T5 tokens appended along the sequence (``max_sequence_length`` of them; without T5, zeros of width
-    ``joint_attention_dim``, the transformer's); pooled = both CLIP projections concatenated. -> ``[N,77+L,D]``, ``[N,P]``.
+    ``joint_attention_dim``, the transformer's); pooled = both CLIP projections concatenated. -> ``[N,77+L,D]``,
+    ``[N,P]``.
 
     Differentiable in the encoders' weights when grad is on (the SD3 digits teacher trains its encoders through
     it, so its training and its pipeline encode prompts alike); frozen encoders build no graph."""
@@ -88,18 +91,28 @@ def encode_sd3_text(
     clip, pooled = [], []
     for tok, enc in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
         # Both CLIP tokenizers pad to the first one's length, as the pipeline's tokenizer_max_length does.
-        ids = tok(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         out = enc(ids.to(enc.device), output_hidden_states=True)
         pooled.append(out[0].to(device))
         clip.append(out.hidden_states[-2].to(dtype=dtype, device=device))
     clip_embeds = torch.cat(clip, dim=-1)
     if text_encoder_3 is None:
         if joint_attention_dim is None:
-            raise ValueError("SD3 conditioning without T5 needs joint_attention_dim (the transformer's) for its zero tokens")
+            raise ValueError(
+                "SD3 conditioning without T5 needs joint_attention_dim (the transformer's) for its zero tokens"
+            )
         t5 = torch.zeros((len(prompts), max_sequence_length, joint_attention_dim), device=device, dtype=dtype)
     else:
-        ids = tokenizer_3(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
-                          add_special_tokens=True, return_tensors="pt").input_ids
+        ids = tokenizer_3(
+            prompts,
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
         t5 = text_encoder_3(ids.to(text_encoder_3.device))[0].to(dtype=text_encoder_3.dtype, device=device)
     clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5.shape[-1] - clip_embeds.shape[-1]))
     return TextConditioning(torch.cat([clip_embeds, t5], dim=-2), torch.cat(pooled, dim=-1))

@@ -76,24 +76,41 @@ class UNetStudent(ModelMixin, ConfigMixin):
         self.unet = UNet2DConditionModel.from_config(unet_config or {})
 
     @classmethod
-    def from_teacher(cls, unet: UNet2DConditionModel, scheduler, *, timestep: int = 999, precision: str = "fp32") -> "UNetStudent":
+    def from_teacher(
+        cls, unet: UNet2DConditionModel, scheduler, *, timestep: int = 999, precision: str = "fp32"
+    ) -> "UNetStudent":
         """A student whose weights are a copy of the teacher ``unet``; ``scheduler`` gives alpha-bar(t)."""
         alpha = float(scheduler.alphas_cumprod[timestep])
         student = cls(
-            unet_config=dict(unet.config), timestep=timestep, alpha_cumprod=alpha,
-            prediction_type=scheduler.config.get("prediction_type", "epsilon"), precision=precision,
+            unet_config=dict(unet.config),
+            timestep=timestep,
+            alpha_cumprod=alpha,
+            prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+            precision=precision,
         )
         student.unet.load_state_dict(unet.state_dict())
         return student if unet.dtype == torch.float32 else student.to(unet.dtype)
 
     @classmethod
-    def around(cls, unet: UNet2DConditionModel, *, timestep: int, alpha_cumprod: float, prediction_type: str,
-               precision: str = "fp32") -> "UNetStudent":
+    def around(
+        cls,
+        unet: UNet2DConditionModel,
+        *,
+        timestep: int,
+        alpha_cumprod: float,
+        prediction_type: str,
+        precision: str = "fp32",
+    ) -> "UNetStudent":
         """A student whose UNet is ``unet`` itself (not copied; no weights are initialised: a LoRA student merged into a
         copy of its base, ``students/lora.py``)."""
         with torch.device("meta"):  # the placeholder UNet the config builds is replaced at once
-            student = cls(unet_config=dict(unet.config), timestep=timestep, alpha_cumprod=alpha_cumprod,
-                          prediction_type=prediction_type, precision=precision)
+            student = cls(
+                unet_config=dict(unet.config),
+                timestep=timestep,
+                alpha_cumprod=alpha_cumprod,
+                prediction_type=prediction_type,
+                precision=precision,
+            )
         student.unet = unet
         return student
 
@@ -115,10 +132,18 @@ class UNetStudent(ModelMixin, ConfigMixin):
         return unet_x0(self.unet, noise, prompt_embeds, added_cond_kwargs, config=self.config, dtype=self.unet.dtype)
 
 
-def unet_x0(unet, noise: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None, *, config,
-            dtype: torch.dtype) -> torch.Tensor:
+def unet_x0(
+    unet,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    added_cond_kwargs: dict | None,
+    *,
+    config,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The one-step student's output: ``unet`` (any callable with the UNet's signature) at ``config.timestep`` on the
-    noise, read as x0 (``config``: timestep, alpha_cumprod, prediction_type, precision; ``dtype``: the UNet's weights')."""
+    noise, read as x0 (``config``: timestep, alpha_cumprod, prediction_type, precision; ``dtype``: the UNet's
+    weights')."""
     cfg = config
     t = torch.full((noise.shape[0],), cfg.timestep, device=noise.device, dtype=torch.long)
     if cfg.precision == "autocast":
@@ -127,9 +152,16 @@ def unet_x0(unet, noise: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_k
         added = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (added_cond_kwargs or {}).items()}
         # Only the forward: the backward (and a checkpointing recompute) follow the global settings,
         # which adds noise to the gradients, not to the output.
-        with torch.autocast(noise.device.type, enabled=False), _ieee_fp32() if cfg.precision == "fp32" else contextlib.nullcontext():
-            out = unet(noise.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype),
-                       added_cond_kwargs=added if added_cond_kwargs is not None else None).sample
+        with (
+            torch.autocast(noise.device.type, enabled=False),
+            _ieee_fp32() if cfg.precision == "fp32" else contextlib.nullcontext(),
+        ):
+            out = unet(
+                noise.to(dtype),
+                t,
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                added_cond_kwargs=added if added_cond_kwargs is not None else None,
+            ).sample
     z, out = noise.float(), out.float()
     a, s = cfg.alpha_cumprod**0.5, (1 - cfg.alpha_cumprod) ** 0.5
     # The teacher's latent at t=T is its input noise (init_noise_sigma = 1 for DDIM-type schedules).

@@ -73,7 +73,11 @@ def build_unet(
     It is a config option of the standard UNet, so the pipeline needs nothing extra.
     """
     n = len(block_out_channels)
-    extra = dict(addition_embed_type="text", addition_embed_type_num_heads=max(1, cross_attention_dim // 16)) if pooled_text_embedding else {}
+    extra = (
+        dict(addition_embed_type="text", addition_embed_type_num_heads=max(1, cross_attention_dim // 16))
+        if pooled_text_embedding
+        else {}
+    )
     return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=latent_channels,
@@ -90,7 +94,11 @@ def build_unet(
 
 
 def build_text_encoder(
-    *, hidden_size: int = 32, num_hidden_layers: int = 2, num_attention_heads: int = 2, max_position_embeddings: int = 77
+    *,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    max_position_embeddings: int = 77,
 ) -> CLIPTextModel:
     """A small CLIPTextModel over the full CLIP vocabulary (49,408 tokens), so the real tokenizer fits.
 
@@ -122,7 +130,11 @@ def build_sample_scheduler() -> DDIMScheduler:
 
 
 def assemble_pipeline(
-    *, vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | None = None
+    *,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer | None = None,
 ) -> StableDiffusionPipeline:
     """Wrap trained components into a StableDiffusionPipeline (no safety checker).
 

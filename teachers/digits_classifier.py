@@ -21,7 +21,13 @@ class DigitClassifier(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), feature_dim: int = 128, num_classes: int = 10, image_size: int = 32):
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (32, 64, 128),
+        feature_dim: int = 128,
+        num_classes: int = 10,
+        image_size: int = 32,
+    ):
         super().__init__()
         layers, c_in = [], 3
         for c in channels:

@@ -27,15 +27,28 @@ def load_digits_vae(path: str | os.PathLike, *, shift_factor: float = 0.0) -> Au
     return vae.eval()
 
 
-def build_text_encoder(*, hidden_size: int, num_hidden_layers: int = 2, num_attention_heads: int = 2,
-                       max_position_embeddings: int = 16, hidden_act: str = "quick_gelu") -> CLIPTextModelWithProjection:
+def build_text_encoder(
+    *,
+    hidden_size: int,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    max_position_embeddings: int = 16,
+    hidden_act: str = "quick_gelu",
+) -> CLIPTextModelWithProjection:
     """A narrow CLIP text encoder with a projection (SD3 reads its pooled projection) over the full CLIP
     vocabulary, so the real tokenizer fits; the 49,408-token embedding is most of its size."""
     config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=4 * hidden_size, projection_dim=hidden_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        max_position_embeddings=max_position_embeddings, hidden_act=hidden_act,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        projection_dim=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=max_position_embeddings,
+        hidden_act=hidden_act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
     return CLIPTextModelWithProjection(config)
 
@@ -52,9 +65,16 @@ def build_transformer(
 ) -> SD3Transformer2DModel:
     """A small MMDiT: 2x2 patches of the 16x16 latent (64 image tokens), joint attention with the text tokens."""
     return SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=2, in_channels=latent_channels, out_channels=latent_channels, num_layers=num_layers,
-        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads, joint_attention_dim=joint_attention_dim,
-        caption_projection_dim=attention_head_dim * num_attention_heads, pooled_projection_dim=pooled_projection_dim,
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=attention_head_dim * num_attention_heads,
+        pooled_projection_dim=pooled_projection_dim,
         pos_embed_max_size=sample_size,  # patch grids up to twice the default side (64 px images)
     )
 
@@ -66,14 +86,26 @@ def build_scheduler(*, shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
 
 
 def assemble_pipeline(
-    *, vae: AutoencoderKL, transformer: SD3Transformer2DModel, text_encoder: CLIPTextModelWithProjection,
-    text_encoder_2: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer | None = None, shift: float = 1.0,
+    *,
+    vae: AutoencoderKL,
+    transformer: SD3Transformer2DModel,
+    text_encoder: CLIPTextModelWithProjection,
+    text_encoder_2: CLIPTextModelWithProjection,
+    tokenizer: CLIPTokenizer | None = None,
+    shift: float = 1.0,
 ) -> StableDiffusion3Pipeline:
     """The components as a T5-less ``StableDiffusion3Pipeline`` (one CLIP tokenizer shared by both encoders,
     as the pipeline pads both to the first one's length anyway)."""
     if tokenizer is None:
         tokenizer = build_clip_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=build_scheduler(shift=shift), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer,
+        scheduler=build_scheduler(shift=shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )

@@ -26,14 +26,20 @@ def resolve_teacher_folder(name_or_path: str, *, revision: str | None = None, va
     from .loading import _model_index
 
     if not name_or_path:
-        raise ValueError("no teacher given: set `teacher` to a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local folder")
+        raise ValueError(
+            "no teacher given: set `teacher` to a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a "
+            "local folder"
+        )
     _, local = _model_index(name_or_path, revision)  # one-line errors for a missing folder or an unreachable hub id
     if local:
         return Path(name_or_path)
 
     # What load_teacher's from_pretrained fetches (a cache hit once it has run); no safety checker.
-    return Path(DiffusionPipeline.download(name_or_path, revision=revision, variant=variant,
-                                           **{name: None for name in IGNORED_COMPONENTS}))
+    return Path(
+        DiffusionPipeline.download(
+            name_or_path, revision=revision, variant=variant, **{name: None for name in IGNORED_COMPONENTS}
+        )
+    )
 
 
 def _file_digest(path: Path) -> str:
@@ -64,9 +70,15 @@ def teacher_identity(folder: str | os.PathLike) -> dict:
     root = Path(folder)
     index = root / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{root} is not a diffusers pipeline folder (no model_index.json): pass a pipeline saved with save_pretrained")
-    components = [k for k, v in json.loads(index.read_text()).items()
-                  if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None and k not in IGNORED_COMPONENTS]
+        raise FileNotFoundError(
+            f"{root} is not a diffusers pipeline folder (no model_index.json): pass a pipeline saved with "
+            "save_pretrained"
+        )
+    components = [
+        k
+        for k, v in json.loads(index.read_text()).items()
+        if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None and k not in IGNORED_COMPONENTS
+    ]
     files = {"model_index.json": _file_digest(index)}
     for component in components:
         for path in sorted((root / component).rglob("*")):

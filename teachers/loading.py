@@ -24,7 +24,11 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+}
 FLOW_FAMILIES = ("sd3",)  # rectified-flow teachers: x_sigma = (1 - sigma) x0 + sigma eps, the model predicts eps - x0
 
 # Deterministic probability-flow ODE solvers (no noise injected after the initial latent). flow_euler is
@@ -40,7 +44,6 @@ FLOW_SCHEDULERS = ("flow_euler",)
 DEFAULT_SCHEDULERS = {"sd": "ddim", "sdxl": "ddim", "sd3": "flow_euler"}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 
 def vae_scale_factor(vae) -> int:
@@ -88,9 +91,12 @@ class Teacher:
         Every family's pipeline returns ``(vae.encode(x) - shift_factor) * scaling_factor`` (SD1/2/XL: no
         shift) and decodes ``latents / scaling_factor + shift_factor``; the manifest records both factors."""
         cfg = self.pipe.vae.config
-        return {"space": "vae-scaled: latents = (vae.encode(image).latent_dist - shift_factor) * scaling_factor; "
-                         "image = vae.decode(latents / scaling_factor + shift_factor)",
-                "scaling_factor": float(cfg.scaling_factor), "shift_factor": float(getattr(cfg, "shift_factor", None) or 0.0)}
+        return {
+            "space": "vae-scaled: latents = (vae.encode(image).latent_dist - shift_factor) * scaling_factor; "
+            "image = vae.decode(latents / scaling_factor + shift_factor)",
+            "scaling_factor": float(cfg.scaling_factor),
+            "shift_factor": float(getattr(cfg, "shift_factor", None) or 0.0),
+        }
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """``(C, H, W)`` of the latent for a square ``resolution``; checks divisibility."""
@@ -98,7 +104,8 @@ class Teacher:
         if resolution <= 0 or resolution % f:
             lo, hi = (resolution // f) * f, (resolution // f + 1) * f
             raise ValueError(
-                f"resolution {resolution} is not divisible by the VAE factor {f}: use a multiple of {f} (e.g. {lo or hi} or {hi})"
+                f"resolution {resolution} is not divisible by the VAE factor {f}: use a multiple of {f} (e.g. "
+                f"{lo or hi} or {hi})"
             )
         side = resolution // f
         return (self.latent_channels, side, side)
@@ -116,7 +123,10 @@ def _model_index(name_or_path: str, revision: str | None, what: str = "teacher")
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json): pass a pipeline saved with save_pretrained")
+            raise FileNotFoundError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json): pass a pipeline saved with "
+                "save_pretrained"
+            )
         return json.loads(index.read_text()), True
     # Hub ids are "name" or "org/name"; anything else is meant as a local path.
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
@@ -151,7 +161,8 @@ def _family(index: dict, name_or_path: str) -> str:
 
 
 def resolve_scheduler(name: str, *, family: str) -> str:
-    """The solver name for ``family``: ``auto`` becomes the family's default; a solver of the other ODE kind is refused."""
+    """The solver name for ``family``: ``auto`` becomes the family's default; a solver of the other ODE kind is
+    refused."""
     if name == "auto":
         return DEFAULT_SCHEDULERS[family]
     if name not in SCHEDULERS:
@@ -160,7 +171,9 @@ def resolve_scheduler(name: str, *, family: str) -> str:
     if flow != (name in FLOW_SCHEDULERS):
         fits = [n for n in SCHEDULERS if (n in FLOW_SCHEDULERS) == flow]
         kind = "a flow-matching" if flow else "a diffusion (noise-prediction)"
-        raise ValueError(f"scheduler {name!r} cannot solve {kind} teacher's ODE ({family}): use {' or '.join(fits)} (or auto)")
+        raise ValueError(
+            f"scheduler {name!r} cannot solve {kind} teacher's ODE ({family}): use {' or '.join(fits)} (or auto)"
+        )
     return name
 
 
@@ -171,8 +184,9 @@ def sd3_default_max_sequence_length() -> int:
     return int(inspect.signature(StableDiffusion3Pipeline.__call__).parameters["max_sequence_length"].default)
 
 
-def load_components(name_or_path: str, names: tuple[str, ...], *, revision: str | None = None,
-                    what: str = "pipeline") -> dict:
+def load_components(
+    name_or_path: str, names: tuple[str, ...], *, revision: str | None = None, what: str = "pipeline"
+) -> dict:
     """Some components of a diffusers pipeline (hub id or folder), loaded alone by the classes its
     ``model_index.json`` names, e.g. a teacher's text encoders and tokenizers for a trainer that needs no
     UNet. Absent components are None; models come frozen in eval mode."""
@@ -191,8 +205,10 @@ def load_components(name_or_path: str, names: tuple[str, ...], *, revision: str 
             component = component.eval().requires_grad_(False)
         elif name.startswith("tokenizer") and len(component) < 1000:
             # Offline, a hub tokenizer can silently come back with only its special tokens.
-            raise ValueError(f"{what} {name_or_path!r}: {name} has only {len(component)} tokens (vocabulary files missing?); "
-                             "re-download the pipeline with its tokenizer folder")
+            raise ValueError(
+                f"{what} {name_or_path!r}: {name} has only {len(component)} tokens (vocabulary files missing?); "
+                "re-download the pipeline with its tokenizer folder"
+            )
         out[name] = component
     return out
 
@@ -217,7 +233,10 @@ def load_teacher(
     """Load a teacher pipeline (hub id or folder) in ``torch_dtype`` on ``device``, with ``scheduler``
     (``auto``: ddim for SD / SDXL, flow_euler for SD3). An SD3 folder saved without T5 loads T5-less."""
     if not name_or_path:
-        raise ValueError("no teacher given: set `teacher` to a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local folder")
+        raise ValueError(
+            "no teacher given: set `teacher` to a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a "
+            "local folder"
+        )
     if scheduler != "auto" and scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of auto, {', '.join(SCHEDULERS)}")
     index, _ = _model_index(name_or_path, revision)

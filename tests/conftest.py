@@ -62,9 +62,25 @@ def prompt_file(tmp_path_factory) -> Path:
 
 def tiny_pairs(teacher, prompt_file, out: Path, *, steps: int) -> Path:
     """24 pairs at 32 px from a tiny teacher, written by generate_pairs.py (a ``steps``-step sampler)."""
-    code, err = run_script("generate_pairs.py", ["--teacher", teacher, "--prompts", prompt_file, "--num_pairs", 24,
-                                                 "--resolution", 32, "--num_inference_steps", steps, "--batch_size", 8,
-                                                 "--output_dir", out])
+    code, err = run_script(
+        "generate_pairs.py",
+        [
+            "--teacher",
+            teacher,
+            "--prompts",
+            prompt_file,
+            "--num_pairs",
+            24,
+            "--resolution",
+            32,
+            "--num_inference_steps",
+            steps,
+            "--batch_size",
+            8,
+            "--output_dir",
+            out,
+        ],
+    )
     assert code == 0, err
     return out
 
@@ -93,15 +109,30 @@ def run_script(script: str, args: list[str], capsys=None) -> tuple[int, str]:
     return code, err
 
 
-def accelerate_launch(script: str, args: list[str], *, num_processes: int = 1, timeout: int = 600, config_file: str | None = None,
-                      **kwargs):
+def accelerate_launch(
+    script: str,
+    args: list[str],
+    *,
+    num_processes: int = 1,
+    timeout: int = 600,
+    config_file: str | None = None,
+    **kwargs,
+):
     """``accelerate launch`` on CPU; two processes use gloo via --multi_gpu with ACCELERATE_USE_CPU, or via a shipped
     ``configs/accelerate`` file (``config_file``; its mixed precision overridden to none)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file is not None:
-        launch += ["--config_file", str(ROOT / config_file), "--num_processes", str(num_processes), "--mixed_precision", "no",
-                   "--main_process_port", str(_free_port())]
+        launch += [
+            "--config_file",
+            str(ROOT / config_file),
+            "--num_processes",
+            str(num_processes),
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+        ]
     elif num_processes > 1:
         launch += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]
     else:
@@ -124,4 +155,3 @@ def ctrl_c_able() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-

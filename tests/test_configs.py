@@ -18,8 +18,13 @@ def _schemas():
     from distill.train_latent_lpips import TrainLatentLPIPSConfig
     from distill.train_student import StudentConfig
 
-    return {"pairs": PairsConfig, "student": StudentConfig, "sample": SampleConfig, "latent_lpips": TrainLatentLPIPSConfig,
-            "scratch": GANConfig}  # eval: own tests
+    return {
+        "pairs": PairsConfig,
+        "student": StudentConfig,
+        "sample": SampleConfig,
+        "latent_lpips": TrainLatentLPIPSConfig,
+        "scratch": GANConfig,
+    }  # eval: own tests
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -51,18 +56,31 @@ def test_negative_numbers_and_dash_text_are_values_and_bare_booleans_are_true():
     from distill.generate_pairs import PairsConfig
     from distill.train_student import StudentConfig
 
-    cfg = parse_config(StudentConfig, ["--learning_rate_g", "-1e-4", "--holdout", "-5", "--allow_teacher_mismatch",
-                                       "--gradient_checkpointing", "false"])
+    cfg = parse_config(
+        StudentConfig,
+        [
+            "--learning_rate_g",
+            "-1e-4",
+            "--holdout",
+            "-5",
+            "--allow_teacher_mismatch",
+            "--gradient_checkpointing",
+            "false",
+        ],
+    )
     assert cfg.learning_rate_g == -1e-4 and cfg.holdout == -5  # parsed; the script's range check names them
     assert cfg.allow_teacher_mismatch is True and cfg.gradient_checkpointing is False
     assert parse_config(PairsConfig, ["--negative_prompt", "-blurry", "--seed", "-3"]).negative_prompt == "-blurry"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("teacher: x\nnum_pairs: [1, 2\n", "is not valid YAML at line 3"),
-    ("teacher: x\n  bad indent: 1\n", "is not valid YAML at line 2"),
-    ("- a list\n- not a mapping\n", "must be a mapping of `key: value` lines"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("teacher: x\nnum_pairs: [1, 2\n", "is not valid YAML at line 3"),
+        ("teacher: x\n  bad indent: 1\n", "is not valid YAML at line 2"),
+        ("- a list\n- not a mapping\n", "must be a mapping of `key: value` lines"),
+    ],
+)
 def test_malformed_yaml_is_one_line_naming_the_file(tmp_path, text, message):
     from distill.core.config import ConfigError
     from distill.generate_pairs import PairsConfig
@@ -78,8 +96,11 @@ def test_eval_fidelity_rows_are_the_student_configs_holdout():
     """configs/eval score exactly the pairs the matching configs/student held out (the last `holdout` rows)."""
     from omegaconf import OmegaConf
 
-    students = {OmegaConf.load(p).pairs: OmegaConf.load(p) for p in (ROOT / "configs").glob("*/*.yaml")
-                if p.parent.name in ("student", "digits") and "holdout" in OmegaConf.load(p)}
+    students = {
+        OmegaConf.load(p).pairs: OmegaConf.load(p)
+        for p in (ROOT / "configs").glob("*/*.yaml")
+        if p.parent.name in ("student", "digits") and "holdout" in OmegaConf.load(p)
+    }
     checked = 0
     for path in [*(ROOT / "configs" / "eval").glob("*.yaml"), ROOT / "configs" / "digits" / "eval.yaml"]:
         cfg = OmegaConf.load(path)
@@ -99,12 +120,17 @@ def test_list_values_from_the_command_line():
     from distill.train_student import StudentConfig
 
     for given in (["64,128,256"], ["[64, 128, 256]"], ["64", "128", "256"]):
-        cfg = parse_config(TrainLatentLPIPSConfig, ["--stage_channels", *given, "--pool_after_stage", "true,false,true"])
+        cfg = parse_config(
+            TrainLatentLPIPSConfig, ["--stage_channels", *given, "--pool_after_stage", "true,false,true"]
+        )
         assert cfg.stage_channels == [64, 128, 256] and cfg.pool_after_stage == [True, False, True]
     # Strings are never split on commas: a prompt may hold one.
     cfg = parse_config(StudentConfig, ["--validation_prompts", "a cat, sitting", "a dog", "--seed", "3"])
     assert cfg.validation_prompts == ["a cat, sitting", "a dog"] and cfg.seed == 3
-    assert parse_config(StudentConfig, ["--validation_prompts", "[a cat, a dog]"]).validation_prompts == ["a cat", "a dog"]
+    assert parse_config(StudentConfig, ["--validation_prompts", "[a cat, a dog]"]).validation_prompts == [
+        "a cat",
+        "a dog",
+    ]
     from distill.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="stage_channels"):
@@ -119,7 +145,8 @@ def test_bare_booleans_before_other_flags_and_at_the_end():
 
 
 def test_help_shows_choices_and_keeps_the_usage_examples(capsys):
-    from distill.train_student import StudentConfig, __doc__ as doc
+    from distill.train_student import StudentConfig
+    from distill.train_student import __doc__ as doc
 
     with pytest.raises(SystemExit) as info:
         parse_config(StudentConfig, ["--help"], description=doc)
@@ -127,7 +154,10 @@ def test_help_shows_choices_and_keeps_the_usage_examples(capsys):
     text = capsys.readouterr().out
     assert "--student {unet,gigagan,stylegan_t,transformer}" in text and "--mixed_precision {no,fp16,bf16}" in text
     assert "--regression {elatentlpips,mse,none}" in text
-    assert "--teacher VALUE, --pretrained_model_name_or_path VALUE" in text and "--batch_size VALUE, --train_batch_size VALUE" in text
+    assert (
+        "--teacher VALUE, --pretrained_model_name_or_path VALUE" in text
+        and "--batch_size VALUE, --train_batch_size VALUE" in text
+    )
     usage = next(line for line in doc.splitlines() if "accelerate launch" in line)
     assert usage in text.splitlines()  # the example line is printed as written, not reflowed
 
@@ -150,9 +180,25 @@ def test_diffusers_flag_names_are_aliases(tmp_path):
     from distill.core.config import ConfigError
     from distill.train_student import StudentConfig
 
-    cfg = parse_config(StudentConfig, ["--pretrained_model_name_or_path", "some/teacher", "--train_batch_size", "4",
-                                       "--tracker_project_name", "exp1", "--validation_prompts", "a cat"])
-    assert (cfg.teacher, cfg.batch_size, cfg.tracker_project_name, cfg.validation_prompts) == ("some/teacher", 4, "exp1", ["a cat"])
+    cfg = parse_config(
+        StudentConfig,
+        [
+            "--pretrained_model_name_or_path",
+            "some/teacher",
+            "--train_batch_size",
+            "4",
+            "--tracker_project_name",
+            "exp1",
+            "--validation_prompts",
+            "a cat",
+        ],
+    )
+    assert (cfg.teacher, cfg.batch_size, cfg.tracker_project_name, cfg.validation_prompts) == (
+        "some/teacher",
+        4,
+        "exp1",
+        ["a cat"],
+    )
     (tmp_path / "c.yaml").write_text("pretrained_model_name_or_path: other/teacher\n")
     assert parse_config(StudentConfig, ["--config", str(tmp_path / "c.yaml")]).teacher == "other/teacher"
     (tmp_path / "both.yaml").write_text("teacher: a\npretrained_model_name_or_path: b\n")
@@ -160,12 +206,16 @@ def test_diffusers_flag_names_are_aliases(tmp_path):
         parse_config(StudentConfig, ["--config", str(tmp_path / "both.yaml")])
     from distill.train_gan import GANConfig
 
-    cfg = parse_config(GANConfig, ["--train_batch_size", "4", "--dataloader_num_workers", "2", "--tracker_project_name", "scratch1"])
+    cfg = parse_config(
+        GANConfig, ["--train_batch_size", "4", "--dataloader_num_workers", "2", "--tracker_project_name", "scratch1"]
+    )
     assert (cfg.batch_size, cfg.num_workers, cfg.tracker_project_name) == (4, 2, "scratch1")
 
 
-@pytest.mark.parametrize("name, distributed, machines", [("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 1),
-                                                         ("multi_node", "MULTI_GPU", 8)])
+@pytest.mark.parametrize(
+    "name, distributed, machines",
+    [("single_gpu", "NO", 1), ("multi_gpu", "MULTI_GPU", 1), ("multi_node", "MULTI_GPU", 8)],
+)
 def test_accelerate_configs_load(name, distributed, machines):
     """configs/accelerate: the launch configs docs/training-a-student.md names load with accelerate's own reader."""
     from accelerate.commands.config.config_args import load_config_from_file

@@ -16,8 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(args, **kw):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "curves.py"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "curves.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def test_curves_from_training_stats_and_scored_checkpoints(tmp_path, sd15_teacher, prompt_file):
@@ -25,8 +32,12 @@ def test_curves_from_training_stats_and_scored_checkpoints(tmp_path, sd15_teache
     from teachers import load_teacher
 
     run = tmp_path / "run"
-    lines = [{"step": 0, "val_mse": 0.5, "val_lpips": 1.0}, {"step": 1, "nimg": 8, "g_lpips": 0.9},
-             {"step": 2, "nimg": 16, "g_lpips": 0.8}, {"step": 2, "val_mse": 0.4, "val_lpips": 0.7}]
+    lines = [
+        {"step": 0, "val_mse": 0.5, "val_lpips": 1.0},
+        {"step": 1, "nimg": 8, "g_lpips": 0.9},
+        {"step": 2, "nimg": 16, "g_lpips": 0.8},
+        {"step": 2, "val_mse": 0.4, "val_lpips": 0.7},
+    ]
     run.mkdir()
     (run / "stats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = tmp_path / "curves"
@@ -39,8 +50,12 @@ def test_curves_from_training_stats_and_scored_checkpoints(tmp_path, sd15_teache
 
     # --eval: every kept checkpoint's pipeline (and the final one) scored by evaluate.py, cached.
     pipe = load_teacher(str(sd15_teacher)).pipe
-    student = OneStepGANPipeline(student=UNetStudent.from_teacher(pipe.unet, pipe.scheduler), vae=pipe.vae,
-                                 text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    student = OneStepGANPipeline(
+        student=UNetStudent.from_teacher(pipe.unet, pipe.scheduler),
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+    )
     for step in (1, 2):  # --eval_every 2 scores checkpoint-2 only
         student.save_pretrained(run / "checkpoints" / f"checkpoint-{step}" / "pipeline")
     ref = tmp_path / "teacher-samples"
@@ -49,9 +64,11 @@ def test_curves_from_training_stats_and_scored_checkpoints(tmp_path, sd15_teache
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(ref / f"{i}.png")
     config = tmp_path / "eval.yaml"
-    config.write_text(f"prompts: {prompt_file}\nnum_samples: 6\nbatch_size: 3\nmetrics: fid_to_teacher\n"
-                      f"teacher_reference: {ref}\nfid_extractor: random-tiny\nmetric_workers: 0\n"
-                      f"metrics_cache: {tmp_path / 'cache'}\ngrid_size: 0\n")
+    config.write_text(
+        f"prompts: {prompt_file}\nnum_samples: 6\nbatch_size: 3\nmetrics: fid_to_teacher\n"
+        f"teacher_reference: {ref}\nfid_extractor: random-tiny\nmetric_workers: 0\n"
+        f"metrics_cache: {tmp_path / 'cache'}\ngrid_size: 0\n"
+    )
     done = _run([run, "--output", out, "--eval", "--eval_every", 2, "--eval_config", config, "--eval_args", ""])
     assert done.returncode == 0, done.stderr[-2000:]
     scored = json.loads((out / "curves.json").read_text())["run"]["evaluation"]

@@ -34,18 +34,26 @@ def digits_student(tmp_path_factory) -> Path:
     from teachers import load_teacher
 
     teacher = load_teacher(str(ROOT / "teachers" / "assets" / "digits-teacher")).pipe
-    pipe = OneStepGANPipeline(student=UNetStudent.from_teacher(teacher.unet, teacher.scheduler), vae=teacher.vae,
-                              text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    pipe = OneStepGANPipeline(
+        student=UNetStudent.from_teacher(teacher.unet, teacher.scheduler),
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+    )
     return save_standalone(pipe, tmp_path_factory.mktemp("demo") / "pipeline")
 
 
 def test_demo_without_a_student_tells_the_command(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, "-m", "distill.demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "distill.demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
-        "error: no student at runs/quickstart/student/pipeline: make the digits one with `bash distill/digits/quickstart.sh` "
-        "(about 13 min on 2 CPU cores), or pass --pipeline DIR (a train_student.py output_dir/pipeline)")
+        "error: no student at runs/quickstart/student/pipeline: make the digits one with `bash "
+        "distill/digits/quickstart.sh` "
+        "(about 13 min on 2 CPU cores), or pass --pipeline DIR (a train_student.py output_dir/pipeline)"
+    )
 
 
 def _png(driver, element_id: str) -> bytes | None:
@@ -72,8 +80,11 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="headless browser test needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="headless browser test needs Debian's chromium and chromium-driver (apt-get install -y chromium "
+    "chromium-driver)",
+)
 def test_demo_image_follows_the_prompt_in_a_browser(digits_student, tmp_path):
     pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
     pytest.importorskip("selenium", reason="the browser test needs selenium: pip install -e '.[dev]'")
@@ -85,12 +96,36 @@ def test_demo_image_follows_the_prompt_in_a_browser(digits_student, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False",
-               GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_TEMP_DIR=str(tmp_path / "gradio"),
+    )
     log = open(tmp_path / "demo.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "distill.demo", "--pipeline", str(digits_student), "--port", str(port),
-                               "--teacher", str(ROOT / "teachers" / "assets" / "digits-teacher"), "--teacher_steps", "3",
-                               "--prompt", "a handwritten digit zero"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distill.demo",
+            "--pipeline",
+            str(digits_student),
+            "--port",
+            str(port),
+            "--teacher",
+            str(ROOT / "teachers" / "assets" / "digits-teacher"),
+            "--teacher_steps",
+            "3",
+            "--prompt",
+            "a handwritten digit zero",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     driver = None
     try:
         url = f"http://127.0.0.1:{port}/"
@@ -106,9 +141,18 @@ def test_demo_image_follows_the_prompt_in_a_browser(digits_student, tmp_path):
         _wait(up, 180, "the demo server")
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
-        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
-                     "--window-size=1280,1000"):
+        for flag in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--window-size=1280,1000",
+        ):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
         driver.get(url)

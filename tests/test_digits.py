@@ -28,7 +28,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENBLAS_NUM_THREADS": "1", "D2G_DE
 
 def _run(script: str, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "distill" / script), *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+        [sys.executable, str(REPO / "distill" / script), *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -74,7 +79,18 @@ def test_teacher_script_end_to_end(tmp_path):
 
     out = tmp_path / "teacher"
     common = ["--config", str(REPO / "configs/digits/teacher.yaml"), "--output_dir", str(out)]
-    small = ["--vae_steps", "2", "--vae_batch_size", "4", "--batch_size", "4", "--unet_steps", "3", "--checkpoint_every", "2"]
+    small = [
+        "--vae_steps",
+        "2",
+        "--vae_batch_size",
+        "4",
+        "--batch_size",
+        "4",
+        "--unet_steps",
+        "3",
+        "--checkpoint_every",
+        "2",
+    ]
     _run("digits/train_teacher.py", *common, *small)
     assert (out / "train_state.pt").is_file() and (out / "config.yaml").is_file()
     assert (out / "checkpoints" / "step-000002" / "model_index.json").is_file()

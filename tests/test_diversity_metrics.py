@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_script
+
 from distill.metrics.diversity import group_diversity, mean_pairwise_distance
 from distill.metrics.precision_recall import knn_radii, precision_recall
 
@@ -77,8 +77,14 @@ def test_diversity_against_the_real_images_of_the_same_classes():
     fake = np.array([[0, 0], [1, 0], [0, 0], [0, 3]], dtype=np.float64)
     # Real: class 0 at distance 2, class 1 at distance 6 -> 4; class 2 (never sampled) is left out.
     real = np.array([[0, 0], [2, 0], [0, 0], [0, 6], [0, 0], [100, 0]], dtype=np.float64)
-    values, info = compute_diversity(features=fake, groups=[0, 0, 1, 1], grouping="label", real_features=real,
-                                     real_groups=[0, 0, 1, 1, 2, 2], device="cpu")
+    values, info = compute_diversity(
+        features=fake,
+        groups=[0, 0, 1, 1],
+        grouping="label",
+        real_features=real,
+        real_groups=[0, 0, 1, 1, 2, 2],
+        device="cpu",
+    )
     assert values == pytest.approx({"diversity": 2.0, "diversity_real": 4.0, "diversity_ratio": 0.5})
     assert info["num_groups"] == 2 and info["per_group_real"] == {"0": 2.0, "1": 6.0}
 
@@ -118,11 +124,40 @@ def _evaluate(args: list, capsys) -> tuple[int, str, str]:
 def test_cli_writes_precision_recall_and_diversity(sd15_teacher, digits_reference, prompt_file, tmp_path, capsys):
     """A tiny teacher on the digits prompts (labelled): fid, precision, recall, diversity and its real counterpart."""
     out = tmp_path / "eval"
-    common = ["--pipeline", sd15_teacher, "--num_inference_steps", 2, "--guidance_scale", 3.0, "--batch_size", 10,
-              "--grid_size", 0, "--metric_workers", 0, "--fid_extractor", "random-tiny", "--metrics_cache", tmp_path / "cache",
-              "--reference", digits_reference]
-    code, stdout, err = _evaluate([*common, "--prompts", ROOT / "configs/digits/prompts.jsonl", "--num_samples", 20,
-                                   "--metrics", "fid,precision_recall,diversity", "--output_dir", out], capsys)
+    common = [
+        "--pipeline",
+        sd15_teacher,
+        "--num_inference_steps",
+        2,
+        "--guidance_scale",
+        3.0,
+        "--batch_size",
+        10,
+        "--grid_size",
+        0,
+        "--metric_workers",
+        0,
+        "--fid_extractor",
+        "random-tiny",
+        "--metrics_cache",
+        tmp_path / "cache",
+        "--reference",
+        digits_reference,
+    ]
+    code, stdout, err = _evaluate(
+        [
+            *common,
+            "--prompts",
+            ROOT / "configs/digits/prompts.jsonl",
+            "--num_samples",
+            20,
+            "--metrics",
+            "fid,precision_recall,diversity",
+            "--output_dir",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((out / "metrics.json").read_text())
     values, details = result["metrics"], result["details"]
@@ -144,8 +179,20 @@ def test_cli_writes_precision_recall_and_diversity(sd15_teacher, digits_referenc
 
     # Unlabelled prompts (a .txt file, 4 prompts, each drawn twice): grouped by prompt text, diversity alone, and
     # the metric info says why.
-    code, _, err = _evaluate([*common, "--prompts", prompt_file, "--num_samples", 8, "--metrics", "diversity",
-                              "--output_dir", tmp_path / "text"], capsys)
+    code, _, err = _evaluate(
+        [
+            *common,
+            "--prompts",
+            prompt_file,
+            "--num_samples",
+            8,
+            "--metrics",
+            "diversity",
+            "--output_dir",
+            tmp_path / "text",
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((tmp_path / "text" / "metrics.json").read_text())
     assert set(result["metrics"]) == {"diversity"} and result["metrics"]["diversity"] > 0
@@ -154,16 +201,35 @@ def test_cli_writes_precision_recall_and_diversity(sd15_teacher, digits_referenc
     assert "grouped by prompt text" in div["note"] and "no real counterpart" in div["note"]
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--metrics", "precision_recall", "--reference", "no-such-folder"], "precision_recall needs `reference`"),
-    (["--metrics", "precision_recall", "--pr_k", 0], "pr_k must be positive"),
-    (["--metrics", "precision_recall", "--num_samples", 3], "more than pr_k=3 samples"),
-    (["--metrics", "diversity", "--num_samples", 4], "diversity needs at least 2 samples of one prompt"),
-])
-def test_bad_config_fails_in_one_line_before_generating(sd15_teacher, digits_reference, prompt_file, tmp_path, capsys, extra, needle):
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--metrics", "precision_recall", "--reference", "no-such-folder"], "precision_recall needs `reference`"),
+        (["--metrics", "precision_recall", "--pr_k", 0], "pr_k must be positive"),
+        (["--metrics", "precision_recall", "--num_samples", 3], "more than pr_k=3 samples"),
+        (["--metrics", "diversity", "--num_samples", 4], "diversity needs at least 2 samples of one prompt"),
+    ],
+)
+def test_bad_config_fails_in_one_line_before_generating(
+    sd15_teacher, digits_reference, prompt_file, tmp_path, capsys, extra, needle
+):
     out = tmp_path / "err"
-    code, _, err = _evaluate(["--pipeline", sd15_teacher, "--prompts", prompt_file, "--reference", digits_reference,
-                              "--fid_extractor", "random-tiny", "--output_dir", out, *extra], capsys)
+    code, _, err = _evaluate(
+        [
+            "--pipeline",
+            sd15_teacher,
+            "--prompts",
+            prompt_file,
+            "--reference",
+            digits_reference,
+            "--fid_extractor",
+            "random-tiny",
+            "--output_dir",
+            out,
+            *extra,
+        ],
+        capsys,
+    )
     last = err.rstrip("\n").split("\n")[-1]
     assert code == 2 and last.startswith("error: ") and needle in last and "Traceback" not in err, err
     assert not list(out.glob("samples/*.png"))

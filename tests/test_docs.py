@@ -1,4 +1,5 @@
-"""README.md, docs/ and the READMEs under configs/: every relative link and image resolves, every anchor names a heading of its page, and every
+"""README.md, docs/ and the READMEs under configs/: every relative link and image resolves, every anchor names a heading
+of its page, and every
 script / config path in their command blocks exists (a moved file breaks this test, not a reader's first try)."""
 
 from __future__ import annotations
@@ -7,14 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md")), *sorted((ROOT / "configs").glob("**/*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^\s*```[^\n]*\n(.*?)^\s*```", re.S | re.M)
 # Repository paths a command names: scripts and configs (outputs such as runs/... are made by the commands).
-COMMAND_PATH = re.compile(r"(?<![\w/.-])((?:distill|scripts|benchmarks|configs|teachers/assets|data_gen|students|teachers)/[\w./-]*\w)")
+COMMAND_PATH = re.compile(
+    r"(?<![\w/.-])((?:distill|scripts|benchmarks|configs|teachers/assets|data_gen|students|teachers)/[\w./-]*\w)"
+)
 
 
 def _anchor(heading: str) -> str:
@@ -61,9 +63,14 @@ def test_paths_in_command_blocks_exist(page):
 
 def test_the_checker_catches_a_broken_link_and_a_missing_path(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\n[ok](#title) [bad](#nope) [gone](missing.md)\n\n```bash\npython distill/no_such_script.py\n```\n")
+    page.write_text(
+        "# Title\n\n[ok](#title) [bad](#nope) [gone](missing.md)\n\n```bash\npython distill/no_such_script.py\n```\n"
+    )
     links = _links(page)
     assert links == ["#title", "#nope", "missing.md"]
     assert "title" in _anchors(page) and "nope" not in _anchors(page)
     block = FENCE.findall(page.read_text())[0]
-    assert COMMAND_PATH.findall(block) == ["distill/no_such_script.py"] and not (ROOT / "distill/no_such_script.py").exists()
+    assert (
+        COMMAND_PATH.findall(block) == ["distill/no_such_script.py"]
+        and not (ROOT / "distill/no_such_script.py").exists()
+    )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
-import pytest
 from torch import nn
 
 from distill.losses import (
@@ -405,9 +405,10 @@ def test_published_name_loads_through_the_hub_cache(tmp_path, monkeypatch):
 
 
 def test_pixel_lpips_without_pretrained_trunk_offline_is_a_clear_error(monkeypatch):
+    from urllib.error import URLError
+
     import torch.hub
     import torchvision.models._api as tv_api
-    from urllib.error import URLError
 
     from distill.losses import build_pixel_lpips
 

@@ -20,13 +20,15 @@ PROMPTS = ["a red apple", "a photo of a cat"]
 
 # Run in a fresh interpreter: drop every way this project could be imported (the repo root on sys.path,
 # the editable install's finder), prove it is gone, then load the folders with diffusers alone.
-STANDALONE = r'''
+STANDALONE = r"""
 import importlib.util, json, sys
 from pathlib import Path
 OURS = ("students", "distill", "teachers", "data_gen")
-sys.path[:] = [p for p in sys.path if p and not any((Path(p) / n / "__init__.py").exists() for n in OURS) and "__editable__" not in p]
+ours = lambda p: any((Path(p) / n / "__init__.py").exists() for n in OURS)
+sys.path[:] = [p for p in sys.path if p and not ours(p) and "__editable__" not in p]
 sys.path_importer_cache.clear()
-sys.meta_path[:] = [f for f in sys.meta_path if not (hasattr(f, "find_spec") and f.find_spec("students", None) is not None)]
+finds_ours = lambda f: hasattr(f, "find_spec") and f.find_spec("students", None) is not None
+sys.meta_path[:] = [f for f in sys.meta_path if not finds_ours(f)]
 assert all(importlib.util.find_spec(n) is None for n in OURS), "this project is still importable"
 import numpy as np, torch
 from diffusers import DiffusionPipeline
@@ -36,10 +38,11 @@ for folder, out in jobs:
     noise = torch.from_numpy(np.load(Path(folder).parent / "noise.npy"))
     latents = pipe(PROMPTS, latents=noise, output_type="latent").images
     images = pipe(PROMPTS, latents=noise, num_inference_steps=1, guidance_scale=0.0, output_type="np").images
-    np.savez(out, latents=latents.numpy(), images=images, pipeline=type(pipe).__module__, student=type(pipe.student).__module__)
+    modules = dict(pipeline=type(pipe).__module__, student=type(pipe.student).__module__)
+    np.savez(out, latents=latents.numpy(), images=images, **modules)
 assert not any(n.split(".")[0] in OURS for n in sys.modules), sorted(n for n in sys.modules if n.split(".")[0] in OURS)
 print("loaded", len(jobs))
-'''.replace("PROMPTS", repr(PROMPTS))
+""".replace("PROMPTS", repr(PROMPTS))
 
 
 def _student(kind: str, teacher):
@@ -48,14 +51,24 @@ def _student(kind: str, teacher):
         return UNetStudent.from_teacher(teacher.unet, teacher.scheduler)
     cls = {"gigagan": GigaGANGenerator, "stylegan_t": StyleGANTGenerator}[kind]
     text_2 = getattr(teacher, "text_encoder_2", None)
-    return cls.for_latents(latent_channels=4, sample_size=16, cross_attention_dim=teacher.unet.config.cross_attention_dim,
-                           pooled_dim=text_2.config.projection_dim if text_2 is not None else 0, size="tiny").eval()
+    return cls.for_latents(
+        latent_channels=4,
+        sample_size=16,
+        cross_attention_dim=teacher.unet.config.cross_attention_dim,
+        pooled_dim=text_2.config.projection_dim if text_2 is not None else 0,
+        size="tiny",
+    ).eval()
 
 
 def _pipeline(kind: str, teacher) -> OneStepGANPipeline:
-    return OneStepGANPipeline(student=_student(kind, teacher), vae=teacher.vae, text_encoder=teacher.text_encoder,
-                              tokenizer=teacher.tokenizer, text_encoder_2=getattr(teacher, "text_encoder_2", None),
-                              tokenizer_2=getattr(teacher, "tokenizer_2", None))
+    return OneStepGANPipeline(
+        student=_student(kind, teacher),
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+        text_encoder_2=getattr(teacher, "text_encoder_2", None),
+        tokenizer_2=getattr(teacher, "tokenizer_2", None),
+    )
 
 
 CASES = [("unet", "sd15"), ("gigagan", "sd15"), ("stylegan_t", "sdxl"), ("unet", "sdxl")]
@@ -78,13 +91,21 @@ def test_standalone_folder_loads_and_samples_without_this_project(exported, tmp_
     jobs = [(str(folder), str(tmp_path / f"{kind}-{family}.npz")) for (kind, family), folder in exported.items()]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", STANDALONE, json.dumps(jobs)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", STANDALONE, json.dumps(jobs)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "might require the following packages" not in run.stderr  # diffusers' check_imports found everything
     for (kind, family), folder in exported.items():
         got = np.load(tmp_path / f"{kind}-{family}.npz")
-        assert str(got["pipeline"]).startswith("diffusers_modules.") and str(got["student"]).startswith("diffusers_modules.")
+        assert str(got["pipeline"]).startswith("diffusers_modules.") and str(got["student"]).startswith(
+            "diffusers_modules."
+        )
         ours = OneStepGANPipeline.from_pretrained(folder)
         assert type(ours) is OneStepGANPipeline and type(ours.student).__module__.startswith("students.")
         noise = torch.from_numpy(np.load(folder.parent / "noise.npy"))
@@ -130,15 +151,22 @@ def test_flatten_rejects_a_name_defined_twice(tmp_path, monkeypatch):
 def test_unet_student_runs_in_the_stock_pipeline(tiny_teacher_factory, tmp_path, capsys, family):
     """distill/export_stock.py: stock StableDiffusion(XL)Pipeline / AutoPipelineForText2Image, one trailing DDIM
     step at guidance 0, gives OneStepGANPipeline's latents (epsilon, v-prediction and SDXL teachers)."""
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
     from conftest import run_script
+    from diffusers import (
+        AutoPipelineForText2Image,
+        DiffusionPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     teacher_dir = tiny_teacher_factory(family)
     ours = _pipeline("unet", DiffusionPipeline.from_pretrained(teacher_dir))
     ours.save_pretrained(tmp_path / "pipeline")
-    code, err = run_script("export_stock.py", ["--pipeline", tmp_path / "pipeline", "--output_dir", tmp_path / "stock",
-                                               "--teacher", teacher_dir], capsys)
+    code, err = run_script(
+        "export_stock.py",
+        ["--pipeline", tmp_path / "pipeline", "--output_dir", tmp_path / "stock", "--teacher", teacher_dir],
+        capsys,
+    )
     assert code == 0, err
     stock = AutoPipelineForText2Image.from_pretrained(tmp_path / "stock")
     assert type(stock) is (StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline)
@@ -151,12 +179,21 @@ def test_unet_student_runs_in_the_stock_pipeline(tiny_teacher_factory, tmp_path,
     (tmp_path / "pipeline" / "pairs_split.json").write_text(json.dumps({"pairs": str(tmp_path / "pairs")}))
     (tmp_path / "pairs").mkdir()
     (tmp_path / "pairs" / "manifest.json").write_text(json.dumps({"scheduler_config": dict(stock.scheduler.config)}))
-    assert run_script("export_stock.py", ["--pipeline", tmp_path / "pipeline", "--output_dir", tmp_path / "stock2"], capsys)[0] == 0
+    assert (
+        run_script(
+            "export_stock.py", ["--pipeline", tmp_path / "pipeline", "--output_dir", tmp_path / "stock2"], capsys
+        )[0]
+        == 0
+    )
     if family == "sd15":  # a GAN student is refused as such, before a teacher is asked for
         _pipeline("gigagan", DiffusionPipeline.from_pretrained(teacher_dir)).save_pretrained(tmp_path / "gan")
-        code, err = run_script("export_stock.py", ["--pipeline", tmp_path / "gan", "--output_dir", tmp_path / "x"], capsys)
+        code, err = run_script(
+            "export_stock.py", ["--pipeline", tmp_path / "gan", "--output_dir", tmp_path / "x"], capsys
+        )
         line = err.strip().splitlines()[-1]
-        assert code == 2 and "holds a GigaGANGenerator student: only UNet students export to a stock" in line, err[-2000:]
+        assert code == 2 and "holds a GigaGANGenerator student: only UNet students export to a stock" in line, err[
+            -2000:
+        ]
         assert not (tmp_path / "x").exists()
 
 
@@ -165,10 +202,10 @@ def test_export_stock_writes_the_folder_whole_or_not_at_all(tiny_teacher_factory
     one line, and a killed writer's temporary folder is cleared by the next export."""
     import errno
 
+    from conftest import run_script
     from diffusers import DiffusionPipeline
 
     import students.stock
-    from conftest import run_script
 
     teacher_dir = tiny_teacher_factory("sd15")
     _pipeline("unet", DiffusionPipeline.from_pretrained(teacher_dir)).save_pretrained(tmp_path / "pipeline")
@@ -189,7 +226,11 @@ def test_export_stock_writes_the_folder_whole_or_not_at_all(tiny_teacher_factory
     monkeypatch.setattr(students.stock, "save_stock_pipeline", fills_the_disk)
     code, err = run_script("export_stock.py", args, capsys)
     line = err.strip().splitlines()[-1]
-    assert code == 2 and line.startswith(f"error: no space left in {tmp_path}, need ≈ ") and "(the earlier one is kept)" in line, err
+    assert (
+        code == 2
+        and line.startswith(f"error: no space left in {tmp_path}, need ≈ ")
+        and "(the earlier one is kept)" in line
+    ), err
     assert {p: p.read_bytes() for p in (tmp_path / "stock").rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "stock"]
     code, err = run_script("export_stock.py", [*args[:-4], "--output_dir", tmp_path / "new", *args[-2:]], capsys)

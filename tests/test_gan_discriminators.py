@@ -6,23 +6,46 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.discriminators import (LatentDecoder, MultiScaleDiscriminator, ProjectedDiscriminator, UnpairedUNetDiscriminator,
-                                    build_feature_network)
+from distill.discriminators import (
+    LatentDecoder,
+    MultiScaleDiscriminator,
+    ProjectedDiscriminator,
+    UnpairedUNetDiscriminator,
+    build_feature_network,
+)
 from distill.discriminators.inputs import blur, blur_sigma
 from distill.losses.diffaugment import DiffAugment
 from distill.losses.gan import OBJECTIVES, objective_loss
 
 
 def _engine(d, generator=None, *, loss="hinge", mismatch_weight=0.0, r1_gamma=0.0, blur_sigma=0.0, side=16):
-    """The shared GAN step over the from-scratch view of ``d`` (the prepared and unwrapped module alike), as train_gan builds it."""
+    """The shared GAN step over the from-scratch view of ``d`` (the prepared and unwrapped module alike), as train_gan
+    builds it."""
     from distill.scratch.phases import RealImagesView
     from distill.training.gan_step import GANStep
 
-    view = RealImagesView(generator=generator, discriminator=d, discriminator_unwrapped=d, noise_shape=(3, side, side),
-                          mismatch=mismatch_weight > 0)
+    view = RealImagesView(
+        generator=generator,
+        discriminator=d,
+        discriminator_unwrapped=d,
+        noise_shape=(3, side, side),
+        mismatch=mismatch_weight > 0,
+    )
     view.blur_sigma = blur_sigma
-    return GANStep(None, view=view, generator=generator, discriminator=None, discriminator_unwrapped=d, opt_g=None, opt_d=None,
-                   loss=loss, mismatch_weight=mismatch_weight, r1_gamma=r1_gamma, r1_interval=1, max_grad_norm=0.0)
+    return GANStep(
+        None,
+        view=view,
+        generator=generator,
+        discriminator=None,
+        discriminator_unwrapped=d,
+        opt_g=None,
+        opt_d=None,
+        loss=loss,
+        mismatch_weight=mismatch_weight,
+        r1_gamma=r1_gamma,
+        r1_interval=1,
+        max_grad_norm=0.0,
+    )
 
 
 def _text(n, *, seed=0, dim=32):
@@ -32,7 +55,9 @@ def _text(n, *, seed=0, dim=32):
 def _projected(classifier_dir, virtual_batch=2, **kwargs):
     torch.manual_seed(0)
     features = build_feature_network(str(classifier_dir))
-    return ProjectedDiscriminator(features, context_dim=32, cmap_dim=8, text_dim=16, virtual_batch=virtual_batch, **kwargs)
+    return ProjectedDiscriminator(
+        features, context_dim=32, cmap_dim=8, text_dim=16, virtual_batch=virtual_batch, **kwargs
+    )
 
 
 def test_projected_discriminator_shapes_conditioning_and_frozen_features(classifier_dir):
@@ -56,8 +81,10 @@ def test_projected_discriminator_shapes_conditioning_and_frozen_features(classif
     assert all(p.grad is not None for p in d.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("virtual_batch, augment, mixed", [(4, "", False), (0, "", False), (0, "color,translation,cutout", False),
-                                                          (4, "color,translation,cutout", True)])
+@pytest.mark.parametrize(
+    "virtual_batch, augment, mixed",
+    [(4, "", False), (0, "", False), (0, "color,translation,cutout", False), (4, "color,translation,cutout", True)],
+)
 def test_projected_discriminator_learns_real_from_generated(classifier_dir, virtual_batch, augment, mixed):
     """A few hinge steps on fixed real / generated images (squares vs blurry noise) separate their logits. (With
     virtual batch norm per part and DiffAugment on, 30 steps are not enough here; with shared statistics they are.)"""
@@ -67,8 +94,10 @@ def test_projected_discriminator_learns_real_from_generated(classifier_dir, virt
     d = _projected(classifier_dir, virtual_batch=virtual_batch, augment=augment, mixed_norm=mixed)
     real = -torch.ones(8, 3, 16, 16)
     for i in range(8):
-        real[i, :, 2 + i % 4:10 + i % 4, 3:11] = 1.0
-    fake = torch.nn.functional.avg_pool2d(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)), 3, 1, 1)
+        real[i, :, 2 + i % 4 : 10 + i % 4, 3:11] = 1.0
+    fake = torch.nn.functional.avg_pool2d(
+        torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)), 3, 1, 1
+    )
     batch = RealBatch(real, TextConditioning(_text(8)), [f"c{i}" for i in range(8)])
     opt = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=2e-3, betas=(0.0, 0.99))
     gaps = []
@@ -95,7 +124,8 @@ def test_virtual_batch_norm_keeps_parts_apart(classifier_dir):
 
 def test_mixed_virtual_batch_norm_shares_the_statistics_of_the_parts():
     """Per part (StyleGAN-T), a generated part scaled by 3 normalises to the same features: the difference is gone.
-    Mixed, each virtual batch holds sample i of every part, so it stays; and it is the plain norm of that interleaving."""
+    Mixed, each virtual batch holds sample i of every part, so it stays; and it is the plain norm of that
+    interleaving."""
     from distill.discriminators.projected import VirtualBatchNorm
 
     x = torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(0))  # parts: x[:4] real, x[4:] generated
@@ -140,7 +170,9 @@ def test_projected_discriminator_decodes_latents(classifier_dir, sd15_teacher):
 
 def test_multiscale_discriminator_reads_the_pyramid_and_text():
     torch.manual_seed(0)
-    d = MultiScaleDiscriminator(in_channels=4, resolution=16, context_dim=32, channels=(8, 16, 16), text_dim=16, cmap_dim=8, augment="")
+    d = MultiScaleDiscriminator(
+        in_channels=4, resolution=16, context_dim=32, channels=(8, 16, 16), text_dim=16, cmap_dim=8, augment=""
+    )
     x, text = torch.randn(3, 4, 16, 16), _text(3)
     logits = d(x, text)
     # Scale 16 -> blocks 0, 1, 2 (8, 4, 2 px); scale 8 -> blocks 1, 2; scale 4 -> block 2.
@@ -160,15 +192,24 @@ def test_multiscale_discriminator_reads_the_pyramid_and_text():
 
 
 def test_multiscale_discriminator_can_downsample_generated_samples_as_real_ones():
-    """generator_pyramid=False: the phases pass no pyramid, and D reads a generated sample's coarse scales from its output."""
+    """generator_pyramid=False: the phases pass no pyramid, and D reads a generated sample's coarse scales from its
+    output."""
     from distill.scratch.phases import RealBatch
     from students import GigaGANGenerator
     from students.text import TextConditioning
 
     torch.manual_seed(0)
     gen = GigaGANGenerator.for_latents(latent_channels=3, sample_size=16, cross_attention_dim=32, size="tiny")
-    d = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=8, augment="",
-                                generator_pyramid=False)
+    d = MultiScaleDiscriminator(
+        in_channels=3,
+        resolution=16,
+        context_dim=32,
+        channels=(8, 16),
+        text_dim=16,
+        cmap_dim=8,
+        augment="",
+        generator_pyramid=False,
+    )
     seen = []
     d.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("pyramid")), with_kwargs=True)
     batch = RealBatch(torch.rand(4, 3, 16, 16) * 2 - 1, TextConditioning(_text(4)), ["a", "b", "c", "d"])
@@ -177,24 +218,39 @@ def test_multiscale_discriminator_can_downsample_generated_samples_as_real_ones(
     engine.d_terms(batch, (fake.detach(), pyramid, cond), torch.Generator().manual_seed(0))
     assert seen == [None, None]
     x = torch.rand(2, 3, 16, 16)
-    assert all(torch.equal(a, b) for a, b in zip(d(x, _text(2)), d(x, _text(2), pyramid=[F.interpolate(x, size=8, mode="area"), x])))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(d(x, _text(2)), d(x, _text(2), pyramid=[F.interpolate(x, size=8, mode="area"), x]))
+    )
 
 
 def test_discriminator_ensemble_concatenates_its_members_logits(classifier_dir):
     from distill.discriminators import DiscriminatorEnsemble
 
     projected = _projected(classifier_dir, augment="").eval()
-    multiscale = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=8,
-                                         augment="", generator_pyramid=False, mbstd_group=2)
+    multiscale = MultiScaleDiscriminator(
+        in_channels=3,
+        resolution=16,
+        context_dim=32,
+        channels=(8, 16),
+        text_dim=16,
+        cmap_dim=8,
+        augment="",
+        generator_pyramid=False,
+        mbstd_group=2,
+    )
     both = DiscriminatorEnsemble([projected, multiscale]).eval()
     x, text = torch.rand(4, 3, 16, 16) * 2 - 1, _text(4)
     got = both(x, text, parts=2, mismatched={"prompt_embeds": _text(2, seed=1)})
     want = projected(x, text, parts=2, mismatched={"prompt_embeds": _text(2, seed=1)}) + multiscale(
-        x, text, parts=2, mismatched={"prompt_embeds": _text(2, seed=1)})
+        x, text, parts=2, mismatched={"prompt_embeds": _text(2, seed=1)}
+    )
     assert len(got) == len(want) == 3 + 3 and all(torch.equal(a, b) for a, b in zip(got, want))
     assert not both.uses_pyramid and not both.needs_reference
     with pytest.raises(ValueError, match="d_pyramid downsample"):  # the phases pass one pyramid for all members: none
-        DiscriminatorEnsemble([projected, MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16))])
+        DiscriminatorEnsemble(
+            [projected, MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16))]
+        )
 
 
 def test_unpaired_unet_discriminator(sd15_teacher):
@@ -244,11 +300,14 @@ def test_hinge_and_non_saturating_objectives():
     assert objective_loss(good, ns.real) < 0.05 < objective_loss(bad, ns.real)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("torchvision:resnet18", "resnet18-f37072fd.pth"),
-    ("timm:vit_small_patch16_224.dino", "hf download timm/vit_small_patch16_224.dino"),
-    ("/no/such/folder", "neither torchvision:/timm:/open_clip: nor a classifier folder"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("torchvision:resnet18", "resnet18-f37072fd.pth"),
+        ("timm:vit_small_patch16_224.dino", "hf download timm/vit_small_patch16_224.dino"),
+        ("/no/such/folder", "neither torchvision:/timm:/open_clip: nor a classifier folder"),
+    ],
+)
 def test_missing_feature_weights_are_one_line(spec, message, monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -282,7 +341,9 @@ def test_diffaugment_sits_before_every_discriminator_read_in_both_phases(classif
         d = _projected(classifier_dir)
         network = d.features
     else:
-        d = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=8)
+        d = MultiScaleDiscriminator(
+            in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=8
+        )
         network = d.from_input[0]
     seen = {"augment_out": [], "network_in": []}
     d.augment.register_forward_hook(lambda m, args, out: seen["augment_out"].append(out))
@@ -290,12 +351,15 @@ def test_diffaugment_sits_before_every_discriminator_read_in_both_phases(classif
     batch = RealBatch(torch.rand(4, 3, 16, 16) * 2 - 1, TextConditioning(_text(4)), ["a", "b", "c", "d"])
     (fake, pyramid, cond), terms = _engine(d, gen).g_terms(batch, torch.Generator().manual_seed(0))
     assert seen["network_in"] and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])
-    assert not any(a.shape == fake.shape and torch.allclose(a, fake) for a in seen["augment_out"])  # augmented, not the raw sample
+    assert not any(
+        a.shape == fake.shape and torch.allclose(a, fake) for a in seen["augment_out"]
+    )  # augmented, not the raw sample
     terms["g_adv"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())  # through the augmentation
     seen["augment_out"].clear(), seen["network_in"].clear()
-    _engine(d, gen, mismatch_weight=1.0, r1_gamma=1.0, blur_sigma=0.5).d_terms(batch, (fake.detach(), pyramid, cond),
-                                                                              torch.Generator().manual_seed(0), r1=True)
+    _engine(d, gen, mismatch_weight=1.0, r1_gamma=1.0, blur_sigma=0.5).d_terms(
+        batch, (fake.detach(), pyramid, cond), torch.Generator().manual_seed(0), r1=True
+    )
     # D phase (real | generated in one forward) and R1 (real): every network input is an augmentation output.
     assert len(seen["network_in"]) >= 2 and all(any(a is n for a in seen["augment_out"]) for n in seen["network_in"])
     assert seen["network_in"][0].shape[0] == 8  # real and generated together
@@ -328,14 +392,24 @@ def test_minibatch_std_lets_d_separate_a_collapsed_batch(classifier_dir, kind, m
     if kind == "projected":
         d = _projected(classifier_dir, virtual_batch=8, augment="", mbstd_group=mbstd_group)
     else:
-        d = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8, 16), text_dim=16, cmap_dim=4,
-                                    augment="", mbstd_group=mbstd_group)
+        d = MultiScaleDiscriminator(
+            in_channels=3,
+            resolution=16,
+            context_dim=32,
+            channels=(8, 16),
+            text_dim=16,
+            cmap_dim=4,
+            augment="",
+            mbstd_group=mbstd_group,
+        )
     opt = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=3e-3, betas=(0.0, 0.99))
     text = _text(16).mean(dim=0, keepdim=True).expand(16, -1, -1)  # one prompt: only the spread tells the parts apart
     draw = lambda: torch.cat([torch.rand(8, 3, 16, 16), torch.rand(2, 3, 16, 16).repeat_interleave(4, 0)]) * 2 - 1  # noqa: E731
     for _ in range(60):
         logits = d(draw(), text, parts=2)
-        loss = sum(torch.nn.functional.softplus(-l[:8]).mean() + torch.nn.functional.softplus(l[8:]).mean() for l in logits)
+        loss = sum(
+            torch.nn.functional.softplus(-l[:8]).mean() + torch.nn.functional.softplus(l[8:]).mean() for l in logits
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -346,8 +420,10 @@ def test_minibatch_std_lets_d_separate_a_collapsed_batch(classifier_dir, kind, m
 
 
 def test_mode_seeking_pairs_two_noise_maps_of_one_caption():
-    """MSGAN's term: the second half of the generated batch takes the first half's captions with other noise; the term is
-    weight / (mean image distance / mean noise distance + 1e-5), by hand here; D judges each sample under its own caption."""
+    """MSGAN's term: the second half of the generated batch takes the first half's captions with other noise; the term
+    is
+    weight / (mean image distance / mean noise distance + 1e-5), by hand here; D judges each sample under its own
+    caption."""
     from distill.scratch.phases import RealBatch
     from students.text import TextConditioning
 
@@ -356,14 +432,24 @@ def test_mode_seeking_pairs_two_noise_maps_of_one_caption():
             out = 0.5 * noise + prompt_embeds.mean(dim=(1, 2))[:, None, None, None]
             return out, [out]
 
-    d = MultiScaleDiscriminator(in_channels=3, resolution=16, context_dim=32, channels=(8,), text_dim=16, cmap_dim=8, augment="",
-                                generator_pyramid=False)
+    d = MultiScaleDiscriminator(
+        in_channels=3,
+        resolution=16,
+        context_dim=32,
+        channels=(8,),
+        text_dim=16,
+        cmap_dim=8,
+        augment="",
+        generator_pyramid=False,
+    )
     text = _text(5)
     batch = RealBatch(torch.rand(5, 3, 16, 16), TextConditioning(text), [f"c{i}" for i in range(5)])
     engine = _engine(d, G())
     engine.view.mode_seeking_weight = 0.1
     (fake, _, cond), terms = engine.g_terms(batch, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(cond.prompt_embeds, text[[0, 1, 0, 1, 4]])  # pairs (0, 2) and (1, 3); an odd sample keeps its own
+    torch.testing.assert_close(
+        cond.prompt_embeds, text[[0, 1, 0, 1, 4]]
+    )  # pairs (0, 2) and (1, 3); an odd sample keeps its own
     noise = (fake - cond.prompt_embeds.mean(dim=(1, 2))[:, None, None, None]) / 0.5
     ratio = (fake[:2] - fake[2:4]).abs().mean() / (noise[:2] - noise[2:4]).abs().mean()
     torch.testing.assert_close(terms["g_mode_seeking"], 0.1 / (ratio + 1e-5))

@@ -119,15 +119,20 @@ def test_sdxl_pooled_text(cls):
         model(noise, emb)
     # Without pooled_dim the SD1.x generator ignores SDXL's extras.
     plain = make(cls)
-    assert torch.equal(plain(noise, emb), plain(noise, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}))
+    assert torch.equal(
+        plain(noise, emb), plain(noise, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+    )
 
 
 @pytest.mark.parametrize("cls", GENERATORS)
 def test_bad_inputs_raise_one_line(cls):
     model = make(cls, size="small")  # three levels: sides must be multiples of 4
     noise, emb = inputs()
-    for bad, match in [((noise[..., :14, :14], emb), "divisible by 4"), ((noise[:, :3], emb), r"\[N,4,H,W\]"),
-                       ((noise, emb[..., :16]), "prompt_embeds")]:
+    for bad, match in [
+        ((noise[..., :14, :14], emb), "divisible by 4"),
+        ((noise[:, :3], emb), r"\[N,4,H,W\]"),
+        ((noise, emb[..., :16]), "prompt_embeds"),
+    ]:
         with pytest.raises(ValueError, match=match) as err:
             model(*bad)
         assert "\n" not in str(err.value)
@@ -165,9 +170,15 @@ def test_pipeline_round_trip(cls, sd15_teacher, tmp_path):
 
     teacher = StableDiffusionPipeline.from_pretrained(sd15_teacher)
     torch.manual_seed(0)
-    student = cls.for_latents(latent_channels=teacher.vae.config.latent_channels, sample_size=teacher.unet.config.sample_size,
-                              cross_attention_dim=teacher.text_encoder.config.hidden_size, size="tiny")
-    pipe = OneStepGANPipeline(student=student, vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    student = cls.for_latents(
+        latent_channels=teacher.vae.config.latent_channels,
+        sample_size=teacher.unet.config.sample_size,
+        cross_attention_dim=teacher.text_encoder.config.hidden_size,
+        size="tiny",
+    )
+    pipe = OneStepGANPipeline(
+        student=student, vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer
+    )
     prompts = ["a red apple", "a photo of a cat"]
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     before = pipe(prompts, latents=noise, output_type="latent").images
@@ -201,7 +212,9 @@ def test_equal_linear_runtime_scale_and_adam_step():
         layer(x).square().sum().backward()
         opt.step()
         relative = (layer.weight * layer.weight_gain - before).abs().mean() / before.abs().mean()
-        assert relative.item() == pytest.approx(1e-3 * lr_mul / (2 / torch.pi) ** 0.5, rel=0.1)  # E|N(0,1)| = sqrt(2/pi)
+        assert relative.item() == pytest.approx(
+            1e-3 * lr_mul / (2 / torch.pi) ** 0.5, rel=0.1
+        )  # E|N(0,1)| = sqrt(2/pi)
 
 
 @pytest.mark.parametrize("cls", GENERATORS)
@@ -293,9 +306,12 @@ def test_pipeline_truncation_interpolation_and_style_mixing(cls, sd15_teacher):
 
     teacher = StableDiffusionPipeline.from_pretrained(sd15_teacher)
     torch.manual_seed(0)
-    student = cls.for_latents(latent_channels=4, sample_size=16, cross_attention_dim=teacher.text_encoder.config.hidden_size,
-                              size="tiny").eval()
-    pipe = OneStepGANPipeline(student=student, vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    student = cls.for_latents(
+        latent_channels=4, sample_size=16, cross_attention_dim=teacher.text_encoder.config.hidden_size, size="tiny"
+    ).eval()
+    pipe = OneStepGANPipeline(
+        student=student, vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer
+    )
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     plain = pipe(["a cat", "a cat"], latents=noise, output_type="latent").images
     mean = pipe(["a cat", "a cat"], latents=noise, output_type="latent", truncation_psi=0.0).images
@@ -325,8 +341,12 @@ def test_unet_student_pipeline_refuses_style_operations(sd15_teacher):
     from students import UNetStudent
 
     teacher = StableDiffusionPipeline.from_pretrained(sd15_teacher)
-    pipe = OneStepGANPipeline(student=UNetStudent.from_teacher(teacher.unet, teacher.scheduler), vae=teacher.vae,
-                              text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    pipe = OneStepGANPipeline(
+        student=UNetStudent.from_teacher(teacher.unet, teacher.scheduler),
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+    )
     with pytest.raises(ValueError, match="style-based student"):
         pipe("a cat", truncation_psi=0.5, output_type="latent")
     with pytest.raises(ValueError, match="style-based student"):

@@ -10,24 +10,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_script, tiny_pairs
-from students import GigaGANGenerator, StyleGANTGenerator
-from students import gigagan, stylegan_t
+
+from students import GigaGANGenerator, StyleGANTGenerator, gigagan, stylegan_t
 from students._layers import EqualLinear, ModulatedConv2d
 
 GENERATORS = {"gigagan": GigaGANGenerator, "stylegan_t": StyleGANTGenerator}
 
 
-@pytest.mark.parametrize("cls, published", [(GigaGANGenerator, gigagan.PAPER_PARAMETERS),
-                                             (StyleGANTGenerator, stylegan_t.PAPER_PARAMETERS)])
-@pytest.mark.parametrize("latents", [dict(sample_size=64, cross_attention_dim=768),  # SD1.5
-                                     dict(sample_size=128, cross_attention_dim=2048, pooled_dim=1280)])  # SDXL
+@pytest.mark.parametrize(
+    "cls, published", [(GigaGANGenerator, gigagan.PAPER_PARAMETERS), (StyleGANTGenerator, stylegan_t.PAPER_PARAMETERS)]
+)
+@pytest.mark.parametrize(
+    "latents",
+    [
+        dict(sample_size=64, cross_attention_dim=768),  # SD1.5
+        dict(sample_size=128, cross_attention_dim=2048, pooled_dim=1280),
+    ],
+)  # SDXL
 def test_paper_presets_are_within_ten_percent_of_the_published_generators(cls, published, latents):
     with torch.device("meta"):
         model = cls.for_latents(latent_channels=4, size="paper", **latents)
     count = sum(p.numel() for p in model.parameters())
-    assert abs(count / published - 1) < 0.10, f"{cls.__name__}: {count / 1e9:.3f} B vs published {published / 1e9:.2f} B"
+    assert abs(count / published - 1) < 0.10, (
+        f"{cls.__name__}: {count / 1e9:.3f} B vs published {published / 1e9:.2f} B"
+    )
     # The paper preset runs on SD latents (shapes only, on the meta device).
     noise = torch.empty(2, 4, latents["sample_size"], latents["sample_size"], device="meta")
     embeds = torch.empty(2, 77, latents["cross_attention_dim"], device="meta")
@@ -35,7 +42,9 @@ def test_paper_presets_are_within_ten_percent_of_the_published_generators(cls, p
     assert model(noise, embeds, added).shape == noise.shape
 
 
-@pytest.mark.parametrize("config, family", [("sd15_gigagan", "sd15"), ("sd15_stylegan_t", "sd15"), ("sdxl_gigagan", "sdxl")])
+@pytest.mark.parametrize(
+    "config, family", [("sd15_gigagan", "sd15"), ("sd15_stylegan_t", "sd15"), ("sdxl_gigagan", "sdxl")]
+)
 def test_sd_gan_student_configs_parse_and_build_on_a_teacher_of_their_family(config, family, tiny_teacher_factory):
     """Each shipped SD GAN-student config builds its generator for a (tiny, random) teacher of its family, the way
     train_student.py does (registry, latent statistics), and the generator maps that teacher's noise and text."""
@@ -115,8 +124,9 @@ def test_target_statistics_are_the_per_channel_moments_of_the_first_rows():
 
     rng = np.random.default_rng(0)
     target = (rng.standard_normal((10, 4, 3, 3)) * [[[[1.0]], [[2.0]], [[0.5]], [[3.0]]]] + 1.0).astype(np.float32)
-    ds = datasets.Dataset.from_dict({"target": target}, features=datasets.Features(
-        {"target": datasets.Array3D(shape=(4, 3, 3), dtype="float32")}))
+    ds = datasets.Dataset.from_dict(
+        {"target": target}, features=datasets.Features({"target": datasets.Array3D(shape=(4, 3, 3), dtype="float32")})
+    )
     mean, std = target_statistics(ds, rows=6)
     np.testing.assert_allclose(mean, target[:6].mean(axis=(0, 2, 3)), rtol=1e-5)
     np.testing.assert_allclose(std, target[:6].std(axis=(0, 2, 3), ddof=1), rtol=1e-5)
@@ -133,14 +143,35 @@ def four_step_pairs(sd15_teacher, prompt_file, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("student", ["gigagan", "stylegan_t"])
-def test_gan_students_with_default_settings_lower_heldout_mse_off_the_digits(four_step_pairs, student, tmp_path, capsys):
+def test_gan_students_with_default_settings_lower_heldout_mse_off_the_digits(
+    four_step_pairs, student, tmp_path, capsys
+):
     """Every value default but the regression (MSE, no LPIPS network offline), the batch and the length: the training
     MSE does not run away and the exported student's held-out MSE goes down (before: GigaGAN 20.9 -> 54.0, training
     MSE 20 -> 316 within 33 steps)."""
     run = tmp_path / student
-    code, err = run_script("train_student.py", ["--pairs", four_step_pairs, "--output_dir", run, "--student", student,
-                                                "--regression", "mse", "--lpips_network", "random", "--batch_size", 4,
-                                                "--max_train_steps", 40, "--report_to", "none"], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            four_step_pairs,
+            "--output_dir",
+            run,
+            "--student",
+            student,
+            "--regression",
+            "mse",
+            "--lpips_network",
+            "random",
+            "--batch_size",
+            4,
+            "--max_train_steps",
+            40,
+            "--report_to",
+            "none",
+        ],
+        capsys,
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     train = [r["g_mse"] for r in rows if "g_mse" in r]

@@ -14,9 +14,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, accelerate_launch, ctrl_c_able, run_script
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from conftest import ROOT, accelerate_launch, ctrl_c_able, run_script
 from data_gen.noise import noise_for_seed
 from data_gen.pairs import load_pairs
 
@@ -40,8 +40,25 @@ def _rows(path) -> dict[int, dict]:
 def test_pairs_match_the_diffusers_pipeline(tiny_teacher_factory, prompt_file, tmp_path, capsys, family, pipe_cls):
     teacher = tiny_teacher_factory(family)
     out = tmp_path / "pairs"
-    code, err = run_script("generate_pairs.py", ["--teacher", teacher, "--prompts", prompt_file, "--num_pairs", 6,
-                                                 "--batch_size", 4, "--shard_size", 4, "--output_dir", out, *COMMON], capsys)
+    code, err = run_script(
+        "generate_pairs.py",
+        [
+            "--teacher",
+            teacher,
+            "--prompts",
+            prompt_file,
+            "--num_pairs",
+            6,
+            "--batch_size",
+            4,
+            "--shard_size",
+            4,
+            "--output_dir",
+            out,
+            *COMMON,
+        ],
+        capsys,
+    )
     assert code == 0, err
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.num_rows == 6 and set(ds.column_names) == {"index", "seed", "prompt", "noise", "target"}
@@ -56,14 +73,30 @@ def test_pairs_match_the_diffusers_pipeline(tiny_teacher_factory, prompt_file, t
         # The stored noise is what the per-row generator draws, rounded to the storage dtype.
         noise = noise_for_seed(int(row["seed"]), (4, 16, 16), torch.float16)
         np.testing.assert_array_equal(row["noise"], noise.numpy())
-        ref = pipe(prompt=row["prompt"], latents=noise.float()[None], num_inference_steps=3, guidance_scale=4.0,
-                   output_type="latent").images[0]
+        ref = pipe(
+            prompt=row["prompt"],
+            latents=noise.float()[None],
+            num_inference_steps=3,
+            guidance_scale=4.0,
+            output_type="latent",
+        ).images[0]
         np.testing.assert_allclose(row["target"].astype(np.float32), ref.half().float().numpy(), atol=2e-3, rtol=2e-3)
 
 
 def test_two_processes_write_the_same_rows(sd15_teacher, prompt_file, tmp_path):
-    args = ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 10, "--batch_size", 2,
-            "--shard_size", 2, *COMMON]
+    args = [
+        "--teacher",
+        sd15_teacher,
+        "--prompts",
+        prompt_file,
+        "--num_pairs",
+        10,
+        "--batch_size",
+        2,
+        "--shard_size",
+        2,
+        *COMMON,
+    ]
     one = accelerate_launch("generate_pairs.py", [*args, "--output_dir", tmp_path / "one"])
     assert one.returncode == 0, one.stderr[-3000:]
     two = accelerate_launch("generate_pairs.py", [*args, "--output_dir", tmp_path / "two"], num_processes=2)
@@ -79,9 +112,26 @@ def test_two_processes_write_the_same_rows(sd15_teacher, prompt_file, tmp_path):
 
 def test_kill_and_resume_finishes_exactly_the_missing_rows(sd15_teacher, prompt_file, tmp_path):
     out = tmp_path / "pairs"
-    args = [sys.executable, str(ROOT / "distill" / "generate_pairs.py"), "--teacher", str(sd15_teacher),
-            "--prompts", str(prompt_file), "--num_pairs", "12", "--batch_size", "1", "--shard_size", "2",
-            "--resolution", "32", "--num_inference_steps", "2", "--output_dir", str(out)]
+    args = [
+        sys.executable,
+        str(ROOT / "distill" / "generate_pairs.py"),
+        "--teacher",
+        str(sd15_teacher),
+        "--prompts",
+        str(prompt_file),
+        "--num_pairs",
+        "12",
+        "--batch_size",
+        "1",
+        "--shard_size",
+        "2",
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "2",
+        "--output_dir",
+        str(out),
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -107,7 +157,9 @@ def test_kill_and_resume_finishes_exactly_the_missing_rows(sd15_teacher, prompt_
     arrow = [Path(f["filename"]) for f in ds.cache_files]
     assert arrow and all((out / ".arrow-cache") in f.parents for f in arrow)
     files = sorted((out / ".arrow-cache").rglob("*.arrow"))
-    assert [Path(f["filename"]) for f in load_pairs(out).cache_files] == arrow and sorted((out / ".arrow-cache").rglob("*.arrow")) == files
+    assert [Path(f["filename"]) for f in load_pairs(out).cache_files] == arrow and sorted(
+        (out / ".arrow-cache").rglob("*.arrow")
+    ) == files
 
 
 def test_other_config_in_same_dir_is_refused(sd15_teacher, prompt_file, tmp_path, capsys):
@@ -125,29 +177,38 @@ def test_other_config_in_same_dir_is_refused(sd15_teacher, prompt_file, tmp_path
     code, err = run_script("generate_pairs.py", [*base, "--store_prompt_embeds"], capsys)
     assert code == 2 and "store_prompt_embeds: None -> True" in _one_error_line(err)
     embeds = tmp_path / "embeds"
-    with_embeds = [*base[:-len(COMMON) - 2], "--output_dir", embeds, *COMMON, "--store_prompt_embeds"]
+    with_embeds = [*base[: -len(COMMON) - 2], "--output_dir", embeds, *COMMON, "--store_prompt_embeds"]
     assert run_script("generate_pairs.py", with_embeds, capsys)[0] == 0
     code, err = run_script("generate_pairs.py", with_embeds[:-1], capsys)
     assert code == 2 and "store_prompt_embeds: True -> None" in _one_error_line(err)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"--teacher": "/no/such/teacher"}, "not found"),
-    ({"--resolution": "33"}, "not divisible by the VAE factor 2"),
-    ({"--scheduler": "heun"}, "unknown scheduler 'heun'; choose one of ddim, dpmpp, euler"),
-    ({"--prompts": "EMPTY"}, "contains no prompts"),
-    ({"--prompts": "/no/such/prompts.txt"}, "prompt file /no/such/prompts.txt not found"),
-    ({"--output_dir": "FILE/sub"}, "is not writable"),
-    ({"--guidance": "3"}, "unrecognized arguments: --guidance"),
-    ({"--num_pairs": "many"}, "num_pairs"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"--teacher": "/no/such/teacher"}, "not found"),
+        ({"--resolution": "33"}, "not divisible by the VAE factor 2"),
+        ({"--scheduler": "heun"}, "unknown scheduler 'heun'; choose one of ddim, dpmpp, euler"),
+        ({"--prompts": "EMPTY"}, "contains no prompts"),
+        ({"--prompts": "/no/such/prompts.txt"}, "prompt file /no/such/prompts.txt not found"),
+        ({"--output_dir": "FILE/sub"}, "is not writable"),
+        ({"--guidance": "3"}, "unrecognized arguments: --guidance"),
+        ({"--num_pairs": "many"}, "num_pairs"),
+    ],
+)
 def test_bad_input_is_one_clear_line(sd15_teacher, prompt_file, tmp_path, capsys, override, message):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    args = {"--teacher": str(sd15_teacher), "--prompts": str(prompt_file), "--num_pairs": "2",
-            "--output_dir": str(tmp_path / "out"), "--resolution": "32", "--num_inference_steps": "2"}
+    args = {
+        "--teacher": str(sd15_teacher),
+        "--prompts": str(prompt_file),
+        "--num_pairs": "2",
+        "--output_dir": str(tmp_path / "out"),
+        "--resolution": "32",
+        "--num_inference_steps": "2",
+    }
     args.update({k: v.replace("EMPTY", str(empty)).replace("FILE", str(a_file)) for k, v in override.items()})
     code, err = run_script("generate_pairs.py", [x for kv in args.items() for x in kv], capsys)
     assert code == 2
@@ -166,8 +227,23 @@ def test_unknown_key_in_yaml_config(sd15_teacher, tmp_path, capsys):
 
 
 def _gen(teacher, prompt_file, out, *extra):
-    return ["--teacher", teacher, "--prompts", prompt_file, "--num_pairs", 4, "--shard_size", 2, "--output_dir", out,
-            "--resolution", "32", "--num_inference_steps", "2", *extra]
+    return [
+        "--teacher",
+        teacher,
+        "--prompts",
+        prompt_file,
+        "--num_pairs",
+        4,
+        "--shard_size",
+        2,
+        "--output_dir",
+        out,
+        "--resolution",
+        "32",
+        "--num_inference_steps",
+        "2",
+        *extra,
+    ]
 
 
 def _files(out):
@@ -176,10 +252,23 @@ def _files(out):
 
 def test_a_second_run_into_a_locked_folder_is_refused(sd15_teacher, prompt_file, tmp_path, capsys):
     out = tmp_path / "pairs"
-    args = [sys.executable, str(ROOT / "distill" / "generate_pairs.py"), *map(str, _gen(sd15_teacher, prompt_file, out)),
-            "--num_pairs", "4000", "--batch_size", "1"]  # still running when Ctrl-C comes (400 took 12 s on idle cores)
-    first = subprocess.Popen(args, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=ctrl_c_able)
+    args = [
+        sys.executable,
+        str(ROOT / "distill" / "generate_pairs.py"),
+        *map(str, _gen(sd15_teacher, prompt_file, out)),
+        "--num_pairs",
+        "4000",
+        "--batch_size",
+        "1",
+    ]  # still running when Ctrl-C comes (400 took 12 s on idle cores)
+    first = subprocess.Popen(
+        args,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_able,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (out / "manifest.json").exists():
@@ -199,7 +288,8 @@ def test_a_second_run_into_a_locked_folder_is_refused(sd15_teacher, prompt_file,
 
 
 def test_a_lock_left_by_a_killed_run_on_this_host_is_taken_over(sd15_teacher, prompt_file, tmp_path, capsys):
-    """A preempted job resumes by itself: the dead holder's lock (pid and start time checked) is taken over, in a line."""
+    """A preempted job resumes by itself: the dead holder's lock (pid and start time checked) is taken over, in a
+    line."""
     import socket
 
     out = tmp_path / "pairs"
@@ -209,13 +299,17 @@ def test_a_lock_left_by_a_killed_run_on_this_host_is_taken_over(sd15_teacher, pr
     (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "yesterday"}))
     code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
     assert code == 0, err[-2000:]
-    assert f"took over the lock of {out} from a run that is no longer alive (pid {dead.pid} on {socket.gethostname()}" in err
+    assert (
+        f"took over the lock of {out} from a run that is no longer alive (pid {dead.pid} on {socket.gethostname()}"
+        in err
+    )
     assert not (out / ".lock").exists() and sorted(load_pairs(out)["index"]) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("minutes_since_beat", [11, 1])
-def test_a_lock_of_another_host_is_taken_over_once_its_heartbeat_stops(sd15_teacher, prompt_file, tmp_path, capsys,
-                                                                       minutes_since_beat):
+def test_a_lock_of_another_host_is_taken_over_once_its_heartbeat_stops(
+    sd15_teacher, prompt_file, tmp_path, capsys, minutes_since_beat
+):
     """A job requeued on another node: the lock of the node it ran on, not renewed for 10 min, is taken over; one
     renewed a minute ago belongs to a run that may still write there."""
     out = tmp_path / "pairs"
@@ -226,10 +320,14 @@ def test_a_lock_of_another_host_is_taken_over_once_its_heartbeat_stops(sd15_teac
     os.utime(lock, (beat, beat))
     code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
     if minutes_since_beat > 10:
-        assert code == 0 and "from a run whose lock has not been renewed for 11 min (pid 4242 on preempted-node" in err, err[-2000:]
+        assert (
+            code == 0 and "from a run whose lock has not been renewed for 11 min (pid 4242 on preempted-node" in err
+        ), err[-2000:]
     else:
         line = _one_error_line(err)
-        assert code == 2 and "is in use by another run (pid 4242 on preempted-node" in line and "renewed 60 s ago" in line, line
+        assert (
+            code == 2 and "is in use by another run (pid 4242 on preempted-node" in line and "renewed 60 s ago" in line
+        ), line
         assert lock.exists() and not (out / "manifest.json").exists()
 
 
@@ -259,7 +357,9 @@ def test_resume_compares_the_teacher_by_content_not_by_path(sd15_teacher, prompt
     assert run_script("generate_pairs.py", _gen(teacher, prompt_file, out), capsys)[0] == 0
     (out / "data" / "train-00001-of-00002.parquet").unlink()  # as if killed before the last shard
     # The same teacher spelled another way (and the prompts too) resumes.
-    code, err = run_script("generate_pairs.py", _gen(tmp_path / "." / "teacher" / ".." / "teacher", prompt_file, out), capsys)
+    code, err = run_script(
+        "generate_pairs.py", _gen(tmp_path / "." / "teacher" / ".." / "teacher", prompt_file, out), capsys
+    )
     assert code == 0, err
     # The same path with other weights is refused, naming the changed file; nothing in the folder changes.
     unet = UNet2DConditionModel.from_pretrained(teacher / "unet")
@@ -300,8 +400,24 @@ def test_a_corrupt_shard_is_named_on_resume_and_on_load(sd15_teacher, prompt_fil
     assert f"shard {shard} is corrupt" in line and f"rm {shard}" in line
     with pytest.raises(ValueError, match="train-00001-of-00002.parquet is corrupt"):
         load_pairs(out)
-    code, err = run_script("train_student.py", ["--pairs", out, "--output_dir", tmp_path / "run", "--batch_size", 1,
-                                                "--holdout", 1, "--lpips_network", "random", "--report_to", "none"], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            out,
+            "--output_dir",
+            tmp_path / "run",
+            "--batch_size",
+            1,
+            "--holdout",
+            1,
+            "--lpips_network",
+            "random",
+            "--report_to",
+            "none",
+        ],
+        capsys,
+    )
     assert code == 2 and f"shard {shard} is corrupt" in _one_error_line(err)
     shard.unlink()  # the fix the message names
     assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)[0] == 0
@@ -340,15 +456,37 @@ def test_stored_prompt_embeds_are_the_pipelines(tiny_teacher_factory, prompt_fil
 
     teacher = tiny_teacher_factory(family)
     out = tmp_path / "pairs"
-    code, err = run_script("generate_pairs.py", ["--teacher", teacher, "--prompts", prompt_file, "--num_pairs", 5, "--batch_size", 2,
-                                                 "--shard_size", 3, "--output_dir", out, "--store_prompt_embeds", *COMMON], capsys)
+    code, err = run_script(
+        "generate_pairs.py",
+        [
+            "--teacher",
+            teacher,
+            "--prompts",
+            prompt_file,
+            "--num_pairs",
+            5,
+            "--batch_size",
+            2,
+            "--shard_size",
+            3,
+            "--output_dir",
+            out,
+            "--store_prompt_embeds",
+            *COMMON,
+        ],
+        capsys,
+    )
     assert code == 0, err
     manifest = read_manifest(out)
     ds = load_pairs(out).with_format("torch")
     rows = ds[:]
     pipe = pipe_cls.from_pretrained(teacher)
-    embeds, *rest = pipe.encode_prompt(rows["prompt"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
-    expected = {"prompt_embeds": embeds} if family == "sd15" else {"prompt_embeds": embeds, "pooled_prompt_embeds": rest[1]}
+    embeds, *rest = pipe.encode_prompt(
+        rows["prompt"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    expected = (
+        {"prompt_embeds": embeds} if family == "sd15" else {"prompt_embeds": embeds, "pooled_prompt_embeds": rest[1]}
+    )
     assert manifest["config"]["store_prompt_embeds"] is True and manifest["prompt_embeds"]["dtype"] == "float16"
     assert manifest["prompt_embeds"]["columns"] == {k: list(v.shape[1:]) for k, v in expected.items()}
     assert set(ds.column_names) == {"index", "seed", "prompt", "noise", "target", *expected}
@@ -357,11 +495,14 @@ def test_stored_prompt_embeds_are_the_pipelines(tiny_teacher_factory, prompt_fil
         torch.testing.assert_close(rows[key], value.half().float())
 
 
-@pytest.mark.parametrize("value, message", [
-    ("nan", "guidance_scale must be a finite number, got nan"),
-    ("inf", "guidance_scale must be a finite number, got inf"),
-    ("-5", "guidance_scale must not be negative, got -5.0"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nan", "guidance_scale must be a finite number, got nan"),
+        ("inf", "guidance_scale must be a finite number, got inf"),
+        ("-5", "guidance_scale must not be negative, got -5.0"),
+    ],
+)
 def test_guidance_scale_must_be_finite_and_not_negative(sd15_teacher, prompt_file, tmp_path, capsys, value, message):
     """Refused before anything is written (diffusers takes NaN as CFG off): the corrected run then starts cleanly."""
     out = tmp_path / "pairs"
@@ -370,7 +511,8 @@ def test_guidance_scale_must_be_finite_and_not_negative(sd15_teacher, prompt_fil
 
 
 def test_a_run_that_wrote_no_shard_does_not_block_the_next(sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
-    """A teacher that overflows in float32 is named as such (not 'try float32'); the manifest its run left binds nothing."""
+    """A teacher that overflows in float32 is named as such (not 'try float32'); the manifest its run left binds
+    nothing."""
     import teachers
 
     real = teachers.solve_ode
@@ -378,14 +520,22 @@ def test_a_run_that_wrote_no_shard_does_not_block_the_next(sd15_teacher, prompt_
     out = tmp_path / "pairs"
     code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", "9"), capsys)
     line = _one_error_line(err)
-    assert code == 2 and "although it runs in float32 (guidance_scale 9)" in line and "try teacher_dtype float32" not in line
+    assert (
+        code == 2
+        and "although it runs in float32 (guidance_scale 9)" in line
+        and "try teacher_dtype float32" not in line
+    )
     assert (out / "manifest.json").is_file()
     monkeypatch.setattr(teachers, "solve_ode", real)
-    assert run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", "4"), capsys)[0] == 0
+    assert (
+        run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out, "--guidance_scale", "4"), capsys)[0] == 0
+    )
     assert json.loads((out / "manifest.json").read_text())["config"]["guidance_scale"] == 4.0
 
 
-def test_a_full_disk_is_one_line_and_the_config_record_is_rewritten(sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_is_one_line_and_the_config_record_is_rewritten(
+    sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch
+):
     import errno
 
     from data_gen import pairs as pairs_io
@@ -402,7 +552,11 @@ def test_a_full_disk_is_one_line_and_the_config_record_is_rewritten(sd15_teacher
     monkeypatch.setattr(pairs_io, "write_shard", full_after_one)
     code, err = run_script("generate_pairs.py", _gen(sd15_teacher, prompt_file, out), capsys)
     line = _one_error_line(err)
-    assert code == 2 and line.startswith(f"error: no space left in {out}, need ≈ ") and "for the 2 pairs still to write" in line
+    assert (
+        code == 2
+        and line.startswith(f"error: no space left in {out}, need ≈ ")
+        and "for the 2 pairs still to write" in line
+    )
     assert "the 1 finished shard(s) are kept and the same command resumes" in line
     (out / "generate_pairs.yaml").write_text("")  # as an older version left it when the disk filled during its write
     monkeypatch.setattr(pairs_io, "write_shard", real)
@@ -427,10 +581,22 @@ def test_a_long_prompt_is_warned_about_once_and_the_stage_shows_one_bar(sd15_tea
     prompts = tmp_path / "long.txt"
     prompts.write_text("a cat " + "and a very long description " * 360 + "\nshort\n")
     out = tmp_path / "pairs"
-    run = subprocess.run([sys.executable, str(ROOT / "distill" / "generate_pairs.py"), *map(str, _gen(sd15_teacher, prompts, out)),
-                          "--batch_size", "1"], env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "distill" / "generate_pairs.py"),
+            *map(str, _gen(sd15_teacher, prompts, out)),
+            "--batch_size",
+            "1",
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stderr.count("was truncated") == 1 and "(said once" in run.stderr and len(run.stderr) < 6000, len(run.stderr)
+    assert run.stderr.count("was truncated") == 1 and "(said once" in run.stderr and len(run.stderr) < 6000, len(
+        run.stderr
+    )
     assert "Loading pipeline components" not in run.stderr and "pair/s" in run.stderr
     assert run.stdout.startswith("pairs: 4 to solve") and "pairs/s on rank 0" in run.stdout

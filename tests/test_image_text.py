@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_script
+
 from data_gen.image_text import StreamCursor, check_image_text, image_transform, load_image, open_image_text, read_rows
 from distill.scratch.data import RealData
 
@@ -35,7 +35,20 @@ def make_mixed_imagefolder(path, n=12):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    sizes = [(20, 28), (28, 20), (40, 40), (24, 36), (36, 24), (32, 32), (20, 20), (40, 28), (28, 40), (33, 21), (21, 33), (30, 30)]
+    sizes = [
+        (20, 28),
+        (28, 20),
+        (40, 40),
+        (24, 36),
+        (36, 24),
+        (32, 32),
+        (20, 20),
+        (40, 28),
+        (28, 40),
+        (33, 21),
+        (21, 33),
+        (30, 30),
+    ]
     path.mkdir(parents=True)
     with open(path / "metadata.jsonl", "w") as fh:
         for i in range(n):
@@ -47,7 +60,10 @@ def make_mixed_imagefolder(path, n=12):
                 image = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
                 image = image if mode == "RGBA" else Image.merge("LA", (image.convert("L"), image.getchannel("A")))
             elif mode == "P+transparency":
-                image, options = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16), {"transparency": 0}
+                image, options = (
+                    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+                    {"transparency": 0},
+                )
             elif mode in ("L+tRNS", "RGB+tRNS"):
                 image = Image.fromarray(rgb).convert(mode[0] if mode[0] == "L" else "RGB")
                 options = {"transparency": image.getpixel((0, 0))}  # that colour is transparent
@@ -67,23 +83,54 @@ def _index(caption: str) -> int:
 
 
 def _data(source, *, rank=0, world=1, batch_size=3, streaming=False, resolution=8, num_workers=0, **kwargs):
-    return RealData(dataset=str(source), split="train", image_column="image", caption_column="text", streaming=streaming,
-                    config_name=None, resolution=resolution, batch_size=batch_size, seed=0, rank=rank, world=world, num_workers=num_workers,
-                    latent_sampling="mode", encode=lambda captions: None, to_samples=lambda x, **k: x, device="cpu",
-                    gather=lambda objs: objs, **kwargs)
+    return RealData(
+        dataset=str(source),
+        split="train",
+        image_column="image",
+        caption_column="text",
+        streaming=streaming,
+        config_name=None,
+        resolution=resolution,
+        batch_size=batch_size,
+        seed=0,
+        rank=rank,
+        world=world,
+        num_workers=num_workers,
+        latent_sampling="mode",
+        encode=lambda captions: None,
+        to_samples=lambda x, **k: x,
+        device="cpu",
+        gather=lambda objs: objs,
+        **kwargs,
+    )
 
 
 def test_imagefolder_rows_are_centre_cropped_and_captioned(tmp_path):
     folder = make_imagefolder(tmp_path / "data")
     ds = open_image_text(str(folder), caption_column="text")
-    images, captions = read_rows(ds, [0, 5], image_column="image", caption_column="text", transform=image_transform(8),
-                                 generator=torch.Generator().manual_seed(0))
+    images, captions = read_rows(
+        ds,
+        [0, 5],
+        image_column="image",
+        caption_column="text",
+        transform=image_transform(8),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert images.shape == (2, 3, 8, 8) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
     torch.testing.assert_close(images[1, 0], torch.full((8, 8), 50 / 127.5 - 1), atol=0.02, rtol=0)  # red = 10 * 5
     assert [_index(c) for c in captions] == [0, 5] and captions[0] in ("image 0", "picture 0")
-    many = [read_rows(ds, [3], image_column="image", caption_column="text", transform=image_transform(8),
-                      generator=torch.Generator().manual_seed(s))[1][0] for s in range(8)]
+    many = [
+        read_rows(
+            ds,
+            [3],
+            image_column="image",
+            caption_column="text",
+            transform=image_transform(8),
+            generator=torch.Generator().manual_seed(s),
+        )[1][0]
+        for s in range(8)
+    ]
     assert set(many) == {"image 3", "picture 3"}  # a list cell: one of its captions per use
 
 
@@ -138,8 +185,14 @@ def test_latent_cache_round_trip(tmp_path, sd15_teacher, capsys):
 
     vae = AutoencoderKL.from_pretrained(sd15_teacher, subfolder="vae")
     parts = ScratchParts(text={}, vae=vae, generator=None, discriminator=None, clip_guidance=None, resolution=16)
-    images, _ = read_rows(open_image_text(str(folder)), [3], image_column="image", caption_column="text",
-                          transform=image_transform(16), generator=None)
+    images, _ = read_rows(
+        open_image_text(str(folder)),
+        [3],
+        image_column="image",
+        caption_column="text",
+        transform=image_transform(16),
+        generator=None,
+    )
     expected = parts.to_samples(images, sampling="mode", generator=None)
     batch = _data(cache, batch_size=5, resolution=16, vae_config=vae.config).batch(0)
     row = [_index(c) for c in batch.captions].index(3)
@@ -149,9 +202,26 @@ def test_latent_cache_round_trip(tmp_path, sd15_teacher, capsys):
     code, err = run_script("cache_latents.py", [*args[:-4], "--resolution", 32, *args[-4:]], capsys)
     assert code == 2 and "other settings" in err.strip().splitlines()[-1]
     with pytest.raises(ValueError, match="made at resolution 16"):
-        RealData(dataset=str(cache), split="train", image_column="image", caption_column="text", streaming=False, config_name=None,
-                 resolution=32, batch_size=1, seed=0, rank=0, world=1, num_workers=0, latent_sampling="mode", encode=None,
-                 to_samples=None, device="cpu", gather=None, vae_config=vae.config)
+        RealData(
+            dataset=str(cache),
+            split="train",
+            image_column="image",
+            caption_column="text",
+            streaming=False,
+            config_name=None,
+            resolution=32,
+            batch_size=1,
+            seed=0,
+            rank=0,
+            world=1,
+            num_workers=0,
+            latent_sampling="mode",
+            encode=None,
+            to_samples=None,
+            device="cpu",
+            gather=None,
+            vae_config=vae.config,
+        )
 
 
 def test_bad_sources_are_one_line(tmp_path):
@@ -182,12 +252,23 @@ def test_every_image_mode_is_read_as_displayed(tmp_path):
     exif[0x0112] = 6  # rotated: shown 90 degrees clockwise
     cases = {  # file: (image, save options, {(x, y): RGB as shown})
         "rgba.png": (Image.fromarray(rgba, "RGBA"), {}, {(0, 0): (10, 20, 30), (1, 1): white, (1, 0): (127, 127, 127)}),
-        "la.png": (Image.fromarray(np.array([[[50, 255], [50, 0]]], np.uint8), "LA"), {}, {(0, 0): (50, 50, 50), (1, 0): white}),
+        "la.png": (
+            Image.fromarray(np.array([[[50, 255], [50, 0]]], np.uint8), "LA"),
+            {},
+            {(0, 0): (50, 50, 50), (1, 0): white},
+        ),
         "p-transparent.png": (palette, {"transparency": 0}, {(0, 0): white, (1, 0): (0, 255, 0)}),
         "p.png": (palette, {}, {(0, 0): garbage, (1, 0): (0, 255, 0)}),
-        "l-trns.png": (Image.fromarray(np.array([[7, 100]], np.uint8)), {"transparency": 7}, {(0, 0): white, (1, 0): (100, 100, 100)}),
-        "i16.png": (Image.fromarray(np.array([[0, 65535], [32768, 1000]], np.uint16)), {},
-                    {(0, 0): (0, 0, 0), (1, 0): white, (0, 1): (128, 128, 128), (1, 1): (4, 4, 4)}),
+        "l-trns.png": (
+            Image.fromarray(np.array([[7, 100]], np.uint8)),
+            {"transparency": 7},
+            {(0, 0): white, (1, 0): (100, 100, 100)},
+        ),
+        "i16.png": (
+            Image.fromarray(np.array([[0, 65535], [32768, 1000]], np.uint16)),
+            {},
+            {(0, 0): (0, 0, 0), (1, 0): white, (0, 1): (128, 128, 128), (1, 1): (4, 4, 4)},
+        ),
         "cmyk.tif": (Image.new("CMYK", (2, 2), (0, 255, 255, 0)), {}, {(0, 0): (255, 0, 0)}),
         "bilevel.png": (Image.new("1", (2, 2), 1), {}, {(0, 0): white}),
         "exif.png": (Image.new("RGB", (4, 2), garbage), {"exif": exif}, {}),
@@ -206,8 +287,9 @@ def test_mixed_sizes_and_modes_make_one_batch(tmp_path):
     folder = make_mixed_imagefolder(tmp_path / "mixed")
     ds = open_image_text(str(folder))
     check_image_text(ds, source=str(folder), image_column="image", caption_column="text")
-    images, captions = read_rows(ds, list(range(12)), image_column="image", caption_column="text", transform=image_transform(16),
-                                 generator=None)
+    images, captions = read_rows(
+        ds, list(range(12)), image_column="image", caption_column="text", transform=image_transform(16), generator=None
+    )
     assert images.shape == (12, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
     assert captions == [f"image {i}, {MIXED_MODES[i]}" for i in range(12)]
 
@@ -215,13 +297,21 @@ def test_mixed_sizes_and_modes_make_one_batch(tmp_path):
 def test_bad_rows_are_found_up_front_in_one_line(tmp_path):
     folder = make_imagefolder(tmp_path / "data", n=6, captions="string")
     lines = (folder / "metadata.jsonl").read_text().splitlines()
-    lines[2], lines[4] = json.dumps({"file_name": "002.png", "text": "  "}), json.dumps({"file_name": "004.png"})  # blank, missing
+    lines[2], lines[4] = (
+        json.dumps({"file_name": "002.png", "text": "  "}),
+        json.dumps({"file_name": "004.png"}),
+    )  # blank, missing
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"row 2 \(.*002.png\) has an empty caption in column 'text' \(1 more rows with an empty "
-                                         r"caption\): fill it in or drop the row$"):
+    with pytest.raises(
+        ValueError,
+        match=r"row 2 \(.*002.png\) has an empty caption in column 'text' \(1 more rows with an empty "
+        r"caption\): fill it in or drop the row$",
+    ):
         check_image_text(open_image_text(str(folder)), source=str(folder), image_column="image", caption_column="text")
     (folder / "003.png").write_bytes(b"\x89PNG truncated")
-    with pytest.raises(ValueError, match=r"image of row 3 \(.*003.png\) cannot be read .*: replace or remove it$") as info:
+    with pytest.raises(
+        ValueError, match=r"image of row 3 \(.*003.png\) cannot be read .*: replace or remove it$"
+    ) as info:
         check_image_text(open_image_text(str(folder)), source=str(folder), image_column="image", caption_column="text")
     assert "\n" not in str(info.value)
     import datasets  # a list cell needs one caption that is not blank; a latent cache (no image column) is checked too
@@ -231,14 +321,21 @@ def test_bad_rows_are_found_up_front_in_one_line(tmp_path):
         check_image_text(lists, source="cache", image_column=None, caption_column="caption")
     # Rows numbered in the whole set when a process checks its share.
     with pytest.raises(ValueError, match=r"row 3 \("):
-        check_image_text(open_image_text(str(folder)).select(range(3, 6)), source=str(folder), image_column="image",
-                         caption_column="text", first_row=3)
+        check_image_text(
+            open_image_text(str(folder)).select(range(3, 6)),
+            source=str(folder),
+            image_column="image",
+            caption_column="text",
+            first_row=3,
+        )
 
 
 def test_a_folder_without_captions_says_so(tmp_path):
     folder = make_imagefolder(tmp_path / "data", n=3)
     (folder / "metadata.jsonl").unlink()
-    with pytest.raises(ValueError, match=r"has images but no captions \(columns: image\): put a metadata.jsonl next to the images"):
+    with pytest.raises(
+        ValueError, match=r"has images but no captions \(columns: image\): put a metadata.jsonl next to the images"
+    ):
         open_image_text(str(folder))
 
 
@@ -252,4 +349,8 @@ def test_an_image_damaged_past_its_header_is_one_line_from_a_worker(tmp_path):
     with pytest.raises(ValueError) as info:
         reader.batch(0)
     message = str(info.value)
-    assert "\n" not in message and "001.png) cannot be read" in message and "checkpoints written so far are kept" in message
+    assert (
+        "\n" not in message
+        and "001.png) cannot be read" in message
+        and "checkpoints written so far are kept" in message
+    )

@@ -15,9 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The commands: distill/*.py (general) and distill/digits/*.py (the digits testbed) whose main is an @command.
-COMMANDS = sorted(p.relative_to(ROOT).with_suffix("").as_posix()
-                  for p in [*(ROOT / "distill").glob("*.py"), *(ROOT / "distill" / "digits").glob("*.py")]
-                  if "@command\ndef main" in p.read_text())
+COMMANDS = sorted(
+    p.relative_to(ROOT).with_suffix("").as_posix()
+    for p in [*(ROOT / "distill").glob("*.py"), *(ROOT / "distill" / "digits").glob("*.py")]
+    if "@command\ndef main" in p.read_text()
+)
 # As pip installed them from pyproject.toml's [project.scripts].
 CONSOLE_SCRIPTS = {e.name: e.value for e in entry_points(group="console_scripts") if e.value.startswith("distill.")}
 
@@ -31,7 +33,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def _console_script(command: str) -> str:
     module = command.replace("/", ".")
     names = [name for name, target in CONSOLE_SCRIPTS.items() if target == f"{module}:main"]
-    assert len(names) == 1, f"pyproject.toml [project.scripts] needs one entry `d2g-... = \"{module}:main\"`"
+    assert len(names) == 1, f'pyproject.toml [project.scripts] needs one entry `d2g-... = "{module}:main"`'
     return names[0]
 
 
@@ -58,8 +60,19 @@ def test_command_runs_as_a_file_a_module_and_a_console_script(command, tmp_path)
 
 
 def test_accelerate_launch_of_a_file_and_of_a_console_script():
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     done = _run([*launch, "distill/export_stock.py", "--help"], cwd=ROOT)
     assert done.returncode == 0 and "--pipeline" in done.stdout, done.stderr[-2000:]
     done = _run([*launch, "--no_python", "d2g-export-stock", "--help"], cwd=ROOT)
@@ -78,17 +91,37 @@ def test_under_accelerate_launch_a_user_error_is_the_line_the_launcher_ends_with
     The launcher's own status is 1; the command's 2 shows in the summary (`exitcode  : 2`)."""
     from conftest import _free_port
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--num_processes", str(processes)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "-q",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(processes),
+    ]
     if processes > 1:
         launch += ["--multi_gpu", "--main_process_port", str(_free_port())]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    done = subprocess.run([*launch, str(ROOT / "distill" / "sample.py"), "--pipeline", str(tmp_path / "missing"), "--prompt", "a"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*launch, str(ROOT / "distill" / "sample.py"), "--pipeline", str(tmp_path / "missing"), "--prompt", "a"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = f"error: pipeline '{tmp_path / 'missing'}' does not exist"
     lines = [x for x in done.stderr.splitlines() if x.strip() and set(x.strip()) != {"="}]
     assert done.returncode == 1 and "Traceback (most recent call last)" not in done.stderr, done.stderr[-3000:]
     if processes == 1:
         assert lines[-1].startswith(line), done.stderr[-3000:]
     else:
-        assert lines[-1].strip().startswith(f"traceback : {line}") and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
+        assert lines[-1].strip().startswith(f"traceback : {line}") and "exitcode  : 2" in done.stderr, done.stderr[
+            -3000:
+        ]

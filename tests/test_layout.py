@@ -15,15 +15,50 @@ FORBIDDEN = {
     "teachers": {"distill"},
     "students": {"distill"},
     "data_gen": {"distill"},
-    "distill.core": {"distill.losses", "distill.discriminators", "distill.metrics", "distill.training", "distill.distillation",
-                     "distill.scratch", "distill.latent_lpips", "distill.digits", "commands"},
-    "distill.losses": {"distill.metrics", "distill.training", "distill.distillation", "distill.scratch", "distill.latent_lpips",
-                       "distill.digits", "commands"},
-    "distill.discriminators": {"distill.metrics", "distill.training", "distill.distillation", "distill.scratch",
-                               "distill.latent_lpips", "distill.digits", "commands"},
-    "distill.metrics": {"distill.training", "distill.distillation", "distill.scratch", "distill.latent_lpips", "distill.digits",
-                        "commands"},
-    "distill.training": {"distill.distillation", "distill.scratch", "distill.latent_lpips", "distill.digits", "commands"},
+    "distill.core": {
+        "distill.losses",
+        "distill.discriminators",
+        "distill.metrics",
+        "distill.training",
+        "distill.distillation",
+        "distill.scratch",
+        "distill.latent_lpips",
+        "distill.digits",
+        "commands",
+    },
+    "distill.losses": {
+        "distill.metrics",
+        "distill.training",
+        "distill.distillation",
+        "distill.scratch",
+        "distill.latent_lpips",
+        "distill.digits",
+        "commands",
+    },
+    "distill.discriminators": {
+        "distill.metrics",
+        "distill.training",
+        "distill.distillation",
+        "distill.scratch",
+        "distill.latent_lpips",
+        "distill.digits",
+        "commands",
+    },
+    "distill.metrics": {
+        "distill.training",
+        "distill.distillation",
+        "distill.scratch",
+        "distill.latent_lpips",
+        "distill.digits",
+        "commands",
+    },
+    "distill.training": {
+        "distill.distillation",
+        "distill.scratch",
+        "distill.latent_lpips",
+        "distill.digits",
+        "commands",
+    },
     "distill.distillation": {"distill.scratch", "distill.latent_lpips", "distill.digits", "commands"},
     "distill.scratch": {"distill.distillation", "distill.latent_lpips", "distill.digits", "commands"},
     "distill.latent_lpips": {"distill.distillation", "distill.scratch", "distill.digits", "commands"},
@@ -46,8 +81,12 @@ def _imports(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolved against this file's package
-                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *([base] if base else [])])
-            found += [f"{base}.{alias.name}" for alias in node.names] if base in ("distill", "distill.training") else [base]
+                base = ".".join(
+                    [*package.split(".")[: len(package.split(".")) - node.level + 1], *([base] if base else [])]
+                )
+            found += (
+                [f"{base}.{alias.name}" for alias in node.names] if base in ("distill", "distill.training") else [base]
+            )
     return found
 
 
@@ -56,9 +95,13 @@ def test_a_room_imports_no_room_above_or_beside_it(room):
     folder = ROOT / Path(*room.split("."))
     files = sorted(folder.rglob("*.py"))
     assert files, folder
-    broken = [f"{path.relative_to(ROOT)} imports {name}" for path in files for name in _imports(path)
-              if name.split(".")[0] in ("distill", "teachers", "students", "data_gen")
-              and (_room_of(name) in FORBIDDEN[room] or name.split(".")[0] in FORBIDDEN[room])]
+    broken = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in files
+        for name in _imports(path)
+        if name.split(".")[0] in ("distill", "teachers", "students", "data_gen")
+        and (_room_of(name) in FORBIDDEN[room] or name.split(".")[0] in FORBIDDEN[room])
+    ]
     assert not broken, "\n".join(broken)
 
 

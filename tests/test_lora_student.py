@@ -1,4 +1,5 @@
-"""LoRA on one shared frozen base (issue 30): the UNet student as the teacher's UNet + a LoRA adapter and the teacher-UNet
+"""LoRA on one shared frozen base (issue 30): the UNet student as the teacher's UNet + a LoRA adapter and the
+teacher-UNet
 D as the same UNet with its own adapter (students/lora.py, distill/discriminators/unet.py); training, resume, the base
 held once, both exports (the merged pipeline, the LoRA file a stock pipeline loads), bad input."""
 
@@ -7,25 +8,42 @@ from __future__ import annotations
 import copy
 import gc
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import accelerate_launch, run_script, tiny_pairs
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_script, tiny_pairs
 from students import OneStepGANPipeline, encode_text
 from teachers import load_teacher
 
 PROMPTS = ["a red apple", "a photo of a cat"]
-TRAIN = ["--lpips_network", "random", "--batch_size", 4, "--holdout", 8, "--r1_interval", 2, "--report_to", "none",
-         "--learning_rate_d", "1e-4"]
+TRAIN = [
+    "--lpips_network",
+    "random",
+    "--batch_size",
+    4,
+    "--holdout",
+    8,
+    "--r1_interval",
+    2,
+    "--report_to",
+    "none",
+    "--learning_rate_d",
+    "1e-4",
+]
 LORA = ["--student_lora_rank", 4, "--d_lora_rank", 4]
 
 
 def _cond(pipe, prompts, size=32):
-    return encode_text(prompts, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, tokenizer_2=getattr(pipe, "tokenizer_2", None),
-                       text_encoder_2=getattr(pipe, "text_encoder_2", None), resolution=(size, size))
+    return encode_text(
+        prompts,
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        resolution=(size, size),
+    )
 
 
 def _stats(run):
@@ -79,7 +97,9 @@ def _phases(base, student, disc, cond, z, x):
     for p in d_params:
         p.requires_grad_(True)
     student.zero_grad(set_to_none=True)
-    loss = sum(l.mean() for l in disc(torch.cat([x, fake.detach()]), torch.cat([z, z]), torch.cat([cond.prompt_embeds] * 2)))
+    loss = sum(
+        l.mean() for l in disc(torch.cat([x, fake.detach()]), torch.cat([z, z]), torch.cat([cond.prompt_embeds] * 2))
+    )
     (loss + r1_penalty(disc, x[:1], noise=z[:1], prompt_embeds=cond.prompt_embeds[:1])).backward()
     out["d"] = (_grads(student), _grads(disc))
     out["base"] = [n for n, p in base.unet.named_parameters() if p.grad is not None and "lora_" not in n]
@@ -90,10 +110,15 @@ def _phases(base, student, disc, cond, z, x):
 def test_roles_share_one_base_each_through_its_adapter(sd15_teacher):
     """Each role's forward applies its own adapter only; the G phase's backward (through the frozen D) reaches the
     student's adapter alone, the D phase's (with R1's double backward) D's adapter, heads and convs alone, never the
-    base; gradient checkpointing of both roles (each block recomputed under its role's adapter) gives the same gradients."""
+    base; gradient checkpointing of both roles (each block recomputed under its role's adapter) gives the same
+    gradients."""
     teacher, base, student, disc = _roles(sd15_teacher)
     unet = teacher.pipe.unet
-    assert base.unet is unet and disc.unet is unet and not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+    assert (
+        base.unet is unet
+        and disc.unet is unet
+        and not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+    )
     # A role's parameters are its own tensors: the adapter (and D's heads / convs), never the base's weights.
     base_ids = {id(p) for n, p in unet.named_parameters() if "lora_" not in n}
     assert not base_ids & {id(p) for p in [*student.parameters(), *disc.parameters()]}
@@ -118,7 +143,9 @@ def test_roles_share_one_base_each_through_its_adapter(sd15_teacher):
 
     plain = _phases(base, student, disc, cond, z, x)
     g_student, g_disc = plain["g"]
-    assert set(g_student) == {n for n, _ in student.named_parameters()} and all(v.abs().sum() > 0 for v in g_student.values())
+    assert set(g_student) == {n for n, _ in student.named_parameters()} and all(
+        v.abs().sum() > 0 for v in g_student.values()
+    )
     assert not g_disc and not plain["base"]
     d_student, d_disc = plain["d"]
     assert not d_student and set(d_disc) == {n for n, p in disc.named_parameters()}
@@ -175,9 +202,14 @@ def test_the_lora_file_loads_into_a_stock_pipeline_as_the_merged_student(tiny_te
         for p in ema.parameters():
             p.mul_(1.5)
     save_lora(ema, tmp_path / "lora", sdxl=family == "sdxl", scheduler_config=dict(teacher.pipe.scheduler.config))
-    merged = OneStepGANPipeline(student=ema.merged(), vae=teacher.pipe.vae, text_encoder=teacher.pipe.text_encoder,
-                                tokenizer=teacher.pipe.tokenizer, text_encoder_2=getattr(teacher.pipe, "text_encoder_2", None),
-                                tokenizer_2=getattr(teacher.pipe, "tokenizer_2", None))
+    merged = OneStepGANPipeline(
+        student=ema.merged(),
+        vae=teacher.pipe.vae,
+        text_encoder=teacher.pipe.text_encoder,
+        tokenizer=teacher.pipe.tokenizer,
+        text_encoder_2=getattr(teacher.pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(teacher.pipe, "tokenizer_2", None),
+    )
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     expected = merged(PROMPTS, latents=z, output_type="latent").images
     with torch.no_grad():
@@ -205,15 +237,30 @@ def _spy_parts(monkeypatch) -> list:
     return built
 
 
-def test_lora_student_trains_resumes_exactly_and_exports_both_ways(pairs_dir, sd15_teacher, tmp_path, capsys, monkeypatch):
+def test_lora_student_trains_resumes_exactly_and_exports_both_ways(
+    pairs_dir, sd15_teacher, tmp_path, capsys, monkeypatch
+):
     """Through the CLI: a 4-step run equals 2 steps + a resume of 2, bit for bit on both adapters, D's heads and the EMA
-    (a checkpoint holds those, not the UNet); the final pipeline is the EMA adapter merged into the base and reloads; its
+    (a checkpoint holds those, not the UNet); the final pipeline is the EMA adapter merged into the base and reloads;
+    its
     lora/ folder loaded into a stock pipeline of the teacher gives the merged student's latents."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     built = _spy_parts(monkeypatch)
-    common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN, *LORA,
-              "--learning_rate_g", "3e-3", "--ema_half_life_kimg", "0.004"]
+    common = [
+        "--pairs",
+        pairs_dir,
+        "--checkpointing_steps",
+        2,
+        "--validation_steps",
+        2,
+        *TRAIN,
+        *LORA,
+        "--learning_rate_g",
+        "3e-3",
+        "--ema_half_life_kimg",
+        "0.004",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     code, err = run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)
     assert code == 0, err
@@ -241,7 +288,9 @@ def test_lora_student_trains_resumes_exactly_and_exports_both_ways(pairs_dir, sd
     ema.load_state_dict(ema_state)
     assert any(not torch.equal(ema_state[k], v) for k, v in student_state.items())  # an average, not the live weights
     pipe = OneStepGANPipeline.from_pretrained(straight / "pipeline")
-    assert type(pipe.student).__name__ == "UNetStudent" and not any("lora" in n for n, _ in pipe.student.named_parameters())
+    assert type(pipe.student).__name__ == "UNetStudent" and not any(
+        "lora" in n for n, _ in pipe.student.named_parameters()
+    )
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     merged = pipe(PROMPTS, latents=z, output_type="latent").images
     cond = pipe.encode_prompt(PROMPTS, (32, 32))
@@ -261,24 +310,35 @@ def test_lora_student_trains_resumes_exactly_and_exports_both_ways(pairs_dir, sd
 
 
 def _copies(weights: list[torch.Tensor]) -> list[int]:
-    """For each tensor of ``weights``, how many distinct storages among every live tensor of the process hold its values."""
+    """For each tensor of ``weights``, how many distinct storages among every live tensor of the process hold its
+    values."""
     gc.collect()
     by_shape: dict[tuple, list[torch.Tensor]] = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.device.type != "meta":
             by_shape.setdefault(tuple(obj.shape), []).append(obj)
-    return [len({t.untyped_storage().data_ptr() for t in by_shape.get(tuple(w.shape), []) if torch.equal(t.detach().float(), w.detach().float())})
-            for w in weights]
+    return [
+        len(
+            {
+                t.untyped_storage().data_ptr()
+                for t in by_shape.get(tuple(w.shape), [])
+                if torch.equal(t.detach().float(), w.detach().float())
+            }
+        )
+        for w in weights
+    ]
 
 
 def _random_weights(unet) -> list[torch.Tensor]:
-    """The base's frozen weights that no other tensor equals by chance (random matrices and kernels, not norms / biases)."""
+    """The base's frozen weights that no other tensor equals by chance (random matrices and kernels, not norms /
+    biases)."""
     return [p for n, p in unet.named_parameters() if "lora_" not in n and p.ndim >= 2 and p.float().std() > 0]
 
 
 @pytest.mark.parametrize("mode", ["unet-lora", "gigagan-lora-d", "unet-full"])
 def test_the_base_unet_is_held_once_during_training(pairs_dir, tmp_path, capsys, monkeypatch, mode):
-    """Every live tensor of the process counted at the start of training and at each step: a LoRA student with its D, or a
+    """Every live tensor of the process counted at the start of training and at each step: a LoRA student with its D, or
+    a
     GAN student's D on the shared base, hold the UNet's weights once (no student, D, EMA or teacher copy); the full
     UNet student (the contrast) holds three (student, its EMA, D)."""
     from distill.training.loop import TrainLoop
@@ -292,13 +352,46 @@ def test_the_base_unet_is_held_once_during_training(pairs_dir, tmp_path, capsys,
         assert parts.teacher.pipe.unet is None  # the teacher's reference goes after setup
         return _random_weights(parts.shared.unet if parts.shared is not None else parts.student.unet)
 
-    monkeypatch.setattr(TrainLoop, "resume", lambda self, *a, **k: counts.append(_copies(probe())) or resume(self, *a, **k))
-    monkeypatch.setattr(TrainLoop, "end_step", lambda self, *a, **k: counts.append(_copies(probe())) or end_step(self, *a, **k))
-    args = {"unet-lora": LORA, "unet-full": [],
-            "gigagan-lora-d": ["--student", "gigagan", "--student_size", "tiny", "--gan_start_step", 0, "--d_lora_rank", 4,
-                               "--d_shared_base", "true"]}[mode]
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "run", "--max_train_steps", 2,
-                                                "--checkpointing_steps", 1, "--validation_steps", 1, *TRAIN, *args], capsys)
+    monkeypatch.setattr(
+        TrainLoop, "resume", lambda self, *a, **k: counts.append(_copies(probe())) or resume(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        TrainLoop, "end_step", lambda self, *a, **k: counts.append(_copies(probe())) or end_step(self, *a, **k)
+    )
+    args = {
+        "unet-lora": LORA,
+        "unet-full": [],
+        "gigagan-lora-d": [
+            "--student",
+            "gigagan",
+            "--student_size",
+            "tiny",
+            "--gan_start_step",
+            0,
+            "--d_lora_rank",
+            4,
+            "--d_shared_base",
+            "true",
+        ],
+    }[mode]
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            tmp_path / "run",
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            1,
+            "--validation_steps",
+            1,
+            *TRAIN,
+            *args,
+        ],
+        capsys,
+    )
     assert code == 0, err
     if mode == "unet-full":  # at the start: the student, its EMA and D (the teacher's released); then they train apart
         assert min(counts[0]) == 3 and built[0].shared is None
@@ -315,12 +408,40 @@ def test_lora_student_memory_options_run(pairs_dir, tmp_path, capsys, monkeypatc
     double backward included), validation prompts solved by the teacher (its adapters off), MSE regression."""
     built = _spy_parts(monkeypatch)
     run = tmp_path / "opts"
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
-                                                "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN, *LORA,
-                                                "--gradient_accumulation_steps", 2, "--mixed_precision", "bf16",
-                                                "--gradient_checkpointing", "true", "--d_gradient_checkpointing", "true",
-                                                "--lora_base_dtype", "bf16", "--regression", "mse",
-                                                "--validation_prompts", "a cat", "--num_validation_seeds", 1], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            2,
+            *TRAIN,
+            *LORA,
+            "--gradient_accumulation_steps",
+            2,
+            "--mixed_precision",
+            "bf16",
+            "--gradient_checkpointing",
+            "true",
+            "--d_gradient_checkpointing",
+            "true",
+            "--lora_base_dtype",
+            "bf16",
+            "--regression",
+            "mse",
+            "--validation_prompts",
+            "a cat",
+            "--num_validation_seeds",
+            1,
+        ],
+        capsys,
+    )
     assert code == 0, err
     parts = built[0]
     assert parts.student.is_gradient_checkpointing and parts.discriminator.is_gradient_checkpointing
@@ -330,19 +451,24 @@ def test_lora_student_memory_options_run(pairs_dir, tmp_path, capsys, monkeypatc
     saved = load_file(run / "pipeline" / "student" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}  # the merged base, as it was held
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
-    assert torch.isfinite(pipe(["a cat"], output_type="latent", generator=torch.Generator().manual_seed(0)).images).all()
+    assert torch.isfinite(
+        pipe(["a cat"], output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    ).all()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--student", "gigagan", "--student_lora_rank", 4], "student_lora_rank is for the UNet student"),
-    (["--student_lora_rank=-2"], "student_lora_rank must not be negative, got -2"),
-    (["--student_lora_rank", 4], "student_lora_rank needs d_lora_rank > 0, got 0"),
-    (["--student_lora_rank", 4, "--d_lora_rank=-1"], "student_lora_rank needs d_lora_rank > 0, got -1"),
-    (["--student_lora_rank", 4, "--d_lora_rank", 4, "--d_shared_base", "false"], "d_shared_base must be true"),
-    (["--d_shared_base", "true"], "d_shared_base needs d_lora_rank > 0, got 0"),
-    (["--lora_base_dtype", "bf16"], "lora_base_dtype bf16 is the dtype of the shared frozen UNet"),
-    (["--lora_base_dtype", "fp16"], "unknown lora_base_dtype 'fp16'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--student", "gigagan", "--student_lora_rank", 4], "student_lora_rank is for the UNet student"),
+        (["--student_lora_rank=-2"], "student_lora_rank must not be negative, got -2"),
+        (["--student_lora_rank", 4], "student_lora_rank needs d_lora_rank > 0, got 0"),
+        (["--student_lora_rank", 4, "--d_lora_rank=-1"], "student_lora_rank needs d_lora_rank > 0, got -1"),
+        (["--student_lora_rank", 4, "--d_lora_rank", 4, "--d_shared_base", "false"], "d_shared_base must be true"),
+        (["--d_shared_base", "true"], "d_shared_base needs d_lora_rank > 0, got 0"),
+        (["--lora_base_dtype", "bf16"], "lora_base_dtype bf16 is the dtype of the shared frozen UNet"),
+        (["--lora_base_dtype", "fp16"], "unknown lora_base_dtype 'fp16'"),
+    ],
+)
 def test_bad_lora_input_is_one_line_before_the_teacher_loads(pairs_dir, tmp_path, capsys, monkeypatch, args, message):
     import distill.distillation.setup as setup
 
@@ -350,7 +476,9 @@ def test_bad_lora_input_is_one_line_before_the_teacher_loads(pairs_dir, tmp_path
         raise AssertionError("the teacher must not load before the config is checked")
 
     monkeypatch.setattr(setup, "load_teacher", no_teacher)
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", *TRAIN, *args], capsys)
+    code, err = run_script(
+        "train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", *TRAIN, *args], capsys
+    )
     assert code == 2 and message in _last_line(err), err[-2000:]
     assert not (tmp_path / "x").exists()
 
@@ -359,9 +487,26 @@ def test_two_processes_sync_the_adapters_only(pairs_dir, tmp_path):
     """DDP over 2 CPU processes (gloo): each rank reads other pairs, so the adapters and D's heads stay equal only if
     they are synchronised (checked at every checkpoint); the frozen base is no parameter of either wrapped module."""
     run = tmp_path / "ddp"
-    proc = accelerate_launch("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
-                                                  "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN, *LORA,
-                                                  "--batch_size", 2], num_processes=2)
+    proc = accelerate_launch(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            100,
+            *TRAIN,
+            *LORA,
+            "--batch_size",
+            2,
+        ],
+        num_processes=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_file(run / "checkpoints" / "checkpoint-2" / "model.safetensors")
     assert state and all(k.startswith("adapter.lora.") for k in state)

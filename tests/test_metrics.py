@@ -140,9 +140,16 @@ def test_clip_score_ranks_matching_captions_above_shuffled():
 def test_clip_score_runs_with_a_real_open_clip_architecture():
     tiny = clip_score.build_random_tiny_clip()
     images = _images(3, seed=0)
-    s = clip_score.clip_scores(images, ["a", "b", "c"], model=tiny.model, preprocess=tiny.preprocess, tokenizer=tiny.tokenizer)
-    again = clip_score.clip_scores(images, ["a", "b", "c"], model=clip_score.build_random_tiny_clip().model,
-                                   preprocess=tiny.preprocess, tokenizer=tiny.tokenizer)
+    s = clip_score.clip_scores(
+        images, ["a", "b", "c"], model=tiny.model, preprocess=tiny.preprocess, tokenizer=tiny.tokenizer
+    )
+    again = clip_score.clip_scores(
+        images,
+        ["a", "b", "c"],
+        model=clip_score.build_random_tiny_clip().model,
+        preprocess=tiny.preprocess,
+        tokenizer=tiny.tokenizer,
+    )
     assert s.shape == (3,) and torch.all(s.abs() <= 1) and torch.equal(s, again)
 
 
@@ -164,7 +171,9 @@ def test_fidelity_is_zero_for_identical_latents():
     from distill.losses import ELatentLPIPS, LatentLPIPSNet, build_pixel_lpips
 
     torch.manual_seed(0)
-    latent_lpips = ELatentLPIPS(LatentLPIPSNet(latent_channels=4, stage_channels=(8, 8, 8, 8, 8)), augment=None, l1_weight=0.0)
+    latent_lpips = ELatentLPIPS(
+        LatentLPIPSNet(latent_channels=4, stage_channels=(8, 8, 8, 8, 8)), augment=None, l1_weight=0.0
+    )
     pixel_lpips = build_pixel_lpips(pretrained_trunk=False)
     target = torch.randn(3, 4, 16, 16)  # [N,C,h,w]
     kw = dict(decode=_decode, latent_lpips=latent_lpips, pixel_lpips=pixel_lpips)

@@ -16,11 +16,19 @@ PAIRS = {"path": "runs/pairs-sd15", "manifest_sha256": "ab" * 32, "count": 10000
 
 
 def _card(tmp_path, **overrides) -> ModelCard:
-    facts = dict(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", teacher_revision="main",
-                 base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                 license=teacher_license("stable-diffusion-v1-5/stable-diffusion-v1-5"), student="unet", pairs=PAIRS,
-                 training_config={"student": "unet", "lpips_network": "official", "validation_prompts": ["a cat, sitting"]},
-                 images_seen=5_120_000, steps=20000, noncommercial_lpips=True, sample_grid="samples.png")
+    facts = dict(
+        teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        teacher_revision="main",
+        base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        license=teacher_license("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        student="unet",
+        pairs=PAIRS,
+        training_config={"student": "unet", "lpips_network": "official", "validation_prompts": ["a cat, sitting"]},
+        images_seen=5_120_000,
+        steps=20000,
+        noncommercial_lpips=True,
+        sample_grid="samples.png",
+    )
     write_model_card(tmp_path, **{**facts, **overrides})
     return ModelCard.load(tmp_path / "README.md")
 
@@ -43,8 +51,14 @@ def test_card_metadata_and_fields(tmp_path):
 
 
 def test_no_noncommercial_notice_with_own_lpips_weights_and_unknown_licence(tmp_path):
-    card = _card(tmp_path, teacher="me/my-teacher", base_model="me/my-teacher", license=teacher_license("me/my-teacher"),
-                 noncommercial_lpips=False, sample_grid=None)
+    card = _card(
+        tmp_path,
+        teacher="me/my-teacher",
+        base_model="me/my-teacher",
+        license=teacher_license("me/my-teacher"),
+        noncommercial_lpips=False,
+        sample_grid=None,
+    )
     assert "license" not in card.data.to_dict() and "CC BY-NC" not in card.text and "![" not in card.text
     assert "its licence (see the teacher) applies" in card.text
 
@@ -55,7 +69,9 @@ def test_evaluation_numbers_merge_into_the_card(tmp_path):
     update_model_card_metrics(tmp_path, {"fid": 20.5, "psnr": 24.0}, source="second run")
     card = ModelCard.load(tmp_path / "README.md")
     assert "| fid | 20.5 |" in card.text and "| clip_score | 0.31 |" in card.text and "| psnr | 24 |" in card.text
-    assert "Measured by second run." in card.text and "first run" not in card.text and "Not evaluated yet" not in card.text
+    assert (
+        "Measured by second run." in card.text and "first run" not in card.text and "Not evaluated yet" not in card.text
+    )
     assert card.data.to_dict()["license"] == "creativeml-openrail-m"  # metadata untouched
     (tmp_path / "README.md").write_text("# my own card\n")
     update_model_card_metrics(tmp_path, {"fid": 1.0}, source="x")
@@ -63,13 +79,16 @@ def test_evaluation_numbers_merge_into_the_card(tmp_path):
     assert update_model_card_metrics(tmp_path / "nothing", {"fid": 1.0}, source="x") is None
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("stabilityai/stable-diffusion-xl-base-1.0", "openrail++"),
-    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "creativeml-openrail-m"),
-    (str(DIGITS_TEACHER), "apache-2.0"),
-    ("teachers/assets/digits-teacher", "apache-2.0"),
-    ("nobody/unknown-teacher", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("stabilityai/stable-diffusion-xl-base-1.0", "openrail++"),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "creativeml-openrail-m"),
+        (str(DIGITS_TEACHER), "apache-2.0"),
+        ("teachers/assets/digits-teacher", "apache-2.0"),
+        ("nobody/unknown-teacher", None),
+    ],
+)
 def test_teacher_license(name, expected, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert teacher_license(name) == expected

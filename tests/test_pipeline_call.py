@@ -16,8 +16,12 @@ def sd(sd15_teacher):
     from diffusers import StableDiffusionPipeline
 
     teacher = StableDiffusionPipeline.from_pretrained(sd15_teacher)
-    pipe = OneStepGANPipeline(student=UNetStudent.from_teacher(teacher.unet, teacher.scheduler), vae=teacher.vae,
-                              text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    pipe = OneStepGANPipeline(
+        student=UNetStudent.from_teacher(teacher.unet, teacher.scheduler),
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+    )
     return teacher, pipe
 
 
@@ -27,10 +31,21 @@ def sdxl(sdxl_teacher):
 
     teacher = StableDiffusionXLPipeline.from_pretrained(sdxl_teacher)
     torch.manual_seed(0)
-    student = GigaGANGenerator.for_latents(latent_channels=4, sample_size=16, cross_attention_dim=teacher.unet.config.cross_attention_dim,
-                                           pooled_dim=teacher.text_encoder_2.config.projection_dim, size="tiny").eval()
-    pipe = OneStepGANPipeline(student=student, vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
-                              text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2)
+    student = GigaGANGenerator.for_latents(
+        latent_channels=4,
+        sample_size=16,
+        cross_attention_dim=teacher.unet.config.cross_attention_dim,
+        pooled_dim=teacher.text_encoder_2.config.projection_dim,
+        size="tiny",
+    ).eval()
+    pipe = OneStepGANPipeline(
+        student=student,
+        vae=teacher.vae,
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+        text_encoder_2=teacher.text_encoder_2,
+        tokenizer_2=teacher.tokenizer_2,
+    )
     return teacher, pipe
 
 
@@ -44,7 +59,10 @@ def test_sd_turbo_call(sd):
     assert isinstance(out.images[0], Image.Image) and out.images[0].size == (32, 32)
     plain = pipe("a photo of a cat", generator=seeded(), output_type="np").images
     np.testing.assert_array_equal(np.asarray(out.images[0]), (plain[0] * 255).round().astype(np.uint8))
-    assert "DiffusionPipeline.from_pretrained(\"runs/student/pipeline\", trust_remote_code=True)" in OneStepGANPipeline.__call__.__doc__
+    assert (
+        'DiffusionPipeline.from_pretrained("runs/student/pipeline", trust_remote_code=True)'
+        in OneStepGANPipeline.__call__.__doc__
+    )
     assert "num_inference_steps=1, guidance_scale=0.0" in pipeline_module.EXAMPLE_DOC_STRING
 
 
@@ -55,7 +73,9 @@ def test_output_types_and_return_dict(sd):
     assert pipe(prompts, latents=z, output_type="latent").images.shape == (2, 4, 16, 16)
     pt = pipe(prompts, latents=z, output_type="pt").images
     assert pt.shape == (2, 3, 32, 32) and 0 <= pt.min() and pt.max() <= 1
-    np.testing.assert_allclose(pipe(prompts, latents=z, output_type="np").images, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        pipe(prompts, latents=z, output_type="np").images, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6
+    )
     images = pipe(prompts, latents=z, return_dict=False)
     assert isinstance(images, tuple) and len(images[0]) == 2 and isinstance(images[0][0], Image.Image)
     with pytest.raises(ValueError, match="unknown output_type 'jpg'"):
@@ -80,8 +100,9 @@ def test_prompt_embeds_match_the_prompt_sd(sd):
 def test_prompt_embeds_match_the_prompt_sdxl(sdxl):
     teacher, pipe = sdxl
     z = torch.randn(2, 4, 16, 16, generator=seeded(2))
-    embeds, _, pooled, _ = teacher.encode_prompt(["a cat", "a dog"], device="cpu", num_images_per_prompt=1,
-                                                 do_classifier_free_guidance=False)
+    embeds, _, pooled, _ = teacher.encode_prompt(
+        ["a cat", "a dog"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
     from_text = pipe(["a cat", "a dog"], latents=z, output_type="latent").images
     from_embeds = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=z, output_type="latent").images
     torch.testing.assert_close(from_embeds, from_text)
@@ -112,17 +133,28 @@ def test_size_from_height_width_or_latents(sd):
         pipe(["a cat", "a dog"], latents=torch.randn(1, 4, 16, 16))
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(negative_prompt="blurry"), ValueError, "negative_prompt is not supported: a one-step GAN student has no classifier-free guidance"),
-    (dict(num_inference_steps=4), ValueError, "num_inference_steps must be 1 for a one-step GAN student (got 4)"),
-    (dict(eta=0.5), ValueError, "eta is not supported: there is no sampler"),
-    (dict(timesteps=[999]), ValueError, "timesteps is not supported: there is no sampler"),
-    (dict(callback_on_step_end=print), ValueError, "callback_on_step_end is not supported: there are no denoising steps"),
-    (dict(negative_prompt_embeds=torch.zeros(1, 77, 32)), ValueError, "negative_prompt_embeds is not supported"),
-    (dict(cross_attention_kwargs={"scale": 0.5}), ValueError, "cross_attention_kwargs is not supported"),
-    (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt must be at least 1"),
-    (dict(not_an_argument=1), TypeError, "unexpected keyword argument 'not_an_argument'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            dict(negative_prompt="blurry"),
+            ValueError,
+            "negative_prompt is not supported: a one-step GAN student has no classifier-free guidance",
+        ),
+        (dict(num_inference_steps=4), ValueError, "num_inference_steps must be 1 for a one-step GAN student (got 4)"),
+        (dict(eta=0.5), ValueError, "eta is not supported: there is no sampler"),
+        (dict(timesteps=[999]), ValueError, "timesteps is not supported: there is no sampler"),
+        (
+            dict(callback_on_step_end=print),
+            ValueError,
+            "callback_on_step_end is not supported: there are no denoising steps",
+        ),
+        (dict(negative_prompt_embeds=torch.zeros(1, 77, 32)), ValueError, "negative_prompt_embeds is not supported"),
+        (dict(cross_attention_kwargs={"scale": 0.5}), ValueError, "cross_attention_kwargs is not supported"),
+        (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt must be at least 1"),
+        (dict(not_an_argument=1), TypeError, "unexpected keyword argument 'not_an_argument'"),
+    ],
+)
 def test_what_one_step_cannot_honour_is_refused_in_one_line(sd, kwargs, error, message):
     _, pipe = sd
     with pytest.raises(error) as info:

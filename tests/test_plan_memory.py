@@ -7,9 +7,8 @@ import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from conftest import run_script
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PLAN = ["--lpips_network", "random", "--r1_gamma", "1e-5", "--batch_size", "4", "--gradient_accumulation_steps", "2"]
 
@@ -62,8 +61,13 @@ def _persistent(run):
     p = run.parts.teacher.pipe
     modules = [run.student, run.discriminator, run.ema.model, p.vae, p.text_encoder, run.lpips]
     tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-    return tensors + [v for opt in (run.opt_g, run.opt_d) for s in opt.state.values() for k, v in s.items()
-                      if torch.is_tensor(v) and k != "step"]  # Adam's step counters live on the host on a GPU
+    return tensors + [
+        v
+        for opt in (run.opt_g, run.opt_d)
+        for s in opt.state.values()
+        for k, v in s.items()
+        if torch.is_tensor(v) and k != "step"
+    ]  # Adam's step counters live on the host on a GPU
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +79,14 @@ def plan_and_real_run(sd15_teacher):
     cfg, levers, size = _config(sd15_teacher, "--mixed_precision", "bf16")
     plan = mp.trace(cfg, teacher=str(sd15_teacher), architecture=None, resolution=32, levers=levers)
     real = {"grads_g": {}, "grads_d": {}, "peaks": {}}
-    with mp.open_run(cfg, teacher=str(sd15_teacher), architecture=None, resolution=32, levers=levers, fake=False) as run:
+    with mp.open_run(
+        cfg, teacher=str(sd15_teacher), architecture=None, resolution=32, levers=levers, fake=False
+    ) as run:
         for key, model in (("grads_g", run.student), ("grads_d", run.discriminator)):
             for p in model.parameters():
-                p.register_post_accumulate_grad_hook(lambda p, key=key: real[key].__setitem__(id(p), allocated_bytes(p.grad.nbytes)))
+                p.register_post_accumulate_grad_hook(
+                    lambda p, key=key: real[key].__setitem__(id(p), allocated_bytes(p.grad.nbytes))
+                )
         for name, step in (("first", 0), ("no R1", 1), ("R1", 16)):
             counter = LiveBytes(_persistent(run))  # everything alive at the step's start
             with counter:
@@ -109,8 +117,11 @@ def test_the_planned_peak_of_each_step_is_the_real_runs(plan_and_real_run):
     attention, which on the CPU is the fused CPU kernel as well)."""
     plan, size, real = plan_and_real_run
     planned = {s.name.split(" (")[0]: s.peak.total for s in plan.steps[size.key()]}
-    pairs = [(planned["first step"], real["peaks"]["first"]), (planned["a step without R1"], real["peaks"]["no R1"]),
-             (planned["step 16"], real["peaks"]["R1"])]
+    pairs = [
+        (planned["first step"], real["peaks"]["first"]),
+        (planned["a step without R1"], real["peaks"]["no R1"]),
+        (planned["step 16"], real["peaks"]["R1"]),
+    ]
     for plan_bytes, real_bytes in pairs:
         assert plan_bytes == pytest.approx(real_bytes, rel=0.02), pairs
     assert planned["step 16"] > planned["a step without R1"]  # R1's double backward costs memory
@@ -127,7 +138,9 @@ def test_cuda_autocast_policy_on_the_cpu():
         c = F.conv2d(x, w, padding=1)
         assert c.dtype == torch.bfloat16 and F.linear(torch.randn(3, 8), torch.randn(4, 8)).dtype == torch.bfloat16
         assert F.group_norm(c, 2).dtype == torch.float32 and F.layer_norm(c, (4,)).dtype == torch.float32
-        assert c.softmax(-1).dtype == torch.float32 and c.sum().dtype == torch.float32 and c.exp().dtype == torch.float32
+        assert (
+            c.softmax(-1).dtype == torch.float32 and c.sum().dtype == torch.float32 and c.exp().dtype == torch.float32
+        )
         assert torch.einsum("ij,jk->ik", torch.randn(2, 2), torch.randn(2, 2)).dtype == torch.bfloat16
         with torch.autocast("cpu", enabled=False):  # a region that turns autocast off (the fp32 UNet student, R1)
             assert F.group_norm(c, 2).dtype == torch.bfloat16 and F.conv2d(x, w).dtype == torch.float32
@@ -171,13 +184,21 @@ def test_levers_suggested_under_a_budget_are_the_plans_of_those_levers(sd15_teac
     extra = ["--mixed_precision", "bf16", "--gradient_checkpointing", "--regression", "mse", "--r1_gamma", "0"]
     cfg, levers, size = _config(sd15_teacher, *extra)
     base = mp.trace(cfg, teacher=str(sd15_teacher), architecture=None, resolution=32, levers=levers, steps="peak")
-    lowest = mp.trace(cfg, teacher=str(sd15_teacher), architecture=None, resolution=32, steps="peak",
-                      levers=mp.TraceLevers(gradient_checkpointing=True, d_gradient_checkpointing=True, d_lora_rank=0))
+    lowest = mp.trace(
+        cfg,
+        teacher=str(sd15_teacher),
+        architecture=None,
+        resolution=32,
+        steps="peak",
+        levers=mp.TraceLevers(gradient_checkpointing=True, d_gradient_checkpointing=True, d_lora_rank=0),
+    )
     cheapest = mp.SizeLevers("adam8bit", "cpu", "fp32", "bf16")
     budget = (base.peak(size).total + lowest.peak(cheapest).total) / 2 / 0.95  # between the config and every lever
     capsys.readouterr()
-    code, err = run_script("plan_memory.py", ["--teacher", sd15_teacher, *PLAN, *extra, "--gpu_memory", f"{budget / 1e9:.6f}",
-                                              "--lever_d_lora_rank", "0"])
+    code, err = run_script(
+        "plan_memory.py",
+        ["--teacher", sd15_teacher, *PLAN, *extra, "--gpu_memory", f"{budget / 1e9:.6f}", "--lever_d_lora_rank", "0"],
+    )
     out = capsys.readouterr().out
     assert code == 0, err
     assert re.search(r"none \(as configured\)\s+\S+\s+does not fit", out), out
@@ -186,7 +207,11 @@ def test_levers_suggested_under_a_budget_are_the_plans_of_those_levers(sd15_teac
     listed = re.match(r"\s*\+ (.*?)\s{2,}(\S+)\s+fits$", first)
     assert listed, first
     # The listed set as config keys: its plan (from the trace of its computation levers) is the listed peak, and fits.
-    keys = {k: v for name in listed.group(1).split(", ") for k, v in mp.available_levers(cfg, family="sd", lora_rank=0)[name].items()}
+    keys = {
+        k: v
+        for name in listed.group(1).split(", ")
+        for k, v in mp.available_levers(cfg, family="sd", lora_rank=0)[name].items()
+    }
     flags = [x for k, v in keys.items() for x in (f"--{k}", str(v).lower())]
     t, s = mp.levers_of(_config(sd15_teacher, *extra, *flags)[0])
     planned = {levers: base, lowest.levers: lowest}[t].peak(s).total
@@ -194,12 +219,15 @@ def test_levers_suggested_under_a_budget_are_the_plans_of_those_levers(sd15_teac
     assert listed.group(2) == f"{planned / 1e9:.3g}"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config", "BAD_YAML"], "is not valid YAML"),
-    (["--architecture", "sd9"], "unknown architecture 'sd9'"),
-    (["--teacher", "someone/some-model"], "cannot tell the architecture of teacher 'someone/some-model'"),
-    (["--architecture", "sd15", "--batch_size", "0"], "batch_size must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "BAD_YAML"], "is not valid YAML"),
+        (["--architecture", "sd9"], "unknown architecture 'sd9'"),
+        (["--teacher", "someone/some-model"], "cannot tell the architecture of teacher 'someone/some-model'"),
+        (["--architecture", "sd15", "--batch_size", "0"], "batch_size must be positive"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("batch_size: [1,\n")
     args = [str(tmp_path / "bad.yaml") if a == "BAD_YAML" else a for a in args]

@@ -13,26 +13,42 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quickstart(out: Path, *args: str, steps: int, student_args: str, num_samples: int, family: str | None = None) -> subprocess.CompletedProcess:
-    """distill/digits/quickstart.sh [--family FAMILY] OUT [STUDENT_CONFIG], reduced: 96 pairs solved in ``steps`` steps, a few
+def _quickstart(
+    out: Path, *args: str, steps: int, student_args: str, num_samples: int, family: str | None = None
+) -> subprocess.CompletedProcess:
+    """distill/digits/quickstart.sh [--family FAMILY] OUT [STUDENT_CONFIG], reduced: 96 pairs solved in ``steps`` steps,
+    a few
     training steps."""
     env = dict(
-        os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2",
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="2",
         QUICKSTART_PAIRS_ARGS=f"--num_pairs 96 --shard_size 48 --batch_size 48 --num_inference_steps {steps}",
         QUICKSTART_STUDENT_ARGS=student_args,
-        QUICKSTART_EVAL_ARGS=f"--num_samples {num_samples} --batch_size 20 --num_inference_steps {steps} --latency_batch_size 8"
-                             " --latency_iterations 1 --latency_warmup 1 --latency_min_seconds 0 --fidelity_start -32",
+        QUICKSTART_EVAL_ARGS=f"--num_samples {num_samples} --batch_size 20 --num_inference_steps {steps} "
+        "--latency_batch_size 8"
+        " --latency_iterations 1 --latency_warmup 1 --latency_min_seconds 0 --fidelity_start -32",
     )
     family_args = ["--family", family] if family else []
-    return subprocess.run(["bash", str(ROOT / "distill" / "digits" / "quickstart.sh"), *family_args, str(out), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        ["bash", str(ROOT / "distill" / "digits" / "quickstart.sh"), *family_args, str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_reduced_quickstart(tmp_path):
     out = tmp_path / "qs"
-    run = _quickstart(out, steps=10, num_samples=40,
-                      student_args="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
-                                   " --learning_rate_g 1e-4 --ema_half_life_kimg 0")
+    run = _quickstart(
+        out,
+        steps=10,
+        num_samples=40,
+        student_args="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
+        " --learning_rate_g 1e-4 --ema_half_life_kimg 0",
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     for who in ("teacher", "student"):
@@ -47,12 +63,27 @@ def test_reduced_quickstart(tmp_path):
     assert metrics["student"]["psnr"] < metrics["teacher"]["psnr"]
     assert (out / "teacher_vs_student.png").is_file() and "prompt accuracy" in (out / "report.txt").read_text()
     report = (out / "report.md").read_text()  # the pictures: teacher row vs student row, and the run's curves
-    assert "](teacher_vs_student.png)" in report and "](student/curves.png)" in report and (out / "student" / "curves.png").is_file()
-    assert (out / "student" / "pipeline" / "README.md").is_file() and (out / "student" / "pipeline" / "samples.png").is_file()
+    assert (
+        "](teacher_vs_student.png)" in report
+        and "](student/curves.png)" in report
+        and (out / "student" / "curves.png").is_file()
+    )
+    assert (out / "student" / "pipeline" / "README.md").is_file() and (
+        out / "student" / "pipeline" / "samples.png"
+    ).is_file()
     # It says where the student lands, and how long each stage took, for the next run to say at its start.
-    assert f"the student lands in {out / 'student' / 'pipeline'}" in run.stdout and "expected about 13 min" in run.stdout
+    assert (
+        f"the student lands in {out / 'student' / 'pipeline'}" in run.stdout and "expected about 13 min" in run.stdout
+    )
     times = [line.split("\t") for line in (out / "stage_times.tsv").read_text().splitlines()]
-    assert [t[0] for t in times] == ["reference", "pairs", "teacher-reference", "training-student", "eval-teacher", "eval-student"]
+    assert [t[0] for t in times] == [
+        "reference",
+        "pairs",
+        "teacher-reference",
+        "training-student",
+        "eval-teacher",
+        "eval-student",
+    ]
     assert all(int(t[1]) >= 0 for t in times)
     config = (out / "student" / "config.yaml").read_text()
     assert "checkpointing_steps: 6" in config  # the test's override wins over the script's 20
@@ -81,9 +112,14 @@ def test_reduced_quickstart_with_the_gan_students(tmp_path):
     pairs folder: a few regression steps, then the GAN (fresh noise), lower the held-out E-LatentLPIPS."""
     out = tmp_path / "qs"
     for name in ("student_gigagan", "student_stylegan_t"):
-        run = _quickstart(out, f"configs/digits/{name}.yaml", steps=6, num_samples=20,
-                          student_args="--max_train_steps 12 --gan_start_step 8 --batch_size 16 --holdout 32 --checkpointing_steps 12"
-                                       " --validation_steps 12")
+        run = _quickstart(
+            out,
+            f"configs/digits/{name}.yaml",
+            steps=6,
+            num_samples=20,
+            student_args="--max_train_steps 12 --gan_start_step 8 --batch_size 16 --holdout 32 --checkpointing_steps 12"
+            " --validation_steps 12",
+        )
         assert run.returncode == 0, run.stderr[-4000:]
         metrics = json.loads((out / f"metrics-{name}.json").read_text())
         assert metrics["student_kind"] == name.removeprefix("student_")
@@ -96,16 +132,26 @@ def test_reduced_quickstart_with_the_gan_students(tmp_path):
 
 @pytest.mark.slow  # a reduced quickstart: ~1 min on 2 idle cores
 def test_reduced_quickstart_with_the_flow_matching_teacher(tmp_path):
-    """bash distill/digits/quickstart.sh --family sd3: the committed SD3-form digits teacher, its pairs, the transformer student
+    """bash distill/digits/quickstart.sh --family sd3: the committed SD3-form digits teacher, its pairs, the transformer
+    student
     (a few steps lower the held-out E-LatentLPIPS), and both evaluated with the same report as the UNet family."""
     out = tmp_path / "qs-sd3"
-    run = _quickstart(out, family="sd3", steps=6, num_samples=20,
-                      student_args="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
-                                   " --learning_rate_g 1e-4")
+    run = _quickstart(
+        out,
+        family="sd3",
+        steps=6,
+        num_samples=20,
+        student_args="--max_train_steps 6 --batch_size 16 --holdout 32 --checkpointing_steps 6 --validation_steps 6"
+        " --learning_rate_g 1e-4",
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     metrics = json.loads((out / "metrics-student_sd3.json").read_text())
     assert metrics["student_kind"] == "transformer" and metrics["speedup"] > 1
     assert metrics["student"]["fid_to_teacher"] > 0 and metrics["teacher"]["fid_to_teacher_floor"] > 0
     assert 0 <= metrics["student"]["prompt_accuracy"] <= 1
-    val = [json.loads(line) for line in (out / "student_sd3" / "stats.jsonl").read_text().splitlines() if "val_lpips" in line]
+    val = [
+        json.loads(line)
+        for line in (out / "student_sd3" / "stats.jsonl").read_text().splitlines()
+        if "val_lpips" in line
+    ]
     assert val[-1]["val_lpips"] < val[0]["val_lpips"]

@@ -20,14 +20,17 @@ def test_clip_tokenizer_is_the_real_vocabulary():
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-@pytest.mark.parametrize("family, pipe_cls, prediction, scheduler", [
-    ("sd15", StableDiffusionPipeline, "epsilon", "ddim"),
-    ("sd15", StableDiffusionPipeline, "epsilon", "dpmpp"),
-    ("sd15", StableDiffusionPipeline, "epsilon", "euler"),
-    ("sd2-v", StableDiffusionPipeline, "v_prediction", "ddim"),
-    ("sdxl", StableDiffusionXLPipeline, "epsilon", "ddim"),
-    ("sdxl", StableDiffusionXLPipeline, "epsilon", "euler"),
-])
+@pytest.mark.parametrize(
+    "family, pipe_cls, prediction, scheduler",
+    [
+        ("sd15", StableDiffusionPipeline, "epsilon", "ddim"),
+        ("sd15", StableDiffusionPipeline, "epsilon", "dpmpp"),
+        ("sd15", StableDiffusionPipeline, "epsilon", "euler"),
+        ("sd2-v", StableDiffusionPipeline, "v_prediction", "ddim"),
+        ("sdxl", StableDiffusionXLPipeline, "epsilon", "ddim"),
+        ("sdxl", StableDiffusionXLPipeline, "epsilon", "euler"),
+    ],
+)
 def test_ode_matches_diffusers_pipeline(tiny_teacher_factory, family, pipe_cls, prediction, scheduler):
     path = tiny_teacher_factory(family)
     teacher = load_teacher(str(path), scheduler=scheduler)
@@ -35,13 +38,20 @@ def test_ode_matches_diffusers_pipeline(tiny_teacher_factory, family, pipe_cls, 
     assert teacher.latent_shape(32) == (4, 16, 16)
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     prompts = ["a cat", "a dog on a sofa"]
-    ours = solve_ode(teacher.pipe, prompts=prompts, noise=noise, num_inference_steps=3, guidance_scale=5.0,
-                     negative_prompt="blurry")
+    ours = solve_ode(
+        teacher.pipe, prompts=prompts, noise=noise, num_inference_steps=3, guidance_scale=5.0, negative_prompt="blurry"
+    )
     # Reference: a pipeline loaded independently, the scheduler swapped the documented diffusers way.
     ref_pipe = pipe_cls.from_pretrained(path)
     ref_pipe.scheduler = type(teacher.pipe.scheduler).from_config(teacher.pipe.scheduler.config)
-    ref = ref_pipe(prompt=prompts, negative_prompt=["blurry"] * 2, latents=noise.clone(), num_inference_steps=3,
-                   guidance_scale=5.0, output_type="latent").images
+    ref = ref_pipe(
+        prompt=prompts,
+        negative_prompt=["blurry"] * 2,
+        latents=noise.clone(),
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        output_type="latent",
+    ).images
     assert ours.shape == (2, 4, 16, 16)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     # A real solve moves away from the starting noise.
@@ -52,7 +62,9 @@ def test_unsupported_pipeline_is_named(sd15_teacher, tmp_path):
     fake = tmp_path / "flux"
     fake.mkdir()
     (fake / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="FluxPipeline.*supported pipelines: StableDiffusionPipeline, StableDiffusionXLPipeline"):
+    with pytest.raises(
+        ValueError, match="FluxPipeline.*supported pipelines: StableDiffusionPipeline, StableDiffusionXLPipeline"
+    ):
         load_teacher(str(fake))
 
 

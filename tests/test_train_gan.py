@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, accelerate_launch, run_script
+from safetensors.torch import load_file
 from test_image_text import make_imagefolder, make_mixed_imagefolder
 
 
@@ -29,16 +28,54 @@ def images(tmp_path_factory):
             image = Image.new("RGB", (16, 16), (0, 0, 0))
             image.paste((230, 30, 30) if red else (30, 30, 230), (2 + i % 5, 2 + i % 3, 10 + i % 5, 10 + i % 3))
             image.save(path / f"{i:03d}.png")
-            fh.write(json.dumps({"file_name": f"{i:03d}.png", "caption": ["a red square", "red"] if red else ["a blue square", "blue"]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "file_name": f"{i:03d}.png",
+                        "caption": ["a red square", "red"] if red else ["a blue square", "blue"],
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 @pytest.fixture
 def common(images, classifier_dir, sd15_teacher):
-    return ["--dataset", images, "--caption_column", "caption", "--text_encoder", sd15_teacher, "--vae", sd15_teacher,
-            "--resolution", 16, "--generator", "gigagan", "--generator_size", "tiny", "--d_feature_network", classifier_dir,
-            "--d_virtual_batch", 4, "--d_text_dim", 16, "--d_cmap_dim", 8, "--batch_size", 8, "--report_to", "none",
-            "--validation_images", 2, "--validation_rows", 2, "--ema_half_life_kimg", 0.1]
+    return [
+        "--dataset",
+        images,
+        "--caption_column",
+        "caption",
+        "--text_encoder",
+        sd15_teacher,
+        "--vae",
+        sd15_teacher,
+        "--resolution",
+        16,
+        "--generator",
+        "gigagan",
+        "--generator_size",
+        "tiny",
+        "--d_feature_network",
+        classifier_dir,
+        "--d_virtual_batch",
+        4,
+        "--d_text_dim",
+        16,
+        "--d_cmap_dim",
+        8,
+        "--batch_size",
+        8,
+        "--report_to",
+        "none",
+        "--validation_images",
+        2,
+        "--validation_rows",
+        2,
+        "--ema_half_life_kimg",
+        0.1,
+    ]
 
 
 def _stats(run):
@@ -47,9 +84,33 @@ def _stats(run):
 
 def test_training_moves_the_logits_apart_and_exports_a_pipeline(common, images, tmp_path, capsys):
     run = tmp_path / "run"
-    code, err = run_script("train_gan.py", [*common, "--output_dir", run, "--max_train_steps", 12, "--checkpointing_steps", 6,
-                                            "--validation_steps", 6, "--discriminator", "multiscale", "--d_channels", "8,16", "--space", "pixel",
-                                            "--learning_rate_d", "1e-2", "--learning_rate_g", "1e-4", "--blur_sigma", 0], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            *common,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            12,
+            "--checkpointing_steps",
+            6,
+            "--validation_steps",
+            6,
+            "--discriminator",
+            "multiscale",
+            "--d_channels",
+            "8,16",
+            "--space",
+            "pixel",
+            "--learning_rate_d",
+            "1e-2",
+            "--learning_rate_g",
+            "1e-4",
+            "--blur_sigma",
+            0,
+        ],
+        capsys,
+    )
     assert code == 0, err
     stats = _stats(run)
     assert [r["step"] for r in stats] == list(range(1, 13)) and [r["nimg"] for r in stats][:2] == [8, 16]
@@ -57,7 +118,11 @@ def test_training_moves_the_logits_apart_and_exports_a_pipeline(common, images, 
     assert {"g_adv", "d_real", "d_fake", "blur_sigma"} <= set(stats[0])
     gap = [r["d_real_logit"] - r["d_fake_logit"] for r in stats]
     assert gap[-1] > 0.2 and gap[-1] > gap[0] + 0.2, gap  # D tells the real from the generated
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000000.png", "step-000006.png", "step-000012.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-000000.png",
+        "step-000006.png",
+        "step-000012.png",
+    ]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-6"]
     # The exported pipeline reloads and samples, from Python and through sample.py / evaluate.py unchanged.
     from students import GigaGANGenerator, OneStepGANPipeline
@@ -68,32 +133,129 @@ def test_training_moves_the_logits_apart_and_exports_a_pipeline(common, images, 
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
     z = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     again = OneStepGANPipeline.from_pretrained(run / "checkpoints" / "checkpoint-12" / "pipeline")
-    torch.testing.assert_close(pipe("red", latents=z, output_type="latent").images, again("red", latents=z, output_type="latent").images)
-    code, err = run_script("sample.py", ["--pipeline", run / "pipeline", "--prompt", "red", "--seeds", "0-1",
-                                         "--output_dir", tmp_path / "samples"], capsys)
+    torch.testing.assert_close(
+        pipe("red", latents=z, output_type="latent").images, again("red", latents=z, output_type="latent").images
+    )
+    code, err = run_script(
+        "sample.py",
+        ["--pipeline", run / "pipeline", "--prompt", "red", "--seeds", "0-1", "--output_dir", tmp_path / "samples"],
+        capsys,
+    )
     assert code == 0, err
-    code, err = run_script("evaluate.py", ["--pipeline", run / "pipeline", "--prompts", images / "metadata.jsonl", "--prompt_column", "caption",
-                                           "--metrics", "fid", "--reference", images, "--fid_extractor", "random-tiny", "--num_samples", 8,
-                                           "--metric_workers", 0, "--output_dir", tmp_path / "eval"], capsys)
+    code, err = run_script(
+        "evaluate.py",
+        [
+            "--pipeline",
+            run / "pipeline",
+            "--prompts",
+            images / "metadata.jsonl",
+            "--prompt_column",
+            "caption",
+            "--metrics",
+            "fid",
+            "--reference",
+            images,
+            "--fid_extractor",
+            "random-tiny",
+            "--num_samples",
+            8,
+            "--metric_workers",
+            0,
+            "--output_dir",
+            tmp_path / "eval",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["fid"] >= 0
 
 
-@pytest.mark.parametrize("discriminator, extra", [
-    ("projected", []),
-    ("projected", ["--d_norm", "mixed", "--gradient_accumulation_steps", 2]),  # the G phase normalises with real samples
-    ("projected", ["--space", "pixel", "--d_mbstd_group", 2, "--mismatch_weight", 1.0]),  # the digits recipe's D, minibatch-std on
-    ("multiscale", ["--space", "pixel", "--d_channels", "8,16", "--r1_gamma", 1.0, "--r1_interval", 2, "--loss", "non_saturating",
-                    "--mismatch_weight", 1.0, "--d_mbstd_group", 2, "--d_pyramid", "downsample"]),
-    ("projected+multiscale", ["--d_channels", "8", "--d_pyramid", "downsample", "--d_mbstd_group", 2, "--r1_gamma", 1.0,
-                              "--r1_interval", 2, "--mismatch_weight", 1.0]),  # both Ds as one, in latent space
-    ("unet", ["--teacher", "TEACHER", "--d_heads", "before,final", "--generator", "stylegan_t", "--gradient_accumulation_steps", 2]),
-])
+@pytest.mark.parametrize(
+    "discriminator, extra",
+    [
+        ("projected", []),
+        (
+            "projected",
+            ["--d_norm", "mixed", "--gradient_accumulation_steps", 2],
+        ),  # the G phase normalises with real samples
+        (
+            "projected",
+            ["--space", "pixel", "--d_mbstd_group", 2, "--mismatch_weight", 1.0],
+        ),  # the digits recipe's D, minibatch-std on
+        (
+            "multiscale",
+            [
+                "--space",
+                "pixel",
+                "--d_channels",
+                "8,16",
+                "--r1_gamma",
+                1.0,
+                "--r1_interval",
+                2,
+                "--loss",
+                "non_saturating",
+                "--mismatch_weight",
+                1.0,
+                "--d_mbstd_group",
+                2,
+                "--d_pyramid",
+                "downsample",
+            ],
+        ),
+        (
+            "projected+multiscale",
+            [
+                "--d_channels",
+                "8",
+                "--d_pyramid",
+                "downsample",
+                "--d_mbstd_group",
+                2,
+                "--r1_gamma",
+                1.0,
+                "--r1_interval",
+                2,
+                "--mismatch_weight",
+                1.0,
+            ],
+        ),  # both Ds as one, in latent space
+        (
+            "unet",
+            [
+                "--teacher",
+                "TEACHER",
+                "--d_heads",
+                "before,final",
+                "--generator",
+                "stylegan_t",
+                "--gradient_accumulation_steps",
+                2,
+            ],
+        ),
+    ],
+)
 def test_other_discriminators_train_and_export(common, sd15_teacher, tmp_path, capsys, discriminator, extra):
     run = tmp_path / discriminator
     extra = [sd15_teacher if a == "TEACHER" else a for a in extra]  # noqa: F841
-    code, err = run_script("train_gan.py", [*common, "--output_dir", run, "--max_train_steps", 3, "--checkpointing_steps", 3,
-                                            "--validation_steps", 3, "--discriminator", discriminator, *extra], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            *common,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            3,
+            "--checkpointing_steps",
+            3,
+            "--validation_steps",
+            3,
+            "--discriminator",
+            discriminator,
+            *extra,
+        ],
+        capsys,
+    )
     assert code == 0, err
     stats = _stats(run)
     assert len(stats) == 3 and all(r["d_real"] == r["d_real"] for r in stats)
@@ -129,8 +291,10 @@ def test_resume_refuses_another_dataset_or_generator_and_records_allowed_changes
     args = [*common, "--output_dir", run, "--checkpointing_steps", 1, "--validation_steps", 100]
     assert run_script("train_gan.py", [*args, "--max_train_steps", 1], capsys)[0] == 0
     before = (run / "config.yaml").read_text()
-    for changed, expected in ((["--dataset", own_images], f"dataset: '{common[1]}' -> '{own_images}'"),
-                              (["--generator_size", "small"], "generator_size: 'tiny' -> 'small'")):
+    for changed, expected in (
+        (["--dataset", own_images], f"dataset: '{common[1]}' -> '{own_images}'"),
+        (["--generator_size", "small"], "generator_size: 'tiny' -> 'small'"),
+    ):
         code, err = run_script("train_gan.py", [*args, "--max_train_steps", 2, *changed], capsys)
         line = _last_line(err)
         assert code == 2 and f"{run} holds a run made with another config ({expected}" in line, err[-3000:]
@@ -142,16 +306,51 @@ def test_resume_refuses_another_dataset_or_generator_and_records_allowed_changes
 
 def test_clip_guidance_term_and_its_absence(common, tmp_path, capsys, monkeypatch):
     run = tmp_path / "clip"
-    code, err = run_script("train_gan.py", [*common, "--output_dir", run, "--max_train_steps", 1, "--checkpointing_steps", 1,
-                                            "--validation_steps", 100, "--clip_guidance_weight", 0.2, "--clip_model", "random-tiny"], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            *common,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            1,
+            "--checkpointing_steps",
+            1,
+            "--validation_steps",
+            100,
+            "--clip_guidance_weight",
+            0.2,
+            "--clip_model",
+            "random-tiny",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert _stats(run)[0]["g_clip"] > 0
+
     def absent(model, pretrained, cache_dir):  # what resolve_clip_weights raises offline without the weights
-        raise FileNotFoundError(f"CLIP score needs the open_clip weights {model} / {pretrained}, which are not available locally")
+        raise FileNotFoundError(
+            f"CLIP score needs the open_clip weights {model} / {pretrained}, which are not available locally"
+        )
 
     monkeypatch.setattr("distill.core.pretrained.resolve_clip_weights", absent)
-    code, err = run_script("train_gan.py", [*common, "--output_dir", tmp_path / "noclip", "--max_train_steps", 1, "--checkpointing_steps", 1,
-                                            "--validation_steps", 100, "--clip_guidance_weight", 0.2], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            *common,
+            "--output_dir",
+            tmp_path / "noclip",
+            "--max_train_steps",
+            1,
+            "--checkpointing_steps",
+            1,
+            "--validation_steps",
+            100,
+            "--clip_guidance_weight",
+            0.2,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "warning: CLIP guidance is off" in err and "g_clip" not in _stats(tmp_path / "noclip")[0]
 
@@ -159,8 +358,25 @@ def test_clip_guidance_term_and_its_absence(common, tmp_path, capsys, monkeypatc
 @pytest.mark.slow
 def test_two_processes_keep_replicas_identical(common, tmp_path):
     run = tmp_path / "ddp"
-    res = accelerate_launch("train_gan.py", [*common, "--output_dir", run, "--max_train_steps", 2, "--checkpointing_steps", 2,
-                                             "--validation_steps", 100, "--batch_size", 4, "--mismatch_weight", 0.5], num_processes=2)
+    res = accelerate_launch(
+        "train_gan.py",
+        [
+            *common,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            100,
+            "--batch_size",
+            4,
+            "--mismatch_weight",
+            0.5,
+        ],
+        num_processes=2,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert [r["nimg"] for r in _stats(run)] == [8, 16]  # 2 processes x batch 4
     assert (run / "pipeline" / "model_index.json").is_file()
@@ -174,8 +390,14 @@ def _last_line(err: str) -> str:
 def test_bad_input_is_one_line(common, images, tmp_path, capsys):
     cases = [
         (["--caption_column", "text"], "caption column 'text' is not in dataset"),
-        (["--resolution", 18], "resolution 18 is not a multiple of 4 (VAE factor 2 x 2**1 for the 2 levels of gigagan tiny): use 16 or 20"),
-        (["--generator", "unet"], "unknown generator 'unet'; choose one of gigagan, stylegan_t; the unet student needs a teacher"),
+        (
+            ["--resolution", 18],
+            "resolution 18 is not a multiple of 4 (VAE factor 2 x 2**1 for the 2 levels of gigagan tiny): use 16 or 20",
+        ),
+        (
+            ["--generator", "unet"],
+            "unknown generator 'unet'; choose one of gigagan, stylegan_t; the unet student needs a teacher",
+        ),
         (["--discriminator", "unet"], "set `teacher`"),
         (["--d_feature_network", "torchvision:resnet18"], "needs its weights"),
         (["--validation_prompt_file", tmp_path / "none.txt"], "validation_prompt_file"),
@@ -187,8 +409,21 @@ def test_bad_input_is_one_line(common, images, tmp_path, capsys):
     broken = tmp_path / "broken"
     make_imagefolder(broken, n=8, size=(16, 16))
     (broken / "005.png").write_bytes(b"\x89PNG truncated")
-    code, err = run_script("train_gan.py", [*common, "--dataset", broken, "--caption_column", "text", "--output_dir", tmp_path / "y",
-                                            "--max_train_steps", 2], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            *common,
+            "--dataset",
+            broken,
+            "--caption_column",
+            "text",
+            "--output_dir",
+            tmp_path / "y",
+            "--max_train_steps",
+            2,
+        ],
+        capsys,
+    )
     assert code == 2 and "005.png) cannot be read" in _last_line(err) and "replace or remove it" in _last_line(err)
     assert not (tmp_path / "y").exists()  # found before the run takes its output folder
 
@@ -196,6 +431,7 @@ def test_bad_input_is_one_line(common, images, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["digits_gigagan", "digits_gigagan_projected", "digits_stylegan_t", "sd15_gigagan"])
 def test_shipped_configs_pass_the_checks(name):
     from conftest import ROOT
+
     from distill.core.config import parse_config
     from distill.train_gan import GANConfig, check
 
@@ -217,14 +453,51 @@ def own_images(tmp_path_factory):
 
 @pytest.fixture
 def own(own_images, sd15_teacher):
-    return ["--dataset", own_images, "--text_encoder", sd15_teacher, "--space", "pixel", "--resolution", 16, "--generator_size", "tiny",
-            "--discriminator", "multiscale", "--d_channels", "8,16", "--d_text_dim", 16, "--d_cmap_dim", 8, "--loss", "non_saturating",
-            "--r1_gamma", 0.1, "--r1_interval", 2, "--mismatch_weight", 1.0, "--batch_size", 4, "--report_to", "none",
-            "--validation_images", 2, "--validation_rows", 2, "--validation_steps", 100, "--ema_half_life_kimg", 0.1]
+    return [
+        "--dataset",
+        own_images,
+        "--text_encoder",
+        sd15_teacher,
+        "--space",
+        "pixel",
+        "--resolution",
+        16,
+        "--generator_size",
+        "tiny",
+        "--discriminator",
+        "multiscale",
+        "--d_channels",
+        "8,16",
+        "--d_text_dim",
+        16,
+        "--d_cmap_dim",
+        8,
+        "--loss",
+        "non_saturating",
+        "--r1_gamma",
+        0.1,
+        "--r1_interval",
+        2,
+        "--mismatch_weight",
+        1.0,
+        "--batch_size",
+        4,
+        "--report_to",
+        "none",
+        "--validation_images",
+        2,
+        "--validation_rows",
+        2,
+        "--validation_steps",
+        100,
+        "--ema_half_life_kimg",
+        0.1,
+    ]
 
 
 def test_own_folder_in_pixels_trains_and_resumes_exactly(own, tmp_path, capsys):
-    """4 steps straight vs 2 + resume to 4 (crossing an epoch of the 12 rows, R1 at steps 0 and 2): the same G, D and EMA."""
+    """4 steps straight vs 2 + resume to 4 (crossing an epoch of the 12 rows, R1 at steps 0 and 2): the same G, D and
+    EMA."""
     args = [*own, "--checkpointing_steps", 2]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run, steps in ((straight, 4), (resumed, 2), (resumed, 4)):
@@ -245,29 +518,59 @@ def test_own_folder_in_pixels_trains_and_resumes_exactly(own, tmp_path, capsys):
     for (k, a), b in zip(pipes[0].student.state_dict().items(), pipes[1].student.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     assert pipes[0].vae is None
-    assert pipes[0]("image 3, LA", output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 16, 16)
+    assert pipes[0]("image 3, LA", output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (
+        1,
+        3,
+        16,
+        16,
+    )
 
 
 def test_own_folder_in_latent_space(own, sd15_teacher, tmp_path, capsys):
     run = tmp_path / "latent"
-    code, err = run_script("train_gan.py", [*own, "--space", "latent", "--vae", sd15_teacher, "--output_dir", run, "--max_train_steps", 2,
-                                            "--checkpointing_steps", 2], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            *own,
+            "--space",
+            "latent",
+            "--vae",
+            sd15_teacher,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert len(_stats(run)) == 2
     from students import OneStepGANPipeline
 
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
-    assert pipe.vae is not None and pipe("a cat", output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 16, 16)
+    assert pipe.vae is not None and pipe(
+        "a cat", output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images.shape == (1, 3, 16, 16)
 
 
 def _cli(args, timeout=300):
     """``python distill/train_gan.py ARGS`` as a user runs it (a process of its own)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, str(ROOT / "distill" / "train_gan.py"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "distill" / "train_gan.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("case", ["no_metadata", "unknown_caption_column", "empty_caption", "number_caption", "number_column"])
+@pytest.mark.parametrize(
+    "case", ["no_metadata", "unknown_caption_column", "empty_caption", "number_caption", "number_column"]
+)
 def test_a_bad_folder_is_one_line_and_writes_nothing(own, tmp_path, case):
     folder = make_imagefolder(tmp_path / "my-images", n=8, size=(20, 28), captions="string")
     extra = []
@@ -286,16 +589,23 @@ def test_a_bad_folder_is_one_line_and_writes_nothing(own, tmp_path, case):
         lines = (folder / "metadata.jsonl").read_text().splitlines()
         lines[5] = json.dumps({"file_name": "005.png", "text": 5})
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-        message = (f"column 'text' of {folder / 'metadata.jsonl'} holds a number at row 5 where the rows before hold a string: "
-                   "a caption must be text")
+        message = (
+            f"column 'text' of {folder / 'metadata.jsonl'} holds a number at row 5 where the rows before hold a "
+            "string: "
+            "a caption must be text"
+        )
     else:
         lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-        (folder / "metadata.jsonl").write_text("".join(json.dumps({**row, "text": i}) + "\n" for i, row in enumerate(lines)))
+        (folder / "metadata.jsonl").write_text(
+            "".join(json.dumps({**row, "text": i}) + "\n" for i, row in enumerate(lines))
+        )
         message = "000.png) has a caption of type int in column 'text' (0): a caption must be text"
     out = tmp_path / "runs" / "mine"
     res = _cli([*own, "--dataset", folder, "--output_dir", out, "--max_train_steps", 2, *extra])
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr[-3000:]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+        res.stderr[-3000:]
+    )
     assert not (tmp_path / "runs").exists()  # no output folder, lock or config.yaml
 
 
@@ -309,15 +619,49 @@ def test_an_image_damaged_past_its_header_stops_mid_run_keeping_the_checkpoints(
     path = Path(open_image_text(str(folder))[row]["image"]["path"])
     path.write_bytes(path.read_bytes()[:45])  # the header reads (the up-front check passes), the pixels do not
     run = tmp_path / "run"
-    code, err = run_script("train_gan.py", [*own, "--dataset", folder, "--output_dir", run, "--max_train_steps", 3,
-                                            "--checkpointing_steps", 1, "--num_workers", 1, "--output_latent_stats", "false"], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            *own,
+            "--dataset",
+            folder,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            3,
+            "--checkpointing_steps",
+            1,
+            "--num_workers",
+            1,
+            "--output_latent_stats",
+            "false",
+        ],
+        capsys,
+    )
     line = _last_line(err)
-    assert code == 2 and f"image of row {row} ({path}) cannot be read" in line and "checkpoints written so far are kept" in line, err
+    assert (
+        code == 2
+        and f"image of row {row} ({path}) cannot be read" in line
+        and "checkpoints written so far are kept" in line
+    ), err
     assert (run / "checkpoints" / "checkpoint-1").is_dir() and not (run / "checkpoints" / "checkpoint-2").exists()
     assert not (run / ".lock").exists()
     # The output statistics read the first rows before training: the same image stops the run there, in the same line.
-    code, err = run_script("train_gan.py", [*own, "--dataset", folder, "--output_dir", tmp_path / "stats", "--max_train_steps", 3,
-                                            "--checkpointing_steps", 1], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            *own,
+            "--dataset",
+            folder,
+            "--output_dir",
+            tmp_path / "stats",
+            "--max_train_steps",
+            3,
+            "--checkpointing_steps",
+            1,
+        ],
+        capsys,
+    )
     line = _last_line(err)
     assert code == 2 and f"({path}) cannot be read" in line and "checkpoints written so far are kept" in line, err
 
@@ -329,27 +673,92 @@ def test_my_dataset_config_parses_and_trains_with_tiny_parts(own_images, sd15_te
     config = ROOT / "configs" / "scratch" / "my_dataset.yaml"
     cfg = parse_config(GANConfig, ["--config", str(config)])
     check(cfg)
-    assert (cfg.space, cfg.discriminator, cfg.loss, cfg.vae, cfg.caption_column) == ("pixel", "multiscale", "non_saturating", "", "text")
-    assert cfg.r1_gamma > 0 and cfg.dataset.startswith("path/to/") and cfg.text_encoder.startswith("path/to/")  # placeholders
-    # The config offered for a user's data is the measured digits recipe: only data, text encoder, resolution, steps differ.
+    assert (cfg.space, cfg.discriminator, cfg.loss, cfg.vae, cfg.caption_column) == (
+        "pixel",
+        "multiscale",
+        "non_saturating",
+        "",
+        "text",
+    )
+    assert (
+        cfg.r1_gamma > 0 and cfg.dataset.startswith("path/to/") and cfg.text_encoder.startswith("path/to/")
+    )  # placeholders
+    # The config offered for a user's data is the measured digits recipe: only data, text encoder, resolution, steps
+    # differ.
     digits = parse_config(GANConfig, ["--config", str(ROOT / "configs" / "scratch" / "digits_gigagan.yaml")])
-    method = ("space", "generator", "generator_size", "output_latent_stats", "discriminator", "d_channels", "d_pyramid",
-              "d_mbstd_group", "d_lr_by_fan_in", "loss", "mismatch_weight", "mode_seeking_weight", "r1_gamma", "r1_interval",
-              "augment", "blur_sigma", "batch_size", "learning_rate_g", "learning_rate_d", "lr_warmup_steps", "max_grad_norm",
-              "ema_half_life_kimg", "ema_rampup", "optimizer", "d_feature_network")
+    method = (
+        "space",
+        "generator",
+        "generator_size",
+        "output_latent_stats",
+        "discriminator",
+        "d_channels",
+        "d_pyramid",
+        "d_mbstd_group",
+        "d_lr_by_fan_in",
+        "loss",
+        "mismatch_weight",
+        "mode_seeking_weight",
+        "r1_gamma",
+        "r1_interval",
+        "augment",
+        "blur_sigma",
+        "batch_size",
+        "learning_rate_g",
+        "learning_rate_d",
+        "lr_warmup_steps",
+        "max_grad_norm",
+        "ema_half_life_kimg",
+        "ema_rampup",
+        "optimizer",
+        "d_feature_network",
+    )
     assert {k: getattr(cfg, k) for k in method} == {k: getattr(digits, k) for k in method}
     run = tmp_path / "my_dataset"
-    code, err = run_script("train_gan.py", ["--config", config, "--dataset", own_images, "--text_encoder", sd15_teacher,
-                                            "--output_dir", run, "--resolution", 16, "--generator_size", "tiny", "--d_channels", "8,16",
-                                            "--batch_size", 4, "--num_workers", 0, "--max_train_steps", 2, "--report_to", "none",
-                                            "--validation_rows", 2, "--validation_images", 2], capsys)
+    code, err = run_script(
+        "train_gan.py",
+        [
+            "--config",
+            config,
+            "--dataset",
+            own_images,
+            "--text_encoder",
+            sd15_teacher,
+            "--output_dir",
+            run,
+            "--resolution",
+            16,
+            "--generator_size",
+            "tiny",
+            "--d_channels",
+            "8,16",
+            "--batch_size",
+            4,
+            "--num_workers",
+            0,
+            "--max_train_steps",
+            2,
+            "--report_to",
+            "none",
+            "--validation_rows",
+            2,
+            "--validation_images",
+            2,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert [r["step"] for r in _stats(run)] == [1, 2] and (run / "pipeline" / "model_index.json").is_file()
 
 
-def test_an_ensemble_that_would_read_the_generator_pyramid_is_refused_before_anything_is_written(common, tmp_path, capsys):
-    code, err = run_script("train_gan.py", [*common, "--output_dir", tmp_path / "ens", "--discriminator", "projected+multiscale",
-                                            "--max_train_steps", 1], capsys)
+def test_an_ensemble_that_would_read_the_generator_pyramid_is_refused_before_anything_is_written(
+    common, tmp_path, capsys
+):
+    code, err = run_script(
+        "train_gan.py",
+        [*common, "--output_dir", tmp_path / "ens", "--discriminator", "projected+multiscale", "--max_train_steps", 1],
+        capsys,
+    )
     assert code == 2 and "set d_pyramid downsample" in _last_line(err) and not (tmp_path / "ens").exists()
 
 
@@ -360,11 +769,31 @@ def test_validation_prompts_is_a_list_as_in_train_student_and_a_file_is_its_own_
 
     prompt_file = tmp_path / "grid.txt"
     prompt_file.write_text("red\nblue\n")
-    for name, args, rows in (("list", ["--validation_prompts", "red", "a blue square", "blue"], 3),
-                             ("file", ["--validation_prompt_file", prompt_file], 2)):
+    for name, args, rows in (
+        ("list", ["--validation_prompts", "red", "a blue square", "blue"], 3),
+        ("file", ["--validation_prompt_file", prompt_file], 2),
+    ):
         run = tmp_path / name
-        code, err = run_script("train_gan.py", [*common, "--output_dir", run, "--max_train_steps", 1, "--discriminator", "multiscale",
-                                                "--d_channels", "8,16", "--space", "pixel", "--validation_rows", 10, *args], capsys)
+        code, err = run_script(
+            "train_gan.py",
+            [
+                *common,
+                "--output_dir",
+                run,
+                "--max_train_steps",
+                1,
+                "--discriminator",
+                "multiscale",
+                "--d_channels",
+                "8,16",
+                "--space",
+                "pixel",
+                "--validation_rows",
+                10,
+                *args,
+            ],
+            capsys,
+        )
         assert code == 0, err
         grid = Image.open(run / "samples" / "step-000000.png")
         assert grid.size == (2 * 16, rows * 16), (name, grid.size)  # 2 noise maps x one row per prompt

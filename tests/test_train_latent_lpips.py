@@ -106,7 +106,11 @@ def test_recipe_runs_both_stages_and_classifier_loss_falls(tiny_data, tmp_path):
 def test_recipe_rejects_bad_config_in_one_line(tiny_data, tmp_path):
     res = run_script("--output_dir", str(tmp_path / "r"), "--stage", "calibrate", "--vae", str(tiny_data / "model"))
     assert res.returncode == 2
-    assert res.stderr.strip().startswith("error:") and "init_from" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert (
+        res.stderr.strip().startswith("error:")
+        and "init_from" in res.stderr
+        and len(res.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_two_processes_follow_the_one_process_learning_rate_schedule(tiny_data, tmp_path):
@@ -114,11 +118,13 @@ def test_two_processes_follow_the_one_process_learning_rate_schedule(tiny_data, 
     import math
 
     from conftest import accelerate_launch
+
     from distill.latent_lpips.training import lr_lambda
 
     out = tmp_path / "two"
     res = accelerate_launch("train_latent_lpips.py", [
-        "--config", REPO / "configs" / "latent_lpips" / "tiny_test.yaml", "--output_dir", out, "--dataset", tiny_data / "digits",
+        "--config", REPO / "configs" / "latent_lpips" / "tiny_test.yaml", "--output_dir", out,
+        "--dataset", tiny_data / "digits",
         "--vae", tiny_data / "model", "--bapps_dir", tiny_data / "bapps" / "train", "--warmup_steps", 4,
     ], num_processes=2)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -136,8 +142,16 @@ def test_two_processes_follow_the_one_process_learning_rate_schedule(tiny_data, 
 
 
 def test_negative_learning_rate_is_one_line(tiny_data, tmp_path):
-    res = run_script("--output_dir", str(tmp_path / "r"), "--vae", str(tiny_data / "model"), "--dataset", str(tiny_data / "digits"),
-                     "--lr", "-1e-3")
+    res = run_script(
+        "--output_dir",
+        str(tmp_path / "r"),
+        "--vae",
+        str(tiny_data / "model"),
+        "--dataset",
+        str(tiny_data / "digits"),
+        "--lr",
+        "-1e-3",
+    )
     assert res.returncode == 2 and res.stderr.strip() == "error: lr must be positive, got -0.001"
     assert not (tmp_path / "r").exists()
 
@@ -146,9 +160,26 @@ def test_a_non_finite_loss_stops_in_one_line_as_in_the_other_trainers(tiny_data,
     """The shared loop's NaN stop: an absurd learning rate blows the classifier up; the run ends in one line naming
     the step and the term, exit 2, and the checkpoint written before it stays."""
     out = tmp_path / "nan"
-    res = run_script("--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"), "--output_dir", str(out),
-                     "--dataset", str(tiny_data / "digits"), "--vae", str(tiny_data / "model"), "--stage", "classifier",
-                     "--optimizer", "sgd", "--lr", "1e30", "--warmup_steps", "0", "--checkpointing_steps", "1")
+    res = run_script(
+        "--config",
+        str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"),
+        "--output_dir",
+        str(out),
+        "--dataset",
+        str(tiny_data / "digits"),
+        "--vae",
+        str(tiny_data / "model"),
+        "--stage",
+        "classifier",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e30",
+        "--warmup_steps",
+        "0",
+        "--checkpointing_steps",
+        "1",
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     message = res.stderr.strip().splitlines()[-1]
     assert message.startswith("error: non-finite ") and "stopped; last good checkpoint: " in message, message
@@ -158,23 +189,43 @@ def test_a_non_finite_loss_stops_in_one_line_as_in_the_other_trainers(tiny_data,
 def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path):
     """The same language as the other training scripts: output_dir, max_train_steps, checkpointing_steps,
     save_state checkpoints, --resume_from_checkpoint (latest by default, or a bare checkpoint name),
-    a progress bar and trackers. A run killed in stage 2 continues there, with the learning-rate schedule where it was."""
+    a progress bar and trackers. A run killed in stage 2 continues there, with the learning-rate schedule where it
+    was."""
     import math
     import shutil
 
     from distill.latent_lpips.training import lr_lambda
 
     out = tmp_path / "run"
-    args = ["--config", str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"), "--output_dir", str(out),
-            "--dataset", str(tiny_data / "digits"), "--vae", str(tiny_data / "model"), "--bapps_dir", str(tiny_data / "bapps" / "train"),
-            "--checkpointing_steps", "20", "--checkpoints_total_limit", "null", "--report_to", "tensorboard"]
+    args = [
+        "--config",
+        str(REPO / "configs" / "latent_lpips" / "tiny_test.yaml"),
+        "--output_dir",
+        str(out),
+        "--dataset",
+        str(tiny_data / "digits"),
+        "--vae",
+        str(tiny_data / "model"),
+        "--bapps_dir",
+        str(tiny_data / "bapps" / "train"),
+        "--checkpointing_steps",
+        "20",
+        "--checkpoints_total_limit",
+        "null",
+        "--report_to",
+        "tensorboard",
+    ]
     first = run_script(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     # 30 classifier + 24 calibration steps: every 20 steps of the run, and at the end of each stage.
     assert names == ["checkpoint-20", "checkpoint-30", "checkpoint-40", "checkpoint-54"]
     position = json.loads((out / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text())
-    assert {k: position[k] for k in ("stage", "step", "global_step")} == {"stage": "calibrate", "step": 10, "global_step": 40}
+    assert {k: position[k] for k in ("stage", "step", "global_step")} == {
+        "stage": "calibrate",
+        "step": 10,
+        "global_step": 40,
+    }
     assert "classifier: 100%" in first.stderr and "calibrate: 100%" in first.stderr  # tqdm progress bars
     assert list((out / "train_latent_lpips").glob("events.out.tfevents.*"))  # tensorboard tracker
     before = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
@@ -187,7 +238,9 @@ def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path)
     assert f"resumed calibrate from {out / 'checkpoints' / 'checkpoint-40'} at step 10" in again.stdout
     assert "resumed classifier" not in again.stdout and (out / "latent_lpips" / "config.json").is_file()
     rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["stage_step"], r["step"]) for r in rows] == [(r["stage"], r["stage_step"], r["step"]) for r in before]
+    assert [(r["stage"], r["stage_step"], r["step"]) for r in rows] == [
+        (r["stage"], r["stage_step"], r["step"]) for r in before
+    ]
     assert [r["step"] for r in rows] == list(range(1, 55))  # no step twice or missing
     schedule = lambda s: max(0.0, min(1.0, 2.0 * (1 - s / 24)))  # noqa: E731
     for r in rows:
@@ -202,7 +255,9 @@ def test_resumes_from_the_latest_checkpoint_in_either_stage(tiny_data, tmp_path)
     # Killed after the last checkpoint but before the network was saved: the rerun finishes it (no step again).
     shutil.rmtree(out / "latent_lpips")
     finish = run_script(*args)
-    assert finish.returncode == 0 and "resumed calibrate" in finish.stdout and "at step 24" in finish.stdout, finish.stderr[-2000:]
+    assert finish.returncode == 0 and "resumed calibrate" in finish.stdout and "at step 24" in finish.stdout, (
+        finish.stderr[-2000:]
+    )
     assert (out / "latent_lpips" / "config.json").is_file()
     assert [r["step"] for r in map(json.loads, (out / "stats.jsonl").read_text().splitlines())] == list(range(1, 55))
     # A checkpoint of a stage the command does not run is refused in one line, nothing changed.
@@ -222,9 +277,31 @@ def test_old_and_diffusers_names_are_aliases(tiny_data, tmp_path):
     from distill.core.config import parse_config
     from distill.train_latent_lpips import TrainLatentLPIPSConfig
 
-    cfg = parse_config(TrainLatentLPIPSConfig, ["--out_dir", "x", "--steps", "5", "--save_every", "2", "--train_batch_size", "3",
-                                                 "--dataloader_num_workers", "0", "--pretrained_model_name_or_path", "m"])
-    assert (cfg.output_dir, cfg.max_train_steps, cfg.checkpointing_steps, cfg.batch_size, cfg.num_workers, cfg.vae) == ("x", 5, 2, 3, 0, "m")
+    cfg = parse_config(
+        TrainLatentLPIPSConfig,
+        [
+            "--out_dir",
+            "x",
+            "--steps",
+            "5",
+            "--save_every",
+            "2",
+            "--train_batch_size",
+            "3",
+            "--dataloader_num_workers",
+            "0",
+            "--pretrained_model_name_or_path",
+            "m",
+        ],
+    )
+    assert (cfg.output_dir, cfg.max_train_steps, cfg.checkpointing_steps, cfg.batch_size, cfg.num_workers, cfg.vae) == (
+        "x",
+        5,
+        2,
+        3,
+        0,
+        "m",
+    )
     old = parse_config(TrainLatentLPIPSConfig, ["--config", str(REPO / "configs" / "digits" / "latent_lpips.yaml")])
     assert old.max_train_steps == 300 and old.checkpointing_steps == 0
 

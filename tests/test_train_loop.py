@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_accelerator_state
 
 from distill.training.ema import EMA
 from distill.training.loop import TrainLoop
-from conftest import fresh_accelerator_state
 
 PROJECT = str(Path(__file__).resolve().parents[1] / "distill")
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")  # what makes the host wait for the device
@@ -27,9 +27,22 @@ def _loop(tmp_path, *, max_grad_norm: float, accumulation: int = 2):
     opt_g, opt_d = torch.optim.Adam(g.parameters(), lr=1e-2), torch.optim.Adam(d.parameters(), lr=1e-2)
     g, d, opt_g, opt_d = acc.prepare(g, d, opt_g, opt_d)
     # max_train_steps beyond the steps run: no checkpoint or validation in between.
-    loop = TrainLoop(acc, output_dir=tmp_path, seed=0, max_train_steps=100, gradient_accumulation_steps=accumulation, batch_size=2,
-                     checkpointing_steps=100, validation_steps=100, checkpoints_total_limit=None, ema=EMA(g, half_life_kimg=0),
-                     model=g, export=lambda path: None, validate=lambda step: None, checkpoint_bytes=lambda: 0)
+    loop = TrainLoop(
+        acc,
+        output_dir=tmp_path,
+        seed=0,
+        max_train_steps=100,
+        gradient_accumulation_steps=accumulation,
+        batch_size=2,
+        checkpointing_steps=100,
+        validation_steps=100,
+        checkpoints_total_limit=None,
+        ema=EMA(g, half_life_kimg=0),
+        model=g,
+        export=lambda path: None,
+        validate=lambda step: None,
+        checkpoint_bytes=lambda: 0,
+    )
     seen: list[dict] = []
 
     def step(*, bad: str = "", max_grad_norm: float = max_grad_norm) -> dict:
@@ -54,10 +67,24 @@ def _loop(tmp_path, *, max_grad_norm: float, accumulation: int = 2):
 
             return run
 
-        loop.phase(purpose="g", model=g, optimizer=opt_g, params=g.parameters(), micro_step=micro(g, ("a", "b")), logs=logs,
-                   max_grad_norm=max_grad_norm)
-        loop.phase(purpose="d", model=d, optimizer=opt_d, params=list(d.parameters()), micro_step=micro(d, ("c", "s")), logs=logs,
-                   max_grad_norm=max_grad_norm)
+        loop.phase(
+            purpose="g",
+            model=g,
+            optimizer=opt_g,
+            params=g.parameters(),
+            micro_step=micro(g, ("a", "b")),
+            logs=logs,
+            max_grad_norm=max_grad_norm,
+        )
+        loop.phase(
+            purpose="d",
+            model=d,
+            optimizer=opt_d,
+            params=list(d.parameters()),
+            micro_step=micro(d, ("c", "s")),
+            logs=logs,
+            max_grad_norm=max_grad_norm,
+        )
         seen.append({k: sum(v) / len(v) for k, v in record.items()})
         return loop.end_step(logs)
 
@@ -97,11 +124,14 @@ def test_one_collective_and_few_host_reads_per_step(tmp_path, monkeypatch, max_g
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
-@pytest.mark.parametrize("bad, message", [
-    ("c", "non-finite loss at step 1 in term c: stopped; last good checkpoint: none yet"),
-    ("a", "non-finite loss at step 1 in term a: stopped"),
-    ("grad", "non-finite gradient norm at step 1 (every loss term finite): stopped"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("c", "non-finite loss at step 1 in term c: stopped; last good checkpoint: none yet"),
+        ("a", "non-finite loss at step 1 in term a: stopped"),
+        ("grad", "non-finite gradient norm at step 1 (every loss term finite): stopped"),
+    ],
+)
 def test_a_non_finite_gradient_stops_before_the_optimiser_step(tmp_path, max_grad_norm, bad, message):
     _, loop, models, step, _ = _loop(tmp_path, max_grad_norm=max_grad_norm)
     step()
@@ -132,9 +162,22 @@ def _checkpointing_loop(tmp_path, export):
     fresh_accelerator_state()
     acc = Accelerator(cpu=True)
     g = acc.prepare(torch.nn.Linear(3, 1))
-    loop = TrainLoop(acc, output_dir=tmp_path, seed=0, max_train_steps=100, gradient_accumulation_steps=1, batch_size=2,
-                     checkpointing_steps=100, validation_steps=100, checkpoints_total_limit=None, ema=EMA(g, half_life_kimg=0),
-                     model=g, export=export, validate=None, checkpoint_bytes=lambda: 5 * 2**20)
+    loop = TrainLoop(
+        acc,
+        output_dir=tmp_path,
+        seed=0,
+        max_train_steps=100,
+        gradient_accumulation_steps=1,
+        batch_size=2,
+        checkpointing_steps=100,
+        validation_steps=100,
+        checkpoints_total_limit=None,
+        ema=EMA(g, half_life_kimg=0),
+        model=g,
+        export=export,
+        validate=None,
+        checkpoint_bytes=lambda: 5 * 2**20,
+    )
     return acc, loop
 
 
@@ -148,13 +191,16 @@ WRITE_FAILURES = {  # how the writers in use report a full disk
     "C++ stream": RuntimeError("basic_ios::clear: iostream error"),
     "OSError": OSError(28, "No space left on device"),
     "safetensors": __import__("safetensors").SafetensorError(
-        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'),
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    ),
 }
 
 
 @pytest.mark.parametrize("failure", sorted(WRITE_FAILURES))
 @pytest.mark.parametrize("where", ["accelerate state", "export"])
-def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, failure, where):
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, failure, where
+):
     fail = {"now": False}
 
     def export(path):
@@ -194,13 +240,17 @@ def test_the_final_export_appears_whole_or_not_at_all(tmp_path):
         _exported(path)
         if full["disk"]:
             (path / "weights.safetensors").write_bytes(b"half")
-            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })')
+            raise SafetensorError(
+                'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })'
+            )
 
     acc, loop = _checkpointing_loop(tmp_path, export)
     final = tmp_path / "pipeline"
     with pytest.raises(OSError) as err:
         loop.export_final(final)
-    assert str(err.value).startswith(f"no space left in {tmp_path}, need ≈ 5 MB for the final pipeline: nothing was written")
+    assert str(err.value).startswith(
+        f"no space left in {tmp_path}, need ≈ 5 MB for the final pipeline: nothing was written"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no pipeline/, no temporary folder
     full["disk"] = False
     loop.export_final(final)
@@ -208,4 +258,6 @@ def test_the_final_export_appears_whole_or_not_at_all(tmp_path):
     full["disk"] = True  # a second export that fails keeps the first one whole
     with pytest.raises(OSError, match=r"\(the earlier one is kept\)"):
         loop.export_final(final)
-    assert (final / "weights.safetensors").read_bytes() == b"w" * 1000 and sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]
+    assert (final / "weights.safetensors").read_bytes() == b"w" * 1000 and sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["pipeline"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import accelerate_launch, run_script, tiny_pairs
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, run_script, tiny_pairs
 from distill.discriminators import UNetDiscriminator
 from distill.losses.gan import OBJECTIVES, mismatched_condition, objective_loss, r1_penalty
 from students import OneStepGANPipeline, encode_text
@@ -19,20 +19,46 @@ from teachers import load_teacher
 
 
 def _engine(disc, *, mix_fraction=0.0, r1_gamma=0.0, student=None, loss="non_saturating", regression="mse"):
-    """The shared GAN step over stage two's view of ``disc`` (the prepared and unwrapped module alike), as train_student builds it."""
+    """The shared GAN step over stage two's view of ``disc`` (the prepared and unwrapped module alike), as train_student
+    builds it."""
     from distill.distillation.phases import PairsView
     from distill.training.gan_step import GANStep
 
-    view = PairsView(student=student, discriminator=disc, discriminator_unwrapped=disc, lpips_loss=None, regression=regression,
-                     lpips_weight=1.0, mix_fraction=mix_fraction)
-    return GANStep(None, view=view, generator=student, discriminator=None, discriminator_unwrapped=disc, opt_g=None, opt_d=None,
-                   loss=loss, gan_weight=0.5, r1_gamma=r1_gamma, r1_interval=1, max_grad_norm=0.0)
+    view = PairsView(
+        student=student,
+        discriminator=disc,
+        discriminator_unwrapped=disc,
+        lpips_loss=None,
+        regression=regression,
+        lpips_weight=1.0,
+        mix_fraction=mix_fraction,
+    )
+    return GANStep(
+        None,
+        view=view,
+        generator=student,
+        discriminator=None,
+        discriminator_unwrapped=disc,
+        opt_g=None,
+        opt_d=None,
+        loss=loss,
+        gan_weight=0.5,
+        r1_gamma=r1_gamma,
+        r1_interval=1,
+        max_grad_norm=0.0,
+    )
 
 
 def _cond(teacher, prompts):
     p = teacher.pipe
-    return encode_text(prompts, tokenizer=p.tokenizer, text_encoder=p.text_encoder, tokenizer_2=getattr(p, "tokenizer_2", None),
-                       text_encoder_2=getattr(p, "text_encoder_2", None), resolution=(32, 32))
+    return encode_text(
+        prompts,
+        tokenizer=p.tokenizer,
+        text_encoder=p.text_encoder,
+        tokenizer_2=getattr(p, "tokenizer_2", None),
+        text_encoder_2=getattr(p, "text_encoder_2", None),
+        resolution=(32, 32),
+    )
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -45,8 +71,12 @@ def test_discriminator_scales_and_zero_init(tiny_teacher_factory, family):
     # Two up blocks x (before, skip, after) + final: 8x8 before/at the first skip, 16x16 after it.
     assert [tuple(l.shape) for l in logits] == [(2, 1, 8, 8), (2, 1, 8, 8)] + [(2, 1, 16, 16)] * 5
     # Zero-initialised noise / multi-scale convs leave the backbone computing the teacher UNet exactly.
-    ref = teacher.pipe.unet(x, torch.tensor([300, 300]), encoder_hidden_states=cond.prompt_embeds,
-                            added_cond_kwargs=cond.added_cond_kwargs()).sample
+    ref = teacher.pipe.unet(
+        x,
+        torch.tensor([300, 300]),
+        encoder_hidden_states=cond.prompt_embeds,
+        added_cond_kwargs=cond.added_cond_kwargs(),
+    ).sample
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     # ...but they are trainable and the noise condition reaches the output once they move.
     with torch.no_grad():
@@ -97,12 +127,32 @@ def test_mix_and_match_shuffles_noise_and_prompt_independently_into_its_own_term
         mismatched.extend((int(a), int(b), int(d)) for a, b, d in zip(lat, z, c) if a > 0 and (b != a or d != a))
         return [logits.view(-1, 1, 1, 1)]
 
-    view = PairsView(student=None, discriminator=spy, discriminator_unwrapped=None, lpips_loss=None, regression="none",
-                     lpips_weight=0.0, mix_fraction=0.5)
-    engine = GANStep(None, view=view, generator=None, discriminator=None, discriminator_unwrapped=None, opt_g=None, opt_d=None,
-                     loss="non_saturating", r1_gamma=0.0, r1_interval=1, max_grad_norm=0.0)
+    view = PairsView(
+        student=None,
+        discriminator=spy,
+        discriminator_unwrapped=None,
+        lpips_loss=None,
+        regression="none",
+        lpips_weight=0.0,
+        mix_fraction=0.5,
+    )
+    engine = GANStep(
+        None,
+        view=view,
+        generator=None,
+        discriminator=None,
+        discriminator_unwrapped=None,
+        opt_g=None,
+        opt_d=None,
+        loss="non_saturating",
+        r1_gamma=0.0,
+        r1_interval=1,
+        max_grad_norm=0.0,
+    )
     for seed in range(4):
-        terms = engine.discriminator_terms(view.discriminator_logits(batch, -batch.target, torch.Generator().manual_seed(seed)))
+        terms = engine.discriminator_terms(
+            view.discriminator_logits(batch, -batch.target, torch.Generator().manual_seed(seed))
+        )
         sp = lambda x: F.softplus(torch.tensor(x)).item()  # noqa: E731
         assert terms["d_real"].item() + terms["d_fake"].item() == pytest.approx(sp(-2.0) + sp(-1.0))
         assert terms["d_mismatch"].item() == pytest.approx(sp(0.5))
@@ -150,12 +200,17 @@ def test_discriminator_gradient_checkpointing_keeps_d_loss_and_r1_gradients(sd15
     checkpoint = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     gen = torch.Generator().manual_seed(0)
-    batch = Batch(torch.randn(4, 4, 16, 16, generator=gen), torch.randn(4, 4, 16, 16, generator=gen),
-                  _cond(teacher, ["a cat", "a dog", "a car", "soup"]))
+    batch = Batch(
+        torch.randn(4, 4, 16, 16, generator=gen),
+        torch.randn(4, 4, 16, 16, generator=gen),
+        _cond(teacher, ["a cat", "a dog", "a car", "soup"]),
+    )
     fake = torch.randn(4, 4, 16, 16, generator=gen)
     results = []
     for disc in (plain, checkpointed):
-        terms = _engine(disc, mix_fraction=0.5, r1_gamma=1.0).d_terms(batch, fake, torch.Generator().manual_seed(1), r1=True)
+        terms = _engine(disc, mix_fraction=0.5, r1_gamma=1.0).d_terms(
+            batch, fake, torch.Generator().manual_seed(1), r1=True
+        )
         sum(v for k, v in terms.items() if not k.endswith("_logit")).backward()
         results.append((terms, {n: p.grad for n, p in disc.named_parameters() if p.grad is not None}))
     assert calls and results[0][0]["d_r1"] > 0  # checkpointing ran (and only in the second D)
@@ -166,7 +221,9 @@ def test_discriminator_gradient_checkpointing_keeps_d_loss_and_r1_gradients(sd15
         torch.testing.assert_close(results[1][1][n], results[0][1][n], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads", [("before",), ("skip",), ("after",), ("before", "skip"), ("before", "skip", "after"), ("final",)])
+@pytest.mark.parametrize(
+    "heads", [("before",), ("skip",), ("after",), ("before", "skip"), ("before", "skip", "after"), ("final",)]
+)
 @pytest.mark.parametrize("mode", ["copy", "lora", "shared"])
 def test_discriminator_builds_only_what_its_heads_read(sd15_teacher, heads, mode):
     """Every trainable parameter gets a gradient from the heads (DDP without find_unused_parameters
@@ -179,7 +236,11 @@ def test_discriminator_builds_only_what_its_heads_read(sd15_teacher, heads, mode
         from peft import LoraConfig
 
         disc.unet.requires_grad_(False)
-        disc.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        disc.unet.add_adapter(
+            LoraConfig(
+                r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+            )
+        )
     cond = _cond(teacher, ["a cat", "a dog"])
     logits = disc(torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), cond.prompt_embeds)
     sum(l.sum() for l in logits).backward()
@@ -201,8 +262,24 @@ def pairs_dir(sd15_teacher, prompt_file, tmp_path_factory):
     return tiny_pairs(sd15_teacher, prompt_file, tmp_path_factory.mktemp("pairs") / "pairs", steps=3)
 
 
-TRAIN = ["--lpips_network", "random", "--batch_size", 4, "--holdout", 8, "--r1_interval", 2, "--ema_half_life_kimg", 0,
-         "--report_to", "none", "--learning_rate_g", "1e-4", "--learning_rate_d", "1e-4"]
+TRAIN = [
+    "--lpips_network",
+    "random",
+    "--batch_size",
+    4,
+    "--holdout",
+    8,
+    "--r1_interval",
+    2,
+    "--ema_half_life_kimg",
+    0,
+    "--report_to",
+    "none",
+    "--learning_rate_g",
+    "1e-4",
+    "--learning_rate_d",
+    "1e-4",
+]
 
 
 def _stats(run):
@@ -211,8 +288,23 @@ def _stats(run):
 
 def test_training_lowers_heldout_lpips_and_exports_pipeline(pairs_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 8,
-                                                "--checkpointing_steps", 4, "--validation_steps", 8, *TRAIN], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            8,
+            "--checkpointing_steps",
+            4,
+            "--validation_steps",
+            8,
+            *TRAIN,
+        ],
+        capsys,
+    )
     assert code == 0, err
     val = [r for r in _stats(run) if "val_lpips" in r]
     assert [r["step"] for r in val] == [0, 8]
@@ -258,7 +350,11 @@ def _check_card(folder: Path, pairs: Path, *, images_seen: int, steps: int) -> N
 
     card = ModelCard.load(folder / "README.md")
     meta = card.data.to_dict()
-    assert meta["pipeline_tag"] == "text-to-image" and meta["library_name"] == "diffusers" and "diffusion2gan" in meta["tags"]
+    assert (
+        meta["pipeline_tag"] == "text-to-image"
+        and meta["library_name"] == "diffusers"
+        and "diffusion2gan" in meta["tags"]
+    )
     assert "base_model" not in meta and "license" not in meta  # a local random teacher: no hub id, no known licence
     front = (folder / "README.md").read_text().split("---")[1]
     assert yaml.safe_load(front) == meta
@@ -273,10 +369,31 @@ def _check_card(folder: Path, pairs: Path, *, images_seen: int, steps: int) -> N
 def test_gan_generator_students_train_and_export(pairs_dir, tmp_path, capsys, student):
     """GigaGAN / StyleGAN-T generators (from scratch) through the same CLI, loss phases and pipeline."""
     run = tmp_path / student
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 6,
-                                                "--checkpointing_steps", 6, "--validation_steps", 6, *TRAIN,
-                                                "--student", student, "--student_size", "tiny", "--gan_start_step", 3,
-                                                "--learning_rate_g", "1e-3"], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            6,
+            "--checkpointing_steps",
+            6,
+            "--validation_steps",
+            6,
+            *TRAIN,
+            "--student",
+            student,
+            "--student_size",
+            "tiny",
+            "--gan_start_step",
+            3,
+            "--learning_rate_g",
+            "1e-3",
+        ],
+        capsys,
+    )
     assert code == 0, err
     val = [r for r in _stats(run) if "val_lpips" in r]
     assert val[-1]["val_lpips"] < val[0]["val_lpips"]
@@ -288,8 +405,10 @@ def test_gan_generator_students_train_and_export(pairs_dir, tmp_path, capsys, st
     assert type(pipe.student).__name__ == {"gigagan": "GigaGANGenerator", "stylegan_t": "StyleGANTGenerator"}[student]
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     again = OneStepGANPipeline.from_pretrained(run / "checkpoints" / "checkpoint-6" / "pipeline")
-    torch.testing.assert_close(pipe(["a cat", "a dog"], latents=z, output_type="latent").images,
-                               again(["a cat", "a dog"], latents=z, output_type="latent").images)
+    torch.testing.assert_close(
+        pipe(["a cat", "a dog"], latents=z, output_type="latent").images,
+        again(["a cat", "a dog"], latents=z, output_type="latent").images,
+    )
 
 
 def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
@@ -319,8 +438,21 @@ def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
 def test_ema_on_cpu_and_in_bf16_resumes_identically_and_exports(pairs_dir, tmp_path, capsys, ema_device, ema_dtype):
     """The EMA copy kept on the CPU (and in bf16): its state, the checkpoint's pipeline and the resumed run match a
     straight run bit for bit; the exported pipeline holds the EMA weights in that dtype and runs."""
-    common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN, "--ema_half_life_kimg", "0.004",
-              "--ema_device", ema_device, "--ema_dtype", ema_dtype]
+    common = [
+        "--pairs",
+        pairs_dir,
+        "--checkpointing_steps",
+        2,
+        "--validation_steps",
+        2,
+        *TRAIN,
+        "--ema_half_life_kimg",
+        "0.004",
+        "--ema_device",
+        ema_device,
+        "--ema_dtype",
+        ema_dtype,
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
     assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
@@ -340,7 +472,9 @@ def test_ema_on_cpu_and_in_bf16_resumes_identically_and_exports(pairs_dir, tmp_p
     exported = load_file(straight / "pipeline" / "student" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in exported.values()} == {dtype} and all(torch.equal(exported[k], ema_a[k]) for k in ema_a)
     pipe = OneStepGANPipeline.from_pretrained(straight / "pipeline")
-    assert torch.isfinite(pipe(["a cat"], output_type="latent", generator=torch.Generator().manual_seed(0)).images).all()
+    assert torch.isfinite(
+        pipe(["a cat"], output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    ).all()
 
 
 def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
@@ -351,7 +485,9 @@ def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
     pairs = load_pairs(pairs_dir).with_format("torch")
 
     def read(*, num_workers, start=0, rank=0, world=1):
-        data = Prefetch(PairRows(pairs, num_train=16, seed=0, rank=rank, world=world, batch_size=4), num_workers=num_workers)
+        data = Prefetch(
+            PairRows(pairs, num_train=16, seed=0, rank=rank, world=world, batch_size=4), num_workers=num_workers
+        )
         data.start(start)
         return [data.read(m) for m in range(start, 8)]
 
@@ -373,15 +509,35 @@ def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
         data.read(4)
 
 
-def test_stored_prompt_embeds_train_like_the_text_encoder(pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch):
+def test_stored_prompt_embeds_train_like_the_text_encoder(
+    pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys, monkeypatch
+):
     """Pairs made with --store_prompt_embeds: the steps condition on the stored embeddings (the text encoder runs only
     for validation) and give the losses of encoding the prompts, to float16 rounding; the rows count as the same."""
     from distill.distillation.setup import Parts
 
     stored = tmp_path / "pairs-embeds"
-    code, err = run_script("generate_pairs.py", ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 24,
-                                                 "--resolution", 32, "--num_inference_steps", 3, "--batch_size", 8,
-                                                 "--output_dir", stored, "--store_prompt_embeds"], capsys)
+    code, err = run_script(
+        "generate_pairs.py",
+        [
+            "--teacher",
+            sd15_teacher,
+            "--prompts",
+            prompt_file,
+            "--num_pairs",
+            24,
+            "--resolution",
+            32,
+            "--num_inference_steps",
+            3,
+            "--batch_size",
+            8,
+            "--output_dir",
+            stored,
+            "--store_prompt_embeds",
+        ],
+        capsys,
+    )
     assert code == 0, err
     encoded, encode = [], Parts.encode
     monkeypatch.setattr(Parts, "encode", lambda self, prompts: encoded.append(len(prompts)) or encode(self, prompts))
@@ -389,9 +545,25 @@ def test_stored_prompt_embeds_train_like_the_text_encoder(pairs_dir, sd15_teache
     for name, pairs in (("encoded", pairs_dir), ("stored", stored)):
         encoded.clear()
         run = tmp_path / name
-        code, err = run_script("train_student.py", ["--pairs", pairs, "--output_dir", run, "--max_train_steps", 3,
-                                                    "--checkpointing_steps", 3, "--validation_steps", 100, *TRAIN,
-                                                    "--gradient_accumulation_steps", 2], capsys)
+        code, err = run_script(
+            "train_student.py",
+            [
+                "--pairs",
+                pairs,
+                "--output_dir",
+                run,
+                "--max_train_steps",
+                3,
+                "--checkpointing_steps",
+                3,
+                "--validation_steps",
+                100,
+                *TRAIN,
+                "--gradient_accumulation_steps",
+                2,
+            ],
+            capsys,
+        )
         assert code == 0, err
         runs[name] = ([r for r in _stats(run) if "g_lpips" in r], list(encoded))
         split = json.loads((run / "pairs_split.json").read_text())
@@ -406,15 +578,35 @@ def test_stored_prompt_embeds_train_like_the_text_encoder(pairs_dir, sd15_teache
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-12), key  # measured: 4e-6 at most
 
 
-@pytest.mark.parametrize("heads, config_file", [("before,skip,after,final", None), ("before,skip,after", "configs/accelerate/multi_gpu.yaml")])
+@pytest.mark.parametrize(
+    "heads, config_file",
+    [("before,skip,after,final", None), ("before,skip,after", "configs/accelerate/multi_gpu.yaml")],
+)
 def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path, heads, config_file):
     """Also with a head set that leaves the UNet's output layers unread: DDP (no find_unused_parameters)
     raised "Expected to have finished reduction" at step 2 while they were still built. The second run is
     launched with the shipped multi-GPU DDP config (gloo on CPU here)."""
     run = tmp_path / "ddp"
-    res = accelerate_launch("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
-                                                 "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
-                                                 "--d_heads", heads], num_processes=2, config_file=config_file)
+    res = accelerate_launch(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            100,
+            *TRAIN,
+            "--d_heads",
+            heads,
+        ],
+        num_processes=2,
+        config_file=config_file,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     stats = [r for r in _stats(run) if "g_lpips" in r]
     assert [r["nimg"] for r in stats] == [8, 16]  # 2 processes x batch 4 per step
@@ -423,22 +615,58 @@ def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path, head
 
 def test_nan_loss_stops_with_one_line(pairs_dir, tmp_path, capsys):
     run = tmp_path / "nan"
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 6,
-                                                "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
-                                                "--learning_rate_g", "1e30", "--max_grad_norm", 0, "--gan_weight", 0], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            6,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            100,
+            *TRAIN,
+            "--learning_rate_g",
+            "1e30",
+            "--max_grad_norm",
+            0,
+            "--gan_weight",
+            0,
+        ],
+        capsys,
+    )
     assert code == 2
     last = err.rstrip().splitlines()[-1].split("\r")[-1]
     assert last.startswith("error: non-finite loss at step") and "g_lpips" in last, err[-2000:]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--pairs", "/no/such/pairs"], "is not a pairs directory"),
-    (["--pairs", "PAIRS", "--student", "biggan"], "unknown student 'biggan'"),
-    (["--pairs", "PAIRS", "--student", "gigagan", "--student_size", "huge"], "unknown student_size 'huge'"),
-    (["--pairs", "PAIRS", "--student", "gigagan", "--student_size", "tiny", "--gradient_checkpointing", "true",
-      "--lpips_network", "random"], "does not support gradient_checkpointing"),
-    (["--pairs", "PAIRS", "--regression", "l2"], "unknown regression 'l2'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pairs", "/no/such/pairs"], "is not a pairs directory"),
+        (["--pairs", "PAIRS", "--student", "biggan"], "unknown student 'biggan'"),
+        (["--pairs", "PAIRS", "--student", "gigagan", "--student_size", "huge"], "unknown student_size 'huge'"),
+        (
+            [
+                "--pairs",
+                "PAIRS",
+                "--student",
+                "gigagan",
+                "--student_size",
+                "tiny",
+                "--gradient_checkpointing",
+                "true",
+                "--lpips_network",
+                "random",
+            ],
+            "does not support gradient_checkpointing",
+        ),
+        (["--pairs", "PAIRS", "--regression", "l2"], "unknown regression 'l2'"),
+    ],
+)
 def test_bad_input(pairs_dir, tmp_path, capsys, args, message):
     args = [str(pairs_dir) if a == "PAIRS" else a for a in args]
     code, err = run_script("train_student.py", [*args, "--output_dir", tmp_path / "x"], capsys)
@@ -463,7 +691,9 @@ def test_adam_is_the_default_and_adam8bit_without_bitsandbytes_is_one_line(pairs
     assert parse_config(StudentConfig, []).optimizer == "adam"
     built = _spy_parts(monkeypatch)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (import fails), whatever this machine has
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", "--optimizer", "adam8bit"], capsys)
+    code, err = run_script(
+        "train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", "--optimizer", "adam8bit"], capsys
+    )
     assert code == 2 and "pip install bitsandbytes" in _last_line(err) and not built  # before the teacher loads
 
 
@@ -472,11 +702,35 @@ def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys, monkeypat
     backbone, MSE regression."""
     built = _spy_parts(monkeypatch)
     run = tmp_path / "opts"
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
-                                                "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN,
-                                                "--gradient_accumulation_steps", 2, "--mixed_precision", "bf16",
-                                                "--gradient_checkpointing", "true", "--d_gradient_checkpointing", "true",
-                                                "--d_lora_rank", 4, "--regression", "mse"], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            100,
+            *TRAIN,
+            "--gradient_accumulation_steps",
+            2,
+            "--mixed_precision",
+            "bf16",
+            "--gradient_checkpointing",
+            "true",
+            "--d_gradient_checkpointing",
+            "true",
+            "--d_lora_rank",
+            4,
+            "--regression",
+            "mse",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert built[0].student.is_gradient_checkpointing and built[0].discriminator.unet.is_gradient_checkpointing
     stats = [r for r in _stats(run) if "g_mse" in r]
@@ -507,9 +761,27 @@ def test_teacher_unet_is_released_after_setup(pairs_dir, tmp_path, capsys, monke
 
     monkeypatch.setattr(setup, "build_student", build_and_watch)
     monkeypatch.setattr(TrainLoop, "end_step", count_alive)
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "run", "--max_train_steps", 2,
-                                                "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN,
-                                                "--validation_prompts", "a cat", "--num_validation_seeds", 1], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            tmp_path / "run",
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            2,
+            *TRAIN,
+            "--validation_prompts",
+            "a cat",
+            "--num_validation_seeds",
+            1,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert alive == [False, False] and built[0].teacher.pipe.unet is None
     assert built[0].student is not None and built[0].discriminator is not None
@@ -525,18 +797,42 @@ def test_frozen_text_encoder_and_vae_in_half_precision(pairs_dir, tmp_path, caps
     built = _spy_parts(monkeypatch)
     encoded = []
     encode = setup.Parts.encode
-    monkeypatch.setattr(setup.Parts, "encode", lambda self, prompts: encoded.append(encode(self, prompts)) or encoded[-1])
+    monkeypatch.setattr(
+        setup.Parts, "encode", lambda self, prompts: encoded.append(encode(self, prompts)) or encoded[-1]
+    )
     run = tmp_path / "frozen"
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
-                                                "--checkpointing_steps", 2, "--validation_steps", 2, *TRAIN, "--frozen_dtype", frozen_dtype,
-                                                "--validation_prompts", "a cat", "--num_validation_seeds", 1], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            2,
+            *TRAIN,
+            "--frozen_dtype",
+            frozen_dtype,
+            "--validation_prompts",
+            "a cat",
+            "--num_validation_seeds",
+            1,
+        ],
+        capsys,
+    )
     assert code == 0, err
     pipe = built[0].teacher.pipe
     assert pipe.vae.dtype == pipe.text_encoder.dtype == dtype
     assert encoded and all(c.prompt_embeds.dtype == torch.float32 for c in encoded)
     assert all(np.isfinite(r["g_lpips"]) for r in _stats(run) if "g_lpips" in r)
     exported = OneStepGANPipeline.from_pretrained(run / "pipeline")
-    assert torch.isfinite(exported(["a cat"], output_type="pt", generator=torch.Generator().manual_seed(0)).images).all()
+    assert torch.isfinite(
+        exported(["a cat"], output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    ).all()
 
 
 def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path, capsys, monkeypatch):
@@ -561,9 +857,27 @@ def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path,
     monkeypatch.setattr(GANStep, "d_terms", spy_terms)
     monkeypatch.setattr(accelerate.Accelerator, "backward", spy_backward)
     run = tmp_path / "accum"
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1,
-                                                "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN,
-                                                "--gradient_accumulation_steps", 2, "--r1_gamma", "1e5"], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            1,
+            "--checkpointing_steps",
+            1,
+            "--validation_steps",
+            100,
+            *TRAIN,
+            "--gradient_accumulation_steps",
+            2,
+            "--r1_gamma",
+            "1e5",
+        ],
+        capsys,
+    )
     assert code == 0, err
     d_steps = [(events[i][1], events[i + 1][1]) for i in range(len(events) - 1) if events[i][0] == "terms"]
     assert len(d_steps) == 2 and "d_r1" in d_steps[0][0] and "d_r1" not in d_steps[1][0]
@@ -585,7 +899,11 @@ def test_ema_defaults_average_over_many_steps_at_paper_scale(config):
     from distill.train_student import StudentConfig
     from distill.training.ema import EMA
 
-    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "student" / f"{config}.yaml")] if config else []
+    argv = (
+        ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "student" / f"{config}.yaml")]
+        if config
+        else []
+    )
     cfg = parse_config(StudentConfig, argv)
     batch = cfg.batch_size * cfg.gradient_accumulation_steps * 64 if config else 1024  # images per step
     ema = EMA(torch.nn.Linear(1, 1), half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup)
@@ -599,8 +917,12 @@ def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
     from students import UNetStudent
 
     tp = load_teacher(str(sd15_teacher)).pipe
-    pipe = OneStepGANPipeline(student=UNetStudent.from_teacher(tp.unet, tp.scheduler), vae=tp.vae,
-                              text_encoder=tp.text_encoder, tokenizer=tp.tokenizer)
+    pipe = OneStepGANPipeline(
+        student=UNetStudent.from_teacher(tp.unet, tp.scheduler),
+        vae=tp.vae,
+        text_encoder=tp.text_encoder,
+        tokenizer=tp.tokenizer,
+    )
     pipe.save_pretrained(tmp_path / "p")
     half = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.bfloat16).to("cpu")
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -624,11 +946,24 @@ def test_fp16_decode_upcasts_a_force_upcast_vae(sdxl_teacher, tmp_path):
         tp.vae.post_quant_conv.weight.mul_(1e5)
         tp.vae.post_quant_conv.bias.mul_(1e5)
     assert tp.vae.config.force_upcast
-    OneStepGANPipeline(student=UNetStudent.from_teacher(tp.unet, tp.scheduler), vae=tp.vae, text_encoder=tp.text_encoder,
-                       tokenizer=tp.tokenizer, text_encoder_2=tp.text_encoder_2, tokenizer_2=tp.tokenizer_2).save_pretrained(tmp_path / "p")
+    OneStepGANPipeline(
+        student=UNetStudent.from_teacher(tp.unet, tp.scheduler),
+        vae=tp.vae,
+        text_encoder=tp.text_encoder,
+        tokenizer=tp.tokenizer,
+        text_encoder_2=tp.text_encoder_2,
+        tokenizer_2=tp.tokenizer_2,
+    ).save_pretrained(tmp_path / "p")
     pipe = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)
-    gen = Sampler(str(tmp_path / "p"), device=torch.device("cpu"), dtype=torch.float16, scheduler="ddim",
-                    num_inference_steps=1, guidance_scale=1.0, negative_prompt="")
+    gen = Sampler(
+        str(tmp_path / "p"),
+        device=torch.device("cpu"),
+        dtype=torch.float16,
+        scheduler="ddim",
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        negative_prompt="",
+    )
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     for vae, decode in ((pipe.vae, pipe.decode_latents), (gen.pipe.vae, gen.decode)):
         seen = []
@@ -638,8 +973,11 @@ def test_fp16_decode_upcasts_a_force_upcast_vae(sdxl_teacher, tmp_path):
         assert vae.dtype == torch.float16  # cast back: the upcast lasts one decode
         vae.register_to_config(force_upcast=False)  # what the code did before: fp16 overflows
         assert not torch.isfinite(decode(latents.half())).all()
-    assert torch.isfinite(OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)(
-        "a cat", latents=latents, output_type="pt").images).all()
+    assert torch.isfinite(
+        OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)(
+            "a cat", latents=latents, output_type="pt"
+        ).images
+    ).all()
 
 
 def _unit_eps_student(teacher_dir, **kwargs):
@@ -652,8 +990,12 @@ def _unit_eps_student(teacher_dir, **kwargs):
     cond = _cond(load_teacher(str(teacher_dir)), ["a cat", "a dog"] * 2)
     z = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        eps = student.unet(z, torch.full((4,), 999), encoder_hidden_states=cond.prompt_embeds,
-                           added_cond_kwargs=cond.added_cond_kwargs()).sample
+        eps = student.unet(
+            z,
+            torch.full((4,), 999),
+            encoder_hidden_states=cond.prompt_embeds,
+            added_cond_kwargs=cond.added_cond_kwargs(),
+        ).sample
         scale = eps.pow(2).mean().rsqrt()
         student.unet.conv_out.weight.mul_(scale)
         student.unet.conv_out.bias.mul_(scale)
@@ -675,7 +1017,9 @@ def test_unet_student_output_stays_fp32_accurate_under_bf16_autocast(tiny_teache
             noisy = run()
     rms = lambda x: (x.float() - ref).pow(2).mean().sqrt().item()  # noqa: E731
     assert out.dtype == torch.float32 and rms(out) <= 0.01
-    assert student.config.precision == "autocast" and rms(noisy) > 0.05  # the error this guards against is real at this scale
+    assert (
+        student.config.precision == "autocast" and rms(noisy) > 0.05
+    )  # the error this guards against is real at this scale
 
 
 def test_unet_student_fp32_forward_turns_tf32_off_and_back(sd15_teacher):
@@ -685,7 +1029,8 @@ def test_unet_student_fp32_forward_turns_tf32_off_and_back(sd15_teacher):
     seen = []
     student = UNetStudent.from_teacher(tp.unet, tp.scheduler)
     student.unet.conv_in.register_forward_hook(
-        lambda *_: seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)))
+        lambda *_: seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+    )
     before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
     cond = _cond(load_teacher(str(sd15_teacher)), ["a cat"])
     with torch.no_grad():
@@ -705,7 +1050,9 @@ def test_unet_student_at_zero_terminal_snr(sd15_teacher):
     from students import UNetStudent
 
     tp = load_teacher(str(sd15_teacher)).pipe
-    v_sched = DDIMScheduler.from_config(tp.scheduler.config, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    v_sched = DDIMScheduler.from_config(
+        tp.scheduler.config, rescale_betas_zero_snr=True, prediction_type="v_prediction"
+    )
     assert v_sched.alphas_cumprod[999] == 0
     student = UNetStudent.from_teacher(tp.unet, v_sched)
     cond = _cond(load_teacher(str(sd15_teacher)), ["a cat", "a dog"])
@@ -725,9 +1072,26 @@ def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, ca
     """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline; stored with
     the pairs, it is the encoders' (time ids from the resolution)."""
     pairs = tmp_path / "pairs"
-    code, err = run_script("generate_pairs.py", ["--teacher", sdxl_teacher, "--prompts", prompt_file, "--num_pairs", 6,
-                                                 "--resolution", 32, "--num_inference_steps", 2, "--output_dir", pairs,
-                                                 "--store_prompt_embeds", store_prompt_embeds], capsys)
+    code, err = run_script(
+        "generate_pairs.py",
+        [
+            "--teacher",
+            sdxl_teacher,
+            "--prompts",
+            prompt_file,
+            "--num_pairs",
+            6,
+            "--resolution",
+            32,
+            "--num_inference_steps",
+            2,
+            "--output_dir",
+            pairs,
+            "--store_prompt_embeds",
+            store_prompt_embeds,
+        ],
+        capsys,
+    )
     assert code == 0, err
     if store_prompt_embeds:
         from data_gen.pairs import load_pairs
@@ -736,12 +1100,39 @@ def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, ca
         rows = load_pairs(pairs).with_format("torch")[:4]
         got = stored_conditioning(rows, resolution=32, device="cpu", dtype=torch.float32)
         want = _cond(load_teacher(str(sdxl_teacher)), rows["prompt"])
-        for a, b in ((got.prompt_embeds, want.prompt_embeds), (got.pooled_prompt_embeds, want.pooled_prompt_embeds), (got.time_ids, want.time_ids)):
+        for a, b in (
+            (got.prompt_embeds, want.prompt_embeds),
+            (got.pooled_prompt_embeds, want.pooled_prompt_embeds),
+            (got.time_ids, want.time_ids),
+        ):
             torch.testing.assert_close(a, b.half().float())
     run = tmp_path / "run"
-    code, err = run_script("train_student.py", ["--pairs", pairs, "--output_dir", run, "--max_train_steps", 1,
-                                                "--checkpointing_steps", 1, "--validation_steps", 1, "--lpips_network", "random",
-                                                "--batch_size", 2, "--holdout", 2, "--r1_interval", 1, "--report_to", "none"], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            1,
+            "--checkpointing_steps",
+            1,
+            "--validation_steps",
+            1,
+            "--lpips_network",
+            "random",
+            "--batch_size",
+            2,
+            "--holdout",
+            2,
+            "--r1_interval",
+            1,
+            "--report_to",
+            "none",
+        ],
+        capsys,
+    )
     assert code == 0, err
     pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
     assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
@@ -759,7 +1150,7 @@ def test_ema_rampup_limits_the_half_life_early():
     ramped.update(model, 100, nimg=100)  # half-life min(10k, 0.5 * 100) = 50 images: beta = 0.5 ** 2
     plain.update(model, 100, nimg=100)  # half-life 10k images: the average barely moves
     assert ramped.model.weight.item() == pytest.approx(0.75)
-    assert plain.model.weight.item() == pytest.approx(1 - 0.5 ** 0.01)
+    assert plain.model.weight.item() == pytest.approx(1 - 0.5**0.01)
 
 
 def test_ema_copy_is_made_on_its_own_device_and_dtype():
@@ -769,7 +1160,9 @@ def test_ema_copy_is_made_on_its_own_device_and_dtype():
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
     ema = EMA(model, half_life_kimg=1, device="meta", dtype=torch.bfloat16)
-    assert {(p.device.type, p.dtype, p.requires_grad) for p in ema.model.parameters()} == {("meta", torch.bfloat16, False)}
+    assert {(p.device.type, p.dtype, p.requires_grad) for p in ema.model.parameters()} == {
+        ("meta", torch.bfloat16, False)
+    }
     assert ema.model[1].num_batches_tracked.dtype == torch.long and model[0].weight.device.type == "cpu"
     ema.update(model, 1, nimg=1)
     with ema.on("meta") as same:
@@ -793,6 +1186,7 @@ def test_student_defaults_fill_only_unset_keys():
     explicit = resolved("--student", "stylegan_t", "--learning_rate_g", "2e-4", "--gan_start_step", "0")
     assert (explicit.learning_rate_g, explicit.gan_start_step) == (2e-4, 0)
 
+
 # ------------------------------------------------------------------------------------------------
 # Hardening: user mistakes end in one line before anything heavy, faults keep what was saved.
 
@@ -802,24 +1196,37 @@ def _last_line(err: str) -> str:
     return err.rstrip().splitlines()[-1].split("\r")[-1]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--holdout=-5"], "holdout must not be negative, got -5"),
-    (["--student_timestep", 5000], "student_timestep must be in [0, 999]"),
-    (["--mix_fraction", 2], "mix_fraction must be in [0.0, 1.0], got 2.0"),
-    (["--gan_weight=-1"], "gan_weight must not be negative, got -1.0"),
-    (["--learning_rate_g", "-1e-4"], "learning_rate_g must be positive, got -0.0001"),  # a negative value, not a flag
-    (["--learning_rate_d", "-0.5"], "learning_rate_d must be positive, got -0.5"),
-    (["--learning_rate_g", "nan"], "learning_rate_g must be a finite number, got nan"),  # named before anything loads
-    (["--gan_weight", "inf"], "gan_weight must be a finite number, got inf"),
-])
-def test_out_of_range_values_are_one_line_before_the_teacher_loads(pairs_dir, tmp_path, capsys, monkeypatch, args, message):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--holdout=-5"], "holdout must not be negative, got -5"),
+        (["--student_timestep", 5000], "student_timestep must be in [0, 999]"),
+        (["--mix_fraction", 2], "mix_fraction must be in [0.0, 1.0], got 2.0"),
+        (["--gan_weight=-1"], "gan_weight must not be negative, got -1.0"),
+        (
+            ["--learning_rate_g", "-1e-4"],
+            "learning_rate_g must be positive, got -0.0001",
+        ),  # a negative value, not a flag
+        (["--learning_rate_d", "-0.5"], "learning_rate_d must be positive, got -0.5"),
+        (
+            ["--learning_rate_g", "nan"],
+            "learning_rate_g must be a finite number, got nan",
+        ),  # named before anything loads
+        (["--gan_weight", "inf"], "gan_weight must be a finite number, got inf"),
+    ],
+)
+def test_out_of_range_values_are_one_line_before_the_teacher_loads(
+    pairs_dir, tmp_path, capsys, monkeypatch, args, message
+):
     import distill.distillation.setup as setup
 
     def no_teacher(*a, **k):
         raise AssertionError("the teacher must not load before the config is checked")
 
     monkeypatch.setattr(setup, "load_teacher", no_teacher)
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", *TRAIN, *args], capsys)
+    code, err = run_script(
+        "train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", *TRAIN, *args], capsys
+    )
     assert code == 2 and message in _last_line(err)
     assert not (tmp_path / "x").exists()
 
@@ -837,30 +1244,77 @@ def test_another_teacher_than_the_pairs_is_refused(pairs_dir, sd15_teacher, tmp_
             p.add_(0.01)
     unet.save_pretrained(other / "unet")
     args = ["--pairs", pairs_dir, "--max_train_steps", 1, "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN]
-    code, err = run_script("train_student.py", [*args, "--teacher", other, "--output_dir", tmp_path / "refused"], capsys)
+    code, err = run_script(
+        "train_student.py", [*args, "--teacher", other, "--output_dir", tmp_path / "refused"], capsys
+    )
     assert code == 2
     line = _last_line(err)
     assert "is not the teacher that made the pairs" in line and "unet/diffusion_pytorch_model.safetensors" in line
     assert "--allow_teacher_mismatch" in line and not (tmp_path / "refused").exists()
     # The same teacher by another spelling is accepted; a deliberate mismatch runs with the bare flag.
-    assert run_script("train_student.py", [*args, "--teacher", f"{sd15_teacher}/../{sd15_teacher.name}",
-                                           "--output_dir", tmp_path / "same"], capsys)[0] == 0
-    code, err = run_script("train_student.py", [*args, "--teacher", other, "--allow_teacher_mismatch", "--output_dir",
-                                                tmp_path / "cross"], capsys)
+    assert (
+        run_script(
+            "train_student.py",
+            [*args, "--teacher", f"{sd15_teacher}/../{sd15_teacher.name}", "--output_dir", tmp_path / "same"],
+            capsys,
+        )[0]
+        == 0
+    )
+    code, err = run_script(
+        "train_student.py",
+        [*args, "--teacher", other, "--allow_teacher_mismatch", "--output_dir", tmp_path / "cross"],
+        capsys,
+    )
     assert code == 0, err
 
 
-def test_resuming_with_another_student_or_other_pairs_is_refused(pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys):
+def test_resuming_with_another_student_or_other_pairs_is_refused(
+    pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys
+):
     run = tmp_path / "run"
-    args = ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1, "--checkpointing_steps", 1,
-            "--validation_steps", 100, *TRAIN]
+    args = [
+        "--pairs",
+        pairs_dir,
+        "--output_dir",
+        run,
+        "--max_train_steps",
+        1,
+        "--checkpointing_steps",
+        1,
+        "--validation_steps",
+        100,
+        *TRAIN,
+    ]
     assert run_script("train_student.py", args, capsys)[0] == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    code, err = run_script("train_student.py", [*args, "--max_train_steps", 2, "--student", "gigagan", "--student_size", "tiny"], capsys)
+    code, err = run_script(
+        "train_student.py", [*args, "--max_train_steps", 2, "--student", "gigagan", "--student_size", "tiny"], capsys
+    )
     assert code == 2 and "holds a run made with another config (student: 'unet' -> 'gigagan'" in _last_line(err)
     other = tmp_path / "other-pairs"
-    assert run_script("generate_pairs.py", ["--teacher", sd15_teacher, "--prompts", prompt_file, "--num_pairs", 24, "--seed", 1,
-                                            "--resolution", 32, "--num_inference_steps", 3, "--output_dir", other], capsys)[0] == 0
+    assert (
+        run_script(
+            "generate_pairs.py",
+            [
+                "--teacher",
+                sd15_teacher,
+                "--prompts",
+                prompt_file,
+                "--num_pairs",
+                24,
+                "--seed",
+                1,
+                "--resolution",
+                32,
+                "--num_inference_steps",
+                3,
+                "--output_dir",
+                other,
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     code, err = run_script("train_student.py", [*args, "--max_train_steps", 2, "--pairs", other], capsys)
     assert code == 2 and "another config (pairs:" in _last_line(err)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
@@ -870,8 +1324,22 @@ def test_resuming_with_another_student_or_other_pairs_is_refused(pairs_dir, sd15
 def finished_run(pairs_dir, tmp_path_factory):
     """A 2-step run with checkpoint-1 and checkpoint-2 (tests copy it before changing it)."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2,
-                                                "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN])
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            1,
+            "--validation_steps",
+            100,
+            *TRAIN,
+        ],
+    )
     assert code == 0, err
     return run
 
@@ -882,8 +1350,19 @@ def _copy_run(finished_run, pairs_dir, tmp_path) -> tuple[Path, list]:
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    return run, ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 3, "--checkpointing_steps", 1,
-                 "--validation_steps", 100, *TRAIN]
+    return run, [
+        "--pairs",
+        pairs_dir,
+        "--output_dir",
+        run,
+        "--max_train_steps",
+        3,
+        "--checkpointing_steps",
+        1,
+        "--validation_steps",
+        100,
+        *TRAIN,
+    ]
 
 
 class _WritesAFile:
@@ -899,7 +1378,8 @@ class _WritesAFile:
 @pytest.mark.parametrize("target", ["custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"])
 def test_resume_runs_no_code_from_a_crafted_checkpoint_file(pairs_dir, finished_run, tmp_path, capsys, target):
     """The loop's states are safetensors / JSON; every file of a checkpoint is checked against the record written with
-    it before accelerate opens any, so a pickle put there (or one swapped for accelerate's own) is refused in one line."""
+    it before accelerate opens any, so a pickle put there (or one swapped for accelerate's own) is refused in one
+    line."""
     run, args = _copy_run(finished_run, pairs_dir, tmp_path)
     marker = tmp_path / "code-ran"
     torch.save(_WritesAFile(marker), run / "checkpoints" / "checkpoint-2" / target)
@@ -909,7 +1389,9 @@ def test_resume_runs_no_code_from_a_crafted_checkpoint_file(pairs_dir, finished_
     assert f"checkpoint {run / 'checkpoints' / 'checkpoint-2'}" in line and target in line, line
     assert "--resume_from_checkpoint checkpoint-1" in line
     saved = sorted(p.name for p in (run / "checkpoints" / "checkpoint-1").iterdir())
-    assert not [name for name in saved if name.startswith("custom_checkpoint")], saved  # the loop's states are no pickles
+    assert not [name for name in saved if name.startswith("custom_checkpoint")], (
+        saved
+    )  # the loop's states are no pickles
 
 
 def test_a_corrupt_checkpoint_is_one_line_naming_it_and_the_fix(pairs_dir, finished_run, tmp_path, capsys):
@@ -919,7 +1401,9 @@ def test_a_corrupt_checkpoint_is_one_line_naming_it_and_the_fix(pairs_dir, finis
     weights.write_bytes(data[: len(data) // 2])  # cut short, as by a full disk or a copy that stopped
     code, err = run_script("train_student.py", args, capsys)
     line = _last_line(err)
-    assert code == 2 and f"checkpoint {weights.parent} is damaged (model.safetensors: {len(data) // 2} bytes" in line, line
+    assert code == 2 and f"checkpoint {weights.parent} is damaged (model.safetensors: {len(data) // 2} bytes" in line, (
+        line
+    )
     assert "--resume_from_checkpoint checkpoint-1" in line and f"rm -r {weights.parent}" in line
     weights.write_bytes(b"\xff" * len(data))  # the recorded size, but not safetensors any more
     code, err = run_script("train_student.py", args, capsys)
@@ -932,23 +1416,45 @@ def test_a_corrupt_checkpoint_is_one_line_naming_it_and_the_fix(pairs_dir, finis
 
 def test_resume_refuses_a_changed_run_and_records_the_allowed_changes(pairs_dir, finished_run, tmp_path, capsys):
     """Batch, seed, learning rate, regression, GAN weight define the run: a resume that changes them is one line and
-    writes nothing; a longer run (max_train_steps) and other cadences are allowed and recorded in config_changes.jsonl."""
+    writes nothing; a longer run (max_train_steps) and other cadences are allowed and recorded in
+    config_changes.jsonl."""
     run, args = _copy_run(finished_run, pairs_dir, tmp_path)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    changed = ["--batch_size", 2, "--seed", 7, "--learning_rate_g", "3e-4", "--regression", "mse", "--gan_weight", "0.5"]
+    changed = [
+        "--batch_size",
+        2,
+        "--seed",
+        7,
+        "--learning_rate_g",
+        "3e-4",
+        "--regression",
+        "mse",
+        "--gan_weight",
+        "0.5",
+    ]
     code, err = run_script("train_student.py", [*args, *changed], capsys)
     line = _last_line(err)
     assert code == 2 and line.startswith(f"error: {run} holds a run made with another config ("), line
-    for key in ("batch_size: 4 -> 2", "seed: 0 -> 7", "learning_rate_g: 0.0001 -> 0.0003", "regression: 'elatentlpips' -> 'mse'",
-                "gan_weight: 0.1 -> 0.5"):
+    for key in (
+        "batch_size: 4 -> 2",
+        "seed: 0 -> 7",
+        "learning_rate_g: 0.0001 -> 0.0003",
+        "regression: 'elatentlpips' -> 'mse'",
+        "gan_weight: 0.1 -> 0.5",
+    ):
         assert key in line, (key, line)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml not rewritten
-    code, err = run_script("train_student.py", [*args, "--validation_steps", 50, "--checkpoints_total_limit", 5], capsys)
+    code, err = run_script(
+        "train_student.py", [*args, "--validation_steps", 50, "--checkpoints_total_limit", 5], capsys
+    )
     assert code == 0, err[-3000:]
     records = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 2 and records[0]["changes"] == {
         "output_dir": [str(finished_run), str(run)],  # the copy: a moved folder resumes too
-        "max_train_steps": [2, 3], "checkpoints_total_limit": [3, 5], "validation_steps": [100, 50]}
+        "max_train_steps": [2, 3],
+        "checkpoints_total_limit": [3, 5],
+        "validation_steps": [100, 50],
+    }
     assert "max_train_steps: 3" in (run / "config.yaml").read_text()
 
 
@@ -958,8 +1464,19 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(pairs_dir, tmp_pat
     from accelerate import Accelerator
 
     run = tmp_path / "full"
-    args = ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 4, "--checkpointing_steps", 2,
-            "--validation_steps", 100, *TRAIN]
+    args = [
+        "--pairs",
+        pairs_dir,
+        "--output_dir",
+        run,
+        "--max_train_steps",
+        4,
+        "--checkpointing_steps",
+        2,
+        "--validation_steps",
+        100,
+        *TRAIN,
+    ]
     real_save = Accelerator.save_state
     room_for = []  # checkpoints that still fit
 
@@ -999,10 +1516,29 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(pairs_dir, tmp_path):
     from conftest import ROOT, ctrl_c_able
 
     run = tmp_path / "ctrlc"
-    cmd = [sys.executable, str(ROOT / "distill" / "train_student.py"), "--pairs", str(pairs_dir), "--output_dir", str(run),
-           "--max_train_steps", "1000", "--checkpointing_steps", "2", "--validation_steps", "1000", *map(str, TRAIN)]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_able)
+    cmd = [
+        sys.executable,
+        str(ROOT / "distill" / "train_student.py"),
+        "--pairs",
+        str(pairs_dir),
+        "--output_dir",
+        str(run),
+        "--max_train_steps",
+        "1000",
+        "--checkpointing_steps",
+        "2",
+        "--validation_steps",
+        "1000",
+        *map(str, TRAIN),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_able,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "checkpoint-4").is_dir():
         time.sleep(0.05)
@@ -1019,13 +1555,45 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(pairs_dir, tmp_path):
 
 def test_evaluation_refuses_fidelity_rows_the_student_trained_on(pairs_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1,
-                                           "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN], capsys)[0] == 0
+    assert (
+        run_script(
+            "train_student.py",
+            [
+                "--pairs",
+                pairs_dir,
+                "--output_dir",
+                run,
+                "--max_train_steps",
+                1,
+                "--checkpointing_steps",
+                1,
+                "--validation_steps",
+                100,
+                *TRAIN,
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
     split = json.loads((run / "pipeline" / "pairs_split.json").read_text())
     assert split["train_indices"] == [0, 16] and split["heldout_indices"] == [16, 24]  # 24 pairs, holdout 8
     assert json.loads((run / "pairs_split.json").read_text()) == split
-    common = ["--pipeline", run / "pipeline", "--pairs", pairs_dir, "--metrics", "fidelity", "--elatentlpips", "random-tiny",
-              "--pixel_lpips", "random-tiny", "--batch_size", 8, "--output_dir", tmp_path / "eval"]
+    common = [
+        "--pipeline",
+        run / "pipeline",
+        "--pairs",
+        pairs_dir,
+        "--metrics",
+        "fidelity",
+        "--elatentlpips",
+        "random-tiny",
+        "--pixel_lpips",
+        "random-tiny",
+        "--batch_size",
+        8,
+        "--output_dir",
+        tmp_path / "eval",
+    ]
     code, err = run_script("evaluate.py", [*common, "--fidelity_start", -10], capsys)
     assert code == 2
     line = err.rstrip().splitlines()[-1]
@@ -1080,8 +1648,10 @@ def test_gan_fakes_from_fresh_noise_are_conditioned_on_that_noise():
     fake, _ = engine.g_terms(paired, gen)
     torch.testing.assert_close(fake, 2 * pair_noise)
 
+
 def test_resume_from_a_named_checkpoint(pairs_dir, tmp_path, capsys):
-    """--resume_from_checkpoint takes latest (the default), none, a bare checkpoint name inside output_dir, or a path."""
+    """--resume_from_checkpoint takes latest (the default), none, a bare checkpoint name inside output_dir, or a
+    path."""
     run = tmp_path / "named"
     common = ["--pairs", pairs_dir, "--output_dir", run, "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN]
     assert run_script("train_student.py", [*common, "--max_train_steps", 2], capsys)[0] == 0
@@ -1090,16 +1660,22 @@ def test_resume_from_a_named_checkpoint(pairs_dir, tmp_path, capsys):
 
     out = io.StringIO()
     with redirect_stdout(out):
-        code, err = run_script("train_student.py", [*common, "--max_train_steps", 3, "--resume_from_checkpoint", "checkpoint-1"], capsys)
+        code, err = run_script(
+            "train_student.py", [*common, "--max_train_steps", 3, "--resume_from_checkpoint", "checkpoint-1"], capsys
+        )
     assert code == 0, err
     assert f"resumed from {run / 'checkpoints' / 'checkpoint-1'} at step 1" in out.getvalue()
     assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3]
     out = io.StringIO()
     with redirect_stdout(out):
-        code, err = run_script("train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"], capsys)
+        code, err = run_script(
+            "train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"], capsys
+        )
     assert code == 0, err
     assert f"resumed from {run / 'checkpoints' / 'checkpoint-3'} at step 3" in out.getvalue()
-    code, err = run_script("train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "checkpoint-9"], capsys)
+    code, err = run_script(
+        "train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "checkpoint-9"], capsys
+    )
     line = _last_line(err)
     assert code == 2 and "checkpoint-9 is not in" in line and "checkpoint-4" in line, err[-2000:]
 
@@ -1115,10 +1691,36 @@ def test_mixed_precision_defaults_to_the_launchers_choice(pairs_dir, tmp_path, c
 
     run = tmp_path / "bf16"
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "bf16", "--dynamo_backend", "no", str(ROOT / "distill" / "train_student.py"),
-           *map(str, ["--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 1, "--checkpointing_steps", 1,
-                      "--validation_steps", 100, *TRAIN])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "distill" / "train_student.py"),
+        *map(
+            str,
+            [
+                "--pairs",
+                pairs_dir,
+                "--output_dir",
+                run,
+                "--max_train_steps",
+                1,
+                "--checkpointing_steps",
+                1,
+                "--validation_steps",
+                100,
+                *TRAIN,
+            ],
+        ),
+    ]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "mixed precision: bf16" in res.stdout
@@ -1126,9 +1728,25 @@ def test_mixed_precision_defaults_to_the_launchers_choice(pairs_dir, tmp_path, c
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what the launcher sets
     explicit = tmp_path / "explicit"
-    code, err = run_script("train_student.py", ["--pairs", pairs_dir, "--output_dir", explicit, "--max_train_steps", 1,
-                                                "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN,
-                                                "--mixed_precision", "no"], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            explicit,
+            "--max_train_steps",
+            1,
+            "--checkpointing_steps",
+            1,
+            "--validation_steps",
+            100,
+            *TRAIN,
+            "--mixed_precision",
+            "no",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "mixed_precision: 'no'" in (explicit / "config.yaml").read_text()
 
@@ -1140,27 +1758,69 @@ def test_validation_prompts_grid_trackers_and_diffusers_flag_names(pairs_dir, sd
 
     run = tmp_path / "val"
     train = [a for a in TRAIN if a not in ("--report_to", "none")]
-    code, err = run_script("train_student.py", [
-        "--pairs", pairs_dir, "--output_dir", run, "--max_train_steps", 2, "--checkpointing_steps", 2, "--validation_steps", 1,
-        *train, "--validation_prompts", "a red apple, on a table", "a photo of a cat", "--num_validation_seeds", 3,
-        "--pretrained_model_name_or_path", sd15_teacher, "--train_batch_size", 4, "--tracker_project_name", "valrun",
-        "--report_to", "tensorboard", "--gradient_checkpointing"], capsys)
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            1,
+            *train,
+            "--validation_prompts",
+            "a red apple, on a table",
+            "a photo of a cat",
+            "--num_validation_seeds",
+            3,
+            "--pretrained_model_name_or_path",
+            sd15_teacher,
+            "--train_batch_size",
+            4,
+            "--tracker_project_name",
+            "valrun",
+            "--report_to",
+            "tensorboard",
+            "--gradient_checkpointing",
+        ],
+        capsys,
+    )
     assert code == 0, err
     config = (run / "config.yaml").read_text()
-    assert "- a red apple, on a table" in config and "gradient_checkpointing: true" in config and "num_validation_seeds: 3" in config
+    assert (
+        "- a red apple, on a table" in config
+        and "gradient_checkpointing: true" in config
+        and "num_validation_seeds: 3" in config
+    )
     _check_pictures(run, teacher_size=(3 * 32, 2 * 32))  # 2 prompts (rows) x 3 seeds (columns)
-    assert sorted(p.name for p in (run / "samples").glob("step-*.png")) == ["step-000000.png", "step-000001.png", "step-000002.png"]
+    assert sorted(p.name for p in (run / "samples").glob("step-*.png")) == [
+        "step-000000.png",
+        "step-000001.png",
+        "step-000002.png",
+    ]
     events = EventAccumulator(str(next((run / "valrun").glob("events.out.tfevents.*")))).Reload()
     assert set(events.Tags()["images"]) == {"validation/student", "validation/teacher"}
-    assert [e.step for e in events.Images("validation/student")] == [0, 1, 2] and len(events.Images("validation/teacher")) == 1
+    assert [e.step for e in events.Images("validation/student")] == [0, 1, 2] and len(
+        events.Images("validation/teacher")
+    ) == 1
     # The teacher row is the teacher's own sampler on that noise: seed s is a pairs row's noise with seed == s.
-    from data_gen.noise import noise_for_seed
     from PIL import Image
+
+    from data_gen.noise import noise_for_seed
     from teachers import load_teacher, solve_ode
 
     teacher = load_teacher(str(sd15_teacher), scheduler="ddim")
-    latents = solve_ode(teacher.pipe, prompts=["a photo of a cat"], noise=noise_for_seed(2, (4, 16, 16))[None],
-                        num_inference_steps=3, guidance_scale=7.5)
+    latents = solve_ode(
+        teacher.pipe,
+        prompts=["a photo of a cat"],
+        noise=noise_for_seed(2, (4, 16, 16))[None],
+        num_inference_steps=3,
+        guidance_scale=7.5,
+    )
     with torch.no_grad():
         decoded = teacher.pipe.vae.decode(latents / teacher.pipe.vae.config.scaling_factor).sample
     image = np.asarray(teacher.pipe.image_processor.postprocess(decoded, output_type="pil")[0])

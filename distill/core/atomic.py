@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 # What the writers in use say when a write did not fit (torch.save's zip writer, C++ iostreams, safetensors' Rust io).
-_FULL = ("No space left", "Disk quota exceeded", "StorageFull", "file write failed", "unexpected pos", "basic_ios::clear",
-         "iostream error")
+_FULL = (
+    "No space left",
+    "Disk quota exceeded",
+    "StorageFull",
+    "file write failed",
+    "unexpected pos",
+    "basic_ios::clear",
+    "iostream error",
+)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -77,8 +84,10 @@ def replace_folder(tmp: Path, final: Path) -> None:
 
 def no_space(folder: str | os.PathLike, *, need_bytes: int, what: str, kept: str) -> OSError:
     """The one-line full-disk error: where, how much, what is kept, and the fix."""
-    return OSError(f"no space left in {folder}, need ≈ {max(need_bytes, 1) / 2**20:.0f} MB for {what}: {kept}; "
-                   "free space and re-run the same command")
+    return OSError(
+        f"no space left in {folder}, need ≈ {max(need_bytes, 1) / 2**20:.0f} MB for {what}: {kept}; "
+        "free space and re-run the same command"
+    )
 
 
 @contextlib.contextmanager

@@ -96,7 +96,9 @@ def parse_config(schema: type[T], argv: list[str] | None = None, description: st
         choices, value = field.metadata.get("choices"), getattr(config, name)
         if choices and value is not None and value not in choices:
             hint = field.metadata.get("hints", {}).get(value)  # a value that belongs to another command, say
-            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}{'; ' + hint if hint else ''}")
+            raise ConfigError(
+                f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}{'; ' + hint if hint else ''}"
+            )
     require_finite(config)
     return config  # type: ignore[return-value]
 
@@ -108,7 +110,9 @@ def require_finite(config: Any) -> None:
         value = getattr(config, field.name)
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(item, float) and not math.isfinite(item):
-                raise ConfigError(f"{field.name} must be a finite number, got {item}: pass a real value (see --help for its meaning)")
+                raise ConfigError(
+                    f"{field.name} must be a finite number, got {item}: pass a real value (see --help for its meaning)"
+                )
 
 
 def _canonical_keys(loaded, fields: dict, path: Path):
@@ -145,8 +149,15 @@ def _join_negative_values(argv: list[str], fields: dict) -> list[str]:
     while i < len(argv):
         token = argv[i]
         nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if (token.startswith("--") and "=" not in token and token[2:] in (*fields, "config") and nxt is not None
-                and nxt.startswith("-") and not nxt.startswith("--") and nxt not in ("-h",)):
+        if (
+            token.startswith("--")
+            and "=" not in token
+            and token[2:] in (*fields, "config")
+            and nxt is not None
+            and nxt.startswith("-")
+            and not nxt.startswith("--")
+            and nxt not in ("-h",)
+        ):
             out.append(f"{token}={nxt}")
             i += 2
             continue
@@ -165,10 +176,14 @@ def _load_yaml(path: Path):
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML{where} ({problem}): fix the file (key: value per line)") from None
+        raise ConfigError(
+            f"config file {path} is not valid YAML{where} ({problem}): fix the file (key: value per line)"
+        ) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
-                          "re-save it as UTF-8") from None
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+            "re-save it as UTF-8"
+        ) from None
     if not OmegaConf.is_dict(loaded):
         raise ConfigError(f"config file {path} must be a mapping of `key: value` lines, not a {type(loaded).__name__}")
     return loaded
@@ -184,7 +199,9 @@ def _flag_value(raw, field: dataclasses.Field):
                 try:
                     parsed = yaml.safe_load(token)
                 except yaml.YAMLError:
-                    raise ConfigError(f"bad value for config key {field.name!r}: {token!r} is not a list (write [1, 2, 3] or 1,2,3)") from None
+                    raise ConfigError(
+                        f"bad value for config key {field.name!r}: {token!r} is not a list (write [1, 2, 3] or 1,2,3)"
+                    ) from None
                 items += parsed if isinstance(parsed, list) else [parsed]
             elif _list_element(field) != "str":
                 items += [t.strip() for t in token.split(",") if t.strip()]
@@ -197,8 +214,14 @@ def _flag_value(raw, field: dataclasses.Field):
     return raw
 
 
-def with_default(schema: type, name: str, default: Any = dataclasses.MISSING, *,
-                 default_factory: Callable[[], Any] | Any = dataclasses.MISSING, **metadata: Any) -> Any:
+def with_default(
+    schema: type,
+    name: str,
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+    **metadata: Any,
+) -> Any:
     """The key ``name`` of a base schema, redeclared in a command's schema with its own default; ``metadata``
     (``help``, ``aliases``) replaces the base's entries, the rest (e.g. ``choices``) stays. A redeclared key keeps
     the base's place in ``--help``."""
@@ -283,7 +306,10 @@ def run_cli(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         if os.environ.get("D2G_DEBUG"):
             traceback.print_exc()
-        sys.stderr.write("interrupted (Ctrl-C): finished shards, samples and checkpoints are kept; re-run the same command to resume\n")
+        sys.stderr.write(
+            "interrupted (Ctrl-C): finished shards, samples and checkpoints are kept; re-run the same command to "
+            "resume\n"
+        )
         sys.exit(130)
     except (ValueError, OSError) as exc:
         if os.environ.get("D2G_DEBUG"):
@@ -296,7 +322,8 @@ def run_cli(main: Callable[[], Any]) -> None:
 
 def _tell_the_launcher(line: str) -> None:
     """Under torchrun (``accelerate launch`` of several processes) the summary printed last names each failed process's
-    error file as its root cause, else a link to a traceback: write the user's line there, so the summary ends with it."""
+    error file as its root cause, else a link to a traceback: write the user's line there, so the summary ends with
+    it."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         import json

@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def describe(folder: str | os.PathLike) -> str:
-    """A short phrase naming what ``folder`` is (or that it does not exist), and where its student pipeline is, if any."""
+    """A short phrase naming what ``folder`` is (or that it does not exist), and where its student pipeline is, if
+    any."""
     path = Path(folder)
     if not path.exists():
         return "does not exist"
@@ -20,7 +21,11 @@ def describe(folder: str | os.PathLike) -> str:
     if (path / "trainer_state.json").is_file():
         return f"is a training checkpoint; its student pipeline is {path / 'pipeline'}"
     if (path / "config.yaml").is_file() and ((path / "checkpoints").is_dir() or (path / "pipeline").is_dir()):
-        inside = f"its student pipeline is {path / 'pipeline'}" if (path / "pipeline").is_dir() else "it has no pipeline/ yet"
+        inside = (
+            f"its student pipeline is {path / 'pipeline'}"
+            if (path / "pipeline").is_dir()
+            else "it has no pipeline/ yet"
+        )
         return f"is a training run folder; {inside}"
     if (path / "metrics.json").is_file():
         return "is an evaluation folder (written by evaluate.py), not a student"

@@ -96,8 +96,14 @@ def try_lock(directory: str | os.PathLike, *, purpose: str) -> str | None:
     """Create ``directory/.lock`` (taking over one whose holder is gone, with a line on stderr) and start its heartbeat;
     None on success, else the one-line reason it is taken."""
     path = Path(directory) / LOCK_NAME
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S"), "purpose": purpose, "heartbeat": HEARTBEAT_SECONDS}
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": _process_start(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "purpose": purpose,
+        "heartbeat": HEARTBEAT_SECONDS,
+    }
     for _ in range(3):  # a takeover raced by another run: look again
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -111,12 +117,16 @@ def try_lock(directory: str | os.PathLike, *, purpose: str) -> str | None:
                     if holder.get("host") == me["host"]:
                         after = "it is taken over once that process has ended"
                     elif "heartbeat" in holder:
-                        after = (f"its lock was renewed {age:.0f} s ago, and is taken over once not renewed for "
-                                 f"{STALE_AFTER_SECONDS / 60:.0f} min")
+                        after = (
+                            f"its lock was renewed {age:.0f} s ago, and is taken over once not renewed for "
+                            f"{STALE_AFTER_SECONDS / 60:.0f} min"
+                        )
                     else:
                         after = f"its lock has no heartbeat (an older version): if that run is gone, `rm {path}`"
-                    return (f"{directory} is in use by another run ({who}): wait for it to finish (or stop it), or choose "
-                            f"another output directory; {after}")
+                    return (
+                        f"{directory} is in use by another run ({who}): wait for it to finish (or stop it), or choose "
+                        f"another output directory; {after}"
+                    )
                 if _take_over(path, text):
                     sys.stderr.write(f"took over the lock of {directory} from {gone} ({who})\n")
             continue
@@ -141,8 +151,13 @@ def unlock(directory: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def locked(directory: str | os.PathLike, *, purpose: str, is_main_process: bool,
-           broadcast: Callable[[str | None], str | None] = lambda x: x) -> Iterator[None]:
+def locked(
+    directory: str | os.PathLike,
+    *,
+    purpose: str,
+    is_main_process: bool,
+    broadcast: Callable[[str | None], str | None] = lambda x: x,
+) -> Iterator[None]:
     """Create ``directory`` and hold its lock for the block (the main process takes it; ``broadcast`` shares the
     outcome with the other processes). Folders this call created are removed again if they end up holding no file."""
     directory = Path(directory)
@@ -156,7 +171,10 @@ def locked(directory: str | os.PathLike, *, purpose: str, is_main_process: bool,
             directory.mkdir(parents=True, exist_ok=True)
             reason = try_lock(directory, purpose=purpose)
         except OSError as exc:
-            reason = f"output directory {directory} is not writable ({exc.strerror or exc}): choose a directory you can write to"
+            reason = (
+                f"output directory {directory} is not writable ({exc.strerror or exc}): "
+                "choose a directory you can write to"
+            )
     reason = broadcast(reason)
     try:
         if reason is not None:

@@ -39,13 +39,17 @@ _FILTER = _TruncationOnce()
 def quiet_libraries() -> None:
     """Apply the above for a command that works with models (it imported torch, or the libraries themselves, before its
     main runs); one that did not, such as a ``--help`` of a light command, imports nothing here and stays fast."""
-    warnings.filterwarnings("ignore", message="Specifying null_placement in SortOptions is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message="Specifying null_placement in SortOptions is deprecated", category=FutureWarning
+    )
     warnings.filterwarnings("ignore", message="Matrix is singular and may not have a square root")
     for library in ("diffusers", "transformers"):
         if library not in sys.modules and "torch" not in sys.modules:
             continue
         library_logging = __import__(f"{library}.utils.logging", fromlist=["logging"])
         library_logging.disable_progress_bar()
-        for handler in library_logging.get_logger().handlers:  # the library's own handler: every module's records pass it
+        for (
+            handler
+        ) in library_logging.get_logger().handlers:  # the library's own handler: every module's records pass it
             if _FILTER not in handler.filters:
                 handler.addFilter(_FILTER)

@@ -1,1 +1,2 @@
-"""The digits testbed: its teachers' and classifier's trainers, quickstart, from-scratch script, ablation and reports."""
+"""The digits testbed: its teachers' and classifier's trainers, quickstart, from-scratch script, ablation and
+reports."""

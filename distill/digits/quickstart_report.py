@@ -47,43 +47,69 @@ def main(out: Path, name: str = "student") -> None:
     stats = [json.loads(line) for line in (out / name / "stats.jsonl").read_text().splitlines()]
     val = [r for r in stats if "val_lpips" in r]
     if val:
-        result["student_training"] = {"val_lpips_init": val[0]["val_lpips"], "val_lpips_final": val[-1]["val_lpips"],
-                                      "val_mse_init": val[0]["val_mse"], "val_mse_final": val[-1]["val_mse"]}
+        result["student_training"] = {
+            "val_lpips_init": val[0]["val_lpips"],
+            "val_lpips_final": val[-1]["val_lpips"],
+            "val_mse_init": val[0]["val_mse"],
+            "val_mse_final": val[-1]["val_mse"],
+        }
     suffix = "" if name == "student" else f"-{name}"
     (out / f"metrics{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = []
     for folder in ("eval-teacher", f"eval-{name}"):  # top row teacher, bottom row student
-        rows.append(np.concatenate([np.asarray(Image.open(out / folder / "samples" / f"{i:07d}.png").convert("RGB"))
-                                    for i in range(10)], axis=1))
+        rows.append(
+            np.concatenate(
+                [np.asarray(Image.open(out / folder / "samples" / f"{i:07d}.png").convert("RGB")) for i in range(10)],
+                axis=1,
+            )
+        )
     grid = out / f"teacher_vs_{name}.png"
-    Image.fromarray(np.concatenate(rows, axis=0)).resize((rows[0].shape[1] * 3, rows[0].shape[0] * 2 * 3), Image.NEAREST).save(grid)
+    Image.fromarray(np.concatenate(rows, axis=0)).resize(
+        (rows[0].shape[1] * 3, rows[0].shape[0] * 2 * 3), Image.NEAREST
+    ).save(grid)
     ratios = result["student_vs_teacher"]
-    sampler = json.loads((out / "pairs" / "manifest.json").read_text())["config"]  # the teacher's sampler, as the pairs used it
+    sampler = json.loads((out / "pairs" / "manifest.json").read_text())[
+        "config"
+    ]  # the teacher's sampler, as the pairs used it
     solver = SOLVER_NAMES.get(sampler["scheduler"], sampler["scheduler"])
     lines = [
         f"Diffusion2GAN quickstart on the digits testbed (teacher: {sampler['num_inference_steps']} {solver} steps, "
         f"CFG {sampler['guidance_scale']:g}; {kind} student: one step)",
-        f"FID to the teacher's samples  student {student['fid_to_teacher']:.2f}  floor (teacher vs itself, other seeds) "
-        f"{teacher['fid_to_teacher_floor']:.2f}  (ratio {ratios['fid_to_teacher_over_floor']:.2f}; 1 = indistinguishable at this sample size)",
+        f"FID to the teacher's samples  student {student['fid_to_teacher']:.2f}  floor (teacher vs itself, other "
+        "seeds) "
+        f"{teacher['fid_to_teacher_floor']:.2f}  (ratio {ratios['fid_to_teacher_over_floor']:.2f}; 1 = "
+        "indistinguishable at this sample size)",
         f"prompt accuracy  teacher {teacher['prompt_accuracy']:.3f}  student {student['prompt_accuracy']:.3f}"
         f"  (ratio {ratios['prompt_accuracy_ratio']:.3f}, goal >= 0.95)",
         f"latency          teacher {teacher['seconds_per_image'] * 1000:.1f} ms/img  student "
         f"{student['seconds_per_image'] * 1000:.2f} ms/img  speedup {result['speedup']:.1f}x (goal >= 20)",
-        f"FID to real digits (secondary: the 8 px originals reward blur)  teacher {teacher['fid']:.2f}  student {student['fid']:.2f}",
+        f"FID to real digits (secondary: the 8 px originals reward blur)  teacher {teacher['fid']:.2f}  student "
+        f"{student['fid']:.2f}",
     ]
-    if "precision" in student and "precision" in teacher:  # mode collapse: realistic samples (precision) that miss the data's spread (recall)
-        lines.append(f"precision / recall vs real digits (k-NN manifolds, classifier features)  teacher {teacher['precision']:.3f} / "
-                     f"{teacher['recall']:.3f}  student {student['precision']:.3f} / {student['recall']:.3f}")
+    if (
+        "precision" in student and "precision" in teacher
+    ):  # mode collapse: realistic samples (precision) that miss the data's spread (recall)
+        lines.append(
+            "precision / recall vs real digits (k-NN manifolds, classifier features)  teacher "
+            f"{teacher['precision']:.3f} / "
+            f"{teacher['recall']:.3f}  student {student['precision']:.3f} / {student['recall']:.3f}"
+        )
     if "diversity_over_teacher" in ratios:
-        lines.append(f"diversity within a digit (mean pairwise feature distance)  teacher {_diversity(teacher)}  student "
-                     f"{_diversity(student)}  (student / teacher {ratios['diversity_over_teacher']:.2f}; near 0: mode collapse)")
+        lines.append(
+            f"diversity within a digit (mean pairwise feature distance)  teacher {_diversity(teacher)}  student "
+            f"{_diversity(student)}  (student / teacher {ratios['diversity_over_teacher']:.2f}; near 0: mode collapse)"
+        )
     if "e_latent_lpips" in student:
-        lines.append(f"fidelity to the teacher on held-out pairs: E-LatentLPIPS {student['e_latent_lpips']:.4f}, PSNR "
-                     f"{student['psnr']:.1f} dB (the teacher against its own pairs: {teacher['e_latent_lpips']:.4f}, "
-                     f"{teacher['psnr']:.1f} dB)")
+        lines.append(
+            f"fidelity to the teacher on held-out pairs: E-LatentLPIPS {student['e_latent_lpips']:.4f}, PSNR "
+            f"{student['psnr']:.1f} dB (the teacher against its own pairs: {teacher['e_latent_lpips']:.4f}, "
+            f"{teacher['psnr']:.1f} dB)"
+        )
     if val:
         t = result["student_training"]
-        lines.append(f"held-out E-LatentLPIPS to the teacher: {t['val_lpips_init']:.4f} at init -> {t['val_lpips_final']:.4f}")
+        lines.append(
+            f"held-out E-LatentLPIPS to the teacher: {t['val_lpips_init']:.4f} at init -> {t['val_lpips_final']:.4f}"
+        )
     lines.append(f"grid: {grid} (top: teacher, bottom: student, same noise and prompts)")
     (out / f"report{suffix}.txt").write_text("\n".join(lines) + "\n")
     pictures = [f"![teacher (top) and student (bottom), same noise and prompts]({grid.name})"]

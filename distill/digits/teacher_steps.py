@@ -45,13 +45,32 @@ class TeacherSteps:
     ``ema`` (a list of tensors, one per parameter) may be passed in when resuming; ``done`` is the number of
     steps completed when the loop ends (early at ``max_minutes``, a final checkpoint is then the caller's)."""
 
-    def __init__(self, *, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], base_lrs: list[float], warmup_steps: int,
-                 ema_decay: float, start: int, total: int, checkpoint_every: int, max_minutes: float,
-                 checkpoint: Callable[[int], None], desc: str, ema: list[torch.Tensor] | None = None, max_grad_norm: float = 1.0):
+    def __init__(
+        self,
+        *,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.Tensor],
+        base_lrs: list[float],
+        warmup_steps: int,
+        ema_decay: float,
+        start: int,
+        total: int,
+        checkpoint_every: int,
+        max_minutes: float,
+        checkpoint: Callable[[int], None],
+        desc: str,
+        ema: list[torch.Tensor] | None = None,
+        max_grad_norm: float = 1.0,
+    ):
         self.optimizer, self.params, self.base_lrs = optimizer, params, base_lrs
         self.warmup_steps, self.ema_decay, self.max_grad_norm = warmup_steps, ema_decay, max_grad_norm
         self.start, self.total, self.done = start, total, start
-        self.checkpoint_every, self.max_minutes, self.checkpoint, self.desc = checkpoint_every, max_minutes, checkpoint, desc
+        self.checkpoint_every, self.max_minutes, self.checkpoint, self.desc = (
+            checkpoint_every,
+            max_minutes,
+            checkpoint,
+            desc,
+        )
         self.ema = ema if ema is not None else [p.detach().clone() for p in params]
         self.t0 = time.time()
         self._step = start
@@ -67,7 +86,12 @@ class TeacherSteps:
             yield step
             self.done = step + 1
             out_of_time = self.max_minutes > 0 and self.minutes() >= self.max_minutes
-            if self.checkpoint_every > 0 and self.done % self.checkpoint_every == 0 and self.done < self.total and not out_of_time:
+            if (
+                self.checkpoint_every > 0
+                and self.done % self.checkpoint_every == 0
+                and self.done < self.total
+                and not out_of_time
+            ):
                 self.checkpoint(self.done)
             if out_of_time:
                 tqdm.write(f"max_minutes={self.max_minutes} reached at step {self.done}")
@@ -82,7 +106,9 @@ class TeacherSteps:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
-        decay = min(self.ema_decay, (1 + self._step) / (10 + self._step))  # short memory early: the first weights are noise
+        decay = min(
+            self.ema_decay, (1 + self._step) / (10 + self._step)
+        )  # short memory early: the first weights are noise
         with torch.no_grad():
             for e, p in zip(self.ema, self.params):
                 e.lerp_(p.detach(), 1.0 - decay)

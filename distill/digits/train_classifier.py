@@ -82,7 +82,9 @@ def main() -> None:
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     acc = accuracy(model, held_images, held_labels)
     model.save_pretrained(out / "model")
-    (out / "metrics.json").write_text(json.dumps({"held_out_accuracy": acc, "held_out_size": len(held_labels)}, indent=2))
+    (out / "metrics.json").write_text(
+        json.dumps({"held_out_accuracy": acc, "held_out_size": len(held_labels)}, indent=2)
+    )
     print(f"held-out accuracy {acc:.4f} on {len(held_labels)} digits; model written to {out / 'model'}")
 
 

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, NUM_CLASSES, captions_for_label, load_digits_images
-from distill.core.config import command, parse_config, require_between, require_non_negative, require_positive, save_config
+from distill.core.config import (
+    command,
+    parse_config,
+    require_between,
+    require_non_negative,
+    require_positive,
+    save_config,
+)
 from distill.digits.teacher_steps import TeacherSteps, prepare_run, with_weights
 from teachers.digits import (
     assemble_pipeline,
@@ -57,16 +64,22 @@ class TeacherConfig:
     vae_kl_weight: float = field(default=1e-4, metadata={"help": "weight of the per-element KL term"})
     # stage 2: UNet + text encoder
     unet_steps: int = field(default=4000, metadata={"help": "UNet training steps (total, counting resumed ones)"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop stage 2 after this wall time and save (0: no limit)"})
+    max_minutes: float = field(
+        default=0.0, metadata={"help": "stop stage 2 after this wall time and save (0: no limit)"}
+    )
     batch_size: int = 32
     unet_lr: float = 5e-4
-    text_encoder_lr: float = field(default=1e-3, metadata={"help": "higher than the UNet's so conditioning arrives early"})
+    text_encoder_lr: float = field(
+        default=1e-3, metadata={"help": "higher than the UNet's so conditioning arrives early"}
+    )
     warmup_steps: int = 200
     caption_dropout: float = field(default=0.1, metadata={"help": "probability of an empty caption (for CFG)"})
     snr_gamma: float = field(default=5.0, metadata={"help": "Min-SNR loss weighting gamma (0: plain epsilon MSE)"})
     ema_decay: float = 0.998
     checkpoint_every: int = field(default=500, metadata={"help": "save an EMA pipeline + train state every N steps"})
-    save_fp16: bool = field(default=True, metadata={"help": "store UNet and VAE weights as float16 (half the size; they load as float32)"})
+    save_fp16: bool = field(
+        default=True, metadata={"help": "store UNet and VAE weights as float16 (half the size; they load as float32)"}
+    )
     # architecture
     text_hidden_size: int = 32
     text_layers: int = 2
@@ -109,7 +122,9 @@ def main() -> None:
     tokenizer = build_clip_tokenizer()
 
     def tokenize(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
 
     # Every caption the data can produce, tokenized once: [10, 5, 77]; the empty caption [77].
     caption_ids = torch.stack([tokenize(captions_for_label(label=c)) for c in range(NUM_CLASSES)])
@@ -138,7 +153,10 @@ def main() -> None:
 
     unet = build_unet(cross_attention_dim=cfg.text_hidden_size)
     text_encoder = build_text_encoder(hidden_size=cfg.text_hidden_size, num_hidden_layers=cfg.text_layers)
-    print(f"UNet: {count_parameters(unet) / 1e6:.2f} M, text encoder: {count_parameters(text_encoder) / 1e6:.2f} M parameters")
+    print(
+        f"UNet: {count_parameters(unet) / 1e6:.2f} M, text encoder: {count_parameters(text_encoder) / 1e6:.2f} M "
+        "parameters"
+    )
     opt = torch.optim.AdamW(
         [
             {"params": list(unet.parameters()), "lr": cfg.unet_lr},
@@ -188,9 +206,20 @@ def main() -> None:
 
     unet.train()
     text_encoder.train()
-    steps = TeacherSteps(optimizer=opt, params=params, base_lrs=base_lrs, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
-                         start=start, total=cfg.unet_steps, checkpoint_every=cfg.checkpoint_every, max_minutes=cfg.max_minutes,
-                         checkpoint=checkpoint, desc="unet", ema=ema)
+    steps = TeacherSteps(
+        optimizer=opt,
+        params=params,
+        base_lrs=base_lrs,
+        warmup_steps=cfg.warmup_steps,
+        ema_decay=cfg.ema_decay,
+        start=start,
+        total=cfg.unet_steps,
+        checkpoint_every=cfg.checkpoint_every,
+        max_minutes=cfg.max_minutes,
+        checkpoint=checkpoint,
+        desc="unet",
+        ema=ema,
+    )
     for step in steps:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
         phrasing = torch.randint(len(CAPTION_TEMPLATES), (cfg.batch_size,), generator=generator)

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_gen.digits import CAPTION_TEMPLATES, captions_for_label, load_digits_images
-from distill.core.config import command, parse_config, require_between, require_non_negative, require_positive, save_config
+from distill.core.config import (
+    command,
+    parse_config,
+    require_between,
+    require_non_negative,
+    require_positive,
+    save_config,
+)
 from distill.digits.teacher_steps import TeacherSteps, prepare_run, with_weights
 from students.text import encode_sd3_text
 from teachers.digits import count_parameters, save_pipeline
@@ -44,7 +51,9 @@ SIGMA_SAMPLING = ("uniform", "logit_normal")
 @dataclass
 class TeacherSD3Config:
     output_dir: str = field(default="runs/digits-teacher-sd3", metadata={"help": "run directory"})
-    vae: str = field(default="teachers/assets/digits-teacher", metadata={"help": "pipeline folder whose VAE is reused (frozen)"})
+    vae: str = field(
+        default="teachers/assets/digits-teacher", metadata={"help": "pipeline folder whose VAE is reused (frozen)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for init, batches, noise and sigmas"})
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     resume: bool = field(default=True, metadata={"help": "continue from OUTPUT_DIR/train_state.pt if present"})
@@ -52,23 +61,38 @@ class TeacherSD3Config:
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this wall time and save (0: no limit)"})
     batch_size: int = 32
     lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of the transformer"})
-    text_encoder_lr: float = field(default=1e-3, metadata={"help": "higher than the transformer's so conditioning arrives early"})
+    text_encoder_lr: float = field(
+        default=1e-3, metadata={"help": "higher than the transformer's so conditioning arrives early"}
+    )
     warmup_steps: int = 200
     caption_dropout: float = field(default=0.1, metadata={"help": "probability of an empty caption (for CFG)"})
-    sigma_sampling: str = field(default="uniform", metadata={"help": "training noise levels: uniform (rectified flow) or logit_normal (SD3 §3.1, m=0, s=1)",
-                                                             "choices": SIGMA_SAMPLING})
+    sigma_sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "training noise levels: uniform (rectified flow) or logit_normal (SD3 §3.1, m=0, s=1)",
+            "choices": SIGMA_SAMPLING,
+        },
+    )
     ema_decay: float = 0.998
     checkpoint_every: int = field(default=500, metadata={"help": "save an EMA pipeline + train state every N steps"})
-    save_fp16: bool = field(default=True, metadata={"help": "store transformer and VAE weights as float16 (they load as float32)"})
+    save_fp16: bool = field(
+        default=True, metadata={"help": "store transformer and VAE weights as float16 (they load as float32)"}
+    )
     # architecture
     num_layers: int = 4
     attention_head_dim: int = 32
     num_attention_heads: int = 2
-    text_hidden_size: int = field(default=16, metadata={"help": "width of the first CLIP encoder (the embedding table dominates the folder size)"})
+    text_hidden_size: int = field(
+        default=16, metadata={"help": "width of the first CLIP encoder (the embedding table dominates the folder size)"}
+    )
     text_hidden_size_2: int = field(default=8, metadata={"help": "width of the second CLIP encoder"})
     text_layers: int = 2
-    max_text_tokens: int = field(default=16, metadata={"help": "CLIP context length (the longest digits caption is 11 tokens)"})
-    max_sequence_length: int = field(default=4, metadata={"help": "zero tokens in place of T5 (pass the same to generate_pairs / evaluate)"})
+    max_text_tokens: int = field(
+        default=16, metadata={"help": "CLIP context length (the longest digits caption is 11 tokens)"}
+    )
+    max_sequence_length: int = field(
+        default=4, metadata={"help": "zero tokens in place of T5 (pass the same to generate_pairs / evaluate)"}
+    )
     scheduler_shift: float = field(default=1.0, metadata={"help": "the sampler's timestep shift (SD3: 3.0 at 1024 px)"})
 
 
@@ -98,15 +122,27 @@ def main() -> None:
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
 
     tokenizer = build_clip_tokenizer(model_max_length=cfg.max_text_tokens)
-    text_encoder = build_text_encoder(hidden_size=cfg.text_hidden_size, num_hidden_layers=cfg.text_layers,
-                                      max_position_embeddings=cfg.max_text_tokens)
-    text_encoder_2 = build_text_encoder(hidden_size=cfg.text_hidden_size_2, num_hidden_layers=cfg.text_layers,
-                                        max_position_embeddings=cfg.max_text_tokens, hidden_act="gelu")
+    text_encoder = build_text_encoder(
+        hidden_size=cfg.text_hidden_size, num_hidden_layers=cfg.text_layers, max_position_embeddings=cfg.max_text_tokens
+    )
+    text_encoder_2 = build_text_encoder(
+        hidden_size=cfg.text_hidden_size_2,
+        num_hidden_layers=cfg.text_layers,
+        max_position_embeddings=cfg.max_text_tokens,
+        hidden_act="gelu",
+    )
     width = cfg.text_hidden_size + cfg.text_hidden_size_2  # the CLIP tokens' width; no T5, so the joint width too
-    transformer = build_transformer(num_layers=cfg.num_layers, attention_head_dim=cfg.attention_head_dim,
-                                    num_attention_heads=cfg.num_attention_heads, joint_attention_dim=width, pooled_projection_dim=width)
-    print(f"transformer: {count_parameters(transformer) / 1e6:.2f} M, text encoders: "
-          f"{(count_parameters(text_encoder) + count_parameters(text_encoder_2)) / 1e6:.2f} M parameters")
+    transformer = build_transformer(
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=width,
+        pooled_projection_dim=width,
+    )
+    print(
+        f"transformer: {count_parameters(transformer) / 1e6:.2f} M, text encoders: "
+        f"{(count_parameters(text_encoder) + count_parameters(text_encoder_2)) / 1e6:.2f} M parameters"
+    )
     groups = [list(transformer.parameters()), list(text_encoder.parameters()) + list(text_encoder_2.parameters())]
     base_lrs = [cfg.lr, cfg.text_encoder_lr]
     opt = torch.optim.AdamW([{"params": g, "lr": lr} for g, lr in zip(groups, base_lrs)], weight_decay=0.0)
@@ -115,7 +151,11 @@ def main() -> None:
     ema, start = None, 0
     if cfg.resume and state_path.is_file():
         state = torch.load(state_path, weights_only=True)
-        for module, key in ((transformer, "transformer"), (text_encoder, "text_encoder"), (text_encoder_2, "text_encoder_2")):
+        for module, key in (
+            (transformer, "transformer"),
+            (text_encoder, "text_encoder"),
+            (text_encoder_2, "text_encoder_2"),
+        ):
             module.load_state_dict(state[key])
         opt.load_state_dict(state["optimizer"])
         ema, start = state["ema"], state["step"]
@@ -123,32 +163,65 @@ def main() -> None:
         print(f"resumed from {state_path} at step {start}")
 
     def encode(prompts: list[str]):
-        return encode_sd3_text(prompts, tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer,
-                               text_encoder_2=text_encoder_2, max_sequence_length=cfg.max_sequence_length, joint_attention_dim=width)
+        return encode_sd3_text(
+            prompts,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            tokenizer_2=tokenizer,
+            text_encoder_2=text_encoder_2,
+            max_sequence_length=cfg.max_sequence_length,
+            joint_attention_dim=width,
+        )
 
     def checkpoint(step: int, final: bool = False) -> None:
         n_tr, n_te = len(groups[0]), len(list(text_encoder.parameters()))
         pipe = assemble_pipeline(
-            vae=vae, transformer=with_weights(transformer, steps.ema[:n_tr]),
-            text_encoder=with_weights(text_encoder, steps.ema[n_tr : n_tr + n_te]), text_encoder_2=with_weights(text_encoder_2, steps.ema[n_tr + n_te :]), tokenizer=tokenizer, shift=cfg.scheduler_shift,
+            vae=vae,
+            transformer=with_weights(transformer, steps.ema[:n_tr]),
+            text_encoder=with_weights(text_encoder, steps.ema[n_tr : n_tr + n_te]),
+            text_encoder_2=with_weights(text_encoder_2, steps.ema[n_tr + n_te :]),
+            tokenizer=tokenizer,
+            shift=cfg.scheduler_shift,
         )
         path = out / "pipeline" if final else out / "checkpoints" / f"step-{step:06d}"
         save_pipeline(pipeline=pipe, path=path, dtype=torch.float16 if cfg.save_fp16 else None)
-        torch.save({"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
-                    "text_encoder_2": text_encoder_2.state_dict(), "optimizer": opt.state_dict(), "ema": steps.ema, "step": step,
-                    "generator": generator.get_state()}, state_path)
+        torch.save(
+            {
+                "transformer": transformer.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "text_encoder_2": text_encoder_2.state_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": steps.ema,
+                "step": step,
+                "generator": generator.get_state(),
+            },
+            state_path,
+        )
         tqdm.write(f"saved {path} (step {step})")
 
     for module in (transformer, text_encoder, text_encoder_2):
         module.train()
-    steps = TeacherSteps(optimizer=opt, params=params, base_lrs=base_lrs, warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay,
-                         start=start, total=cfg.steps, checkpoint_every=cfg.checkpoint_every, max_minutes=cfg.max_minutes,
-                         checkpoint=checkpoint, desc="mmdit", ema=ema)
+    steps = TeacherSteps(
+        optimizer=opt,
+        params=params,
+        base_lrs=base_lrs,
+        warmup_steps=cfg.warmup_steps,
+        ema_decay=cfg.ema_decay,
+        start=start,
+        total=cfg.steps,
+        checkpoint_every=cfg.checkpoint_every,
+        max_minutes=cfg.max_minutes,
+        checkpoint=checkpoint,
+        desc="mmdit",
+        ema=ema,
+    )
     for step in steps:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
         phrasing = torch.randint(len(CAPTION_TEMPLATES), (cfg.batch_size,), generator=generator).tolist()
         drop = (torch.rand(cfg.batch_size, generator=generator) < cfg.caption_dropout).tolist()
-        prompts = ["" if d else captions_for_label(label=int(labels[i]))[k] for i, k, d in zip(idx.tolist(), phrasing, drop)]
+        prompts = [
+            "" if d else captions_for_label(label=int(labels[i]))[k] for i, k, d in zip(idx.tolist(), phrasing, drop)
+        ]
 
         raw = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=generator)
         x0 = (raw - shift) * scale  # the pipeline's latent convention
@@ -157,8 +230,12 @@ def main() -> None:
         s = sigma[:, None, None, None]
         noisy = (1 - s) * x0 + s * noise
         cond = encode(prompts)
-        v = transformer(hidden_states=noisy, encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled_prompt_embeds,
-                        timestep=sigma * 1000).sample
+        v = transformer(
+            hidden_states=noisy,
+            encoder_hidden_states=cond.prompt_embeds,
+            pooled_projections=cond.pooled_prompt_embeds,
+            timestep=sigma * 1000,
+        ).sample
         loss = F.mse_loss(v, noise - x0)
 
         steps.update(loss)

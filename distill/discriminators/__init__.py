@@ -1,6 +1,7 @@
 """Discriminators: the teacher-UNet D of stage two (unet.py); for from-scratch training also StyleGAN-T's
 projected D on a frozen feature network (projected.py, features.py), GigaGAN's multi-scale D (multiscale.py)
-the teacher-UNet D without pairs (unpaired_unet.py) and several of them as one (ensemble.py). Imported lazily (PEP 562)."""
+the teacher-UNet D without pairs (unpaired_unet.py) and several of them as one (ensemble.py). Imported lazily (PEP
+562)."""
 
 from distill.core.lazy import lazy_exports
 

@@ -4,7 +4,8 @@ Sauer et al. 2021): images in [-1, 1] -> token sequences [N, C, L] read at sever
 ``spec`` names the network:
 
     torchvision:NAME            torchvision.models.get_model(NAME) with its DEFAULT weights (torch hub cache)
-    timm:NAME                   timm.create_model(NAME, pretrained=True), e.g. timm:vit_small_patch16_224.dino (the paper's DINO ViT-S/16)
+    timm:NAME                   timm.create_model(NAME, pretrained=True), e.g. timm:vit_small_patch16_224.dino (the
+    paper's DINO ViT-S/16)
     open_clip:MODEL/TAG         an open_clip model's image tower, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k
     PATH                        a classifier folder saved with save_pretrained (config.json naming the class),
                                 e.g. teachers/assets/digits-classifier
@@ -41,15 +42,19 @@ class FeatureNetwork(nn.Module):
     must not move). Images are resized to ``resolution`` and normalised with ``mean`` / ``std`` (None: the
     network reads [-1, 1] itself)."""
 
-    def __init__(self, net: nn.Module, *, layers: tuple[str, ...], resolution: int, mean=None, std=None, name: str = ""):
+    def __init__(
+        self, net: nn.Module, *, layers: tuple[str, ...], resolution: int, mean=None, std=None, name: str = ""
+    ):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.name, self.layers, self.resolution = name, tuple(layers), int(resolution)
         modules = dict(net.named_modules())
         missing = [layer for layer in self.layers if layer not in modules]
         if missing:
-            raise ValueError(f"feature network {name} has no layer(s) {', '.join(missing)}; set d_feature_layers to module "
-                             f"names such as {', '.join(list(n for n in modules if n)[:8])}, ...")
+            raise ValueError(
+                f"feature network {name} has no layer(s) {', '.join(missing)}; set d_feature_layers to module "
+                f"names such as {', '.join(list(n for n in modules if n)[:8])}, ..."
+            )
         self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._out: dict[str, torch.Tensor] = {}
@@ -59,6 +64,7 @@ class FeatureNetwork(nn.Module):
     def _hook(self, layer: str):
         def hook(_module, _inputs, output):
             self._out[layer] = output[0] if isinstance(output, (tuple, list)) else output
+
         return hook
 
     def train(self, mode: bool = True):
@@ -69,7 +75,13 @@ class FeatureNetwork(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = images
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=x.shape[-1] > self.resolution)
+            x = F.interpolate(
+                x,
+                size=(self.resolution, self.resolution),
+                mode="bilinear",
+                align_corners=False,
+                antialias=x.shape[-1] > self.resolution,
+            )
         if self.mean is not None:
             x = ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         self._out = {}
@@ -95,20 +107,31 @@ def _tokens(x: torch.Tensor, n: int) -> torch.Tensor:
     raise ValueError(f"cannot read a feature tensor of shape {tuple(x.shape)} (batch {n}) as tokens")
 
 
-def build_feature_network(spec: str, *, layers: tuple[str, ...] = (), weights: str = "", resolution: int = 0) -> FeatureNetwork:
+def build_feature_network(
+    spec: str, *, layers: tuple[str, ...] = (), weights: str = "", resolution: int = 0
+) -> FeatureNetwork:
     """The frozen feature network ``spec`` (see the module docstring); ``layers`` overrides the hooked layers,
     ``resolution`` the input side (0: the network's own)."""
     if not spec:
-        raise ValueError("no feature network given: set d_feature_network (e.g. timm:vit_small_patch16_224.dino, or a classifier folder)")
-    kind, _, name = spec.partition(":") if spec.split(":", 1)[0] in ("torchvision", "timm", "open_clip") else ("folder", "", spec)
+        raise ValueError(
+            "no feature network given: set d_feature_network (e.g. timm:vit_small_patch16_224.dino, or a classifier "
+            "folder)"
+        )
+    kind, _, name = (
+        spec.partition(":") if spec.split(":", 1)[0] in ("torchvision", "timm", "open_clip") else ("folder", "", spec)
+    )
     build = {"torchvision": _torchvision, "timm": _timm, "open_clip": _open_clip, "folder": _classifier_folder}[kind]
     net, default_layers, default_res, mean, std = build(name, weights)
-    return FeatureNetwork(net, layers=tuple(layers) or default_layers, resolution=resolution or default_res, mean=mean, std=std, name=spec)
+    return FeatureNetwork(
+        net, layers=tuple(layers) or default_layers, resolution=resolution or default_res, mean=mean, std=std, name=spec
+    )
 
 
 def _missing(spec: str, file: Path | str, how: str) -> FileNotFoundError:
-    return FileNotFoundError(f"feature network {spec} needs its weights {file}, which are not available locally: {how} "
-                             "(or set d_feature_weights to a local weights file)")
+    return FileNotFoundError(
+        f"feature network {spec} needs its weights {file}, which are not available locally: {how} "
+        "(or set d_feature_weights to a local weights file)"
+    )
 
 
 def _torchvision(name: str, weights: str):
@@ -149,11 +172,15 @@ def _timm(name: str, weights: str):
         cfg = timm.models.get_pretrained_cfg(name)
         repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
         if repo is None:
-            raise ValueError(f"timm has no pretrained weights named {name!r} on the Hugging Face Hub: pass d_feature_weights")
+            raise ValueError(
+                f"timm has no pretrained weights named {name!r} on the Hugging Face Hub: pass d_feature_weights"
+            )
         found = [try_to_load_from_cache(repo, f) for f in ("model.safetensors", "pytorch_model.bin")]
         file = next((f for f in found if isinstance(f, str)), None)
         if file is None:
-            raise _missing(f"timm:{name}", f"{repo}/model.safetensors", f"`hf download {repo}` (into the Hugging Face cache)")
+            raise _missing(
+                f"timm:{name}", f"{repo}/model.safetensors", f"`hf download {repo}` (into the Hugging Face cache)"
+            )
         overlay = {"file": file}
     net = timm.create_model(name, pretrained=weights != "random", pretrained_cfg_overlay=overlay or None)
     blocks = getattr(net, "blocks", None)
@@ -161,7 +188,13 @@ def _timm(name: str, weights: str):
         raise ValueError(f"no default feature layers for timm:{name}: set d_feature_layers (module names)")
     cfg = net.pretrained_cfg
     resolution = int(cfg.get("input_size", (3, 224, 224))[-1])
-    return net, _vit_layers("blocks", len(blocks)), resolution, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    return (
+        net,
+        _vit_layers("blocks", len(blocks)),
+        resolution,
+        cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD),
+    )
 
 
 def _open_clip(name: str, weights: str):
@@ -176,8 +209,13 @@ def _open_clip(name: str, weights: str):
     if blocks is None:
         raise ValueError(f"no default feature layers for open_clip:{name}: set d_feature_layers (module names)")
     size = visual.image_size
-    return visual, _vit_layers("transformer.resblocks", len(blocks)), int(size[0] if isinstance(size, (tuple, list)) else size), \
-        OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    return (
+        visual,
+        _vit_layers("transformer.resblocks", len(blocks)),
+        int(size[0] if isinstance(size, (tuple, list)) else size),
+        OPENAI_DATASET_MEAN,
+        OPENAI_DATASET_STD,
+    )
 
 
 def _classifier_folder(path: str, weights: str):
@@ -185,14 +223,24 @@ def _classifier_folder(path: str, weights: str):
 
     config = Path(path) / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"feature network {path!r} is neither torchvision:/timm:/open_clip: nor a classifier folder "
-                                "with config.json")
+        raise FileNotFoundError(
+            f"feature network {path!r} is neither torchvision:/timm:/open_clip: nor a classifier folder "
+            "with config.json"
+        )
     cls_name = json.loads(config.read_text()).get("_class_name")
     if cls_name not in CLASSIFIERS:
-        raise ValueError(f"{path} holds a {cls_name}, not a classifier this toolkit reads as features ({', '.join(CLASSIFIERS)})")
+        raise ValueError(
+            f"{path} holds a {cls_name}, not a classifier this toolkit reads as features ({', '.join(CLASSIFIERS)})"
+        )
     module, attr = CLASSIFIERS[cls_name]
     cls = getattr(importlib.import_module(module), attr)
     net = cls.from_config(cls.load_config(path)) if weights == "random" else cls.from_pretrained(path)
     # Every conv stage's activation (DigitClassifier: conv, ReLU, max-pool per stage) and the feature layer.
     relus = [name for name, m in net.convs.named_children() if isinstance(m, nn.ReLU)]
-    return net, (*(f"convs.{r}" for r in relus), "fc"), int(net.config.image_size), None, None  # it reads [-1, 1] itself
+    return (
+        net,
+        (*(f"convs.{r}" for r in relus), "fc"),
+        int(net.config.image_size),
+        None,
+        None,
+    )  # it reads [-1, 1] itself

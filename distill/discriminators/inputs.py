@@ -52,8 +52,10 @@ class TextPooling(nn.Module):
         t = self.attn(q, prompt_embeds, prompt_embeds, need_weights=False)[0][:, 0]  # [N,D]
         if self.pooled_dim:
             if pooled is None:
-                raise ValueError(f"this discriminator was built with pooled_dim={self.pooled_dim}: pass SDXL's pooled "
-                                 "text embedding (added_cond_kwargs['text_embeds'])")
+                raise ValueError(
+                    f"this discriminator was built with pooled_dim={self.pooled_dim}: pass SDXL's pooled "
+                    "text embedding (added_cond_kwargs['text_embeds'])"
+                )
             t = torch.cat([t, pooled.to(t.dtype)], dim=1)
         return self.proj(t)
 

@@ -67,7 +67,9 @@ class ProjectionHead(nn.Module):
         self.cmapper = nn.Linear(text_dim, cmap_dim)
         self.cmap_dim = cmap_dim
 
-    def forward(self, h: torch.Tensor, text: torch.Tensor, mismatched: torch.Tensor | None = None, parts: int = 1) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, text: torch.Tensor, mismatched: torch.Tensor | None = None, parts: int = 1
+    ) -> torch.Tensor:
         h = _lrelu(h)
         if self.mbstd_group > 1:
             h = minibatch_std(h, group_size=self.mbstd_group, parts=parts)
@@ -79,8 +81,10 @@ class ProjectionHead(nn.Module):
 
 
 class MultiScaleDiscriminator(nn.Module):
-    """``forward(x [N,C,R,R], prompt_embeds, added_cond_kwargs=None, *, pyramid=None, parts=1, blur_sigma=0, mismatched=None)
-    -> patch logits [N(+K),1,h,w]`` for every (input scale, trunk depth >= it): ``num_scales * (num_scales + 1) / 2`` maps.
+    """``forward(x [N,C,R,R], prompt_embeds, added_cond_kwargs=None, *, pyramid=None, parts=1, blur_sigma=0,
+    mismatched=None)
+    -> patch logits [N(+K),1,h,w]`` for every (input scale, trunk depth >= it): ``num_scales * (num_scales + 1) / 2``
+    maps.
 
     x: the sample at full resolution ``resolution`` (latents or images, ``in_channels`` channels). pyramid: the
     generator's outputs coarse -> fine (the last ``num_scales`` are used; the finest is ``x``); None builds it by
@@ -93,18 +97,32 @@ class MultiScaleDiscriminator(nn.Module):
 
     needs_reference = False  # see ProjectedDiscriminator
 
-    def __init__(self, *, in_channels: int, resolution: int, context_dim: int, pooled_dim: int = 0,
-                 channels: tuple[int, ...] = (64, 128, 256), text_dim: int = 128, cmap_dim: int = 64,
-                 augment: str = DEFAULT_POLICY, mbstd_group: int = 0, generator_pyramid: bool = True):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        resolution: int,
+        context_dim: int,
+        pooled_dim: int = 0,
+        channels: tuple[int, ...] = (64, 128, 256),
+        text_dim: int = 128,
+        cmap_dim: int = 64,
+        augment: str = DEFAULT_POLICY,
+        mbstd_group: int = 0,
+        generator_pyramid: bool = True,
+    ):
         super().__init__()
         # False: generated samples are area-downsampled like real ones instead of read from the generator's own
-        # pyramid, whose coarse levels it can then not shape apart from its output (measured on the digits, docs/from-scratch.md).
+        # pyramid, whose coarse levels it can then not shape apart from its output (measured on the digits,
+        # docs/from-scratch.md).
         self.uses_pyramid = generator_pyramid
         num_scales = len(channels)
-        self.sizes = [resolution // 2 ** k for k in range(num_scales)]  # fine -> coarse
-        if resolution % 2 ** num_scales or self.sizes[-1] < 2:
-            raise ValueError(f"resolution {resolution} must be divisible by 2**{num_scales} (one halving per trunk block of "
-                             f"d_channels {tuple(channels)}): use fewer d_channels or a larger resolution")
+        self.sizes = [resolution // 2**k for k in range(num_scales)]  # fine -> coarse
+        if resolution % 2**num_scales or self.sizes[-1] < 2:
+            raise ValueError(
+                f"resolution {resolution} must be divisible by 2**{num_scales} (one halving per trunk block of "
+                f"d_channels {tuple(channels)}): use fewer d_channels or a larger resolution"
+            )
         outs = [channels[min(k + 1, num_scales - 1)] for k in range(num_scales)]
         self.from_input = nn.ModuleList(nn.Conv2d(in_channels, c, 1) for c in channels)
         self.blocks = nn.ModuleList(DownBlock(c, o) for c, o in zip(channels, outs))
@@ -121,15 +139,29 @@ class MultiScaleDiscriminator(nn.Module):
         coarser = list(reversed(pyramid[:-1]))[: len(self.sizes) - 1]
         got = [x.shape[-1]] + [p.shape[-1] for p in coarser]
         if got != self.sizes:
-            raise ValueError(f"pyramid sides {got} (fine -> coarse) do not match this discriminator's {self.sizes}: "
-                             "use as many d_channels as the generator has levels, or fewer")
+            raise ValueError(
+                f"pyramid sides {got} (fine -> coarse) do not match this discriminator's {self.sizes}: "
+                "use as many d_channels as the generator has levels, or fewer"
+            )
         return [x, *coarser]
 
-    def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None, *,
-                pyramid: list[torch.Tensor] | None = None, parts: int = 1, blur_sigma: float = 0.0,
-                mismatched: dict | None = None) -> list[torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        added_cond_kwargs: dict | None = None,
+        *,
+        pyramid: list[torch.Tensor] | None = None,
+        parts: int = 1,
+        blur_sigma: float = 0.0,
+        mismatched: dict | None = None,
+    ) -> list[torch.Tensor]:
         text = self.text(prompt_embeds, pooled_embeds(added_cond_kwargs))
-        other = self.text(mismatched["prompt_embeds"], pooled_embeds(mismatched.get("added_cond_kwargs"))) if mismatched else None
+        other = (
+            self.text(mismatched["prompt_embeds"], pooled_embeds(mismatched.get("added_cond_kwargs")))
+            if mismatched
+            else None
+        )
         logits = []
         for k, level in enumerate(self.levels(x, pyramid)):
             level = self.augment(blur(level, blur_sigma * self.sizes[k] / self.sizes[0]))

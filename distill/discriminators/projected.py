@@ -58,7 +58,9 @@ class VirtualBatchNorm(nn.Module):
         interleave = self.mixed and parts > 1
         if interleave:  # [part, i] -> [i, part]: a virtual batch then holds sample i of every part
             x = x.view(parts, per_part, c, length).transpose(0, 1).reshape(n, c, length)
-        rows = max(1, self.virtual_batch // parts) if interleave else self.virtual_batch  # samples of one part per virtual batch
+        rows = (
+            max(1, self.virtual_batch // parts) if interleave else self.virtual_batch
+        )  # samples of one part per virtual batch
         groups = math.ceil(per_part / rows)
         while per_part % groups:  # equal virtual batches of at most virtual_batch samples
             groups += 1
@@ -85,11 +87,22 @@ class _Block(nn.Module):
 
 
 class ProjectedHead(nn.Module):
-    """One feature level's head: ``forward(tokens [N,C,L], text [N,T], parts, mismatched [K,T] | None) -> logits [N(+K),1,L]``
+    """One feature level's head: ``forward(tokens [N,C,L], text [N,T], parts, mismatched [K,T] | None) -> logits
+    [N(+K),1,L]``
     (the first K samples again, under the ``mismatched`` text: only the projection depends on the text)."""
 
-    def __init__(self, channels: int, tokens: int, text_dim: int, *, cmap_dim: int, kernel_size: int, virtual_batch: int,
-                 mixed: bool = False, mbstd_group: int = 0):
+    def __init__(
+        self,
+        channels: int,
+        tokens: int,
+        text_dim: int,
+        *,
+        cmap_dim: int,
+        kernel_size: int,
+        virtual_batch: int,
+        mixed: bool = False,
+        mbstd_group: int = 0,
+    ):
         super().__init__()
         self.mbstd_group = mbstd_group
         self.block = _Block(channels, 1, tokens, virtual_batch, mixed)
@@ -98,7 +111,9 @@ class ProjectedHead(nn.Module):
         self.cmapper = nn.Linear(text_dim, cmap_dim)
         self.cmap_dim = cmap_dim
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, parts: int, mismatched: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, text: torch.Tensor, parts: int, mismatched: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.block(x, parts)
         h = (h + self.residual(h, parts)) / math.sqrt(2)
         if self.mbstd_group > 1:
@@ -130,9 +145,21 @@ class ProjectedDiscriminator(nn.Module):
 
     uses_pyramid = False
 
-    def __init__(self, features: FeatureNetwork, *, context_dim: int, pooled_dim: int = 0, cmap_dim: int = 64,
-                 text_dim: int = 256, kernel_size: int = 9, virtual_batch: int = 8, augment: str = DEFAULT_POLICY,
-                 decode: nn.Module | None = None, mixed_norm: bool = False, mbstd_group: int = 0):
+    def __init__(
+        self,
+        features: FeatureNetwork,
+        *,
+        context_dim: int,
+        pooled_dim: int = 0,
+        cmap_dim: int = 64,
+        text_dim: int = 256,
+        kernel_size: int = 9,
+        virtual_batch: int = 8,
+        augment: str = DEFAULT_POLICY,
+        decode: nn.Module | None = None,
+        mixed_norm: bool = False,
+        mbstd_group: int = 0,
+    ):
         super().__init__()
         self.needs_reference = bool(mixed_norm and virtual_batch > 0)
         self.features = features
@@ -140,8 +167,16 @@ class ProjectedDiscriminator(nn.Module):
         self.augment = DiffAugment(augment)
         self.text = TextPooling(context_dim, text_dim, pooled_dim=pooled_dim)
         self.heads = nn.ModuleList(
-            ProjectedHead(c, length, text_dim, cmap_dim=cmap_dim, kernel_size=kernel_size, virtual_batch=virtual_batch,
-                          mixed=mixed_norm, mbstd_group=mbstd_group)
+            ProjectedHead(
+                c,
+                length,
+                text_dim,
+                cmap_dim=cmap_dim,
+                kernel_size=kernel_size,
+                virtual_batch=virtual_batch,
+                mixed=mixed_norm,
+                mbstd_group=mbstd_group,
+            )
             for c, length in features.shapes()
         )
 
@@ -151,13 +186,25 @@ class ProjectedDiscriminator(nn.Module):
             self.decode.eval()
         return self
 
-    def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None, *,
-                pyramid: list[torch.Tensor] | None = None, parts: int = 1, blur_sigma: float = 0.0,
-                mismatched: dict | None = None) -> list[torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        added_cond_kwargs: dict | None = None,
+        *,
+        pyramid: list[torch.Tensor] | None = None,
+        parts: int = 1,
+        blur_sigma: float = 0.0,
+        mismatched: dict | None = None,
+    ) -> list[torch.Tensor]:
         images = self.decode(x) if self.decode is not None else x
         images = self.augment(blur(images, blur_sigma))
         text = self.text(prompt_embeds, pooled_embeds(added_cond_kwargs))
-        other = self.text(mismatched["prompt_embeds"], pooled_embeds(mismatched.get("added_cond_kwargs"))) if mismatched else None
+        other = (
+            self.text(mismatched["prompt_embeds"], pooled_embeds(mismatched.get("added_cond_kwargs")))
+            if mismatched
+            else None
+        )
         return [head(tokens, text, parts, other) for head, tokens in zip(self.heads, self.features(images))]
 
 

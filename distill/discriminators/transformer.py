@@ -49,8 +49,10 @@ def head_depths(heads: tuple[str, ...], num_layers: int) -> dict[str, int]:
         elif head.isdigit() and int(head) < num_layers:
             out[f"block{int(head)}"] = int(head)
         else:
-            raise ValueError(f"unknown transformer discriminator head {head!r}; choose from early, middle, late, final "
-                             f"or a block index 0..{num_layers - 1}")
+            raise ValueError(
+                f"unknown transformer discriminator head {head!r}; choose from early, middle, late, final "
+                f"or a block index 0..{num_layers - 1}"
+            )
     if not out:
         raise ValueError("no discriminator heads given; choose some of early, middle, late, final (or block indices)")
     return out
@@ -83,8 +85,12 @@ class TransformerDiscriminator(nn.Module):
         self.noise_embed = nn.Conv2d(cfg.in_channels, dim, patch, stride=patch)  # a second PatchEmbed projection
         nn.init.zeros_(self.noise_embed.weight)
         nn.init.zeros_(self.noise_embed.bias)
-        self.heads = nn.ModuleDict({name: _Head(cfg.out_channels if depth < 0 else dim, 1 if depth < 0 else 32)
-                                    for name, depth in self.depths.items()})
+        self.heads = nn.ModuleDict(
+            {
+                name: _Head(cfg.out_channels if depth < 0 else dim, 1 if depth < 0 else 32)
+                for name, depth in self.depths.items()
+            }
+        )
         self._prune(drop=copy_backbone)
 
     def _prune(self, *, drop: bool) -> None:
@@ -92,11 +98,11 @@ class TransformerDiscriminator(nn.Module):
         tr = self.transformer
         self._run_out = -1 in self.depths.values()
         self._n_blocks = len(tr.transformer_blocks) if self._run_out else max(self.depths.values()) + 1
-        unused = list(tr.transformer_blocks[self._n_blocks:])
+        unused = list(tr.transformer_blocks[self._n_blocks :])
         if not self._run_out:
             unused += [tr.norm_out, tr.proj_out]
         if drop:
-            del tr.transformer_blocks[self._n_blocks:]
+            del tr.transformer_blocks[self._n_blocks :]
             if not self._run_out:
                 tr.norm_out = tr.proj_out = None
         else:
@@ -121,7 +127,9 @@ class TransformerDiscriminator(nn.Module):
         from peft import LoraConfig
 
         self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        self.transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+        )
         self._freeze_text_outputs()
 
     def forward(
@@ -137,7 +145,10 @@ class TransformerDiscriminator(nn.Module):
         tr = self.transformer
         pooled = (added_cond_kwargs or {}).get("text_embeds")
         if pooled is None:
-            raise ValueError("the transformer discriminator needs the pooled prompt embedding: added_cond_kwargs={'text_embeds': [N,P]}")
+            raise ValueError(
+                "the transformer discriminator needs the pooled prompt embedding: added_cond_kwargs={'text_embeds': "
+                "[N,P]}"
+            )
         n, _, height, width = latents.shape
         patch = tr.config.patch_size
         grid = (height // patch, width // patch)

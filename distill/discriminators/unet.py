@@ -58,12 +58,21 @@ class _Head(nn.Module):
 
 def _enabled_sdpa_backends() -> list[SDPBackend]:
     flags = torch.backends.cuda
-    return [b for b, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()), (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
-                            (SDPBackend.CUDNN_ATTENTION, flags.cudnn_sdp_enabled()), (SDPBackend.MATH, flags.math_sdp_enabled())) if on]
+    return [
+        b
+        for b, on in (
+            (SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+            (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+            (SDPBackend.CUDNN_ATTENTION, flags.cudnn_sdp_enabled()),
+            (SDPBackend.MATH, flags.math_sdp_enabled()),
+        )
+        if on
+    ]
 
 
 class _SdpaKernels:
-    """``sdpa_kernel(backends)`` that can be entered again (checkpoint reuses its recompute context: R1 recomputes twice)."""
+    """``sdpa_kernel(backends)`` that can be entered again (checkpoint reuses its recompute context: R1 recomputes
+    twice)."""
 
     def __init__(self, backends: list[SDPBackend]):
         self.backends, self.open = backends, []
@@ -81,8 +90,12 @@ def _checkpoint_keeping_sdpa(module, *args):
     R1's forward picks the math kernel (the fused ones have no double backward) and the recompute, in the outer
     backward, would otherwise use another kernel, whose saved tensors differ (torch raises CheckpointError)."""
     backends = _enabled_sdpa_backends()
-    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
-                                             context_fn=lambda: (contextlib.nullcontext(), _SdpaKernels(backends)))
+    return torch.utils.checkpoint.checkpoint(
+        module.__call__,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _SdpaKernels(backends)),
+    )
 
 
 class UNetDiscriminator(nn.Module):
@@ -121,7 +134,10 @@ class UNetDiscriminator(nn.Module):
             self.unet = copy.deepcopy(unet) if copy_backbone else unet
             self.unet.requires_grad_(True)
         elif lora_rank <= 0:
-            raise ValueError(f"a discriminator on a shared frozen base trains through LoRA: lora_rank must be positive, got {lora_rank}")
+            raise ValueError(
+                "a discriminator on a shared frozen base trains through LoRA: lora_rank must be positive, got "
+                f"{lora_rank}"
+            )
         self.timestep = int(timestep)
         self.head_kinds = tuple(heads)
         cfg = self.unet.config
@@ -153,7 +169,9 @@ class UNetDiscriminator(nn.Module):
             for p in params.values():
                 if id(p) in idle:
                     p.requires_grad_(False)
-            self.adapter = AdapterTensors(shared_base, DISC_ADAPTER, {n: p for n, p in params.items() if id(p) not in idle})
+            self.adapter = AdapterTensors(
+                shared_base, DISC_ADAPTER, {n: p for n, p in params.items() if id(p) not in idle}
+            )
 
     def __getattr__(self, name: str):
         if name == "unet" and self.__dict__.get("_shared") is not None:
@@ -161,8 +179,10 @@ class UNetDiscriminator(nn.Module):
         return super().__getattr__(name)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute the backbone's blocks in the backward (they check their own flag, so D's direct calls reach it). On a
-        shared base only D's forwards are checkpointed, each block recomputed under D's adapter and attention kernels."""
+        """Recompute the backbone's blocks in the backward (they check their own flag, so D's direct calls reach it). On
+        a
+        shared base only D's forwards are checkpointed, each block recomputed under D's adapter and attention
+        kernels."""
         if self._shared is not None:
             self._shared.checkpoint_role(DISC_ADAPTER, recompute_context=lambda: _SdpaKernels(_enabled_sdpa_backends()))
             return
@@ -170,7 +190,11 @@ class UNetDiscriminator(nn.Module):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self._shared.is_checkpointed(DISC_ADAPTER) if self._shared is not None else self.unet.is_gradient_checkpointing
+        return (
+            self._shared.is_checkpointed(DISC_ADAPTER)
+            if self._shared is not None
+            else self.unet.is_gradient_checkpointing
+        )
 
     def _prune(self, kinds: set[str], *, drop: bool, freeze: bool = True) -> list[nn.Module]:
         """Decide how far the decoder runs for these heads; drop (or freeze) the layers beyond that; returns them
@@ -195,7 +219,7 @@ class UNetDiscriminator(nn.Module):
             for module in unused if freeze else ():
                 module.requires_grad_(False)
             return unused
-        del unet.up_blocks[self._n_up:]
+        del unet.up_blocks[self._n_up :]
         if not self._run_mid:
             unet.mid_block = None
         if not self._run_out:
@@ -213,7 +237,9 @@ class UNetDiscriminator(nn.Module):
         unet = self.unet
         t = torch.full((latents.shape[0],), self.timestep, device=latents.device, dtype=torch.long)
         emb = unet.time_embedding(unet.get_time_embed(sample=latents, timestep=t))
-        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs or {})
+        aug = unet.get_aug_embed(
+            emb=emb, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs or {}
+        )
         if aug is not None:
             emb = emb + aug
         if unet.time_embed_act is not None:
@@ -232,7 +258,8 @@ class UNetDiscriminator(nn.Module):
         if shared is None:
             return self._forward(latents, noise, prompt_embeds, added_cond_kwargs, return_features)
         shared.activate(DISC_ADAPTER)
-        # A base held in bf16 runs under autocast (R1 turns autocast off for an fp32 D: bf16 weights cannot run in fp32).
+        # A base held in bf16 runs under autocast (R1 turns autocast off for an fp32 D: bf16 weights cannot run in
+        # fp32).
         low = shared.dtype != torch.float32 and not torch.is_autocast_enabled(latents.device.type)
         with torch.autocast(latents.device.type, dtype=shared.dtype) if low else contextlib.nullcontext():
             return self._forward(latents, noise, prompt_embeds, added_cond_kwargs, return_features)
@@ -247,7 +274,9 @@ class UNetDiscriminator(nn.Module):
         skips = [h]
         for i, block in enumerate(unet.down_blocks):
             if i > 0:  # resized copy of the latent into every down block
-                h = h + self.input_convs[i - 1](F.interpolate(latents, size=h.shape[-2:], mode="bilinear", antialias=True, align_corners=False))
+                h = h + self.input_convs[i - 1](
+                    F.interpolate(latents, size=h.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+                )
             if getattr(block, "has_cross_attention", False):
                 h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=ctx)
             else:
@@ -271,7 +300,13 @@ class UNetDiscriminator(nn.Module):
             block = unet.up_blocks[i]
             upsample_size = skips[-1].shape[2:] if skips else None
             if getattr(block, "has_cross_attention", False):
-                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=ctx, upsample_size=upsample_size)
+                h = block(
+                    hidden_states=h,
+                    temb=emb,
+                    res_hidden_states_tuple=res,
+                    encoder_hidden_states=ctx,
+                    upsample_size=upsample_size,
+                )
             else:
                 h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
             if f"up{i}_after" in self.heads:
@@ -285,4 +320,3 @@ class UNetDiscriminator(nn.Module):
         out = unet.conv_out(h)
         logits.append(self.heads["final"](out))
         return (logits, out) if return_features else logits
-

@@ -15,22 +15,37 @@ from .unet import UNetDiscriminator
 
 
 class UnpairedUNetDiscriminator(nn.Module):
-    """``forward(latents, prompt_embeds, added_cond_kwargs=None, *, pyramid=None, parts=1, blur_sigma=0, mismatched=None)
+    """``forward(latents, prompt_embeds, added_cond_kwargs=None, *, pyramid=None, parts=1, blur_sigma=0,
+    mismatched=None)
     -> logits``: the common interface of the from-scratch discriminators (``pyramid`` and ``parts`` unused). The text
     enters the backbone here, so ``mismatched`` (other text for the first K samples) runs them through it again."""
 
     uses_pyramid = False
     needs_reference = False  # see ProjectedDiscriminator
 
-    def __init__(self, unet: UNet2DConditionModel, *, timestep: int = 0, heads: tuple[str, ...] = ("before", "skip", "after", "final"),
-                 augment: str = DEFAULT_POLICY):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        *,
+        timestep: int = 0,
+        heads: tuple[str, ...] = ("before", "skip", "after", "final"),
+        augment: str = DEFAULT_POLICY,
+    ):
         super().__init__()
         self.disc = UNetDiscriminator(unet, timestep=timestep, heads=heads, noise_condition=False)
         self.augment = DiffAugment(augment)
 
-    def forward(self, x: torch.Tensor, prompt_embeds: torch.Tensor, added_cond_kwargs: dict | None = None, *,
-                pyramid: list[torch.Tensor] | None = None, parts: int = 1, blur_sigma: float = 0.0,
-                mismatched: dict | None = None) -> list[torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        added_cond_kwargs: dict | None = None,
+        *,
+        pyramid: list[torch.Tensor] | None = None,
+        parts: int = 1,
+        blur_sigma: float = 0.0,
+        mismatched: dict | None = None,
+    ) -> list[torch.Tensor]:
         x = self.augment(blur(x, blur_sigma))
         if mismatched:
             k = mismatched["prompt_embeds"].shape[0]

@@ -1,1 +1,2 @@
-"""Stage two, distillation: the student, teacher-built discriminator, pair data, G / D / Dreg phases, validation and model card."""
+"""Stage two, distillation: the student, teacher-built discriminator, pair data, G / D / Dreg phases, validation and
+model card."""

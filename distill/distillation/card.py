@@ -18,7 +18,8 @@ def pairs_facts(pairs: str) -> dict:
     root = Path(pairs)
     manifest = (root / "manifest.json").read_bytes()
     return {
-        "path": str(pairs), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "path": str(pairs),
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
         "count": int(json.loads(manifest)["count"]),
         "bytes": sum(p.stat().st_size for p in (root / DATA_DIR).glob("*.parquet")),
     }
@@ -36,9 +37,14 @@ def card_facts(cfg, *, manifest: dict, nimg: int, step: int) -> dict:
     teacher = cfg.teacher or manifest["teacher"]["name_or_path"]
     revision = cfg.revision or manifest["teacher"].get("revision")
     return dict(
-        teacher=teacher, teacher_revision=revision,
+        teacher=teacher,
+        teacher_revision=revision,
         base_model=None if Path(teacher).exists() else teacher,  # a local folder is no hub reference
-        license=teacher_license(teacher, revision=revision), student=cfg.student, pairs=pairs_facts(cfg.pairs),
-        training_config=config_dict(cfg), images_seen=int(nimg), steps=int(step),
+        license=teacher_license(teacher, revision=revision),
+        student=cfg.student,
+        pairs=pairs_facts(cfg.pairs),
+        training_config=config_dict(cfg),
+        images_seen=int(nimg),
+        steps=int(step),
         noncommercial_lpips=uses_published_lpips(regression=cfg.regression, lpips_network=cfg.lpips_network),
     )

@@ -1,6 +1,7 @@
 """Stage two's accelerator memory, planned on a CPU: the networks of a config built at full size on fake tensors (no
 weights: a teacher named by its architecture is built from the published configs, a local teacher folder from its
-config files) and the trainer's own step traced (``distill/plan_memory.py``; the counting: :mod:`distill.training.memory`).
+config files) and the trainer's own step traced (``distill/plan_memory.py``; the counting:
+:mod:`distill.training.memory`).
 
 What is traced is the trainer's code: :func:`distill.distillation.setup.build_networks` (student and discriminator from
 the teacher), the teacher's UNet released and the frozen models kept as after setup, the EMA, the optimisers, and
@@ -36,8 +37,16 @@ from distill.distillation.phases import Batch
 from distill.distillation.setup import Parts, build_networks, build_optimizers, build_step
 from distill.training.gan_step import build_ema
 from distill.training.loop import TrainLoop
-from distill.training.memory import (AllocationTracker, Peak, TraceAccelerator, allocated_bytes, cuda_autocast_policy,
-                                     fused_attention, tensor_bytes, use_foreach)
+from distill.training.memory import (
+    AllocationTracker,
+    Peak,
+    TraceAccelerator,
+    allocated_bytes,
+    cuda_autocast_policy,
+    fused_attention,
+    tensor_bytes,
+    use_foreach,
+)
 from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from teachers.loading import SUPPORTED_PIPELINES, Teacher
 
@@ -47,9 +56,12 @@ NATIVE_RESOLUTION = {"sd15": 512, "sd21": 768, "sdxl": 1024, "sd3": 1024}
 FAMILY = {"sd15": "sd", "sd21": "sd", "sdxl": "sdxl", "sd3": "sd3"}
 # Hub ids whose architecture is known (the teacher is then built from its config, with no download).
 KNOWN_TEACHERS = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
-    "CompVis/stable-diffusion-v1-4": "sd15", "stabilityai/stable-diffusion-2-1": "sd21",
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "runwayml/stable-diffusion-v1-5": "sd15",
+    "CompVis/stable-diffusion-v1-4": "sd15",
+    "stabilityai/stable-diffusion-2-1": "sd21",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
 }
 
 # The lever values the views cover (every combination), and the kinds they weigh.
@@ -57,13 +69,24 @@ OPTIMIZER_CHOICES = ("adam", "adam8bit")
 EMA_CHOICES = (("same", "fp32"), ("same", "bf16"), ("cpu", "fp32"))  # a CPU EMA holds no device memory in any dtype
 FROZEN_CHOICES = ("fp32", "bf16")  # fp16 holds what bf16 does
 KINDS = {  # tracker kind -> the row it is reported in
-    "parameters_g": "parameters: student", "parameters_d": "parameters: discriminator (trained)",
-    "parameters_d_frozen": "parameters: discriminator (frozen base)", "gradients_g": "gradients", "gradients_d": "gradients",
-    "optimizer_g": "optimiser states", "optimizer_d": "optimiser states", "optimizer_temporaries": "optimiser step temporaries",
-    "ddp_buckets": "DDP gradient buckets", "ema": "EMA", "ema_bf16_copies": "EMA update temporaries",
-    "ema_temporaries": "EMA update temporaries", "frozen": "frozen models: text encoder(s), VAE",
-    "lpips": "frozen models: E-LatentLPIPS network", "batch": "batch: noise, targets, text conditioning",
-    "activations": "activations (forward)", "temporaries": "backward temporaries (incl. recomputed blocks)", "host": None,
+    "parameters_g": "parameters: student",
+    "parameters_d": "parameters: discriminator (trained)",
+    "parameters_d_frozen": "parameters: discriminator (frozen base)",
+    "gradients_g": "gradients",
+    "gradients_d": "gradients",
+    "optimizer_g": "optimiser states",
+    "optimizer_d": "optimiser states",
+    "optimizer_temporaries": "optimiser step temporaries",
+    "ddp_buckets": "DDP gradient buckets",
+    "ema": "EMA",
+    "ema_bf16_copies": "EMA update temporaries",
+    "ema_temporaries": "EMA update temporaries",
+    "frozen": "frozen models: text encoder(s), VAE",
+    "lpips": "frozen models: E-LatentLPIPS network",
+    "batch": "batch: noise, targets, text conditioning",
+    "activations": "activations (forward)",
+    "temporaries": "backward temporaries (incl. recomputed blocks)",
+    "host": None,
 }
 ROWS = list(dict.fromkeys(r for r in KINDS.values() if r is not None))
 
@@ -88,7 +111,9 @@ class SizeLevers:
 
     def key(self) -> "SizeLevers":  # the equivalent view (a CPU EMA's dtype, fp16 = bf16 for the frozen models)
         ema_dtype = "fp32" if self.ema_device == "cpu" else self.ema_dtype
-        return SizeLevers(self.optimizer, self.ema_device, ema_dtype, "bf16" if self.frozen_dtype == "fp16" else self.frozen_dtype)
+        return SizeLevers(
+            self.optimizer, self.ema_device, ema_dtype, "bf16" if self.frozen_dtype == "fp16" else self.frozen_dtype
+        )
 
 
 @dataclass
@@ -106,7 +131,9 @@ class Trace:
     steps: dict[SizeLevers, list[StepPeak]]
     sizes: dict[str, int]
     seconds: float
-    held: dict[str, int] = field(default_factory=dict)  # the most each kind held at once (all views' tensors, unweighted)
+    held: dict[str, int] = field(
+        default_factory=dict
+    )  # the most each kind held at once (all views' tensors, unweighted)
 
     def peak(self, view: SizeLevers) -> Peak:
         return max((s.peak for s in self.steps[view.key()]), key=lambda p: p.total)
@@ -132,9 +159,12 @@ def resolve_architecture(teacher: str, architecture: str) -> str | None:
     if teacher in KNOWN_TEACHERS:
         return KNOWN_TEACHERS[teacher]
     known = ", ".join(KNOWN_TEACHERS)
-    raise ValueError(f"cannot tell the architecture of teacher {teacher!r}: pass --architecture "
-                     f"{'|'.join(ARCHITECTURES)} (or a known hub id: {known}, or a local pipeline folder)"
-                     if teacher else f"no teacher given: pass --architecture {'|'.join(ARCHITECTURES)} or --teacher (a hub id or folder)")
+    raise ValueError(
+        f"cannot tell the architecture of teacher {teacher!r}: pass --architecture "
+        f"{'|'.join(ARCHITECTURES)} (or a known hub id: {known}, or a local pipeline folder)"
+        if teacher
+        else f"no teacher given: pass --architecture {'|'.join(ARCHITECTURES)} or --teacher (a hub id or folder)"
+    )
 
 
 def _folder_pipeline(folder: Path):
@@ -163,8 +193,6 @@ def _folder_pipeline(folder: Path):
         if name.startswith("tokenizer"):
             components[name] = cls.from_pretrained(path)
         elif name == "scheduler":
-            from torch._subclasses.fake_tensor import unset_fake_temporarily
-
             components[name] = _numeric_scheduler(cls.from_config(cls.load_config(path)))
         elif library == "diffusers":
             components[name] = cls.from_config(cls.load_config(path))
@@ -373,7 +401,10 @@ class Run:
         with tracker.section(name):
             with tracker.labelled("batch"):
                 tracker.where = "batch"
-                batches = [_batch(self.cfg, self.parts, self.channels, self.latent, micro, self.gan_on) for micro in loop.micro_steps()]
+                batches = [
+                    _batch(self.cfg, self.parts, self.channels, self.latent, micro, self.gan_on)
+                    for micro in loop.micro_steps()
+                ]
             self.engine.run(batches, adversarial=self.gan_on)
             del batches
             tracker.where = ""
@@ -388,22 +419,46 @@ class Run:
 
     def result(self, levers: TraceLevers, seconds: float) -> Trace:
         tracker = self.tracker
-        steps = {v: [StepPeak(name, tracker.peaks[v][name], {where: total for (section, where), total in tracker.phase_peaks[v].items()
-                                                            if section == name and where})
-                     for name in self.steps] for v in tracker.views}
+        steps = {
+            v: [
+                StepPeak(
+                    name,
+                    tracker.peaks[v][name],
+                    {
+                        where: total
+                        for (section, where), total in tracker.phase_peaks[v].items()
+                        if section == name and where
+                    },
+                )
+                for name in self.steps
+            ]
+            for v in tracker.views
+        }
         return Trace(levers=levers, steps=steps, sizes=self.sizes, seconds=seconds, held=dict(self.tracker.held))
 
 
 @contextlib.contextmanager
-def open_run(cfg, *, teacher: str, architecture: str | None, resolution: int, levers: TraceLevers, num_processes: int = 1,
-             fake: bool = True, prime: bool = False) -> Iterator[Run]:
+def open_run(
+    cfg,
+    *,
+    teacher: str,
+    architecture: str | None,
+    resolution: int,
+    levers: TraceLevers,
+    num_processes: int = 1,
+    fake: bool = True,
+    prime: bool = False,
+) -> Iterator[Run]:
     """Build the config's networks (with ``levers``), EMA, optimisers, loop and GAN step as the trainer does, and count
     the steps run inside the block. ``fake`` False: real CPU tensors (the tests' real run). ``prime``: the optimisers'
     states created beforehand (a step with zero gradients, not counted), as after the first step.
     ``cfg``: a resolved stage-two config (StudentConfig: student defaults applied)."""
     cfg = copy.copy(cfg)
     cfg.gradient_checkpointing, cfg.d_gradient_checkpointing, cfg.d_lora_rank = (
-        levers.gradient_checkpointing, levers.d_gradient_checkpointing, levers.d_lora_rank)
+        levers.gradient_checkpointing,
+        levers.d_gradient_checkpointing,
+        levers.d_lora_rank,
+    )
     with _fake_mode(fake), _quiet(), tempfile.TemporaryDirectory() as out:
         torch.manual_seed(cfg.seed)
         t = build_teacher(teacher, architecture)
@@ -414,15 +469,24 @@ def open_run(cfg, *, teacher: str, architecture: str | None, resolution: int, le
         student, disc, _shared = build_networks(cfg, t, device="cpu", latent_stats=stats)
         parts = Parts(teacher=t, student=student, discriminator=disc, resolution=resolution)
         lpips = _lpips(cfg, t) if cfg.regression == "elatentlpips" else None
-        parts.release_teacher_unet()  # the frozen models stay in fp32 (Parts.hold_frozen_in): the views weigh the other dtypes
-        ema = build_ema(student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup, device="same", dtype="fp32")
-        opt_g, opt_d = build_optimizers(cfg, student=student, discriminator=disc, optimizer="adam")  # the views weigh 8-bit
+        # the frozen models stay in fp32 (Parts.hold_frozen_in): the views weigh the other dtypes
+        parts.release_teacher_unet()
+        ema = build_ema(
+            student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup, device="same", dtype="fp32"
+        )
+        opt_g, opt_d = build_optimizers(
+            cfg, student=student, discriminator=disc, optimizer="adam"
+        )  # the views weigh 8-bit
         use_foreach(opt_g, opt_d)
         if prime:
             _prime(opt_g, opt_d)
         gc.collect()
         sizes = _sizes(parts, ema, lpips)
-        tracker = AllocationTracker(_views(sizes), fake_only=fake, on_optimizer_step=lambda opt: _label_states(tracker, opt, opt_g))
+        tracker = AllocationTracker(
+            _views(sizes),
+            fake_only=fake,
+            on_optimizer_step=lambda opt: _label_states(tracker, opt, opt_g),  # noqa: F821 (opt_g is deleted after the trace)
+        )
         _label_persistent(tracker, parts, ema, lpips)
         for opt in (opt_g, opt_d):
             if opt is not None:
@@ -430,16 +494,48 @@ def open_run(cfg, *, teacher: str, architecture: str | None, resolution: int, le
         tracker.watch_gradients(student.parameters(), "gradients_g")
         if disc is not None:
             tracker.watch_gradients(disc.parameters(), "gradients_d")
-        loop = TrainLoop(TraceAccelerator(cfg.mixed_precision), output_dir=out, seed=cfg.seed, max_train_steps=2**62,
-                         gradient_accumulation_steps=cfg.gradient_accumulation_steps, batch_size=cfg.batch_size,
-                         checkpointing_steps=0, validation_steps=0, checkpoints_total_limit=None, ema=ema, model=student,
-                         export=lambda path: None, validate=None, checkpoint_bytes=lambda: 0)
-        engine = build_step(cfg, loop, student=student, discriminator=disc, discriminator_unwrapped=disc, lpips_loss=lpips,
-                            opt_g=opt_g, opt_d=opt_d)
+        loop = TrainLoop(
+            TraceAccelerator(cfg.mixed_precision),
+            output_dir=out,
+            seed=cfg.seed,
+            max_train_steps=2**62,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            batch_size=cfg.batch_size,
+            checkpointing_steps=0,
+            validation_steps=0,
+            checkpoints_total_limit=None,
+            ema=ema,
+            model=student,
+            export=lambda path: None,
+            validate=None,
+            checkpoint_bytes=lambda: 0,
+        )
+        engine = build_step(
+            cfg,
+            loop,
+            student=student,
+            discriminator=disc,
+            discriminator_unwrapped=disc,
+            lpips_loss=lpips,
+            opt_g=opt_g,
+            opt_d=opt_d,
+        )
         _watch_phases(tracker, loop, ema, bf16_copies=sizes["ema_bf16_copies"])
-        run = Run(cfg=cfg, parts=parts, ema=ema, opt_g=opt_g, opt_d=opt_d, lpips=lpips, loop=loop, engine=engine, tracker=tracker,
-                  sizes=sizes, gan_on=disc is not None and cfg.gan_weight > 0, channels=channels,
-                  latent=resolution // t.vae_scale_factor)
+        run = Run(
+            cfg=cfg,
+            parts=parts,
+            ema=ema,
+            opt_g=opt_g,
+            opt_d=opt_d,
+            lpips=lpips,
+            loop=loop,
+            engine=engine,
+            tracker=tracker,
+            sizes=sizes,
+            gan_on=disc is not None and cfg.gan_weight > 0,
+            channels=channels,
+            latent=resolution // t.vae_scale_factor,
+        )
         ddp = sizes["trainable_g"] + sizes["trainable_d"] if num_processes > 1 else 0
         with tracker, cuda_autocast_policy(), fused_attention(), _traceable(fake), tracker.virtual("ddp_buckets", ddp):
             yield run
@@ -448,16 +544,31 @@ def open_run(cfg, *, teacher: str, architecture: str | None, resolution: int, le
         gc.collect()  # the networks' reference cycles freed while their fake mode is still open
 
 
-def trace(cfg, *, teacher: str, architecture: str | None, resolution: int, levers: TraceLevers, num_processes: int = 1,
-          steps: str = "all", isolate: bool = True) -> Trace:
+def trace(
+    cfg,
+    *,
+    teacher: str,
+    architecture: str | None,
+    resolution: int,
+    levers: TraceLevers,
+    num_processes: int = 1,
+    steps: str = "all",
+    isolate: bool = True,
+) -> Trace:
     """The config's peaks (on fake tensors). ``steps`` "all": the first step (R1; the optimisers' states created by
     it), a step without R1, a later step with R1 (every state present); "peak": only the last (states primed).
     ``isolate``: in a child process (forked from a server that has imported this module, so it starts at once):
     torch 2.14's fake tensors can leave the process's heap corrupted after a trace of these networks (a crash later,
     in the garbage collector; not within the trace, whose counts a test checks against a real run), so each trace
     gets a process that ends right after it."""
-    kwargs = dict(teacher=teacher, architecture=architecture, resolution=resolution, levers=levers, num_processes=num_processes,
-                  steps=steps)
+    kwargs = dict(
+        teacher=teacher,
+        architecture=architecture,
+        resolution=resolution,
+        levers=levers,
+        num_processes=num_processes,
+        steps=steps,
+    )
     return _in_child(_trace, cfg, **kwargs) if isolate else _trace(cfg, **kwargs)
 
 
@@ -474,7 +585,9 @@ def _in_child(fn, *args, **kwargs):
         ok, value = receive.recv()
     except EOFError:
         process.join()
-        raise RuntimeError(f"the memory trace's process ended without a result (exit code {process.exitcode})") from None
+        raise RuntimeError(
+            f"the memory trace's process ended without a result (exit code {process.exitcode})"
+        ) from None
     process.join()
     if not ok:
         raise value
@@ -490,23 +603,46 @@ def _child_main(send, fn, args, kwargs) -> None:
     except BaseException as exc:  # the parent re-raises it (a ValueError stays one line for the command)
         if os.environ.get("D2G_DEBUG"):
             traceback.print_exc()
-        result = (False, exc if isinstance(exc, (ValueError, OSError)) else RuntimeError(f"{type(exc).__name__}: {exc}"))
+        result = (
+            False,
+            exc if isinstance(exc, (ValueError, OSError)) else RuntimeError(f"{type(exc).__name__}: {exc}"),
+        )
     try:
         send.send(result)
     except Exception as exc:  # an exception that does not pickle
-        send.send((False, RuntimeError(f"{type(result[1]).__name__}: {result[1]}" if not result[0] else f"result not sent: {exc}")))
+        send.send(
+            (
+                False,
+                RuntimeError(
+                    f"{type(result[1]).__name__}: {result[1]}" if not result[0] else f"result not sent: {exc}"
+                ),
+            )
+        )
     send.close()
     os._exit(0)  # no teardown: the fake tensors' heap is left as it is
 
 
-def _trace(cfg, *, teacher: str, architecture: str | None, resolution: int, levers: TraceLevers, num_processes: int,
-           steps: str) -> Trace:
+def _trace(
+    cfg, *, teacher: str, architecture: str | None, resolution: int, levers: TraceLevers, num_processes: int, steps: str
+) -> Trace:
     start = time.perf_counter()
-    with open_run(cfg, teacher=teacher, architecture=architecture, resolution=resolution, levers=levers,
-                  num_processes=num_processes, prime=steps == "peak") as run:
+    with open_run(
+        cfg,
+        teacher=teacher,
+        architecture=architecture,
+        resolution=resolution,
+        levers=levers,
+        num_processes=num_processes,
+        prime=steps == "peak",
+    ) as run:
         r1 = run.r1_step()
         if steps == "all":
-            run.step("first step (R1, optimiser states created)" if r1 is not None else "first step (optimiser states created)", 0)
+            run.step(
+                "first step (R1, optimiser states created)"
+                if r1 is not None
+                else "first step (optimiser states created)",
+                0,
+            )
             if r1 != 1:
                 run.step("a step without R1", 1)
         if r1 is not None and (steps != "all" or r1 > 1):
@@ -542,19 +678,35 @@ def _sizes(parts: Parts, ema, lpips) -> dict[str, int]:
     """Exact allocated bytes of the tensors that live through the step, and of their variants under the size levers."""
     p = parts.teacher.pipe
     student, disc = parts.student, parts.discriminator
-    frozen = [t for m in (p.vae, p.text_encoder, getattr(p, "text_encoder_2", None), getattr(p, "text_encoder_3", None),
-                          getattr(p, "transformer", None)) if m is not None for t in (*m.parameters(), *m.buffers())]
+    frozen = [
+        t
+        for m in (
+            p.vae,
+            p.text_encoder,
+            getattr(p, "text_encoder_2", None),
+            getattr(p, "text_encoder_3", None),
+            getattr(p, "transformer", None),
+        )
+        if m is not None
+        for t in (*m.parameters(), *m.buffers())
+    ]
     g_train = [q for q in student.parameters() if q.requires_grad]
     d_train = [q for q in disc.parameters() if q.requires_grad] if disc is not None else []
     ema_tensors = [*ema.model.parameters(), *ema.model.buffers()]
     return {
-        "params_g": tensor_bytes(student.parameters()), "params_d": tensor_bytes(disc.parameters()) if disc is not None else 0,
-        "trainable_g": tensor_bytes(g_train), "trainable_d": tensor_bytes(d_train),
-        "adam_g": adam_bytes(g_train), "adam_d": adam_bytes(d_train),
-        "adam8bit_g": adam8bit_bytes(g_train), "adam8bit_d": adam8bit_bytes(d_train),
-        "ema_fp32": tensor_bytes(ema_tensors), "ema_bf16": tensor_bytes(ema_tensors, dtype=torch.bfloat16),
+        "params_g": tensor_bytes(student.parameters()),
+        "params_d": tensor_bytes(disc.parameters()) if disc is not None else 0,
+        "trainable_g": tensor_bytes(g_train),
+        "trainable_d": tensor_bytes(d_train),
+        "adam_g": adam_bytes(g_train),
+        "adam_d": adam_bytes(d_train),
+        "adam8bit_g": adam8bit_bytes(g_train),
+        "adam8bit_d": adam8bit_bytes(d_train),
+        "ema_fp32": tensor_bytes(ema_tensors),
+        "ema_bf16": tensor_bytes(ema_tensors, dtype=torch.bfloat16),
         "ema_bf16_copies": tensor_bytes(student.parameters(), dtype=torch.bfloat16),
-        "frozen_fp32": tensor_bytes(frozen), "frozen_bf16": tensor_bytes(frozen, dtype=torch.bfloat16),
+        "frozen_fp32": tensor_bytes(frozen),
+        "frozen_bf16": tensor_bytes(frozen, dtype=torch.bfloat16),
         "lpips": tensor_bytes([*lpips.parameters(), *lpips.buffers()]) if lpips is not None else 0,
         "n_params_g": sum(q.numel() for q in student.parameters()),
         "n_params_d": sum(q.numel() for q in disc.parameters()) if disc is not None else 0,
@@ -569,14 +721,21 @@ def _label_persistent(tracker: AllocationTracker, parts: Parts, ema, lpips) -> N
     tracker.label_module(parts.discriminator, "parameters_d", frozen_kind="parameters_d_frozen")
     tracker.label_module(ema.model, "ema")
     # An SD3 teacher keeps its transformer after setup (Parts.release_teacher_unet): held like the frozen encoders.
-    for module in (p.vae, p.text_encoder, getattr(p, "text_encoder_2", None), getattr(p, "text_encoder_3", None),
-                   getattr(p, "transformer", None), getattr(p, "unet", None)):
+    for module in (
+        p.vae,
+        p.text_encoder,
+        getattr(p, "text_encoder_2", None),
+        getattr(p, "text_encoder_3", None),
+        getattr(p, "transformer", None),
+        getattr(p, "unet", None),
+    ):
         tracker.label_module(module, "frozen")
     tracker.label_module(lpips, "lpips")
 
 
 def _label_states(tracker: AllocationTracker, opt, opt_g) -> None:
-    """After an optimiser step: its states (Adam's step counters stay on the host on a GPU, as non-capturable Adam keeps them)."""
+    """After an optimiser step: its states (Adam's step counters stay on the host on a GPU, as non-capturable Adam keeps
+    them)."""
     kind = "optimizer_g" if opt is opt_g else "optimizer_d"
     for state in opt.state.values():
         for key, value in state.items():
@@ -616,8 +775,10 @@ class Plan:
 
 
 def levers_of(cfg) -> tuple[TraceLevers, SizeLevers]:
-    return (TraceLevers(bool(cfg.gradient_checkpointing), bool(cfg.d_gradient_checkpointing), int(cfg.d_lora_rank)),
-            SizeLevers(cfg.optimizer, cfg.ema_device, cfg.ema_dtype, cfg.frozen_dtype))
+    return (
+        TraceLevers(bool(cfg.gradient_checkpointing), bool(cfg.d_gradient_checkpointing), int(cfg.d_lora_rank)),
+        SizeLevers(cfg.optimizer, cfg.ema_device, cfg.ema_dtype, cfg.frozen_dtype),
+    )
 
 
 def available_levers(cfg, *, family: str, lora_rank: int) -> dict[str, dict]:

@@ -22,11 +22,21 @@ class PairRows(torch.utils.data.Dataset):
         self.seed, self.rank, self.world, self.batch_size = seed, rank, world, batch_size
 
     def __getitem__(self, micro: int) -> dict:
-        return self.pairs[batch_indices(seed=self.seed, step=micro, rank=self.rank, world=self.world, batch_size=self.batch_size,
-                                        num_rows=self.num_train)]
+        return self.pairs[
+            batch_indices(
+                seed=self.seed,
+                step=micro,
+                rank=self.rank,
+                world=self.world,
+                batch_size=self.batch_size,
+                num_rows=self.num_train,
+            )
+        ]
 
 
-def stored_conditioning(rows: dict, *, resolution: int, device, dtype: torch.dtype, family: str = "sd") -> TextConditioning:
+def stored_conditioning(
+    rows: dict, *, resolution: int, device, dtype: torch.dtype, family: str = "sd"
+) -> TextConditioning:
     """The text conditioning ``generate_pairs.py --store_prompt_embeds`` stored with ``rows`` (the teacher's
     ``encode_text`` / ``encode_sd3_text`` output; SDXL's time ids follow from the ``resolution``, SD3 has none),
     as ``dtype`` on ``device``; ``family``: the teacher's (sd, sdxl, sd3)."""
@@ -36,4 +46,6 @@ def stored_conditioning(rows: dict, *, resolution: int, device, dtype: torch.dty
     pooled = rows["pooled_prompt_embeds"].to(device, dtype, non_blocking=True)
     if family == "sd3":
         return TextConditioning(embeds, pooled)
-    return TextConditioning(embeds, pooled, sdxl_time_ids((resolution, resolution), batch=len(embeds), dtype=dtype, device=device))
+    return TextConditioning(
+        embeds, pooled, sdxl_time_ids((resolution, resolution), batch=len(embeds), dtype=dtype, device=device)
+    )

@@ -1,7 +1,8 @@
 """How stage two's D sees a batch (Diffusion2GAN §3): the view the shared GAN step runs
 (:mod:`distill.training.gan_step`, where the phases and the objective live).
 
-G:    lpips_weight * E-LatentLPIPS(G(z, c), x)  [g_lpips]  + gan_weight * objective.generator(D(G(z~, c) | z~, c))  [g_adv]
+G:    lpips_weight * E-LatentLPIPS(G(z, c), x)  [g_lpips]  + gan_weight * objective.generator(D(G(z~, c) | z~, c))
+[g_adv]
 D:    objective.real(D(x | z, c))  [d_real]  + objective.fake(D(G(z~, c) | z~, c))  [d_fake]
       + objective.fake(D(x | z', c'))  [d_mismatch: mix-and-match; z' always another sample's noise, c' independently
       the own or another prompt]
@@ -48,8 +49,17 @@ class PairsView:
     ``discriminator``: the prepared (DDP) module, for the D phase; ``discriminator_unwrapped``: the G phase's frozen
     forward (None: no GAN term). ``mix_fraction``: the share of each batch's real pairs shown with a wrong condition."""
 
-    def __init__(self, *, student, discriminator, discriminator_unwrapped, lpips_loss, regression: str, lpips_weight: float,
-                 mix_fraction: float):
+    def __init__(
+        self,
+        *,
+        student,
+        discriminator,
+        discriminator_unwrapped,
+        lpips_loss,
+        regression: str,
+        lpips_weight: float,
+        mix_fraction: float,
+    ):
         self.student, self.discriminator, self.d_unwrapped = student, discriminator, discriminator_unwrapped
         self.lpips_loss, self.regression, self.lpips_weight = lpips_loss, regression, lpips_weight
         self.mix_fraction = mix_fraction
@@ -63,7 +73,9 @@ class PairsView:
         elif self.regression == "mse" and self.lpips_weight:
             terms["g_mse"] = self.lpips_weight * F.mse_loss(fake.float(), batch.target.float())
         if batch.gan_noise is not None:
-            fake = self.student(batch.gan_noise, batch.cond.prompt_embeds, added_cond_kwargs=batch.cond.added_cond_kwargs())
+            fake = self.student(
+                batch.gan_noise, batch.cond.prompt_embeds, added_cond_kwargs=batch.cond.added_cond_kwargs()
+            )
         return fake, terms
 
     def fake_logits(self, batch: Batch, fake: torch.Tensor) -> list[torch.Tensor]:

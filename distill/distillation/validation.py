@@ -34,21 +34,43 @@ class ValidationSet:
 def from_holdout(holdout: dict, *, count: int = HOLDOUT_IMAGES) -> ValidationSet:
     """The first ``count`` held-out pairs (prompt, noise, teacher latent), one grid row."""
     n = min(count, len(holdout["prompt"]))
-    return ValidationSet(prompts=list(holdout["prompt"][:n]), noise=holdout["noise"][:n].float(),
-                         teacher=holdout["target"][:n].float(), cols=max(n, 1))
+    return ValidationSet(
+        prompts=list(holdout["prompt"][:n]),
+        noise=holdout["noise"][:n].float(),
+        teacher=holdout["target"][:n].float(),
+        cols=max(n, 1),
+    )
 
 
 @torch.no_grad()
-def from_prompts(prompts: list[str], *, num_seeds: int, teacher_pipe, latent_shape: tuple[int, int, int],
-                 num_inference_steps: int, guidance_scale: float, negative_prompt: str | None,
-                 max_sequence_length: int | None = None) -> ValidationSet:
+def from_prompts(
+    prompts: list[str],
+    *,
+    num_seeds: int,
+    teacher_pipe,
+    latent_shape: tuple[int, int, int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    negative_prompt: str | None,
+    max_sequence_length: int | None = None,
+) -> ValidationSet:
     """``prompts`` x seeds ``0..num_seeds-1``; the teacher's latents solved here, once (its ODE, as the pairs were)."""
     rows = [(p, s) for p in prompts for s in range(num_seeds)]
     noise = torch.stack([noise_for_seed(s, latent_shape) for _, s in rows])  # [N,C,h,w]
     teacher_pipe.set_progress_bar_config(disable=True)  # one short solve; the training bar stays readable
-    teacher = solve_ode(teacher_pipe, prompts=[p for p, _ in rows], noise=noise, num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                        max_sequence_length=max_sequence_length).float().cpu()
+    teacher = (
+        solve_ode(
+            teacher_pipe,
+            prompts=[p for p, _ in rows],
+            noise=noise,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            max_sequence_length=max_sequence_length,
+        )
+        .float()
+        .cpu()
+    )
     return ValidationSet(prompts=[p for p, _ in rows], noise=noise, teacher=teacher, cols=num_seeds)
 
 
@@ -60,8 +82,11 @@ def student_latents(student, encode, vs: ValidationSet, *, device, chunk: int = 
     out = []
     for b in range(0, len(vs.prompts), chunk):
         cond = encode(vs.prompts[b : b + chunk])
-        out.append(student(vs.noise[b : b + chunk].to(device), cond.prompt_embeds,
-                           added_cond_kwargs=cond.added_cond_kwargs()).float())
+        out.append(
+            student(
+                vs.noise[b : b + chunk].to(device), cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs()
+            ).float()
+        )
     student.train(was_training)
     return torch.cat(out)
 

@@ -41,8 +41,16 @@ def load_image_dataset(dataset: str, *, split: str, image_column: str, label_col
     return ds, num_classes
 
 
-def classifier_loader(ds, *, image_column: str, label_column: str, resolution: int, crop_scale_min: float,
-                      batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+def classifier_loader(
+    ds,
+    *,
+    image_column: str,
+    label_column: str,
+    resolution: int,
+    crop_scale_min: float,
+    batch_size: int,
+    num_workers: int,
+) -> torch.utils.data.DataLoader:
     """Shuffled batches of ``{"pixels": [-1, 1] random-resized crops, flipped, "label": int}`` from an image dataset."""
     from torchvision import transforms as T
 

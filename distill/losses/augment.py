@@ -82,7 +82,10 @@ class _ColorOp:
         }
 
     def apply(self, x: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
-        b, c, s = (params[k].to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1) for k in ("brightness", "contrast", "saturation"))
+        b, c, s = (
+            params[k].to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+            for k in ("brightness", "contrast", "saturation")
+        )
         x = x + b
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * c + mean
@@ -151,8 +154,13 @@ class SharedAugment(nn.Module):
             # DiffAugment's translation: whole pixels, the uncovered border zero (not reflected as in blit).
             ops.append(
                 _KorniaOp(
-                    K.RandomTranslate(translate_x=(-xint_max, xint_max), translate_y=(-xint_max, xint_max),
-                                      resample="nearest", padding_mode="zeros", p=1.0),
+                    K.RandomTranslate(
+                        translate_x=(-xint_max, xint_max),
+                        translate_y=(-xint_max, xint_max),
+                        resample="nearest",
+                        padding_mode="zeros",
+                        p=1.0,
+                    ),
                     round_keys=("translate_x", "translate_y"),
                 )
             )
@@ -183,7 +191,9 @@ class SharedAugment(nn.Module):
         self, a: torch.Tensor, b: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if a.shape != b.shape or a.ndim != 4:
-            raise ValueError(f"expected two [N, C, H, W] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+            raise ValueError(
+                f"expected two [N, C, H, W] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
         if not self._ops:
             return a, b
         params = self.sample(a.shape, generator)

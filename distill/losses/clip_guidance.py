@@ -44,13 +44,15 @@ class CLIPGuidance(nn.Module):
             self._text.update(zip(new, emb))
         return torch.stack([self._text[c] for c in captions])
 
-    def forward(self, images: torch.Tensor, captions: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, captions: list[str], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         x = images
         if self.crop and x.shape[-1] > self.crop:  # one random crop per sample
             n, side = x.shape[0], x.shape[-1]
             top = torch.randint(0, side - self.crop + 1, (n,), generator=generator).tolist()
             left = torch.randint(0, side - self.crop + 1, (n,), generator=generator).tolist()
-            x = torch.stack([x[i, :, t:t + self.crop, l:l + self.crop] for i, (t, l) in enumerate(zip(top, left))])
+            x = torch.stack([x[i, :, t : t + self.crop, l : l + self.crop] for i, (t, l) in enumerate(zip(top, left))])
         x = F.interpolate(x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std
         image = F.normalize(self.clip.encode_image(x).float(), dim=-1)

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from .latent_lpips_net import LatentLPIPSNet  # noqa: F401  (the network, importable from here too)
-
 # The published weights live in their own module; these names stay importable from here.
 from .elatentlpips_weights import (  # noqa: F401
     PUBLISHED,
@@ -39,9 +37,11 @@ from .elatentlpips_weights import (  # noqa: F401
     load_reference_checkpoint,
     published_filename,
 )
+from .latent_lpips_net import LatentLPIPSNet  # noqa: F401  (the network, importable from here too)
 
 if TYPE_CHECKING:
     from .augment import SharedAugment
+
 
 class ELatentLPIPS(nn.Module):
     """E-LatentLPIPS loss: ``loss(pred_latents, target_latents, generator=None) -> [N]`` distances.
@@ -88,7 +88,9 @@ class ELatentLPIPS(nn.Module):
         self, pred_latents: torch.Tensor, target_latents: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         if pred_latents.shape != target_latents.shape:
-            raise ValueError(f"pred {tuple(pred_latents.shape)} and target {tuple(target_latents.shape)} differ in shape")
+            raise ValueError(
+                f"pred {tuple(pred_latents.shape)} and target {tuple(target_latents.shape)} differ in shape"
+            )
         expected = self.net.config.latent_channels
         if pred_latents.ndim != 4 or pred_latents.shape[1] != expected:
             raise ValueError(
@@ -106,7 +108,9 @@ class ELatentLPIPS(nn.Module):
         dtype = next(self.net.parameters()).dtype
         return self.net(x.to(dtype), y.to(dtype)).float() + dist
 
-    def ensemble(self, pred_latents: torch.Tensor, target_latents: torch.Tensor, *, draws: int = 8, seed: int = 0) -> torch.Tensor:
+    def ensemble(
+        self, pred_latents: torch.Tensor, target_latents: torch.Tensor, *, draws: int = 8, seed: int = 0
+    ) -> torch.Tensor:
         """Mean distance over ``draws`` augmentations from a generator seeded with ``seed``.
 
         A deterministic, lower-variance evaluation metric: same inputs and seed -> same value.

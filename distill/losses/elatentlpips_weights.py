@@ -48,8 +48,11 @@ class FetchOptions:
 
     @classmethod
     def for_accelerator(cls, accelerator, *, download: bool = False) -> "FetchOptions":
-        return cls(download=download, is_main_process=lambda: accelerator.is_main_process,
-                   barrier=accelerator.wait_for_everyone)
+        return cls(
+            download=download,
+            is_main_process=lambda: accelerator.is_main_process,
+            barrier=accelerator.wait_for_everyone,
+        )
 
 
 def published_filename(name: str) -> str:
@@ -111,12 +114,15 @@ def load_reference_checkpoint(path: str | os.PathLike, *, name: str | None = Non
     channels = state["stages.0.0.weight"].shape[1]
     # An unknown file name: no recorded convention, so the identity scaling.
     convention = PUBLISHED.get(name) or PublishedNet(latent_channels=channels, scaling_factor=1.0, shift_factor=0.0)
-    net = LatentLPIPSNet(latent_channels=channels, scaling_factor=convention.scaling_factor,
-                         shift_factor=convention.shift_factor)
+    net = LatentLPIPSNet(
+        latent_channels=channels, scaling_factor=convention.scaling_factor, shift_factor=convention.shift_factor
+    )
     missing, unexpected = net.load_state_dict(state, strict=False)
     allowed_missing = set() if has_heads else {f"heads.{i}.weight" for i in range(len(net.heads))}
     if unexpected or set(missing) - allowed_missing:
-        raise ValueError(f"checkpoint {path} does not fit the latent VGG16-BN layout: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint {path} does not fit the latent VGG16-BN layout: missing {missing}, unexpected {unexpected}"
+        )
     if has_heads and any((h.weight < 0).any() for h in net.heads):
         raise ValueError(f"checkpoint {path} has negative head weights; LPIPS heads must be non-negative")
     return net.eval()
@@ -157,7 +163,9 @@ def fetch_published_with(name: str, *, fetch: FetchOptions) -> Path:
                 if local_only
                 else "the download failed; download it manually and pass its local path"
             )
-            raise OSError(f"E-LatentLPIPS checkpoint {name!r} ({PUBLISHED_REPO}/{published_filename(name)}): {hint} [{exc}]") from exc
+            raise OSError(
+                f"E-LatentLPIPS checkpoint {name!r} ({PUBLISHED_REPO}/{published_filename(name)}): {hint} [{exc}]"
+            ) from exc
 
     main = True if fetch.is_main_process is None else bool(fetch.is_main_process())
     error: Exception | None = None
@@ -187,5 +195,6 @@ def load_latent_lpips(name_or_path: str | os.PathLike, *, fetch: FetchOptions = 
         name = str(name_or_path)
         return load_reference_checkpoint(fetch_published_with(name, fetch=fetch), name=name)
     raise FileNotFoundError(
-        f"{name_or_path!r} is neither a save_pretrained directory, a checkpoint file, nor a published name ({', '.join(PUBLISHED)})"
+        f"{name_or_path!r} is neither a save_pretrained directory, a checkpoint file, nor a published name "
+        f"({', '.join(PUBLISHED)})"
     )

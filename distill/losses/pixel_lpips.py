@@ -64,5 +64,3 @@ class PixelLPIPS(nn.Module):
         if self.l1_weight:
             dist = dist + self.l1_weight * (pred_latents - target_latents).abs().float().mean(dim=(1, 2, 3))
         return dist
-
-

@@ -44,10 +44,13 @@ def load_clip(
 
     from distill.core.pretrained import load_open_clip
 
-    model, preprocess = load_open_clip(model_name, pretrained, cache_dir=str(cache_dir) if cache_dir else None, device=device,
-                                       transforms=True)
+    model, preprocess = load_open_clip(
+        model_name, pretrained, cache_dir=str(cache_dir) if cache_dir else None, device=device, transforms=True
+    )
     model_id = f"open_clip/{model_name}/{pretrained if not Path(pretrained).is_file() else Path(pretrained).name}"
-    return ClipModel(model=model.eval(), preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model_name), model_id=model_id)
+    return ClipModel(
+        model=model.eval(), preprocess=preprocess, tokenizer=open_clip.get_tokenizer(model_name), model_id=model_id
+    )
 
 
 def build_random_tiny_clip(seed: int = 0, *, device: str | torch.device = "cpu") -> ClipModel:

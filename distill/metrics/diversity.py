@@ -27,7 +27,9 @@ def mean_pairwise_distance(*, features: torch.Tensor, chunk_size: int = 1024) ->
     return float(total / (n * (n - 1)))
 
 
-def group_diversity(*, features: torch.Tensor, groups: Sequence[Hashable], chunk_size: int = 1024) -> dict[Hashable, float]:
+def group_diversity(
+    *, features: torch.Tensor, groups: Sequence[Hashable], chunk_size: int = 1024
+) -> dict[Hashable, float]:
     """Mean pairwise distance within each group: ``features`` ``[N,D]``, ``groups`` ``[N]`` (row i's group key).
 
     Returns ``{group: mean pairwise distance}`` for the groups with at least 2 rows (in first-seen order);
@@ -37,5 +39,8 @@ def group_diversity(*, features: torch.Tensor, groups: Sequence[Hashable], chunk
     members: dict[Hashable, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    return {g: mean_pairwise_distance(features=features[torch.tensor(idx, device=features.device)], chunk_size=chunk_size)
-            for g, idx in members.items() if len(idx) >= 2}
+    return {
+        g: mean_pairwise_distance(features=features[torch.tensor(idx, device=features.device)], chunk_size=chunk_size)
+        for g, idx in members.items()
+        if len(idx) >= 2
+    }

@@ -55,7 +55,12 @@ class FIDStats:
     def from_features(cls, features: np.ndarray, *, extractor_id: str = "") -> "FIDStats":
         if features.shape[0] < 2:
             raise ValueError(f"FID needs at least 2 images, got {features.shape[0]}")
-        return cls(mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False), count=features.shape[0], extractor_id=extractor_id)
+        return cls(
+            mu=features.mean(axis=0),
+            sigma=np.cov(features, rowvar=False),
+            count=features.shape[0],
+            extractor_id=extractor_id,
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -80,7 +85,9 @@ def frechet_distance(a: FIDStats, b: FIDStats) -> float:
     from cleanfid.fid import frechet_distance as _fd
 
     if a.mu.shape != b.mu.shape:
-        raise ValueError(f"FID statistics have different feature sizes ({a.mu.shape[0]} vs {b.mu.shape[0]}): same extractor?")
+        raise ValueError(
+            f"FID statistics have different feature sizes ({a.mu.shape[0]} vs {b.mu.shape[0]}): same extractor?"
+        )
     if a.extractor_id and b.extractor_id and a.extractor_id != b.extractor_id:
         raise ValueError(f"FID statistics come from different extractors ({a.extractor_id} vs {b.extractor_id})")
     return float(_fd(a.mu, a.sigma, b.mu, b.sigma))
@@ -95,7 +102,9 @@ def image_set_hash(files: Sequence[Path], *, root: str | os.PathLike, center_cro
     return h.hexdigest()
 
 
-def _reference_set(ref: Path, *, extractor_id: str, cache_dir, limit: int, center_crop: bool) -> tuple[list[Path], Path, dict]:
+def _reference_set(
+    ref: Path, *, extractor_id: str, cache_dir, limit: int, center_crop: bool
+) -> tuple[list[Path], Path, dict]:
     """The reference folder's files (first ``limit`` when > 0), its statistics cache file and provenance."""
     files = list_images(ref)
     if limit > 0:
@@ -103,7 +112,13 @@ def _reference_set(ref: Path, *, extractor_id: str, cache_dir, limit: int, cente
     set_hash = image_set_hash(files, root=ref, center_crop=center_crop)
     key = hashlib.sha256(f"{set_hash}\n{extractor_id}".encode()).hexdigest()[:20]
     cache = Path(cache_dir) / f"fid-ref-{key}.npz"
-    info = {"reference": str(ref), "num_images": len(files), "set_sha256": set_hash, "extractor_id": extractor_id, "cache": str(cache)}
+    info = {
+        "reference": str(ref),
+        "num_images": len(files),
+        "set_sha256": set_hash,
+        "extractor_id": extractor_id,
+        "cache": str(cache),
+    }
     return files, cache, info
 
 
@@ -134,15 +149,28 @@ def reference_statistics(
     if ref.is_file() and ref.suffix == ".npz":
         stats = FIDStats.load(ref)
         if stats.extractor_id and extractor_id and stats.extractor_id != extractor_id:
-            raise ValueError(f"{ref} was computed with {stats.extractor_id}, not with the configured extractor {extractor_id}")
+            raise ValueError(
+                f"{ref} was computed with {stats.extractor_id}, not with the configured extractor {extractor_id}"
+            )
         return stats, {"reference": str(ref), "source": "statistics file"}
     if not extractor_id:
-        raise ValueError("the FID extractor has no `extractor_id`, which names its weights in the reference-statistics cache")
-    files, cache, info = _reference_set(ref, extractor_id=extractor_id, cache_dir=cache_dir, limit=limit, center_crop=center_crop)
+        raise ValueError(
+            "the FID extractor has no `extractor_id`, which names its weights in the reference-statistics cache"
+        )
+    files, cache, info = _reference_set(
+        ref, extractor_id=extractor_id, cache_dir=cache_dir, limit=limit, center_crop=center_crop
+    )
     if cache.is_file():
         return FIDStats.load(cache), {**info, "source": "cache"}
-    feats = extract_features_from_files(files, extractor=extractor, center_crop=center_crop, batch_size=batch_size,
-                                        num_workers=num_workers, device=device, progress=progress)
+    feats = extract_features_from_files(
+        files,
+        extractor=extractor,
+        center_crop=center_crop,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
+    )
     stats = FIDStats.from_features(feats, extractor_id=extractor_id)
     _save_statistics_cache(stats, cache, info)
     return stats, {**info, "source": "computed"}
@@ -169,29 +197,51 @@ def reference_features(
     extractor_id = getattr(extractor, "extractor_id", None)
     ref = Path(reference)
     if not ref.is_dir():
-        raise ValueError(f"reference {ref} is not an image folder: precision/recall and diversity need the real images, "
-                         "not an .npz of FID statistics")
+        raise ValueError(
+            f"reference {ref} is not an image folder: precision/recall and diversity need the real images, "
+            "not an .npz of FID statistics"
+        )
     if not extractor_id:
-        raise ValueError("the FID extractor has no `extractor_id`, which names its weights in the reference-statistics cache")
-    files, cache, info = _reference_set(ref, extractor_id=extractor_id, cache_dir=cache_dir, limit=limit, center_crop=center_crop)
-    feats = extract_features_from_files(files, extractor=extractor, center_crop=center_crop, batch_size=batch_size,
-                                        num_workers=num_workers, device=device, progress=progress)
+        raise ValueError(
+            "the FID extractor has no `extractor_id`, which names its weights in the reference-statistics cache"
+        )
+    files, cache, info = _reference_set(
+        ref, extractor_id=extractor_id, cache_dir=cache_dir, limit=limit, center_crop=center_crop
+    )
+    feats = extract_features_from_files(
+        files,
+        extractor=extractor,
+        center_crop=center_crop,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
+    )
     if not cache.is_file() and len(files) >= 2:
         _save_statistics_cache(FIDStats.from_features(feats, extractor_id=extractor_id), cache, info)
     return feats, files, {**info, "source": "computed"}
 
 
 def _fid_of_features(features: np.ndarray, reference: FIDStats, *, extractor) -> float:
-    return frechet_distance(FIDStats.from_features(features, extractor_id=getattr(extractor, "extractor_id", "")), reference)
+    return frechet_distance(
+        FIDStats.from_features(features, extractor_id=getattr(extractor, "extractor_id", "")), reference
+    )
 
 
 def fid_from_files(
-    files: Sequence[str | os.PathLike], reference: FIDStats, *, extractor, batch_size: int = 64, num_workers: int = 0,
-    device="cpu", progress=None,
+    files: Sequence[str | os.PathLike],
+    reference: FIDStats,
+    *,
+    extractor,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device="cpu",
+    progress=None,
 ) -> float:
     """FID of image files against reference statistics."""
-    feats = extract_features_from_files(files, extractor=extractor, batch_size=batch_size, num_workers=num_workers,
-                                        device=device, progress=progress)
+    feats = extract_features_from_files(
+        files, extractor=extractor, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+    )
     return _fid_of_features(feats, reference, extractor=extractor)
 
 

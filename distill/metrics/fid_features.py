@@ -25,7 +25,8 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 
 
 def default_cache_dir() -> Path:
-    """Where metric weights and reference statistics live: ``$D2G_METRICS_HOME`` or ``~/.cache/diffusion2gan/metrics``."""
+    """Where metric weights and reference statistics live: ``$D2G_METRICS_HOME`` or
+    ``~/.cache/diffusion2gan/metrics``."""
     return Path(os.environ.get("D2G_METRICS_HOME") or Path.home() / ".cache" / "diffusion2gan" / "metrics")
 
 
@@ -75,9 +76,12 @@ class RandomTinyExtractor(nn.Module):
         with torch.random.fork_rng(devices=[]):  # same weights in every process, global RNG untouched
             torch.manual_seed(seed)
             self.net = nn.Sequential(
-                nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(16, dim, 3, stride=2, padding=1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Conv2d(3, 16, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(16, dim, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
             )
         self.extractor_id = f"random-tiny/seed{seed}-dim{dim}"
 
@@ -106,8 +110,9 @@ def is_classifier_folder(name: str | os.PathLike) -> bool:
 ClassifierLoader = Callable[[str | os.PathLike], nn.Module]  # folder -> a module with features() and config.image_size
 
 
-def load_classifier_extractor(path: str | os.PathLike, *, load_classifier: ClassifierLoader,
-                              device: str | torch.device = "cpu") -> ClassifierFeatureExtractor:
+def load_classifier_extractor(
+    path: str | os.PathLike, *, load_classifier: ClassifierLoader, device: str | torch.device = "cpu"
+) -> ClassifierFeatureExtractor:
     """The classifier folder ``path`` (read by the caller's ``load_classifier``) as an FID extractor,
     named by its weights' hash."""
     weights = sorted(Path(path).glob("*.safetensors"))
@@ -115,8 +120,9 @@ def load_classifier_extractor(path: str | os.PathLike, *, load_classifier: Class
     return ClassifierFeatureExtractor(load_classifier(path), extractor_id=f"classifier/{digest}").to(device)
 
 
-def load_fid_extractor(name: str, *, device: str | torch.device = "cpu",
-                       load_classifier: ClassifierLoader | None = None) -> nn.Module:
+def load_fid_extractor(
+    name: str, *, device: str | torch.device = "cpu", load_classifier: ClassifierLoader | None = None
+) -> nn.Module:
     """``inception`` (weights from the metrics cache dir), a path to the Inception file, a classifier
     folder (config.json + safetensors: FID in its feature space, read with ``load_classifier``), or
     ``random-tiny`` (tests only)."""
@@ -132,8 +138,13 @@ def load_fid_extractor(name: str, *, device: str | torch.device = "cpu",
 
 
 @torch.no_grad()
-def features_of_batches(batches: Iterable[torch.Tensor], *, extractor: Callable[[torch.Tensor], torch.Tensor],
-                        device: str | torch.device = "cpu", progress: Callable[[int], None] | None = None) -> np.ndarray:
+def features_of_batches(
+    batches: Iterable[torch.Tensor],
+    *,
+    extractor: Callable[[torch.Tensor], torch.Tensor],
+    device: str | torch.device = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """Features ``[N,D]`` (float64) of batches ``[B,3,S,S]`` in [0,255] already resized to ``extractor.input_size``."""
     feats = []
     for x in batches:
@@ -200,6 +211,10 @@ def extract_features_from_files(
     """
     if not files:
         raise ValueError("no images to compute FID features of")
-    loader = torch.utils.data.DataLoader(_ResizedImageFiles(files, _input_size(extractor), center_crop),
-                                         batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    loader = torch.utils.data.DataLoader(
+        _ResizedImageFiles(files, _input_size(extractor), center_crop),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle=False,
+    )
     return features_of_batches(loader, extractor=extractor, device=device, progress=progress)

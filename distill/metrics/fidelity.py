@@ -48,7 +48,10 @@ def fidelity_metrics(
     net taking two image batches in [-1, 1]; images are clamped to [-1, 1] first, like the saved images.
     """
     if pred_latents.shape != target_latents.shape:
-        raise ValueError(f"student latents {tuple(pred_latents.shape)} and teacher targets {tuple(target_latents.shape)} differ in shape")
+        raise ValueError(
+            f"student latents {tuple(pred_latents.shape)} and teacher targets {tuple(target_latents.shape)} differ "
+            "in shape"
+        )
     out = {}
     if latent_lpips is not None:
         out["e_latent_lpips"] = latent_lpips(pred_latents, target_latents).float().flatten().cpu()
@@ -114,8 +117,15 @@ def elatentlpips_name(name: str, *, vae_scaling_factor: float) -> str:
     return "sdxl" if abs(vae_scaling_factor - 0.13025) < 1e-6 else "sd15"
 
 
-def fidelity_nets(*, elatentlpips: str, elatentlpips_download: bool, pixel_lpips: str, latent_channels: int,
-                  vae_scaling_factor: float, device):
+def fidelity_nets(
+    *,
+    elatentlpips: str,
+    elatentlpips_download: bool,
+    pixel_lpips: str,
+    latent_channels: int,
+    vae_scaling_factor: float,
+    device,
+):
     """(E-LatentLPIPS, pixel LPIPS) on ``device``; ``pixel_lpips`` is one of :data:`PIXEL_LPIPS_CHOICES`,
     ``random-tiny`` builds seeded random nets (tests only)."""
     from distill.losses import ELatentLPIPS, LatentLPIPSNet, build_pixel_lpips
@@ -126,8 +136,12 @@ def fidelity_nets(*, elatentlpips: str, elatentlpips_download: bool, pixel_lpips
             net = LatentLPIPSNet(latent_channels=latent_channels, stage_channels=(8, 8, 8, 8, 8))
         latent = ELatentLPIPS(net, augment=None, l1_weight=0.0)
     else:
-        latent = ELatentLPIPS.from_pretrained(elatentlpips_name(elatentlpips, vae_scaling_factor=vae_scaling_factor),
-                                              augment=None, l1_weight=0.0, download=elatentlpips_download)
+        latent = ELatentLPIPS.from_pretrained(
+            elatentlpips_name(elatentlpips, vae_scaling_factor=vae_scaling_factor),
+            augment=None,
+            l1_weight=0.0,
+            download=elatentlpips_download,
+        )
     if pixel_lpips == TEST_ONLY:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -139,8 +153,18 @@ def fidelity_nets(*, elatentlpips: str, elatentlpips_download: bool, pixel_lpips
     return latent.to(device), None if pixel is None else pixel.to(device)
 
 
-def compute_fidelity(sampler: Sampler, *, pairs: str, fidelity_start: int, fidelity_count: int, batch_size: int,
-                     elatentlpips: str, elatentlpips_download: bool, pixel_lpips: str, device) -> tuple[dict, dict]:
+def compute_fidelity(
+    sampler: Sampler,
+    *,
+    pairs: str,
+    fidelity_start: int,
+    fidelity_count: int,
+    batch_size: int,
+    elatentlpips: str,
+    elatentlpips_download: bool,
+    pixel_lpips: str,
+    device,
+) -> tuple[dict, dict]:
     """Means of :func:`fidelity_metrics` over the selected pairs, and what was measured."""
     from data_gen.pairs import load_pairs, read_manifest
 
@@ -148,10 +172,17 @@ def compute_fidelity(sampler: Sampler, *, pairs: str, fidelity_start: int, fidel
     ds = load_pairs(pairs).sort("index")
     rows = fidelity_positions(start=fidelity_start, count=fidelity_count, num_rows=ds.num_rows)
     if not rows:
-        raise ValueError(f"fidelity_start {fidelity_start} / fidelity_count {fidelity_count} select none of the {ds.num_rows} pairs in {pairs}")
+        raise ValueError(
+            f"fidelity_start {fidelity_start} / fidelity_count {fidelity_count} select none of the {ds.num_rows} "
+            f"pairs in {pairs}"
+        )
     latent_lpips, pixel_lpips_net = fidelity_nets(
-        elatentlpips=elatentlpips, elatentlpips_download=elatentlpips_download, pixel_lpips=pixel_lpips,
-        latent_channels=sampler.latent_channels, vae_scaling_factor=sampler.pipe.vae.config.scaling_factor, device=device,
+        elatentlpips=elatentlpips,
+        elatentlpips_download=elatentlpips_download,
+        pixel_lpips=pixel_lpips,
+        latent_channels=sampler.latent_channels,
+        vae_scaling_factor=sampler.pipe.vae.config.scaling_factor,
+        device=device,
     )
     values: dict[str, list[torch.Tensor]] = {}
     for b in tqdm(range(0, len(rows), batch_size), desc="fidelity", unit="batch", dynamic_ncols=True, leave=False):
@@ -159,12 +190,24 @@ def compute_fidelity(sampler: Sampler, *, pairs: str, fidelity_start: int, fidel
         noise = torch.from_numpy(np.stack(batch["noise"])).float()  # [N,C,h,w]
         target = torch.from_numpy(np.stack(batch["target"])).float()  # [N,C,h,w]
         pred = sampler.latents(list(batch["prompt"]), noise)
-        out = fidelity_metrics(pred.to(device), target.to(device), decode=lambda z: sampler.decode(z).to(device),
-                               latent_lpips=latent_lpips, pixel_lpips=pixel_lpips_net)
+        out = fidelity_metrics(
+            pred.to(device),
+            target.to(device),
+            decode=lambda z: sampler.decode(z).to(device),
+            latent_lpips=latent_lpips,
+            pixel_lpips=pixel_lpips_net,
+        )
         for k, v in out.items():
             values.setdefault(k, []).append(v)
     means = {k: float(torch.cat(v).double().mean()) for k, v in values.items()}
     first, last = int(ds[rows[0]]["index"]), int(ds[rows[-1]]["index"])
-    info = {"pairs": pairs, "rows": len(rows), "indices": [first, last], "teacher": manifest.get("teacher", {}),
-            "pairs_config": {k: manifest.get("config", {}).get(k) for k in ("num_inference_steps", "guidance_scale", "scheduler")}}
+    info = {
+        "pairs": pairs,
+        "rows": len(rows),
+        "indices": [first, last],
+        "teacher": manifest.get("teacher", {}),
+        "pairs_config": {
+            k: manifest.get("config", {}).get(k) for k in ("num_inference_steps", "guidance_scale", "scheduler")
+        },
+    }
     return means, info

@@ -14,8 +14,18 @@ class Sampler:
     :func:`teachers.load_teacher` takes; the solver settings only apply to a teacher.
     """
 
-    def __init__(self, pipeline: str, *, device: torch.device, dtype: torch.dtype, scheduler: str,
-                 num_inference_steps: int, guidance_scale: float, negative_prompt: str, max_sequence_length: int | None = None):
+    def __init__(
+        self,
+        pipeline: str,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        scheduler: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompt: str,
+        max_sequence_length: int | None = None,
+    ):
         from students.export import is_one_step_folder
 
         path = Path(pipeline)
@@ -55,9 +65,15 @@ class Sampler:
         else:
             from teachers import solve_ode
 
-            out = solve_ode(self.pipe, prompts=prompts, noise=noise, num_inference_steps=self.num_inference_steps,
-                            guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt or None,
-                            max_sequence_length=self.max_sequence_length)
+            out = solve_ode(
+                self.pipe,
+                prompts=prompts,
+                noise=noise,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                negative_prompt=self.negative_prompt or None,
+                max_sequence_length=self.max_sequence_length,
+            )
         return out.float().cpu()
 
     @torch.no_grad()
@@ -71,5 +87,3 @@ class Sampler:
 
     def images(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
         return self.decode(self.latents(prompts, noise))
-
-

@@ -1,4 +1,5 @@
-"""Image files for the metrics: listing, decoding, clean-fid's resize, uint8 conversion, content hashes, folder labels."""
+"""Image files for the metrics: listing, decoding, clean-fid's resize, uint8 conversion, content hashes, folder
+labels."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def load_image(path: str | os.PathLike, *, center_crop: bool = False) -> np.ndar
 
 
 def clean_resize(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """clean-fid's resize: each ``[H,W,3]`` uint8 image, per channel in float, PIL bicubic -> ``[N,3,size,size]`` in [0,255]."""
+    """clean-fid's resize: each ``[H,W,3]`` uint8 image, per channel in float, PIL bicubic -> ``[N,3,size,size]`` in
+    [0,255]."""
     from cleanfid.resize import make_resizer
 
     resize = make_resizer("PIL", False, "bicubic", (size, size))
@@ -57,7 +59,9 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted by relative path."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"reference image folder {root} not found: pass a folder of images or an FID .npz statistics file")
+        raise FileNotFoundError(
+            f"reference image folder {root} not found: pass a folder of images or an FID .npz statistics file"
+        )
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise ValueError(f"reference folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -83,9 +87,13 @@ def folder_labels(folder: str | os.PathLike, files: Sequence[Path], *, column: s
         if "file_name" not in row:
             raise ValueError(f"{meta} line {n} has no `file_name`")
         if not isinstance(row[column], (int, float, str)) or str(row[column]).strip() == "":
-            raise ValueError(f"{meta} line {n} has `{column}` {row[column]!r}: give every image an integer label, or drop the column")
+            raise ValueError(
+                f"{meta} line {n} has `{column}` {row[column]!r}: give every image an integer label, or drop the column"
+            )
         labels[Path(row["file_name"]).as_posix()] = int(row[column])
     missing = [f for f in files if Path(f).relative_to(folder).as_posix() not in labels]
     if missing:
-        raise ValueError(f"{meta} has no row for {Path(missing[0]).relative_to(folder)} ({len(missing)} images without a `{column}`)")
+        raise ValueError(
+            f"{meta} has no row for {Path(missing[0]).relative_to(folder)} ({len(missing)} images without a `{column}`)"
+        )
     return [labels[Path(f).relative_to(folder).as_posix()] for f in files]

@@ -71,6 +71,13 @@ def measure_latency(
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         peak, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"
     return LatencyResult(
-        seconds_per_image=per_batch / batch_size, images_per_second=batch_size / per_batch, seconds_per_batch=per_batch,
-        batch_size=batch_size, iterations=len(times), warmup=warmup, peak_memory_mb=peak, memory_kind=kind, device=str(device),
+        seconds_per_image=per_batch / batch_size,
+        images_per_second=batch_size / per_batch,
+        seconds_per_batch=per_batch,
+        batch_size=batch_size,
+        iterations=len(times),
+        warmup=warmup,
+        peak_memory_mb=peak,
+        memory_kind=kind,
+        device=str(device),
     )

@@ -35,7 +35,9 @@ def knn_radii(*, features: torch.Tensor, k: int = 3, chunk_size: int = 1024) -> 
         raise ValueError(f"k must be at least 1, got {k}")
     if n <= k:
         raise ValueError(f"the k-nearest-neighbour radius needs more than k={k} points, got {n}")
-    nearest = torch.full((n, k + 1), float("inf"), dtype=features.dtype, device=features.device)  # [N,k+1] running smallest
+    nearest = torch.full(
+        (n, k + 1), float("inf"), dtype=features.dtype, device=features.device
+    )  # [N,k+1] running smallest
     for r, _, d in _distance_blocks(features, features, chunk_size=chunk_size):
         rows = slice(r, r + d.shape[0])
         both = torch.cat([nearest[rows], d], dim=1)  # [r,k+1+c]
@@ -44,8 +46,11 @@ def knn_radii(*, features: torch.Tensor, k: int = 3, chunk_size: int = 1024) -> 
     return nearest[:, k]  # [N]
 
 
-def inside_manifold(*, queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Bool ``[M]``: is each of ``queries`` ``[M,D]`` within ``radii[j]`` of some ``centres[j]`` (``[N,D]``, ``[N]``)?"""
+def inside_manifold(
+    *, queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Bool ``[M]``: is each of ``queries`` ``[M,D]`` within ``radii[j]`` of some ``centres[j]`` (``[N,D]``,
+    ``[N]``)?"""
     inside = torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)  # [M]
     for r, c, d in _distance_blocks(queries, centres, chunk_size=chunk_size):
         rows = slice(r, r + d.shape[0])
@@ -53,17 +58,24 @@ def inside_manifold(*, queries: torch.Tensor, centres: torch.Tensor, radii: torc
     return inside
 
 
-def precision_recall(*, real_features: torch.Tensor, generated_features: torch.Tensor, k: int = 3,
-                     chunk_size: int = 1024) -> tuple[float, float]:
+def precision_recall(
+    *, real_features: torch.Tensor, generated_features: torch.Tensor, k: int = 3, chunk_size: int = 1024
+) -> tuple[float, float]:
     """(precision, recall) of ``generated_features`` ``[M,D]`` against ``real_features`` ``[N,D]`` (same extractor).
 
     precision: share of generated points inside some real point's k-NN hypersphere;
     recall: share of real points inside some generated point's k-NN hypersphere."""
     if real_features.ndim != 2 or generated_features.ndim != 2 or real_features.shape[1] != generated_features.shape[1]:
-        raise ValueError(f"precision/recall needs [N,D] and [M,D] features of one extractor, got "
-                         f"{tuple(real_features.shape)} and {tuple(generated_features.shape)}")
+        raise ValueError(
+            f"precision/recall needs [N,D] and [M,D] features of one extractor, got "
+            f"{tuple(real_features.shape)} and {tuple(generated_features.shape)}"
+        )
     real_radii = knn_radii(features=real_features, k=k, chunk_size=chunk_size)  # [N]
     generated_radii = knn_radii(features=generated_features, k=k, chunk_size=chunk_size)  # [M]
-    precision = inside_manifold(queries=generated_features, centres=real_features, radii=real_radii, chunk_size=chunk_size)
-    recall = inside_manifold(queries=real_features, centres=generated_features, radii=generated_radii, chunk_size=chunk_size)
+    precision = inside_manifold(
+        queries=generated_features, centres=real_features, radii=real_radii, chunk_size=chunk_size
+    )
+    recall = inside_manifold(
+        queries=real_features, centres=generated_features, radii=generated_radii, chunk_size=chunk_size
+    )
     return float(precision.double().mean()), float(recall.double().mean())

@@ -47,7 +47,11 @@ def check_samples_manifest(samples_dir: Path, identity: dict) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    diffs = [f"{k}: {old.get('identity', {}).get(k)!r} -> {v!r}" for k, v in identity.items() if old.get("identity", {}).get(k) != v]
+    diffs = [
+        f"{k}: {old.get('identity', {}).get(k)!r} -> {v!r}"
+        for k, v in identity.items()
+        if old.get("identity", {}).get(k) != v
+    ]
     if old.get("format") != SAMPLES_FORMAT or diffs:
         raise ValueError(
             f"{samples_dir} holds samples made with a different config ({'; '.join(diffs) or 'format'}); "
@@ -64,8 +68,16 @@ def save_png(image: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def generate_samples(sampler: Sampler, *, chunks: list[range], prompts: list[str], seed: int,
-                     latent_shape: tuple[int, int, int], samples_dir: Path, progress=None) -> None:
+def generate_samples(
+    sampler: Sampler,
+    *,
+    chunks: list[range],
+    prompts: list[str],
+    seed: int,
+    latent_shape: tuple[int, int, int],
+    samples_dir: Path,
+    progress=None,
+) -> None:
     from distill.metrics.image_io import images_to_uint8
 
     for chunk in chunks:
@@ -78,13 +90,28 @@ def generate_samples(sampler: Sampler, *, chunks: list[range], prompts: list[str
             progress.update(len(idx))
 
 
-def fill_sample_cache(sampler: Sampler, *, samples_dir: Path, identity: dict, num_samples: int, batch_size: int,
-                      prompts: list[str], seed: int, latent_shape: tuple[int, int, int], is_main_process: bool,
-                      process_index: int, num_processes: int, barrier: Callable[[], None]) -> None:
-    """Make every missing sample, this process taking every ``num_processes``-th missing batch; all processes call it."""
+def fill_sample_cache(
+    sampler: Sampler,
+    *,
+    samples_dir: Path,
+    identity: dict,
+    num_samples: int,
+    batch_size: int,
+    prompts: list[str],
+    seed: int,
+    latent_shape: tuple[int, int, int],
+    is_main_process: bool,
+    process_index: int,
+    num_processes: int,
+    barrier: Callable[[], None],
+) -> None:
+    """Make every missing sample, this process taking every ``num_processes``-th missing batch; all processes call
+    it."""
     barrier()
     if is_main_process:
-        (samples_dir / "manifest.json").write_text(json.dumps({"format": SAMPLES_FORMAT, "identity": identity}, indent=2) + "\n")
+        (samples_dir / "manifest.json").write_text(
+            json.dumps({"format": SAMPLES_FORMAT, "identity": identity}, indent=2) + "\n"
+        )
     chunks = [range(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
     todo = [c for c in chunks if not all(sample_path(samples_dir, i).is_file() for i in c)]
     cached = num_samples - sum(len(c) for c in todo)
@@ -93,10 +120,22 @@ def fill_sample_cache(sampler: Sampler, *, samples_dir: Path, identity: dict, nu
     if is_main_process and cached:
         print(f"resuming: {cached} of {num_samples} samples already in {samples_dir}")
     # No bar when every sample is cached (a resumed run): one stuck at 0 img would say work is pending.
-    bar = tqdm(total=sum(len(c) for c in mine), unit="img", desc=f"samples (rank 0 of {num_processes})",
-               disable=not is_main_process or not mine, dynamic_ncols=True)
-    generate_samples(sampler, chunks=mine, prompts=prompts, seed=seed, latent_shape=latent_shape,
-                     samples_dir=samples_dir, progress=bar)
+    bar = tqdm(
+        total=sum(len(c) for c in mine),
+        unit="img",
+        desc=f"samples (rank 0 of {num_processes})",
+        disable=not is_main_process or not mine,
+        dynamic_ncols=True,
+    )
+    generate_samples(
+        sampler,
+        chunks=mine,
+        prompts=prompts,
+        seed=seed,
+        latent_shape=latent_shape,
+        samples_dir=samples_dir,
+        progress=bar,
+    )
     bar.close()
     barrier()
 

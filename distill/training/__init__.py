@@ -1,1 +1,2 @@
-"""The shared training loop: steps, checkpoints and exact resume, EMA, seeds, trackers, prefetch, curves, student registry."""
+"""The shared training loop: steps, checkpoints and exact resume, EMA, seeds, trackers, prefetch, curves, student
+registry."""

@@ -45,14 +45,21 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from_checkpoint: str | 
         return dirs[-1] if dirs else None
     path = Path(resume_from_checkpoint)
     if not path.is_dir() and _NAME.match(resume_from_checkpoint):  # a bare name, as diffusers' scripts take it
-        for candidate in (Path(output_dir) / "checkpoints" / resume_from_checkpoint, Path(output_dir) / resume_from_checkpoint):
+        for candidate in (
+            Path(output_dir) / "checkpoints" / resume_from_checkpoint,
+            Path(output_dir) / resume_from_checkpoint,
+        ):
             if candidate.is_dir():
                 return candidate
         names = ", ".join(p.name for p in checkpoint_dirs(output_dir)) or "none"
-        raise FileNotFoundError(f"resume_from_checkpoint {resume_from_checkpoint} is not in {Path(output_dir) / 'checkpoints'} "
-                                f"(finished checkpoints: {names}): pass one of them, 'latest' or 'none'")
+        raise FileNotFoundError(
+            f"resume_from_checkpoint {resume_from_checkpoint} is not in {Path(output_dir) / 'checkpoints'} "
+            f"(finished checkpoints: {names}): pass one of them, 'latest' or 'none'"
+        )
     if not path.is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint {path} does not exist: pass 'latest', 'none', a checkpoint name or directory")
+        raise FileNotFoundError(
+            f"resume_from_checkpoint {path} does not exist: pass 'latest', 'none', a checkpoint name or directory"
+        )
     return path
 
 
@@ -82,7 +89,8 @@ def finalize(output_dir: str | os.PathLike, tmp: Path, step: int, *, total_limit
 @contextlib.contextmanager
 def partial_save(output_dir: str | os.PathLike, tmp: Path, *, estimate_bytes: Callable[[], int]) -> Iterator[None]:
     """Remove the half-written ``tmp`` checkpoint if the block fails or is interrupted; a full disk becomes one line
-    saying how much room a checkpoint needs (the last finished one, or ``estimate_bytes()`` before there is one), whichever
+    saying how much room a checkpoint needs (the last finished one, or ``estimate_bytes()`` before there is one),
+    whichever
     way the writer reported it (:func:`distill.core.atomic.is_disk_full`)."""
     try:
         yield
@@ -94,7 +102,8 @@ def partial_save(output_dir: str | os.PathLike, tmp: Path, *, estimate_bytes: Ca
         need = folder_bytes(done[-1]) if done else estimate_bytes()
         kept = f"{done[-1].name} and older are kept" if done else "no checkpoint was saved yet"
         raise OSError(
-            f"no space left in {tmp.parent}, need ≈ {need / 2**20:.0f} MB for a checkpoint: the partial one was deleted, "
+            f"no space left in {tmp.parent}, need ≈ {need / 2**20:.0f} MB for a checkpoint: the partial one was "
+            "deleted, "
             f"{kept}; free space (or lower checkpoints_total_limit) and re-run the same command to resume",
         ) from None
 
@@ -137,15 +146,20 @@ def verify_files(folder: str | os.PathLike) -> str | None:
     try:
         recorded = json.loads((folder / FILES).read_text())["files"]
     except FileNotFoundError:
-        return (f"checkpoint {folder} has no {FILES} (written by an older version of this toolkit, or not by it), so its "
-                f"pickled files cannot be checked and none is loaded: {_fix(folder)}")
+        return (
+            f"checkpoint {folder} has no {FILES} (written by an older version of this toolkit, or not by it), so its "
+            f"pickled files cannot be checked and none is loaded: {_fix(folder)}"
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return f"checkpoint {folder} is damaged ({FILES} is unreadable): {_fix(folder)}"
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if name not in recorded and name != FILES and path.suffix in _LOADABLE:
-            return (f"checkpoint {folder} holds {name}, which this toolkit did not write there (not in its {FILES}); nothing "
-                    f"is loaded from it: remove {path} if you put it there, or {_fix(folder)}")
+            return (
+                f"checkpoint {folder} holds {name}, which this toolkit did not write there (not in its {FILES}); "
+                "nothing "
+                f"is loaded from it: remove {path} if you put it there, or {_fix(folder)}"
+            )
     for name, entry in recorded.items():
         path = folder / name
         size = path.stat().st_size if path.is_file() else None

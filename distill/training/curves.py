@@ -45,7 +45,15 @@ def plot_run(stats_path: str | os.PathLike, output: str | os.PathLike, *, title:
     for (key, label), ax, style in zip(VALIDATION_KEYS.items(), (axes[1], mse_axis), ("-", "--")):
         rows = [r for r in val if key in r]
         if rows:
-            ax.plot(kimg(rows), [r[key] for r in rows], style, marker="o", ms=3, color=f"C{0 if style == '-' else 1}", label=label)
+            ax.plot(
+                kimg(rows),
+                [r[key] for r in rows],
+                style,
+                marker="o",
+                ms=3,
+                color=f"C{0 if style == '-' else 1}",
+                label=label,
+            )
             ax.set_ylabel(label, fontsize=9)
     handles = [h for ax in (axes[1], mse_axis) for h in ax.get_legend_handles_labels()[0]]
     if handles:

@@ -25,12 +25,21 @@ class EMA:
     """``ema = EMA(model, half_life_kimg=..., rampup=...)``; ``ema.update(model, batch_images, nimg)``; ``ema.model``.
 
     device / dtype: where the copy lives and its floating-point dtype (None: the model's). A bf16 copy rounds away
-    updates below ~1/256 of a weight, so with a long half-life it barely moves; the CPU keeps fp32 at no accelerator cost.
+    updates below ~1/256 of a weight, so with a long half-life it barely moves; the CPU keeps fp32 at no accelerator
+    cost.
     """
 
-    def __init__(self, model: nn.Module, *, half_life_kimg: float = 500.0, rampup: float | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        # Each tensor is copied straight to its target (via deepcopy's memo), never as a full copy on the model's device.
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        half_life_kimg: float = 500.0,
+        rampup: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        # Each tensor is copied straight to its target (via deepcopy's memo), never as a full copy on the model's
+        # device.
         memo = {id(t): self._placed(t, device, dtype) for t in (*model.parameters(), *model.buffers())}
         self.model = copy.deepcopy(model, memo).requires_grad_(False).eval()
         self.device = torch.device(device) if device is not None else None
@@ -39,7 +48,9 @@ class EMA:
 
     @staticmethod
     def _placed(t: torch.Tensor, device, dtype) -> torch.Tensor:
-        copy_ = t.detach().to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None, copy=True)
+        copy_ = t.detach().to(
+            device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None, copy=True
+        )
         return nn.Parameter(copy_, requires_grad=False) if isinstance(t, nn.Parameter) else copy_
 
     def half_life_images(self, nimg: int) -> float:
@@ -56,7 +67,9 @@ class EMA:
         beta = 0.5 ** (batch_images / max(half_life, 1e-8)) if self.half_life_kimg > 0 else 0.0
         # One fused call over all parameters (a Python loop of small lerps was a visible share of a small GAN's step).
         ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach().to(e.device, e.dtype) for e, p in zip(ema_params, model.parameters())], 1 - beta)
+        torch._foreach_lerp_(
+            ema_params, [p.detach().to(e.device, e.dtype) for e, p in zip(ema_params, model.parameters())], 1 - beta
+        )
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
@@ -91,5 +104,7 @@ class EMA:
 
         missing, unexpected = load_model(self.model, str(path), strict=False, device=str(self.device or "cpu"))
         if missing or unexpected:
-            raise RuntimeError(f"{path} does not hold this EMA model's weights (missing {sorted(missing)[:3]}, "
-                               f"unexpected {sorted(unexpected)[:3]})")
+            raise RuntimeError(
+                f"{path} does not hold this EMA model's weights (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]})"
+            )

@@ -32,7 +32,8 @@ from distill.training.optimizers import build_optimizer
 
 @dataclass
 class DLogits:
-    """One D forward over real | generated | mismatched-real samples: every head's logits, ``n`` real and ``n`` generated
+    """One D forward over real | generated | mismatched-real samples: every head's logits, ``n`` real and ``n``
+    generated
     samples first, then the mismatched ones; ``keep`` weighs each mismatched sample (None: all count)."""
 
     logits: list[torch.Tensor]  # per head: [2n(+k), ...]
@@ -40,14 +41,15 @@ class DLogits:
     keep: torch.Tensor | None = None  # [k] bool: a real sample under another sample's identical caption is no mismatch
 
     def part(self, i: int) -> list[torch.Tensor]:
-        return [l[i * self.n:(i + 1) * self.n] for l in self.logits]
+        return [l[i * self.n : (i + 1) * self.n] for l in self.logits]
 
     def mismatched(self) -> list[torch.Tensor]:
-        return [l[2 * self.n:] for l in self.logits]
+        return [l[2 * self.n :] for l in self.logits]
 
 
 class DiscriminatorView(Protocol):
-    """How D sees a trainer's micro-batch (``batch``: the trainer's own type). ``rng``: the (seed, rank, micro-batch, phase)
+    """How D sees a trainer's micro-batch (``batch``: the trainer's own type). ``rng``: the (seed, rank, micro-batch,
+    phase)
     stream; DiffAugment and the mismatched conditions draw from it, so a resumed run repeats them."""
 
     def generate(self, batch, rng: torch.Generator) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -72,15 +74,31 @@ def _detach(value):
 
 
 class GANStep:
-    """``engine.run(batches)``: one optimiser step of G then (``adversarial``) of D on this step's micro-batches, through
+    """``engine.run(batches)``: one optimiser step of G then (``adversarial``) of D on this step's micro-batches,
+    through
     the shared loop's phases (gradient accumulation, random streams, NaN stop), then the loop's end of step (EMA, logs,
     checkpoint, validation). ``discriminator``: the prepared module (its parameters, its DDP no_sync);
     ``discriminator_unwrapped``: for R1 (DDP has no double backward). ``lr_warmup_steps``: both learning rates rise
     linearly over that many steps (every parameter group from its own rate)."""
 
-    def __init__(self, loop: TrainLoop, *, view: DiscriminatorView, generator, discriminator, discriminator_unwrapped,
-                 opt_g, opt_d, loss: str, gan_weight: float = 1.0, mismatch_weight: float = 1.0, r1_gamma: float,
-                 r1_interval: int, max_grad_norm: float, lr_warmup_steps: int = 0):
+    def __init__(
+        self,
+        loop: TrainLoop,
+        *,
+        view: DiscriminatorView,
+        generator,
+        discriminator,
+        discriminator_unwrapped,
+        opt_g,
+        opt_d,
+        loss: str,
+        gan_weight: float = 1.0,
+        mismatch_weight: float = 1.0,
+        r1_gamma: float,
+        r1_interval: int,
+        max_grad_norm: float,
+        lr_warmup_steps: int = 0,
+    ):
         if loss not in OBJECTIVES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(OBJECTIVES)}")
         self.loop, self.view = loop, view
@@ -92,7 +110,7 @@ class GANStep:
         self.max_grad_norm, self.lr_warmup_steps = max_grad_norm, lr_warmup_steps
         self.d_params = [p for p in discriminator.parameters() if p.requires_grad] if discriminator is not None else []
         for opt in (opt_g, opt_d):
-            for group in (opt.param_groups if opt is not None else []):
+            for group in opt.param_groups if opt is not None else []:
                 group.setdefault("initial_lr", group["lr"])  # what warm-up scales (torch's schedulers' key)
 
     def r1_due(self, step: int) -> bool:
@@ -103,10 +121,12 @@ class GANStep:
             return
         factor = min(1.0, (step + 1) / self.lr_warmup_steps)  # a function of the step: nothing to checkpoint
         for opt in (self.opt_g, self.opt_d):
-            for group in (opt.param_groups if opt is not None else []):
+            for group in opt.param_groups if opt is not None else []:
                 group["lr"] = group["initial_lr"] * factor
 
-    def run(self, batches: list, *, adversarial: bool = True, extra: dict[str, float] | None = None) -> dict[str, float]:
+    def run(
+        self, batches: list, *, adversarial: bool = True, extra: dict[str, float] | None = None
+    ) -> dict[str, float]:
         """One step over ``batches`` (this step's micro-batches, in order); returns the logged terms."""
         loop, step = self.loop, self.loop.state.step
         adversarial = adversarial and self.discriminator is not None
@@ -120,20 +140,35 @@ class GANStep:
 
         for p in self.d_params:
             p.requires_grad_(False)
-        generated = loop.phase(purpose="g", model=self.generator, optimizer=self.opt_g, params=self.generator.parameters(),
-                               micro_step=g_micro, logs=logs, max_grad_norm=self.max_grad_norm)
+        generated = loop.phase(
+            purpose="g",
+            model=self.generator,
+            optimizer=self.opt_g,
+            params=self.generator.parameters(),
+            micro_step=g_micro,
+            logs=logs,
+            max_grad_norm=self.max_grad_norm,
+        )
         for p in self.d_params:
             p.requires_grad_(True)
         if adversarial:
             do_r1 = self.r1_due(step)
 
             def d_micro(m, rng):
-                # R1 once per step, on micro-batch 0 (a per-step term: PER_STEP_TERMS, not divided by the micro-batches).
+                # R1 once per step, on micro-batch 0 (a per-step term: PER_STEP_TERMS, not divided by the
+                # micro-batches).
                 terms = self.d_terms(batches[m], generated[m], rng, r1=do_r1 and m == 0)
                 return None, terms, micro_batch_loss(terms, num_micro_batches=count)
 
-            loop.phase(purpose="d", model=self.discriminator, optimizer=self.opt_d, params=self.d_params, micro_step=d_micro,
-                       logs=logs, max_grad_norm=self.max_grad_norm)
+            loop.phase(
+                purpose="d",
+                model=self.discriminator,
+                optimizer=self.opt_d,
+                params=self.d_params,
+                micro_step=d_micro,
+                logs=logs,
+                max_grad_norm=self.max_grad_norm,
+            )
         return loop.end_step(logs, extra=extra)
 
     def g_terms(self, batch, rng: torch.Generator, *, adversarial: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -141,7 +176,9 @@ class GANStep:
         generated, terms = self.view.generate(batch, rng)
         if adversarial and self.gan_weight:
             # D frozen; its forward is the unwrapped module, so no DDP reduction is expected.
-            terms["g_adv"] = self.gan_weight * objective_loss(self.view.fake_logits(batch, generated), self.objective.generator)
+            terms["g_adv"] = self.gan_weight * objective_loss(
+                self.view.fake_logits(batch, generated), self.objective.generator
+            )
         return generated, terms
 
     def d_terms(self, batch, generated, rng: torch.Generator, *, r1: bool = False) -> dict[str, torch.Tensor]:
@@ -163,7 +200,9 @@ class GANStep:
             if d.keep is None:
                 terms["d_mismatch"] = self.mismatch_weight * objective_loss(mismatched, obj.fake)
             elif d.keep.any():
-                per_sample = torch.stack([obj.fake(l.float()).flatten(1).mean(dim=1) for l in mismatched]).mean(dim=0)  # [k]
+                per_sample = torch.stack([obj.fake(l.float()).flatten(1).mean(dim=1) for l in mismatched]).mean(
+                    dim=0
+                )  # [k]
                 terms["d_mismatch"] = self.mismatch_weight * (per_sample * d.keep).sum() / d.keep.sum()
         terms["d_real_logit"] = torch.stack([l.detach().float().mean() for l in real]).mean()
         terms["d_fake_logit"] = torch.stack([l.detach().float().mean() for l in fake]).mean()
@@ -187,11 +226,20 @@ def fan_in_param_groups(module: torch.nn.Module, lr: float) -> list[dict]:
             else:
                 rest.append(p)
     groups = [{"params": rest, "lr": lr}] if rest else []
-    return groups + [{"params": ps, "lr": lr / fan_in ** 0.5} for fan_in, ps in sorted(by_fan_in.items())]
+    return groups + [{"params": ps, "lr": lr / fan_in**0.5} for fan_in, ps in sorted(by_fan_in.items())]
 
 
-def build_gan_optimizers(*, generator, discriminator, optimizer: str, learning_rate_g: float, learning_rate_d: float,
-                         betas: tuple[float, float], linear_lr_by_fan_in: bool, d_lr_by_fan_in: bool = False):
+def build_gan_optimizers(
+    *,
+    generator,
+    discriminator,
+    optimizer: str,
+    learning_rate_g: float,
+    learning_rate_d: float,
+    betas: tuple[float, float],
+    linear_lr_by_fan_in: bool,
+    d_lr_by_fan_in: bool = False,
+):
     """(opt_g, opt_d): Adam or 8-bit Adam (``optimizer``) for G and for D's trainable parameters (None without a D).
     ``linear_lr_by_fan_in``: a style generator's plain linear layers at lr / sqrt(fan-in), as if equalised
     (``StyleGenerator.optimizer_param_groups``); other generators (the UNet student) have one rate.
@@ -202,13 +250,21 @@ def build_gan_optimizers(*, generator, discriminator, optimizer: str, learning_r
     opt_g = build_optimizer(optimizer, g_params, lr=learning_rate_g, betas=betas)
     if discriminator is None:
         return opt_g, None
-    d_params = (fan_in_param_groups(discriminator, learning_rate_d) if d_lr_by_fan_in
-                else [p for p in discriminator.parameters() if p.requires_grad])
+    d_params = (
+        fan_in_param_groups(discriminator, learning_rate_d)
+        if d_lr_by_fan_in
+        else [p for p in discriminator.parameters() if p.requires_grad]
+    )
     return opt_g, build_optimizer(optimizer, d_params, lr=learning_rate_d, betas=betas)
 
 
-
 def build_ema(generator, *, half_life_kimg: float, rampup: float, device: str = "same", dtype: str = "fp32") -> EMA:
-    """The generator's EMA (what both trainers export): ``device`` "same" or "cpu", ``dtype`` "fp32" or "bf16" (memory levers)."""
-    return EMA(generator, half_life_kimg=half_life_kimg, rampup=rampup or None, device="cpu" if device == "cpu" else None,
-               dtype=EMA_DTYPES[dtype])
+    """The generator's EMA (what both trainers export): ``device`` "same" or "cpu", ``dtype`` "fp32" or "bf16" (memory
+    levers)."""
+    return EMA(
+        generator,
+        half_life_kimg=half_life_kimg,
+        rampup=rampup or None,
+        device="cpu" if device == "cpu" else None,
+        dtype=EMA_DTYPES[dtype],
+    )

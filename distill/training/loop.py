@@ -6,7 +6,8 @@ gradient-accumulation micro-batches (:meth:`TrainLoop.phase`; the same micro-bat
 data order and the random streams, so a resumed run continues them), the NaN/inf stop, the per-step
 ``stats.jsonl`` record, the EMA update, and the checkpoint / validation cadence. Its own states go into each checkpoint
 as safetensors (the EMA) and JSON (the counters, states a trainer adds with :meth:`TrainLoop.keep`), never as pickles:
-resuming runs no code from a checkpoint (``distill/training/checkpoint.py`` verifies its files first). What a step computes
+resuming runs no code from a checkpoint (``distill/training/checkpoint.py`` verifies its files first). What a step
+computes
 stays in the trainer, as callbacks. A run may have stages (E-LatentLPIPS: classifier, then calibration), each
 with its own model, optimiser and step count (:meth:`TrainLoop.begin_stage`); checkpoints and ``stats.jsonl``
 count the steps of the whole run.
@@ -40,7 +41,9 @@ def micro_batch_loss(terms: dict[str, torch.Tensor], *, num_micro_batches: int) 
     """The loss one micro-batch backpropagates under gradient accumulation: batch-mean terms / M (summed over the
     M micro-batches, the mean over the step's batch), per-step terms at full weight, so that R1's weight r1_gamma
     does not shrink to r1_gamma / M. Terms named ``*_logit`` are logged means, not losses."""
-    return sum(v if k in PER_STEP_TERMS else v / num_micro_batches for k, v in terms.items() if not k.endswith("_logit"))
+    return sum(
+        v if k in PER_STEP_TERMS else v / num_micro_batches for k, v in terms.items() if not k.endswith("_logit")
+    )
 
 
 POSITION_FILE = "trainer_state.json"  # in each checkpoint: where the run was, readable before anything is prepared
@@ -76,7 +79,8 @@ def read_position(checkpoint: Path) -> dict:
 
 
 def micro_steps(step: int, accumulation: int) -> range:
-    """Global numbers of optimiser step ``step``'s micro-batches: what the data order and random streams are keyed by."""
+    """Global numbers of optimiser step ``step``'s micro-batches: what the data order and random streams are keyed
+    by."""
     return range(step * accumulation, (step + 1) * accumulation)
 
 
@@ -87,10 +91,25 @@ class TrainLoop:
     and draws samples (None: no validation); ``checkpoint_bytes()`` estimates a checkpoint's size before the first
     one exists (for the disk-full message). ``checkpointing_steps`` 0: at the end of each stage only."""
 
-    def __init__(self, accelerator, *, output_dir: str | Path, seed: int, max_train_steps: int, gradient_accumulation_steps: int,
-                 batch_size: int, checkpointing_steps: int, validation_steps: int, checkpoints_total_limit: int | None,
-                 ema, model, export: Callable[[Path], None], validate: Callable[[int], None] | None,
-                 checkpoint_bytes: Callable[[], int], export_name: str = "pipeline"):
+    def __init__(
+        self,
+        accelerator,
+        *,
+        output_dir: str | Path,
+        seed: int,
+        max_train_steps: int,
+        gradient_accumulation_steps: int,
+        batch_size: int,
+        checkpointing_steps: int,
+        validation_steps: int,
+        checkpoints_total_limit: int | None,
+        ema,
+        model,
+        export: Callable[[Path], None],
+        validate: Callable[[int], None] | None,
+        checkpoint_bytes: Callable[[], int],
+        export_name: str = "pipeline",
+    ):
         self.accelerator = accelerator
         self.out = Path(output_dir)
         self.stats_path = self.out / "stats.jsonl"
@@ -100,7 +119,12 @@ class TrainLoop:
         self.checkpointing_steps, self.validation_steps = checkpointing_steps, validation_steps
         self.total_limit = checkpoints_total_limit
         self.ema, self.model = ema, model  # model: the prepared (DDP) module the EMA follows
-        self.export, self.validate, self.checkpoint_bytes, self.export_name = export, validate, checkpoint_bytes, export_name
+        self.export, self.validate, self.checkpoint_bytes, self.export_name = (
+            export,
+            validate,
+            checkpoint_bytes,
+            export_name,
+        )
         self.state = TrainState()
         self.kept: dict[str, Any] = {}
         self.bar = None
@@ -108,18 +132,32 @@ class TrainLoop:
 
     def keep(self, name: str, obj) -> None:
         """Save ``obj.state_dict()`` (JSON-able; called on every process, so it may gather) as ``<name>.json`` in each
-        checkpoint and give it back to ``obj.load_state_dict`` on resume: a trainer's own state, such as stream positions."""
+        checkpoint and give it back to ``obj.load_state_dict`` on resume: a trainer's own state, such as stream
+        positions."""
         self.kept[name] = obj
 
-    def begin_stage(self, name: str, *, max_train_steps: int, batch_size: int, model, export: Callable[[Path], None],
-                    checkpoint_bytes: Callable[[], int]) -> None:
+    def begin_stage(
+        self,
+        name: str,
+        *,
+        max_train_steps: int,
+        batch_size: int,
+        model,
+        export: Callable[[Path], None],
+        checkpoint_bytes: Callable[[], int],
+    ) -> None:
         """Start stage ``name`` with its own (prepared) model and step count, after the stages already run here; a
         checkpoint of this stage loaded next by :meth:`resume` puts the counters back where they were."""
         if self.state.stage and self.state.stage != name:
             self.state.offset += self.state.step
             self.state.step = 0
         self.state.stage = name
-        self.max_train_steps, self.model, self.export, self.checkpoint_bytes = max_train_steps, model, export, checkpoint_bytes
+        self.max_train_steps, self.model, self.export, self.checkpoint_bytes = (
+            max_train_steps,
+            model,
+            export,
+            checkpoint_bytes,
+        )
         self.images_per_step = batch_size * self.accelerator.num_processes * self.accumulation
 
     @property
@@ -142,7 +180,8 @@ class TrainLoop:
         return resume
 
     def _load(self, resume: Path) -> None:
-        """accelerate's state, then the loop's own, from a checkpoint whose files are the ones recorded when it was saved
+        """accelerate's state, then the loop's own, from a checkpoint whose files are the ones recorded when it was
+        saved
         (checked by the main process before anything is opened; every process stops on its verdict)."""
         acc = self.accelerator
         reason = ckpt.verify_files(resume) if acc.is_main_process else None
@@ -166,16 +205,31 @@ class TrainLoop:
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[None]:
-        self.bar = tqdm(total=self.max_train_steps, initial=self.state.step, desc=self.state.stage or "train",
-                        disable=not self.accelerator.is_main_process, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.max_train_steps,
+            initial=self.state.step,
+            desc=self.state.stage or "train",
+            disable=not self.accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
         self._step_start = time.perf_counter()
         try:
             yield
         finally:
             self.bar.close()  # ends the progress line, so an error message starts on its own line
 
-    def phase(self, *, purpose: str, model, optimizer, params: Iterable[torch.nn.Parameter], micro_step: MicroStep,
-              logs: dict[str, torch.Tensor], max_grad_norm: float, per_step_terms: tuple[str, ...] = PER_STEP_TERMS) -> list:
+    def phase(
+        self,
+        *,
+        purpose: str,
+        model,
+        optimizer,
+        params: Iterable[torch.nn.Parameter],
+        micro_step: MicroStep,
+        logs: dict[str, torch.Tensor],
+        max_grad_norm: float,
+        per_step_terms: tuple[str, ...] = PER_STEP_TERMS,
+    ) -> list:
         """One optimiser step of ``model`` over this step's micro-batches: ``micro_step(m, generator)`` for each
         (``generator``: the (seed, rank, micro-batch, ``purpose``) stream), gradients synchronised across processes
         on the last one only, then clipping and the optimiser step, skipped (the run stops) when the gradient norm
@@ -214,16 +268,25 @@ class TrainLoop:
             flags = torch.stack([~torch.isfinite(logs[k]) for k in keys]).float() if keys else torch.zeros(0)
             bad = [k for k, f in zip(keys, self.accelerator.reduce(flags, "max").tolist()) if f > 0]
         last = ckpt.checkpoint_dirs(self.out)
-        step = f"{self.state.global_step}" + (f" ({self.state.stage} step {self.state.step})" if self.state.stage else "")
-        where = f"non-finite loss at step {step} in term {', '.join(bad)}" if bad else \
-            f"non-finite gradient norm at step {step} (every loss term finite)"
-        raise ValueError(f"{where}: stopped; last good checkpoint: {last[-1] if last else 'none yet'} "
-                         "(lower the learning rates or the term's weight, then resume)")
+        step = f"{self.state.global_step}" + (
+            f" ({self.state.stage} step {self.state.step})" if self.state.stage else ""
+        )
+        where = (
+            f"non-finite loss at step {step} in term {', '.join(bad)}"
+            if bad
+            else f"non-finite gradient norm at step {step} (every loss term finite)"
+        )
+        raise ValueError(
+            f"{where}: stopped; last good checkpoint: {last[-1] if last else 'none yet'} "
+            "(lower the learning rates or the term's weight, then resume)"
+        )
 
     def end_step(self, logs: dict[str, torch.Tensor], *, extra: dict[str, float] | None = None) -> dict[str, float]:
-        """Count the step, update the EMA, log the process-mean terms (+ ``extra``, already global, and ``step_time``: this
+        """Count the step, update the EMA, log the process-mean terms (+ ``extra``, already global, and ``step_time``:
+        this
         step's wall-clock seconds, reading its data included, checkpoints and validation not) to the trackers and
-        ``stats.jsonl`` (a non-finite one stops the run), then checkpoint and validate when due. Returns the logged terms."""
+        ``stats.jsonl`` (a non-finite one stops the run), then checkpoint and validate when due. Returns the logged
+        terms."""
         acc, state = self.accelerator, self.state
         keys = sorted(logs)  # one collective and one read of the device for all terms
         values = acc.reduce(torch.stack([logs[k] for k in keys]), "mean").tolist() if keys else []

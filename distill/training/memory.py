@@ -77,8 +77,13 @@ class AllocationTracker(TorchDispatchMode):
     given); :attr:`peaks` holds, per view, the peak of every :meth:`section` (a step). ``fake_only``: count fake
     tensors only (real ones in a fake trace are small host-side helpers, as a CPU random draw)."""
 
-    def __init__(self, views: dict[str, dict[str, float]] | None = None, *, fake_only: bool = True,
-                 on_optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None):
+    def __init__(
+        self,
+        views: dict[str, dict[str, float]] | None = None,
+        *,
+        fake_only: bool = True,
+        on_optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None,
+    ):
         super().__init__()
         self.views = views or {"total": {}}
         self.fake_only = fake_only
@@ -168,7 +173,9 @@ class AllocationTracker(TorchDispatchMode):
         """Count each parameter's accumulated gradient under ``kind``."""
         for p in params:
             if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, kind=kind: self.label([p.grad], kind)))
+                self._hooks.append(
+                    p.register_post_accumulate_grad_hook(lambda p, kind=kind: self.label([p.grad], kind))
+                )
 
     def virtual(self, kind: str, nbytes: int) -> contextlib.AbstractContextManager:
         """Bytes a variant of the step holds during a block but the traced one does not (e.g. a bf16 EMA's cast
@@ -266,8 +273,10 @@ def _layer_norm_backward(grad_out, input, normalized_shape, mean, rstd, weight, 
 _NO_ALLOCATION = frozenset({torch.ops.prim.device.default})
 # Fake tensors only: the norms' backward has no meta kernel and torch decomposes it into tens of ops, most of a small
 # model's trace time; its outputs (the gradients, shaped as the input, weight and bias) are made directly.
-_FAST_FAKE = {torch.ops.aten.native_group_norm_backward.default: _group_norm_backward,
-              torch.ops.aten.native_layer_norm_backward.default: _layer_norm_backward}
+_FAST_FAKE = {
+    torch.ops.aten.native_group_norm_backward.default: _group_norm_backward,
+    torch.ops.aten.native_layer_norm_backward.default: _layer_norm_backward,
+}
 
 
 def _tensors(out) -> Iterator[torch.Tensor]:
@@ -289,21 +298,63 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 # torch's CUDA autocast policy (aten/src/ATen/autocast_mode.cpp; the lists of torch/testing/_internal/
 # autocast_test_lists.py): ops run in float32 whatever their inputs ...
-CUDA_FP32_OPS = frozenset({
-    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh", "tan",
-    "pow", "__pow__", "softplus", "layer_norm", "rms_norm", "group_norm", "frobenius_norm", "nuclear_norm",
-    "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss", "nll_loss2d", "hinge_embedding_loss",
-    "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss", "multilabel_margin_loss",
-    "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss", "binary_cross_entropy_with_logits", "dist", "pdist",
-    "cdist", "renorm", "logsumexp",
-})
+CUDA_FP32_OPS = frozenset(
+    {
+        "acos",
+        "asin",
+        "cosh",
+        "erfinv",
+        "exp",
+        "expm1",
+        "log",
+        "log10",
+        "log2",
+        "log1p",
+        "reciprocal",
+        "rsqrt",
+        "sinh",
+        "tan",
+        "pow",
+        "__pow__",
+        "softplus",
+        "layer_norm",
+        "rms_norm",
+        "group_norm",
+        "frobenius_norm",
+        "nuclear_norm",
+        "cosine_similarity",
+        "poisson_nll_loss",
+        "cosine_embedding_loss",
+        "nll_loss",
+        "nll_loss2d",
+        "hinge_embedding_loss",
+        "kl_div",
+        "l1_loss",
+        "smooth_l1_loss",
+        "huber_loss",
+        "mse_loss",
+        "margin_ranking_loss",
+        "multilabel_margin_loss",
+        "soft_margin_loss",
+        "triplet_margin_loss",
+        "multi_margin_loss",
+        "binary_cross_entropy_with_logits",
+        "dist",
+        "pdist",
+        "cdist",
+        "renorm",
+        "logsumexp",
+    }
+)
 # ... ops whose result is float32 when an input is bf16 / fp16 (their dtype argument set to float32) ...
-CUDA_FP32_OUTPUT_OPS = frozenset({"softmax", "log_softmax", "cumprod", "cumsum", "prod", "sum", "norm",
-                                  "linalg_vector_norm", "linalg_matrix_norm"})
+CUDA_FP32_OUTPUT_OPS = frozenset(
+    {"softmax", "log_softmax", "cumprod", "cumsum", "prod", "sum", "norm", "linalg_vector_norm", "linalg_matrix_norm"}
+)
 # ... and ops cast to bf16 / fp16 on CUDA that CPU autocast leaves alone (it covers conv, linear, (b)mm, matmul,
 # baddbmm, addmm, scaled_dot_product_attention itself).
-CUDA_LOW_PRECISION_OPS = frozenset({"addmv", "addr", "mv", "einsum", "chain_matmul", "linalg_multi_dot", "linalg_vecdot",
-                                    "__matmul__"})
+CUDA_LOW_PRECISION_OPS = frozenset(
+    {"addmv", "addr", "mv", "einsum", "chain_matmul", "linalg_multi_dot", "linalg_vecdot", "__matmul__"}
+)
 
 
 class _CudaAutocastPolicy(TorchFunctionMode):
@@ -317,7 +368,9 @@ class _CudaAutocastPolicy(TorchFunctionMode):
             elif name in CUDA_FP32_OUTPUT_OPS and kwargs.get("dtype") is None and name != "norm":
                 if any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args[:1]):
                     kwargs = {**kwargs, "dtype": torch.float32}
-            elif name == "norm" and any(isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args[:1]):
+            elif name == "norm" and any(
+                isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) for a in args[:1]
+            ):
                 args = (args[0].float(), *args[1:])
             elif name in CUDA_LOW_PRECISION_OPS:
                 args, kwargs = _cast((args, kwargs), (torch.float32,), low)
@@ -345,7 +398,8 @@ def cuda_autocast_policy() -> Iterator[None]:
 
 
 def cuda_autocast(mixed_precision: str | None) -> contextlib.AbstractContextManager:
-    """The autocast a CUDA run's ``accelerator.autocast()`` opens, on CPU tensors (inside :func:`cuda_autocast_policy`)."""
+    """The autocast a CUDA run's ``accelerator.autocast()`` opens, on CPU tensors (inside
+    :func:`cuda_autocast_policy`)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no")
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -389,7 +443,9 @@ class TraceAccelerator:
         # the backward recomputes checkpointed blocks, which must see the CUDA autocast policy as their forward did.
         from torch.autograd.graph import _engine_run_backward
 
-        _engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True, accumulate_grad=True)
+        _engine_run_backward(
+            (loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True, accumulate_grad=True
+        )
 
     def no_sync(self, model):
         return contextlib.nullcontext()

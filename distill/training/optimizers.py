@@ -17,7 +17,9 @@ def require_optimizer(name: str) -> None:
         try:
             importlib.import_module("bitsandbytes")
         except ImportError:
-            raise ValueError("optimizer adam8bit needs bitsandbytes: pip install bitsandbytes (or set optimizer: adam)") from None
+            raise ValueError(
+                "optimizer adam8bit needs bitsandbytes: pip install bitsandbytes (or set optimizer: adam)"
+            ) from None
 
 
 def build_optimizer(name: str, params, *, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:

@@ -24,7 +24,7 @@ class _Numbered(torch.utils.data.Dataset):
         return micro, self.source[micro]
 
     def __len__(self):  # unbounded: the sampler decides which micro-batches are read
-        return 2 ** 62
+        return 2**62
 
 
 class Prefetch:
@@ -38,13 +38,22 @@ class Prefetch:
     def start(self, micro: int) -> None:
         """Read from micro-batch ``micro`` on (a resumed run's first); workers prefetch in order."""
         if self.num_workers > 0:
-            self._loader = iter(torch.utils.data.DataLoader(_Numbered(self.source), batch_size=None, sampler=itertools.count(micro),
-                                                            num_workers=self.num_workers, pin_memory=self.pin_memory))
+            self._loader = iter(
+                torch.utils.data.DataLoader(
+                    _Numbered(self.source),
+                    batch_size=None,
+                    sampler=itertools.count(micro),
+                    num_workers=self.num_workers,
+                    pin_memory=self.pin_memory,
+                )
+            )
 
     def read(self, micro: int) -> Any:
         if self._loader is None:
             return self.source[micro]
         got, batch = next(self._loader)
         if got != micro:  # a trainer that skips or repeats a number would silently change the data order
-            raise RuntimeError(f"prefetched micro-batch {got} but micro-batch {micro} was asked for: read consecutively after start()")
+            raise RuntimeError(
+                f"prefetched micro-batch {got} but micro-batch {micro} was asked for: read consecutively after start()"
+            )
         return batch

@@ -75,9 +75,12 @@ def check_resume(output_dir: str | os.PathLike, *, config: dict) -> None:
     refused = {k: v for k, v in changes(old, config).items() if k not in MAY_CHANGE}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise ValueError(f"{output_dir} holds a run made with another config ({listed}): these define the run, so resume with "
-                         "the original values, or choose a new output_dir (a resume may change max_train_steps, checkpointing_steps, "
-                         "validation_steps, report_to, num_workers and the other keys docs/errors-and-flags.md lists)")
+        raise ValueError(
+            f"{output_dir} holds a run made with another config ({listed}): these define the run, so resume with "
+            "the original values, or choose a new output_dir (a resume may change max_train_steps, "
+            "checkpointing_steps, "
+            "validation_steps, report_to, num_workers and the other keys docs/errors-and-flags.md lists)"
+        )
 
 
 def save_run_config(config: Any, output_dir: str | os.PathLike, *, step: int) -> None:
@@ -89,7 +92,11 @@ def save_run_config(config: Any, output_dir: str | os.PathLike, *, step: int) ->
     if step == 0:
         (out / CHANGES_FILE).unlink(missing_ok=True)
     elif old is not None and (changed := changes(old, new)):
-        record = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": {k: list(v) for k, v in changed.items()}}
+        record = {
+            "step": step,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "changes": {k: list(v) for k, v in changed.items()},
+        }
         with open(out / CHANGES_FILE, "a") as fh:
             fh.write(json.dumps(record) + "\n")
     save_config(config, out / CONFIG_FILE)

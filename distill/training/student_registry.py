@@ -35,10 +35,12 @@ def _style_student(cls) -> Callable:
         if latent_stats is not None:
             overrides.update(latent_mean=tuple(latent_stats[0]), latent_std=tuple(latent_stats[1]))
         return cls.for_latents(
-            latent_channels=teacher.latent_channels, sample_size=int(unet.config.sample_size),
+            latent_channels=teacher.latent_channels,
+            sample_size=int(unet.config.sample_size),
             cross_attention_dim=int(unet.config.cross_attention_dim),
             pooled_dim=int(text_2.config.projection_dim) if text_2 is not None else 0,  # SDXL's pooled prompt
-            size=cfg.student_size, **overrides,
+            size=cfg.student_size,
+            **overrides,
         ).to(unet.dtype)
 
     return build
@@ -62,12 +64,23 @@ class StudentSpec:
 # learning rates on their equalised layers and learn the ODE map by regression before the GAN joins.
 STUDENTS = {
     "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs")),
-    "gigagan": StudentSpec(_style_student(GigaGANGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
-                           generator=GigaGANGenerator, presets=GIGAGAN_PRESETS),
-    "stylegan_t": StudentSpec(_style_student(StyleGANTGenerator), dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
-                              generator=StyleGANTGenerator, presets=STYLEGAN_T_PRESETS),
-    # Like the UNet student: the teacher's own denoiser, read as x0 (its defaults; not yet measured on an SD3 digits teacher).
-    "transformer": StudentSpec(_transformer_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs"), families=("sd3",)),
+    "gigagan": StudentSpec(
+        _style_student(GigaGANGenerator),
+        dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
+        generator=GigaGANGenerator,
+        presets=GIGAGAN_PRESETS,
+    ),
+    "stylegan_t": StudentSpec(
+        _style_student(StyleGANTGenerator),
+        dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
+        generator=StyleGANTGenerator,
+        presets=STYLEGAN_T_PRESETS,
+    ),
+    # Like the UNet student: the teacher's own denoiser, read as x0 (its defaults; not yet measured on an SD3 digits
+    # teacher).
+    "transformer": StudentSpec(
+        _transformer_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs"), families=("sd3",)
+    ),
 }
 
 # The discriminator's heads when d_heads is unset, by the teacher's denoiser.
@@ -86,7 +99,9 @@ def apply_teacher_defaults(cfg, *, family: str) -> None:
     spec = STUDENTS[cfg.student]
     if family not in spec.families:
         fits = [name for name, s in STUDENTS.items() if family in s.families]
-        raise ValueError(f"student {cfg.student!r} is built for {'/'.join(spec.families)} teachers, but the pairs' teacher is "
-                         f"{family}: use --student {' or '.join(fits)}")
+        raise ValueError(
+            f"student {cfg.student!r} is built for {'/'.join(spec.families)} teachers, but the pairs' teacher is "
+            f"{family}: use --student {' or '.join(fits)}"
+        )
     if cfg.d_heads is None:
         cfg.d_heads = DEFAULT_D_HEADS[family]

@@ -23,7 +23,8 @@ def log_images(trackers, images: dict, *, step: int) -> None:
     for tracker in trackers:
         if tracker.name == "tensorboard":
             for name, batch in images.items():  # one tensorboard image per list entry would need equal sizes
-                tracker.log_images({name: np.stack([np.asarray(im.convert("RGB")) for im in batch])}, step=step,
-                                   dataformats="NHWC")
+                tracker.log_images(
+                    {name: np.stack([np.asarray(im.convert("RGB")) for im in batch])}, step=step, dataformats="NHWC"
+                )
         elif tracker.name == "wandb":
             tracker.log_images(images, step=step)
