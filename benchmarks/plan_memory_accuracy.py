@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.core.config import parse_config  # noqa: E402
 from distill.distillation import memory_plan as mp  # noqa: E402
+from distill.distillation.students import apply_teacher_defaults  # noqa: E402
 from distill.plan_memory import PlanConfig, check  # noqa: E402
-from distill.training.student_registry import apply_teacher_defaults  # noqa: E402
 
 BENCHMARK = [
     "--mixed_precision",

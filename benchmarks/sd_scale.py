@@ -113,7 +113,8 @@ GPU_LEVERS = {
 
 
 def gan_student(kind: str, arch: str, size: str = "paper") -> torch.nn.Module:
-    """A GAN student as stage two sizes it for the teacher (``student_registry``): its latents, its text widths."""
+    """A GAN student as stage two sizes it for the teacher (``distill/distillation/students.py``): its latents and
+    text widths."""
     unet = UNETS[arch]
     return GAN_STUDENTS[kind].for_latents(
         latent_channels=unet["in_channels"],

@@ -70,8 +70,8 @@ class PlanConfig(StudentConfig):
 
 
 def check(cfg: PlanConfig) -> None:
+    from distill.distillation.students import apply_student_defaults
     from distill.training.run_config import check_gan_keys
-    from distill.training.student_registry import apply_student_defaults
 
     apply_student_defaults(cfg)
     optimizer, cfg.optimizer = (
@@ -108,7 +108,7 @@ def main() -> None:
         mp.NATIVE_RESOLUTION[architecture] if architecture else _folder_resolution(cfg.teacher)
     )
     family = mp.FAMILY[architecture] if architecture else _folder_family(cfg.teacher)
-    from distill.training.student_registry import apply_teacher_defaults
+    from distill.distillation.students import apply_teacher_defaults
 
     apply_teacher_defaults(cfg, family=family)
     if cfg.d_gradient_checkpointing and family == "sd3":

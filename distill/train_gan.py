@@ -35,10 +35,10 @@ from distill.training.gan_step import GANStep, build_ema, build_gan_optimizers
 from distill.training.loop import TrainLoop, state_bytes
 from distill.training.run_config import GANRunConfig, check_gan_keys
 from distill.training.run_record import check_resume, save_run_config
-from distill.training.student_registry import STUDENTS
 from distill.training.trackers import tracker_config
+from students.registry import GENERATORS as GENERATOR_CLASSES
 
-GENERATORS = tuple(name for name, spec in STUDENTS.items() if spec.generator is not None)
+GENERATORS = tuple(GENERATOR_CLASSES)
 
 
 @dataclass
@@ -105,13 +105,12 @@ class GANConfig(GANRunConfig):
             "choices": GENERATORS,
             "hints": {
                 name: f"the {name} student needs a teacher: use distill/train_student.py"
-                for name in STUDENTS
-                if name not in GENERATORS
+                for name in ("unet", "transformer")
             },
         },
     )
     generator_size: str = field(
-        default="base", metadata={"help": "generator size preset", "choices": tuple(STUDENTS["gigagan"].presets)}
+        default="base", metadata={"help": "generator size preset", "choices": tuple(GENERATOR_CLASSES["gigagan"][1])}
     )
     discriminator: str = field(
         default="projected",

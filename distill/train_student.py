@@ -50,6 +50,7 @@ from distill.distillation.setup import (
     validate_and_sample,
     validation_set,
 )
+from distill.distillation.students import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training import checkpoint as ckpt
 from distill.training.gan_step import build_ema
 from distill.training.loop import TrainLoop, state_bytes
@@ -57,7 +58,6 @@ from distill.training.prefetch import Prefetch
 from distill.training.run_config import GANRunConfig, check_gan_keys
 from distill.training.run_record import save_run_config
 from distill.training.seeds import step_generator
-from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training.trackers import tracker_config
 
 STUDENT_SIZES = tuple(STUDENTS["gigagan"].presets)  # the size presets of the style students (the same for both)

@@ -49,8 +49,8 @@ def test_sd_gan_student_configs_parse_and_build_on_a_teacher_of_their_family(con
     """Each shipped SD GAN-student config builds its generator for a (tiny, random) teacher of its family, the way
     train_student.py does (registry, latent statistics), and the generator maps that teacher's noise and text."""
     from distill.core.config import parse_config
+    from distill.distillation.students import STUDENTS, apply_student_defaults
     from distill.train_student import StudentConfig
-    from distill.training.student_registry import STUDENTS, apply_student_defaults
     from teachers import load_teacher
 
     cfg = parse_config(StudentConfig, ["--config", str(ROOT / "configs/student" / f"{config}.yaml")])

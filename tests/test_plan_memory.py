@@ -16,8 +16,8 @@ PLAN = ["--lpips_network", "random", "--r1_gamma", "1e-5", "--batch_size", "4", 
 def _config(teacher, *extra):
     from distill.core.config import parse_config
     from distill.distillation import memory_plan as mp
+    from distill.distillation.students import apply_teacher_defaults
     from distill.plan_memory import PlanConfig, check
-    from distill.training.student_registry import apply_teacher_defaults
 
     cfg = parse_config(PlanConfig, ["--teacher", str(teacher), *PLAN, *extra])
     check(cfg)

@@ -35,6 +35,7 @@ import torch
 from distill.distillation import phases
 from distill.distillation.phases import Batch
 from distill.distillation.setup import Parts, build_networks, build_optimizers, build_step
+from distill.distillation.students import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training.gan_step import build_ema
 from distill.training.loop import TrainLoop
 from distill.training.memory import (
@@ -47,7 +48,6 @@ from distill.training.memory import (
     tensor_bytes,
     use_foreach,
 )
-from distill.training.student_registry import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from teachers.loading import SUPPORTED_PIPELINES, Teacher
 
 # Planner name -> the teachers.testing family whose full-size configs are the published architecture's.

@@ -2,7 +2,7 @@
 
 Called by ``distill/train_student.py`` (it receives the resolved config and the Accelerator's device /
 process facts, never the Accelerator inside library code other than here); the generators come from the one
-registry in :mod:`distill.training.student_registry`, the optimisers from :mod:`distill.training.optimizers`.
+registry in :mod:`distill.distillation.students`, the optimisers from :mod:`distill.training.optimizers`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from data_gen.pairs import SPLIT_FILE
 from distill.discriminators import TransformerDiscriminator, UNetDiscriminator
 from distill.distillation import validation as val
 from distill.distillation.phases import PairsView
+from distill.distillation.students import STUDENTS
 from distill.distillation.validation import ValidationSet
 from distill.training.curves import plot_run
 from distill.training.gan_step import GANStep, build_gan_optimizers
-from distill.training.student_registry import STUDENTS
 from distill.training.trackers import log_images
 from students import OneStepGANPipeline, TextConditioning, encode_sd3_text, encode_text
 from students.export import save_standalone

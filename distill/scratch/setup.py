@@ -15,10 +15,10 @@ import torch
 from diffusers.utils import make_image_grid
 
 from distill.losses.clip_guidance import CLIPGuidance
-from distill.training.student_registry import STUDENTS
 from students import OneStepGANPipeline, TextConditioning, encode_text
 from students.export import save_standalone
 from students.latents import scale_latents, vae_scale_factor
+from students.registry import GENERATORS
 from teachers.loading import load_components
 
 DISCRIMINATORS = ("projected", "multiscale", "unet", "projected+multiscale")
@@ -102,7 +102,7 @@ def caption_bytes(parts: ScratchParts) -> int:
 
 def check_resolution(*, resolution: int, generator: str, size: str, factor: int) -> int:
     """The generator's sample size for images of ``resolution`` px; one line when it does not fit."""
-    levels = len(STUDENTS[generator].presets[size]["block_out_channels"])
+    levels = len(GENERATORS[generator][1][size]["block_out_channels"])
     multiple = factor * 2 ** (levels - 1)
     if resolution <= 0 or resolution % multiple:
         lo, hi = (resolution // multiple) * multiple, (resolution // multiple + 1) * multiple
@@ -149,11 +149,11 @@ def add_networks(
     te2 = text["text_encoder_2"]
     context_dim = int(text["text_encoder"].config.hidden_size) + (int(te2.config.hidden_size) if te2 is not None else 0)
     pooled_dim = int(te2.config.projection_dim) if te2 is not None else 0
-    spec = STUDENTS[cfg.generator]
+    generator_class = GENERATORS[cfg.generator][0]
     overrides = {} if cfg.mapping_lr_mul is None else {"mapping_lr_mul": cfg.mapping_lr_mul}
     if latent_stats is not None:
         overrides.update(latent_mean=tuple(latent_stats[0]), latent_std=tuple(latent_stats[1]))
-    generator = spec.generator.for_latents(
+    generator = generator_class.for_latents(
         latent_channels=channels,
         sample_size=side,
         cross_attention_dim=context_dim,

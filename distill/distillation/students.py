@@ -1,6 +1,7 @@
-"""The one registry of generators (``STUDENTS``): how stage two builds each from the teacher, the training
-settings that suit it, the teacher families it fits; read by ``distill/train_student.py`` (through
-:mod:`distill.distillation.setup`) and ``distill/train_gan.py`` (the style generators' classes and size presets)."""
+"""Stage two's students (``STUDENTS``): how each is built from the teacher, the training settings that suit it, the
+teacher families it fits; read by ``distill/train_student.py`` (through :mod:`distill.distillation.setup`) and the
+memory planner. The GAN generators' classes and size presets are the generators' own registry,
+:mod:`students.registry` (``distill/train_gan.py`` reads it there)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from typing import Callable
 
 import torch
 
-from students import GigaGANGenerator, SD3TransformerStudent, StyleGANTGenerator, UNetStudent
-from students.gigagan import PRESETS as GIGAGAN_PRESETS
-from students.stylegan_t import PRESETS as STYLEGAN_T_PRESETS
+from students import SD3TransformerStudent, UNetStudent
+from students.registry import GENERATORS
 from teachers import Teacher
 
 
@@ -64,18 +64,15 @@ class StudentSpec:
 # learning rates on their equalised layers and learn the ODE map by regression before the GAN joins.
 STUDENTS = {
     "unet": StudentSpec(_unet_student, dict(learning_rate_g=1e-5, gan_start_step=0, gan_noise="pairs")),
-    "gigagan": StudentSpec(
-        _style_student(GigaGANGenerator),
-        dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
-        generator=GigaGANGenerator,
-        presets=GIGAGAN_PRESETS,
-    ),
-    "stylegan_t": StudentSpec(
-        _style_student(StyleGANTGenerator),
-        dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
-        generator=StyleGANTGenerator,
-        presets=STYLEGAN_T_PRESETS,
-    ),
+    **{
+        name: StudentSpec(
+            _style_student(cls),
+            dict(learning_rate_g=3e-3, gan_start_step=1000, gan_noise="fresh"),
+            generator=cls,
+            presets=presets,
+        )
+        for name, (cls, presets) in GENERATORS.items()
+    },
     # Like the UNet student: the teacher's own denoiser, read as x0 (its defaults; not yet measured on an SD3 digits
     # teacher).
     "transformer": StudentSpec(
