@@ -2,19 +2,15 @@
 discriminator that is the same UNet with its own adapter, so that the UNet's weights are held once.
 
 :class:`SharedBase` holds the frozen UNet and its named adapters (``student``, ``disc``:
-``unet.add_adapter(LoraConfig(...),
-adapter_name=...)``). A role is a module that registers only its own trainable tensors (its adapter's LoRA weights, a
-D's
-heads) and holds the base as a plain attribute, so that its ``parameters()``, ``state_dict()``, optimiser, EMA and DDP
-wrapper see the role alone (DDP syncs only what trains; a checkpoint holds the adapters, not the UNet). A role's forward
-first makes its adapter the active one (:meth:`SharedBase.activate`). peft's ``set_adapter`` also turns the inactive
-adapters' ``requires_grad`` off and the active one's on, which would undo what the trainer decided (D frozen in the G
-phase,
-while G's gradient flows through D's forward): :meth:`SharedBase.activate` puts every adapter's ``requires_grad`` back
-as it
-was, so one backward reaches exactly the tensors the trainer left trainable. A gradient-checkpointed block recomputes
-under
-the adapter it ran with (:meth:`SharedBase.checkpoint_role`): the backward of G's loss recomputes D's blocks, then G's.
+``unet.add_adapter(LoraConfig(...), adapter_name=...)``). A role is a module that registers only its own trainable tensors (its adapter's LoRA weights, a
+D's heads) and holds the base as a plain attribute, so that its ``parameters()``, ``state_dict()``, optimiser, EMA and
+DDP wrapper see the role alone (DDP syncs only what trains; a checkpoint holds the adapters, not the UNet). A role's
+forward first makes its adapter the active one (:meth:`SharedBase.activate`). peft's ``set_adapter`` also turns the
+inactive adapters' ``requires_grad`` off and the active one's on, which would undo what the trainer decided (D frozen in
+the G phase, while G's gradient flows through D's forward): :meth:`SharedBase.activate` puts every adapter's
+``requires_grad`` back as it was, so one backward reaches exactly the tensors the trainer left trainable. A
+gradient-checkpointed block recomputes under the adapter it ran with (:meth:`SharedBase.checkpoint_role`): the backward
+of G's loss recomputes D's blocks, then G's.
 
 :class:`LoRAStudent` is the UNet student on the shared base; :meth:`LoRAStudent.merged` gives today's ``UNetStudent``
 (its adapter merged into a copy of the base, for the exported pipeline) and :func:`save_lora` the adapter alone as a
@@ -198,8 +194,8 @@ def _key(name: str, adapter: str) -> str:
 
 class AdapterTensors(nn.Module):
     """A role's LoRA tensors of adapter ``adapter`` as its own parameters (``self.lora``), by peft state-dict name. The
-    live
-    role registers the base's tensors themselves; a deep copy (the EMA) holds copies, which its forward substitutes for
+    live role registers the base's tensors themselves; a deep copy (the EMA) holds copies, which its forward substitutes
+    for
     the base's (``torch.func.functional_call``)."""
 
     def __init__(self, base: SharedBase, adapter: str, params: dict[str, nn.Parameter]):
@@ -333,10 +329,9 @@ def save_lora(
     student: LoRAStudent, directory: str | os.PathLike, *, sdxl: bool, scheduler_config: dict | None = None
 ) -> Path:
     """The student's adapter alone as a diffusers LoRA file (``directory/pytorch_lora_weights.safetensors``, the format
-    of
-    ``StableDiffusion(XL)Pipeline.save_lora_weights``) and, with the teacher's ``scheduler_config``, the one-step DDIM
-    scheduler that reproduces the student in a stock pipeline (``directory/scheduler``; left out, with a warning, for a
-    student the stock step cannot reproduce):
+    of ``StableDiffusion(XL)Pipeline.save_lora_weights``) and, with the teacher's ``scheduler_config``, the one-step
+    DDIM scheduler that reproduces the student in a stock pipeline (``directory/scheduler``; left out, with a warning,
+    for a student the stock step cannot reproduce):
 
         pipe = StableDiffusionPipeline.from_pretrained(teacher)
         pipe.load_lora_weights(directory)

@@ -93,9 +93,9 @@ class OneStepGANPipeline(DiffusionPipeline):
     ``vae``, ``text_encoder``, ``tokenizer`` and, for SDXL and SD3 students, ``text_encoder_2``, ``tokenizer_2``
     (SD3: also ``text_encoder_3``, ``tokenizer_3`` when the teacher has T5).
     ``vae`` is None for a pixel-space generator (trained from scratch on images): its output is the image.
-    ``text_conditioning="sd3"`` marks an
-    SD3 student, whose prompts are encoded as ``StableDiffusion3Pipeline.encode_prompt`` does with
-    ``max_sequence_length`` T5 tokens (zeros of width ``joint_attention_dim`` without T5).
+    ``text_conditioning="sd3"`` marks an SD3 student, whose prompts are encoded as
+    ``StableDiffusion3Pipeline.encode_prompt`` does with ``max_sequence_length`` T5 tokens (zeros of width
+    ``joint_attention_dim`` without T5).
 
     Load an exported folder with ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (the
     code saved next to the weights) or, with this project installed, ``OneStepGANPipeline.from_pretrained(dir)``.

@@ -421,8 +421,7 @@ def test_minibatch_std_lets_d_separate_a_collapsed_batch(classifier_dir, kind, m
 
 def test_mode_seeking_pairs_two_noise_maps_of_one_caption():
     """MSGAN's term: the second half of the generated batch takes the first half's captions with other noise; the term
-    is
-    weight / (mean image distance / mean noise distance + 1e-5), by hand here; D judges each sample under its own
+    is weight / (mean image distance / mean noise distance + 1e-5), by hand here; D judges each sample under its own
     caption."""
     from distill.scratch.phases import RealBatch
     from students.text import TextConditioning

@@ -1,6 +1,6 @@
 """LoRA on one shared frozen base (issue 30): the UNet student as the teacher's UNet + a LoRA adapter and the
-teacher-UNet
-D as the same UNet with its own adapter (students/lora.py, distill/discriminators/unet.py); training, resume, the base
+teacher-UNet D as the same UNet with its own adapter (students/lora.py, distill/discriminators/unet.py); training,
+resume, the base
 held once, both exports (the merged pipeline, the LoRA file a stock pipeline loads), bad input."""
 
 from __future__ import annotations
@@ -338,8 +338,7 @@ def _random_weights(unet) -> list[torch.Tensor]:
 @pytest.mark.parametrize("mode", ["unet-lora", "gigagan-lora-d", "unet-full"])
 def test_the_base_unet_is_held_once_during_training(pairs_dir, tmp_path, capsys, monkeypatch, mode):
     """Every live tensor of the process counted at the start of training and at each step: a LoRA student with its D, or
-    a
-    GAN student's D on the shared base, hold the UNet's weights once (no student, D, EMA or teacher copy); the full
+    a GAN student's D on the shared base, hold the UNet's weights once (no student, D, EMA or teacher copy); the full
     UNet student (the contrast) holds three (student, its EMA, D)."""
     from distill.training.loop import TrainLoop
 

@@ -2,9 +2,8 @@
 loss, :func:`distill.losses.gan.objective_loss`), one optimiser over all of them.
 
 Why: on the digits testbed each from-scratch D learns half of the task in the same budget (docs/from-scratch.md, "From
-scratch on
-the digits: measured"): StyleGAN-T's projected D on a frozen classifier learns the captions but not the data's
-spread, GigaGAN's multiscale D trained from scratch with minibatch std learns the spread but not the captions.
+scratch on the digits: measured"): StyleGAN-T's projected D on a frozen classifier learns the captions but not the
+data's spread, GigaGAN's multiscale D trained from scratch with minibatch std learns the spread but not the captions.
 Vision-aided GAN training (Kumari et al., CVPR 2022) pairs a frozen-feature D with the ordinary one in the same way.
 """
 

@@ -5,9 +5,9 @@ Sauer et al. 2021): images in [-1, 1] -> token sequences [N, C, L] read at sever
 
     torchvision:NAME            torchvision.models.get_model(NAME) with its DEFAULT weights (torch hub cache)
     timm:NAME                   timm.create_model(NAME, pretrained=True), e.g. timm:vit_small_patch16_224.dino (the
-    paper's DINO ViT-S/16)
-    open_clip:MODEL/TAG         an open_clip model's image tower, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k
-    PATH                        a classifier folder saved with save_pretrained (config.json naming the class),
+    paper's DINO ViT-S/16) open_clip:MODEL/TAG         an open_clip model's image tower, e.g.
+    open_clip:ViT-B-32/laion2b_s34b_b79k PATH                        a classifier folder saved with save_pretrained
+    (config.json naming the class),
                                 e.g. teachers/assets/digits-classifier
 
 Nothing is downloaded: weights that are not available locally are a one-line error naming the file and

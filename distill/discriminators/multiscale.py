@@ -82,9 +82,8 @@ class ProjectionHead(nn.Module):
 
 class MultiScaleDiscriminator(nn.Module):
     """``forward(x [N,C,R,R], prompt_embeds, added_cond_kwargs=None, *, pyramid=None, parts=1, blur_sigma=0,
-    mismatched=None)
-    -> patch logits [N(+K),1,h,w]`` for every (input scale, trunk depth >= it): ``num_scales * (num_scales + 1) / 2``
-    maps.
+    mismatched=None) -> patch logits [N(+K),1,h,w]`` for every (input scale, trunk depth >= it): ``num_scales *
+    (num_scales + 1) / 2`` maps.
 
     x: the sample at full resolution ``resolution`` (latents or images, ``in_channels`` channels). pyramid: the
     generator's outputs coarse -> fine (the last ``num_scales`` are used; the finest is ``x``); None builds it by

@@ -180,8 +180,7 @@ class UNetDiscriminator(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the backbone's blocks in the backward (they check their own flag, so D's direct calls reach it). On
-        a
-        shared base only D's forwards are checkpointed, each block recomputed under D's adapter and attention
+        a shared base only D's forwards are checkpointed, each block recomputed under D's adapter and attention
         kernels."""
         if self._shared is not None:
             self._shared.checkpoint_role(DISC_ADAPTER, recompute_context=lambda: _SdpaKernels(_enabled_sdpa_backends()))

@@ -16,8 +16,8 @@ from .unet import UNetDiscriminator
 
 class UnpairedUNetDiscriminator(nn.Module):
     """``forward(latents, prompt_embeds, added_cond_kwargs=None, *, pyramid=None, parts=1, blur_sigma=0,
-    mismatched=None)
-    -> logits``: the common interface of the from-scratch discriminators (``pyramid`` and ``parts`` unused). The text
+    mismatched=None) -> logits``: the common interface of the from-scratch discriminators (``pyramid`` and ``parts``
+    unused). The text
     enters the backbone here, so ``mismatched`` (other text for the first K samples) runs them through it again."""
 
     uses_pyramid = False

@@ -2,8 +2,7 @@
 (:mod:`distill.training.gan_step`, where the phases and the objective live).
 
 G:    lpips_weight * E-LatentLPIPS(G(z, c), x)  [g_lpips]  + gan_weight * objective.generator(D(G(z~, c) | z~, c))
-[g_adv]
-D:    objective.real(D(x | z, c))  [d_real]  + objective.fake(D(G(z~, c) | z~, c))  [d_fake]
+[g_adv] D:    objective.real(D(x | z, c))  [d_real]  + objective.fake(D(G(z~, c) | z~, c))  [d_fake]
       + objective.fake(D(x | z', c'))  [d_mismatch: mix-and-match; z' always another sample's noise, c' independently
       the own or another prompt]
 z~ is the pair's noise z (the paper) or, with fresh GAN noise, a new unit-Gaussian sample: on a small

@@ -136,9 +136,8 @@ class Parts:
 
     def hold_frozen_in(self, dtype: torch.dtype) -> None:
         """The VAE and text encoder(s) (frozen: no optimiser state, no master copy needed) cast to ``dtype``, and a
-        shared
-        UNet's frozen weights to ``base_dtype`` (its adapters stay fp32). After the validation set: the teacher's own
-        ODE
+        shared UNet's frozen weights to ``base_dtype`` (its adapters stay fp32). After the validation set: the teacher's
+        own ODE
         solve needs its text encoder in the UNet's dtype."""
         if self.shared is not None:
             self.shared.hold_in(self.base_dtype)

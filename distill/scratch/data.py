@@ -249,8 +249,7 @@ class RealData:
 
     def sample_statistics(self, rows: int = 256) -> tuple[list[float], list[float]]:
         """Per-channel (mean, std) of the first ``rows`` samples in the generator's space (VAE latents drawn with a
-        fixed
-        stream), the same on every process and on resume: what ``output_latent_stats`` sets the generator's output
+        fixed stream), the same on every process and on resume: what ``output_latent_stats`` sets the generator's output
         to."""
         try:
             if self.cursor is not None:

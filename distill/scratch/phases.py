@@ -4,12 +4,10 @@ view the shared GAN step runs (:mod:`distill.training.gan_step`, where the phase
 G:    objective.generator(D(G(z, c) | c))  [g_adv]  + clip_weight * arccos^2(CLIP(G(z, c)), CLIP(c))  [g_clip,
 StyleGAN-T §3.3]
       + mode_seeking_weight / (mean|G(z1, c) - G(z2, c)| / mean|z1 - z2| + 1e-5)  [g_mode_seeking: MSGAN, Mao et al.
-      2019, Eq. 3;
-      the second half of the generated batch repeats the first half's captions with other noise]
+      2019, Eq. 3; the second half of the generated batch repeats the first half's captions with other noise]
 D:    objective.real(D(x | c))  [d_real]  + objective.fake(D(G(z, c) | c))  [d_fake]
       + mismatch_weight * objective.fake(D(x | c'))  [d_mismatch: GigaGAN's matching-aware term, c' another sample's
-      caption;
-      the discriminators reuse the real samples' image features for it (``mismatched=``)]
+      caption; the discriminators reuse the real samples' image features for it (``mismatched=``)]
 Dreg: every r1_interval steps, r1_interval * r1_gamma / 2 * ||grad_x D(x | c)||^2 over the real micro-batch (every D of
 an ensemble).
 

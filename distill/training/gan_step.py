@@ -75,9 +75,8 @@ def _detach(value):
 
 class GANStep:
     """``engine.run(batches)``: one optimiser step of G then (``adversarial``) of D on this step's micro-batches,
-    through
-    the shared loop's phases (gradient accumulation, random streams, NaN stop), then the loop's end of step (EMA, logs,
-    checkpoint, validation). ``discriminator``: the prepared module (its parameters, its DDP no_sync);
+    through the shared loop's phases (gradient accumulation, random streams, NaN stop), then the loop's end of step
+    (EMA, logs, checkpoint, validation). ``discriminator``: the prepared module (its parameters, its DDP no_sync);
     ``discriminator_unwrapped``: for R1 (DDP has no double backward). ``lr_warmup_steps``: both learning rates rise
     linearly over that many steps (every parameter group from its own rate)."""
 

@@ -7,10 +7,9 @@ data order and the random streams, so a resumed run continues them), the NaN/inf
 ``stats.jsonl`` record, the EMA update, and the checkpoint / validation cadence. Its own states go into each checkpoint
 as safetensors (the EMA) and JSON (the counters, states a trainer adds with :meth:`TrainLoop.keep`), never as pickles:
 resuming runs no code from a checkpoint (``distill/training/checkpoint.py`` verifies its files first). What a step
-computes
-stays in the trainer, as callbacks. A run may have stages (E-LatentLPIPS: classifier, then calibration), each
-with its own model, optimiser and step count (:meth:`TrainLoop.begin_stage`); checkpoints and ``stats.jsonl``
-count the steps of the whole run.
+computes stays in the trainer, as callbacks. A run may have stages (E-LatentLPIPS: classifier, then calibration), each
+with its own model, optimiser and step count (:meth:`TrainLoop.begin_stage`); checkpoints and ``stats.jsonl`` count the
+steps of the whole run.
 """
 
 from __future__ import annotations
@@ -283,8 +282,7 @@ class TrainLoop:
 
     def end_step(self, logs: dict[str, torch.Tensor], *, extra: dict[str, float] | None = None) -> dict[str, float]:
         """Count the step, update the EMA, log the process-mean terms (+ ``extra``, already global, and ``step_time``:
-        this
-        step's wall-clock seconds, reading its data included, checkpoints and validation not) to the trackers and
+        this step's wall-clock seconds, reading its data included, checkpoints and validation not) to the trackers and
         ``stats.jsonl`` (a non-finite one stops the run), then checkpoint and validate when due. Returns the logged
         terms."""
         acc, state = self.accelerator, self.state
