@@ -2,15 +2,15 @@
 discriminator that is the same UNet with its own adapter, so that the UNet's weights are held once.
 
 :class:`SharedBase` holds the frozen UNet and its named adapters (``student``, ``disc``:
-``unet.add_adapter(LoraConfig(...), adapter_name=...)``). A role is a module that registers only its own trainable tensors (its adapter's LoRA weights, a
-D's heads) and holds the base as a plain attribute, so that its ``parameters()``, ``state_dict()``, optimiser, EMA and
-DDP wrapper see the role alone (DDP syncs only what trains; a checkpoint holds the adapters, not the UNet). A role's
-forward first makes its adapter the active one (:meth:`SharedBase.activate`). peft's ``set_adapter`` also turns the
-inactive adapters' ``requires_grad`` off and the active one's on, which would undo what the trainer decided (D frozen in
-the G phase, while G's gradient flows through D's forward): :meth:`SharedBase.activate` puts every adapter's
-``requires_grad`` back as it was, so one backward reaches exactly the tensors the trainer left trainable. A
-gradient-checkpointed block recomputes under the adapter it ran with (:meth:`SharedBase.checkpoint_role`): the backward
-of G's loss recomputes D's blocks, then G's.
+``unet.add_adapter(LoraConfig(...), adapter_name=...)``). A role is a module that registers only its own trainable
+tensors (its adapter's LoRA weights, a D's heads) and holds the base as a plain attribute, so that its ``parameters()``,
+``state_dict()``, optimiser, EMA and DDP wrapper see the role alone (DDP syncs only what trains; a checkpoint holds the
+adapters, not the UNet). A role's forward first makes its adapter the active one (:meth:`SharedBase.activate`). peft's
+``set_adapter`` also turns the inactive adapters' ``requires_grad`` off and the active one's on, which would undo what
+the trainer decided (D frozen in the G phase, while G's gradient flows through D's forward): :meth:`SharedBase.activate`
+puts every adapter's ``requires_grad`` back as it was, so one backward reaches exactly the tensors the trainer left
+trainable. A gradient-checkpointed block recomputes under the adapter it ran with (:meth:`SharedBase.checkpoint_role`):
+the backward of G's loss recomputes D's blocks, then G's.
 
 :class:`LoRAStudent` is the UNet student on the shared base; :meth:`LoRAStudent.merged` gives today's ``UNetStudent``
 (its adapter merged into a copy of the base, for the exported pipeline) and :func:`save_lora` the adapter alone as a
