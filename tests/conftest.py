@@ -85,6 +85,58 @@ def tiny_pairs(teacher, prompt_file, out: Path, *, steps: int) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def pairs_dir(sd15_teacher, prompt_file, tmp_path_factory):
+    """24 pairs from the tiny SD1.5-form teacher (a 3-step sampler), made once per test module that reads them."""
+    return tiny_pairs(sd15_teacher, prompt_file, tmp_path_factory.mktemp("pairs") / "pairs", steps=3)
+
+
+def text_conditioning(teacher, prompts):
+    """A loaded SD / SDXL teacher's conditioning of ``prompts`` at 32 px, as stage two encodes them."""
+    from students import encode_text
+
+    p = teacher.pipe
+    return encode_text(
+        prompts,
+        tokenizer=p.tokenizer,
+        text_encoder=p.text_encoder,
+        tokenizer_2=getattr(p, "tokenizer_2", None),
+        text_encoder_2=getattr(p, "text_encoder_2", None),
+        resolution=(32, 32),
+    )
+
+
+def pairs_gan_step(disc, *, mix_fraction=0.0, r1_gamma=0.0, student=None, loss="non_saturating", regression="mse"):
+    """The shared GAN step over stage two's view of ``disc`` (the prepared and unwrapped module alike), as train_student
+    builds it."""
+    from distill.distillation.phases import PairsView
+    from distill.training.gan_step import GANStep
+
+    view = PairsView(
+        student=student,
+        discriminator=disc,
+        discriminator_unwrapped=disc,
+        lpips_loss=None,
+        regression=regression,
+        lpips_weight=1.0,
+        mix_fraction=mix_fraction,
+    )
+    return GANStep(
+        None,
+        view=view,
+        generator=student,
+        discriminator=None,
+        discriminator_unwrapped=disc,
+        opt_g=None,
+        opt_d=None,
+        loss=loss,
+        gan_weight=0.5,
+        r1_gamma=r1_gamma,
+        r1_interval=1,
+        max_grad_norm=0.0,
+    )
+
+
 def fresh_accelerator_state() -> None:
     """Forget the Accelerator singletons, as a new process would, through accelerate's own test case (public API:
     ``accelerate.test_utils.testing.AccelerateTestCase`` resets the state after each test that uses it)."""

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import accelerate_launch, run_script, tiny_pairs
+from conftest import accelerate_launch, run_script
 from safetensors.torch import load_file
 
 from students import OneStepGANPipeline, encode_text
@@ -222,11 +222,6 @@ def test_the_lora_file_loads_into_a_stock_pipeline_as_the_merged_student(tiny_te
     stock.load_lora_weights(tmp_path / "lora")
     got = stock(PROMPTS, **call).images
     assert _rel(got, expected) <= 1e-4 < 1e-2 < _rel(without, expected)
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(sd15_teacher, prompt_file, tmp_path_factory):
-    return tiny_pairs(sd15_teacher, prompt_file, tmp_path_factory.mktemp("pairs") / "pairs", steps=3)
 
 
 def _spy_parts(monkeypatch) -> list:

@@ -1,4 +1,5 @@
-"""OneStepGANPipeline is called like SD-Turbo: diffusers' arguments that one step can honour, the rest refused."""
+"""OneStepGANPipeline is called like SD-Turbo: diffusers' arguments that one step can honour, the rest refused;
+loaded in another dtype, and an fp16 VAE with force_upcast decoding in fp32."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from PIL import Image
 
 import students.pipeline as pipeline_module
 from students import GigaGANGenerator, OneStepGANPipeline, UNetStudent
+from teachers import load_teacher
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +185,70 @@ def test_prepare_latents_and_check_inputs_are_diffusers_shaped(sd):
     pipe.check_inputs("a cat", 32, 32)  # valid: returns quietly
     with pytest.raises(ValueError, match="width must be a positive multiple"):
         pipe.check_inputs("a cat", 32, 31)
+
+
+def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
+    from students import UNetStudent
+
+    tp = load_teacher(str(sd15_teacher)).pipe
+    pipe = OneStepGANPipeline(
+        student=UNetStudent.from_teacher(tp.unet, tp.scheduler),
+        vae=tp.vae,
+        text_encoder=tp.text_encoder,
+        tokenizer=tp.tokenizer,
+    )
+    pipe.save_pretrained(tmp_path / "p")
+    half = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.bfloat16).to("cpu")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = half("a cat", latents=z, output_type="latent").images
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 16, 16)
+    ref = pipe("a cat", latents=z, output_type="latent").images
+    assert (out.float() - ref).abs().mean() < 0.1 * ref.abs().mean()
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a cat", output_type="jpeg")
+
+
+def test_fp16_decode_upcasts_a_force_upcast_vae(sdxl_teacher, tmp_path):
+    """An fp16 VAE with ``force_upcast`` (SDXL's) decodes in fp32, in the pipeline and in evaluate's
+    Sampler, as diffusers' SDXL pipeline does; its weights stay fp16. The VAE here is made to overflow
+    fp16 (large post-quant conv) the way SDXL's does at 1024 px: NaN without the upcast."""
+    from distill.metrics.generation import Sampler
+    from students import UNetStudent
+
+    tp = load_teacher(str(sdxl_teacher)).pipe
+    with torch.no_grad():
+        tp.vae.post_quant_conv.weight.mul_(1e5)
+        tp.vae.post_quant_conv.bias.mul_(1e5)
+    assert tp.vae.config.force_upcast
+    OneStepGANPipeline(
+        student=UNetStudent.from_teacher(tp.unet, tp.scheduler),
+        vae=tp.vae,
+        text_encoder=tp.text_encoder,
+        tokenizer=tp.tokenizer,
+        text_encoder_2=tp.text_encoder_2,
+        tokenizer_2=tp.tokenizer_2,
+    ).save_pretrained(tmp_path / "p")
+    pipe = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)
+    gen = Sampler(
+        str(tmp_path / "p"),
+        device=torch.device("cpu"),
+        dtype=torch.float16,
+        scheduler="ddim",
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        negative_prompt="",
+    )
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    for vae, decode in ((pipe.vae, pipe.decode_latents), (gen.pipe.vae, gen.decode)):
+        seen = []
+        vae.decoder.conv_in.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+        images = decode(latents.half())
+        assert seen == [torch.float32] and torch.isfinite(images).all()
+        assert vae.dtype == torch.float16  # cast back: the upcast lasts one decode
+        vae.register_to_config(force_upcast=False)  # what the code did before: fp16 overflows
+        assert not torch.isfinite(decode(latents.half())).all()
+    assert torch.isfinite(
+        OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)(
+            "a cat", latents=latents, output_type="pt"
+        ).images
+    ).all()

@@ -1,266 +1,22 @@
-"""Stage two: discriminator, GAN terms, the training CLI (fidelity, resume, 2 processes, NaN), pipeline."""
+"""distill/train_student.py through its CLI (stage two): training and what a run writes, the config's defaults,
+resume, the exported student under evaluation, bad input and faults. Its units are tested by room: the teacher-UNet D
+and GAN terms in test_unet_discriminator.py, distill/distillation/ in test_distillation.py, the UNet student in
+test_unet_student.py, the EMA in test_training_ema.py, the pipeline in test_pipeline_call.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, run_script, tiny_pairs
+from conftest import accelerate_launch, run_script
+from conftest import text_conditioning as _cond
 from safetensors.torch import load_file
 
-from distill.discriminators import UNetDiscriminator
-from distill.losses.gan import OBJECTIVES, mismatched_condition, objective_loss, r1_penalty
-from students import OneStepGANPipeline, encode_text
+from students import OneStepGANPipeline
 from teachers import load_teacher
-
-
-def _engine(disc, *, mix_fraction=0.0, r1_gamma=0.0, student=None, loss="non_saturating", regression="mse"):
-    """The shared GAN step over stage two's view of ``disc`` (the prepared and unwrapped module alike), as train_student
-    builds it."""
-    from distill.distillation.phases import PairsView
-    from distill.training.gan_step import GANStep
-
-    view = PairsView(
-        student=student,
-        discriminator=disc,
-        discriminator_unwrapped=disc,
-        lpips_loss=None,
-        regression=regression,
-        lpips_weight=1.0,
-        mix_fraction=mix_fraction,
-    )
-    return GANStep(
-        None,
-        view=view,
-        generator=student,
-        discriminator=None,
-        discriminator_unwrapped=disc,
-        opt_g=None,
-        opt_d=None,
-        loss=loss,
-        gan_weight=0.5,
-        r1_gamma=r1_gamma,
-        r1_interval=1,
-        max_grad_norm=0.0,
-    )
-
-
-def _cond(teacher, prompts):
-    p = teacher.pipe
-    return encode_text(
-        prompts,
-        tokenizer=p.tokenizer,
-        text_encoder=p.text_encoder,
-        tokenizer_2=getattr(p, "tokenizer_2", None),
-        text_encoder_2=getattr(p, "text_encoder_2", None),
-        resolution=(32, 32),
-    )
-
-
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_discriminator_scales_and_zero_init(tiny_teacher_factory, family):
-    teacher = load_teacher(str(tiny_teacher_factory(family)))
-    disc = UNetDiscriminator(teacher.pipe.unet, timestep=300)
-    x, z = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
-    cond = _cond(teacher, ["a cat", "a dog"])
-    logits, out = disc(x, z, cond.prompt_embeds, cond.added_cond_kwargs(), return_features=True)
-    # Two up blocks x (before, skip, after) + final: 8x8 before/at the first skip, 16x16 after it.
-    assert [tuple(l.shape) for l in logits] == [(2, 1, 8, 8), (2, 1, 8, 8)] + [(2, 1, 16, 16)] * 5
-    # Zero-initialised noise / multi-scale convs leave the backbone computing the teacher UNet exactly.
-    ref = teacher.pipe.unet(
-        x,
-        torch.tensor([300, 300]),
-        encoder_hidden_states=cond.prompt_embeds,
-        added_cond_kwargs=cond.added_cond_kwargs(),
-    ).sample
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-    # ...but they are trainable and the noise condition reaches the output once they move.
-    with torch.no_grad():
-        disc.noise_conv.weight.normal_()
-    assert not torch.allclose(disc(x, z, cond.prompt_embeds, cond.added_cond_kwargs(), return_features=True)[1], ref)
-    # The teacher is untouched (a copy).
-    assert disc.unet is not teacher.pipe.unet
-
-
-def test_gan_terms(sd15_teacher):
-    teacher = load_teacher(str(sd15_teacher))
-    disc = UNetDiscriminator(teacher.pipe.unet)
-    cond = _cond(teacher, ["a cat"])
-    x, z = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
-    r1 = r1_penalty(disc, x, noise=z, prompt_embeds=cond.prompt_embeds)
-    assert r1.item() > 0
-    r1.backward()  # differentiable w.r.t. the discriminator's weights (double backward)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.heads.parameters())
-    good, bad = [torch.full((2, 1, 4, 4), 5.0)], [torch.full((2, 1, 4, 4), -5.0)]
-    for name, objective in OBJECTIVES.items():
-        d_loss = lambda real, fake: objective_loss(real, objective.real) + objective_loss(fake, objective.fake)  # noqa: E731
-        assert d_loss(good, bad) < 0.02 < d_loss(bad, good), name
-        assert objective_loss(good, objective.generator) < objective_loss(bad, objective.generator), name
-    perm = mismatched_condition(5, generator=torch.Generator().manual_seed(0))
-    assert sorted(perm.tolist()) == list(range(5)) and all(perm[i] != i for i in range(5))
-
-
-def test_mix_and_match_shuffles_noise_and_prompt_independently_into_its_own_term():
-    """Mismatched real pairs: the noise always another sample's, the prompt independently the own one
-    (noise-only mismatch) or another's; their loss is a third term, not averaged into the fake one."""
-    import torch.nn.functional as F
-
-    from distill.distillation.phases import Batch, PairsView
-    from distill.training.gan_step import GANStep
-    from students import TextConditioning
-
-    n = 16
-    ids = torch.arange(1, n + 1, dtype=torch.float32)
-    tag = lambda shape: ids.view(n, *[1] * len(shape)).expand(n, *shape).clone()  # noqa: E731  row i holds i + 1
-    batch = Batch(noise=tag((1, 2, 2)), target=tag((1, 2, 2)), cond=TextConditioning(tag((3, 4))))
-    mismatched = []
-
-    def spy(latents, noise, prompt_embeds, added_cond_kwargs=None):
-        lat, z, c = (t.flatten(1)[:, 0] for t in (latents, noise, prompt_embeds))
-        logits = torch.full_like(lat, 0.5)  # mismatched
-        logits[lat < 0] = -1.0  # generated
-        logits[(z == lat) & (c == lat)] = 2.0  # real
-        mismatched.extend((int(a), int(b), int(d)) for a, b, d in zip(lat, z, c) if a > 0 and (b != a or d != a))
-        return [logits.view(-1, 1, 1, 1)]
-
-    view = PairsView(
-        student=None,
-        discriminator=spy,
-        discriminator_unwrapped=None,
-        lpips_loss=None,
-        regression="none",
-        lpips_weight=0.0,
-        mix_fraction=0.5,
-    )
-    engine = GANStep(
-        None,
-        view=view,
-        generator=None,
-        discriminator=None,
-        discriminator_unwrapped=None,
-        opt_g=None,
-        opt_d=None,
-        loss="non_saturating",
-        r1_gamma=0.0,
-        r1_interval=1,
-        max_grad_norm=0.0,
-    )
-    for seed in range(4):
-        terms = engine.discriminator_terms(
-            view.discriminator_logits(batch, -batch.target, torch.Generator().manual_seed(seed))
-        )
-        sp = lambda x: F.softplus(torch.tensor(x)).item()  # noqa: E731
-        assert terms["d_real"].item() + terms["d_fake"].item() == pytest.approx(sp(-2.0) + sp(-1.0))
-        assert terms["d_mismatch"].item() == pytest.approx(sp(0.5))
-    assert len(mismatched) == 4 * n // 2
-    assert all(z != lat for lat, z, _ in mismatched)  # the noise is always another sample's
-    noise_only = [m for m in mismatched if m[2] == m[0]]
-    independent = [m for m in mismatched if m[2] not in (m[0], m[1])]
-    assert noise_only and independent, mismatched
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_r1_penalty_is_fp32_under_autocast(sd15_teacher, dtype):
-    """The inner autograd.grad is not loss-scaled: with a D whose outputs are small (as at the start of
-    training) fp16 gradients underflow. Under autocast the penalty equals the fp32 one."""
-    teacher = load_teacher(str(sd15_teacher))
-    disc = UNetDiscriminator(teacher.pipe.unet)
-    with torch.no_grad():
-        for head in disc.heads.values():
-            head.net[-1].weight.mul_(1e-3)
-            head.net[-1].bias.mul_(1e-3)
-    cond = _cond(teacher, ["a cat"])
-    x, z, emb = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16).to(dtype), cond.prompt_embeds.to(dtype)
-    ref = r1_penalty(disc, x, noise=z.float(), prompt_embeds=emb.float())
-    with torch.autocast("cpu", dtype=dtype):  # half conditions, as a caller under autocast may pass them
-        r1 = r1_penalty(disc, x, noise=z, prompt_embeds=emb)
-    assert r1.dtype == torch.float32 and ref.item() > 0
-    torch.testing.assert_close(r1, ref, rtol=1e-6, atol=0)
-    r1.backward()  # still differentiable w.r.t. D's weights (double backward) under autocast
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in disc.parameters())
-
-
-def test_discriminator_gradient_checkpointing_keeps_d_loss_and_r1_gradients(sd15_teacher, monkeypatch):
-    """Checkpointing the D backbone recomputes its blocks in the backward, R1's double backward included: the loss
-    terms and every gradient equal those without it."""
-    from distill.distillation.phases import Batch
-
-    teacher = load_teacher(str(sd15_teacher))
-    plain = UNetDiscriminator(teacher.pipe.unet)
-    with torch.no_grad():  # non-zero convs so that the gradients reach every input path
-        for conv in (plain.noise_conv, *plain.input_convs):
-            conv.weight.normal_(std=0.1)
-    checkpointed = copy.deepcopy(plain)
-    checkpointed.enable_gradient_checkpointing()
-    calls = []
-    checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
-    gen = torch.Generator().manual_seed(0)
-    batch = Batch(
-        torch.randn(4, 4, 16, 16, generator=gen),
-        torch.randn(4, 4, 16, 16, generator=gen),
-        _cond(teacher, ["a cat", "a dog", "a car", "soup"]),
-    )
-    fake = torch.randn(4, 4, 16, 16, generator=gen)
-    results = []
-    for disc in (plain, checkpointed):
-        terms = _engine(disc, mix_fraction=0.5, r1_gamma=1.0).d_terms(
-            batch, fake, torch.Generator().manual_seed(1), r1=True
-        )
-        sum(v for k, v in terms.items() if not k.endswith("_logit")).backward()
-        results.append((terms, {n: p.grad for n, p in disc.named_parameters() if p.grad is not None}))
-    assert calls and results[0][0]["d_r1"] > 0  # checkpointing ran (and only in the second D)
-    for k in results[0][0]:
-        torch.testing.assert_close(results[1][0][k], results[0][0][k], rtol=1e-5, atol=1e-7)
-    assert results[0][1].keys() == results[1][1].keys() and len(results[0][1]) > 100
-    for n in results[0][1]:
-        torch.testing.assert_close(results[1][1][n], results[0][1][n], rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "heads", [("before",), ("skip",), ("after",), ("before", "skip"), ("before", "skip", "after"), ("final",)]
-)
-@pytest.mark.parametrize("mode", ["copy", "lora", "shared"])
-def test_discriminator_builds_only_what_its_heads_read(sd15_teacher, heads, mode):
-    """Every trainable parameter gets a gradient from the heads (DDP without find_unused_parameters
-    stops at step 2 otherwise): layers no head reads are not built (or, on a shared backbone, frozen)."""
-    teacher = load_teacher(str(sd15_teacher))
-    unet = teacher.pipe.unet
-    n_up = len(unet.up_blocks)
-    disc = UNetDiscriminator(unet, heads=heads, copy_backbone=mode != "shared")
-    if mode == "lora":  # as train_student adds it: after construction, on every remaining attention projection
-        from peft import LoraConfig
-
-        disc.unet.requires_grad_(False)
-        disc.unet.add_adapter(
-            LoraConfig(
-                r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
-            )
-        )
-    cond = _cond(teacher, ["a cat", "a dog"])
-    logits = disc(torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), cond.prompt_embeds)
-    sum(l.sum() for l in logits).backward()
-    unused = [n for n, p in disc.named_parameters() if p.requires_grad and p.grad is None]
-    assert not unused, unused[:5]
-    kept_up = n_up if {"after", "final"} & set(heads) else n_up - 1 if "before" in heads else 0
-    if mode == "shared":  # the caller's UNet keeps its layers; the unread ones are frozen
-        assert disc.unet is unet and len(unet.up_blocks) == n_up
-        assert unet.conv_out.weight.requires_grad == ("final" in heads)
-        return
-    assert (disc.unet.conv_out is not None) == ("final" in heads)
-    assert len(disc.unet.up_blocks) == kept_up
-    assert (disc.unet.mid_block is not None) == bool({"before", "after", "final"} & set(heads))
-    assert unet.conv_out is not None and len(unet.up_blocks) == n_up  # the teacher keeps all its layers
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(sd15_teacher, prompt_file, tmp_path_factory):
-    return tiny_pairs(sd15_teacher, prompt_file, tmp_path_factory.mktemp("pairs") / "pairs", steps=3)
-
 
 TRAIN = [
     "--lpips_network",
@@ -284,6 +40,60 @@ TRAIN = [
 
 def _stats(run):
     return [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+
+
+def _last_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    return err.rstrip().splitlines()[-1].split("\r")[-1]
+
+
+def _spy_parts(monkeypatch) -> list:
+    """The Parts every train_student run in this test builds (``setup.build_student`` wrapped)."""
+    from distill.distillation import setup
+
+    built, build = [], setup.build_student
+    monkeypatch.setattr(setup, "build_student", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    return built
+
+
+def _check_pictures(run: Path, *, teacher_size: tuple[int, int]) -> None:
+    """Validation grids (the teacher's once, teacher over student every validation) and the run's curves."""
+    from PIL import Image
+
+    with Image.open(run / "samples" / "teacher.png") as teacher:
+        assert teacher.size == teacher_size
+    for png in sorted((run / "samples").glob("step-*.png")):
+        with Image.open(png) as grid:
+            assert grid.size == (teacher_size[0], 2 * teacher_size[1] + 4)  # teacher grid, 4 px gap, student grid
+    with Image.open(run / "curves.png") as curves:
+        assert curves.format == "PNG" and curves.size[0] > 1000
+
+
+def _check_card(folder: Path, pairs: Path, *, images_seen: int, steps: int) -> None:
+    import hashlib
+
+    import yaml
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    meta = card.data.to_dict()
+    assert (
+        meta["pipeline_tag"] == "text-to-image"
+        and meta["library_name"] == "diffusers"
+        and "diffusion2gan" in meta["tags"]
+    )
+    assert "base_model" not in meta and "license" not in meta  # a local random teacher: no hub id, no known licence
+    front = (folder / "README.md").read_text().split("---")[1]
+    assert yaml.safe_load(front) == meta
+    sha = hashlib.sha256((pairs / "manifest.json").read_bytes()).hexdigest()
+    assert f"| pairs manifest sha256 | `{sha}` |" in card.text and "24 pairs" in card.text
+    assert f"| training images seen | {images_seen} ({steps} steps) |" in card.text
+    assert "lpips_network: random" in card.text and "Not evaluated yet" in card.text and "CC BY-NC" not in card.text
+    assert "![teacher (top) and one-step student (bottom)" in card.text and (folder / "samples.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: losses fall, every option runs, what a run writes (stats, grids, card, pipeline).
 
 
 def test_training_lowers_heldout_lpips_and_exports_pipeline(pairs_dir, tmp_path, capsys):
@@ -327,42 +137,6 @@ def test_training_lowers_heldout_lpips_and_exports_pipeline(pairs_dir, tmp_path,
     assert pipe(["a cat"], output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 32, 32)
     assert pipe(["a cat"], num_images_per_prompt=2, output_type="np").images.shape == (2, 32, 32, 3)
     assert pipe("a cat", output_type="pil").images[0].size == (32, 32)
-
-
-def _check_pictures(run: Path, *, teacher_size: tuple[int, int]) -> None:
-    """Validation grids (the teacher's once, teacher over student every validation) and the run's curves."""
-    from PIL import Image
-
-    with Image.open(run / "samples" / "teacher.png") as teacher:
-        assert teacher.size == teacher_size
-    for png in sorted((run / "samples").glob("step-*.png")):
-        with Image.open(png) as grid:
-            assert grid.size == (teacher_size[0], 2 * teacher_size[1] + 4)  # teacher grid, 4 px gap, student grid
-    with Image.open(run / "curves.png") as curves:
-        assert curves.format == "PNG" and curves.size[0] > 1000
-
-
-def _check_card(folder: Path, pairs: Path, *, images_seen: int, steps: int) -> None:
-    import hashlib
-
-    import yaml
-    from huggingface_hub import ModelCard
-
-    card = ModelCard.load(folder / "README.md")
-    meta = card.data.to_dict()
-    assert (
-        meta["pipeline_tag"] == "text-to-image"
-        and meta["library_name"] == "diffusers"
-        and "diffusion2gan" in meta["tags"]
-    )
-    assert "base_model" not in meta and "license" not in meta  # a local random teacher: no hub id, no known licence
-    front = (folder / "README.md").read_text().split("---")[1]
-    assert yaml.safe_load(front) == meta
-    sha = hashlib.sha256((pairs / "manifest.json").read_bytes()).hexdigest()
-    assert f"| pairs manifest sha256 | `{sha}` |" in card.text and "24 pairs" in card.text
-    assert f"| training images seen | {images_seen} ({steps} steps) |" in card.text
-    assert "lpips_network: random" in card.text and "Not evaluated yet" in card.text and "CC BY-NC" not in card.text
-    assert "![teacher (top) and one-step student (bottom)" in card.text and (folder / "samples.png").is_file()
 
 
 @pytest.mark.parametrize("student", ["gigagan", "stylegan_t"])
@@ -411,102 +185,76 @@ def test_gan_generator_students_train_and_export(pairs_dir, tmp_path, capsys, st
     )
 
 
-def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
-    common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
-    # Interrupted after step 2, then the same command (with the final step count) resumes from the checkpoint;
-    # DataLoader workers read the pairs there (the same batches as read in-process).
-    common += ["--num_workers", 2]
-    assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
-    # A kill during a save leaves only a temporary directory behind: it is neither resumed from nor kept.
-    stale = resumed / "checkpoints" / ".tmp-checkpoint-4"
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"partial")
-    code, err = run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 4], capsys)
+@pytest.mark.parametrize("store_prompt_embeds", [False, True])
+def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys, store_prompt_embeds):
+    """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline; stored with
+    the pairs, it is the encoders' (time ids from the resolution)."""
+    pairs = tmp_path / "pairs"
+    code, err = run_script(
+        "generate_pairs.py",
+        [
+            "--teacher",
+            sdxl_teacher,
+            "--prompts",
+            prompt_file,
+            "--num_pairs",
+            6,
+            "--resolution",
+            32,
+            "--num_inference_steps",
+            2,
+            "--output_dir",
+            pairs,
+            "--store_prompt_embeds",
+            store_prompt_embeds,
+        ],
+        capsys,
+    )
     assert code == 0, err
-    a = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert [r["step"] for r in _stats(resumed) if "g_lpips" in r] == [1, 2, 3, 4]
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    if store_prompt_embeds:
+        from data_gen.pairs import load_pairs
+        from distill.distillation.pair_data import stored_conditioning
 
-
-@pytest.mark.parametrize("ema_device, ema_dtype", [("cpu", "fp32"), ("cpu", "bf16")])
-def test_ema_on_cpu_and_in_bf16_resumes_identically_and_exports(pairs_dir, tmp_path, capsys, ema_device, ema_dtype):
-    """The EMA copy kept on the CPU (and in bf16): its state, the checkpoint's pipeline and the resumed run match a
-    straight run bit for bit; the exported pipeline holds the EMA weights in that dtype and runs."""
-    common = [
-        "--pairs",
-        pairs_dir,
-        "--checkpointing_steps",
-        2,
-        "--validation_steps",
-        2,
-        *TRAIN,
-        "--ema_half_life_kimg",
-        "0.004",
-        "--ema_device",
-        ema_device,
-        "--ema_dtype",
-        ema_dtype,
-    ]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
-    assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
-    code, err = run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 4], capsys)
+        rows = load_pairs(pairs).with_format("torch")[:4]
+        got = stored_conditioning(rows, resolution=32, device="cpu", dtype=torch.float32)
+        want = _cond(load_teacher(str(sdxl_teacher)), rows["prompt"])
+        for a, b in (
+            (got.prompt_embeds, want.prompt_embeds),
+            (got.pooled_prompt_embeds, want.pooled_prompt_embeds),
+            (got.time_ids, want.time_ids),
+        ):
+            torch.testing.assert_close(a, b.half().float())
+    run = tmp_path / "run"
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            1,
+            "--checkpointing_steps",
+            1,
+            "--validation_steps",
+            1,
+            "--lpips_network",
+            "random",
+            "--batch_size",
+            2,
+            "--holdout",
+            2,
+            "--r1_interval",
+            1,
+            "--report_to",
+            "none",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ema_dtype]
-    a, b = (run / "checkpoints" / "checkpoint-4" for run in (straight, resumed))
-    ema_a, ema_b = (load_file(c / "ema.safetensors") for c in (a, b))  # the EMA as safetensors, no pickle
-    student = load_file(a / "model.safetensors")
-    assert ema_a.keys() == ema_b.keys() and {v.dtype for v in ema_a.values()} == {dtype}
-    assert any(not torch.equal(ema_a[k].float(), student[k].float()) for k in student)  # an average, not a copy
-    for k in ema_a:
-        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=0, atol=0)
-    for name in ("model.safetensors", "pipeline/student/diffusion_pytorch_model.safetensors"):
-        x, y = load_file(a / name), load_file(b / name)
-        assert all(torch.equal(x[k], y[k]) for k in x)
-    exported = load_file(straight / "pipeline" / "student" / "diffusion_pytorch_model.safetensors")
-    assert {v.dtype for v in exported.values()} == {dtype} and all(torch.equal(exported[k], ema_a[k]) for k in ema_a)
-    pipe = OneStepGANPipeline.from_pretrained(straight / "pipeline")
-    assert torch.isfinite(
-        pipe(["a cat"], output_type="latent", generator=torch.Generator().manual_seed(0)).images
-    ).all()
-
-
-def test_pair_batches_are_the_same_with_workers_and_after_resume(pairs_dir):
-    from data_gen.pairs import load_pairs
-    from distill.distillation.pair_data import PairRows
-    from distill.training.prefetch import Prefetch
-
-    pairs = load_pairs(pairs_dir).with_format("torch")
-
-    def read(*, num_workers, start=0, rank=0, world=1):
-        data = Prefetch(
-            PairRows(pairs, num_train=16, seed=0, rank=rank, world=world, batch_size=4), num_workers=num_workers
-        )
-        data.start(start)
-        return [data.read(m) for m in range(start, 8)]
-
-    straight = read(num_workers=0)
-    index = [b["index"].tolist() for b in straight]
-    # 8 micro-batches of 4 = two epochs of the 16 training rows (the last 8 of 24 held out), each row once per epoch.
-    assert sorted(sum(index[:4], [])) == sorted(sum(index[4:], [])) == list(range(16)) and index[:4] != index[4:]
-    for batches in (read(num_workers=2), [None] * 5 + read(num_workers=2, start=5)):  # all; resumed at micro-batch 5
-        for got, want in zip(batches, straight):
-            if got is not None:
-                assert got["prompt"] == want["prompt"]
-                for key in ("index", "noise", "target"):
-                    torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
-    ranks = [sum((b["index"].tolist() for b in read(num_workers=2, rank=r, world=2, start=6)), []) for r in range(2)]
-    assert not set(ranks[0]) & set(ranks[1])  # two processes read disjoint rows
-    data = Prefetch(PairRows(pairs, num_train=16, seed=0, rank=0, world=1, batch_size=4), num_workers=1)
-    data.start(3)
-    with pytest.raises(RuntimeError, match="prefetched micro-batch 3 but micro-batch 4 was asked for"):
-        data.read(4)
+    pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
+    assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
+    assert pipe(["a cat", "a dog"], output_type="latent").images.shape == (2, 4, 16, 16)
 
 
 def test_stored_prompt_embeds_train_like_the_text_encoder(
@@ -578,6 +326,83 @@ def test_stored_prompt_embeds_train_like_the_text_encoder(
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-12), key  # measured: 4e-6 at most
 
 
+def test_validation_prompts_grid_trackers_and_diffusers_flag_names(pairs_dir, sd15_teacher, tmp_path, capsys):
+    """--validation_prompts x seeds: the teacher's images solved once at the start, the student's every
+    validation_steps, saved as PNG grids and logged to tensorboard; diffusers' flag names are accepted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "val"
+    train = [a for a in TRAIN if a not in ("--report_to", "none")]
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            1,
+            *train,
+            "--validation_prompts",
+            "a red apple, on a table",
+            "a photo of a cat",
+            "--num_validation_seeds",
+            3,
+            "--pretrained_model_name_or_path",
+            sd15_teacher,
+            "--train_batch_size",
+            4,
+            "--tracker_project_name",
+            "valrun",
+            "--report_to",
+            "tensorboard",
+            "--gradient_checkpointing",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    config = (run / "config.yaml").read_text()
+    assert (
+        "- a red apple, on a table" in config
+        and "gradient_checkpointing: true" in config
+        and "num_validation_seeds: 3" in config
+    )
+    _check_pictures(run, teacher_size=(3 * 32, 2 * 32))  # 2 prompts (rows) x 3 seeds (columns)
+    assert sorted(p.name for p in (run / "samples").glob("step-*.png")) == [
+        "step-000000.png",
+        "step-000001.png",
+        "step-000002.png",
+    ]
+    events = EventAccumulator(str(next((run / "valrun").glob("events.out.tfevents.*")))).Reload()
+    assert set(events.Tags()["images"]) == {"validation/student", "validation/teacher"}
+    assert [e.step for e in events.Images("validation/student")] == [0, 1, 2] and len(
+        events.Images("validation/teacher")
+    ) == 1
+    # The teacher row is the teacher's own sampler on that noise: seed s is a pairs row's noise with seed == s.
+    from PIL import Image
+
+    from data_gen.noise import noise_for_seed
+    from teachers import load_teacher, solve_ode
+
+    teacher = load_teacher(str(sd15_teacher), scheduler="ddim")
+    latents = solve_ode(
+        teacher.pipe,
+        prompts=["a photo of a cat"],
+        noise=noise_for_seed(2, (4, 16, 16))[None],
+        num_inference_steps=3,
+        guidance_scale=7.5,
+    )
+    with torch.no_grad():
+        decoded = teacher.pipe.vae.decode(latents / teacher.pipe.vae.config.scaling_factor).sample
+    image = np.asarray(teacher.pipe.image_processor.postprocess(decoded, output_type="pil")[0])
+    with Image.open(run / "samples" / "teacher.png") as grid:
+        np.testing.assert_allclose(np.asarray(grid)[32:, 64:96].astype(float), image.astype(float), atol=2)
+
+
 @pytest.mark.parametrize(
     "heads, config_file",
     [("before,skip,after,final", None), ("before,skip,after", "configs/accelerate/multi_gpu.yaml")],
@@ -613,88 +438,75 @@ def test_two_process_training_keeps_replicas_identical(pairs_dir, tmp_path, head
     assert (run / "pipeline" / "model_index.json").is_file()
 
 
-def test_nan_loss_stops_with_one_line(pairs_dir, tmp_path, capsys):
-    run = tmp_path / "nan"
+def test_mixed_precision_defaults_to_the_launchers_choice(pairs_dir, tmp_path, capsys, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` is no longer overridden by the script's default: the run uses
+    bf16, prints it and saves it in config.yaml; an explicit --mixed_precision still wins."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "bf16"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "distill" / "train_student.py"),
+        *map(
+            str,
+            [
+                "--pairs",
+                pairs_dir,
+                "--output_dir",
+                run,
+                "--max_train_steps",
+                1,
+                "--checkpointing_steps",
+                1,
+                "--validation_steps",
+                100,
+                *TRAIN,
+            ],
+        ),
+    ]
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "mixed precision: bf16" in res.stdout
+    assert "mixed_precision: bf16" in (run / "config.yaml").read_text()
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what the launcher sets
+    explicit = tmp_path / "explicit"
     code, err = run_script(
         "train_student.py",
         [
             "--pairs",
             pairs_dir,
             "--output_dir",
-            run,
+            explicit,
             "--max_train_steps",
-            6,
+            1,
             "--checkpointing_steps",
-            2,
+            1,
             "--validation_steps",
             100,
             *TRAIN,
-            "--learning_rate_g",
-            "1e30",
-            "--max_grad_norm",
-            0,
-            "--gan_weight",
-            0,
+            "--mixed_precision",
+            "no",
         ],
         capsys,
     )
-    assert code == 2
-    last = err.rstrip().splitlines()[-1].split("\r")[-1]
-    assert last.startswith("error: non-finite loss at step") and "g_lpips" in last, err[-2000:]
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--pairs", "/no/such/pairs"], "is not a pairs directory"),
-        (["--pairs", "PAIRS", "--student", "biggan"], "unknown student 'biggan'"),
-        (["--pairs", "PAIRS", "--student", "gigagan", "--student_size", "huge"], "unknown student_size 'huge'"),
-        (
-            [
-                "--pairs",
-                "PAIRS",
-                "--student",
-                "gigagan",
-                "--student_size",
-                "tiny",
-                "--gradient_checkpointing",
-                "true",
-                "--lpips_network",
-                "random",
-            ],
-            "does not support gradient_checkpointing",
-        ),
-        (["--pairs", "PAIRS", "--regression", "l2"], "unknown regression 'l2'"),
-    ],
-)
-def test_bad_input(pairs_dir, tmp_path, capsys, args, message):
-    args = [str(pairs_dir) if a == "PAIRS" else a for a in args]
-    code, err = run_script("train_student.py", [*args, "--output_dir", tmp_path / "x"], capsys)
-    assert code == 2 and message in err.rstrip().splitlines()[-1]
-
-
-def _spy_parts(monkeypatch) -> list:
-    """The Parts every train_student run in this test builds (``setup.build_student`` wrapped)."""
-    from distill.distillation import setup
-
-    built, build = [], setup.build_student
-    monkeypatch.setattr(setup, "build_student", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
-    return built
-
-
-def test_adam_is_the_default_and_adam8bit_without_bitsandbytes_is_one_line(pairs_dir, tmp_path, capsys, monkeypatch):
-    import sys
-
-    from distill.core.config import parse_config
-    from distill.train_student import StudentConfig
-
-    assert parse_config(StudentConfig, []).optimizer == "adam"
-    built = _spy_parts(monkeypatch)
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (import fails), whatever this machine has
-    code, err = run_script(
-        "train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", "--optimizer", "adam8bit"], capsys
-    )
-    assert code == 2 and "pip install bitsandbytes" in _last_line(err) and not built  # before the teacher loads
+    assert code == 0, err
+    assert "mixed_precision: 'no'" in (explicit / "config.yaml").read_text()
 
 
 def test_memory_and_precision_options_run(pairs_dir, tmp_path, capsys, monkeypatch):
@@ -889,6 +701,28 @@ def test_r1_weight_does_not_depend_on_gradient_accumulation(pairs_dir, tmp_path,
     assert logged["d_r1"] == pytest.approx(d_steps[0][0]["d_r1"], rel=1e-5)  # logged at its full weight too
 
 
+# ------------------------------------------------------------------------------------------------
+# The config's defaults: per student, at the paper's scale.
+
+
+def test_student_defaults_fill_only_unset_keys():
+    """``--student gigagan`` with no other flag gets the GAN students' learning rate and GAN warm-up,
+    not the UNet's; explicit values win; the resolved values are what the run saves."""
+    from distill.core.config import parse_config
+    from distill.train_student import StudentConfig, check
+
+    def resolved(*argv):
+        cfg = parse_config(StudentConfig, ["--pairs", "p", *argv])
+        check(cfg)
+        return cfg
+
+    unet, gigagan = resolved(), resolved("--student", "gigagan")
+    assert (unet.learning_rate_g, unet.gan_start_step) == (1e-5, 0)
+    assert gigagan.learning_rate_g > 100 * unet.learning_rate_g and gigagan.gan_start_step > 0
+    explicit = resolved("--student", "stylegan_t", "--learning_rate_g", "2e-4", "--gan_start_step", "0")
+    assert (explicit.learning_rate_g, explicit.gan_start_step) == (2e-4, 0)
+
+
 @pytest.mark.parametrize("config", ["sd15_unet", "sdxl_unet", None])
 def test_ema_defaults_average_over_many_steps_at_paper_scale(config):
     """At the paper's 64 GPUs the EMA keeps >= 99 % per step at the end of the run, and the ramp-up
@@ -913,411 +747,105 @@ def test_ema_defaults_average_over_many_steps_at_paper_scale(config):
     assert half_life <= 0.05 * nimg
 
 
-def test_pipeline_dtype_and_device(tmp_path, sd15_teacher):
-    from students import UNetStudent
-
-    tp = load_teacher(str(sd15_teacher)).pipe
-    pipe = OneStepGANPipeline(
-        student=UNetStudent.from_teacher(tp.unet, tp.scheduler),
-        vae=tp.vae,
-        text_encoder=tp.text_encoder,
-        tokenizer=tp.tokenizer,
-    )
-    pipe.save_pretrained(tmp_path / "p")
-    half = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.bfloat16).to("cpu")
-    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    out = half("a cat", latents=z, output_type="latent").images
-    assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 16, 16)
-    ref = pipe("a cat", latents=z, output_type="latent").images
-    assert (out.float() - ref).abs().mean() < 0.1 * ref.abs().mean()
-    with pytest.raises(ValueError, match="output_type"):
-        pipe("a cat", output_type="jpeg")
+# ------------------------------------------------------------------------------------------------
+# Resume: the same command continues identically; a changed run, crafted or damaged checkpoints refused.
 
 
-def test_fp16_decode_upcasts_a_force_upcast_vae(sdxl_teacher, tmp_path):
-    """An fp16 VAE with ``force_upcast`` (SDXL's) decodes in fp32, in the pipeline and in evaluate's
-    Sampler, as diffusers' SDXL pipeline does; its weights stay fp16. The VAE here is made to overflow
-    fp16 (large post-quant conv) the way SDXL's does at 1024 px: NaN without the upcast."""
-    from distill.metrics.generation import Sampler
-    from students import UNetStudent
+def test_resume_continues_identically(pairs_dir, tmp_path, capsys):
+    common = ["--pairs", pairs_dir, "--checkpointing_steps", 2, "--validation_steps", 100, *TRAIN]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
+    # Interrupted after step 2, then the same command (with the final step count) resumes from the checkpoint;
+    # DataLoader workers read the pairs there (the same batches as read in-process).
+    common += ["--num_workers", 2]
+    assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
+    # A kill during a save leaves only a temporary directory behind: it is neither resumed from nor kept.
+    stale = resumed / "checkpoints" / ".tmp-checkpoint-4"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    code, err = run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 4], capsys)
+    assert code == 0, err
+    a = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert [r["step"] for r in _stats(resumed) if "g_lpips" in r] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
-    tp = load_teacher(str(sdxl_teacher)).pipe
-    with torch.no_grad():
-        tp.vae.post_quant_conv.weight.mul_(1e5)
-        tp.vae.post_quant_conv.bias.mul_(1e5)
-    assert tp.vae.config.force_upcast
-    OneStepGANPipeline(
-        student=UNetStudent.from_teacher(tp.unet, tp.scheduler),
-        vae=tp.vae,
-        text_encoder=tp.text_encoder,
-        tokenizer=tp.tokenizer,
-        text_encoder_2=tp.text_encoder_2,
-        tokenizer_2=tp.tokenizer_2,
-    ).save_pretrained(tmp_path / "p")
-    pipe = OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)
-    gen = Sampler(
-        str(tmp_path / "p"),
-        device=torch.device("cpu"),
-        dtype=torch.float16,
-        scheduler="ddim",
-        num_inference_steps=1,
-        guidance_scale=1.0,
-        negative_prompt="",
-    )
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    for vae, decode in ((pipe.vae, pipe.decode_latents), (gen.pipe.vae, gen.decode)):
-        seen = []
-        vae.decoder.conv_in.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
-        images = decode(latents.half())
-        assert seen == [torch.float32] and torch.isfinite(images).all()
-        assert vae.dtype == torch.float16  # cast back: the upcast lasts one decode
-        vae.register_to_config(force_upcast=False)  # what the code did before: fp16 overflows
-        assert not torch.isfinite(decode(latents.half())).all()
+
+@pytest.mark.parametrize("ema_device, ema_dtype", [("cpu", "fp32"), ("cpu", "bf16")])
+def test_ema_on_cpu_and_in_bf16_resumes_identically_and_exports(pairs_dir, tmp_path, capsys, ema_device, ema_dtype):
+    """The EMA copy kept on the CPU (and in bf16): its state, the checkpoint's pipeline and the resumed run match a
+    straight run bit for bit; the exported pipeline holds the EMA weights in that dtype and runs."""
+    common = [
+        "--pairs",
+        pairs_dir,
+        "--checkpointing_steps",
+        2,
+        "--validation_steps",
+        2,
+        *TRAIN,
+        "--ema_half_life_kimg",
+        "0.004",
+        "--ema_device",
+        ema_device,
+        "--ema_dtype",
+        ema_dtype,
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_script("train_student.py", [*common, "--output_dir", straight, "--max_train_steps", 4], capsys)[0] == 0
+    assert run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 2], capsys)[0] == 0
+    code, err = run_script("train_student.py", [*common, "--output_dir", resumed, "--max_train_steps", 4], capsys)
+    assert code == 0, err
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ema_dtype]
+    a, b = (run / "checkpoints" / "checkpoint-4" for run in (straight, resumed))
+    ema_a, ema_b = (load_file(c / "ema.safetensors") for c in (a, b))  # the EMA as safetensors, no pickle
+    student = load_file(a / "model.safetensors")
+    assert ema_a.keys() == ema_b.keys() and {v.dtype for v in ema_a.values()} == {dtype}
+    assert any(not torch.equal(ema_a[k].float(), student[k].float()) for k in student)  # an average, not a copy
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=0, atol=0)
+    for name in ("model.safetensors", "pipeline/student/diffusion_pytorch_model.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    exported = load_file(straight / "pipeline" / "student" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in exported.values()} == {dtype} and all(torch.equal(exported[k], ema_a[k]) for k in ema_a)
+    pipe = OneStepGANPipeline.from_pretrained(straight / "pipeline")
     assert torch.isfinite(
-        OneStepGANPipeline.from_pretrained(tmp_path / "p", dtype=torch.float16)(
-            "a cat", latents=latents, output_type="pt"
-        ).images
+        pipe(["a cat"], output_type="latent", generator=torch.Generator().manual_seed(0)).images
     ).all()
 
 
-def _unit_eps_student(teacher_dir, **kwargs):
-    """The tiny SD-form UNet student with conv_out scaled so eps has unit RMS at t=999, as a trained
-    UNet's has (the random init gives 0.32, which would hide two thirds of the rounding error)."""
-    from students import UNetStudent
+def test_resume_from_a_named_checkpoint(pairs_dir, tmp_path, capsys):
+    """--resume_from_checkpoint takes latest (the default), none, a bare checkpoint name inside output_dir, or a
+    path."""
+    run = tmp_path / "named"
+    common = ["--pairs", pairs_dir, "--output_dir", run, "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN]
+    assert run_script("train_student.py", [*common, "--max_train_steps", 2], capsys)[0] == 0
+    import io
+    from contextlib import redirect_stdout
 
-    tp = load_teacher(str(teacher_dir)).pipe
-    student = UNetStudent.from_teacher(tp.unet, tp.scheduler, **kwargs).eval()
-    cond = _cond(load_teacher(str(teacher_dir)), ["a cat", "a dog"] * 2)
-    z = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eps = student.unet(
-            z,
-            torch.full((4,), 999),
-            encoder_hidden_states=cond.prompt_embeds,
-            added_cond_kwargs=cond.added_cond_kwargs(),
-        ).sample
-        scale = eps.pow(2).mean().rsqrt()
-        student.unet.conv_out.weight.mul_(scale)
-        student.unet.conv_out.bias.mul_(scale)
-    return student, z, cond
-
-
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_unet_student_output_stays_fp32_accurate_under_bf16_autocast(tiny_teacher_factory, family):
-    """x0 = (z - sqrt(1 - abar) eps) / sqrt(abar) amplifies the UNet's rounding 14.6x at t=999: the default
-    plan keeps the bf16-autocast output within 0.01 RMS (latent units) of fp32; plain autocast is ~0.2 off."""
-    student, z, cond = _unit_eps_student(tiny_teacher_factory(family))
-    run = lambda: student(z, cond.prompt_embeds, cond.added_cond_kwargs())  # noqa: E731
-    with torch.no_grad():
-        ref = run()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = run()
-        student.register_to_config(precision="autocast")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            noisy = run()
-    rms = lambda x: (x.float() - ref).pow(2).mean().sqrt().item()  # noqa: E731
-    assert out.dtype == torch.float32 and rms(out) <= 0.01
-    assert (
-        student.config.precision == "autocast" and rms(noisy) > 0.05
-    )  # the error this guards against is real at this scale
-
-
-def test_unet_student_fp32_forward_turns_tf32_off_and_back(sd15_teacher):
-    from students import UNetStudent
-
-    tp = load_teacher(str(sd15_teacher)).pipe
-    seen = []
-    student = UNetStudent.from_teacher(tp.unet, tp.scheduler)
-    student.unet.conv_in.register_forward_hook(
-        lambda *_: seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
-    )
-    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
-    cond = _cond(load_teacher(str(sd15_teacher)), ["a cat"])
-    with torch.no_grad():
-        student(torch.randn(1, 4, 16, 16), cond.prompt_embeds)
-        student.register_to_config(precision="tf32")
-        student(torch.randn(1, 4, 16, 16), cond.prompt_embeds)
-    assert seen == [("ieee", "ieee"), before]
-    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
-    with pytest.raises(ValueError, match="unknown precision 'bf16'"):
-        UNetStudent.from_teacher(tp.unet, tp.scheduler, precision="bf16")
-
-
-def test_unet_student_at_zero_terminal_snr(sd15_teacher):
-    """abar(999) = 0 (rescale_betas_zero_snr): v-prediction has the exact limit x0 = -v; epsilon has none."""
-    from diffusers import DDIMScheduler
-
-    from students import UNetStudent
-
-    tp = load_teacher(str(sd15_teacher)).pipe
-    v_sched = DDIMScheduler.from_config(
-        tp.scheduler.config, rescale_betas_zero_snr=True, prediction_type="v_prediction"
-    )
-    assert v_sched.alphas_cumprod[999] == 0
-    student = UNetStudent.from_teacher(tp.unet, v_sched)
-    cond = _cond(load_teacher(str(sd15_teacher)), ["a cat", "a dog"])
-    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        x0 = student(z, cond.prompt_embeds)
-        v = tp.unet(z, torch.full((2,), 999), encoder_hidden_states=cond.prompt_embeds).sample
-    assert torch.isfinite(x0).all()
-    torch.testing.assert_close(x0, -v, rtol=0, atol=0)
-    eps_sched = DDIMScheduler.from_config(tp.scheduler.config, rescale_betas_zero_snr=True)
-    with pytest.raises(ValueError, match=r"zero terminal SNR .* distil a v-prediction teacher"):
-        UNetStudent.from_teacher(tp.unet, eps_sched)
-
-
-@pytest.mark.parametrize("store_prompt_embeds", [False, True])
-def test_sdxl_teacher_trains_and_exports(sdxl_teacher, prompt_file, tmp_path, capsys, store_prompt_embeds):
-    """SDXL conditioning (two encoders, pooled embeddings, time ids) flows through G, D and the pipeline; stored with
-    the pairs, it is the encoders' (time ids from the resolution)."""
-    pairs = tmp_path / "pairs"
-    code, err = run_script(
-        "generate_pairs.py",
-        [
-            "--teacher",
-            sdxl_teacher,
-            "--prompts",
-            prompt_file,
-            "--num_pairs",
-            6,
-            "--resolution",
-            32,
-            "--num_inference_steps",
-            2,
-            "--output_dir",
-            pairs,
-            "--store_prompt_embeds",
-            store_prompt_embeds,
-        ],
-        capsys,
-    )
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code, err = run_script(
+            "train_student.py", [*common, "--max_train_steps", 3, "--resume_from_checkpoint", "checkpoint-1"], capsys
+        )
     assert code == 0, err
-    if store_prompt_embeds:
-        from data_gen.pairs import load_pairs
-        from distill.distillation.pair_data import stored_conditioning
-
-        rows = load_pairs(pairs).with_format("torch")[:4]
-        got = stored_conditioning(rows, resolution=32, device="cpu", dtype=torch.float32)
-        want = _cond(load_teacher(str(sdxl_teacher)), rows["prompt"])
-        for a, b in (
-            (got.prompt_embeds, want.prompt_embeds),
-            (got.pooled_prompt_embeds, want.pooled_prompt_embeds),
-            (got.time_ids, want.time_ids),
-        ):
-            torch.testing.assert_close(a, b.half().float())
-    run = tmp_path / "run"
-    code, err = run_script(
-        "train_student.py",
-        [
-            "--pairs",
-            pairs,
-            "--output_dir",
-            run,
-            "--max_train_steps",
-            1,
-            "--checkpointing_steps",
-            1,
-            "--validation_steps",
-            1,
-            "--lpips_network",
-            "random",
-            "--batch_size",
-            2,
-            "--holdout",
-            2,
-            "--r1_interval",
-            1,
-            "--report_to",
-            "none",
-        ],
-        capsys,
-    )
+    assert f"resumed from {run / 'checkpoints' / 'checkpoint-1'} at step 1" in out.getvalue()
+    assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code, err = run_script(
+            "train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"], capsys
+        )
     assert code == 0, err
-    pipe = OneStepGANPipeline.from_pretrained(run / "pipeline")
-    assert pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
-    assert pipe(["a cat", "a dog"], output_type="latent").images.shape == (2, 4, 16, 16)
-
-
-def test_ema_rampup_limits_the_half_life_early():
-    from distill.training.ema import EMA
-
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    ramped, plain = EMA(model, half_life_kimg=10, rampup=0.5), EMA(model, half_life_kimg=10)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    ramped.update(model, 100, nimg=100)  # half-life min(10k, 0.5 * 100) = 50 images: beta = 0.5 ** 2
-    plain.update(model, 100, nimg=100)  # half-life 10k images: the average barely moves
-    assert ramped.model.weight.item() == pytest.approx(0.75)
-    assert plain.model.weight.item() == pytest.approx(1 - 0.5**0.01)
-
-
-def test_ema_copy_is_made_on_its_own_device_and_dtype():
-    """Each tensor goes straight to the EMA's device / dtype (the meta device stands in for the CPU beside an
-    accelerator: no data); integer buffers keep their dtype; the update lerps there."""
-    from distill.training.ema import EMA
-
-    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
-    ema = EMA(model, half_life_kimg=1, device="meta", dtype=torch.bfloat16)
-    assert {(p.device.type, p.dtype, p.requires_grad) for p in ema.model.parameters()} == {
-        ("meta", torch.bfloat16, False)
-    }
-    assert ema.model[1].num_batches_tracked.dtype == torch.long and model[0].weight.device.type == "cpu"
-    ema.update(model, 1, nimg=1)
-    with ema.on("meta") as same:
-        assert same is ema.model
-
-
-def test_student_defaults_fill_only_unset_keys():
-    """``--student gigagan`` with no other flag gets the GAN students' learning rate and GAN warm-up,
-    not the UNet's; explicit values win; the resolved values are what the run saves."""
-    from distill.core.config import parse_config
-    from distill.train_student import StudentConfig, check
-
-    def resolved(*argv):
-        cfg = parse_config(StudentConfig, ["--pairs", "p", *argv])
-        check(cfg)
-        return cfg
-
-    unet, gigagan = resolved(), resolved("--student", "gigagan")
-    assert (unet.learning_rate_g, unet.gan_start_step) == (1e-5, 0)
-    assert gigagan.learning_rate_g > 100 * unet.learning_rate_g and gigagan.gan_start_step > 0
-    explicit = resolved("--student", "stylegan_t", "--learning_rate_g", "2e-4", "--gan_start_step", "0")
-    assert (explicit.learning_rate_g, explicit.gan_start_step) == (2e-4, 0)
-
-
-# ------------------------------------------------------------------------------------------------
-# Hardening: user mistakes end in one line before anything heavy, faults keep what was saved.
-
-
-def _last_line(err: str) -> str:
-    assert "Traceback" not in err, err[-3000:]
-    return err.rstrip().splitlines()[-1].split("\r")[-1]
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--holdout=-5"], "holdout must not be negative, got -5"),
-        (["--student_timestep", 5000], "student_timestep must be in [0, 999]"),
-        (["--mix_fraction", 2], "mix_fraction must be in [0.0, 1.0], got 2.0"),
-        (["--gan_weight=-1"], "gan_weight must not be negative, got -1.0"),
-        (
-            ["--learning_rate_g", "-1e-4"],
-            "learning_rate_g must be positive, got -0.0001",
-        ),  # a negative value, not a flag
-        (["--learning_rate_d", "-0.5"], "learning_rate_d must be positive, got -0.5"),
-        (
-            ["--learning_rate_g", "nan"],
-            "learning_rate_g must be a finite number, got nan",
-        ),  # named before anything loads
-        (["--gan_weight", "inf"], "gan_weight must be a finite number, got inf"),
-    ],
-)
-def test_out_of_range_values_are_one_line_before_the_teacher_loads(
-    pairs_dir, tmp_path, capsys, monkeypatch, args, message
-):
-    import distill.distillation.setup as setup
-
-    def no_teacher(*a, **k):
-        raise AssertionError("the teacher must not load before the config is checked")
-
-    monkeypatch.setattr(setup, "load_teacher", no_teacher)
+    assert f"resumed from {run / 'checkpoints' / 'checkpoint-3'} at step 3" in out.getvalue()
     code, err = run_script(
-        "train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", *TRAIN, *args], capsys
+        "train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "checkpoint-9"], capsys
     )
-    assert code == 2 and message in _last_line(err)
-    assert not (tmp_path / "x").exists()
-
-
-def test_another_teacher_than_the_pairs_is_refused(pairs_dir, sd15_teacher, tmp_path, capsys):
-    import shutil
-
-    from diffusers import UNet2DConditionModel
-
-    other = tmp_path / "other-teacher"
-    shutil.copytree(sd15_teacher, other)
-    unet = UNet2DConditionModel.from_pretrained(other / "unet")
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.01)
-    unet.save_pretrained(other / "unet")
-    args = ["--pairs", pairs_dir, "--max_train_steps", 1, "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN]
-    code, err = run_script(
-        "train_student.py", [*args, "--teacher", other, "--output_dir", tmp_path / "refused"], capsys
-    )
-    assert code == 2
     line = _last_line(err)
-    assert "is not the teacher that made the pairs" in line and "unet/diffusion_pytorch_model.safetensors" in line
-    assert "--allow_teacher_mismatch" in line and not (tmp_path / "refused").exists()
-    # The same teacher by another spelling is accepted; a deliberate mismatch runs with the bare flag.
-    assert (
-        run_script(
-            "train_student.py",
-            [*args, "--teacher", f"{sd15_teacher}/../{sd15_teacher.name}", "--output_dir", tmp_path / "same"],
-            capsys,
-        )[0]
-        == 0
-    )
-    code, err = run_script(
-        "train_student.py",
-        [*args, "--teacher", other, "--allow_teacher_mismatch", "--output_dir", tmp_path / "cross"],
-        capsys,
-    )
-    assert code == 0, err
-
-
-def test_resuming_with_another_student_or_other_pairs_is_refused(
-    pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys
-):
-    run = tmp_path / "run"
-    args = [
-        "--pairs",
-        pairs_dir,
-        "--output_dir",
-        run,
-        "--max_train_steps",
-        1,
-        "--checkpointing_steps",
-        1,
-        "--validation_steps",
-        100,
-        *TRAIN,
-    ]
-    assert run_script("train_student.py", args, capsys)[0] == 0
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    code, err = run_script(
-        "train_student.py", [*args, "--max_train_steps", 2, "--student", "gigagan", "--student_size", "tiny"], capsys
-    )
-    assert code == 2 and "holds a run made with another config (student: 'unet' -> 'gigagan'" in _last_line(err)
-    other = tmp_path / "other-pairs"
-    assert (
-        run_script(
-            "generate_pairs.py",
-            [
-                "--teacher",
-                sd15_teacher,
-                "--prompts",
-                prompt_file,
-                "--num_pairs",
-                24,
-                "--seed",
-                1,
-                "--resolution",
-                32,
-                "--num_inference_steps",
-                3,
-                "--output_dir",
-                other,
-            ],
-            capsys,
-        )[0]
-        == 0
-    )
-    code, err = run_script("train_student.py", [*args, "--max_train_steps", 2, "--pairs", other], capsys)
-    assert code == 2 and "another config (pairs:" in _last_line(err)
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert code == 2 and "checkpoint-9 is not in" in line and "checkpoint-4" in line, err[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -1375,45 +903,6 @@ class _WritesAFile:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("target", ["custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"])
-def test_resume_runs_no_code_from_a_crafted_checkpoint_file(pairs_dir, finished_run, tmp_path, capsys, target):
-    """The loop's states are safetensors / JSON; every file of a checkpoint is checked against the record written with
-    it before accelerate opens any, so a pickle put there (or one swapped for accelerate's own) is refused in one
-    line."""
-    run, args = _copy_run(finished_run, pairs_dir, tmp_path)
-    marker = tmp_path / "code-ran"
-    torch.save(_WritesAFile(marker), run / "checkpoints" / "checkpoint-2" / target)
-    code, err = run_script("train_student.py", args, capsys)
-    assert code == 2 and not marker.exists(), err[-3000:]
-    line = _last_line(err)
-    assert f"checkpoint {run / 'checkpoints' / 'checkpoint-2'}" in line and target in line, line
-    assert "--resume_from_checkpoint checkpoint-1" in line
-    saved = sorted(p.name for p in (run / "checkpoints" / "checkpoint-1").iterdir())
-    assert not [name for name in saved if name.startswith("custom_checkpoint")], (
-        saved
-    )  # the loop's states are no pickles
-
-
-def test_a_corrupt_checkpoint_is_one_line_naming_it_and_the_fix(pairs_dir, finished_run, tmp_path, capsys):
-    run, args = _copy_run(finished_run, pairs_dir, tmp_path)
-    weights = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])  # cut short, as by a full disk or a copy that stopped
-    code, err = run_script("train_student.py", args, capsys)
-    line = _last_line(err)
-    assert code == 2 and f"checkpoint {weights.parent} is damaged (model.safetensors: {len(data) // 2} bytes" in line, (
-        line
-    )
-    assert "--resume_from_checkpoint checkpoint-1" in line and f"rm -r {weights.parent}" in line
-    weights.write_bytes(b"\xff" * len(data))  # the recorded size, but not safetensors any more
-    code, err = run_script("train_student.py", args, capsys)
-    line = _last_line(err)
-    assert code == 2 and f"checkpoint {weights.parent} cannot be loaded (SafetensorError" in line, line
-    code, err = run_script("train_student.py", [*args, "--resume_from_checkpoint", "checkpoint-1"], capsys)  # the fix
-    assert code == 0, err[-3000:]
-    assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3]
-
-
 def test_resume_refuses_a_changed_run_and_records_the_allowed_changes(pairs_dir, finished_run, tmp_path, capsys):
     """Batch, seed, learning rate, regression, GAN weight define the run: a resume that changes them is one line and
     writes nothing; a longer run (max_train_steps) and other cadences are allowed and recorded in
@@ -1456,6 +945,314 @@ def test_resume_refuses_a_changed_run_and_records_the_allowed_changes(pairs_dir,
         "validation_steps": [100, 50],
     }
     assert "max_train_steps: 3" in (run / "config.yaml").read_text()
+
+
+def test_resuming_with_another_student_or_other_pairs_is_refused(
+    pairs_dir, sd15_teacher, prompt_file, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    args = [
+        "--pairs",
+        pairs_dir,
+        "--output_dir",
+        run,
+        "--max_train_steps",
+        1,
+        "--checkpointing_steps",
+        1,
+        "--validation_steps",
+        100,
+        *TRAIN,
+    ]
+    assert run_script("train_student.py", args, capsys)[0] == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, err = run_script(
+        "train_student.py", [*args, "--max_train_steps", 2, "--student", "gigagan", "--student_size", "tiny"], capsys
+    )
+    assert code == 2 and "holds a run made with another config (student: 'unet' -> 'gigagan'" in _last_line(err)
+    other = tmp_path / "other-pairs"
+    assert (
+        run_script(
+            "generate_pairs.py",
+            [
+                "--teacher",
+                sd15_teacher,
+                "--prompts",
+                prompt_file,
+                "--num_pairs",
+                24,
+                "--seed",
+                1,
+                "--resolution",
+                32,
+                "--num_inference_steps",
+                3,
+                "--output_dir",
+                other,
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    code, err = run_script("train_student.py", [*args, "--max_train_steps", 2, "--pairs", other], capsys)
+    assert code == 2 and "another config (pairs:" in _last_line(err)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("target", ["custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"])
+def test_resume_runs_no_code_from_a_crafted_checkpoint_file(pairs_dir, finished_run, tmp_path, capsys, target):
+    """The loop's states are safetensors / JSON; every file of a checkpoint is checked against the record written with
+    it before accelerate opens any, so a pickle put there (or one swapped for accelerate's own) is refused in one
+    line."""
+    run, args = _copy_run(finished_run, pairs_dir, tmp_path)
+    marker = tmp_path / "code-ran"
+    torch.save(_WritesAFile(marker), run / "checkpoints" / "checkpoint-2" / target)
+    code, err = run_script("train_student.py", args, capsys)
+    assert code == 2 and not marker.exists(), err[-3000:]
+    line = _last_line(err)
+    assert f"checkpoint {run / 'checkpoints' / 'checkpoint-2'}" in line and target in line, line
+    assert "--resume_from_checkpoint checkpoint-1" in line
+    saved = sorted(p.name for p in (run / "checkpoints" / "checkpoint-1").iterdir())
+    assert not [name for name in saved if name.startswith("custom_checkpoint")], (
+        saved
+    )  # the loop's states are no pickles
+
+
+def test_a_corrupt_checkpoint_is_one_line_naming_it_and_the_fix(pairs_dir, finished_run, tmp_path, capsys):
+    run, args = _copy_run(finished_run, pairs_dir, tmp_path)
+    weights = run / "checkpoints" / "checkpoint-2" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # cut short, as by a full disk or a copy that stopped
+    code, err = run_script("train_student.py", args, capsys)
+    line = _last_line(err)
+    assert code == 2 and f"checkpoint {weights.parent} is damaged (model.safetensors: {len(data) // 2} bytes" in line, (
+        line
+    )
+    assert "--resume_from_checkpoint checkpoint-1" in line and f"rm -r {weights.parent}" in line
+    weights.write_bytes(b"\xff" * len(data))  # the recorded size, but not safetensors any more
+    code, err = run_script("train_student.py", args, capsys)
+    line = _last_line(err)
+    assert code == 2 and f"checkpoint {weights.parent} cannot be loaded (SafetensorError" in line, line
+    code, err = run_script("train_student.py", [*args, "--resume_from_checkpoint", "checkpoint-1"], capsys)  # the fix
+    assert code == 0, err[-3000:]
+    assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# The exported student: its held-out split, evaluation, the model card's numbers.
+
+
+def test_evaluation_refuses_fidelity_rows_the_student_trained_on(pairs_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        run_script(
+            "train_student.py",
+            [
+                "--pairs",
+                pairs_dir,
+                "--output_dir",
+                run,
+                "--max_train_steps",
+                1,
+                "--checkpointing_steps",
+                1,
+                "--validation_steps",
+                100,
+                *TRAIN,
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    split = json.loads((run / "pipeline" / "pairs_split.json").read_text())
+    assert split["train_indices"] == [0, 16] and split["heldout_indices"] == [16, 24]  # 24 pairs, holdout 8
+    assert json.loads((run / "pairs_split.json").read_text()) == split
+    common = [
+        "--pipeline",
+        run / "pipeline",
+        "--pairs",
+        pairs_dir,
+        "--metrics",
+        "fidelity",
+        "--elatentlpips",
+        "random-tiny",
+        "--pixel_lpips",
+        "random-tiny",
+        "--batch_size",
+        8,
+        "--output_dir",
+        tmp_path / "eval",
+    ]
+    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -10], capsys)
+    assert code == 2
+    line = err.rstrip().splitlines()[-1]
+    assert "include 2 pairs the student trained on" in line and "set fidelity_start to -8" in line
+    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -8], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["details"]["fidelity"]["indices"] == [16, 23]
+
+    # The exported student's model card now shows the held-out numbers and how they were measured.
+    from huggingface_hub import ModelCard
+
+    values = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    card = ModelCard.load(run / "pipeline" / "README.md")
+    assert f"| e_latent_lpips | {values['e_latent_lpips']:.6g} |" in card.text and "Not evaluated yet" not in card.text
+    assert "fidelity on held-out pairs" in card.text and "the numbers mean nothing" in card.text
+    assert card.data.to_dict()["pipeline_tag"] == "text-to-image"
+    # Evaluating again (the card changed, the student did not) reuses the cached evaluation as before.
+    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -8], capsys)
+    assert code == 0, err
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input and faults: user mistakes end in one line before anything heavy, faults keep what was saved.
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pairs", "/no/such/pairs"], "is not a pairs directory"),
+        (["--pairs", "PAIRS", "--student", "biggan"], "unknown student 'biggan'"),
+        (["--pairs", "PAIRS", "--student", "gigagan", "--student_size", "huge"], "unknown student_size 'huge'"),
+        (
+            [
+                "--pairs",
+                "PAIRS",
+                "--student",
+                "gigagan",
+                "--student_size",
+                "tiny",
+                "--gradient_checkpointing",
+                "true",
+                "--lpips_network",
+                "random",
+            ],
+            "does not support gradient_checkpointing",
+        ),
+        (["--pairs", "PAIRS", "--regression", "l2"], "unknown regression 'l2'"),
+    ],
+)
+def test_bad_input(pairs_dir, tmp_path, capsys, args, message):
+    args = [str(pairs_dir) if a == "PAIRS" else a for a in args]
+    code, err = run_script("train_student.py", [*args, "--output_dir", tmp_path / "x"], capsys)
+    assert code == 2 and message in err.rstrip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--holdout=-5"], "holdout must not be negative, got -5"),
+        (["--student_timestep", 5000], "student_timestep must be in [0, 999]"),
+        (["--mix_fraction", 2], "mix_fraction must be in [0.0, 1.0], got 2.0"),
+        (["--gan_weight=-1"], "gan_weight must not be negative, got -1.0"),
+        (
+            ["--learning_rate_g", "-1e-4"],
+            "learning_rate_g must be positive, got -0.0001",
+        ),  # a negative value, not a flag
+        (["--learning_rate_d", "-0.5"], "learning_rate_d must be positive, got -0.5"),
+        (
+            ["--learning_rate_g", "nan"],
+            "learning_rate_g must be a finite number, got nan",
+        ),  # named before anything loads
+        (["--gan_weight", "inf"], "gan_weight must be a finite number, got inf"),
+    ],
+)
+def test_out_of_range_values_are_one_line_before_the_teacher_loads(
+    pairs_dir, tmp_path, capsys, monkeypatch, args, message
+):
+    import distill.distillation.setup as setup
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher must not load before the config is checked")
+
+    monkeypatch.setattr(setup, "load_teacher", no_teacher)
+    code, err = run_script(
+        "train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", *TRAIN, *args], capsys
+    )
+    assert code == 2 and message in _last_line(err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_adam_is_the_default_and_adam8bit_without_bitsandbytes_is_one_line(pairs_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from distill.core.config import parse_config
+    from distill.train_student import StudentConfig
+
+    assert parse_config(StudentConfig, []).optimizer == "adam"
+    built = _spy_parts(monkeypatch)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed (import fails), whatever this machine has
+    code, err = run_script(
+        "train_student.py", ["--pairs", pairs_dir, "--output_dir", tmp_path / "x", "--optimizer", "adam8bit"], capsys
+    )
+    assert code == 2 and "pip install bitsandbytes" in _last_line(err) and not built  # before the teacher loads
+
+
+def test_another_teacher_than_the_pairs_is_refused(pairs_dir, sd15_teacher, tmp_path, capsys):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(sd15_teacher, other)
+    unet = UNet2DConditionModel.from_pretrained(other / "unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(other / "unet")
+    args = ["--pairs", pairs_dir, "--max_train_steps", 1, "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN]
+    code, err = run_script(
+        "train_student.py", [*args, "--teacher", other, "--output_dir", tmp_path / "refused"], capsys
+    )
+    assert code == 2
+    line = _last_line(err)
+    assert "is not the teacher that made the pairs" in line and "unet/diffusion_pytorch_model.safetensors" in line
+    assert "--allow_teacher_mismatch" in line and not (tmp_path / "refused").exists()
+    # The same teacher by another spelling is accepted; a deliberate mismatch runs with the bare flag.
+    assert (
+        run_script(
+            "train_student.py",
+            [*args, "--teacher", f"{sd15_teacher}/../{sd15_teacher.name}", "--output_dir", tmp_path / "same"],
+            capsys,
+        )[0]
+        == 0
+    )
+    code, err = run_script(
+        "train_student.py",
+        [*args, "--teacher", other, "--allow_teacher_mismatch", "--output_dir", tmp_path / "cross"],
+        capsys,
+    )
+    assert code == 0, err
+
+
+def test_nan_loss_stops_with_one_line(pairs_dir, tmp_path, capsys):
+    run = tmp_path / "nan"
+    code, err = run_script(
+        "train_student.py",
+        [
+            "--pairs",
+            pairs_dir,
+            "--output_dir",
+            run,
+            "--max_train_steps",
+            6,
+            "--checkpointing_steps",
+            2,
+            "--validation_steps",
+            100,
+            *TRAIN,
+            "--learning_rate_g",
+            "1e30",
+            "--max_grad_norm",
+            0,
+            "--gan_weight",
+            0,
+        ],
+        capsys,
+    )
+    assert code == 2
+    last = err.rstrip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("error: non-finite loss at step") and "g_lpips" in last, err[-2000:]
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(pairs_dir, tmp_path, capsys, monkeypatch):
@@ -1551,278 +1348,3 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(pairs_dir, tmp_path):
     for ckpt in finished:
         load_file(ckpt / "model.safetensors")
     assert not (run / ".lock").exists()
-
-
-def test_evaluation_refuses_fidelity_rows_the_student_trained_on(pairs_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert (
-        run_script(
-            "train_student.py",
-            [
-                "--pairs",
-                pairs_dir,
-                "--output_dir",
-                run,
-                "--max_train_steps",
-                1,
-                "--checkpointing_steps",
-                1,
-                "--validation_steps",
-                100,
-                *TRAIN,
-            ],
-            capsys,
-        )[0]
-        == 0
-    )
-    split = json.loads((run / "pipeline" / "pairs_split.json").read_text())
-    assert split["train_indices"] == [0, 16] and split["heldout_indices"] == [16, 24]  # 24 pairs, holdout 8
-    assert json.loads((run / "pairs_split.json").read_text()) == split
-    common = [
-        "--pipeline",
-        run / "pipeline",
-        "--pairs",
-        pairs_dir,
-        "--metrics",
-        "fidelity",
-        "--elatentlpips",
-        "random-tiny",
-        "--pixel_lpips",
-        "random-tiny",
-        "--batch_size",
-        8,
-        "--output_dir",
-        tmp_path / "eval",
-    ]
-    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -10], capsys)
-    assert code == 2
-    line = err.rstrip().splitlines()[-1]
-    assert "include 2 pairs the student trained on" in line and "set fidelity_start to -8" in line
-    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -8], capsys)
-    assert code == 0, err
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["details"]["fidelity"]["indices"] == [16, 23]
-
-    # The exported student's model card now shows the held-out numbers and how they were measured.
-    from huggingface_hub import ModelCard
-
-    values = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
-    card = ModelCard.load(run / "pipeline" / "README.md")
-    assert f"| e_latent_lpips | {values['e_latent_lpips']:.6g} |" in card.text and "Not evaluated yet" not in card.text
-    assert "fidelity on held-out pairs" in card.text and "the numbers mean nothing" in card.text
-    assert card.data.to_dict()["pipeline_tag"] == "text-to-image"
-    # Evaluating again (the card changed, the student did not) reuses the cached evaluation as before.
-    code, err = run_script("evaluate.py", [*common, "--fidelity_start", -8], capsys)
-    assert code == 0, err
-
-
-def test_gan_fakes_from_fresh_noise_are_conditioned_on_that_noise():
-    """``gan_noise: fresh``: regression reads the pair's noise, the GAN fake is G(fresh noise) and both
-    D phases see it conditioned on the fresh noise; real pairs keep their own noise."""
-    from distill.distillation.phases import Batch
-    from students.text import TextConditioning
-
-    seen = []
-
-    def student(noise, prompt_embeds, added_cond_kwargs=None):
-        return 2 * noise
-
-    def disc(latents, noise, prompt_embeds, added_cond_kwargs=None):
-        seen.append((latents.detach(), noise))
-        return [latents.mean(dim=1, keepdim=True)]
-
-    gen = torch.Generator().manual_seed(0)
-    pair_noise, fresh = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
-    target = torch.randn(4, 4, 8, 8, generator=gen)
-    batch = Batch(pair_noise, target, TextConditioning(torch.randn(4, 7, 8, generator=gen)), gan_noise=fresh)
-    engine = _engine(disc, student=student)
-    fake, terms = engine.g_terms(batch, gen)
-    torch.testing.assert_close(fake, 2 * fresh)
-    torch.testing.assert_close(terms["g_mse"], torch.nn.functional.mse_loss(2 * pair_noise, target))
-    assert torch.equal(seen[-1][1], fresh) and "g_adv" in terms
-    engine.d_terms(batch, fake.detach(), gen)
-    latents, noise = seen[-1]
-    assert torch.equal(latents[:4], target) and torch.equal(noise[:4], pair_noise)  # real pairs with their noise
-    assert torch.equal(latents[4:], 2 * fresh) and torch.equal(noise[4:], fresh)  # fakes with the noise they came from
-    # Without fresh noise (the paper, and the UNet student's default) the fake is G(pair noise).
-    paired = Batch(pair_noise, target, batch.cond)
-    fake, _ = engine.g_terms(paired, gen)
-    torch.testing.assert_close(fake, 2 * pair_noise)
-
-
-def test_resume_from_a_named_checkpoint(pairs_dir, tmp_path, capsys):
-    """--resume_from_checkpoint takes latest (the default), none, a bare checkpoint name inside output_dir, or a
-    path."""
-    run = tmp_path / "named"
-    common = ["--pairs", pairs_dir, "--output_dir", run, "--checkpointing_steps", 1, "--validation_steps", 100, *TRAIN]
-    assert run_script("train_student.py", [*common, "--max_train_steps", 2], capsys)[0] == 0
-    import io
-    from contextlib import redirect_stdout
-
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code, err = run_script(
-            "train_student.py", [*common, "--max_train_steps", 3, "--resume_from_checkpoint", "checkpoint-1"], capsys
-        )
-    assert code == 0, err
-    assert f"resumed from {run / 'checkpoints' / 'checkpoint-1'} at step 1" in out.getvalue()
-    assert [r["step"] for r in _stats(run) if "g_lpips" in r] == [1, 2, 3]
-    out = io.StringIO()
-    with redirect_stdout(out):
-        code, err = run_script(
-            "train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "latest"], capsys
-        )
-    assert code == 0, err
-    assert f"resumed from {run / 'checkpoints' / 'checkpoint-3'} at step 3" in out.getvalue()
-    code, err = run_script(
-        "train_student.py", [*common, "--max_train_steps", 4, "--resume_from_checkpoint", "checkpoint-9"], capsys
-    )
-    line = _last_line(err)
-    assert code == 2 and "checkpoint-9 is not in" in line and "checkpoint-4" in line, err[-2000:]
-
-
-def test_mixed_precision_defaults_to_the_launchers_choice(pairs_dir, tmp_path, capsys, monkeypatch):
-    """`accelerate launch --mixed_precision bf16` is no longer overridden by the script's default: the run uses
-    bf16, prints it and saves it in config.yaml; an explicit --mixed_precision still wins."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    run = tmp_path / "bf16"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "bf16",
-        "--dynamo_backend",
-        "no",
-        str(ROOT / "distill" / "train_student.py"),
-        *map(
-            str,
-            [
-                "--pairs",
-                pairs_dir,
-                "--output_dir",
-                run,
-                "--max_train_steps",
-                1,
-                "--checkpointing_steps",
-                1,
-                "--validation_steps",
-                100,
-                *TRAIN,
-            ],
-        ),
-    ]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert "mixed precision: bf16" in res.stdout
-    assert "mixed_precision: bf16" in (run / "config.yaml").read_text()
-
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what the launcher sets
-    explicit = tmp_path / "explicit"
-    code, err = run_script(
-        "train_student.py",
-        [
-            "--pairs",
-            pairs_dir,
-            "--output_dir",
-            explicit,
-            "--max_train_steps",
-            1,
-            "--checkpointing_steps",
-            1,
-            "--validation_steps",
-            100,
-            *TRAIN,
-            "--mixed_precision",
-            "no",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    assert "mixed_precision: 'no'" in (explicit / "config.yaml").read_text()
-
-
-def test_validation_prompts_grid_trackers_and_diffusers_flag_names(pairs_dir, sd15_teacher, tmp_path, capsys):
-    """--validation_prompts x seeds: the teacher's images solved once at the start, the student's every
-    validation_steps, saved as PNG grids and logged to tensorboard; diffusers' flag names are accepted."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run = tmp_path / "val"
-    train = [a for a in TRAIN if a not in ("--report_to", "none")]
-    code, err = run_script(
-        "train_student.py",
-        [
-            "--pairs",
-            pairs_dir,
-            "--output_dir",
-            run,
-            "--max_train_steps",
-            2,
-            "--checkpointing_steps",
-            2,
-            "--validation_steps",
-            1,
-            *train,
-            "--validation_prompts",
-            "a red apple, on a table",
-            "a photo of a cat",
-            "--num_validation_seeds",
-            3,
-            "--pretrained_model_name_or_path",
-            sd15_teacher,
-            "--train_batch_size",
-            4,
-            "--tracker_project_name",
-            "valrun",
-            "--report_to",
-            "tensorboard",
-            "--gradient_checkpointing",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    config = (run / "config.yaml").read_text()
-    assert (
-        "- a red apple, on a table" in config
-        and "gradient_checkpointing: true" in config
-        and "num_validation_seeds: 3" in config
-    )
-    _check_pictures(run, teacher_size=(3 * 32, 2 * 32))  # 2 prompts (rows) x 3 seeds (columns)
-    assert sorted(p.name for p in (run / "samples").glob("step-*.png")) == [
-        "step-000000.png",
-        "step-000001.png",
-        "step-000002.png",
-    ]
-    events = EventAccumulator(str(next((run / "valrun").glob("events.out.tfevents.*")))).Reload()
-    assert set(events.Tags()["images"]) == {"validation/student", "validation/teacher"}
-    assert [e.step for e in events.Images("validation/student")] == [0, 1, 2] and len(
-        events.Images("validation/teacher")
-    ) == 1
-    # The teacher row is the teacher's own sampler on that noise: seed s is a pairs row's noise with seed == s.
-    from PIL import Image
-
-    from data_gen.noise import noise_for_seed
-    from teachers import load_teacher, solve_ode
-
-    teacher = load_teacher(str(sd15_teacher), scheduler="ddim")
-    latents = solve_ode(
-        teacher.pipe,
-        prompts=["a photo of a cat"],
-        noise=noise_for_seed(2, (4, 16, 16))[None],
-        num_inference_steps=3,
-        guidance_scale=7.5,
-    )
-    with torch.no_grad():
-        decoded = teacher.pipe.vae.decode(latents / teacher.pipe.vae.config.scaling_factor).sample
-    image = np.asarray(teacher.pipe.image_processor.postprocess(decoded, output_type="pil")[0])
-    with Image.open(run / "samples" / "teacher.png") as grid:
-        np.testing.assert_allclose(np.asarray(grid)[32:, 64:96].astype(float), image.astype(float), atol=2)
