@@ -526,6 +526,36 @@ def test_own_folder_in_pixels_trains_and_resumes_exactly(own, tmp_path, capsys):
     )
 
 
+def test_channels_last_is_a_layout_only(own, tmp_path, capsys):
+    """``channels_last`` (the default) changes how the convolution weights are laid out, not what is trained: the same
+    step with the layout off gives the same G and D up to the kernels' rounding (far below one Adam step), and every
+    saved tensor is contiguous (safetensors' requirement)."""
+    runs = {}
+    for layout in ("true", "false"):
+        runs[layout] = tmp_path / layout
+        code, err = run_script(
+            "train_gan.py",
+            [
+                *own,
+                "--output_dir",
+                runs[layout],
+                "--max_train_steps",
+                2,
+                "--checkpointing_steps",
+                2,
+                "--channels_last",
+                layout,
+            ],
+            capsys,
+        )
+        assert code == 0, err
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a, b = (load_file(runs[layout] / "checkpoints" / "checkpoint-2" / name) for layout in ("true", "false"))
+        assert a.keys() == b.keys() and all(t.is_contiguous() for t in a.values())
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)  # an Adam step is 1e-3
+
+
 def test_own_folder_in_latent_space(own, sd15_teacher, tmp_path, capsys):
     run = tmp_path / "latent"
     code, err = run_script(
