@@ -13,7 +13,10 @@ recipe against a bare PyTorch loop of the same modules and losses, and the recip
    are printed: docs/from-scratch.md quotes them.
 3. ``train_gan.py`` with ``--previous`` (the recipe before the from-scratch redesign: a projected D on the digits
    classifier beside a multiscale D, in the digits VAE's latent space; its latent cache is made first), as in 1.
-Last line: ``overhead_ratio=<train_gan / bare> recipe_over_previous=<images per minute, recipe / previous>``.
+4. With ``--previous_tree DIR`` (a checkout of the code before the redesign), that tree's train_gan.py and its own
+   ``digits_gigagan.yaml`` (the same previous recipe, on the code as it was), timed by two runs' wall times.
+Last line: ``overhead_ratio=<train_gan / bare> recipe_over_previous=<images per minute, recipe / previous>``
+[``recipe_over_previous_code=<recipe / the previous recipe on its own code>``].
 """
 
 from __future__ import annotations
@@ -63,6 +66,47 @@ def run_train_gan(config: str, dataset: Path, out: Path, *, steps: int, warmup: 
     return rows[0]["nimg"] / rows[0]["step"] / statistics.median(r["step_time"] for r in rows)
 
 
+def wall_images_per_second(tree: Path, config: str, dataset: Path, out: Path, *, steps: int, threads: int) -> float:
+    """Images per second of another checkout's train_gan.py (``tree``, whose stats.jsonl may have no step_time): two
+    runs of ``steps`` and ``2 * steps`` steps, the difference of their wall times, so start-up and export cancel."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(tree),
+    )
+    wall = {}
+    for n in (steps, 2 * steps):
+        cmd = [
+            sys.executable,
+            str(tree / "distill" / "train_gan.py"),
+            "--config",
+            config,
+            "--dataset",
+            str(dataset),
+            "--output_dir",
+            str(out / str(n)),
+            "--max_train_steps",
+            str(n),
+            "--checkpointing_steps",
+            str(2 * steps),
+            "--validation_steps",
+            str(2 * steps),
+            "--report_to",
+            "none",
+            "--resume_from_checkpoint",
+            "none",
+        ]
+        start = time.perf_counter()
+        res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        wall[n] = time.perf_counter() - start
+        if res.returncode:
+            sys.exit(f"error: {tree}'s train_gan.py failed ({config}):\n{res.stderr[-3000:]}")
+    row = json.loads((out / str(steps) / "stats.jsonl").read_text().splitlines()[0])
+    return steps * row["nimg"] / row["step"] / (wall[2 * steps] - wall[steps])
+
+
 def bare_loop(config: str, dataset: Path, *, steps: int, warmup: int, profile_steps: int) -> float:
     """Images per second of the same modules and losses in a plain loop (see the module docstring)."""
     import torch
@@ -73,7 +117,7 @@ def bare_loop(config: str, dataset: Path, *, steps: int, warmup: int, profile_st
     from distill.scratch.phases import RealBatch, RealImagesView
     from distill.scratch.setup import add_networks, load_frozen
     from distill.train_gan import GANConfig
-    from distill.training.gan_step import GANStep, build_gan_optimizers
+    from distill.training.gan_step import GANStep, build_gan_optimizers, to_channels_last
 
     cfg = parse_config(GANConfig, ["--config", config, "--dataset", str(dataset)])
     torch.manual_seed(cfg.seed)
@@ -91,6 +135,8 @@ def bare_loop(config: str, dataset: Path, *, steps: int, warmup: int, profile_st
     flat = images.transpose(0, 1).flatten(1)
     add_networks(parts, cfg, device=torch.device("cpu"), latent_stats=(flat.mean(1).tolist(), flat.std(1).tolist()))
     gen, disc = parts.generator, parts.discriminator
+    if cfg.channels_last:
+        to_channels_last(gen, disc)
     opt_g, opt_d = build_gan_optimizers(
         generator=gen,
         discriminator=disc,
@@ -170,6 +216,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--previous_tree",
+        default="",
+        help="a checkout of the code before the from-scratch redesign "
+        "(`git worktree add /tmp/before af713c1^`): its own train_gan.py and configs/scratch/digits_gigagan.yaml "
+        "are timed too, the previous recipe as it ran then",
+    )
     args = p.parse_args()
     import torch
 
@@ -210,7 +263,20 @@ def main() -> None:
             args.previous, tmp / "latents", tmp / "previous", steps=args.steps, warmup=args.warmup, threads=args.threads
         )
         print(f"train_gan.py, previous recipe ({Path(args.previous).name}): {previous:.1f} images/s", flush=True)
-    print(f"overhead_ratio={recipe / bare:.3f} recipe_over_previous={recipe / previous:.2f}")
+        last = f"overhead_ratio={recipe / bare:.3f} recipe_over_previous={recipe / previous:.2f}"
+        if args.previous_tree:
+            tree = Path(args.previous_tree).resolve()
+            before = wall_images_per_second(
+                tree,
+                str(tree / "configs" / "scratch" / "digits_gigagan.yaml"),
+                tmp / "latents",
+                tmp / "before",
+                steps=args.steps,
+                threads=args.threads,
+            )
+            print(f"{tree}'s train_gan.py, its digits_gigagan.yaml: {before:.1f} images/s", flush=True)
+            last += f" recipe_over_previous_code={recipe / before:.2f}"
+    print(last)
 
 
 if __name__ == "__main__":
