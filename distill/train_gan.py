@@ -403,8 +403,7 @@ def train(cfg: GANConfig, *, accelerator, ds=None) -> None:
     data.start(loop.micro_steps().start)
 
     # 3. Loop: the shared GAN step (distill/training/gan_step.py: G phase, D phase + lazy R1) on real samples; EMA,
-    # logs,
-    # checkpoints, sample grids.
+    # logs, checkpoints, sample grids.
     view = RealImagesView(
         generator=gen,
         discriminator=disc,

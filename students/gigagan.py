@@ -46,10 +46,8 @@ PRESETS = {
         attention_levels=1,
     ),
     # Small images from scratch on a CPU (the digits' from-scratch recipe, 32-64 px in pixels): a 4x4 start, one kernel
-    # per
-    # conv and no attention. Measured on 2 cores at 32 px (benchmarks/gan_step.py, docs/from-scratch.md): the kernel
-    # bank's
-    # per-sample kernels and the attention took ~60 % of `small`'s step there without a gain the samples showed.
+    # per conv and no attention: the recipe met every from-scratch target on the digits without them
+    # (docs/from-scratch.md); the kernel bank and attention are left to the GPU-sized presets.
     "lite": dict(
         block_out_channels=(128, 64, 32, 16),
         layers_per_block=2,

@@ -260,8 +260,7 @@ class StyleGANTGenerator(StyleGenerator):
     ) -> "StyleGANTGenerator":
         """Preset sizes: ``tiny`` (tests), ``lite`` (small images from scratch on a CPU), ``small`` (digits testbed,
         CPU), ``base`` (50 M parameters at SD latents), ``paper`` (the published generator's size, 0.98 B); all
-        cross-attend on
-        the coarsest level only."""
+        cross-attend on the coarsest level only."""
         preset = {**size_preset(PRESETS, size), **overrides}
         coarsest = sample_size // 2 ** (len(preset["block_out_channels"]) - 1)
         return cls(

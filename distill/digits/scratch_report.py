@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 # Issue 21: accuracy >= 0.90, FID <= 1.5 x the teacher's, recall >= 0.5 x the teacher's, within-digit diversity >= 0.5 x
-# the
-# real digits' (mode collapse shows in the last two: one style per prompt keeps accuracy and precision but not them).
+# the real digits' (mode collapse shows in the last two: one style per prompt keeps accuracy and precision but not
+# them).
 TARGETS = {"prompt_accuracy": 0.90, "fid_ratio": 1.5, "recall_ratio": 0.5, "diversity_ratio": 0.5}
 
 

@@ -34,8 +34,7 @@ from teachers import Teacher, load_teacher
 COND_DTYPE = torch.float32
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The shared frozen UNet of a LoRA student / a D on the shared base (lora_base_dtype); no fp16: R1 turns autocast off,
-# and
-# a D on a half-precision base then runs under autocast in that dtype, where fp16 input gradients underflow.
+# and a D on a half-precision base then runs under autocast in that dtype, where fp16 input gradients underflow.
 LORA_BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LORA_LEARNING_RATE_G = 1e-4  # learning_rate_g's default for a LoRA student (the full UNet student's: 1e-5)
 LORA_DIR = (
