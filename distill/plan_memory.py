@@ -70,9 +70,11 @@ class PlanConfig(StudentConfig):
 
 
 def check(cfg: PlanConfig) -> None:
+    from distill.distillation.setup import check_shared_base
     from distill.distillation.students import apply_student_defaults
     from distill.training.run_config import check_gan_keys
 
+    check_shared_base(cfg)  # the LoRA keys, as train_student.py checks them (before the per-student defaults)
     apply_student_defaults(cfg)
     optimizer, cfg.optimizer = (
         cfg.optimizer,
@@ -111,6 +113,9 @@ def main() -> None:
     from distill.distillation.students import apply_teacher_defaults
 
     apply_teacher_defaults(cfg, family=family)
+    from distill.distillation.setup import check_shared_base_family
+
+    check_shared_base_family(cfg, family=family)
     if cfg.d_gradient_checkpointing and family == "sd3":
         raise ConfigError(
             "d_gradient_checkpointing is implemented for the UNet discriminator only: turn it off for an SD3 teacher"

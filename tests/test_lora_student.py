@@ -237,8 +237,7 @@ def test_lora_student_trains_resumes_exactly_and_exports_both_ways(
 ):
     """Through the CLI: a 4-step run equals 2 steps + a resume of 2, bit for bit on both adapters, D's heads and the EMA
     (a checkpoint holds those, not the UNet); the final pipeline is the EMA adapter merged into the base and reloads;
-    its
-    lora/ folder loaded into a stock pipeline of the teacher gives the merged student's latents."""
+    its lora/ folder loaded into a stock pipeline of the teacher gives the merged student's latents."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     built = _spy_parts(monkeypatch)

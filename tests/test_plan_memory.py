@@ -127,6 +127,42 @@ def test_the_planned_peak_of_each_step_is_the_real_runs(plan_and_real_run):
     assert planned["step 16"] > planned["a step without R1"]  # R1's double backward costs memory
 
 
+def test_a_lora_student_on_the_shared_base_is_planned_as_a_real_run_holds_it(sd15_teacher):
+    """``student_lora_rank`` with D on the shared base: the plan holds the UNet's weights once (``shared_base``, the
+    bytes of the real run's base), the student's and D's parameters, gradients and Adam states are the adapters' (and
+    D's heads') bytes of the real run, exactly, and the step with R1 peaks within 2 % of it."""
+    from distill.distillation import memory_plan as mp
+    from distill.training.memory import allocated_bytes
+
+    cfg, levers, size = _config(sd15_teacher, "--student_lora_rank", "4", "--d_lora_rank", "4")
+    plan = mp.trace(cfg, teacher=str(sd15_teacher), architecture=None, resolution=32, levers=levers)
+    with mp.open_run(
+        cfg, teacher=str(sd15_teacher), architecture=None, resolution=32, levers=levers, fake=False
+    ) as run:
+        roles = {id(q) for m in (run.student, run.discriminator) for q in m.parameters()}
+        base = run.parts.shared.unet
+        assert run.discriminator.unet is base  # one UNet: the student's base is D's backbone
+        base_bytes = sum(allocated_bytes(q.nbytes) for q in base.parameters() if id(q) not in roles)
+        base_bytes += sum(allocated_bytes(b.nbytes) for b in base.buffers())
+        run.step("first", 0)
+        counter = LiveBytes([*_persistent(run), *(q for q in base.parameters() if id(q) not in roles)])
+        with counter:
+            run.step("R1", 16)
+        real = {
+            "parameters_g": sum(allocated_bytes(q.nbytes) for q in run.student.parameters()),
+            "parameters_d": sum(allocated_bytes(q.nbytes) for q in run.discriminator.parameters() if q.requires_grad),
+            "optimizer_g": sum(
+                allocated_bytes(v.nbytes) for st in run.opt_g.state.values() for k, v in st.items() if k != "step"
+            ),
+        }
+    held = plan.held
+    assert held["shared_base"] == base_bytes and held["parameters_g"] == real["parameters_g"]
+    assert held["parameters_d"] == real["parameters_d"] and held["optimizer_g"] == real["optimizer_g"]
+    assert real["parameters_g"] < base_bytes / 10  # the student is its adapter: the UNet is not copied
+    planned = {s.name.split(" (")[0]: s.peak.total for s in plan.steps[size.key()]}
+    assert planned["step 16"] == pytest.approx(counter.peak, rel=0.02)
+
+
 def test_cuda_autocast_policy_on_the_cpu():
     """Under the planner's autocast, ops take CUDA's dtypes: matmuls / convs bf16, norms, softmax and sums float32."""
     import torch.nn.functional as F

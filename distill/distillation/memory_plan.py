@@ -34,7 +34,7 @@ import torch
 
 from distill.distillation import phases
 from distill.distillation.phases import Batch
-from distill.distillation.setup import Parts, build_networks, build_optimizers, build_step
+from distill.distillation.setup import LORA_BASE_DTYPES, Parts, build_networks, build_optimizers, build_step
 from distill.distillation.students import STUDENTS, apply_student_defaults, apply_teacher_defaults
 from distill.training.gan_step import build_ema
 from distill.training.loop import TrainLoop
@@ -82,6 +82,7 @@ KINDS = {  # tracker kind -> the row it is reported in
     "ema_bf16_copies": "EMA update temporaries",
     "ema_temporaries": "EMA update temporaries",
     "frozen": "frozen models: text encoder(s), VAE",
+    "shared_base": "frozen models: the shared UNet (LoRA student / D on it)",
     "lpips": "frozen models: E-LatentLPIPS network",
     "batch": "batch: noise, targets, text conditioning",
     "activations": "activations (forward)",
@@ -466,11 +467,20 @@ def open_run(
         channels = t.latent_channels
         style = STUDENTS[cfg.student].generator is not None
         stats = ([0.0] * channels, [1.0] * channels) if style and cfg.output_latent_stats else None
-        student, disc, _shared = build_networks(cfg, t, device="cpu", latent_stats=stats)
-        parts = Parts(teacher=t, student=student, discriminator=disc, resolution=resolution)
+        student, disc, shared = build_networks(cfg, t, device="cpu", latent_stats=stats)
+        parts = Parts(
+            teacher=t,
+            student=student,
+            discriminator=disc,
+            resolution=resolution,
+            shared=shared,
+            base_dtype=LORA_BASE_DTYPES[cfg.lora_base_dtype],
+        )
         lpips = _lpips(cfg, t) if cfg.regression == "elatentlpips" else None
         # the frozen models stay in fp32 (Parts.hold_frozen_in): the views weigh the other dtypes
         parts.release_teacher_unet()
+        if shared is not None:  # the shared UNet's dtype changes the computation, not only its size: traced as set
+            shared.hold_in(parts.base_dtype)
         ema = build_ema(
             student, half_life_kimg=cfg.ema_half_life_kimg, rampup=cfg.ema_rampup, device="same", dtype="fp32"
         )
@@ -731,6 +741,11 @@ def _label_persistent(tracker: AllocationTracker, parts: Parts, ema, lpips) -> N
     ):
         tracker.label_module(module, "frozen")
     tracker.label_module(lpips, "lpips")
+    if parts.shared is not None:  # the base's own weights (its adapters are the roles' parameters, labelled above)
+        roles = {id(q) for m in (parts.student, parts.discriminator) if m is not None for q in m.parameters()}
+        base = parts.shared.unet
+        tracker.label([q for q in base.parameters() if id(q) not in roles], "shared_base")
+        tracker.label(base.buffers(), "shared_base")
 
 
 def _label_states(tracker: AllocationTracker, opt, opt_g) -> None:

@@ -43,9 +43,8 @@ LORA_DIR = (
 
 
 def check_shared_base(cfg) -> None:
-    """One-line errors (before anything loads) for the LoRA keys, and their resolved defaults: ``d_shared_base`` unset
-    is
-    true with a LoRA student; a LoRA student's ``learning_rate_g`` unset is :data:`LORA_LEARNING_RATE_G`."""
+    """One-line errors (before anything loads) for the LoRA keys, and their resolved defaults: ``d_shared_base``
+    unset is true with a LoRA student; a LoRA student's ``learning_rate_g`` unset is :data:`LORA_LEARNING_RATE_G`."""
     from distill.core.config import ConfigError
 
     rank = cfg.student_lora_rank
