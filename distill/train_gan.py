@@ -62,7 +62,7 @@ class GANConfig(GANRunConfig):
         "validation_prompts",
         default_factory=list,
         help="prompts of the sample grid (a list, as in train_student.py and diffusers' examples); empty: "
-        "validation_prompt_file, else the first rows' captions",
+        "validation_prompt_file, else captions of rows spread over the set",
     )
     dataset: str = field(
         default="",

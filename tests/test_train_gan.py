@@ -827,3 +827,18 @@ def test_validation_prompts_is_a_list_as_in_train_student_and_a_file_is_its_own_
         assert code == 0, err
         grid = Image.open(run / "samples" / "step-000000.png")
         assert grid.size == (2 * 16, rows * 16), (name, grid.size)  # 2 noise maps x one row per prompt
+
+
+def test_the_default_sample_grid_shows_every_subject_of_a_sorted_folder():
+    """Without validation prompts the grid reads captions of rows spread over an indexed set: a folder sorted by
+    subject (its first 64 rows all one caption) still shows every subject, in the set's order."""
+    from types import SimpleNamespace
+
+    from distill.scratch.data import RealData
+
+    rows = [{"text": f"subject {i // 100}"} for i in range(800)]  # 8 subjects of 100 rows, sorted
+    data = SimpleNamespace(ds=rows, cursor=None, columns=("image", "text"))
+    assert RealData.some_captions(data, 64) == [f"subject {i}" for i in range(8)]
+    assert RealData.some_captions(SimpleNamespace(ds=rows[:5], cursor=None, columns=("image", "text")), 64) == [
+        "subject 0"
+    ]

@@ -297,12 +297,14 @@ class RealData:
         return sorted(found)
 
     def some_captions(self, k: int) -> list[str]:
-        """The distinct captions of the first ``k`` rows (a list cell: its first), in order; reads nothing this
-        process's stream position depends on."""
+        """The distinct captions of ``k`` rows (a list cell: its first), in order: an indexed set's spread evenly over
+        it (a folder sorted by subject shows every subject), a stream's first ``k``; reads nothing this process's
+        stream position depends on."""
+        n = len(self.ds) if self.cursor is None else 0
         rows = (
             itertools.islice(iter(self.ds), k)
             if self.cursor is not None
-            else (self.ds[i] for i in range(min(k, len(self.ds))))
+            else (self.ds[i] for i in sorted({j * n // k for j in range(k)} if n > k else range(n)))
         )
         found = []
         for row in rows:
